@@ -1,0 +1,211 @@
+"""Checkpoint folders: an atomic writer and a lazy reader for safetensors folders with a bitsmith manifest.
+
+Write order (DESIGN.md section 4): tensors and side files into a temporary sibling folder, then
+`config.json`, then the manifest (sha256 of every file), fsync, and one rename. A folder without a
+manifest was never finished, so a half-written folder never looks loadable.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .errors import InputError
+
+MANIFEST = "bitsmith_manifest.json"
+FORMAT_VERSION = 1
+SHARD_BYTES = 2 * 1024**3
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class CheckpointWriter:
+    """Collects tensors into safetensors shards inside a temporary sibling of `out`; `commit` publishes."""
+
+    def __init__(self, out, overwrite: bool = False, shard_bytes: int = SHARD_BYTES):
+        self.out = Path(out)
+        if self.out.exists() and not overwrite:
+            raise InputError(f"{self.out}: output already exists (pass --overwrite to replace it)")
+        if not self.out.parent.exists():
+            raise InputError(f"{self.out.parent}: parent folder of the output does not exist")
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.", suffix=".partial", dir=self.out.parent))
+        self.shard_bytes = shard_bytes
+        self._pending: dict[str, torch.Tensor] = {}
+        self._pending_bytes = 0
+        self._shards: list[tuple[str, list[str]]] = []
+        self._names: set[str] = set()
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        if name in self._names:
+            raise ValueError(f"tensor {name} written twice")
+        self._names.add(name)
+        self._pending[name] = tensor.detach().contiguous().cpu()
+        self._pending_bytes += tensor.numel() * tensor.element_size()
+        if self._pending_bytes >= self.shard_bytes:
+            self._flush()
+
+    def add_file(self, name: str, data: bytes | str | Path) -> None:
+        """A side file (tokenizer, generation config, ...) copied into the folder."""
+        dst = self.tmp / name
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(data, (bytes, str)) and not (isinstance(data, str) and Path(data).exists()):
+            dst.write_bytes(data.encode() if isinstance(data, str) else data)
+        else:
+            shutil.copyfile(data, dst)
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        name = f"model-{len(self._shards) + 1:05d}.safetensors"
+        save_file(self._pending, str(self.tmp / name), metadata={"format": "pt"})
+        self._shards.append((name, list(self._pending)))
+        self._pending, self._pending_bytes = {}, 0
+
+    def commit(self, config: dict | None, manifest: dict) -> Path:
+        """Finish shards, write config.json and the manifest, fsync and rename into place."""
+        self._flush()
+        if len(self._shards) == 1:
+            os.replace(self.tmp / self._shards[0][0], self.tmp / "model.safetensors")
+        elif self._shards:
+            weight_map = {t: shard for shard, names in self._shards for t in names}
+            index = {"metadata": {}, "weight_map": dict(sorted(weight_map.items()))}
+            (self.tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        if config is not None:
+            (self.tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        files = {p.relative_to(self.tmp).as_posix(): sha256_file(p)
+                 for p in sorted(self.tmp.rglob("*")) if p.is_file()}
+        body = {"format_version": FORMAT_VERSION, "bitsmith_version": _version(), **manifest, "files": files}
+        (self.tmp / MANIFEST).write_text(json.dumps(body, indent=2, sort_keys=True) + "\n")
+        _fsync_tree(self.tmp)
+        if self.out.exists():
+            trash = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.", suffix=".old", dir=self.out.parent))
+            os.replace(self.out, trash / "old")
+            os.replace(self.tmp, self.out)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(self.tmp, self.out)
+        return self.out
+
+    def abort(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            self.abort()
+        return False
+
+
+class Checkpoint:
+    """Lazy reader of a safetensors folder (HF or bitsmith): config, manifest and tensors by name."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise InputError(f"{self.path}: no such folder")
+        self.config = _read_json(self.path / "config.json") if (self.path / "config.json").exists() else None
+        self.manifest = _read_json(self.path / MANIFEST) if (self.path / MANIFEST).exists() else None
+        self._where = self._index()
+
+    @property
+    def quantization_config(self) -> dict | None:
+        return (self.config or {}).get("quantization_config")
+
+    def _index(self) -> dict[str, Path]:
+        index = self.path / "model.safetensors.index.json"
+        if index.exists():
+            weight_map = _read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise InputError(f"{index}: no weight_map in the shard index")
+            return {name: self.path / shard for name, shard in weight_map.items()}
+        files = sorted(self.path.glob("*.safetensors"))
+        if not files:
+            pickles = [p.name for p in self.path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl")]
+            if pickles:
+                raise InputError(f"{self.path}: only pickle checkpoints ({', '.join(sorted(pickles))}); "
+                                 "bitsmith never unpickles files, convert to safetensors first")
+            raise InputError(f"{self.path}: no *.safetensors files")
+        where = {}
+        for f in files:
+            for name in _safetensors_keys(f):
+                where[name] = f
+        return where
+
+    def keys(self) -> list[str]:
+        return list(self._where)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._where
+
+    def get(self, name: str) -> torch.Tensor:
+        path = self._where.get(name)
+        if path is None:
+            raise KeyError(name)
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                return f.get_tensor(name)
+        except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
+            raise InputError(f"{path}: cannot read tensor {name} ({e})") from None
+
+
+def verify(path) -> list[str]:
+    """Problems found in a bitsmith folder: missing manifest, missing or altered files (sha256)."""
+    path = Path(path)
+    if not (path / MANIFEST).exists():
+        return [f"{path}: no {MANIFEST} (not a finished bitsmith checkpoint)"]
+    manifest = _read_json(path / MANIFEST)
+    problems = []
+    for name, digest in manifest.get("files", {}).items():
+        f = path / name
+        if not f.exists():
+            problems.append(f"{name}: missing")
+        elif sha256_file(f) != digest:
+            problems.append(f"{name}: sha256 mismatch")
+    return problems
+
+
+def _safetensors_keys(path: Path) -> list[str]:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return list(f.keys())
+    except Exception as e:
+        raise InputError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise InputError(f"{path}: not valid JSON ({e})") from None
+
+
+def _fsync_tree(root: Path) -> None:
+    for p in [*root.rglob("*"), root]:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("bitsmith")
+    except PackageNotFoundError:
+        return "0+unknown"

@@ -1,0 +1,68 @@
+"""Bit packing of b-bit integer codes into int32 words (GPTQ convention).
+
+Codes are laid out as one little-endian bit stream along the packed dimension: value i of a run of 32
+occupies bits [i*b, (i+1)*b) of the stream, and word j holds stream bits [32j, 32j+32). For b in {2, 4, 8}
+this is the familiar "32/b values per int32, low bits first"; for b = 3 values straddle word boundaries
+exactly as AutoGPTQ/GPTQModel pack 3-bit weights (32 values in 3 words).
+"""
+from __future__ import annotations
+
+import torch
+
+SUPPORTED_BITS = (2, 3, 4, 8)
+
+
+def packed_length(n: int, bits: int) -> int:
+    """Number of int32 words holding n codes of `bits` bits (padded to a run of 32 codes)."""
+    return -(-n // 32) * bits
+
+
+def pack(q: torch.Tensor, bits: int, dim: int = 0) -> torch.Tensor:
+    """Pack unsigned codes `q` (values in [0, 2**bits)) along `dim` into int32 words."""
+    _check_bits(bits)
+    if q.numel() and (int(q.min()) < 0 or int(q.max()) >= 1 << bits):
+        raise ValueError(f"codes out of range for {bits}-bit packing")
+    q = q.movedim(dim, 0).to(torch.int64)
+    n, rest = q.shape[0], q.shape[1:]
+    pad = (-n) % 32
+    if pad:
+        q = torch.cat([q, q.new_zeros((pad, *rest))])
+    runs = q.reshape(-1, 32, *rest)                                   # [R, 32, ...]
+    words = torch.zeros((runs.shape[0], bits, *rest), dtype=torch.int64)
+    for i in range(32):
+        start = i * bits
+        w, shift = divmod(start, 32)
+        words[:, w] |= (runs[:, i] << shift) & 0xFFFFFFFF
+        if shift + bits > 32:                                          # straddles into the next word
+            words[:, w + 1] |= runs[:, i] >> (32 - shift)
+    words = words.reshape(-1, *rest)
+    words = torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)
+    return words.movedim(0, dim).contiguous()
+
+
+def unpack(packed: torch.Tensor, bits: int, n: int, dim: int = 0) -> torch.Tensor:
+    """Inverse of `pack`: the first `n` codes along `dim`, as uint8 (bits <= 8)."""
+    _check_bits(bits)
+    words = packed.movedim(dim, 0).to(torch.int64) & 0xFFFFFFFF
+    rest = words.shape[1:]
+    if words.shape[0] % bits:
+        raise ValueError(f"packed length {words.shape[0]} is not a multiple of {bits} words")
+    words = words.reshape(-1, bits, *rest)
+    mask = (1 << bits) - 1
+    out = torch.empty((words.shape[0], 32, *rest), dtype=torch.int64)
+    for i in range(32):
+        start = i * bits
+        w, shift = divmod(start, 32)
+        v = words[:, w] >> shift
+        if shift + bits > 32:
+            v = v | (words[:, w + 1] << (32 - shift))
+        out[:, i] = v & mask
+    out = out.reshape(-1, *rest)
+    if n > out.shape[0]:
+        raise ValueError(f"asked for {n} codes but only {out.shape[0]} are packed")
+    return out[:n].to(torch.uint8).movedim(0, dim).contiguous()
+
+
+def _check_bits(bits: int) -> None:
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"unsupported bit width {bits}; choose one of {SUPPORTED_BITS}")

@@ -1,0 +1,47 @@
+"""QuantizedLinear: an nn.Linear replacement holding GPTQ-layout packed weights."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..formats.packing import packed_length
+from . import reference
+
+
+class QuantizedLinear(nn.Module):
+    """y = x W^T + b with W = scale * (q - zero) stored packed (see kernels/reference.py for the layout)."""
+
+    def __init__(self, in_features: int, out_features: int, bits: int, group_size: int,
+                 bias: bool = False, has_g_idx: bool = False):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.group_size = bits, group_size
+        groups = 1 if group_size == -1 else -(-in_features // group_size)
+        self.register_buffer("qweight", torch.zeros(packed_length(in_features, bits), out_features, dtype=torch.int32))
+        self.register_buffer("scales", torch.zeros(groups, out_features, dtype=torch.float16))
+        self.register_buffer("qzeros", torch.zeros(groups, packed_length(out_features, bits), dtype=torch.int32))
+        self.register_buffer("g_idx", torch.zeros(in_features, dtype=torch.int32) if has_g_idx else None)
+        self.register_buffer("bias", torch.zeros(out_features, dtype=torch.float16) if bias else None)
+        self._dense = None
+
+    def group_index(self) -> torch.Tensor:
+        return self.g_idx if self.g_idx is not None else reference.group_index(self.in_features, self.group_size)
+
+    def dequantize(self) -> torch.Tensor:
+        """W [out, in] in float32, through the torch reference."""
+        return reference.dequantize(self.qweight, self.scales, self.qzeros, self.group_index(),
+                                    self.bits, self.in_features)
+
+    def cache_dequantized(self, dtype: torch.dtype = torch.float32) -> None:
+        """Keep a dense copy of W for repeated CPU forwards (evaluation); trades memory for speed."""
+        self._dense = self.dequantize().to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        W = self._dense if self._dense is not None else self.dequantize()
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, W.to(x.dtype), bias)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+                f"group_size={self.group_size}, act_order={self.g_idx is not None}")
