@@ -35,3 +35,140 @@ class _Group(click.Group):
 def main(ctx, debug):
     """bitsmith: post-training weight quantization for LLM checkpoints."""
     ctx.obj = {"debug": debug}
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:,.1f} MB"
+
+
+@main.command()
+@click.argument("model")
+@click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Output folder.")
+@click.option("--method", type=click.Choice(["rtn", "gptq"]), default="gptq", show_default=True)
+@click.option("--bits", type=int, default=4, show_default=True, help="2, 3, 4 or 8.")
+@click.option("--group-size", type=int, default=128, show_default=True, help="-1 = per output channel.")
+@click.option("--sym/--asym", default=False, show_default=True)
+@click.option("--act-order/--no-act-order", default=True, show_default=True)
+@click.option("--static-groups", is_flag=True, help="Fit groups in original column order (no g_idx).")
+@click.option("--damp", type=float, default=0.01, show_default=True, help="Fraction of mean diag(H).")
+@click.option("--calib", multiple=True, help="Calibration text file (repeatable); 'self' = sampled from the model.")
+@click.option("--nsamples", type=int, default=128, show_default=True)
+@click.option("--seqlen", type=int, default=2048, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--eval-data", type=click.Path(), help="Also measure perplexity of the quantized weights on this text.")
+@click.option("--eval-seqlen", type=int, default=2048, show_default=True)
+@click.option("--eval-max-tokens", type=int, default=None)
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the summary as JSON.")
+def quantize(model, out, method, bits, group_size, sym, act_order, static_groups, damp, calib, nsamples,
+             seqlen, seed, device, eval_data, eval_seqlen, eval_max_tokens, overwrite, json_path):
+    """Quantize MODEL (folder, .gguf or bundled name) into OUT."""
+    from .. import api
+    if device == "cuda":
+        raise InputError("--device cuda: calibration runs on CPU in this version; use --device cpu or auto")
+    calib = list(calib) or ["self"]
+    if calib == ["self"]:
+        click.echo("calibration: no --calib file given, sampling text from the model itself (--calib self)")
+    s = api.quantize(model, out, method=method, bits=bits, group_size=group_size, sym=sym, act_order=act_order,
+                     static_groups=static_groups, damp=damp, calib=calib, nsamples=nsamples, seqlen=seqlen,
+                     seed=seed, overwrite=overwrite, eval_data=eval_data, eval_seqlen=eval_seqlen,
+                     eval_max_tokens=eval_max_tokens)
+    rows = [("quantized linears", str(s["quantized_linears"])),
+            ("bits per weight (all-in)", f"{s['bits_per_weight']:.3f}"),
+            ("size", f"{_mb(s['output_bytes'])} (BF16 source {_mb(s['source_bf16_bytes'])}, "
+                     f"{s['output_bytes'] / s['source_bf16_bytes']:.1%})"),
+            ("calibration", s["calibration"]),
+            ("wall time", f"{s['seconds']:.1f} s"),
+            ("peak RSS", _mb(s["peak_rss_bytes"]))]
+    if s["eval"]:
+        rows.append(("perplexity", f"{s['eval']['perplexity']:.3f} ({s['eval']['tokens']} tokens, "
+                                   f"seqlen {s['eval']['seqlen']})"))
+    _table(f"wrote {out}", rows)
+    _write_json(json_path, s)
+
+
+@main.command("eval")
+@click.argument("model")
+@click.option("--data", "data_path", type=click.Path(), help="Evaluation text (default: WikiText-2 test from ../shared).")
+@click.option("--seqlen", type=int, default=2048, show_default=True)
+@click.option("--max-tokens", type=int, default=None, help="Use only the first N tokens of the text.")
+@click.option("--base", help="Unquantized MODEL to compare against (KL divergence, top-1 agreement).")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the result as JSON.")
+def eval_(model, data_path, seqlen, max_tokens, base, json_path):
+    """Perplexity of MODEL (and KL / top-1 agreement against --base)."""
+    from .. import api
+    from ..calibration import data
+    from ..calibration.perplexity import evaluate
+    from ..formats.source import open_source
+    if data_path is None:
+        raise InputError("--data FILE is required (the text to evaluate on)")
+    text = data.read_text([data_path])
+    source = open_source(model)
+    ids = data.tokenize(source.tokenizer(), text)
+    windows = data.eval_windows(ids, seqlen, max_tokens)
+    net = api.load(model)
+    _cache_dense(net)
+    base_net = api.load(base) if base else None
+    result = evaluate(net, windows, base_net)
+    rows = [("perplexity", f"{result['perplexity']:.4f}"), ("tokens", str(result["tokens"])),
+            ("seqlen", str(result["seqlen"]))]
+    if base:
+        rows += [("KL to base (nats/token)", f"{result['kl']:.5f}"),
+                 ("top-1 agreement", f"{result['top1_agreement']:.4f}")]
+    _table(f"eval {model}", rows)
+    _write_json(json_path, {"model": model, "data": data_path, "base": base, **result})
+
+
+@main.command()
+@click.argument("path", type=click.Path())
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the table as JSON.")
+def inspect(path, json_path):
+    """Per-layer table of a bitsmith checkpoint: shape, bits, group size, all-in bits per weight, bytes."""
+    from ..formats.inspect import layer_table
+    rows, totals = layer_table(path)
+    click.echo(f"{'layer':<44} {'shape':>12} {'bits':>4} {'group':>5} {'bpw':>7} {'bytes':>12}")
+    for r in rows:
+        click.echo(f"{r['name']:<44} {'x'.join(map(str, r['shape'])):>12} {r['bits']:>4} {r['group_size']:>5} "
+                   f"{r['bpw']:>7.3f} {r['bytes']:>12,}")
+    click.echo(f"{'quantized linears':<44} {totals['layers']:>12} {'':>4} {'':>5} {totals['bpw']:>7.3f} "
+               f"{totals['quantized_bytes']:>12,}")
+    click.echo(f"{'other tensors':<44} {totals['other_tensors']:>12} {'':>4} {'':>5} {'':>7} "
+               f"{totals['other_bytes']:>12,}")
+    click.echo(f"{'total':<44} {'':>12} {'':>4} {'':>5} {'':>7} {totals['total_bytes']:>12,}")
+    _write_json(json_path, {"layers": rows, "totals": totals})
+
+
+@main.command()
+@click.argument("path", type=click.Path())
+def verify(path):
+    """Check a bitsmith checkpoint: every file's sha256 against the manifest, and its structure."""
+    from ..formats.checkpoint import verify as verify_folder
+    problems = verify_folder(path)
+    if problems:
+        for p in problems:
+            click.echo(f"FAIL {p}", err=True)
+        sys.exit(2)
+    click.echo(f"OK {path}")
+
+
+def _cache_dense(net) -> None:
+    from ..kernels.linear import QuantizedLinear
+    for m in net.modules():
+        if isinstance(m, QuantizedLinear):
+            m.cache_dequantized()
+
+
+def _table(title: str, rows: list[tuple[str, str]]) -> None:
+    width = max(len(k) for k, _ in rows)
+    click.echo(title)
+    for k, v in rows:
+        click.echo(f"  {k:<{width}}  {v}")
+
+
+def _write_json(path, payload) -> None:
+    if path:
+        import json
+        with open(path, "w") as f:
+            json.dump(payload, f, indent=2, default=str)
+            f.write("\n")

@@ -152,6 +152,21 @@ class Checkpoint:
     def __contains__(self, name: str) -> bool:
         return name in self._where
 
+    def numel(self, name: str) -> int:
+        n = 1
+        for d in self._slice(name).get_shape():
+            n *= d
+        return n
+
+    def nbytes(self, name: str) -> int:
+        """Stored size of one tensor in bytes."""
+        item = {"F64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2, "U8": 1, "I8": 1, "BOOL": 1, "I64": 8}
+        return self.numel(name) * item[self._slice(name).get_dtype()]
+
+    def _slice(self, name: str):
+        with safe_open(str(self._where[name]), framework="pt") as f:
+            return f.get_slice(name)
+
     def get(self, name: str) -> torch.Tensor:
         path = self._where.get(name)
         if path is None:

@@ -38,3 +38,73 @@ def dequantize(qweight, scales, qzeros, g_idx, bits: int, in_features: int) -> t
 def fake_quantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
     """The same arithmetic as `dequantize`, on unpacked codes: scale * (q - zero) in float32."""
     return scale.to(torch.float32) * (q.to(torch.float32) - zero.to(torch.float32))
+
+
+# ---------------------------------------------------------------------------------------------------
+# W4A16 (weight-only): y = x W^T + b with W from the GPTQ layout above.
+
+def weight_only_linear(x: torch.Tensor, qweight, scales, qzeros, g_idx, bits: int, in_features: int,
+                       bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x W^T (+ b), accumulated in float32 on the dequantized W; returned in x.dtype."""
+    W = dequantize(qweight, scales, qzeros, g_idx, bits, in_features)
+    y = x.to(torch.float32) @ W.t()
+    if bias is not None:
+        y = y + bias.to(torch.float32)
+    return y.to(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------
+# W4A8 after QoQ (Lin et al. 2024, "QServe", section 4.1 progressive group quantization):
+#   level 0: W  ~ channel_scale[o] * W8[o, i]            W8 int8 in the protective range +-119
+#   level 1: W8 = (q[o, i] - zero[g, o]) * group_scale[g, o]   q uint4, zero and group_scale 8-bit integers
+# Activations are quantized per token to int8; the product runs on int8 with int32 accumulation.
+# Layout (quant_method "bitsmith"):
+#   qweight        int32 [packed(in), out]   uint4 codes packed along in_features (formats.packing)
+#   channel_scale  fp16  [out]
+#   group_scale    int8  [G, out]            G = in / group_size, groups contiguous along in_features
+#   group_zero     int8  [G, out]            true zero point in [0, 15]
+
+ACT_QMAX = 127          # symmetric int8 activations, per token
+ACT_MIN_SCALE = 1e-8    # an all-zero token keeps a finite scale
+
+
+def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic symmetric int8 per row of x [M, K]: (x_q int8 [M, K], scale fp32 [M]), x ~ scale * x_q."""
+    x = x.to(torch.float32)
+    scale = torch.clamp(x.abs().amax(dim=1) / ACT_QMAX, min=ACT_MIN_SCALE)
+    x_q = torch.clamp(torch.round(x / scale[:, None]), -ACT_QMAX, ACT_QMAX).to(torch.int8)
+    return x_q, scale
+
+
+def qoq_fake_quantize(q: torch.Tensor, zero: torch.Tensor, group_scale: torch.Tensor,
+                      channel_scale: torch.Tensor) -> torch.Tensor:
+    """channel_scale * ((q - zero) * group_scale) in float32; the integer factor is exact."""
+    W8 = (q.to(torch.int32) - zero.to(torch.int32)) * group_scale.to(torch.int32)
+    return channel_scale.to(torch.float32) * W8.to(torch.float32)
+
+
+def qoq_int8_weight(qweight, group_scale, group_zero, in_features: int, group_size: int) -> torch.Tensor:
+    """W8 = (q - zero) * group_scale as int8 [out, in] (fits int8 by the protective range)."""
+    q = unpack(qweight, 4, in_features, dim=0).to(torch.int32)                 # [in, out]
+    g = group_index(in_features, group_size).long()
+    W8 = (q - group_zero[g].to(torch.int32)) * group_scale[g].to(torch.int32)
+    return W8.t().to(torch.int8).contiguous()
+
+
+def qoq_dequantize(qweight, channel_scale, group_scale, group_zero, in_features: int,
+                   group_size: int) -> torch.Tensor:
+    """W [out, in] in float32 from the QoQ layout."""
+    W8 = qoq_int8_weight(qweight, group_scale, group_zero, in_features, group_size)
+    return channel_scale.to(torch.float32)[:, None] * W8.to(torch.float32)
+
+
+def w4a8_linear(x: torch.Tensor, W8: torch.Tensor, channel_scale: torch.Tensor,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = (s_tok * s_ch) * (x_q @ W8^T) (+ b): int8 x int8 -> int32, then the float epilogue; x.dtype out."""
+    x2 = x.reshape(-1, x.shape[-1])
+    x_q, s_tok = quantize_per_token(x2)
+    acc = torch._int_mm(x_q, W8.t()) if x_q.shape[0] > 0 else x_q.new_zeros(0, W8.shape[0], dtype=torch.int32)
+    y = acc.to(torch.float32) * s_tok[:, None] * channel_scale.to(torch.float32)[None, :]
+    if bias is not None:
+        y = y + bias.to(torch.float32)
+    return y.to(x.dtype).reshape(*x.shape[:-1], W8.shape[0])

@@ -1,0 +1,94 @@
+"""The Python surface: `bitsmith.quantize(...)` and `bitsmith.load(...)`; the CLI calls the same functions."""
+from __future__ import annotations
+
+import torch
+
+from .calibration import data
+from .formats.checkpoint import CheckpointWriter
+from .formats.errors import InputError
+from .formats.source import FolderSource, open_source
+from .loader import load_model
+from .pipeline import Result, Stopwatch, peak_rss_bytes, run
+from .plan import QuantizeOptions
+
+
+def quantize(model: str, out: str, *, overwrite: bool = False, eval_data: str | None = None,
+             eval_seqlen: int = 2048, eval_max_tokens: int | None = None, progress: bool = True,
+             **options) -> dict:
+    """Quantize `model` (folder, .gguf or bundled name) into the folder `out`; returns a summary dict.
+
+    Options are those of `bitsmith quantize` (method, bits, group_size, sym, act_order, static_groups,
+    damp, calib, nsamples, seqlen, seed). With `eval_data`, the perplexity of the quantized weights on
+    that text is measured while quantizing (same protocol as `bitsmith eval`).
+    """
+    clock = Stopwatch()
+    opts = QuantizeOptions(**{k: v for k, v in options.items() if v is not None})
+    if isinstance(opts.calib, str):
+        opts.calib = [opts.calib]
+    opts.validate()
+    source = open_source(model)
+    if isinstance(source, FolderSource) and source.checkpoint.quantization_config:
+        raise InputError(f"{model}: already quantized; quantize the original model instead")
+    max_pos = source.config.get("max_position_embeddings")
+    if max_pos and opts.seqlen > max_pos:
+        raise InputError(f"--seqlen {opts.seqlen} exceeds the model's context of {max_pos} tokens")
+    eval_ids = None
+    if eval_data is not None:
+        ids = data.tokenize(source.tokenizer(), data.read_text([eval_data]))
+        eval_ids = data.eval_windows(ids, eval_seqlen, eval_max_tokens)
+    with CheckpointWriter(out, overwrite=overwrite) as writer:
+        result = run(source, writer, opts, eval_ids=eval_ids, progress=progress)
+        tokenizer_files(source, writer)
+        config = quantized_config(source.config, opts, result)
+        writer.commit(config, {
+            "source": {"name": source.name, "fingerprint": source.fingerprint()},
+            "calibration": {"description": result.calibration, "fingerprint": result.calibration_fingerprint},
+            "plan": {"options": opts.as_dict(),
+                     "layers": {l.name: {"shape": list(l.shape), "bits": l.bits, "group_size": l.group_size,
+                                          "loss": l.loss}
+                                for l in result.layers}},
+        })
+    return summary(source, out, result, clock.seconds)
+
+
+def load(path: str, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    """A transformers model from any MODEL; quantized linears run through bitsmith's kernels."""
+    return load_model(path, dtype=dtype, device=device)
+
+
+def quantized_config(config: dict, opts: QuantizeOptions, result: Result) -> dict:
+    """config.json with a GPTQ-convention `quantization_config` (bitsmith details under `meta`)."""
+    from . import __version__
+    return {**config, "torch_dtype": config.get("torch_dtype", "bfloat16"), "quantization_config": {
+        "quant_method": "gptq", "checkpoint_format": "gptq", "bits": opts.bits, "group_size": opts.group_size,
+        "desc_act": opts.act_order and opts.method == "gptq", "sym": opts.sym,
+        "static_groups": opts.static_groups, "true_sequential": False, "damp_percent": opts.damp,
+        "pack_dtype": "int32", "lm_head": False,
+        "meta": {"quantizer": [f"bitsmith:{__version__}"], "method": opts.method,
+                 "calibration": result.calibration},
+    }}
+
+
+def tokenizer_files(source, writer) -> None:
+    """Carry the tokenizer over: copied from a folder, or saved from a GGUF's embedded vocabulary."""
+    import tempfile
+    from pathlib import Path
+    if isinstance(source, FolderSource):
+        for f in sorted(source.path.iterdir()):
+            if f.is_file() and (f.name.startswith(("tokenizer", "special_tokens", "generation_config",
+                                                   "vocab", "merges", "added_tokens"))):
+                writer.add_file(f.name, f)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        source.tokenizer().save_pretrained(tmp)
+        for f in sorted(Path(tmp).iterdir()):
+            writer.add_file(f.name, f.read_bytes())
+
+
+def summary(source, out, result: Result, seconds: float) -> dict:
+    from pathlib import Path
+    out_bytes = sum(f.stat().st_size for f in Path(out).glob("*.safetensors"))
+    source_bytes = 2 * sum(source.numel(n) for n in source.keys())              # the model as BF16
+    return {"bits_per_weight": result.bpw, "quantized_linears": len(result.layers),
+            "output_bytes": out_bytes, "source_bf16_bytes": source_bytes, "seconds": seconds,
+            "peak_rss_bytes": peak_rss_bytes(), "calibration": result.calibration, "eval": result.eval}

@@ -1,0 +1,55 @@
+"""Loading any MODEL into a transformers nn.Module: quantized linears become QuantizedLinear (torch
+reference on CPU), every other tensor is read from the checkpoint as stored."""
+from __future__ import annotations
+
+import torch
+
+from .calibration.adapter import skeleton
+from .formats.errors import InputError
+from .formats.source import ModelSource, open_source
+from .kernels.linear import QuantizedLinear
+
+
+def load_model(model: str | ModelSource, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    """A ready-to-run model: `dtype` is the compute dtype of everything that is not packed."""
+    source = open_source(str(model)) if not isinstance(model, ModelSource) else model
+    config = source.config
+    qconfig = config.get("quantization_config")
+    net = skeleton(config)
+    names = set(source.keys())
+    for name, module in list(net.named_modules()):
+        if isinstance(module, torch.nn.Linear) and f"{name}.qweight" in names:
+            net.set_submodule(name, _quantized_linear(source, name, module, qconfig))
+    net = net.to_empty(device="cpu")
+    state = {}
+    for name in net.state_dict():
+        if name in names:
+            state[name] = source.get(name)
+        elif not (name == "lm_head.weight" and net.config.tie_word_embeddings):
+            raise InputError(f"{source.name}: tensor {name} is missing")
+    try:
+        net.load_state_dict(state, strict=False, assign=True)
+    except RuntimeError as e:
+        raise InputError(f"{source.name}: tensors do not fit the model ({str(e).splitlines()[-1].strip()})") from None
+    for module in net.modules():
+        if not isinstance(module, QuantizedLinear):
+            for p in module.parameters(recurse=False):
+                p.data = p.data.to(dtype)
+    rotary = net.model.rotary_emb                                          # non-persistent buffers: rebuild
+    net.model.rotary_emb = type(rotary)(config=net.config)
+    net.tie_weights()
+    return net.to(device).eval()
+
+
+def _quantized_linear(source: ModelSource, name: str, linear: torch.nn.Linear, qconfig: dict | None):
+    if not qconfig:
+        raise InputError(f"{source.name}: {name}.qweight present but config.json has no quantization_config")
+    layer = _layer_plan(qconfig, name)
+    return QuantizedLinear(linear.in_features, linear.out_features, layer["bits"], layer["group_size"],
+                           bias=linear.bias is not None, has_g_idx=f"{name}.g_idx" in source.keys())
+
+
+def _layer_plan(qconfig: dict, name: str) -> dict:
+    per_layer = qconfig.get("bitsmith", {}).get("layers", {})
+    base = {"bits": qconfig["bits"], "group_size": qconfig["group_size"]}
+    return {**base, **per_layer.get(name, {})}

