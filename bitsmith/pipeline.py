@@ -3,6 +3,7 @@ inputs, accumulate Hessians, quantize every linear, re-run the quantized block t
 inputs, and write a packed checkpoint. Only one block's weights are ever in memory."""
 from __future__ import annotations
 
+import ctypes
 import resource
 import time
 from dataclasses import dataclass, field
@@ -76,6 +77,42 @@ def calibration_windows(source: ModelSource, tokenizer, opts: QuantizeOptions, p
     return windows, f"{', '.join(opts.calib)}: {opts.nsamples} x {opts.seqlen} tokens (seed {opts.seed})"
 
 
+class _InputsCaptured(Exception):
+    """Raised by the last linear's hook: the rest of the block is not needed for statistics."""
+
+
+def compute(opts: QuantizeOptions):
+    """Precision of calibration forwards: matmuls in bf16 with fp32 residual stream (autocast), or fp32.
+    Hessians and GPTQ itself always run in fp32."""
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=opts.calib_dtype == "bfloat16")
+
+
+def collect_hessians(runner: BlockRunner, block, hidden: torch.Tensor, pos, opts: QuantizeOptions) -> dict:
+    """H = 2XX^T/n of every sibling group's shared input, over all calibration windows."""
+    hessians, hooks = {}, []
+    last = runner.family.siblings[-1]
+    for group in runner.family.siblings:
+        lin = block.get_submodule(group[0])
+        hessians[group] = Hessian(lin.in_features)
+
+        def hook(module, args, h=hessians[group], stop=group is last):
+            h.add(args[0])
+            if stop:
+                raise _InputsCaptured
+        hooks.append(lin.register_forward_pre_hook(hook))
+    try:
+        with compute(opts):
+            for x in _batches(hidden, opts.batch):
+                try:
+                    runner.forward_block(block, x, pos)
+                except _InputsCaptured:
+                    pass
+    finally:
+        for h in hooks:
+            h.remove()
+    return hessians
+
+
 def _batches(x: torch.Tensor, size: int):
     return [x[i:i + size] for i in range(0, x.shape[0], size)]
 
@@ -85,8 +122,12 @@ def run(source: ModelSource, writer, opts: QuantizeOptions, eval_ids: torch.Tens
         progress: bool = True) -> Result:
     """Quantize every decoder linear of `source` into `writer`; optionally measure perplexity of the
     quantized weights on `eval_ids` windows, streamed through the same blocks."""
+    reuse_freed_memory()
     runner = BlockRunner(source.config)
     family = runner.family
+    for i, layer in enumerate(runner.model.model.layers):              # shapes only: the skeleton is on meta
+        for name in family.linears:
+            opts.check_group(family.block_prefix.format(i=i) + name, layer.get_submodule(name).in_features)
     tokenizer = source.tokenizer()
     windows, described = calibration_windows(source, tokenizer, opts, progress)
     result = Result(calibration=described, calibration_fingerprint=data.fingerprint(windows))
@@ -107,24 +148,12 @@ def run(source: ModelSource, writer, opts: QuantizeOptions, eval_ids: torch.Tens
         block = runner.build_block(i, tensors)
         pos = runner.position_embeddings(hidden[:1])
 
-        hessians = {}
-        if opts.method == "gptq":
-            hooks = []
-            for group in family.siblings:
-                lin = block.get_submodule(group[0])
-                hessians[group] = Hessian(lin.in_features)
-                hooks.append(lin.register_forward_pre_hook(
-                    lambda m, args, h=hessians[group]: h.add(args[0])))
-            for x in _batches(hidden, opts.batch):
-                runner.forward_block(block, x, pos)
-            for h in hooks:
-                h.remove()
+        hessians = collect_hessians(runner, block, hidden, pos, opts) if opts.method == "gptq" else {}
 
         for group in family.siblings:
             for name in group:
                 lin = block.get_submodule(name)
                 full = prefix + name
-                opts.check_group(full, lin.in_features)
                 try:
                     if opts.method == "gptq":
                         qw = gptq_quantize(lin.weight.data, hessians[group].H, opts.bits, opts.group_size,
@@ -147,7 +176,8 @@ def run(source: ModelSource, writer, opts: QuantizeOptions, eval_ids: torch.Tens
             if n.rsplit(".", 1)[0] not in quantized:
                 writer.add(n, t)
 
-        hidden = torch.cat([runner.forward_block(block, x, pos) for x in _batches(hidden, opts.batch)])
+        with compute(opts):
+            hidden = torch.cat([runner.forward_block(block, x, pos) for x in _batches(hidden, opts.batch)])
         if held is not None:
             eval_pos = runner.position_embeddings(held[:1])
             held = torch.cat([runner.forward_block(block, x, eval_pos) for x in _batches(held, opts.batch)])
@@ -170,7 +200,19 @@ def _held_out_perplexity(source, family, held, eval_ids, runner) -> dict:
     nll = 0.0
     for h, ids in zip(held, eval_ids):
         nll += window_stats(norm(h[None])[0] @ head.t(), ids)[0]
-    return summarize(nll, 0.0, 0, eval_ids.shape[0], eval_ids.shape[1], False)
+    return summarize(nll, eval_ids.shape[0], eval_ids.shape[1])
+
+
+def reuse_freed_memory() -> None:
+    """glibc maps every allocation above 32 MB afresh and unmaps it on free, so each activation-sized
+    temporary page-faults in again; raising the thresholds lets freed blocks be reused instead."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    libc.mallopt(M_MMAP_THRESHOLD, 1 << 30)
+    libc.mallopt(M_TRIM_THRESHOLD, 1 << 31)
 
 
 def peak_rss_bytes() -> int:

@@ -22,7 +22,8 @@ class QuantizeOptions:
     nsamples: int = 128
     seqlen: int = 2048
     seed: int = 0
-    batch: int = 16
+    batch: int = 8
+    calib_dtype: str = "bfloat16"
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -33,6 +34,8 @@ class QuantizeOptions:
             raise InputError(f"--group-size {self.group_size}: use -1 (per output channel) or a positive size")
         if not 0 < self.damp < 10:
             raise InputError(f"--damp {self.damp}: expected a small positive fraction such as 0.01")
+        if self.calib_dtype not in ("bfloat16", "float32"):
+            raise InputError(f"--calib-dtype {self.calib_dtype}: choose bfloat16 or float32")
         if self.nsamples < 1 or self.seqlen < 2:
             raise InputError("--nsamples must be >= 1 and --seqlen >= 2")
 

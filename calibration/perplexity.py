@@ -10,23 +10,29 @@ from tqdm import tqdm
 
 
 @torch.no_grad()
+def nll_sum(logp: torch.Tensor, targets: torch.Tensor) -> float:
+    """Summed negative log-likelihood of next-token predictions in one window."""
+    return -logp.gather(1, targets[1:, None]).sum().item()
+
+
 def window_stats(logits: torch.Tensor, targets: torch.Tensor, base_logits: torch.Tensor | None = None):
-    """Summed NLL of next-token predictions in one window, and (with a base) summed KL and top-1 matches."""
+    """Summed NLL of one window, and with a base: the base's NLL, summed KL(base || model), top-1 matches."""
     logp = F.log_softmax(logits[:-1].float(), dim=-1)
-    nll = -logp.gather(1, targets[1:, None]).sum().item()
     if base_logits is None:
-        return nll, 0.0, 0
+        return nll_sum(logp, targets), 0.0, 0.0, 0
     base_logp = F.log_softmax(base_logits[:-1].float(), dim=-1)
     kl = (base_logp.exp() * (base_logp - logp)).sum().item()
     top1 = (base_logp.argmax(-1) == logp.argmax(-1)).sum().item()
-    return nll, kl, top1
+    return nll_sum(logp, targets), nll_sum(base_logp, targets), kl, top1
 
 
-def summarize(nll: float, kl: float, top1: int, windows: int, seqlen: int, with_base: bool) -> dict:
+def summarize(nll: float, windows: int, seqlen: int, base_nll: float | None = None, kl: float = 0.0,
+              top1: int = 0) -> dict:
     predicted = windows * (seqlen - 1)
     result = {"perplexity": math.exp(nll / predicted), "tokens": windows * seqlen, "seqlen": seqlen,
               "windows": windows}
-    if with_base:
+    if base_nll is not None:
+        result["base_perplexity"] = math.exp(base_nll / predicted)
         result["kl"] = kl / predicted
         result["top1_agreement"] = top1 / predicted
     return result
@@ -36,11 +42,10 @@ def summarize(nll: float, kl: float, top1: int, windows: int, seqlen: int, with_
 def evaluate(model, windows: torch.Tensor, base=None, progress: bool = True) -> dict:
     """Perplexity of `model` over [n, seqlen] windows; with `base`, KL and top-1 agreement against it."""
     model.eval()
-    nll = kl = 0.0
-    top1 = 0
+    totals = [0.0, 0.0, 0.0, 0]
     for ids in tqdm(windows, desc="evaluate", unit="window", disable=not progress):
         logits = model(input_ids=ids[None]).logits[0]
         base_logits = base(input_ids=ids[None]).logits[0] if base is not None else None
-        a, b, c = window_stats(logits, ids, base_logits)
-        nll, kl, top1 = nll + a, kl + b, top1 + c
-    return summarize(nll, kl, top1, windows.shape[0], windows.shape[1], base is not None)
+        totals = [a + b for a, b in zip(totals, window_stats(logits, ids, base_logits))]
+    nll, base_nll, kl, top1 = totals
+    return summarize(nll, windows.shape[0], windows.shape[1], base_nll if base is not None else None, kl, top1)

@@ -55,6 +55,8 @@ def _mb(n: int) -> str:
 @click.option("--nsamples", type=int, default=128, show_default=True)
 @click.option("--seqlen", type=int, default=2048, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--calib-dtype", type=click.Choice(["bfloat16", "float32"]), default="bfloat16", show_default=True,
+              help="Matmul precision of calibration forwards (Hessians and GPTQ are always float32).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--eval-data", type=click.Path(), help="Also measure perplexity of the quantized weights on this text.")
 @click.option("--eval-seqlen", type=int, default=2048, show_default=True)
@@ -62,7 +64,7 @@ def _mb(n: int) -> str:
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the summary as JSON.")
 def quantize(model, out, method, bits, group_size, sym, act_order, static_groups, damp, calib, nsamples,
-             seqlen, seed, device, eval_data, eval_seqlen, eval_max_tokens, overwrite, json_path):
+             seqlen, seed, calib_dtype, device, eval_data, eval_seqlen, eval_max_tokens, overwrite, json_path):
     """Quantize MODEL (folder, .gguf or bundled name) into OUT."""
     from .. import api
     if device == "cuda":
@@ -72,7 +74,7 @@ def quantize(model, out, method, bits, group_size, sym, act_order, static_groups
         click.echo("calibration: no --calib file given, sampling text from the model itself (--calib self)")
     s = api.quantize(model, out, method=method, bits=bits, group_size=group_size, sym=sym, act_order=act_order,
                      static_groups=static_groups, damp=damp, calib=calib, nsamples=nsamples, seqlen=seqlen,
-                     seed=seed, overwrite=overwrite, eval_data=eval_data, eval_seqlen=eval_seqlen,
+                     seed=seed, calib_dtype=calib_dtype, overwrite=overwrite, eval_data=eval_data, eval_seqlen=eval_seqlen,
                      eval_max_tokens=eval_max_tokens)
     rows = [("quantized linears", str(s["quantized_linears"])),
             ("bits per weight (all-in)", f"{s['bits_per_weight']:.3f}"),
@@ -114,7 +116,7 @@ def eval_(model, data_path, seqlen, max_tokens, base, json_path):
     rows = [("perplexity", f"{result['perplexity']:.4f}"), ("tokens", str(result["tokens"])),
             ("seqlen", str(result["seqlen"]))]
     if base:
-        rows += [("KL to base (nats/token)", f"{result['kl']:.5f}"),
+        rows += [("base perplexity", f"{result['base_perplexity']:.4f}"), ("KL to base (nats/token)", f"{result['kl']:.5f}"),
                  ("top-1 agreement", f"{result['top1_agreement']:.4f}")]
     _table(f"eval {model}", rows)
     _write_json(json_path, {"model": model, "data": data_path, "base": base, **result})

@@ -17,6 +17,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from . import dfloat
 from .errors import InputError
 
 MANIFEST = "bitsmith_manifest.json"
@@ -121,6 +122,7 @@ class Checkpoint:
         self.config = _read_json(self.path / "config.json") if (self.path / "config.json").exists() else None
         self.manifest = _read_json(self.path / MANIFEST) if (self.path / MANIFEST).exists() else None
         self._where = self._index()
+        self.coded = dfloat.coded_tensors(self.manifest, self.config)   # name -> metadata of coded tensors
 
     @property
     def quantization_config(self) -> dict | None:
@@ -147,27 +149,34 @@ class Checkpoint:
         return where
 
     def keys(self) -> list[str]:
-        return list(self._where)
+        return dfloat.tensor_names(self._where)
 
     def __contains__(self, name: str) -> bool:
-        return name in self._where
+        return name in self._where or name in self.coded
 
     def numel(self, name: str) -> int:
         n = 1
-        for d in self._slice(name).get_shape():
+        for d in self.coded[name]["shape"] if name in self.coded else self._slice(name).get_shape():
             n *= d
         return n
 
     def nbytes(self, name: str) -> int:
         """Stored size of one tensor in bytes."""
         item = {"F64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2, "U8": 1, "I8": 1, "BOOL": 1, "I64": 8}
-        return self.numel(name) * item[self._slice(name).get_dtype()]
+        return self.numel(name) * (2 if name in self.coded else item[self._slice(name).get_dtype()])
 
     def _slice(self, name: str):
         with safe_open(str(self._where[name]), framework="pt") as f:
             return f.get_slice(name)
 
     def get(self, name: str) -> torch.Tensor:
+        """A tensor by name; a coded one is decoded and checked against its recorded sha256."""
+        if name in self.coded:
+            return dfloat.decode(dfloat.from_parts(name, self.coded[name], self.stored), name)
+        return self.stored(name)
+
+    def stored(self, name: str) -> torch.Tensor:
+        """A tensor exactly as stored in the files (the parts of a coded tensor included)."""
         path = self._where.get(name)
         if path is None:
             raise KeyError(name)
@@ -179,7 +188,8 @@ class Checkpoint:
 
 
 def verify(path) -> list[str]:
-    """Problems found in a bitsmith folder: missing manifest, missing or altered files (sha256)."""
+    """Problems found in a bitsmith folder: missing manifest, missing or altered files (sha256), coded
+    tensors that do not decode to their source (sha256 recorded at compress time)."""
     path = Path(path)
     if not (path / MANIFEST).exists():
         return [f"{path}: no {MANIFEST} (not a finished bitsmith checkpoint)"]
@@ -191,6 +201,13 @@ def verify(path) -> list[str]:
             problems.append(f"{name}: missing")
         elif sha256_file(f) != digest:
             problems.append(f"{name}: sha256 mismatch")
+    if not problems:
+        try:
+            checkpoint = Checkpoint(path)
+            for name in checkpoint.coded:   # decoding compares each coded tensor with its source sha256
+                checkpoint.get(name)
+        except InputError as e:
+            problems.append(str(e))
     return problems
 
 

@@ -105,7 +105,7 @@ class GGUFSource(ModelSource):
         import gguf
         t = self._tensors[name]
         w = gguf.quants.dequantize(t.data, t.tensor_type)
-        w = torch.from_numpy(np.ascontiguousarray(w)).reshape([int(d) for d in reversed(t.shape)])
+        w = torch.from_numpy(np.array(w)).reshape([int(d) for d in reversed(t.shape)])
         if name.endswith(("self_attn.q_proj.weight", "self_attn.k_proj.weight")):
             heads = self.config["num_attention_heads" if "q_proj" in name else "num_key_value_heads"]
             w = _unpermute_rope_rows(w, heads)

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..formats.packing import packed_length
-from . import reference
+from . import dispatch, reference
 
 
 class QuantizedLinear(nn.Module):
@@ -24,6 +24,8 @@ class QuantizedLinear(nn.Module):
         self.register_buffer("g_idx", torch.zeros(in_features, dtype=torch.int32) if has_g_idx else None)
         self.register_buffer("bias", torch.zeros(out_features, dtype=torch.float16) if bias else None)
         self._dense = None
+        self._runtime = None
+        self.register_load_state_dict_post_hook(dispatch.forget_runtime)
 
     def group_index(self) -> torch.Tensor:
         return self.g_idx if self.g_idx is not None else reference.group_index(self.in_features, self.group_size)
@@ -37,10 +39,21 @@ class QuantizedLinear(nn.Module):
         """Keep a dense copy of W for repeated CPU forwards (evaluation); trades memory for speed."""
         self._dense = self.dequantize().to(dtype)
 
+    def runtime(self) -> dispatch.W4A16Runtime:
+        """The load-time form of the weights (kernels/dispatch.py), built on first use and again when
+        `qweight` is replaced or moves to another device."""
+        key = (self.qweight.device, self.qweight.data_ptr())
+        if self._runtime is None or self._runtime[0] != key:
+            self._runtime = (key, dispatch.W4A16Runtime(self.qweight, self.scales, self.qzeros, self.g_idx,
+                                                        self.bits, self.in_features, self.group_size))
+        return self._runtime[1]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        W = self._dense if self._dense is not None else self.dequantize()
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, W.to(x.dtype), bias)
+        if self._dense is not None:
+            return F.linear(x, self._dense.to(x.dtype), bias)
+        y = self.runtime()(x.reshape(-1, self.in_features)).reshape(*x.shape[:-1], self.out_features)
+        return y if bias is None else y + bias
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "

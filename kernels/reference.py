@@ -103,8 +103,15 @@ def w4a8_linear(x: torch.Tensor, W8: torch.Tensor, channel_scale: torch.Tensor,
     """y = (s_tok * s_ch) * (x_q @ W8^T) (+ b): int8 x int8 -> int32, then the float epilogue; x.dtype out."""
     x2 = x.reshape(-1, x.shape[-1])
     x_q, s_tok = quantize_per_token(x2)
-    acc = torch._int_mm(x_q, W8.t()) if x_q.shape[0] > 0 else x_q.new_zeros(0, W8.shape[0], dtype=torch.int32)
+    acc = int8_matmul(x_q, W8.t())
     y = acc.to(torch.float32) * s_tok[:, None] * channel_scale.to(torch.float32)[None, :]
     if bias is not None:
         y = y + bias.to(torch.float32)
     return y.to(x.dtype).reshape(*x.shape[:-1], W8.shape[0])
+
+
+def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a [M, K] int8 @ b [K, N] int8 -> int32, exact (torch's int8 GEMM on CPU, float64 elsewhere)."""
+    if a.device.type == "cpu" and a.shape[0] > 0:
+        return torch._int_mm(a, b)
+    return (a.to(torch.float64) @ b.to(torch.float64)).to(torch.int32)

@@ -1,0 +1,203 @@
+"""Dispatch: the load-time form of a quantized layer, and the choice of kernel by device, shape and M.
+
+A runtime object is built once per layer and device from the checkpoint tensors (the canonical layout
+of kernels/reference.py); `path(M, device)` names the computation a call with M rows takes, and calling
+the object runs it.
+
+W4A16 paths                                            W4A8 paths
+  reference  torch dequantize + matmul (any layout)      reference  torch int8 GEMM (CPU)
+  cpu_int4   torch's CPU int4 GEMM, few rows              splitk     Triton int8 GEMM, split-K, M <= 64
+  gemv       Triton, M = 1                                tiled      Triton int8 GEMM, M > 64
+  splitk     Triton tl.dot, split-K, M <= 64
+  tiled      Triton tl.dot, 64 < M < DENSE_FROM_M
+  dense      Triton dequantize once, then torch.matmul
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ..formats.packing import pack, unpack
+from . import reference
+
+SPLITK_MAX_M = 64     # int4 weights stay memory-bound to M ~ 66 on H100 (research/kernels.md section 2)
+DENSE_FROM_M = 256    # from here cuBLAS on a once-dequantized W; `bench/kernels.py` reports both sides
+CPU_INT4_MAX_M = 8    # torch's CPU int4 GEMM costs ~3.7 ms per row on 2048x2048 vs ~48 ms dequantize+matmul
+CPU_INT4_GROUPS = (32, 64, 128, 256)
+NOMINAL_SMS = 132     # H100 SXM; only shapes the default split-K when no GPU is present
+
+_TUNED: dict[tuple, object] = {}
+
+
+def interpreting() -> bool:
+    """Triton runs through its CPU interpreter (tests): no timing, fixed launch configurations."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def forget_runtime(module, incompatible_keys=None) -> None:
+    """load_state_dict post-hook: weights copied in place make a module's cached runtime form stale."""
+    module._runtime = None
+
+
+def sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return NOMINAL_SMS
+
+
+def pick_config(key: tuple, candidates: list, run) -> object:
+    """The first (hand-picked) candidate off-GPU; on a GPU the fastest, timed once per key and cached."""
+    if interpreting() or not torch.cuda.is_available() or len(candidates) == 1:
+        return candidates[0]
+    if key not in _TUNED:
+        from triton.testing import do_bench
+        _TUNED[key] = min(candidates, key=lambda c: do_bench(lambda: run(c), warmup=5, rep=20,
+                                                              return_mode="median"))
+    return _TUNED[key]
+
+
+def m_bucket(M: int) -> int:
+    """Tuning key for M: the next power of two."""
+    return 1 << max(M - 1, 0).bit_length()
+
+
+def kernel_group(group_size: int, K: int, smallest: int) -> int | None:
+    """Group size the Triton kernels run with: a power of two >= `smallest`; a per-channel grid (-1) is
+    run as its largest power-of-two divisor of K up to 128. None when the kernels do not apply."""
+    if group_size == -1:
+        return next((g for g in (128, 64, 32, 16) if g >= smallest and K % g == 0), None)
+    if group_size >= smallest and group_size & (group_size - 1) == 0:
+        return group_size
+    return None
+
+
+def _expand_groups(t: torch.Tensor, group_size: int, g: int, K: int) -> torch.Tensor:
+    """Per-channel metadata [1, N] repeated for every kernel group of size g."""
+    return t.expand(-(-K // g), -1).contiguous() if group_size == -1 else t.contiguous()
+
+
+class W4A16Runtime:
+    """Load-time form of a GPTQ-layout linear: act-order channels sorted by group, zeros unpacked."""
+
+    def __init__(self, qweight, scales, qzeros, g_idx, bits: int, in_features: int, group_size: int):
+        K, N = in_features, scales.shape[1]
+        if g_idx is None:
+            g_idx = reference.group_index(K, group_size).to(qweight.device)
+        self.layout = (qweight, scales, qzeros, g_idx, bits, in_features)
+        self.bits, self.K, self.N = bits, K, N
+        self.perm = None
+        zeros = reference.unpack_zeros(qzeros, bits, N).to(torch.float16)
+        g = kernel_group(group_size, K, smallest=16) if bits in (2, 4, 8) else None
+        order = torch.argsort(g_idx.long().cpu(), stable=True)
+        natural = reference.group_index(K, group_size).long()
+        if g is not None and not torch.equal(g_idx.cpu()[order].long(), natural):
+            g = None                                      # groups of unequal size: only the reference applies
+        if g is not None and not torch.equal(order, torch.arange(K)):
+            self.perm = order.to(qweight.device)          # sort input channels by group once (act-order)
+            qweight = pack(unpack(qweight, bits, K, dim=0)[self.perm], bits, dim=0)
+        self.group_size = g
+        self.qweight = qweight.contiguous()
+        if g is not None:
+            self.scales = _expand_groups(scales, group_size, g, K)
+            self.zeros = _expand_groups(zeros, group_size, g, K)
+        self.cpu_int4 = self._cpu_int4(scales, zeros, group_size) if qweight.device.type == "cpu" else None
+
+    def _cpu_int4(self, scales, zeros, group_size):
+        """torch's CPU int4 layout: codes [N, K] tiled, (scale, scale * (8 - zero)) per group (w = (q-8)s + m)."""
+        if self.bits != 4 or self.group_size != group_size or group_size not in CPU_INT4_GROUPS \
+                or self.N % 16 or self.K % group_size:
+            return None
+        codes = unpack(self.qweight, 4, self.K, dim=0).t().to(torch.int32).contiguous()
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 2)
+        s = scales.to(torch.float32)
+        return packed, group_size, torch.stack([s, s * (8 - zeros.to(torch.float32))], dim=-1).contiguous()
+
+    def path(self, M: int, device: torch.device | str) -> str:
+        device_type = torch.device(device).type
+        if device_type == "cpu":
+            return "cpu_int4" if self.cpu_int4 is not None and M <= CPU_INT4_MAX_M else "reference"
+        if device_type != "cuda" or self.group_size is None:
+            return "reference"
+        if M == 1:
+            return "gemv"
+        if M <= SPLITK_MAX_M:
+            return "splitk"
+        return "tiled" if M < DENSE_FROM_M else "dense"
+
+    def __call__(self, x: torch.Tensor, path: str | None = None) -> torch.Tensor:
+        """y [M, N] = x [M, K] W^T in x.dtype."""
+        M = x.shape[0]
+        path = path or self.path(M, x.device)
+        if path == "reference":
+            return reference.weight_only_linear(x, *self.layout)
+        if self.perm is not None:
+            x = x[:, self.perm]
+        if path == "cpu_int4":
+            packed, g, scales_zeros = self.cpu_int4
+            return torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.float32).contiguous(), packed, g,
+                                                              scales_zeros).to(x.dtype)
+        from . import triton_w4a16 as tw
+        x = x.contiguous()
+        args = (self.qweight, self.scales, self.zeros, self.group_size, self.bits)
+        sms = sm_count(x.device)
+        key = (path, m_bucket(M), self.K, self.N, self.group_size, self.bits, x.dtype)
+        if path == "gemv":
+            config = pick_config(key, tw.gemv_configs(self.N, self.K, self.group_size, sms),
+                                 lambda c: tw.gemv(x, *args, c))
+            return tw.gemv(x, *args, config)
+        if path in ("splitk", "tiled"):
+            candidates = tw.gemm_configs(m_bucket(M), self.N, self.K, self.group_size, sms, path == "splitk")
+            config = pick_config(key, candidates, lambda c: tw.gemm(x, *args, c))
+            return tw.gemm(x, *args, config)
+        if path == "dense":
+            W = tw.dequantize(self.qweight, self.scales, self.zeros, self.K, self.group_size, self.bits,
+                              x.dtype, tw.DEQUANTIZE_CONFIG)
+            return torch.matmul(x, W)
+        raise ValueError(f"unknown W4A16 path {path!r}")
+
+
+class W4A8Runtime:
+    """Load-time form of a QoQ W4A8 linear (layout in kernels/reference.py)."""
+
+    def __init__(self, qweight, channel_scale, group_scale, group_zero, in_features: int, group_size: int):
+        self.K, self.N = in_features, channel_scale.shape[0]
+        self.layout = (qweight, channel_scale, group_scale, group_zero, group_size)
+        g = kernel_group(group_size, in_features, smallest=32)
+        self.group_size = g if g is not None and in_features % g == 0 else None
+        if self.group_size is not None:
+            self.qweight = qweight.contiguous()
+            self.group_scale = _expand_groups(group_scale, group_size, g, in_features)
+            self.group_zero = _expand_groups(group_zero, group_size, g, in_features)
+        self.channel_scale = channel_scale.contiguous()
+        self._W8 = None
+
+    def int8_weight(self) -> torch.Tensor:
+        """W8 [N, K] int8 for the torch path, built on first use."""
+        if self._W8 is None:
+            qweight, _, group_scale, group_zero, group_size = self.layout
+            self._W8 = reference.qoq_int8_weight(qweight, group_scale, group_zero, self.K, group_size)
+        return self._W8
+
+    def path(self, M: int, device: torch.device | str) -> str:
+        if torch.device(device).type != "cuda" or self.group_size is None:
+            return "reference"
+        return "splitk" if M <= SPLITK_MAX_M else "tiled"
+
+    def __call__(self, x: torch.Tensor, path: str | None = None) -> torch.Tensor:
+        """y [M, N] = dynamic per-token int8 x [M, K] times the QoQ weight, in x.dtype."""
+        M = x.shape[0]
+        path = path or self.path(M, x.device)
+        if path == "reference":
+            return reference.w4a8_linear(x, self.int8_weight(), self.channel_scale)
+        if path not in ("splitk", "tiled"):
+            raise ValueError(f"unknown W4A8 path {path!r}")
+        from . import triton_actquant, triton_w4a8
+        x_q, token_scale = triton_actquant.quantize_per_token(x.contiguous())
+        args = (x_q, token_scale, self.qweight, self.group_scale, self.group_zero, self.channel_scale,
+                self.group_size, x.dtype)
+        key = (path, m_bucket(M), self.K, self.N, self.group_size, x.dtype)
+        candidates = triton_w4a8.w4a8_configs(m_bucket(M), self.N, self.K, self.group_size, sm_count(x.device),
+                                              path == "splitk")
+        config = pick_config(key, candidates, lambda c: triton_w4a8.w4a8_gemm(*args, c))
+        return triton_w4a8.w4a8_gemm(*args, config)

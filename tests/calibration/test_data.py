@@ -1,0 +1,37 @@
+import pytest
+import torch
+
+from bitsmith.calibration import data
+from bitsmith.formats.errors import InputError
+from bitsmith.formats.source import open_source
+from tests_support import needs_smollm2
+
+
+@needs_smollm2
+def test_windows_follow_gptq_sampler_on_c4(text_dir):
+    # GPTQ datautils: random.seed(0), start = randint(0, n - seqlen - 1); the reference run drew
+    # 55340, 25247, 49673, 27562 first from the 56,346 tokens of c4_calib.txt (research/baselines.md)
+    ids = data.tokenize(open_source("smollm2-135m").tokenizer(), data.read_text([str(text_dir / "c4_calib.txt")]))
+    assert ids.numel() == 56346
+    windows = data.random_windows(ids, 128, 512, seed=0)
+    assert windows.shape == (128, 512)
+    for row, start in enumerate([55340, 25247, 49673, 27562]):
+        assert torch.equal(windows[row], ids[start:start + 512])
+
+
+def test_eval_windows_drop_the_remainder():
+    w = data.eval_windows(torch.arange(10), 4)
+    assert w.tolist() == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert data.eval_windows(torch.arange(10), 4, max_tokens=5).tolist() == [[0, 1, 2, 3]]
+
+
+def test_too_little_text_is_a_clear_error():
+    with pytest.raises(InputError, match="fewer than --seqlen 512"):
+        data.random_windows(torch.arange(100), 4, 512, 0)
+
+
+def test_empty_file_rejected(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    with pytest.raises(InputError, match="empty"):
+        data.read_text([str(empty)])

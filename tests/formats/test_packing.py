@@ -1,0 +1,48 @@
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from bitsmith.formats.packing import SUPPORTED_BITS, pack, packed_length, unpack
+
+
+@settings(max_examples=60, deadline=None)
+@given(bits=st.sampled_from(SUPPORTED_BITS), n=st.integers(1, 100), m=st.integers(1, 5), dim=st.integers(0, 1),
+       seed=st.integers(0, 2**31))
+def test_round_trip(bits, n, m, dim, seed):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 1 << bits, (n, m) if dim == 0 else (m, n), generator=g)
+    packed = pack(q, bits, dim=dim)
+    assert packed.dtype == torch.int32
+    assert packed.shape[dim] == packed_length(n, bits)
+    assert torch.equal(unpack(packed, bits, n, dim=dim).long(), q)
+
+
+def test_four_bit_nibbles_low_first():
+    q = torch.arange(8).repeat(4)[:, None]                  # 32 codes: 0..7, 0..7, ...
+    words = pack(q, 4)[:, 0]
+    assert words[0].item() == 0x76543210
+    assert words.shape == (4,)
+
+
+def test_three_bit_codes_straddle_words():
+    q = torch.zeros(32, 1, dtype=torch.long)
+    q[10] = 0b111                                          # bits 30..32: two in word 0, one in word 1
+    words = pack(q, 3)[:, 0].long() & 0xFFFFFFFF
+    assert words.tolist() == [0b11 << 30, 0b1, 0]
+
+
+def test_all_ones_survive_sign_bit():
+    q = torch.full((32, 2), 15)
+    assert (pack(q, 4) == -1).all()                        # 0xFFFFFFFF as int32
+    assert (unpack(pack(q, 4), 4, 32) == 15).all()
+
+
+@pytest.mark.parametrize("bad", [-1, 16])
+def test_out_of_range_codes_rejected(bad):
+    with pytest.raises(ValueError, match="out of range"):
+        pack(torch.tensor([[bad]]), 4)
+
+
+def test_unsupported_width_rejected():
+    with pytest.raises(ValueError, match="unsupported bit width 5"):
+        pack(torch.zeros(32, 1, dtype=torch.long), 5)

@@ -1,0 +1,127 @@
+"""Dispatch: which path a call takes by device and M, and that every path computes the same layer."""
+import importlib.util
+
+import pytest
+import torch
+
+from bitsmith.formats.packing import pack
+from bitsmith.kernels import dispatch, reference
+from bitsmith.kernels.linear import QuantizedLinear
+from bitsmith.kernels.w4a8_linear import W4A8Linear
+from bitsmith.quantize.qoq import qoq_quantize
+
+needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
+                                  reason="triton is not installed: Triton paths cannot run")
+K, N = 384, 192
+
+
+def gptq_layer(bits=4, group_size=128, g_idx=None, sym=False, bias=False, seed=0):
+    """A QuantizedLinear filled with random codes in the GPTQ layout."""
+    gen = torch.Generator().manual_seed(seed)
+    layer = QuantizedLinear(K, N, bits, group_size, bias=bias, has_g_idx=g_idx is not None)
+    G = layer.scales.shape[0]
+    q = torch.randint(0, 1 << bits, (K, N), generator=gen, dtype=torch.uint8)
+    zeros = torch.full((G, N), 1 << (bits - 1)) if sym else torch.randint(0, 1 << bits, (G, N), generator=gen)
+    layer.qweight.copy_(pack(q, bits, 0))
+    layer.scales.copy_(torch.rand(G, N, generator=gen) * 0.02 + 1e-3)
+    layer.qzeros.copy_(pack((zeros - 1) & ((1 << bits) - 1), bits, 1))
+    if g_idx is not None:
+        layer.g_idx.copy_(g_idx)
+    if bias:
+        layer.bias.copy_(torch.randn(N, generator=gen))
+    return layer
+
+
+def act_order_g_idx(group_size=128, seed=0):
+    """g_idx as GPTQ act-order writes it: equal-size groups over a permutation of the input channels."""
+    return (torch.argsort(torch.randperm(K, generator=torch.Generator().manual_seed(seed))) // group_size).int()
+
+
+def rel_err(y, ref):
+    assert not torch.isnan(y).any()
+    return ((y.double() - ref).norm() / ref.norm()).item()
+
+
+@pytest.mark.parametrize("M,cuda_path,cpu_path", [(1, "gemv", "cpu_int4"), (3, "splitk", "cpu_int4"),
+                                                  (17, "splitk", "reference"), (64, "splitk", "reference"),
+                                                  (65, "tiled", "reference"), (256, "dense", "reference")])
+def test_w4a16_path_by_device_and_m(M, cuda_path, cpu_path):
+    rt = gptq_layer().runtime()
+    assert rt.path(M, "cuda") == cuda_path
+    assert rt.path(M, "cpu") == cpu_path
+
+
+@pytest.mark.parametrize("layer,reason", [
+    (lambda: gptq_layer(bits=3), "3-bit codes straddle words"),
+    (lambda: gptq_layer(g_idx=torch.randint(0, 3, (K,), generator=torch.Generator().manual_seed(0)).int()),
+     "groups of unequal size"),
+])
+def test_layouts_the_kernels_do_not_cover_fall_back_to_the_reference(layer, reason):
+    rt = layer().runtime()
+    assert rt.path(1, "cuda") == "reference" and rt.path(1, "cpu") == "reference", reason
+
+
+def test_w4a8_path_by_device_and_m():
+    rt = W4A8Linear.from_quantized(qoq_quantize(torch.randn(N, K), group_size=128)).runtime()
+    assert [rt.path(M, "cuda") for M in (1, 64, 65, 4096)] == ["splitk", "splitk", "tiled", "tiled"]
+    assert rt.path(1, "cpu") == "reference"
+
+
+W4A16_CASES = [dict(), dict(sym=True), dict(group_size=64), dict(group_size=-1),
+               dict(g_idx=act_order_g_idx()), dict(bits=8, group_size=32)]
+
+
+@needs_triton
+@pytest.mark.parametrize("case", W4A16_CASES, ids=["asym", "sym", "g64", "per-channel", "act-order", "8bit-g32"])
+@pytest.mark.parametrize("M,path", [(1, "gemv"), (3, "splitk"), (17, "splitk"), (64, "splitk"), (17, "tiled"),
+                                    (17, "dense")])
+def test_every_w4a16_path_computes_the_layer(poisoned_outputs, case, M, path):
+    rt = gptq_layer(**case, seed=M).runtime()
+    W = reference.dequantize(*rt.layout).double()
+    x = torch.randn(M, K).half()
+    assert rel_err(rt(x, path), x.double() @ W.t()) <= 1e-3
+
+
+@needs_triton
+@pytest.mark.parametrize("M,path", [(1, "splitk"), (3, "splitk"), (17, "splitk"), (64, "splitk"), (17, "tiled")])
+def test_every_w4a8_path_computes_the_layer(poisoned_outputs, M, path):
+    qoq = qoq_quantize(torch.randn(N, K) * 0.02, group_size=128)
+    rt = W4A8Linear.from_quantized(qoq).runtime()
+    x = torch.randn(M, K).half()
+    x_q, s_tok = reference.quantize_per_token(x)
+    ref = (x_q.double() * s_tok.double()[:, None]) @ qoq.Q.double().t()
+    assert rel_err(rt(x, path), ref) <= 1e-3
+    assert rel_err(rt(x, "reference"), ref) <= 1e-3
+
+
+def test_cpu_forward_matches_the_reference_on_every_cpu_path():
+    layer = gptq_layer(g_idx=act_order_g_idx(), bias=True)
+    W = layer.dequantize().double()
+    for M in (1, dispatch.CPU_INT4_MAX_M, dispatch.CPU_INT4_MAX_M + 1):
+        x = torch.randn(2, M, K)
+        y = layer(x)
+        assert y.shape == (2, M, N) and y.dtype == torch.float32
+        assert rel_err(y, x.double() @ W.t() + layer.bias.double()) < 1e-5
+
+
+def test_runtime_follows_new_weights():
+    layer = gptq_layer(seed=0)
+    x = torch.randn(1, K)
+    layer(x)
+    layer.load_state_dict(gptq_layer(seed=1).state_dict())
+    assert rel_err(layer(x), x.double() @ layer.dequantize().double().t()) < 1e-5
+    layer.qweight = torch.zeros_like(layer.qweight)                       # a new tensor object
+    assert rel_err(layer(x), x.double() @ layer.dequantize().double().t()) < 1e-5
+
+
+def test_w4a8_linear_cpu_forward_and_state_dict_round_trip():
+    qoq = qoq_quantize(torch.randn(N, K) * 0.02, group_size=64)
+    layer = W4A8Linear.from_quantized(qoq, bias=torch.randn(N))
+    assert torch.equal(layer.dequantize(), qoq.Q)
+    clone = W4A8Linear(K, N, group_size=64, bias=True)
+    clone.load_state_dict(layer.state_dict())
+    x = torch.randn(4, K)
+    x_q, s_tok = reference.quantize_per_token(x)
+    ref = (x_q.double() * s_tok.double()[:, None]) @ qoq.Q.double().t() + layer.bias.double()
+    assert rel_err(clone(x), ref) < 1e-5
+    assert set(layer.state_dict()) == {"qweight", "channel_scale", "group_scale", "group_zero", "bias"}
