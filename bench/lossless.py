@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib.util
+import os
 import platform
 import shutil
 import statistics
@@ -163,6 +164,15 @@ def measure_lmzip(source_file: Path, work: Path, mb: float, repeat: int) -> dict
             "lmzip_encode": mb / compress_s, "lmzip_decode": mb / decompress_s}
 
 
+def cpu_name() -> str:
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
 def gpu_rows(rows: list[dict]) -> list[str]:
     """Triton decode of the largest coded tensors against a device-to-device copy of their BF16 bytes."""
     if not torch.cuda.is_available():
@@ -229,10 +239,19 @@ def main() -> None:
                 into[-1]["model"] = name
         gpu = gpu_rows(natural + quantized) if args.gpu else []
     lines = [f"# Lossless BF16 (df11-huffman, window {args.window_bits} bits) vs lmzip",
-             "", f"Run: {datetime.date.today().isoformat()}, `python bench/lossless.py`, {platform.processor() or platform.machine()}, "
-             f"{torch.get_num_threads()} torch threads, python {sys.version.split()[0]}, torch {torch.__version__}.",
+             "", f"Run: {datetime.date.today().isoformat()}, `python bench/lossless.py --repeat {args.repeat}`, "
+             f"CPU {cpu_name()} ({os.cpu_count()} cores, no GPU unless a GPU section follows), "
+             f"python {sys.version.split()[0]}, torch {torch.__version__}, numpy {np.__version__}.",
              "", "Sizes are % of BF16 (lower is better). Speeds are MB/s of BF16, median of "
              f"{args.repeat} runs. Every round trip was checked bit for bit in this run.", "",
+             "- entropy bound: sum over tensors of (8 + H(exponent)) / 16, the order-0 per-tensor bound of this split",
+             "- df11 file: our safetensors file bytes (headers and all parallel-decode side information included) "
+             "/ BF16 safetensors file bytes; df11 payload: the same without the safetensors headers",
+             "- lmzip file: lmzip archive bytes / BF16 safetensors file bytes (lmzip 1.3.0, level 1, default workers)",
+             "- enc/dec codec: `dfloat.encode` / `dfloat.decode_many` in memory, one thread, decode checks sha256",
+             "- enc/dec folder: `compress_checkpoint` / `decompress_checkpoint` file to file (compress also decodes "
+             "each tensor once to check it)",
+             "- lmzip enc/dec: `lmz.api.compress` / `decompress` file to file", "",
              *table(natural), ""]
     if quantized:
         lines += ["Already-quantized weights (dequantized GGUF: few distinct values; coding the quantized codes "

@@ -4,7 +4,8 @@ from __future__ import annotations
 import torch
 
 from .calibration import data
-from .formats.checkpoint import CheckpointWriter
+from .formats import dfloat
+from .formats.checkpoint import FORMAT_VERSION, CheckpointWriter
 from .formats.errors import InputError
 from .formats.source import FolderSource, open_source
 from .loader import load_model
@@ -13,12 +14,13 @@ from .plan import QuantizeOptions
 
 
 def quantize(model: str, out: str, *, overwrite: bool = False, eval_data: str | None = None,
-             eval_seqlen: int = 2048, eval_max_tokens: int | None = None, progress: bool = True,
-             **options) -> dict:
+             eval_seqlen: int = 2048, eval_max_tokens: int | None = None, lossless_rest: bool = False,
+             progress: bool = True, **options) -> dict:
     """Quantize `model` (folder, .gguf or bundled name) into the folder `out`; returns a summary dict.
 
     Options are those of `bitsmith quantize` (method, bits, group_size, sym, act_order, static_groups,
-    damp, calib, nsamples, seqlen, seed). With `eval_data`, the perplexity of the quantized weights on
+    damp, calib, nsamples, seqlen, seed). `lossless_rest` entropy-codes the tensors left in BF16
+    (formats/dfloat.py), which takes the checkpoint out of the plain GPTQ convention. With `eval_data`, the perplexity of the quantized weights on
     that text is measured while quantizing (same protocol as `bitsmith eval`).
     """
     clock = Stopwatch()
@@ -37,10 +39,17 @@ def quantize(model: str, out: str, *, overwrite: bool = False, eval_data: str | 
         ids = data.tokenize(source.tokenizer(), data.read_text([eval_data]))
         eval_ids = data.eval_windows(ids, eval_seqlen, eval_max_tokens)
     with CheckpointWriter(out, overwrite=overwrite) as writer:
-        result = run(source, writer, opts, eval_ids=eval_ids, progress=progress)
+        coded = {}
+        store = _coding_store(writer, coded) if lossless_rest else writer.add
+        result = run(source, writer, opts, eval_ids=eval_ids, progress=progress, store=store)
         tokenizer_files(source, writer)
         config = quantized_config(source.config, opts, result)
-        writer.commit(config, {
+        extra = {}
+        if coded:
+            extra["lossless"] = dfloat.lossless_block(coded)
+            qc = config["quantization_config"]
+            qc.update(quant_method="bitsmith", format_version=FORMAT_VERSION, lossless=dfloat.config_block(extra["lossless"]))
+        writer.commit(config, {**extra,
             "source": {"name": source.name, "fingerprint": source.fingerprint()},
             "calibration": {"description": result.calibration, "fingerprint": result.calibration_fingerprint},
             "plan": {"options": opts.as_dict(),
@@ -49,6 +58,15 @@ def quantize(model: str, out: str, *, overwrite: bool = False, eval_data: str | 
                                 for l in result.layers}},
         })
     return summary(source, out, result, clock.seconds)
+
+
+def _coding_store(writer, coded: dict):
+    """writer.add for the tensors that stay unquantized, entropy-coded where that pays."""
+    def store(name, tensor):
+        meta = dfloat.write_coded(writer, name, tensor)
+        if meta is not None:
+            coded[name] = meta
+    return store
 
 
 def load(path: str, dtype: torch.dtype = torch.float32, device: str = "cpu"):

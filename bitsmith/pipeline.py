@@ -3,7 +3,6 @@ inputs, accumulate Hessians, quantize every linear, re-run the quantized block t
 inputs, and write a packed checkpoint. Only one block's weights are ever in memory."""
 from __future__ import annotations
 
-import ctypes
 import resource
 import time
 from dataclasses import dataclass, field
@@ -113,29 +112,39 @@ def collect_hessians(runner: BlockRunner, block, hidden: torch.Tensor, pos, opts
     return hessians
 
 
+def forward_in_place(runner: BlockRunner, block, hidden: torch.Tensor, pos, batch: int) -> None:
+    """hidden <- block(hidden), one batch of windows at a time (no second activation-sized buffer)."""
+    for start in range(0, hidden.shape[0], batch):
+        hidden[start:start + batch] = runner.forward_block(block, hidden[start:start + batch], pos)
+
+
 def _batches(x: torch.Tensor, size: int):
     return [x[i:i + size] for i in range(0, x.shape[0], size)]
 
 
 @torch.no_grad()
 def run(source: ModelSource, writer, opts: QuantizeOptions, eval_ids: torch.Tensor | None = None,
-        progress: bool = True) -> Result:
+        progress: bool = True, store=None) -> Result:
     """Quantize every decoder linear of `source` into `writer`; optionally measure perplexity of the
-    quantized weights on `eval_ids` windows, streamed through the same blocks."""
-    reuse_freed_memory()
+    quantized weights on `eval_ids` windows, streamed through the same blocks. `store(name, tensor)`
+    writes the tensors that stay unquantized (default: `writer.add`)."""
+    store = store or writer.add
     runner = BlockRunner(source.config)
     family = runner.family
     for i, layer in enumerate(runner.model.model.layers):              # shapes only: the skeleton is on meta
         for name in family.linears:
             opts.check_group(family.block_prefix.format(i=i) + name, layer.get_submodule(name).in_features)
-    tokenizer = source.tokenizer()
-    windows, described = calibration_windows(source, tokenizer, opts, progress)
-    result = Result(calibration=described, calibration_fingerprint=data.fingerprint(windows))
-
-    embed = source.get(family.embed).to(torch.float32)
-    hidden = F.embedding(windows, embed)                                   # [n, seqlen, d]
-    held = F.embedding(eval_ids, embed) if eval_ids is not None else None
-    del embed
+    result = Result(calibration="none: RTN uses no calibration data")
+    hidden = held = None
+    if opts.method != "rtn" or eval_ids is not None:
+        embed = source.get(family.embed).to(torch.float32)
+        if opts.method != "rtn":
+            windows, result.calibration = calibration_windows(source, source.tokenizer(), opts, progress)
+            result.calibration_fingerprint = data.fingerprint(windows)
+            hidden = F.embedding(windows, embed)                           # [n, seqlen, d]
+        if eval_ids is not None:
+            held = F.embedding(eval_ids, embed)
+        del embed
 
     bar = tqdm(range(runner.n_blocks), desc=f"{opts.method} w{opts.bits}", unit="block", disable=not progress)
     for i in bar:
@@ -146,8 +155,8 @@ def run(source: ModelSource, writer, opts: QuantizeOptions, eval_ids: torch.Tens
             raise InputError(f"{source.name}: tensor {missing[0]} is missing")
         tensors = {n: source.get(n) for n in names}
         block = runner.build_block(i, tensors)
-        pos = runner.position_embeddings(hidden[:1])
 
+        pos = runner.position_embeddings(hidden[:1]) if hidden is not None else None
         hessians = collect_hessians(runner, block, hidden, pos, opts) if opts.method == "gptq" else {}
 
         for group in family.siblings:
@@ -174,19 +183,19 @@ def run(source: ModelSource, writer, opts: QuantizeOptions, eval_ids: torch.Tens
         quantized = {prefix + n for n in family.linears}
         for n, t in tensors.items():
             if n.rsplit(".", 1)[0] not in quantized:
-                writer.add(n, t)
+                store(n, t)
 
-        with compute(opts):
-            hidden = torch.cat([runner.forward_block(block, x, pos) for x in _batches(hidden, opts.batch)])
+        if hidden is not None:
+            with compute(opts):
+                forward_in_place(runner, block, hidden, pos, opts.batch)
         if held is not None:
-            eval_pos = runner.position_embeddings(held[:1])
-            held = torch.cat([runner.forward_block(block, x, eval_pos) for x in _batches(held, opts.batch)])
+            forward_in_place(runner, block, held, runner.position_embeddings(held[:1]), opts.batch)
         runner.release_block(i)
         del block, tensors, hessians
 
     for name in (family.embed, family.final_norm, family.lm_head):
         if name in source:
-            writer.add(name, source.get(name))
+            store(name, source.get(name))
     if held is not None:
         result.eval = _held_out_perplexity(source, family, held, eval_ids, runner)
     return result
@@ -201,18 +210,6 @@ def _held_out_perplexity(source, family, held, eval_ids, runner) -> dict:
     for h, ids in zip(held, eval_ids):
         nll += window_stats(norm(h[None])[0] @ head.t(), ids)[0]
     return summarize(nll, eval_ids.shape[0], eval_ids.shape[1])
-
-
-def reuse_freed_memory() -> None:
-    """glibc maps every allocation above 32 MB afresh and unmaps it on free, so each activation-sized
-    temporary page-faults in again; raising the thresholds lets freed blocks be reused instead."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-    libc.mallopt(M_MMAP_THRESHOLD, 1 << 30)
-    libc.mallopt(M_TRIM_THRESHOLD, 1 << 31)
 
 
 def peak_rss_bytes() -> int:

@@ -61,21 +61,23 @@ def _mb(n: int) -> str:
 @click.option("--eval-data", type=click.Path(), help="Also measure perplexity of the quantized weights on this text.")
 @click.option("--eval-seqlen", type=int, default=2048, show_default=True)
 @click.option("--eval-max-tokens", type=int, default=None)
+@click.option("--lossless-rest", is_flag=True,
+              help="Entropy-code the tensors that stay BF16 (embeddings, norms, lm_head), bit for bit.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the summary as JSON.")
 def quantize(model, out, method, bits, group_size, sym, act_order, static_groups, damp, calib, nsamples,
-             seqlen, seed, calib_dtype, device, eval_data, eval_seqlen, eval_max_tokens, overwrite, json_path):
+             seqlen, seed, calib_dtype, device, eval_data, eval_seqlen, eval_max_tokens, lossless_rest, overwrite, json_path):
     """Quantize MODEL (folder, .gguf or bundled name) into OUT."""
     from .. import api
     if device == "cuda":
         raise InputError("--device cuda: calibration runs on CPU in this version; use --device cpu or auto")
     calib = list(calib) or ["self"]
-    if calib == ["self"]:
+    if calib == ["self"] and method != "rtn":
         click.echo("calibration: no --calib file given, sampling text from the model itself (--calib self)")
     s = api.quantize(model, out, method=method, bits=bits, group_size=group_size, sym=sym, act_order=act_order,
                      static_groups=static_groups, damp=damp, calib=calib, nsamples=nsamples, seqlen=seqlen,
                      seed=seed, calib_dtype=calib_dtype, overwrite=overwrite, eval_data=eval_data, eval_seqlen=eval_seqlen,
-                     eval_max_tokens=eval_max_tokens)
+                     eval_max_tokens=eval_max_tokens, lossless_rest=lossless_rest)
     rows = [("quantized linears", str(s["quantized_linears"])),
             ("bits per weight (all-in)", f"{s['bits_per_weight']:.3f}"),
             ("size", f"{_mb(s['output_bytes'])} (BF16 source {_mb(s['source_bf16_bytes'])}, "
@@ -137,6 +139,9 @@ def inspect(path, json_path):
                f"{totals['quantized_bytes']:>12,}")
     click.echo(f"{'other tensors':<44} {totals['other_tensors']:>12} {'':>4} {'':>5} {'':>7} "
                f"{totals['other_bytes']:>12,}")
+    for c in totals.get("coded", []):
+        click.echo(f"{c['name'] + ' (coded)':<44} {'':>12} {'':>4} {'':>5} {c['bits_per_value']:>7.3f} "
+                   f"{c['coded_bytes']:>12,}")
     click.echo(f"{'total':<44} {'':>12} {'':>4} {'':>5} {'':>7} {totals['total_bytes']:>12,}")
     _write_json(json_path, {"layers": rows, "totals": totals})
 
@@ -152,6 +157,12 @@ def verify(path):
             click.echo(f"FAIL {p}", err=True)
         sys.exit(2)
     click.echo(f"OK {path}")
+
+
+from .lossless import compress, decompress  # noqa: E402  (commands defined beside this group)
+
+main.add_command(compress)
+main.add_command(decompress)
 
 
 def _cache_dense(net) -> None:

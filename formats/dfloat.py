@@ -113,7 +113,7 @@ def decode_many(coded: list[Coded], names: list[str] | None = None, check: bool 
     """Several tensors at once, on CPU: the windows of all of them decode in one lockstep loop."""
     names = names or [f"tensor {i}" for i in range(len(coded))]
     for c, name in zip(coded, names):
-        _check_structure(c, name)
+        check_structure(c, name)
     exponents = _decode_exponents(coded, names) if coded else []
     out = []
     for c, name, exponent in zip(coded, names, exponents):
@@ -263,7 +263,7 @@ def _check_window(window_bits: int) -> None:
         raise ValueError(f"window_bits must be a positive multiple of 32, got {window_bits}")
 
 
-def _check_structure(coded: Coded, name: str) -> None:
+def check_structure(coded: Coded, name: str) -> None:
     """Sizes and table consistent with the metadata, or a clear InputError."""
     try:
         _check_window(coded.window_bits)

@@ -91,8 +91,9 @@ class GGUFSource(ModelSource):
             self.reader = gguf.GGUFReader(str(path))
         except Exception as e:  # the reader raises assorted errors on a damaged file
             raise InputError(f"{path}: not a readable GGUF file ({e})") from None
-        self.config = _gguf_config(path)
         arch = self.reader.fields["general.architecture"].contents()
+        self.reader.fields.clear()          # ~100 MB of parsed vocabulary we never read again
+        self.config = _gguf_config(path)
         self._names = _gguf_to_hf_names(arch, self.config, [t.name for t in self.reader.tensors])
         self._tensors = {self._names[t.name]: t for t in self.reader.tensors if t.name in self._names}
         if self.config.get("tie_word_embeddings") is False and "lm_head.weight" not in self._tensors:

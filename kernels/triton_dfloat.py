@@ -61,7 +61,7 @@ def _decode_windows(words, n_words, stream_bits, window_bits, n_windows,
 
 def decode(coded: dfloat.Coded, device: str | torch.device = "cuda", name: str = "tensor") -> torch.Tensor:
     """The BF16 tensor of `coded`, decoded on `device` (a CUDA device; CPU under TRITON_INTERPRET=1)."""
-    dfloat._check_structure(coded, name)
+    dfloat.check_structure(coded, name)
     device = torch.device(device)
     n = coded.numel
     if n == 0:
