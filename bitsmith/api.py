@@ -28,6 +28,8 @@ def quantize(model: str, out: str, *, overwrite: bool = False, eval_data: str | 
     if isinstance(opts.calib, str):
         opts.calib = [opts.calib]
     opts.validate()
+    if opts.calib != ["self"]:
+        data.read_text(opts.calib)          # a missing or empty file fails now, not after loading the model
     source = open_source(model)
     if isinstance(source, FolderSource) and source.checkpoint.quantization_config:
         raise InputError(f"{model}: already quantized; quantize the original model instead")

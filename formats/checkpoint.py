@@ -10,12 +10,12 @@ import hashlib
 import json
 import os
 import shutil
+import struct
 import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from . import dfloat
 from .errors import InputError
@@ -23,6 +23,9 @@ from .errors import InputError
 MANIFEST = "bitsmith_manifest.json"
 FORMAT_VERSION = 1
 SHARD_BYTES = 2 * 1024**3
+SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                      torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+                      torch.uint8: "U8", torch.bool: "BOOL"}
 
 
 def sha256_file(path: Path) -> str:
@@ -34,7 +37,11 @@ def sha256_file(path: Path) -> str:
 
 
 class CheckpointWriter:
-    """Collects tensors into safetensors shards inside a temporary sibling of `out`; `commit` publishes."""
+    """Builds a checkpoint folder in a temporary sibling of `out`; `commit` publishes it.
+
+    Tensors are spooled to disk as they arrive (memory stays flat however large the model), then laid
+    out into safetensors shards of at most `shard_bytes` at commit, in the order they were added.
+    """
 
     def __init__(self, out, overwrite: bool = False, shard_bytes: int = SHARD_BYTES):
         self.out = Path(out)
@@ -44,19 +51,16 @@ class CheckpointWriter:
             raise InputError(f"{self.out.parent}: parent folder of the output does not exist")
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.", suffix=".partial", dir=self.out.parent))
         self.shard_bytes = shard_bytes
-        self._pending: dict[str, torch.Tensor] = {}
-        self._pending_bytes = 0
-        self._shards: list[tuple[str, list[str]]] = []
-        self._names: set[str] = set()
+        self._spool = open(self.tmp / ".spool", "w+b")
+        self._entries: dict[str, tuple[str, list[int], int, int]] = {}   # name -> dtype, shape, offset, bytes
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        if name in self._names:
+        if name in self._entries:
             raise ValueError(f"tensor {name} written twice")
-        self._names.add(name)
-        self._pending[name] = tensor.detach().contiguous().cpu()
-        self._pending_bytes += tensor.numel() * tensor.element_size()
-        if self._pending_bytes >= self.shard_bytes:
-            self._flush()
+        t = tensor.detach().cpu().contiguous()
+        raw = t.reshape(-1).view(torch.uint8).numpy()
+        self._entries[name] = (SAFETENSORS_DTYPES[t.dtype], list(t.shape), self._spool.tell(), raw.nbytes)
+        self._spool.write(raw.data)
 
     def add_file(self, name: str, data: bytes | str | Path) -> None:
         """A side file (tokenizer, generation config, ...) copied into the folder."""
@@ -67,23 +71,51 @@ class CheckpointWriter:
         else:
             shutil.copyfile(data, dst)
 
-    def _flush(self) -> None:
-        if not self._pending:
-            return
-        name = f"model-{len(self._shards) + 1:05d}.safetensors"
-        save_file(self._pending, str(self.tmp / name), metadata={"format": "pt"})
-        self._shards.append((name, list(self._pending)))
-        self._pending, self._pending_bytes = {}, 0
+    def _shards(self) -> list[list[str]]:
+        shards, size = [[]], 0
+        for name, (_, _, _, nbytes) in self._entries.items():
+            if shards[-1] and size + nbytes > self.shard_bytes:
+                shards.append([])
+                size = 0
+            shards[-1].append(name)
+            size += nbytes
+        return shards
+
+    def _write_shard(self, path: Path, names: list[str]) -> None:
+        """safetensors layout: u64 header length, JSON header (space-padded to 8 bytes), raw data."""
+        header, offset = {"__metadata__": {"format": "pt"}}, 0
+        for name in names:
+            dtype, shape, _, nbytes = self._entries[name]
+            header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)
+        with open(path, "wb") as f:
+            f.write(struct.pack("<Q", len(blob)))
+            f.write(blob)
+            for name in names:
+                _, _, start, nbytes = self._entries[name]
+                self._spool.seek(start)
+                while nbytes:
+                    chunk = self._spool.read(min(nbytes, 1 << 24))
+                    f.write(chunk)
+                    nbytes -= len(chunk)
 
     def commit(self, config: dict | None, manifest: dict) -> Path:
-        """Finish shards, write config.json and the manifest, fsync and rename into place."""
-        self._flush()
-        if len(self._shards) == 1:
-            os.replace(self.tmp / self._shards[0][0], self.tmp / "model.safetensors")
-        elif self._shards:
-            weight_map = {t: shard for shard, names in self._shards for t in names}
+        """Lay out shards, write config.json and the manifest, fsync and rename into place."""
+        shards = self._shards()
+        if len(shards) == 1:
+            self._write_shard(self.tmp / "model.safetensors", shards[0])
+        else:
+            weight_map = {}
+            for i, names in enumerate(shards):
+                shard = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                self._write_shard(self.tmp / shard, names)
+                weight_map.update({n: shard for n in names})
             index = {"metadata": {}, "weight_map": dict(sorted(weight_map.items()))}
             (self.tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        self._spool.close()
+        (self.tmp / ".spool").unlink()
         if config is not None:
             (self.tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         files = {p.relative_to(self.tmp).as_posix(): sha256_file(p)
@@ -101,6 +133,7 @@ class CheckpointWriter:
         return self.out
 
     def abort(self) -> None:
+        self._spool.close()
         shutil.rmtree(self.tmp, ignore_errors=True)
 
     def __enter__(self):

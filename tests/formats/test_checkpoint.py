@@ -1,0 +1,65 @@
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from bitsmith.formats.checkpoint import MANIFEST, Checkpoint, CheckpointWriter, verify
+from bitsmith.formats.errors import InputError
+
+
+def sample_tensors():
+    g = torch.Generator().manual_seed(0)
+    return {"a.weight": torch.randn(7, 5, generator=g).to(torch.bfloat16),
+            "a.qweight": torch.randint(-2**31, 2**31 - 1, (4, 3), dtype=torch.int32, generator=g),
+            "scalar": torch.tensor(3.5), "empty": torch.zeros(0, 4, dtype=torch.float16),
+            "b.scales": torch.rand(2, 9, generator=g).half(), "mask": torch.tensor([True, False])}
+
+
+@pytest.mark.parametrize("shard_bytes", [1 << 30, 64])
+def test_written_shards_are_valid_safetensors(tmp_path, shard_bytes):
+    tensors = sample_tensors()
+    with CheckpointWriter(tmp_path / "out", shard_bytes=shard_bytes) as w:
+        for k, v in tensors.items():
+            w.add(k, v)
+        w.commit({"model_type": "llama"}, {"note": "test"})
+    out = tmp_path / "out"
+    sharded = (out / "model.safetensors.index.json").exists()
+    assert sharded == (shard_bytes == 64)
+    loaded = {}
+    for f in out.glob("*.safetensors"):
+        loaded.update(load_file(str(f)))
+    assert loaded.keys() == tensors.keys()
+    for k, v in tensors.items():
+        assert loaded[k].dtype == v.dtype and torch.equal(loaded[k], v)
+    ckpt = Checkpoint(out)
+    assert sorted(ckpt.keys()) == sorted(tensors) and torch.equal(ckpt.get("a.weight"), tensors["a.weight"])
+    assert json.loads((out / MANIFEST).read_text())["note"] == "test"
+    assert verify(out) == [] and not list(tmp_path.glob(".*"))
+
+
+def test_failure_leaves_nothing(tmp_path):
+    with pytest.raises(RuntimeError):
+        with CheckpointWriter(tmp_path / "out") as w:
+            w.add("x", torch.ones(3))
+            raise RuntimeError("killed halfway")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_output_needs_overwrite(tmp_path):
+    (tmp_path / "out").mkdir()
+    with pytest.raises(InputError, match="already exists"):
+        CheckpointWriter(tmp_path / "out")
+    with CheckpointWriter(tmp_path / "out", overwrite=True) as w:
+        w.add("x", torch.ones(3))
+        w.commit(None, {})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_same_tensor_twice_is_refused(tmp_path):
+    with CheckpointWriter(tmp_path / "out") as w:
+        w.add("x", torch.ones(1))
+        with pytest.raises(ValueError, match="twice"):
+            w.add("x", torch.ones(1))
+        w.abort()
