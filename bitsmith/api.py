@@ -77,16 +77,19 @@ def load(path: str, dtype: torch.dtype = torch.float32, device: str = "cpu"):
 
 
 def quantized_config(config: dict, opts: QuantizeOptions, result: Result) -> dict:
-    """config.json with a GPTQ-convention `quantization_config` (bitsmith details under `meta`)."""
+    """config.json with a GPTQ-convention `quantization_config` (bitsmith details under `meta`); layers
+    outside that convention (W4A8) are declared under quant_method "bitsmith"."""
     from . import __version__
-    return {**config, "torch_dtype": config.get("torch_dtype", "bfloat16"), "quantization_config": {
-        "quant_method": "gptq", "checkpoint_format": "gptq", "bits": opts.bits, "group_size": opts.group_size,
-        "desc_act": opts.act_order and opts.method == "gptq", "sym": opts.sym,
-        "static_groups": opts.static_groups, "true_sequential": False, "damp_percent": opts.damp,
-        "pack_dtype": "int32", "lm_head": False,
-        "meta": {"quantizer": [f"bitsmith:{__version__}"], "method": opts.method,
-                 "calibration": result.calibration},
-    }}
+    qc = {"quant_method": "gptq", "checkpoint_format": "gptq", "bits": opts.bits, "group_size": opts.group_size,
+          "desc_act": opts.act_order and opts.method == "gptq", "sym": opts.sym,
+          "static_groups": opts.static_groups, "true_sequential": False, "damp_percent": opts.damp,
+          "pack_dtype": "int32", "lm_head": False,
+          "meta": {"quantizer": [f"bitsmith:{__version__}"], "method": opts.method,
+                   "calibration": result.calibration}}
+    if opts.method == "qoq":
+        qc.update(quant_method="bitsmith", format_version=FORMAT_VERSION, layer_format="w4a8-qoq",
+                  desc_act=False, sym=False)
+    return {**config, "torch_dtype": config.get("torch_dtype", "bfloat16"), "quantization_config": qc}
 
 
 def tokenizer_files(source, writer) -> None:

@@ -8,6 +8,7 @@ from .calibration.adapter import skeleton
 from .formats.errors import InputError
 from .formats.source import ModelSource, open_source
 from .kernels.linear import QuantizedLinear
+from .kernels.w4a8_linear import W4A8Linear
 
 
 def load_model(model: str | ModelSource, dtype: torch.dtype = torch.float32, device: str = "cpu"):
@@ -18,7 +19,11 @@ def load_model(model: str | ModelSource, dtype: torch.dtype = torch.float32, dev
     net = skeleton(config)
     names = set(source.keys())
     for name, module in list(net.named_modules()):
-        if isinstance(module, torch.nn.Linear) and f"{name}.qweight" in names:
+        if isinstance(module, torch.nn.Linear) and f"{name}.channel_scale" in names:
+            layer = _layer_plan(qconfig or {}, name)
+            net.set_submodule(name, W4A8Linear(module.in_features, module.out_features, layer["group_size"],
+                                               bias=module.bias is not None))
+        elif isinstance(module, torch.nn.Linear) and f"{name}.qweight" in names:
             net.set_submodule(name, _quantized_linear(source, name, module, qconfig))
     net = net.to_empty(device="cpu")
     state = {}
@@ -32,7 +37,7 @@ def load_model(model: str | ModelSource, dtype: torch.dtype = torch.float32, dev
     except RuntimeError as e:
         raise InputError(f"{source.name}: tensors do not fit the model ({str(e).splitlines()[-1].strip()})") from None
     for module in net.modules():
-        if not isinstance(module, QuantizedLinear):
+        if not isinstance(module, (QuantizedLinear, W4A8Linear)):
             for p in module.parameters(recurse=False):
                 p.data = p.data.to(dtype)
     rotary = net.model.rotary_emb                                          # non-persistent buffers: rebuild
@@ -51,5 +56,5 @@ def _quantized_linear(source: ModelSource, name: str, linear: torch.nn.Linear, q
 
 def _layer_plan(qconfig: dict, name: str) -> dict:
     per_layer = qconfig.get("bitsmith", {}).get("layers", {})
-    base = {"bits": qconfig["bits"], "group_size": qconfig["group_size"]}
+    base = {"bits": qconfig.get("bits", 4), "group_size": qconfig.get("group_size", 128)}
     return {**base, **per_layer.get(name, {})}

@@ -20,6 +20,7 @@ from .formats.packing import pack
 from .formats.source import ModelSource
 from .plan import QuantizeOptions
 from .quantize.gptq import gptq_quantize
+from .quantize.qoq import qoq_quantize
 from .quantize.rtn import QuantizedWeight, rtn_quantize
 
 
@@ -31,10 +32,6 @@ class LayerReport:
     group_size: int
     stored_bytes: int
     loss: float
-
-    @property
-    def bpw(self) -> float:
-        return 8 * self.stored_bytes / (self.shape[0] * self.shape[1])
 
 
 @dataclass
@@ -59,6 +56,19 @@ def packed_tensors(qw: QuantizedWeight) -> dict[str, torch.Tensor]:
     if qw.g_idx is not None:
         out["g_idx"] = qw.g_idx
     return out
+
+
+def quantize_linear(W: torch.Tensor, H: Hessian | None, opts: QuantizeOptions):
+    """(Q the block runs on from now, tensors to store, GPTQ loss) of one linear."""
+    if opts.method == "rtn":
+        qw = rtn_quantize(W, opts.bits, opts.group_size, opts.sym)
+        return qw.Q, packed_tensors(qw), qw.loss
+    if opts.method == "gptq":
+        qw = gptq_quantize(W, H.H, opts.bits, opts.group_size, opts.sym, opts.act_order, opts.static_groups,
+                           opts.damp)
+        return qw.Q, packed_tensors(qw), qw.loss
+    qw = qoq_quantize(W, H.H, opts.group_size, opts.damp)                 # W4A8 (QServe progressive)
+    return qw.Q, qw.tensors(), 0.0
 
 
 def calibration_windows(source: ModelSource, tokenizer, opts: QuantizeOptions, progress: bool):
@@ -157,29 +167,24 @@ def run(source: ModelSource, writer, opts: QuantizeOptions, eval_ids: torch.Tens
         block = runner.build_block(i, tensors)
 
         pos = runner.position_embeddings(hidden[:1]) if hidden is not None else None
-        hessians = collect_hessians(runner, block, hidden, pos, opts) if opts.method == "gptq" else {}
+        hessians = collect_hessians(runner, block, hidden, pos, opts) if opts.method != "rtn" else {}
 
         for group in family.siblings:
             for name in group:
                 lin = block.get_submodule(name)
                 full = prefix + name
                 try:
-                    if opts.method == "gptq":
-                        qw = gptq_quantize(lin.weight.data, hessians[group].H, opts.bits, opts.group_size,
-                                           opts.sym, opts.act_order, opts.static_groups, opts.damp)
-                    else:
-                        qw = rtn_quantize(lin.weight.data, opts.bits, opts.group_size, opts.sym)
+                    Q, stored, loss = quantize_linear(lin.weight.data, hessians.get(group), opts)
                 except ValueError as e:
                     raise InputError(f"{full}: {e}") from None
-                lin.weight.data = qw.Q
-                stored = packed_tensors(qw)
+                lin.weight.data = Q
                 for suffix, t in stored.items():
                     writer.add(f"{full}.{suffix}", t)
                 if lin.bias is not None:
                     writer.add(f"{full}.bias", tensors[f"{full}.bias"])
                 size = sum(t.numel() * t.element_size() for t in stored.values())
                 result.layers.append(LayerReport(full, tuple(lin.weight.shape), opts.bits, opts.group_size,
-                                                 size, qw.loss))
+                                                 size, loss))
         quantized = {prefix + n for n in family.linears}
         for n, t in tensors.items():
             if n.rsplit(".", 1)[0] not in quantized:

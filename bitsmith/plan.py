@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, field
 from .formats.errors import InputError
 from .formats.packing import SUPPORTED_BITS
 
-METHODS = ("rtn", "gptq")
+METHODS = ("rtn", "gptq", "qoq")   # qoq: W4A8 weights (per-channel int8, then per-group uint4)
 
 
 @dataclass
@@ -32,6 +32,8 @@ class QuantizeOptions:
             raise InputError(f"--bits {self.bits}: choose one of {', '.join(map(str, SUPPORTED_BITS))}")
         if self.group_size != -1 and self.group_size < 1:
             raise InputError(f"--group-size {self.group_size}: use -1 (per output channel) or a positive size")
+        if self.method == "qoq" and self.bits != 4:
+            raise InputError(f"--method qoq stores 4-bit weights for int8 activations; --bits {self.bits} is not 4")
         if not 0 < self.damp < 10:
             raise InputError(f"--damp {self.damp}: expected a small positive fraction such as 0.01")
         if self.calib_dtype not in ("bfloat16", "float32"):
@@ -43,7 +45,7 @@ class QuantizeOptions:
         """Groups may end in one partial group (GPTQ convention: ceil(in / g) groups) only when every
         group starts on a packing boundary (a multiple of 32 codes); any other size must divide."""
         g = self.group_size
-        if g == -1 or in_features % g == 0 or g % 32 == 0:
+        if g == -1 or in_features % g == 0 or (g % 32 == 0 and self.method != "qoq"):
             return
         raise InputError(f"--group-size {g} does not divide in_features {in_features} of {name} "
                          "(use a divisor or a multiple of 32)")

@@ -44,7 +44,8 @@ def _mb(n: int) -> str:
 @main.command()
 @click.argument("model")
 @click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Output folder.")
-@click.option("--method", type=click.Choice(["rtn", "gptq"]), default="gptq", show_default=True)
+@click.option("--method", type=click.Choice(["rtn", "gptq", "qoq"]), default="gptq", show_default=True,
+              help="qoq: W4A8 layers (QServe: per-channel int8 then per-group uint4, GPTQ-compensated).")
 @click.option("--bits", type=int, default=4, show_default=True, help="2, 3, 4 or 8.")
 @click.option("--group-size", type=int, default=128, show_default=True, help="-1 = per output channel.")
 @click.option("--sym/--asym", default=False, show_default=True)

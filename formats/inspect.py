@@ -5,7 +5,7 @@ from . import dfloat
 from .checkpoint import Checkpoint
 from .errors import InputError
 
-QUANT_PARTS = ("qweight", "scales", "qzeros", "g_idx")
+QUANT_PARTS = ("qweight", "scales", "qzeros", "g_idx", "channel_scale", "group_scale", "group_zero")
 
 
 def layer_table(path) -> tuple[list[dict], dict]:

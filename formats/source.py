@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 from abc import ABC, abstractmethod
 import importlib.util
-import json
 from pathlib import Path
 
 import numpy as np
@@ -202,6 +201,3 @@ def _file_digest(path: Path) -> str:
             h.update(chunk)
     return h.hexdigest()
 
-
-def read_json(path: Path) -> dict:
-    return json.loads(Path(path).read_text())
