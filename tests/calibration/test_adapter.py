@@ -1,0 +1,54 @@
+"""Block-by-block execution through transformers' own modules reproduces the whole model's forward."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bitsmith.calibration.adapter import BlockRunner, family_of
+from bitsmith.formats.errors import InputError
+from bitsmith.formats.source import open_source
+
+TINY = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=128)
+
+
+def blockwise_logits(runner, weights, ids, tied):
+    h = F.embedding(ids, weights["model.embed_tokens.weight"])
+    pos = runner.position_embeddings(h)
+    for i in range(runner.n_blocks):
+        block = runner.build_block(i, {n: weights[n] for n in runner.block_names(i)})
+        h = runner.forward_block(block, h, pos)
+        runner.release_block(i)
+    norm = runner.model.model.norm.to_empty(device="cpu")
+    norm.weight.data = weights["model.norm.weight"]
+    head = weights["model.embed_tokens.weight" if tied else "lm_head.weight"]
+    return norm(h) @ head.t()
+
+
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2"])
+def test_tiny_random_families(model_type):
+    from transformers import AutoConfig, AutoModelForCausalLM
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(model_type, **TINY)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    weights = {k: v.detach() for k, v in model.state_dict().items()}
+    runner = BlockRunner({**config.to_dict(), "model_type": model_type})
+    ids = torch.randint(0, 96, (2, 40))
+    with torch.no_grad():
+        expected = model(ids).logits
+        got = blockwise_logits(runner, weights, ids, config.tie_word_embeddings)
+    assert torch.allclose(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_stories260k_blockwise_equals_full_model(stories_path):
+    from transformers import AutoModelForCausalLM
+    source = open_source(str(stories_path))
+    full = AutoModelForCausalLM.from_pretrained(str(stories_path), dtype=torch.float32).eval()
+    ids = torch.randint(0, 512, (2, 64), generator=torch.Generator().manual_seed(0))
+    weights = {n: source.get(n).float() for n in source.keys()}
+    with torch.no_grad():
+        assert torch.equal(blockwise_logits(BlockRunner(source.config), weights, ids, True), full(ids).logits)
+
+
+def test_unknown_architecture_named():
+    with pytest.raises(InputError, match="unsupported architecture 'gpt2'"):
+        family_of({"model_type": "gpt2"})
