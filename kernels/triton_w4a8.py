@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_w4a16 import Config, split_k, tile_k
+from .triton_w4a16 import Config, tile_configs, tile_k
 
 
 @triton.jit
@@ -87,10 +87,4 @@ def w4a8_configs(M: int, N: int, K: int, group_size: int, sms: int, splitk: bool
         shapes = ((bm, 64, 128, 4, 3), (bm, 128, 128, 4, 3), (bm, 128, 64, 4, 4))
     else:
         shapes = ((128, 128, 128, 8, 3), (128, 256, 128, 8, 3), (64, 128, 128, 4, 4), (128, 128, 64, 4, 4))
-    out = []
-    for bm, bn, bk, warps, stages in shapes:
-        bk = min(bk, group_size)
-        tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
-        split = split_k(tiles, K, bk, sms) if splitk else 1
-        out.append(Config(bn, bk, split, bm, warps, stages))
-    return list(dict.fromkeys(out))
+    return tile_configs(shapes, M, N, K, group_size, sms, splitk)
