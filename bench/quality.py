@@ -118,6 +118,16 @@ def report(model_key: str, rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def save(model_key: str, row: dict) -> None:
+    """Merge one row into the results (runs of disjoint --only sets may share the files)."""
+    path = RESULTS / f"quality-{model_key}.json"
+    rows = {r["config"]: r for r in (json.loads(path.read_text()) if path.exists() else [])}
+    rows[row["config"]] = row
+    ordered = [rows[name] for name, *_ in CONFIGS if name in rows]
+    path.write_text(json.dumps(ordered, indent=2) + "\n")
+    (RESULTS / f"quality-{model_key}.md").write_text(report(model_key, ordered))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", choices=list(MODELS), default=None)
@@ -135,7 +145,6 @@ def main() -> None:
         sys.exit(f"bench: {TEXT} not found (the real assets live beside the repository)")
     RESULTS.mkdir(parents=True, exist_ok=True)
     for model_key in [args.model] if args.model else list(MODELS):
-        rows = []
         with tempfile.TemporaryDirectory() as work:
             for name, *_ in CONFIGS:
                 if args.only and name not in args.only:
@@ -144,10 +153,9 @@ def main() -> None:
                                        "--workdir", work], capture_output=True, text=True)
                 if proc.returncode != 0:
                     sys.exit(f"bench: {model_key} {name} failed:\n{proc.stderr[-2000:]}")
-                rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-                print(model_key, rows[-1], flush=True)
-                (RESULTS / f"quality-{model_key}.json").write_text(json.dumps(rows, indent=2) + "\n")
-                (RESULTS / f"quality-{model_key}.md").write_text(report(model_key, rows))
+                row = json.loads(proc.stdout.strip().splitlines()[-1])
+                print(model_key, row, flush=True)
+                save(model_key, row)
 
 
 if __name__ == "__main__":

@@ -38,7 +38,6 @@ CODEC = "df11-huffman"
 CODEC_VERSION = 1
 MAX_CODE_LENGTH = 16
 WINDOW_BITS = 2048
-TABLE_BITS = 12          # the CPU decoder takes several codewords per lookup of this many bits
 PART = ".__df11"
 
 
@@ -84,9 +83,17 @@ def split(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
 
 
 def merge(exponent: np.ndarray, sign_mantissa: np.ndarray) -> np.ndarray:
-    """BF16 bit patterns (uint16) from the two bytes: the inverse of `split`."""
-    sm = sign_mantissa.astype(np.uint16)
-    return ((sm & 0x80) << 8) | (exponent.astype(np.uint16) << 7) | (sm & 0x7F)
+    """BF16 bit patterns (int16) from the two bytes: the inverse of `split`.
+
+    The sign/mantissa byte read as int8 and widened copies the sign into bits 7..15; masking with
+    0x807F keeps the sign in bit 15 and the mantissa, and the exponent goes into bits 7..14.
+    """
+    bits = sign_mantissa.view(np.int8).astype(np.int16)
+    bits &= np.int16(-0x7F81)                      # 0x807F
+    shifted = exponent.astype(np.int16)
+    shifted <<= 7
+    bits |= shifted
+    return bits
 
 
 def encode(x: torch.Tensor, window_bits: int = WINDOW_BITS) -> Coded:
@@ -118,7 +125,7 @@ def decode_many(coded: list[Coded], names: list[str] | None = None, check: bool 
     out = []
     for c, name, exponent in zip(coded, names, exponents):
         bits = merge(exponent, c.sign_mantissa)
-        x = torch.from_numpy(bits.view(np.int16)).view(torch.bfloat16).reshape(c.shape)
+        x = torch.from_numpy(bits).view(torch.bfloat16).reshape(c.shape)
         if check and tensor_sha256(x) != c.sha256:
             raise InputError(f"{name}: decoded tensor does not match its recorded sha256 (corrupted coded data)")
         out.append(x)
@@ -190,71 +197,105 @@ def _place(words: np.ndarray, start: np.ndarray, length: np.ndarray, value: np.n
 
 # ---- CPU decoder --------------------------------------------------------------------------------------
 
+LANE_BLOCK = 1024        # windows whose decoded bytes are laid out together (keeps temporaries in cache)
+
+
 def _decode_exponents(coded: list[Coded], names: list[str]) -> list[np.ndarray]:
-    """Exponents of every window of every tensor, decoded in lockstep: one table lookup per window per step."""
-    words, pos, stop, multi_base, single_base, tables = [], [], [], [], [], []
-    offset = 0
-    for i, c in enumerate(coded):
-        nwin = -(-c.stream_bits // c.window_bits) if c.numel else 0
-        begin = offset * 32 + np.arange(nwin, dtype=np.int64) * c.window_bits
-        pos.append(begin)
-        stop.append(np.minimum(begin + c.window_bits, offset * 32 + c.stream_bits))
-        multi_base.append(np.full(nwin, i << TABLE_BITS, dtype=np.intp))
-        single_base.append(np.full(nwin, i << MAX_CODE_LENGTH, dtype=np.intp))
-        words += [c.stream.view("<u4"), np.full(2, 0xFFFFFFFF, dtype=np.uint32)]   # 1s past the end
-        offset += c.stream.size // 4 + 2
-        lengths = c.lengths()
-        tables.append((huffman.multi_symbol_table(lengths, TABLE_BITS), huffman.lookup_table(lengths, MAX_CODE_LENGTH)))
-    symbols, count, used, ends = (np.concatenate([t[0][j] for t in tables]) for j in range(4))
-    symbol16, length16 = (np.concatenate([t[1][j] for t in tables]) for j in range(2))
-    words = np.concatenate(words).astype(np.uint64)
-    pairs = (words[:-1] << np.uint64(32)) | words[1:]        # any 16 bits from bit p lie in pairs[p >> 5]
-    pos, stop = np.concatenate(pos), np.concatenate(stop)
-    multi_base, single_base = np.concatenate(multi_base), np.concatenate(single_base)
-    done = np.zeros(pos.size, dtype=bool)
-    taken, taken_count = [], []
-    while not done.all():
-        v = ((pairs[pos >> 5] >> (48 - (pos & 31)).astype(np.uint64)) & np.uint64(0xFFFF)).astype(np.intp)
-        t = (v >> (MAX_CODE_LENGTH - TABLE_BITS)) + multi_base
-        s, k, c = symbols[t], count[t].astype(np.int64), used[t].astype(np.int64)
-        long = np.flatnonzero(k == 0)             # a codeword longer than TABLE_BITS, or none at all
-        if long.size:
-            v16 = v[long] + single_base[long]
-            s[long], k[long], c[long] = symbol16[v16], length16[v16] > 0, length16[v16]
-        k[done] = 0
-        ending = np.flatnonzero(~done & ((pos + c > stop) | (k == 0)))
-        if ending.size:                           # keep the codewords that end inside the window
-            room = (stop - pos)[ending]
-            fits = ends[t[ending]] <= room[:, None]
-            k[ending] = np.where(count[t[ending]] > 0, fits.sum(axis=1), 0)
-            done[ending] = True
-        taken.append(s)
-        taken_count.append(k.astype(np.uint8))
-        pos += np.where(done, 0, c)
-    return _gather(taken, taken_count, coded, names)
+    """Exponents of every window of every tensor, decoded in lockstep one byte of every window per step.
+
+    A byte-at-a-time finite-state decoder (Choueka, Klein & Perl 1985) consumes 8 bits per step in
+    every window whatever the codewords, so step j of all windows is one table lookup on byte j of each.
+    """
+    lanes = [-(-c.stream_bits // c.window_bits) if c.numel else 0 for c in coded]
+    if not any(lanes):
+        return _exponents_per_tensor(np.zeros(0, dtype=np.uint8), np.zeros(0, dtype=np.int64), coded, names, lanes)
+    keys = [(c.first_exponent, c.code_lengths.tobytes()) for c in coded]
+    tables = {k: c.lengths() for k, c, n in zip(keys, coded, lanes) if n}
+    decoder = huffman.ByteDecoder.build(np.stack(list(tables.values())))
+    root = dict(zip(tables, decoder.root.tolist()))
+    start = np.repeat([root.get(k, 0) for k in keys], lanes)
+    window_bytes = _window_bytes(coded, lanes)
+    entry = _run(decoder.next, window_bytes, start)
+    sizes = np.concatenate([np.minimum(c.window_bits, c.stream_bits - c.window_bits * np.arange(n))
+                            for c, n in zip(coded, lanes)])
+    exponent, per_lane = _gather(entry, decoder, sizes, sum(c.numel for c in coded))
+    return _exponents_per_tensor(exponent, per_lane, coded, names, lanes)
 
 
-_FIRST_BYTES = np.array([(1 << 8 * j) - 1 for j in range(8)] + [2**64 - 1], dtype="<u8")   # k bytes of 0xFF
+def _window_bytes(coded: list[Coded], lanes: list[int]) -> np.ndarray:
+    """[byte j of a window, window] over all windows: the stream in bit order, windows 1-padded."""
+    width = max(c.window_bits // 32 for c, n in zip(coded, lanes) if n)
+    words = np.full((sum(lanes), width), 0xFFFFFFFF, dtype=np.uint32)
+    row = 0
+    for c, n in zip(coded, lanes):
+        stream = c.stream.view("<u4")
+        if c.window_bits // 32 == width:
+            words[row: row + n].reshape(-1)[: stream.size] = stream
+        elif n:
+            padded = np.full(n * c.window_bits // 32, 0xFFFFFFFF, dtype=np.uint32)
+            padded[: stream.size] = stream
+            words[row: row + n, : c.window_bits // 32] = padded.reshape(n, -1)
+        row += n
+    return words.byteswap().view(np.uint8).T.copy()      # words are filled from their most significant bit
 
 
-def _gather(taken, taken_count, coded, names) -> list[np.ndarray]:
-    """Lane-major exponents from per-step records of (up to 8 symbols, how many are real) of every lane."""
-    if taken:
-        packed = np.stack(taken, axis=1).astype("<u8", copy=False).view(np.uint8).reshape(-1)
-        k = np.stack(taken_count, axis=1)
-        exponent = np.compress(_FIRST_BYTES[k].view(bool).reshape(-1), packed)
-        per_lane = k.sum(axis=1, dtype=np.int64)
-    else:
-        exponent, per_lane = np.zeros(0, dtype=np.uint8), np.zeros(0, dtype=np.int64)
+def _run(next_state: np.ndarray, window_bytes: np.ndarray, start: np.ndarray) -> np.ndarray:
+    """The entry (state * 256 + byte) of the decoder at every byte of every window: [step, window]."""
+    next_entry = (next_state * 256).astype(np.int32).reshape(-1)
+    entry = np.empty(window_bytes.shape, dtype=np.int32)
+    state = (start * 256).astype(np.int32)
+    for j in range(window_bytes.shape[0]):
+        np.add(state, window_bytes[j], out=entry[j])
+        np.take(next_entry, entry[j], out=state)
+    return entry
+
+
+def _gather(entry: np.ndarray, decoder: huffman.ByteDecoder, sizes: np.ndarray, total: int):
+    """(the emitted symbols of all entries, window after window; how many each window emitted).
+
+    Every entry stores its 8 symbol bytes at its output position; the bytes past its count are
+    overwritten by the entries after it, as entries are stored in output order. A window shorter than
+    the rest (the last of a tensor) emits nothing past its last bit.
+    """
+    count, symbols, ends = (a.reshape(-1) for a in (decoder.count, decoder.symbols, decoder.ends))
+    steps, lanes = entry.shape
+    short = np.flatnonzero(sizes < 8 * steps)
+    last = -(-sizes[short] // 8) - 1                       # byte holding the last bit, and its bits in the stream
+    last_bits = (sizes[short] - 8 * last).astype(np.uint8)
+    per_lane = np.empty(lanes, dtype=np.int64)
+    out = np.empty(total + 8, dtype=np.uint8)
+    store = np.ndarray((total + 1,), dtype=np.uint64, buffer=out, strides=(1,))   # 8 bytes from any byte
+    at = 0
+    for a in range(0, lanes, LANE_BLOCK):
+        block = entry[:, a: a + LANE_BLOCK].T.copy()
+        emitted = np.take(count, block)
+        inside = (short >= a) & (short < a + LANE_BLOCK)
+        if inside.any():
+            w, k = short[inside] - a, last[inside]
+            emitted[w] *= np.arange(steps) <= k[:, None]
+            emitted[w, k] = np.bitwise_count(ends[block[w, k]] >> (np.uint8(8) - last_bits[inside]))
+        per_lane[a: a + LANE_BLOCK] = emitted.sum(axis=1)
+        emitted = emitted.reshape(-1)
+        position = np.empty(emitted.size, dtype=np.int64)
+        position[0] = at
+        np.cumsum(emitted[:-1], out=position[1:])
+        position[1:] += at
+        at = int(position[-1]) + int(emitted[-1])
+        if at <= total:                                    # more symbols than values: corrupted, reported below
+            store[position] = np.take(symbols, block.reshape(-1))
+    return out[:min(at, total)], per_lane
+
+
+def _exponents_per_tensor(exponent, per_lane, coded, names, lanes) -> list[np.ndarray]:
+    """Each tensor's slice of the exponents, after checking that its windows emitted one per value."""
     out, at, lane = [], 0, 0
-    for c, name in zip(coded, names):
-        nwin = -(-c.stream_bits // c.window_bits) if c.numel else 0
-        got = int(per_lane[lane: lane + nwin].sum())
+    for c, name, n in zip(coded, names, lanes):
+        got = int(per_lane[lane: lane + n].sum())
         if got != c.numel:
             raise InputError(f"{name}: coded stream holds {got} values, expected {c.numel} "
                              "(corrupted stream or code table)")
         out.append(exponent[at: at + got])
-        at, lane = at + got, lane + nwin
+        at, lane = at + got, lane + n
     return out
 
 

@@ -5,10 +5,15 @@
 - `canonical_codes`: codes given by the lengths alone, counted up in order of (length, symbol)
   (DEFLATE, RFC 1951 section 3.2.2), so a table of lengths is the whole code book.
 - Decoding tables for a decoder that peeks `width` bits, MSB first: one symbol per lookup
-  (`lookup_table`), several symbols per lookup (`multi_symbol_table`), and the per-length limits of a
-  canonical decoder that needs no table beyond the symbol list (`canonical_limits`).
+  (`lookup_table`) and the per-length limits of a canonical decoder that needs no table beyond the
+  symbol list (`canonical_limits`).
+- `ByteDecoder`: a finite-state decoder that reads one byte per step whatever the codeword lengths
+  (table-driven Huffman decoding: Choueka, Klein & Perl, "Efficient variants of Huffman codes in high
+  level languages", SIGIR 1985), for many codes at once.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -50,16 +55,24 @@ def check_lengths(lengths: np.ndarray, max_length: int) -> None:
 
 
 def canonical_codes(lengths: np.ndarray) -> np.ndarray:
-    """Codes (uint32) of the canonical prefix code with these lengths (RFC 1951 section 3.2.2)."""
+    """Codes (uint32) of the canonical prefix code with these lengths (RFC 1951 section 3.2.2).
+
+    Each row of a 2-D `lengths` is a code of its own. Symbols of length l take the codes
+    next_code[l], next_code[l] + 1, ... in symbol order, next_code[l] = (next_code[l-1] + n[l-1]) << 1.
+    """
     lengths = np.asarray(lengths, dtype=np.int64)
-    codes = np.zeros(lengths.size, dtype=np.uint32)
-    code, previous = 0, 0
-    for s in np.lexsort((np.arange(lengths.size), lengths)):
-        if lengths[s] == 0:
-            continue
-        code <<= int(lengths[s]) - previous
-        codes[s], code, previous = code, code + 1, int(lengths[s])
-    return codes
+    rows = lengths.reshape(-1, lengths.shape[-1])
+    longest = int(rows.max(initial=0))
+    of_length = rows[:, :, None] == np.arange(1, longest + 1)             # [code, symbol, length - 1]
+    rank = np.cumsum(of_length, axis=1) - of_length                        # earlier symbols of the same length
+    n = of_length.sum(axis=1)
+    next_code = np.zeros((rows.shape[0], longest + 1), dtype=np.int64)
+    for l in range(2, longest + 1):
+        next_code[:, l] = (next_code[:, l - 1] + n[:, l - 2]) << 1
+    l = np.maximum(rows, 1)
+    codes = np.take_along_axis(next_code, l, 1) + np.take_along_axis(rank, l[:, :, None] - 1, 2)[:, :, 0] \
+        if longest else np.zeros_like(rows)
+    return np.where(rows > 0, codes, 0).astype(np.uint32).reshape(lengths.shape)
 
 
 def lookup_table(lengths: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
@@ -79,29 +92,73 @@ def lookup_table(lengths: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarra
     return symbol, length
 
 
-def multi_symbol_table(lengths: np.ndarray, width: int, max_symbols: int = 8):
-    """For every `width`-bit pattern, the whole codewords it holds from its first bit on (at most `max_symbols`).
+@dataclass(frozen=True)
+class ByteDecoder:
+    """A finite-state Huffman decoder for several codes that consumes 8 bits per step.
 
-    Returns (symbols uint64: symbol j in byte j, count uint8, used bits uint8, ends uint8 [2**width,
-    max_symbols]: bit where symbol j ends, 255 past `count`). A decoder consumes `used` bits per lookup.
+    A state is a proper prefix of a codeword of one code (its root: the empty prefix), or the shared
+    dead state that an invalid bit string falls into and never leaves. Reading byte b in state s emits
+    the codewords that the bits of s followed by b complete, in order, and moves to the prefix left over.
     """
-    symbol1, length1 = lookup_table(lengths, width)
-    pattern = np.arange(1 << width, dtype=np.int64)
-    mask = (1 << width) - 1
-    symbols = np.zeros(1 << width, dtype=np.uint64)
-    count = np.zeros(1 << width, dtype=np.uint8)
-    used = np.zeros(1 << width, dtype=np.int64)
-    ends = np.full((1 << width, max_symbols), 255, dtype=np.uint8)
-    live = np.ones(1 << width, dtype=bool)
-    for j in range(max_symbols):
-        rest = (pattern << used) & mask          # the bits after the codewords taken so far, zero-filled
-        n = length1[rest].astype(np.int64)
-        live &= (n > 0) & (used + n <= width)    # the next codeword must lie wholly inside the pattern
-        symbols |= np.where(live, symbol1[rest].astype(np.uint64) << np.uint64(8 * j), np.uint64(0))
-        used += np.where(live, n, 0)
-        ends[live, j] = used[live]
-        count += live
-    return symbols, count, used.astype(np.uint8), ends
+    root: np.ndarray       # int64 [codes]: the start state of each code
+    next: np.ndarray       # int64 [states, 256]: the state after the byte
+    ends: np.ndarray       # uint8 [states, 256]: bit 7 - i set when a codeword ends with bit i of the byte
+    symbols: np.ndarray    # uint64 [states, 256]: the emitted symbols, the first in the lowest byte
+
+    @property
+    def count(self) -> np.ndarray:
+        """How many codewords each (state, byte) emits: at most 8."""
+        return np.bitwise_count(self.ends)
+
+    @classmethod
+    def build(cls, lengths: np.ndarray) -> "ByteDecoder":
+        """The decoder of the canonical codes with these lengths (one code per row of [codes, symbols])."""
+        next1, emits1, symbol1, root = _bit_steps(np.atleast_2d(np.asarray(lengths, dtype=np.int64)))
+        nibble = np.arange(16)
+        state = np.repeat(np.arange(next1.shape[0]), 16)
+        ends, symbols = np.zeros(state.size, dtype=np.uint8), np.zeros(state.size, dtype=np.uint64)
+        for i in range(4):                        # 4 bits one at a time ...
+            bit = np.tile(nibble >> (3 - i) & 1, next1.shape[0])
+            emits = emits1[state, bit]
+            shift = (8 * np.bitwise_count(ends)).astype(np.uint64)
+            symbols |= np.where(emits, symbol1[state, bit].astype(np.uint64) << shift, np.uint64(0))
+            ends |= emits.astype(np.uint8) << np.uint8(3 - i)
+            state = next1[state, bit]
+        next4, ends4, symbols4 = (a.reshape(-1, 16) for a in (state, ends, symbols))
+        high, low = np.repeat(nibble, 16), np.tile(nibble, 16)    # ... then a byte as two nibbles
+        middle = next4[:, high]
+        shift = (8 * np.bitwise_count(ends4[:, high])).astype(np.uint64)
+        return cls(root, next4[middle, low], (ends4[:, high] << np.uint8(4)) | ends4[middle, low],
+                   symbols4[:, high] | (symbols4[middle, low] << shift))
+
+
+def _bit_steps(lengths: np.ndarray):
+    """One bit at a time: (next state, emits a codeword, its symbol) [states, 2] and each code's root.
+
+    States are numbered by the key (code << 20) | (1 << prefix length) | prefix bits, the dead state last.
+    """
+    code, symbol = np.nonzero(lengths)
+    length = lengths[code, symbol]
+    bits = canonical_codes(lengths)[code, symbol].astype(np.int64)
+    prefixes = [(code[length > j] << 20) | (1 << j) | (bits[length > j] >> (length[length > j] - j))
+                for j in range(int(length.max(initial=0)))]
+    states = np.unique(np.concatenate(prefixes)) if prefixes else np.zeros(0, dtype=np.int64)
+    words = (code << 20) | (np.int64(1) << length) | bits
+    order = np.argsort(words)
+    words, word_symbol = words[order], symbol[order]
+    dead = states.size
+    root_key = (np.arange(lengths.shape[0]) << 20) | 1
+    root = np.minimum(np.searchsorted(states, root_key), max(dead - 1, 0))
+    root = np.where(states[root] == root_key, root, dead) if dead else np.zeros_like(root)   # no symbols: dead
+    child = (states[:, None] << 1) - ((states[:, None] >> 20) << 20) + np.arange(2)   # append a bit
+    w = np.minimum(np.searchsorted(words, child), max(words.size - 1, 0))
+    s = np.minimum(np.searchsorted(states, child), max(dead - 1, 0))
+    emits = words[w] == child if words.size else np.zeros(child.shape, dtype=bool)
+    inner = states[s] == child if dead else np.zeros(child.shape, dtype=bool)
+    next1 = np.where(emits, root[states[:, None] >> 20] if dead else 0, np.where(inner, s, dead))
+    pad = np.full((1, 2), dead)
+    return (np.concatenate([next1, pad]), np.concatenate([emits, pad < 0]),
+            np.concatenate([word_symbol[w] if words.size else np.zeros_like(w), pad]), root)
 
 
 def canonical_limits(lengths: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

@@ -95,6 +95,22 @@ def _decode_loose(coded):
     return out
 
 
+@settings(max_examples=30, deadline=None)
+@given(st.integers(17, 21), st.integers(0, 2**32 - 1), st.sampled_from([32, 64, 96, 160, 2048]))
+def test_byte_decoder_matches_one_codeword_at_a_time_with_16_bit_codes_and_fills(symbols, seed, window_bits):
+    """Fibonacci counts push the code to its 16-bit limit; short windows end in fills of every length."""
+    fibonacci = [1, 1]
+    while len(fibonacci) < symbols:
+        fibonacci.append(fibonacci[-1] + fibonacci[-2])
+    rng = np.random.default_rng(seed)
+    exponent = rng.permutation(np.repeat(np.arange(symbols) + 1 + rng.integers(0, 255 - symbols), fibonacci))
+    bits = (exponent.astype(np.uint16) << 7) | rng.integers(0, 1 << 16, exponent.size).astype(np.uint16) & 0x807F
+    coded = dfloat.encode(bf16(bits), window_bits)
+    assert coded.code_lengths.max() == dfloat.MAX_CODE_LENGTH
+    assert (dfloat._decode_exponents([coded], ["x"])[0] == _decode_loose(coded)).all()
+    assert same_bits(dfloat.decode(coded), bf16(bits))
+
+
 def test_size_is_near_the_exponent_entropy_on_weight_like_data():
     x = weights_like(200_000)
     coded = dfloat.encode(x)

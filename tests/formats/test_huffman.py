@@ -71,25 +71,56 @@ def test_canonical_codes_are_prefix_free_and_decode_through_every_table(counts):
         assert l == lengths[s] and ordered[offset[l] + (v >> (16 - l)) - first[l]] == s
 
 
-@settings(max_examples=20, deadline=None)
-@given(counts_strategy)
-def test_multi_symbol_table_matches_one_codeword_at_a_time(counts):
-    lengths = huffman.code_lengths(counts, 16)
-    width = 12
-    symbols, count, used, ends = huffman.multi_symbol_table(lengths, width)
-    symbol1, length1 = huffman.lookup_table(lengths, width)
-    for v in np.random.default_rng(0).integers(0, 1 << width, 200):
-        at, expected = 0, []
-        while True:
-            rest = (int(v) << at) & ((1 << width) - 1)
-            n = int(length1[rest])
-            if n == 0 or at + n > width or len(expected) == 8:
-                break
-            expected.append(int(symbol1[rest]))
-            at += n
-        assert count[v] == len(expected) and used[v] == at
-        assert [(int(symbols[v]) >> 8 * j) & 0xFF for j in range(count[v])] == expected
-        assert ends[v, count[v] - 1] == at if count[v] else True
+def one_codeword_at_a_time(lengths, bits):
+    """Reference decoding of a bit string by the single-symbol table: (symbols, bit after each, rest)."""
+    symbol, length = huffman.lookup_table(lengths, 16)
+    symbols, ends, at = [], [], 0
+    while True:
+        v = int((bits[at: at + 16] + "0" * 16)[:16], 2)
+        n = int(length[v])
+        if n == 0 or at + n > len(bits) or bits[at: at + n] != format(v >> (16 - n), f"0{n}b"):
+            return symbols, ends, bits[at:]
+        symbols.append(int(symbol[v]))
+        at += n
+        ends.append(at)
+
+
+skewed_counts = st.integers(17, 40).map(lambda n: np.array([2**i for i in range(n)]))   # lengths up to 16
+byte_strings = st.lists(st.integers(0, 255), min_size=1, max_size=40)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.one_of(counts_strategy, skewed_counts), min_size=1, max_size=3), byte_strings, st.data())
+def test_byte_decoder_matches_one_codeword_at_a_time(many_counts, data, draw):
+    lengths = np.zeros((len(many_counts), 256), dtype=np.uint8)
+    for row, counts in zip(lengths, many_counts):
+        row[:] = huffman.code_lengths(np.pad(counts, (0, 256 - counts.size)), 16)
+    decoder = huffman.ByteDecoder.build(lengths)
+    code = draw.draw(st.integers(0, len(many_counts) - 1))
+    bits = "".join(format(b, "08b") for b in data)
+    expected, ends, rest = one_codeword_at_a_time(lengths[code], bits)
+    state, got, got_ends = decoder.root[code], [], []
+    for j, b in enumerate(data):
+        n = int(decoder.count[state, b])
+        assert n <= 8
+        got += [(int(decoder.symbols[state, b]) >> 8 * i) & 0xFF for i in range(n)]
+        got_ends += [8 * j + i + 1 for i in range(8) if decoder.ends[state, b] >> (7 - i) & 1]
+        state = decoder.next[state, b]
+    assert got == expected and got_ends == ends
+    dead = decoder.next.shape[0] - 1
+    if len(rest) >= 16 or (rest and not any(
+            format(int(c), f"0{l}b").startswith(rest) for c, l in
+            zip(huffman.canonical_codes(lengths[code]), lengths[code]) if l > len(rest))):
+        assert state == dead                             # no codeword starts with the rest
+    else:
+        assert state != dead
+
+
+def test_byte_decoder_of_a_one_symbol_code_rejects_a_one_bit():
+    decoder = huffman.ByteDecoder.build(np.array([[0, 1] + [0] * 254]))
+    root = decoder.root[0]
+    assert decoder.count[root, 0b00000000] == 8 and decoder.symbols[root, 0] == 0x0101010101010101
+    assert decoder.count[root, 0b00111111] == 2 and decoder.next[root, 0b00111111] == decoder.next.shape[0] - 1
 
 
 def test_one_symbol_gets_one_bit_and_no_symbol_none():
