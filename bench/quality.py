@@ -27,10 +27,13 @@ KL_WINDOWS = 4
 
 MODELS = {
     "smollm2": {"model": "smollm2-135m", "calib": TEXT / "c4_calib.txt", "eval": TEXT / "wikitext2_test.txt",
-                "eval_seqlen": 2048, "max_tokens": 65536},
+                "eval_seqlen": 2048, "max_tokens": 65536, "base": "BF16 (GGUF dequantized)", "base_bits": 16.0,
+                "text": "eval WikiText-2 test (first 65,536 tokens), calibration c4_calib.txt"},
     # stories260K has no held-out TinyStories text in ../shared: calibrate on the first 70 % of the file,
     # evaluate on the rest (the split is made here, never overlapping)
-    "stories": {"model": str(STORIES), "calib": None, "eval": None, "eval_seqlen": 512, "max_tokens": None},
+    "stories": {"model": str(STORIES), "calib": None, "eval": None, "eval_seqlen": 512, "max_tokens": None,
+                "base": "fp32 checkpoint", "base_bits": 32.0,
+                "text": "tinystories_calib.txt split: calibration on the first 70 %, eval on the last 30 %"},
 }
 CONFIGS = [  # name, method, bits, group size, sym, act-order
     ("bf16", None, 16, None, None, None),
@@ -73,7 +76,7 @@ def one(spec: dict, name: str, workdir: Path) -> dict:
     if method is None:
         model = bitsmith.load(spec["model"])
         row["load_peak_rss_mb"] = peak_rss_bytes() / 1e6
-        row.update(evaluate(model, windows, progress=False), bits_per_weight=16.0)
+        row.update(evaluate(model, windows, progress=False), bits_per_weight=spec["base_bits"])
     else:
         out = workdir / name
         t = time.perf_counter()
@@ -97,19 +100,22 @@ def report(model_key: str, rows: list[dict]) -> str:
     spec = MODELS[model_key]
     lines = [f"# Quality: {model_key}", "",
              f"Measured {datetime.date.today()} on {platform.processor() or platform.machine()} "
-             f"({os.cpu_count()} cores), torch threads per run: {rows[0]['threads'] if rows else '?'}.",
-             f"Eval: {Path(str(spec['eval'])).name}, seqlen {spec['eval_seqlen']}, "
-             f"{rows[0]['tokens'] if rows else '?'} tokens; KL and top-1 agreement to BF16 on the first "
-             f"{KL_WINDOWS} windows. Calibration: {Path(str(spec['calib'])).name}, 128 x 512 tokens, seed 0. "
-             "Quantize time and peak RSS are the whole quantize job (load, calibration, write).", "",
-             "| config | all-in bits/weight | perplexity | KL to BF16 | top-1 agreement | quantize s | peak RSS MB |",
+             f"({os.cpu_count()} cores; another run may have shared the second core), torch threads per run: "
+             f"{rows[0]['threads'] if rows else '?'}, float32 compute.",
+             f"Text: {spec['text']}; seqlen {spec['eval_seqlen']}, {rows[0]['tokens'] if rows else '?'} eval tokens; "
+             f"KL(base || quantized) and top-1 agreement on the first {KL_WINDOWS} windows. Calibration 128 x 512 "
+             "tokens, seed 0, GPTQ damp 0.01 with act-order except W2. Quantize time and peak RSS are the whole "
+             "quantize job in its process (load, calibration, write). Base row: " + spec["base"] + ".", "",
+             "| config | all-in bits/weight | perplexity | KL to base | top-1 agreement | quantize s | peak RSS MB |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
         kl = f"{r['kl']:.4f}" if "kl" in r else "-"
         top1 = f"{r['top1_agreement']:.4f}" if "top1_agreement" in r else "-"
         secs = f"{r['quantize_seconds']:.0f}" if "quantize_seconds" in r else "-"
         rss = r.get("quantize_peak_rss_mb", r.get("load_peak_rss_mb", 0))
-        lines.append(f"| {r['config']} | {r['bits_per_weight']:.3f} | {r['perplexity']:.3f} | {kl} | {top1} | "
+        bpw = spec["base_bits"] if r["config"] == "bf16" else r["bits_per_weight"]
+        name = "base" if r["config"] == "bf16" else r["config"]
+        lines.append(f"| {name} | {bpw:.3f} | {r['perplexity']:.3f} | {kl} | {top1} | "
                      f"{secs} | {rss:.0f} |")
     if model_key == "smollm2":
         lines += ["", "Caveat: the SmolLM2 'BF16' weights are the GGUF Q4_1 model dequantized (4-bit, groups of "
@@ -132,6 +138,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", choices=list(MODELS), default=None)
     ap.add_argument("--only", nargs="*")
+    ap.add_argument("--report", action="store_true", help="Rewrite the .md files from the .json results.")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     ap.add_argument("--workdir", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -140,6 +147,12 @@ def main() -> None:
         if args.model == "stories":
             spec["calib"], spec["eval"] = split_stories(Path(args.workdir))
         print(json.dumps(one(spec, args.one, Path(args.workdir))))
+        return
+    if args.report:
+        for key in MODELS:
+            path = RESULTS / f"quality-{key}.json"
+            if path.exists():
+                (RESULTS / f"quality-{key}.md").write_text(report(key, json.loads(path.read_text())))
         return
     if not TEXT.exists():
         sys.exit(f"bench: {TEXT} not found (the real assets live beside the repository)")
