@@ -101,7 +101,7 @@ def report(model_key: str, rows: list[dict]) -> str:
     lines = [f"# Quality: {model_key}", "",
              f"Measured {datetime.date.today()} on {platform.processor() or platform.machine()} "
              f"({os.cpu_count()} cores; another run may have shared the second core), torch threads per run: "
-             f"{rows[0]['threads'] if rows else '?'}, float32 compute.",
+             f"{rows[0]['threads'] if rows else '?'}, float32 evaluation (calibration forwards: bf16 autocast, the default).",
              f"Text: {spec['text']}; seqlen {spec['eval_seqlen']}, {rows[0]['tokens'] if rows else '?'} eval tokens; "
              f"KL(base || quantized) and top-1 agreement on the first {KL_WINDOWS} windows. Calibration 128 x 512 "
              "tokens, seed 0, GPTQ damp 0.01 with act-order except W2. Quantize time and peak RSS are the whole "
