@@ -19,9 +19,10 @@ def quantize(model: str, out: str, *, overwrite: bool = False, eval_data: str | 
     """Quantize `model` (folder, .gguf or bundled name) into the folder `out`; returns a summary dict.
 
     Options are those of `bitsmith quantize` (method, bits, group_size, sym, act_order, static_groups,
-    damp, calib, nsamples, seqlen, seed). `lossless_rest` entropy-codes the tensors left in BF16
-    (formats/dfloat.py), which takes the checkpoint out of the plain GPTQ convention. With `eval_data`, the perplexity of the quantized weights on
-    that text is measured while quantizing (same protocol as `bitsmith eval`).
+    damp, calib, nsamples, seqlen, seed, calib_dtype). `lossless_rest` entropy-codes the tensors left
+    in BF16 (formats/dfloat.py), which takes the checkpoint out of the plain GPTQ convention. With
+    `eval_data`, the perplexity of the quantized weights on that text is measured while quantizing
+    (same protocol as `bitsmith eval`).
     """
     clock = Stopwatch()
     opts = QuantizeOptions(**{k: v for k, v in options.items() if v is not None})
@@ -50,7 +51,8 @@ def quantize(model: str, out: str, *, overwrite: bool = False, eval_data: str | 
         if coded:
             extra["lossless"] = dfloat.lossless_block(coded)
             qc = config["quantization_config"]
-            qc.update(quant_method="bitsmith", format_version=FORMAT_VERSION, lossless=dfloat.config_block(extra["lossless"]))
+            qc.update(quant_method="bitsmith", format_version=FORMAT_VERSION,
+                      lossless=dfloat.config_block(extra["lossless"]))
         writer.commit(config, {**extra,
             "source": {"name": source.name, "fingerprint": source.fingerprint()},
             "calibration": {"description": result.calibration, "fingerprint": result.calibration_fingerprint},
