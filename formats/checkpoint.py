@@ -47,8 +47,10 @@ class CheckpointWriter:
         self.out = Path(out)
         if self.out.exists() and not overwrite:
             raise InputError(f"{self.out}: output already exists (pass --overwrite to replace it)")
-        if not self.out.parent.exists():
-            raise InputError(f"{self.out.parent}: parent folder of the output does not exist")
+        try:
+            self.out.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise InputError(f"{self.out.parent}: cannot create the output's parent folder ({e.strerror})") from None
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.", suffix=".partial", dir=self.out.parent))
         self.shard_bytes = shard_bytes
         self._spool = open(self.tmp / ".spool", "w+b")

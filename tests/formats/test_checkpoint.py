@@ -63,3 +63,10 @@ def test_same_tensor_twice_is_refused(tmp_path):
         with pytest.raises(ValueError, match="twice"):
             w.add("x", torch.ones(1))
         w.abort()
+
+
+def test_missing_parent_folders_are_created(tmp_path):
+    with CheckpointWriter(tmp_path / "a" / "b" / "out") as w:
+        w.add("x", torch.ones(2))
+        w.commit(None, {})
+    assert (tmp_path / "a" / "b" / "out" / "model.safetensors").exists()
