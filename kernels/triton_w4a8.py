@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_w4a16 import Config, tile_configs, tile_k
+from .triton_w4a16 import Config, grouped_tile, tile_configs, tile_k
 
 
 @triton.jit
@@ -22,12 +22,7 @@ def _w4a8_gemm_kernel(xq_ptr, token_scale_ptr, qweight_ptr, group_scale_ptr, gro
                       BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr):
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    first_m = (pid // (GROUP_M * num_n)) * GROUP_M          # grouped tile order (Triton tutorial 03)
-    rows_in_group = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % (GROUP_M * num_n)) % rows_in_group
-    pid_n = (pid % (GROUP_M * num_n)) // rows_in_group
+    pid_m, pid_n = grouped_tile(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
