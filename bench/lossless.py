@@ -256,7 +256,7 @@ def main() -> None:
     if quantized:
         lines += ["Already-quantized weights (dequantized GGUF: few distinct values; coding the quantized codes "
                   "themselves is the right tool there):", "", *table(quantized), ""]
-    lines += [f"Manifest size (per-tensor metadata incl. sha256): "
+    lines += ["Manifest size (per-tensor metadata incl. sha256): "
               + ", ".join(f"{r['model']} {r['manifest_kb']:.1f} kB" for r in natural + quantized), ""]
     lines += gpu
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -66,7 +66,7 @@ def one(spec: dict, name: str, workdir: Path) -> dict:
     from bitsmith.calibration import data
     from bitsmith.calibration.perplexity import evaluate
     from bitsmith.formats.source import open_source
-    from bitsmith.kernels.linear import QuantizedLinear
+    from bitsmith.kernels.linear import cache_dequantized
     from bitsmith.pipeline import peak_rss_bytes
 
     _, method, bits, group, sym, act_order = next(c for c in CONFIGS if c[0] == name)
@@ -86,9 +86,7 @@ def one(spec: dict, name: str, workdir: Path) -> dict:
         row.update(quantize_seconds=time.perf_counter() - t, quantize_peak_rss_mb=s["peak_rss_bytes"] / 1e6,
                    bits_per_weight=s["bits_per_weight"])
         model = bitsmith.load(str(out))
-        for m in model.modules():
-            if isinstance(m, QuantizedLinear):
-                m.cache_dequantized()
+        cache_dequantized(model)
         row.update(evaluate(model, windows, progress=False))
         close = evaluate(model, windows[:KL_WINDOWS], base=bitsmith.load(spec["model"]), progress=False)
         row.update(kl=close["kl"], top1_agreement=close["top1_agreement"], kl_tokens=close["tokens"])

@@ -3,6 +3,7 @@ inputs, accumulate Hessians, quantize every linear, re-run the quantized block t
 inputs, and write a packed checkpoint. Only one block's weights are ever in memory."""
 from __future__ import annotations
 
+import contextlib
 import resource
 import time
 from dataclasses import dataclass, field
@@ -77,7 +78,7 @@ def calibration_windows(source: ModelSource, tokenizer, opts: QuantizeOptions, p
         from .loader import load_model
         model = load_model(source, dtype=torch.float32)
         vocab = model.config.vocab_size
-        windows = data.self_windows(model, opts.nsamples, opts.seqlen, opts.seed, tokenizer.bos_token_id, vocab)
+        windows = data.self_windows(model, opts.nsamples, opts.seqlen, opts.seed, vocab)
         return windows, f"self: {opts.nsamples} x {opts.seqlen} tokens sampled from the model (seed {opts.seed})"
     if "self" in opts.calib:
         raise InputError("--calib self cannot be mixed with calibration files")
@@ -112,10 +113,8 @@ def collect_hessians(runner: BlockRunner, block, hidden: torch.Tensor, pos, opts
     try:
         with compute(opts):
             for x in _batches(hidden, opts.batch):
-                try:
+                with contextlib.suppress(_InputsCaptured):
                     runner.forward_block(block, x, pos)
-                except _InputsCaptured:
-                    pass
     finally:
         for h in hooks:
             h.remove()

@@ -105,6 +105,7 @@ def eval_(model, data_path, seqlen, max_tokens, base, json_path):
     from .. import api
     from ..calibration import data
     from ..calibration.perplexity import evaluate
+    from ..kernels.linear import cache_dequantized
     from ..formats.source import open_source
     if data_path is None:
         raise InputError("--data FILE is required (the text to evaluate on)")
@@ -113,7 +114,7 @@ def eval_(model, data_path, seqlen, max_tokens, base, json_path):
     ids = data.tokenize(source.tokenizer(), text)
     windows = data.eval_windows(ids, seqlen, max_tokens)
     net = api.load(model)
-    _cache_dense(net)
+    cache_dequantized(net)
     base_net = api.load(base) if base else None
     result = evaluate(net, windows, base_net)
     rows = [("perplexity", f"{result['perplexity']:.4f}"), ("tokens", str(result["tokens"])),
@@ -164,13 +165,6 @@ from .lossless import compress, decompress  # noqa: E402  (commands defined besi
 
 main.add_command(compress)
 main.add_command(decompress)
-
-
-def _cache_dense(net) -> None:
-    from ..kernels.linear import QuantizedLinear
-    for m in net.modules():
-        if isinstance(m, QuantizedLinear):
-            m.cache_dequantized()
 
 
 def _table(title: str, rows: list[tuple[str, str]]) -> None:

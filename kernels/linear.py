@@ -58,3 +58,10 @@ class QuantizedLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
                 f"group_size={self.group_size}, act_order={self.g_idx is not None}")
+
+
+def cache_dequantized(model: nn.Module, dtype: torch.dtype = torch.float32) -> None:
+    """Dense copies of every QuantizedLinear of `model`, for repeated CPU forwards (evaluation)."""
+    for m in model.modules():
+        if isinstance(m, QuantizedLinear):
+            m.cache_dequantized(dtype)

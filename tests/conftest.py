@@ -1,5 +1,7 @@
-"""Shared fixtures: the real assets beside the repository, and small calibration settings."""
+"""Shared fixtures: the real model and texts beside the repository (skipped with a reason when absent)."""
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 

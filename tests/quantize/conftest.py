@@ -4,7 +4,6 @@ from __future__ import annotations
 import importlib.util
 
 import pytest
-import torch
 import torch.nn.functional as F
 
 from bitsmith.calibration import data
