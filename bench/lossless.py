@@ -179,6 +179,7 @@ def gpu_rows(rows: list[dict]) -> list[str]:
         print("skip GPU decode: no CUDA device")
         return ["GPU decode: not measured (no CUDA device in this run)."]
     import triton.testing
+
     from bitsmith.kernels import triton_dfloat
     lines = [f"GPU: {torch.cuda.get_device_name()}", "",
              "| model | tensor | values | decode µs | decode GB/s | copy GB/s | decode / copy |", "|---|---|---|---|---|---|---|"]
@@ -188,10 +189,10 @@ def gpu_rows(rows: list[dict]) -> list[str]:
             coded = row["coded"][i]
             out = triton_dfloat.decode(coded, "cuda")
             assert torch.equal(out.cpu().view(torch.int16), dfloat.decode(coded).view(torch.int16))
-            ms = triton.testing.do_bench(lambda: triton_dfloat.decode(coded, "cuda"), return_mode="median")
+            ms = triton.testing.do_bench(lambda coded=coded: triton_dfloat.decode(coded, "cuda"), return_mode="median")
             src = torch.empty(coded.numel, dtype=torch.bfloat16, device="cuda")
             dst = torch.empty_like(src)
-            copy_ms = triton.testing.do_bench(lambda: dst.copy_(src), return_mode="median")
+            copy_ms = triton.testing.do_bench(lambda dst=dst, src=src: dst.copy_(src), return_mode="median")
             gbs, copy_gbs = 2 * coded.numel / ms / 1e6, 2 * coded.numel / copy_ms / 1e6
             lines.append(f"| {row['model']} | #{i} | {coded.numel:,} | {1e3 * ms:.0f} | {gbs:.1f} | "
                          f"{copy_gbs:.1f} | {gbs / copy_gbs:.3f} |")
@@ -209,8 +210,8 @@ def table(rows: list[dict]) -> list[str]:
 
     def rate(v):
         return f"{v:.0f}" if v is not None else "—"
-    lines = ["| input | values | BF16 MB | entropy bound | df11 file | df11 payload | lmzip file | "
-             "enc codec | dec codec | enc folder | dec folder | lmzip enc | lmzip dec |",
+    lines = [("| input | values | BF16 MB | entropy bound | df11 file | df11 payload | lmzip file | "
+              "enc codec | dec codec | enc folder | dec folder | lmzip enc | lmzip dec |"),
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['model']} | {r['values']:,} | {r['bf16_mb']:.1f} | {pct(r['bound'])} | {pct(r['file'])} | "
@@ -239,23 +240,24 @@ def main() -> None:
                 into[-1]["model"] = name
         gpu = gpu_rows(natural + quantized) if args.gpu else []
     lines = [f"# Lossless BF16 (df11-huffman, window {args.window_bits} bits) vs lmzip",
-             "", f"Run: {datetime.date.today().isoformat()}, `python bench/lossless.py --repeat {args.repeat}`, "
-             f"CPU {cpu_name()} ({os.cpu_count()} cores, no GPU unless a GPU section follows), "
-             f"python {sys.version.split()[0]}, torch {torch.__version__}, numpy {np.__version__}.",
-             "", "Sizes are % of BF16 (lower is better). Speeds are MB/s of BF16, median of "
-             f"{args.repeat} runs. Every round trip was checked bit for bit in this run.", "",
+             "", (f"Run: {datetime.date.today().isoformat()}, `python bench/lossless.py --repeat {args.repeat}`, "
+                  f"CPU {cpu_name()} ({os.cpu_count()} cores, no GPU unless a GPU section follows), "
+                  f"python {sys.version.split()[0]}, torch {torch.__version__}, numpy {np.__version__}."),
+             "", ("Sizes are % of BF16 (lower is better). Speeds are MB/s of BF16, median of "
+                  f"{args.repeat} runs. Every round trip was checked bit for bit in this run."), "",
              "- entropy bound: sum over tensors of (8 + H(exponent)) / 16, the order-0 per-tensor bound of this split",
-             "- df11 file: our safetensors file bytes (headers and all parallel-decode side information included) "
-             "/ BF16 safetensors file bytes; df11 payload: the same without the safetensors headers",
+             ("- df11 file: our safetensors file bytes (headers and all parallel-decode side information included) "
+              "/ BF16 safetensors file bytes; df11 payload: the same without the safetensors headers"),
              "- lmzip file: lmzip archive bytes / BF16 safetensors file bytes (lmzip 1.3.0, level 1, default workers)",
-             "- enc/dec codec: `dfloat.encode` / `dfloat.decode_many` in memory, one thread, decode checks sha256",
-             "- enc/dec folder: `compress_checkpoint` / `decompress_checkpoint` file to file (compress also decodes "
-             "each tensor once to check it)",
+             (f"- enc/dec codec: `dfloat.encode` / `dfloat.decode_many` in memory, encode on one thread, decode on "
+              f"{dfloat.default_threads()} (`dfloat.default_threads()`), decode checks sha256"),
+             ("- enc/dec folder: `compress_checkpoint` / `decompress_checkpoint` file to file (compress also decodes "
+              "each tensor once to check it)"),
              "- lmzip enc/dec: `lmz.api.compress` / `decompress` file to file", "",
              *table(natural), ""]
     if quantized:
-        lines += ["Already-quantized weights (dequantized GGUF: few distinct values; coding the quantized codes "
-                  "themselves is the right tool there):", "", *table(quantized), ""]
+        lines += [("Already-quantized weights (dequantized GGUF: few distinct values; coding the quantized codes "
+                   "themselves is the right tool there):"), "", *table(quantized), ""]
     lines += ["Manifest size (per-tensor metadata incl. sha256): "
               + ", ".join(f"{r['model']} {r['manifest_kb']:.1f} kB" for r in natural + quantized), ""]
     lines += gpu

@@ -62,17 +62,18 @@ def canonical_codes(lengths: np.ndarray) -> np.ndarray:
     """
     lengths = np.asarray(lengths, dtype=np.int64)
     rows = lengths.reshape(-1, lengths.shape[-1])
-    longest = int(rows.max(initial=0))
-    of_length = rows[:, :, None] == np.arange(1, longest + 1)             # [code, symbol, length - 1]
-    rank = np.cumsum(of_length, axis=1) - of_length                        # earlier symbols of the same length
-    n = of_length.sum(axis=1)
-    next_code = np.zeros((rows.shape[0], longest + 1), dtype=np.int64)
-    for l in range(2, longest + 1):
-        next_code[:, l] = (next_code[:, l - 1] + n[:, l - 2]) << 1
-    l = np.maximum(rows, 1)
-    codes = np.take_along_axis(next_code, l, 1) + np.take_along_axis(rank, l[:, :, None] - 1, 2)[:, :, 0] \
-        if longest else np.zeros_like(rows)
-    return np.where(rows > 0, codes, 0).astype(np.uint32).reshape(lengths.shape)
+    width = int(rows.max(initial=0)) + 1
+    key = (np.arange(rows.shape[0])[:, None] * width + rows).reshape(-1)     # (code, length)
+    n = np.bincount(key, minlength=rows.shape[0] * width)
+    order = np.argsort(key.astype(np.min_scalar_type(n.size)), kind="stable")   # then symbol (a radix sort)
+    rank = np.empty_like(key)                                                # earlier symbols of the same length
+    rank[order] = np.arange(key.size) - (np.cumsum(n) - n)[key[order]]
+    n = n.reshape(-1, width)
+    next_code = np.zeros_like(n)
+    for l in range(2, width):
+        next_code[:, l] = (next_code[:, l - 1] + n[:, l - 1]) << 1
+    codes = next_code.reshape(-1)[key] + rank
+    return np.where(rows.reshape(-1) > 0, codes, 0).astype(np.uint32).reshape(lengths.shape)
 
 
 def lookup_table(lengths: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
@@ -111,7 +112,7 @@ class ByteDecoder:
         return np.bitwise_count(self.ends)
 
     @classmethod
-    def build(cls, lengths: np.ndarray) -> "ByteDecoder":
+    def build(cls, lengths: np.ndarray) -> ByteDecoder:
         """The decoder of the canonical codes with these lengths (one code per row of [codes, symbols])."""
         next1, emits1, symbol1, root = _bit_steps(np.atleast_2d(np.asarray(lengths, dtype=np.int64)))
         nibble = np.arange(16)
@@ -124,12 +125,14 @@ class ByteDecoder:
             symbols |= np.where(emits, symbol1[state, bit].astype(np.uint64) << shift, np.uint64(0))
             ends |= emits.astype(np.uint8) << np.uint8(3 - i)
             state = next1[state, bit]
-        next4, ends4, symbols4 = (a.reshape(-1, 16) for a in (state, ends, symbols))
-        high, low = np.repeat(nibble, 16), np.tile(nibble, 16)    # ... then a byte as two nibbles
-        middle = next4[:, high]
-        shift = (8 * np.bitwise_count(ends4[:, high])).astype(np.uint64)
-        return cls(root, next4[middle, low], (ends4[:, high] << np.uint8(4)) | ends4[middle, low],
-                   symbols4[:, high] | (symbols4[middle, low] << shift))
+        # ... then a byte as two nibbles, [state, high nibble, low nibble]: `low` indexes the second's entry
+        state4, ends4, symbols4 = (a.reshape(-1, 16, 1) for a in (state, ends, symbols))
+        low = state4 * 16 + nibble
+        byte_symbols = symbols[low]                                         # in place: the tables are large
+        byte_symbols <<= (np.bitwise_count(ends4) << np.uint8(3)).astype(np.uint64)
+        byte_symbols |= symbols4
+        return cls(root, state[low].reshape(-1, 256), ((ends4 << np.uint8(4)) | ends[low]).reshape(-1, 256),
+                   byte_symbols.reshape(-1, 256))
 
 
 def _bit_steps(lengths: np.ndarray):

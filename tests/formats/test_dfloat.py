@@ -47,11 +47,49 @@ def test_round_trip_is_bit_exact(bits, window_bits):
 
 
 @settings(max_examples=40, deadline=None)
-@given(st.lists(bit_patterns, min_size=1, max_size=5))
-def test_batched_decode_equals_one_by_one(many):
+@given(st.lists(bit_patterns, min_size=1, max_size=5), st.lists(st.sampled_from([32, 64, 96, 2048]), min_size=5,
+                                                               max_size=5), st.integers(1, 3))
+def test_batched_decode_equals_one_by_one(many, window_bits, threads):
+    """Window sizes mixed in one call, on one thread or several."""
     xs = [bf16(b) for b in many]
+    coded = [dfloat.encode(x, w) for x, w in zip(xs, window_bits)]
+    assert all(same_bits(y, x) for y, x in zip(dfloat.decode_many(coded, threads=threads), xs))
+
+
+def one_bit_code_weights(n: int, seed: int) -> torch.Tensor:
+    """Most values share one exponent (a 1-bit codeword), so a byte can end up to eight codewords."""
+    rng = np.random.default_rng(seed)
+    exponent = np.where(rng.random(n) < 0.9, 120, rng.integers(100, 127, n)).astype(np.uint16)
+    return bf16((exponent << 7) | (rng.integers(0, 1 << 16, n).astype(np.uint16) & 0x807F))
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_many_blocks_and_escapes_on_threads(monkeypatch, threads):
+    """Small blocks, so that windows go in many blocks, tensors across blocks and blocks across tensors,
+    merged while the next blocks decode; 1-bit codes make steps emit more than four symbols."""
+    monkeypatch.setattr(dfloat, "BLOCK_WINDOWS", 7)
+    monkeypatch.setattr(dfloat, "CHUNK_ROWS", 3)
+    xs = [weights_like(3000, 1), one_bit_code_weights(5000, 2), weights_like(1, 3), one_bit_code_weights(700, 4),
+          weights_like(0, 5), weights_like(9000, 6, scale=3.0)]
+    coded = [dfloat.encode(x, w) for x, w in zip(xs, [64, 96, 32, 2048, 64, 160])]
+    assert all(same_bits(y, x) for y, x in zip(dfloat.decode_many(coded, threads=threads), xs))
+
+
+def test_task_errors_reach_the_caller():
+    for helpers in (0, 2):
+        with dfloat._Tasks(helpers) as tasks:
+            ok, failed = tasks.submit(int, "7"), tasks.submit(int, "x")
+            tasks.wait([ok])
+            with pytest.raises(ValueError, match="invalid literal"):
+                tasks.wait([failed])
+        assert ok.result() == 7
+
+
+def test_codes_with_too_many_states_for_one_table_decode_in_parts(monkeypatch):
+    monkeypatch.setattr(dfloat._Tables, "MAX_STATES", 40)
+    xs = [weights_like(2000, seed, scale=0.02 * (seed + 1)) for seed in range(4)]
     coded = [dfloat.encode(x, 64) for x in xs]
-    assert all(same_bits(y, x) for y, x in zip(dfloat.decode_many(coded), xs))
+    assert all(same_bits(y, x) for y, x in zip(dfloat.decode_many(coded, threads=2), xs))
 
 
 @pytest.mark.parametrize("shape", [(0,), (1,), (3, 0, 2), (1, 1), (17, 33), (2, 3, 5)])
@@ -107,7 +145,8 @@ def test_byte_decoder_matches_one_codeword_at_a_time_with_16_bit_codes_and_fills
     bits = (exponent.astype(np.uint16) << 7) | rng.integers(0, 1 << 16, exponent.size).astype(np.uint16) & 0x807F
     coded = dfloat.encode(bf16(bits), window_bits)
     assert coded.code_lengths.max() == dfloat.MAX_CODE_LENGTH
-    assert (dfloat._decode_exponents([coded], ["x"])[0] == _decode_loose(coded)).all()
+    exponent, _ = dfloat.split(dfloat.decode(coded, check=False))
+    assert (exponent == _decode_loose(coded)).all()
     assert same_bits(dfloat.decode(coded), bf16(bits))
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import heapq
+import itertools
 
 import numpy as np
 import pytest
@@ -61,7 +62,7 @@ def test_canonical_codes_are_prefix_free_and_decode_through_every_table(counts):
     codes = huffman.canonical_codes(lengths)
     used = np.flatnonzero(lengths)
     words = sorted(format(int(codes[s]), f"0{lengths[s]}b") for s in used)
-    assert all(not b.startswith(a) for a, b in zip(words, words[1:]))
+    assert all(not b.startswith(a) for a, b in itertools.pairwise(words))
     symbol, length = huffman.lookup_table(lengths, 16)
     limit, first, offset, ordered = huffman.canonical_limits(lengths, 16)
     for s in used:
