@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import hashlib
 import random
+from dataclasses import fields
 from pathlib import Path
 
 import torch
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..formats.errors import InputError
 
@@ -61,6 +63,10 @@ def eval_windows(ids: torch.Tensor, seqlen: int, max_tokens: int | None = None) 
     return ids[: n * seqlen].reshape(n, seqlen)
 
 
+# the KV cache is `cache` from transformers 5.24 on, `past_key_values` before
+CACHE_ARG = "cache" if "cache" in {f.name for f in fields(CausalLMOutputWithPast)} else "past_key_values"
+
+
 @torch.no_grad()
 def self_windows(model, nsamples: int, seqlen: int, seed: int, vocab: int, batch: int = 16):
     """Text sampled from the model itself (data-free calibration): a random first token, then ancestral
@@ -73,8 +79,8 @@ def self_windows(model, nsamples: int, seqlen: int, seed: int, vocab: int, batch
         ids, past = first, None
         step = first
         for _ in range(seqlen - 1):
-            out = model(input_ids=step, past_key_values=past, use_cache=True)
-            past = out.past_key_values
+            out = model(input_ids=step, use_cache=True, **{CACHE_ARG: past})
+            past = getattr(out, CACHE_ARG)
             probs = torch.softmax(out.logits[:, -1].float(), dim=-1)
             step = torch.multinomial(probs, 1, generator=gen)
             ids = torch.cat([ids, step], dim=1)
