@@ -11,6 +11,7 @@ from .formats.source import FolderSource, open_source
 from .loader import load_model
 from .pipeline import Result, Stopwatch, peak_rss_bytes, run
 from .plan import QuantizeOptions
+from .quantize.rtn import ERROR_NORM
 
 
 def quantize(model: str, out: str, *, overwrite: bool = False, eval_data: str | None = None,
@@ -19,7 +20,7 @@ def quantize(model: str, out: str, *, overwrite: bool = False, eval_data: str | 
     """Quantize `model` (folder, .gguf or bundled name) into the folder `out`; returns a summary dict.
 
     Options are those of `bitsmith quantize` (method, bits, group_size, sym, act_order, static_groups,
-    damp, calib, nsamples, seqlen, seed, calib_dtype). `lossless_rest` entropy-codes the tensors left
+    mse, true_sequential, damp, calib, nsamples, seqlen, seed, calib_dtype). `lossless_rest` entropy-codes the tensors left
     in BF16 (formats/dfloat.py), which takes the checkpoint out of the plain GPTQ convention. With
     `eval_data`, the perplexity of the quantized weights on that text is measured while quantizing
     (same protocol as `bitsmith eval`).
@@ -84,8 +85,8 @@ def quantized_config(config: dict, opts: QuantizeOptions, result: Result) -> dic
     from . import __version__
     qc = {"quant_method": "gptq", "checkpoint_format": "gptq", "bits": opts.bits, "group_size": opts.group_size,
           "desc_act": opts.act_order and opts.method == "gptq", "sym": opts.sym,
-          "static_groups": opts.static_groups, "true_sequential": False, "damp_percent": opts.damp,
-          "pack_dtype": "int32", "lm_head": False,
+          "static_groups": opts.static_groups, "true_sequential": opts.true_sequential and opts.method != "rtn",
+          "mse": ERROR_NORM if opts.mse else 0.0, "damp_percent": opts.damp, "pack_dtype": "int32", "lm_head": False,
           "meta": {"quantizer": [f"bitsmith:{__version__}"], "method": opts.method,
                    "calibration": result.calibration}}
     if opts.method == "qoq":
@@ -113,7 +114,7 @@ def tokenizer_files(source, writer) -> None:
 def summary(source, out, result: Result, seconds: float) -> dict:
     from pathlib import Path
     out_bytes = sum(f.stat().st_size for f in Path(out).glob("*.safetensors"))
-    source_bytes = 2 * sum(source.numel(n) for n in source.keys())              # the model as BF16
+    source_bytes = 2 * sum(source.numel(n) for n in source)              # the model as BF16
     return {"bits_per_weight": result.bpw, "quantized_linears": len(result.layers),
             "output_bytes": out_bytes, "source_bf16_bytes": source_bytes, "seconds": seconds,
             "peak_rss_bytes": peak_rss_bytes(), "calibration": result.calibration, "eval": result.eval}

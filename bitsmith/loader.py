@@ -51,7 +51,7 @@ def _quantized_linear(source: ModelSource, name: str, linear: torch.nn.Linear, q
         raise InputError(f"{source.name}: {name}.qweight present but config.json has no quantization_config")
     layer = _layer_plan(qconfig, name)
     return QuantizedLinear(linear.in_features, linear.out_features, layer["bits"], layer["group_size"],
-                           bias=linear.bias is not None, has_g_idx=f"{name}.g_idx" in source.keys())
+                           bias=linear.bias is not None, has_g_idx=f"{name}.g_idx" in source)
 
 
 def _layer_plan(qconfig: dict, name: str) -> dict:

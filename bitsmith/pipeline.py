@@ -62,11 +62,11 @@ def packed_tensors(qw: QuantizedWeight) -> dict[str, torch.Tensor]:
 def quantize_linear(W: torch.Tensor, H: Hessian | None, opts: QuantizeOptions):
     """(Q the block runs on from now, tensors to store, GPTQ loss) of one linear."""
     if opts.method == "rtn":
-        qw = rtn_quantize(W, opts.bits, opts.group_size, opts.sym)
+        qw = rtn_quantize(W, opts.bits, opts.group_size, opts.sym, opts.mse)
         return qw.Q, packed_tensors(qw), qw.loss
     if opts.method == "gptq":
         qw = gptq_quantize(W, H.H, opts.bits, opts.group_size, opts.sym, opts.act_order, opts.static_groups,
-                           opts.damp)
+                           opts.damp, mse=opts.mse)
         return qw.Q, packed_tensors(qw), qw.loss
     qw = qoq_quantize(W, H.H, opts.group_size, opts.damp)                 # W4A8 (QServe progressive)
     return qw.Q, qw.tensors(), 0.0
@@ -97,15 +97,16 @@ def compute(opts: QuantizeOptions):
     return torch.autocast("cpu", dtype=torch.bfloat16, enabled=opts.calib_dtype == "bfloat16")
 
 
-def collect_hessians(runner: BlockRunner, block, hidden: torch.Tensor, pos, opts: QuantizeOptions) -> dict:
-    """H = 2XX^T/n of every sibling group's shared input, over all calibration windows."""
+def collect_hessians(runner: BlockRunner, block, hidden: torch.Tensor, pos, opts: QuantizeOptions,
+                     groups: tuple[tuple[str, ...], ...]) -> dict:
+    """H = 2XX^T/n of the shared input of each sibling group in `groups`, over all calibration windows.
+    The forward of each batch stops at the input of the last of them."""
     hessians, hooks = {}, []
-    last = runner.family.siblings[-1]
-    for group in runner.family.siblings:
+    for group in groups:
         lin = block.get_submodule(group[0])
         hessians[group] = Hessian(lin.in_features)
 
-        def hook(module, args, h=hessians[group], stop=group is last):
+        def hook(module, args, h=hessians[group], stop=group is groups[-1]):
             h.add(args[0])
             if stop:
                 raise _InputsCaptured
@@ -119,6 +120,12 @@ def collect_hessians(runner: BlockRunner, block, hidden: torch.Tensor, pos, opts
         for h in hooks:
             h.remove()
     return hessians
+
+
+def sequential_stages(siblings: tuple[tuple[str, ...], ...], true_sequential: bool):
+    """Sibling groups quantized together. True-sequential (GPTQ code `--true-sequential`): one group at a
+    time, each group's Hessian taken on inputs that already pass through the quantized groups before it."""
+    return [(group,) for group in siblings] if true_sequential else [siblings]
 
 
 def forward_in_place(runner: BlockRunner, block, hidden: torch.Tensor, pos, batch: int) -> None:
@@ -166,24 +173,12 @@ def run(source: ModelSource, writer, opts: QuantizeOptions, eval_ids: torch.Tens
         block = runner.build_block(i, tensors)
 
         pos = runner.position_embeddings(hidden[:1]) if hidden is not None else None
-        hessians = collect_hessians(runner, block, hidden, pos, opts) if opts.method != "rtn" else {}
-
-        for group in family.siblings:
-            for name in group:
-                lin = block.get_submodule(name)
-                full = prefix + name
-                try:
-                    Q, stored, loss = quantize_linear(lin.weight.data, hessians.get(group), opts)
-                except ValueError as e:
-                    raise InputError(f"{full}: {e}") from None
-                lin.weight.data = Q
-                for suffix, t in stored.items():
-                    writer.add(f"{full}.{suffix}", t)
-                if lin.bias is not None:
-                    writer.add(f"{full}.bias", tensors[f"{full}.bias"])
-                size = sum(t.numel() * t.element_size() for t in stored.values())
-                result.layers.append(LayerReport(full, tuple(lin.weight.shape), opts.bits, opts.group_size,
-                                                 size, loss))
+        for stage in sequential_stages(family.siblings, opts.true_sequential):
+            hessians = collect_hessians(runner, block, hidden, pos, opts, stage) if opts.method != "rtn" else {}
+            for group in stage:
+                for name in group:
+                    result.layers.append(_quantize_into(block, prefix, name, hessians.get(group), opts, writer,
+                                                        tensors))
         quantized = {prefix + n for n in family.linears}
         for n, t in tensors.items():
             if n.rsplit(".", 1)[0] not in quantized:
@@ -195,7 +190,7 @@ def run(source: ModelSource, writer, opts: QuantizeOptions, eval_ids: torch.Tens
         if held is not None:
             forward_in_place(runner, block, held, runner.position_embeddings(held[:1]), opts.batch)
         runner.release_block(i)
-        del block, tensors, hessians
+        del block, tensors
 
     for name in (family.embed, family.final_norm, family.lm_head):
         if name in source:
@@ -203,6 +198,22 @@ def run(source: ModelSource, writer, opts: QuantizeOptions, eval_ids: torch.Tens
     if held is not None:
         result.eval = _held_out_perplexity(source, family, held, eval_ids, runner)
     return result
+
+
+def _quantize_into(block, prefix: str, name: str, H, opts: QuantizeOptions, writer, tensors) -> LayerReport:
+    """Quantize one linear of `block` in place (its weight becomes Q) and write its packed tensors."""
+    lin, full = block.get_submodule(name), prefix + name
+    try:
+        Q, stored, loss = quantize_linear(lin.weight.data, H, opts)
+    except ValueError as e:
+        raise InputError(f"{full}: {e}") from None
+    lin.weight.data = Q
+    for suffix, t in stored.items():
+        writer.add(f"{full}.{suffix}", t)
+    if lin.bias is not None:
+        writer.add(f"{full}.bias", tensors[f"{full}.bias"])
+    size = sum(t.numel() * t.element_size() for t in stored.values())
+    return LayerReport(full, tuple(lin.weight.shape), opts.bits, opts.group_size, size, loss)
 
 
 def _held_out_perplexity(source, family, held, eval_ids, runner) -> dict:

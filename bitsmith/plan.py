@@ -17,6 +17,8 @@ class QuantizeOptions:
     sym: bool = False
     act_order: bool = True
     static_groups: bool = False
+    true_sequential: bool = False
+    mse: bool | None = None        # None: the method's default (on for GPTQ, off for RTN)
     damp: float = 0.01
     calib: list[str] = field(default_factory=lambda: ["self"])
     nsamples: int = 128
@@ -28,6 +30,8 @@ class QuantizeOptions:
     def validate(self) -> None:
         if self.method not in METHODS:
             raise InputError(f"--method {self.method}: choose one of {', '.join(METHODS)}")
+        if self.mse is None:
+            self.mse = self.method == "gptq"
         if self.bits not in SUPPORTED_BITS:
             raise InputError(f"--bits {self.bits}: choose one of {', '.join(map(str, SUPPORTED_BITS))}")
         if self.group_size != -1 and self.group_size < 1:

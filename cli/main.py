@@ -22,7 +22,7 @@ class _Group(click.Group):
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(130)
-        except Exception as e:  # noqa: BLE001 - the last line of defence: no traceback for users
+        except Exception as e:
             if ctx.obj and ctx.obj.get("debug"):
                 raise
             click.echo(f"internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)", err=True)
@@ -51,6 +51,10 @@ def _mb(n: int) -> str:
 @click.option("--sym/--asym", default=False, show_default=True)
 @click.option("--act-order/--no-act-order", default=True, show_default=True)
 @click.option("--static-groups", is_flag=True, help="Fit groups in original column order (no g_idx).")
+@click.option("--mse/--no-mse", default=None,
+              help="Shrink each grid's range to the least L^2.4 error (GPTQ's mse search). Default: on for gptq.")
+@click.option("--true-sequential/--no-true-sequential", default=False, show_default=True,
+              help="Take each linear's Hessian after the linears before it in the block are quantized.")
 @click.option("--damp", type=float, default=0.01, show_default=True, help="Fraction of mean diag(H).")
 @click.option("--calib", multiple=True, help="Calibration text file (repeatable); 'self' = sampled from the model.")
 @click.option("--nsamples", type=int, default=128, show_default=True)
@@ -66,8 +70,8 @@ def _mb(n: int) -> str:
               help="Entropy-code the tensors that stay BF16 (embeddings, norms, lm_head), bit for bit.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the summary as JSON.")
-def quantize(model, out, method, bits, group_size, sym, act_order, static_groups, damp, calib, nsamples,
-             seqlen, seed, calib_dtype, device, eval_data, eval_seqlen, eval_max_tokens, lossless_rest, overwrite, json_path):
+def quantize(model, out, method, bits, group_size, sym, act_order, static_groups, mse, true_sequential, damp, calib,
+             nsamples, seqlen, seed, calib_dtype, device, eval_data, eval_seqlen, eval_max_tokens, lossless_rest, overwrite, json_path):
     """Quantize MODEL (folder, .gguf or bundled name) into OUT."""
     from .. import api
     if device == "cuda":
@@ -76,19 +80,20 @@ def quantize(model, out, method, bits, group_size, sym, act_order, static_groups
     if calib == ["self"] and method != "rtn":
         click.echo("calibration: no --calib file given, sampling text from the model itself (--calib self)")
     s = api.quantize(model, out, method=method, bits=bits, group_size=group_size, sym=sym, act_order=act_order,
-                     static_groups=static_groups, damp=damp, calib=calib, nsamples=nsamples, seqlen=seqlen,
-                     seed=seed, calib_dtype=calib_dtype, overwrite=overwrite, eval_data=eval_data, eval_seqlen=eval_seqlen,
-                     eval_max_tokens=eval_max_tokens, lossless_rest=lossless_rest)
+                     static_groups=static_groups, mse=mse, true_sequential=true_sequential, damp=damp, calib=calib,
+                     nsamples=nsamples, seqlen=seqlen, seed=seed, calib_dtype=calib_dtype, overwrite=overwrite,
+                     eval_data=eval_data, eval_seqlen=eval_seqlen, eval_max_tokens=eval_max_tokens,
+                     lossless_rest=lossless_rest)
     rows = [("quantized linears", str(s["quantized_linears"])),
             ("bits per weight (all-in)", f"{s['bits_per_weight']:.3f}"),
-            ("size", f"{_mb(s['output_bytes'])} (BF16 source {_mb(s['source_bf16_bytes'])}, "
-                     f"{s['output_bytes'] / s['source_bf16_bytes']:.1%})"),
+            ("size", (f"{_mb(s['output_bytes'])} (BF16 source {_mb(s['source_bf16_bytes'])}, "
+                      f"{s['output_bytes'] / s['source_bf16_bytes']:.1%})")),
             ("calibration", s["calibration"]),
             ("wall time", f"{s['seconds']:.1f} s"),
             ("peak RSS", _mb(s["peak_rss_bytes"]))]
     if s["eval"]:
-        rows.append(("perplexity", f"{s['eval']['perplexity']:.3f} ({s['eval']['tokens']} tokens, "
-                                   f"seqlen {s['eval']['seqlen']})"))
+        rows.append(("perplexity", (f"{s['eval']['perplexity']:.3f} ({s['eval']['tokens']} tokens, "
+                                    f"seqlen {s['eval']['seqlen']})")))
     _table(f"wrote {out}", rows)
     _write_json(json_path, s)
 
@@ -105,8 +110,8 @@ def eval_(model, data_path, seqlen, max_tokens, base, json_path):
     from .. import api
     from ..calibration import data
     from ..calibration.perplexity import evaluate
-    from ..kernels.linear import cache_dequantized
     from ..formats.source import open_source
+    from ..kernels.linear import cache_dequantized
     if data_path is None:
         raise InputError("--data FILE is required (the text to evaluate on)")
     text = data.read_text([data_path])
@@ -161,7 +166,7 @@ def verify(path):
     click.echo(f"OK {path}")
 
 
-from .lossless import compress, decompress  # noqa: E402  (commands defined beside this group)
+from .lossless import compress, decompress
 
 main.add_command(compress)
 main.add_command(decompress)

@@ -9,8 +9,8 @@ Tensors come back under Hugging Face names (`model.layers.0.self_attn.q_proj.wei
 from __future__ import annotations
 
 import hashlib
-from abc import ABC, abstractmethod
 import importlib.util
+from abc import ABC, abstractmethod
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +44,9 @@ class ModelSource(ABC):
 
     def __contains__(self, name: str) -> bool:
         return name in set(self.keys())
+
+    def __iter__(self):
+        return iter(self.keys())
 
 
 class FolderSource(ModelSource):

@@ -37,7 +37,7 @@ def inverse_cholesky(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]
 
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int = -1, sym: bool = False,
                   act_order: bool = False, static_groups: bool = False, damp: float = 0.01,
-                  blocksize: int = 128) -> QuantizedWeight:
+                  blocksize: int = 128, mse: bool = False) -> QuantizedWeight:
     """Quantize W [out, in] given the layer Hessian H [in, in] = 2 X X^T / n."""
     check_finite(W)
     if not torch.isfinite(H).all():
@@ -49,11 +49,11 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int =
     if group_size != -1:
         blocksize = g if g >= blocksize else blocksize - blocksize % g   # groups never straddle blocks
 
-    grid = fit_grid(W, bits, sym) if group_size == -1 else None
+    grid = fit_grid(W, bits, sym, mse) if group_size == -1 else None
     dead = torch.diag(H) == 0                                    # inputs never active: weight is free
     H[dead, dead] = 1
     W[:, dead] = 0
-    static = ([fit_grid(W[:, i:i + g], bits, sym) for i in range(0, cols, g)]
+    static = ([fit_grid(W[:, i:i + g], bits, sym, mse) for i in range(0, cols, g)]
               if static_groups and group_size != -1 else None)
 
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(cols)
@@ -76,7 +76,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int =
                 grid = static[group_of[col]]
             elif group_size != -1:
                 if col % g == 0:
-                    grid = fit_grid(W1[:, i:i + g], bits, sym)
+                    grid = fit_grid(W1[:, i:i + g], bits, sym, mse)
                     scales.append(grid[0])
                     zeros.append(grid[1])
                 group_of[col] = col // g

@@ -4,7 +4,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from tests_support import ASSETS
 
 STORIES = ASSETS / "models" / "stories260K"

@@ -2,6 +2,8 @@
 import json
 
 import pytest
+import torch
+from tests_support import ASSETS, needs_smollm2
 
 import bitsmith
 from bitsmith.calibration import data
@@ -9,7 +11,6 @@ from bitsmith.calibration.perplexity import evaluate
 from bitsmith.formats.checkpoint import verify
 from bitsmith.formats.source import open_source
 from bitsmith.kernels.linear import QuantizedLinear
-from tests_support import ASSETS, needs_smollm2
 
 
 @pytest.fixture(scope="module")
@@ -123,3 +124,19 @@ def test_w4a8_checkpoint_round_trip(tmp_path, stories_path, stories_split):
     quant = evaluate(model, windows, progress=False)["perplexity"]
     # measured here: base 7.74, W4A8 per-channel 8.65 (+12 %), GPTQ W4 per-channel 8.56, RTN 8.76; allow 25 %
     assert base < quant < 1.25 * base
+
+
+def test_true_sequential_takes_later_hessians_after_earlier_groups(tmp_path, stories_path, stories_split):
+    """q/k/v see the same inputs either way; o_proj's inputs pass through the quantized q/k/v only when
+    true-sequential, so its codes change while block 0's q_proj codes stay identical."""
+    from safetensors.torch import load_file
+    stored = {}
+    for mode in (False, True):
+        out = tmp_path / str(mode)
+        bitsmith.quantize(str(stories_path), str(out), method="gptq", bits=3, group_size=32, true_sequential=mode,
+                          calib=[str(stories_split[0])], nsamples=8, seqlen=128, progress=False)
+        stored[mode] = load_file(out / "model.safetensors")
+        assert json.loads((out / "config.json").read_text())["quantization_config"]["true_sequential"] is mode
+    layer = "model.layers.0.self_attn."
+    assert torch.equal(stored[False][layer + "q_proj.qweight"], stored[True][layer + "q_proj.qweight"])
+    assert not torch.equal(stored[False][layer + "o_proj.qweight"], stored[True][layer + "o_proj.qweight"])

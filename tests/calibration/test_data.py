@@ -1,10 +1,10 @@
 import pytest
 import torch
+from tests_support import needs_smollm2
 
 from bitsmith.calibration import data
 from bitsmith.formats.errors import InputError
 from bitsmith.formats.source import open_source
-from tests_support import needs_smollm2
 
 
 @needs_smollm2

@@ -39,10 +39,9 @@ def test_written_shards_are_valid_safetensors(tmp_path, shard_bytes):
 
 
 def test_failure_leaves_nothing(tmp_path):
-    with pytest.raises(RuntimeError):
-        with CheckpointWriter(tmp_path / "out") as w:
-            w.add("x", torch.ones(3))
-            raise RuntimeError("killed halfway")
+    with pytest.raises(RuntimeError), CheckpointWriter(tmp_path / "out") as w:
+        w.add("x", torch.ones(3))
+        raise RuntimeError("killed halfway")
     assert list(tmp_path.iterdir()) == []
 
 

@@ -8,7 +8,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from bitsmith.formats import dfloat
-from bitsmith.formats.checkpoint import MANIFEST, Checkpoint, CheckpointWriter, sha256_file, verify
+from bitsmith.formats.checkpoint import (
+    MANIFEST,
+    Checkpoint,
+    CheckpointWriter,
+    sha256_file,
+    verify,
+)
 from bitsmith.formats.errors import InputError
 
 

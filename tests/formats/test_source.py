@@ -3,10 +3,10 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from tests_support import needs_smollm2
 
 from bitsmith.formats.errors import InputError
 from bitsmith.formats.source import GGUFSource, open_source
-from tests_support import needs_smollm2
 
 
 def sharded_copy(src, dst, dtype):

@@ -4,8 +4,8 @@ import torch
 
 pytest.importorskip("triton", reason="triton is not installed: Triton kernels cannot be tested")
 
-from bitsmith.formats.packing import pack  # noqa: E402
-from bitsmith.kernels import triton_w4a16 as tw  # noqa: E402
+from bitsmith.formats.packing import pack
+from bitsmith.kernels import triton_w4a16 as tw
 
 FP16_TOL = 1e-3
 

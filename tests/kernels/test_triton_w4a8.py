@@ -4,9 +4,9 @@ import torch
 
 pytest.importorskip("triton", reason="triton is not installed: Triton kernels cannot be tested")
 
-from bitsmith.formats.packing import pack  # noqa: E402
-from bitsmith.kernels import reference, triton_actquant, triton_w4a8  # noqa: E402
-from bitsmith.kernels.triton_w4a16 import Config  # noqa: E402
+from bitsmith.formats.packing import pack
+from bitsmith.kernels import reference, triton_actquant, triton_w4a8
+from bitsmith.kernels.triton_w4a16 import Config
 
 K, N, GROUP = 640, 320, 128
 

@@ -39,10 +39,11 @@ def test_gptq_beats_rtn_on_real_smollm2_layer(smollm2_o_proj, bits):
     assert output_error(W, fitted.Q, X[half:]) < output_error(W, rtn.Q, X[half:])
 
 
-@pytest.mark.parametrize("act_order,static", [(False, False), (True, False), (True, True)])
-def test_codes_scales_and_Q_agree_exactly(stories_down, act_order, static):
+@pytest.mark.parametrize("act_order,static,mse", [(False, False, False), (True, False, False), (True, True, False),
+                                                 (True, False, True)])
+def test_codes_scales_and_Q_agree_exactly(stories_down, act_order, static, mse):
     W, X = stories_down
-    qw = gptq_quantize(W, hessian_of(X), 4, 32, act_order=act_order, static_groups=static)
+    qw = gptq_quantize(W, hessian_of(X), 4, 32, act_order=act_order, static_groups=static, mse=mse)
     g = qw.group_index().long()
     assert torch.equal(fake_quantize(qw.codes, qw.scales[g].t(), qw.zeros[g].t()), qw.Q)
     assert int(qw.codes.max()) <= 15

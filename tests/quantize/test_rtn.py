@@ -1,7 +1,9 @@
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from bitsmith.quantize.rtn import fit_grid, rtn_quantize
+from bitsmith.kernels.reference import fake_quantize
+from bitsmith.quantize.rtn import ERROR_NORM, fit_grid, quantize_codes, rtn_quantize
 
 
 @settings(max_examples=40, deadline=None)
@@ -31,3 +33,26 @@ def test_grid_contains_zero_and_is_exact_in_fp16():
 def test_per_channel_sym_has_one_group():
     qw = rtn_quantize(torch.randn(4, 40), 4, -1, sym=True)
     assert qw.scales.shape == (1, 4) and (qw.zeros == 8).all()
+
+
+def grid_error(x, scale, zero, bits):
+    """sum over each row of |x - q(x)|^2.4 on the given grid."""
+    Q = fake_quantize(quantize_codes(x, scale[:, None], zero[:, None], bits), scale[:, None], zero[:, None])
+    return (Q - x).abs().pow(ERROR_NORM).sum(dim=1)
+
+
+@settings(max_examples=30, deadline=None)
+@given(bits=st.sampled_from([2, 3, 4]), sym=st.booleans(), seed=st.integers(0, 2**31))
+def test_shrink_search_never_worse_than_min_max(bits, sym, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(16, 128, generator=g) * torch.rand(16, 1, generator=g)
+    plain = grid_error(x, *fit_grid(x, bits, sym), bits)
+    searched = grid_error(x, *fit_grid(x, bits, sym, mse=True), bits)
+    assert (searched <= plain).all()
+    assert searched.sum() < plain.sum()                   # Gaussian rows: clipping the tails pays
+
+
+def test_shrink_search_on_a_real_layer(stories_down):
+    W, _ = stories_down
+    plain, searched = rtn_quantize(W, 3, 32), rtn_quantize(W, 3, 32, mse=True)
+    assert ((searched.Q - W) ** 2).sum() < ((plain.Q - W) ** 2).sum()
