@@ -78,7 +78,7 @@ def one(spec: dict, name: str, workdir: Path) -> dict:
         ids = data.tokenize(open_source(spec["model"]).tokenizer(), Path(spec["eval"]).read_text())
         return data.eval_windows(ids, spec["eval_seqlen"], spec["max_tokens"])
 
-    row = {"config": name, "threads": torch.get_num_threads()}
+    row = {"config": name, "date": datetime.date.today().isoformat(), "threads": torch.get_num_threads()}
     if method is None:
         windows = eval_windows()
         model = bitsmith.load(spec["model"])
@@ -102,10 +102,16 @@ def one(spec: dict, name: str, workdir: Path) -> dict:
     return row
 
 
+def measured(rows: list[dict]) -> str:
+    """The dates the rows were measured on (each row records its own)."""
+    dates = sorted({r.get("date", "?") for r in rows})
+    return dates[0] if len(dates) == 1 else f"{dates[0]} to {dates[-1]} (see each row's date in the .json)"
+
+
 def report(model_key: str, rows: list[dict]) -> str:
     spec = MODELS[model_key]
     lines = [f"# Quality: {model_key}", "",
-             f"Measured {datetime.date.today()} on {platform.processor() or platform.machine()} "
+             f"Measured {measured(rows)} on {platform.processor() or platform.machine()} "
              f"({os.cpu_count()} cores; another run may have shared the second core), torch threads per run: "
              f"{rows[0]['threads'] if rows else '?'}, float32 evaluation (calibration forwards: bf16 autocast, the default).",
              f"Text: {spec['text']}; seqlen {spec['eval_seqlen']}, {rows[0]['tokens'] if rows else '?'} eval tokens; "

@@ -28,7 +28,7 @@ class W4A8Linear(nn.Module):
         self.register_load_state_dict_post_hook(dispatch.forget_runtime)
 
     @classmethod
-    def from_quantized(cls, qoq, bias: torch.Tensor | None = None) -> "W4A8Linear":
+    def from_quantized(cls, qoq, bias: torch.Tensor | None = None) -> W4A8Linear:
         """A layer holding the result of `bitsmith.quantize.qoq.qoq_quantize` (and an optional bias)."""
         out_features, in_features = qoq.Q.shape
         layer = cls(in_features, out_features, qoq.group_size, bias=bias is not None)
