@@ -105,21 +105,21 @@ def one(spec: dict, name: str, workdir: Path) -> dict:
 def measured(rows: list[dict]) -> str:
     """The dates the rows were measured on (each row records its own)."""
     dates = sorted({r.get("date", "?") for r in rows})
-    return dates[0] if len(dates) == 1 else f"{dates[0]} to {dates[-1]} (see each row's date in the .json)"
+    return dates[0] if len(dates) == 1 else f"{dates[0]} to {dates[-1]} (each row's date in its last column)"
 
 
 def report(model_key: str, rows: list[dict]) -> str:
     spec = MODELS[model_key]
     lines = [f"# Quality: {model_key}", "",
-             f"Measured {measured(rows)} on {platform.processor() or platform.machine()} "
+             (f"Measured {measured(rows)} on {platform.processor() or platform.machine()} "
              f"({os.cpu_count()} cores; another run may have shared the second core), torch threads per run: "
-             f"{rows[0]['threads'] if rows else '?'}, float32 evaluation (calibration forwards: bf16 autocast, the default).",
+             f"{rows[0]['threads'] if rows else '?'}, float32 evaluation (calibration forwards: bf16 autocast, the default)."),
              f"Text: {spec['text']}; seqlen {spec['eval_seqlen']}, {rows[0]['tokens'] if rows else '?'} eval tokens; "
              f"KL(base || quantized) and top-1 agreement on the first {KL_WINDOWS} windows. Calibration 128 x 512 "
              "tokens, seed 0, GPTQ damp 0.01 with act-order except W2, not true-sequential; min-max grids except the gptq-mse rows (range shrunk to the least L^2.4 error, the default of `bitsmith quantize --method gptq`). Quantize time and peak RSS are the whole "
              "quantize job in its process (load, calibration, write). Base row: " + spec["base"] + ".", "",
-             "| config | all-in bits/weight | perplexity | KL to base | top-1 agreement | quantize s | peak RSS MB |",
-             "|---|---|---|---|---|---|---|"]
+             "| config | all-in bits/weight | perplexity | KL to base | top-1 agreement | quantize s | peak RSS MB | measured |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         kl = f"{r['kl']:.4f}" if "kl" in r else "-"
         top1 = f"{r['top1_agreement']:.4f}" if "top1_agreement" in r else "-"
@@ -128,11 +128,11 @@ def report(model_key: str, rows: list[dict]) -> str:
         bpw = spec["base_bits"] if r["config"] == "bf16" else r["bits_per_weight"]
         name = "base" if r["config"] == "bf16" else r["config"]
         lines.append(f"| {name} | {bpw:.3f} | {r['perplexity']:.3f} | {kl} | {top1} | "
-                     f"{secs} | {rss:.0f} |")
+                     f"{secs} | {rss:.0f} | {r.get('date', '?')} |")
     if model_key == "smollm2":
-        lines += ["", "Caveat: the SmolLM2 'BF16' weights are the GGUF Q4_1 model dequantized (4-bit, groups of "
+        lines += ["", ("Caveat: the SmolLM2 'BF16' weights are the GGUF Q4_1 model dequantized (4-bit, groups of "
                   "32 along the input): 4-bit settings sit close to the grid the weights came from, which "
-                  "flatters them compared with a true BF16 model."]
+                  "flatters them compared with a true BF16 model.")]
     return "\n".join(lines) + "\n"
 
 
@@ -175,7 +175,7 @@ def main() -> None:
                 if args.only and name not in args.only:
                     continue
                 proc = subprocess.run([sys.executable, __file__, "--model", model_key, "--one", name,
-                                       "--workdir", work], capture_output=True, text=True)
+                                       "--workdir", work], capture_output=True, text=True, check=False)
                 if proc.returncode != 0:
                     sys.exit(f"bench: {model_key} {name} failed:\n{proc.stderr[-2000:]}")
                 row = json.loads(proc.stdout.strip().splitlines()[-1])
