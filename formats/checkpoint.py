@@ -83,8 +83,9 @@ class CheckpointWriter:
             size += nbytes
         return shards
 
-    def _write_shard(self, path: Path, names: list[str]) -> None:
-        """safetensors layout: u64 header length, JSON header (space-padded to 8 bytes), raw data."""
+    def _write_shard(self, path: Path, names: list[str]) -> str:
+        """safetensors layout: u64 header length, JSON header (space-padded to 8 bytes), raw data; returns the
+        file's sha256, hashed as it is written."""
         header, offset = {"__metadata__": {"format": "pt"}}, 0
         for name in names:
             dtype, shape, _, nbytes = self._entries[name]
@@ -92,27 +93,33 @@ class CheckpointWriter:
             offset += nbytes
         blob = json.dumps(header, separators=(",", ":")).encode()
         blob += b" " * (-len(blob) % 8)
+        digest = hashlib.sha256()
         with open(path, "wb") as f:
-            f.write(struct.pack("<Q", len(blob)))
-            f.write(blob)
-            for name in names:
-                _, _, start, nbytes = self._entries[name]
-                self._spool.seek(start)
-                while nbytes:
-                    chunk = self._spool.read(min(nbytes, 1 << 24))
-                    f.write(chunk)
-                    nbytes -= len(chunk)
+            for chunk in self._shard_bytes(names, struct.pack("<Q", len(blob)) + blob):
+                f.write(chunk)
+                digest.update(chunk)
+        return digest.hexdigest()
+
+    def _shard_bytes(self, names: list[str], head: bytes):
+        yield head
+        for name in names:
+            _, _, start, nbytes = self._entries[name]
+            self._spool.seek(start)
+            while nbytes:
+                chunk = self._spool.read(min(nbytes, 1 << 24))
+                yield chunk
+                nbytes -= len(chunk)
 
     def commit(self, config: dict | None, manifest: dict) -> Path:
         """Lay out shards, write config.json and the manifest, fsync and rename into place."""
-        shards = self._shards()
+        shards, files = self._shards(), {}
         if len(shards) == 1:
-            self._write_shard(self.tmp / "model.safetensors", shards[0])
+            files["model.safetensors"] = self._write_shard(self.tmp / "model.safetensors", shards[0])
         else:
             weight_map = {}
             for i, names in enumerate(shards):
                 shard = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                self._write_shard(self.tmp / shard, names)
+                files[shard] = self._write_shard(self.tmp / shard, names)
                 weight_map.update({n: shard for n in names})
             index = {"metadata": {}, "weight_map": dict(sorted(weight_map.items()))}
             (self.tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
@@ -120,8 +127,11 @@ class CheckpointWriter:
         (self.tmp / ".spool").unlink()
         if config is not None:
             (self.tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        files = {p.relative_to(self.tmp).as_posix(): sha256_file(p)
-                 for p in sorted(self.tmp.rglob("*")) if p.is_file()}
+        for p in sorted(self.tmp.rglob("*")):
+            name = p.relative_to(self.tmp).as_posix()
+            if p.is_file() and name not in files:
+                files[name] = sha256_file(p)
+        files = dict(sorted(files.items()))
         body = {"format_version": FORMAT_VERSION, "bitsmith_version": _version(), **manifest, "files": files}
         (self.tmp / MANIFEST).write_text(json.dumps(body, indent=2, sort_keys=True) + "\n")
         _fsync_tree(self.tmp)
