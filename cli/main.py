@@ -22,7 +22,7 @@ class _Group(click.Group):
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(130)
-        except Exception as e:
+        except Exception as e:  # the last line of defence: no traceback for users
             if ctx.obj and ctx.obj.get("debug"):
                 raise
             click.echo(f"internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)", err=True)
@@ -166,7 +166,7 @@ def verify(path):
     click.echo(f"OK {path}")
 
 
-from .lossless import compress, decompress
+from .lossless import compress, decompress  # commands defined beside this group
 
 main.add_command(compress)
 main.add_command(decompress)
