@@ -12,7 +12,6 @@ from dataclasses import fields
 from pathlib import Path
 
 import torch
-from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..formats.errors import InputError
 
@@ -63,8 +62,10 @@ def eval_windows(ids: torch.Tensor, seqlen: int, max_tokens: int | None = None) 
     return ids[: n * seqlen].reshape(n, seqlen)
 
 
-# the KV cache is `cache` from transformers 5.24 on, `past_key_values` before
-CACHE_ARG = "cache" if "cache" in {f.name for f in fields(CausalLMOutputWithPast)} else "past_key_values"
+def cache_arg() -> str:
+    """The KV cache's keyword: `cache` from transformers 5.24 on, `past_key_values` before."""
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+    return "cache" if "cache" in {f.name for f in fields(CausalLMOutputWithPast)} else "past_key_values"
 
 
 @torch.no_grad()
@@ -72,15 +73,15 @@ def self_windows(model, nsamples: int, seqlen: int, seed: int, vocab: int, batch
     """Text sampled from the model itself (data-free calibration): a random first token, then ancestral
     sampling at temperature 1 (LLM-QAT, Liu et al. 2023, section 2.1)."""
     gen = torch.Generator().manual_seed(seed)
-    rows = []
+    rows, cache = [], cache_arg()
     for start in range(0, nsamples, batch):
         b = min(batch, nsamples - start)
         first = torch.randint(0, vocab, (b, 1), generator=gen)
         ids, past = first, None
         step = first
         for _ in range(seqlen - 1):
-            out = model(input_ids=step, use_cache=True, **{CACHE_ARG: past})
-            past = getattr(out, CACHE_ARG)
+            out = model(input_ids=step, use_cache=True, **{cache: past})
+            past = getattr(out, cache)
             probs = torch.softmax(out.logits[:, -1].float(), dim=-1)
             step = torch.multinomial(probs, 1, generator=gen)
             ids = torch.cat([ids, step], dim=1)

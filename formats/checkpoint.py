@@ -131,7 +131,6 @@ class CheckpointWriter:
             name = p.relative_to(self.tmp).as_posix()
             if p.is_file() and name not in files:
                 files[name] = sha256_file(p)
-        files = dict(sorted(files.items()))
         body = {"format_version": FORMAT_VERSION, "bitsmith_version": _version(), **manifest, "files": files}
         (self.tmp / MANIFEST).write_text(json.dumps(body, indent=2, sort_keys=True) + "\n")
         _fsync_tree(self.tmp)
