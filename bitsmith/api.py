@@ -21,7 +21,7 @@ def quantize(model: str, out: str, *, overwrite: bool = False, eval_data: str | 
 
     Options are those of `bitsmith quantize` (method, bits, group_size, sym, act_order, static_groups,
     mse, true_sequential, damp, calib, nsamples, seqlen, seed, calib_dtype). `lossless_rest` entropy-codes the tensors left
-    in BF16 (formats/dfloat.py), which takes the checkpoint out of the plain GPTQ convention. With
+    in BF16 (formats/dfloat/), which takes the checkpoint out of the plain GPTQ convention. With
     `eval_data`, the perplexity of the quantized weights on that text is measured while quantizing
     (same protocol as `bitsmith eval`).
     """

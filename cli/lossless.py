@@ -1,4 +1,4 @@
-"""`bitsmith compress` and `bitsmith decompress`: lossless BF16 checkpoints (formats/dfloat.py)."""
+"""`bitsmith compress` and `bitsmith decompress`: lossless BF16 checkpoints (formats/dfloat/)."""
 from __future__ import annotations
 
 import time

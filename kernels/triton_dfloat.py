@@ -1,4 +1,4 @@
-"""Triton decoder of lossless BF16 tensors (formats/dfloat.py): one lane per window, count then write.
+"""Triton decoder of lossless BF16 tensors (formats/dfloat/codec.py): one lane per window, count then write.
 
 Every window of the exponent stream starts on a codeword boundary, so lanes start without side
 information. Pass 1 decodes each window and counts its codewords; an exclusive prefix sum over the counts

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 
-import numpy as np
 import pytest
 import torch
+from bf16_cases import bf16, bit_patterns, same_bits
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -14,30 +14,11 @@ from bitsmith.formats import dfloat
 from bitsmith.formats.errors import InputError
 from bitsmith.kernels import triton_dfloat
 
-SPECIAL = [0x0000, 0x8000, 0x7F80, 0xFF80, 0x7FC0, 0xFFC1, 0x0001, 0x807F, 0x3F80]
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def bf16(bits) -> torch.Tensor:
-    return torch.from_numpy(np.asarray(bits, dtype=np.uint16).view(np.int16)).view(torch.bfloat16)
-
-
-def same_bits(a, b) -> bool:
-    return a.shape == b.shape and torch.equal(a.cpu().view(torch.int16), b.cpu().view(torch.int16))
-
-
-small = st.one_of(
-    st.lists(st.integers(0, 0xFFFF), max_size=120),
-    st.lists(st.sampled_from(SPECIAL), min_size=1, max_size=80),
-    st.builds(lambda n, v: [v] * n, st.integers(1, 60), st.integers(0, 0xFFFF)),
-    st.builds(lambda n, seed: (torch.randn(n, generator=torch.Generator().manual_seed(seed)) * 0.02)
-              .to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16).tolist(),
-              st.integers(1, 400), st.integers(0, 9)),
-)
-
-
 @settings(max_examples=12, deadline=None)
-@given(small, st.sampled_from([32, 64]))
+@given(bit_patterns(max_size=120), st.sampled_from([32, 64]))
 def test_triton_decode_is_bit_exact(bits, window_bits):
     x = bf16(bits)
     assert same_bits(triton_dfloat.decode(dfloat.encode(x, window_bits), DEVICE), x)

@@ -1,0 +1,93 @@
+"""`bitsmith compress` / `decompress`: a folder of safetensors to the same tensors with every BF16 one coded
+where that saves bytes, and back to plain safetensors, bit for bit; side files and config.json carried."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from tqdm import tqdm
+
+from ..errors import InputError
+from .codec import WINDOW_BITS, check_window
+from .cpu_decoder import decode_many
+from .parts import config_block, from_parts, lossless_block, write_coded
+
+BATCH_VALUES = 1 << 26   # values decoded together by `decompress_checkpoint`
+NOT_SIDE_FILES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl", ".index.json")
+
+
+def compress_checkpoint(src, out, overwrite: bool = False, window_bits: int = WINDOW_BITS,
+                        progress: bool = False) -> dict:
+    """A folder of safetensors -> the same tensors with every BF16 one coded where that saves bytes."""
+    from ..checkpoint import Checkpoint, CheckpointWriter
+    check_window(window_bits)
+    source = Checkpoint(src)
+    if source.coded:
+        raise InputError(f"{source.path}: already holds losslessly coded tensors")
+    coded, names = {}, source.keys()
+    with CheckpointWriter(out, overwrite) as writer:
+        for name in tqdm(names, desc="compress", unit="tensor", disable=not progress):
+            meta = write_coded(writer, name, source.get(name), window_bits)
+            if meta is not None:
+                coded[name] = meta
+        _copy_side_files(source.path, writer)
+        block = lossless_block(coded)
+        writer.commit(_config_with(source.config, config_block(block) if coded else None), {"lossless": block})
+    return _summary(source.path, Path(out), len(names), coded)
+
+
+def decompress_checkpoint(src, out, overwrite: bool = False, progress: bool = False) -> dict:
+    """A folder with coded tensors -> plain safetensors, every tensor bit for bit as before compression."""
+    from ..checkpoint import Checkpoint, CheckpointWriter
+    source = Checkpoint(src)
+    names = source.keys()
+    with CheckpointWriter(out, overwrite) as writer:
+        batch, values = [], 0
+        for name in tqdm(names, desc="decompress", unit="tensor", disable=not progress):
+            batch.append(name)
+            values += math.prod(source.coded[name]["shape"]) if name in source.coded else 0
+            if values >= BATCH_VALUES or name == names[-1]:
+                _write_decoded(source, batch, writer)
+                batch, values = [], 0
+        _copy_side_files(source.path, writer)
+        writer.commit(_config_with(source.config, None), {})
+    return _summary(source.path, Path(out), len(names), source.coded)
+
+
+def _write_decoded(source, names: list[str], writer) -> None:
+    coded = [n for n in names if n in source.coded]
+    decoded = dict(zip(coded, decode_many([from_parts(n, source.coded[n], source.stored) for n in coded], coded)))
+    for name in names:
+        writer.add(name, decoded[name] if name in decoded else source.stored(name))
+
+
+def _config_with(config: dict | None, block: dict | None) -> dict | None:
+    """config.json with the lossless block set (or removed, block=None), other keys untouched."""
+    if config is None:
+        return None
+    config = dict(config)
+    qc = dict(config.get("quantization_config") or {"quant_method": "bitsmith", "format_version": 1})
+    if qc.get("quant_method") != "bitsmith":
+        return config                              # a foreign quantization_config: the manifest alone describes
+    qc.pop("lossless", None)
+    if block is not None:
+        qc["lossless"] = block
+    if set(qc) <= {"quant_method", "format_version"}:
+        config.pop("quantization_config", None)
+    else:
+        config["quantization_config"] = qc
+    return config
+
+
+def _copy_side_files(folder: Path, writer) -> None:
+    from ..checkpoint import MANIFEST
+    for f in sorted(folder.iterdir()):
+        if f.is_file() and f.name not in (MANIFEST, "config.json") and not f.name.endswith(NOT_SIDE_FILES):
+            writer.add_file(f.name, f)
+
+
+def _summary(src: Path, out: Path, tensors: int, coded: dict) -> dict:
+    def size(folder):
+        return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+    return {"tensors": tensors, "coded": len(coded), "source_bytes": size(src), "output_bytes": size(out),
+            "coded_values": sum(math.prod(m["shape"]) for m in coded.values())}

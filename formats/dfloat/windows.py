@@ -1,0 +1,115 @@
+"""The encoder's half of the window layout (codec.py): codewords packed MSB first into 32-bit words, in
+windows of `window_bits` that no codeword straddles, the rest of each window 1-filled.
+
+Vectorized over codewords (numpy and torch): a pass over cumulative code lengths finds, window after
+window, the codeword that would straddle the window's end and how long the fill before it is; the
+codewords then go two at a time, fills joined in, into 64-bit words by scatter-add.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+SEGMENT = 1 << 16        # pairs of codewords handled per vectorized step of the encoder (temporaries in cache)
+
+
+@dataclass(frozen=True)
+class _PairCode:
+    """The code of two exponents at once: entry a + 256 * b (two exponent bytes read as one little-endian
+    uint16) holds the codeword of a then that of b, left-aligned in 64 bits, and their length (<= 32)."""
+    code: np.ndarray         # uint64 [65536]
+    length: np.ndarray       # uint8 [65536]
+
+    @classmethod
+    def of(cls, codes: np.ndarray, lengths: np.ndarray) -> _PairCode:
+        code, length = codes.astype(np.uint64), lengths.astype(np.uint64)
+        pair = (code[None, :] << length[:, None]) | code[:, None]          # [b, a]: a first, then b
+        total = length[None, :] + length[:, None]
+        return cls((pair << (np.uint64(64) - total)).reshape(-1), total.astype(np.uint8).reshape(-1))
+
+
+def pack(exponent: np.ndarray, codes: np.ndarray, lengths: np.ndarray, total: int, window_bits: int,
+         max_length: int) -> tuple[np.ndarray, int]:
+    """Pack the codewords of `exponent` MSB first into windows of `window_bits` that no codeword straddles,
+    1-filling the rest of each window; `total` = the codeword bits, `max_length` the longest codeword.
+    Returns the stream bytes and its length in bits.
+
+    Codewords go two at a time (`_PairCode`), and each 1-fill joins the pair that follows it, before or
+    between its two codewords, so that the units (a pair and any fill in it, at most 47 bits) lie back to
+    back and each is added into at most two 64-bit words (`_add_units`).
+    """
+    pairs = _PairCode.of(codes, lengths)
+    length_of = lengths.tolist()
+    even = exponent.size - exponent.size % 2
+    index = exponent[:even].view("<u2")
+    words = np.zeros(-(-(total + 16 * (total // (window_bits - max_length) + 2)) // 64) + 2, dtype=np.uint64)
+    out = torch.from_numpy(words.view(np.int64))
+    cursor, window_end = 0, window_bits           # where the next unit goes; end of the current window
+    for a in range(0, index.size, SEGMENT):
+        seg = index[a: a + SEGMENT]
+        value, length = np.take(pairs.code, seg), np.take(pairs.length, seg)
+        end = torch.from_numpy(length).cumsum(0).numpy()   # ends in an unbroken stream from the segment's start
+        offset, fill_at, fill, between = cursor, [], [], []
+        while True:
+            j = int(end.searchsorted(window_end - offset, "right"))   # the first pair that overruns the window
+            if j == end.size:
+                break
+            start = offset + (end.item(j - 1) if j else 0)
+            head = length_of[exponent.item(2 * (a + j))]
+            inside = start + head <= window_end       # its first codeword still fits: fill between the two
+            gap = window_end - start - (head if inside else 0)
+            if gap:
+                fill_at.append(j)
+                fill.append(gap)
+                between.append(inside)
+            offset += gap
+            window_end += window_bits
+        if fill_at:
+            at = np.asarray(fill_at)
+            value[at], length[at] = _join_fills(exponent[2 * (a + at)], exponent[2 * (a + at) + 1],
+                                                np.asarray(fill), np.asarray(between), codes, lengths)
+            end = torch.from_numpy(length).cumsum(0).numpy()
+        _add_units(out, end - length + cursor, value)
+        cursor += int(end[-1])
+    if exponent.size % 2:                         # an odd last codeword: a unit of its own
+        e = int(exponent[-1])
+        if cursor + length_of[e] > window_end:
+            _add_units(out, np.array([cursor]), _field(np.array([window_end - cursor]), None))
+            cursor = window_end
+        _add_units(out, np.array([cursor]), _field(lengths[e: e + 1], codes[e: e + 1]))
+        cursor += length_of[e]
+    _add_units(out, np.array([cursor]), _field(np.array([-cursor % 32]), None))   # 1-fill the last 32-bit word
+    return words.astype(">u8").view(">u4")[: -(-cursor // 32)].astype("<u4").view(np.uint8), cursor
+
+
+def _join_fills(first: np.ndarray, second: np.ndarray, fill: np.ndarray, between: np.ndarray,
+                codes: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(value, length) units of the pairs of exponents (first, second) with a 1-fill of `fill` bits in
+    front of the pair, or `between` its two codewords."""
+    a, b = codes[first].astype(np.uint64), codes[second].astype(np.uint64)
+    la, lb, fill = lengths[first].astype(np.int64), lengths[second].astype(np.int64), fill.astype(np.int64)
+    ones = _field(fill, None) >> (np.uint64(64) - fill.astype(np.uint64))
+    unit = np.where(between, (((a << fill.astype(np.uint64)) | ones) << lb.astype(np.uint64)) | b,
+                    (((ones << la.astype(np.uint64)) | a) << lb.astype(np.uint64)) | b)
+    length = fill + la + lb
+    return _field(length, unit), length.astype(np.uint8)
+
+
+def _field(length: np.ndarray, value: np.ndarray | None) -> np.ndarray:
+    """`value` (all ones when None), `length` bits long, left-aligned in 64 bits (a unit of `_add_units`)."""
+    length = np.asarray(length).astype(np.uint64)
+    if value is None:
+        value = (np.uint64(1) << length) - np.uint64(1)
+        value[length == 64] = np.uint64(0xFFFFFFFFFFFFFFFF)
+    return value.astype(np.uint64) << (np.uint64(64) - length)     # << 64 == 0: an empty field
+
+
+def _add_units(words: torch.Tensor, start: np.ndarray, value: np.ndarray) -> None:
+    """Add bit fields, left-aligned in `value`, from bit `start` of the MSB-first 64-bit words (at most 64
+    bits each, so a field covers at most two words); the fields are disjoint, so adding is OR."""
+    shift = (start & 63).astype(np.uint64)
+    index = torch.from_numpy(start >> 6)
+    words.scatter_add_(0, index, torch.from_numpy((value >> shift).view(np.int64)))
+    words[1:].scatter_add_(0, index, torch.from_numpy((value << (np.uint64(64) - shift)).view(np.int64)))
