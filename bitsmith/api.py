@@ -43,9 +43,12 @@ def quantize(model: str, out: str, *, overwrite: bool = False, eval_data: str | 
         ids = data.tokenize(source.tokenizer(), data.read_text([eval_data]))
         eval_ids = data.eval_windows(ids, eval_seqlen, eval_max_tokens)
     with CheckpointWriter(out, overwrite=overwrite) as writer:
-        coded = {}
-        store = _coding_store(writer, coded) if lossless_rest else writer.add
-        result = run(source, writer, opts, eval_ids=eval_ids, progress=progress, store=store)
+        coder = dfloat.CodedWriter(writer) if lossless_rest else None
+        result = run(source, writer, opts, eval_ids=eval_ids, progress=progress,
+                     store=coder.add if coder else writer.add)
+        if coder:
+            coder.flush()
+        coded = coder.coded if coder else {}
         tokenizer_files(source, writer)
         config = quantized_config(source.config, opts, result)
         extra = {}
@@ -63,15 +66,6 @@ def quantize(model: str, out: str, *, overwrite: bool = False, eval_data: str | 
                                 for l in result.layers}},
         })
     return summary(source, out, result, clock.seconds)
-
-
-def _coding_store(writer, coded: dict):
-    """writer.add for the tensors that stay unquantized, entropy-coded where that pays."""
-    def store(name, tensor):
-        meta = dfloat.write_coded(writer, name, tensor)
-        if meta is not None:
-            coded[name] = meta
-    return store
 
 
 def load(path: str, dtype: torch.dtype = torch.float32, device: str = "cpu"):

@@ -29,12 +29,14 @@ import torch
 from .. import huffman
 from ..errors import InputError
 from . import windows
+from .tasks import Tasks, default_threads
 
 CODEC = "df11-huffman"
 CODEC_VERSION = 1
 MAX_CODE_LENGTH = 16
 WINDOW_BITS = 2048
 MERGE_VALUES = 1 << 20   # values merged per vectorized step
+PARALLEL_VALUES = 1 << 20   # values from which `encode` takes a helper thread
 _SIGN_MANTISSA = np.int16(-0x7F81)           # 0x807F
 
 
@@ -73,10 +75,10 @@ def tensor_sha256(x: torch.Tensor) -> str:
 
 def split(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     """(exponent, sign_mantissa) bytes of a BF16 tensor in C order; the sign is bit 7 of the second."""
-    w = x.detach().cpu().contiguous().reshape(-1).view(torch.int16).numpy().view(np.uint16)
-    exponent = ((w >> 7) & 0xFF).astype(np.uint8)
-    sign_mantissa = (((w >> 8) & 0x80) | (w & 0x7F)).astype(np.uint8)
-    return exponent, sign_mantissa
+    w = x.detach().cpu().contiguous().reshape(-1).view(torch.int16)
+    exponent = (w >> 7).to(torch.uint8)                        # the shift keeps the sign: the cast drops it
+    sign_mantissa = ((w >> 8) & 0x80 | w & 0x7F).to(torch.uint8)
+    return exponent.numpy(), sign_mantissa.numpy()
 
 
 def merge(exponent: np.ndarray, sign_mantissa: np.ndarray, out: np.ndarray | None = None,
@@ -98,20 +100,27 @@ def merge(exponent: np.ndarray, sign_mantissa: np.ndarray, out: np.ndarray | Non
     return out
 
 
-def encode(x: torch.Tensor, window_bits: int = WINDOW_BITS) -> Coded:
-    """Code a BF16 tensor (any shape, including empty) with its own Huffman table."""
+def encode(x: torch.Tensor, window_bits: int = WINDOW_BITS, threads: int | None = None) -> Coded:
+    """Code a BF16 tensor (any shape, including empty) with its own Huffman table, on up to two threads
+    (`threads`, default `default_threads()`; one below PARALLEL_VALUES values): a helper thread hashes the
+    source and adds the packed codewords into the stream while this one finds the windows."""
     if x.dtype != torch.bfloat16:
         raise ValueError(f"only bfloat16 tensors are coded, got {x.dtype}")
     check_window(window_bits)
-    exponent, sign_mantissa = split(x)
-    counts = torch.from_numpy(exponent).bincount(minlength=256).numpy()
-    lengths = huffman.code_lengths(counts, MAX_CODE_LENGTH)
-    used = np.flatnonzero(lengths)
-    first, last = (int(used[0]), int(used[-1])) if used.size else (0, -1)
-    stream, stream_bits = windows.pack(exponent, huffman.canonical_codes(lengths), lengths,
-                                       int(counts @ lengths.astype(np.int64)), window_bits, MAX_CODE_LENGTH)
+    helpers = min((threads or default_threads()) - 1, 1) if x.numel() >= PARALLEL_VALUES else 0
+    with Tasks(helpers) as tasks:
+        digest = tasks.submit(tensor_sha256, x)
+        exponent, sign_mantissa = split(x)
+        counts = torch.from_numpy(exponent).bincount(minlength=256).numpy()
+        lengths = huffman.code_lengths(counts, MAX_CODE_LENGTH)
+        used = np.flatnonzero(lengths)
+        first, last = (int(used[0]), int(used[-1])) if used.size else (0, -1)
+        stream, stream_bits = windows.pack(exponent, huffman.canonical_codes(lengths), lengths,
+                                           int(counts @ lengths.astype(np.int64)), window_bits, MAX_CODE_LENGTH,
+                                           tasks)
+        tasks.wait([digest])
     return Coded(tuple(x.shape), window_bits, stream_bits, first, lengths[first: last + 1].copy(),
-                 stream, sign_mantissa, tensor_sha256(x))
+                 stream, sign_mantissa, digest.result())
 
 
 def check_window(window_bits: int) -> None:

@@ -10,9 +10,8 @@ from tqdm import tqdm
 from ..errors import InputError
 from .codec import WINDOW_BITS, check_window
 from .cpu_decoder import decode_many
-from .parts import config_block, from_parts, lossless_block, write_coded
+from .parts import BATCH_VALUES, CodedWriter, config_block, from_parts, lossless_block
 
-BATCH_VALUES = 1 << 26   # values decoded together by `decompress_checkpoint`
 NOT_SIDE_FILES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl", ".index.json")
 
 
@@ -24,12 +23,13 @@ def compress_checkpoint(src, out, overwrite: bool = False, window_bits: int = WI
     source = Checkpoint(src)
     if source.coded:
         raise InputError(f"{source.path}: already holds losslessly coded tensors")
-    coded, names = {}, source.keys()
+    names = source.keys()
     with CheckpointWriter(out, overwrite) as writer:
+        coder = CodedWriter(writer, window_bits)
         for name in tqdm(names, desc="compress", unit="tensor", disable=not progress):
-            meta = write_coded(writer, name, source.get(name), window_bits)
-            if meta is not None:
-                coded[name] = meta
+            coder.add(name, source.get(name))
+        coder.flush()
+        coded = coder.coded
         _copy_side_files(source.path, writer)
         block = lossless_block(coded)
         writer.commit(_config_with(source.config, config_block(block) if coded else None), {"lossless": block})

@@ -13,9 +13,10 @@ import torch
 
 from ..errors import InputError
 from .codec import CODEC, CODEC_VERSION, MAX_CODE_LENGTH, WINDOW_BITS, Coded, encode
-from .cpu_decoder import decode
+from .cpu_decoder import decode_many
 
 PART = ".__df11"
+BATCH_VALUES = 1 << 26   # values checked (`CodedWriter`) or decoded (`decompress_checkpoint`) together
 
 
 def is_part(name: str) -> bool:
@@ -62,24 +63,52 @@ def pays(x: torch.Tensor, coded: Coded, name: str) -> bool:
     return coded.nbytes + len(PART) < x.numel() * x.element_size()
 
 
-def write_coded(writer, name: str, x: torch.Tensor, window_bits: int = WINDOW_BITS) -> dict | None:
-    """Store `x` into a CheckpointWriter coded when it is BF16 and coding saves bytes, else as is.
+class CodedWriter:
+    """`add` for a CheckpointWriter that codes BF16 tensors where that saves bytes (`pays`) and stores the
+    rest as they are; `coded` maps each coded name to its metadata entry for `lossless_block`.
 
-    Returns the metadata entry for `lossless_block` (None when stored as is). Every coded tensor is
-    decoded once and compared with the source before it is written (DFloat11's correctness check).
+    Every coded tensor is decoded once and compared with the source before it is written (DFloat11's
+    correctness check), a batch of up to BATCH_VALUES values in one `decode_many`; `flush` writes what
+    is pending, in the order it was added.
     """
-    if x.dtype != torch.bfloat16:
-        writer.add(name, x)
-        return None
-    coded = encode(x, window_bits)
-    if not pays(x, coded, name):
-        writer.add(name, x)
-        return None
-    if not torch.equal(decode(coded, name, check=False).view(torch.int16), x.reshape(coded.shape).view(torch.int16)):
-        raise RuntimeError(f"{name}: lossless round trip failed")
-    for part, t in to_parts(name, coded).items():
-        writer.add(part, t)
-    return to_metadata(coded)
+
+    def __init__(self, writer, window_bits: int = WINDOW_BITS):
+        self.writer, self.window_bits = writer, window_bits
+        self.coded: dict[str, dict] = {}
+        self._pending: list[tuple[str, torch.Tensor, Coded | None]] = []
+        self._values = 0
+
+    def add(self, name: str, x: torch.Tensor) -> None:
+        coded = encode(x, self.window_bits) if x.dtype == torch.bfloat16 else None
+        if coded is not None and not pays(x, coded, name):
+            coded = None
+        self._pending.append((name, x, coded))
+        self._values += x.numel() if coded is not None else 0
+        if self._values >= BATCH_VALUES:
+            self.flush()
+
+    def flush(self) -> None:
+        checked = [(name, x, c) for name, x, c in self._pending if c is not None]
+        decoded = decode_many([c for _, _, c in checked], [name for name, _, _ in checked], check=False)
+        for (name, x, _), y in zip(checked, decoded):
+            if not torch.equal(y.view(torch.int16), x.reshape(y.shape).view(torch.int16)):
+                raise RuntimeError(f"{name}: lossless round trip failed")
+        for name, x, coded in self._pending:
+            if coded is None:
+                self.writer.add(name, x)
+                continue
+            for part, t in to_parts(name, coded).items():
+                self.writer.add(part, t)
+            self.coded[name] = to_metadata(coded)
+        self._pending, self._values = [], 0
+
+
+def write_coded(writer, name: str, x: torch.Tensor, window_bits: int = WINDOW_BITS) -> dict | None:
+    """Store one tensor as `CodedWriter` does; its metadata entry, or None when stored as is."""
+    coder = CodedWriter(writer, window_bits)
+    coder.add(name, x)
+    coder.flush()
+    return coder.coded.get(name)
 
 
 def lossless_block(tensors: dict[str, dict]) -> dict:

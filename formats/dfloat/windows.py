@@ -7,12 +7,16 @@ codewords then go two at a time, fills joined in, into 64-bit words by scatter-a
 """
 from __future__ import annotations
 
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from .tasks import Tasks
+
 SEGMENT = 1 << 16        # pairs of codewords handled per vectorized step of the encoder (temporaries in cache)
+AHEAD = 2                # segments found but not yet added, at most
 
 
 @dataclass(frozen=True)
@@ -31,14 +35,16 @@ class _PairCode:
 
 
 def pack(exponent: np.ndarray, codes: np.ndarray, lengths: np.ndarray, total: int, window_bits: int,
-         max_length: int) -> tuple[np.ndarray, int]:
+         max_length: int, tasks: Tasks) -> tuple[np.ndarray, int]:
     """Pack the codewords of `exponent` MSB first into windows of `window_bits` that no codeword straddles,
     1-filling the rest of each window; `total` = the codeword bits, `max_length` the longest codeword.
     Returns the stream bytes and its length in bits.
 
     Codewords go two at a time (`_PairCode`), and each 1-fill joins the pair that follows it, before or
     between its two codewords, so that the units (a pair and any fill in it, at most 47 bits) lie back to
-    back and each is added into at most two 64-bit words (`_add_units`).
+    back and each is added into at most two 64-bit words (`_add_units`). This thread finds the fills,
+    segment after segment; adding a segment's units is a task (`tasks`, whose one helper thread runs them
+    in order, so no two add into the same word at once).
     """
     pairs = _PairCode.of(codes, lengths)
     length_of = lengths.tolist()
@@ -47,9 +53,11 @@ def pack(exponent: np.ndarray, codes: np.ndarray, lengths: np.ndarray, total: in
     words = np.zeros(-(-(total + 16 * (total // (window_bits - max_length) + 2)) // 64) + 2, dtype=np.uint64)
     out = torch.from_numpy(words.view(np.int64))
     cursor, window_end = 0, window_bits           # where the next unit goes; end of the current window
+    placed: list[Future] = []
     for a in range(0, index.size, SEGMENT):
+        tasks.wait(placed[: max(len(placed) - AHEAD, 0)], work=False)   # few segments in memory at once
         seg = index[a: a + SEGMENT]
-        value, length = np.take(pairs.code, seg), np.take(pairs.length, seg)
+        length = np.take(pairs.length, seg)
         end = torch.from_numpy(length).cumsum(0).numpy()   # ends in an unbroken stream from the segment's start
         offset, fill_at, fill, between = cursor, [], [], []
         while True:
@@ -66,13 +74,14 @@ def pack(exponent: np.ndarray, codes: np.ndarray, lengths: np.ndarray, total: in
                 between.append(inside)
             offset += gap
             window_end += window_bits
+        fills = None
         if fill_at:
             at = np.asarray(fill_at)
-            value[at], length[at] = _join_fills(exponent[2 * (a + at)], exponent[2 * (a + at) + 1],
-                                                np.asarray(fill), np.asarray(between), codes, lengths)
-            end = torch.from_numpy(length).cumsum(0).numpy()
-        _add_units(out, end - length + cursor, value)
-        cursor += int(end[-1])
+            fills = at, *_join_fills(exponent[2 * (a + at)], exponent[2 * (a + at) + 1], np.asarray(fill),
+                                     np.asarray(between), codes, lengths)
+        placed.append(tasks.submit(_place, out, pairs.code, seg, length, cursor, fills))
+        cursor = offset + end.item(-1)
+    tasks.wait(placed, work=False)
     if exponent.size % 2:                         # an odd last codeword: a unit of its own
         e = int(exponent[-1])
         if cursor + length_of[e] > window_end:
@@ -82,6 +91,17 @@ def pack(exponent: np.ndarray, codes: np.ndarray, lengths: np.ndarray, total: in
         cursor += length_of[e]
     _add_units(out, np.array([cursor]), _field(np.array([-cursor % 32]), None))   # 1-fill the last 32-bit word
     return words.astype(">u8").view(">u4")[: -(-cursor // 32)].astype("<u4").view(np.uint8), cursor
+
+
+def _place(words: torch.Tensor, code: np.ndarray, pairs: np.ndarray, length: np.ndarray, cursor: int,
+           fills: tuple[np.ndarray, np.ndarray, np.ndarray] | None) -> None:
+    """Add a segment's `pairs` (their `code` and `length`) from bit `cursor` on, with the fills joined in
+    (`fills`: pairs, units, lengths)."""
+    value = np.take(code, pairs)
+    if fills is not None:
+        at, value[at], length[at] = fills
+    end = torch.from_numpy(length).cumsum(0).numpy()
+    _add_units(words, end - length + cursor, value)
 
 
 def _join_fills(first: np.ndarray, second: np.ndarray, fill: np.ndarray, between: np.ndarray,

@@ -3,15 +3,18 @@ nothing half-written."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
+import bitsmith
 from bitsmith.cli.lossless import compress, decompress
 from bitsmith.cli.main import main
 from bitsmith.formats import dfloat
+from bitsmith.formats.checkpoint import Checkpoint, verify
 
 main.add_command(compress)
 main.add_command(decompress)
@@ -73,3 +76,34 @@ def test_corrupted_checkpoint_fails_cleanly_and_writes_nothing(model, tmp_path):
     assert not list(tmp_path.glob(".d.*"))
     r = run("verify", tmp_path / "z")
     assert r.exit_code == 2 and "sha256 mismatch" in r.output
+
+
+@pytest.fixture
+def stories_bf16(tmp_path, stories_path):
+    """stories260K with its weights cast to BF16 (the asset is fp32), config and tokenizer alongside."""
+    folder = tmp_path / "stories-bf16"
+    shutil.copytree(stories_path, folder)
+    (folder / "model.safetensors").chmod(0o644)
+    tensors = load_file(str(stories_path / "model.safetensors"))
+    save_file({k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in tensors.items()},
+              str(folder / "model.safetensors"))
+    return folder
+
+
+def test_quantize_lossless_rest_codes_what_stays_bf16_and_changes_no_output(stories_bf16, text_dir, tmp_path):
+    common = ["quantize", stories_bf16, "--method", "rtn", "--bits", "4", "--group-size", "32",
+              "--calib", text_dir / "tinystories_calib.txt", "--nsamples", "4", "--seqlen", "64"]
+    for out, extra in (("plain", []), ("coded", ["--lossless-rest"])):
+        r = run(*common, "-o", tmp_path / out, *extra)
+        assert r.exit_code == 0, r.output
+    plain, coded = Checkpoint(tmp_path / "plain"), Checkpoint(tmp_path / "coded")
+    assert not plain.coded and "model.embed_tokens.weight" in coded.coded
+    assert sorted(coded.config["quantization_config"]["lossless"]["tensors"]) == sorted(coded.coded)
+    assert sorted(coded.keys()) == sorted(plain.keys())
+    assert all(torch.equal(coded.get(k).view(torch.uint8), plain.get(k).view(torch.uint8)) for k in plain.keys())
+    size = {name: sum(f.stat().st_size for f in (tmp_path / name).glob("*.safetensors")) for name in ("plain", "coded")}
+    assert size["coded"] < size["plain"] and verify(tmp_path / "coded") == []
+    ids = torch.randint(3, 512, (2, 48), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = [bitsmith.load(str(tmp_path / name)).eval()(ids).logits for name in ("plain", "coded")]
+    assert torch.equal(logits[0], logits[1])

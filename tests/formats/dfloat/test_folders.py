@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import struct
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from bitsmith.formats.checkpoint import (
     sha256_file,
     verify,
 )
+from bitsmith.formats.dfloat import parts
 from bitsmith.formats.errors import InputError
 
 
@@ -49,6 +51,41 @@ def test_write_coded_then_read_back_transparently(tmp_path):
     assert sorted(ckpt.keys()) == ["f", "s", "w"] and "w" in ckpt
     assert same_bits(ckpt.get("w"), x) and ckpt.numel("w") == 64 * 64 and ckpt.nbytes("w") == 2 * 64 * 64
     assert verify(tmp_path / "out") == []
+
+
+def test_coded_writer_checks_batches_and_keeps_the_order(monkeypatch, tmp_path):
+    monkeypatch.setattr(parts, "BATCH_VALUES", 5000)           # a check every two or three tensors
+    g = torch.Generator().manual_seed(1)
+    tensors = {f"t{i}": (torch.randn(40, 60 + i, generator=g) * 0.02).to(torch.bfloat16) for i in range(7)}
+    tensors["ids"] = torch.arange(5)
+    checked = []
+    decode_many = parts.decode_many
+    monkeypatch.setattr(parts, "decode_many",
+                        lambda c, names, **kw: checked.append(names) or decode_many(c, names, **kw))
+    with CheckpointWriter(tmp_path / "out") as writer:
+        coder = dfloat.CodedWriter(writer)
+        for name, x in tensors.items():
+            coder.add(name, x)
+        coder.flush()
+        writer.commit(None, {"lossless": dfloat.lossless_block(coder.coded)})
+    assert len(checked) >= 3 and sum(checked, []) == [f"t{i}" for i in range(7)]
+    ckpt = Checkpoint(tmp_path / "out")
+    assert sorted(ckpt.keys()) == sorted(tensors) and all(same_bits(ckpt.get(k), v) for k, v in tensors.items())
+    blob = (tmp_path / "out" / "model.safetensors").read_bytes()
+    header = json.loads(blob[8: 8 + struct.unpack("<Q", blob[:8])[0]])
+    layout = sorted((v["data_offsets"][0], k) for k, v in header.items() if k != "__metadata__")
+    assert [k for _, k in layout] == [f"t{i}{dfloat.PART}" for i in range(7)] + ["ids"]   # the order added
+
+
+def test_coded_writer_refuses_a_round_trip_that_differs(monkeypatch, tmp_path):
+    monkeypatch.setattr(parts, "decode_many", lambda c, names, **kw: [torch.zeros(x.shape, dtype=torch.bfloat16)
+                                                                      for x in c])
+    with CheckpointWriter(tmp_path / "out") as writer:
+        coder = dfloat.CodedWriter(writer)
+        coder.add("w", (torch.randn(64, 64) * 0.1).to(torch.bfloat16))
+        with pytest.raises(RuntimeError, match="w: lossless round trip failed"):
+            coder.flush()
+    assert not (tmp_path / "out").exists()
 
 
 def test_compress_decompress_folder_bit_for_bit(source, tmp_path):

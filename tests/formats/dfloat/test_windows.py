@@ -4,12 +4,14 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
-from bf16_cases import bf16, bit_patterns, same_bits, weights_like
+import pytest
+import torch
+from bf16_cases import bf16, bit_patterns, one_bit_code_weights, same_bits, weights_like
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bitsmith.formats import dfloat, huffman
-from bitsmith.formats.dfloat import windows
+from bitsmith.formats.dfloat import codec, windows
 
 
 def test_windows_start_on_codeword_boundaries_and_fill_costs_under_16_bits_each():
@@ -102,3 +104,15 @@ def test_stream_is_the_layout_written_one_codeword_at_a_time(bits, window_bits):
     coded = dfloat.encode(x, window_bits)
     stream, stream_bits = _encode_loose(dfloat.split(x)[0], coded.lengths(), window_bits)
     assert coded.stream_bits == stream_bits and np.array_equal(coded.stream, stream)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_segments_added_on_a_helper_thread_give_the_same_stream(monkeypatch, threads):
+    """Many small segments, found on this thread and added on the helper thread, in order."""
+    x = torch.cat([weights_like(40_001, 1), one_bit_code_weights(30_000, 2), weights_like(9_999, 3, scale=5.0)])
+    whole = dfloat.encode(x, 96, threads=1)
+    monkeypatch.setattr(codec, "PARALLEL_VALUES", 0)
+    monkeypatch.setattr(windows, "SEGMENT", 1000)
+    coded = dfloat.encode(x, 96, threads=threads)
+    assert np.array_equal(coded.stream, whole.stream) and coded.stream_bits == whole.stream_bits
+    assert coded.sha256 == whole.sha256 and same_bits(dfloat.decode(coded), x)
