@@ -26,12 +26,11 @@ def load_model(model: str | ModelSource, dtype: torch.dtype = torch.float32, dev
         elif isinstance(module, torch.nn.Linear) and f"{name}.qweight" in names:
             net.set_submodule(name, _quantized_linear(source, name, module, qconfig))
     net = net.to_empty(device="cpu")
-    state = {}
-    for name in net.state_dict():
-        if name in names:
-            state[name] = source.get(name)
-        elif not (name == "lm_head.weight" and net.config.tie_word_embeddings):
+    wanted = list(net.state_dict())
+    for name in wanted:
+        if name not in names and not (name == "lm_head.weight" and net.config.tie_word_embeddings):
             raise InputError(f"{source.name}: tensor {name} is missing")
+    state = dict(source.get_many([name for name in wanted if name in names]))   # coded ones decoded together
     try:
         net.load_state_dict(state, strict=False, assign=True)
     except RuntimeError as e:

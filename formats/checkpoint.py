@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import struct
 import tempfile
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -215,18 +217,41 @@ class Checkpoint:
 
     def get(self, name: str) -> torch.Tensor:
         """A tensor by name; a coded one is decoded and checked against its recorded sha256."""
-        if name in self.coded:
-            return dfloat.decode(dfloat.from_parts(name, self.coded[name], self.stored), name)
-        return self.stored(name)
+        return next(self.get_many([name]))[1]
 
-    def stored(self, name: str) -> torch.Tensor:
-        """A tensor exactly as stored in the files (the parts of a coded tensor included)."""
+    def get_many(self, names: Iterable[str]) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, tensor) in the order asked, as `get` gives them; the coded ones are decoded together, up to
+        dfloat.BATCH_VALUES values a call (one table build and one lockstep loop for many tensors)."""
+        batch, values = [], 0
+        for name in names:
+            batch.append(name)
+            values += math.prod(self.coded[name]["shape"]) if name in self.coded else 0
+            if values >= dfloat.BATCH_VALUES:
+                yield from self._read(batch)
+                batch, values = [], 0
+        yield from self._read(batch)
+
+    def _read(self, names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
+        files: dict[Path, object] = {}                  # each file opened once for the batch
+        coded = [name for name in names if name in self.coded]
+        parts = [dfloat.from_parts(name, self.coded[name], lambda n: self.stored(n, files)) for name in coded]
+        decoded = dict(zip(coded, dfloat.decode_many(parts, coded)))
+        for name in names:
+            yield name, decoded.pop(name) if name in decoded else self.stored(name, files)
+
+    def stored(self, name: str, files: dict | None = None) -> torch.Tensor:
+        """A tensor exactly as stored in the files (the parts of a coded tensor included); `files` keeps the
+        files open between calls."""
         path = self._where.get(name)
         if path is None:
             raise KeyError(name)
         try:
-            with safe_open(str(path), framework="pt") as f:
-                return f.get_tensor(name)
+            if files is None:
+                with safe_open(str(path), framework="pt") as f:
+                    return f.get_tensor(name)
+            if path not in files:
+                files[path] = safe_open(str(path), framework="pt")
+            return files[path].get_tensor(name)
         except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
             raise InputError(f"{path}: cannot read tensor {name} ({e})") from None
 
@@ -248,8 +273,8 @@ def verify(path) -> list[str]:
     if not problems:
         try:
             checkpoint = Checkpoint(path)
-            for name in checkpoint.coded:   # decoding compares each coded tensor with its source sha256
-                checkpoint.get(name)
+            for _ in checkpoint.get_many(checkpoint.coded):   # decoding compares each with its source sha256
+                pass
         except InputError as e:
             problems.append(str(e))
     return problems

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +36,10 @@ class ModelSource(ABC):
 
     @abstractmethod
     def numel(self, name: str) -> int: ...
+
+    def get_many(self, names: Iterable[str]) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, tensor) in the order asked; sources that read faster together override it."""
+        return ((name, self.get(name)) for name in names)
 
     @abstractmethod
     def tokenizer(self): ...
@@ -64,6 +69,9 @@ class FolderSource(ModelSource):
 
     def get(self, name):
         return self.checkpoint.get(name)
+
+    def get_many(self, names):
+        return self.checkpoint.get_many(names)
 
     def numel(self, name):
         return self.checkpoint.numel(name)

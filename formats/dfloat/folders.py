@@ -9,8 +9,7 @@ from tqdm import tqdm
 
 from ..errors import InputError
 from .codec import WINDOW_BITS, check_window
-from .cpu_decoder import decode_many
-from .parts import BATCH_VALUES, CodedWriter, config_block, from_parts, lossless_block
+from .parts import CodedWriter, config_block, lossless_block
 
 NOT_SIDE_FILES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl", ".index.json")
 
@@ -42,23 +41,12 @@ def decompress_checkpoint(src, out, overwrite: bool = False, progress: bool = Fa
     source = Checkpoint(src)
     names = source.keys()
     with CheckpointWriter(out, overwrite) as writer:
-        batch, values = [], 0
-        for name in tqdm(names, desc="decompress", unit="tensor", disable=not progress):
-            batch.append(name)
-            values += math.prod(source.coded[name]["shape"]) if name in source.coded else 0
-            if values >= BATCH_VALUES or name == names[-1]:
-                _write_decoded(source, batch, writer)
-                batch, values = [], 0
+        for name, tensor in tqdm(source.get_many(names), desc="decompress", unit="tensor", total=len(names),
+                                 disable=not progress):
+            writer.add(name, tensor)
         _copy_side_files(source.path, writer)
         writer.commit(_config_with(source.config, None), {})
     return _summary(source.path, Path(out), len(names), source.coded)
-
-
-def _write_decoded(source, names: list[str], writer) -> None:
-    coded = [n for n in names if n in source.coded]
-    decoded = dict(zip(coded, decode_many([from_parts(n, source.coded[n], source.stored) for n in coded], coded)))
-    for name in names:
-        writer.add(name, decoded[name] if name in decoded else source.stored(name))
 
 
 def _config_with(config: dict | None, block: dict | None) -> dict | None:

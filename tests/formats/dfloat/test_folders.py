@@ -103,6 +103,20 @@ def test_compress_decompress_folder_bit_for_bit(source, tmp_path):
     assert json.loads((tmp_path / "d" / "config.json").read_text()) == {"model_type": "toy", "hidden_size": 64}
 
 
+def test_get_many_reads_in_the_order_asked_and_decodes_in_batches(monkeypatch, source, tmp_path):
+    folder, tensors = source
+    dfloat.compress_checkpoint(folder, tmp_path / "z", window_bits=64)
+    z = Checkpoint(tmp_path / "z")
+    calls = []
+    decode_many = dfloat.decode_many
+    monkeypatch.setattr(dfloat, "decode_many", lambda c, names: calls.append(names) or decode_many(c, names))
+    monkeypatch.setattr(dfloat, "BATCH_VALUES", 64)              # every coded tensor fills a batch
+    order = ["tiny.bias", "norm.weight", "position_ids", "embed.weight", "fp32.weight"]
+    got = list(z.get_many(order))
+    assert [name for name, _ in got] == order and all(same_bits(t, tensors[name]) for name, t in got)
+    assert [names for names in calls if names] == [["norm.weight"], ["embed.weight"]]
+
+
 def test_folder_without_config_gets_no_config(source, tmp_path):
     folder, tensors = source
     (folder / "config.json").unlink()
