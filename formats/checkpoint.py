@@ -28,6 +28,7 @@ SHARD_BYTES = 2 * 1024**3
 SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
                       torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
                       torch.uint8: "U8", torch.bool: "BOOL"}
+DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 
 def sha256_file(path: Path) -> str:
@@ -42,7 +43,9 @@ class CheckpointWriter:
     """Builds a checkpoint folder in a temporary sibling of `out`; `commit` publishes it.
 
     Tensors are spooled to disk as they arrive (memory stays flat however large the model), then laid
-    out into safetensors shards of at most `shard_bytes` at commit, in the order they were added.
+    out into safetensors shards of at most `shard_bytes` at commit, in the order they were added. When
+    every tensor is declared first (`plan`), the shards are laid out at once and `add` writes straight
+    into them, with no spool.
     """
 
     def __init__(self, out, overwrite: bool = False, shard_bytes: int = SHARD_BYTES):
@@ -55,16 +58,47 @@ class CheckpointWriter:
             raise InputError(f"{self.out.parent}: cannot create the output's parent folder ({e.strerror})") from None
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.", suffix=".partial", dir=self.out.parent))
         self.shard_bytes = shard_bytes
-        self._spool = open(self.tmp / ".spool", "w+b")
+        self._spool = None
         self._entries: dict[str, tuple[str, list[int], int, int]] = {}   # name -> dtype, shape, offset, bytes
+        self._planned: list[str] | None = None           # names still to come, last first, once planned
+        self._layout: dict[str, list[str]] | None = None  # shard -> its tensors, once planned
+        self._shard_files: dict[str, str] = {}           # shard -> sha256, once written
+        self._stream: _HashedFile | None = None
+
+    def plan(self, tensors: list[tuple[str, str, list[int]]]) -> None:
+        """Declare every tensor (name, safetensors dtype, shape) in the order `add` will give them."""
+        if self._entries:
+            raise ValueError("plan() must come before the first add()")
+        for name, dtype, shape in tensors:
+            self._entries[name] = (dtype, list(shape), 0, math.prod(shape) * DTYPE_BYTES[dtype])
+        self._planned = list(self._entries)[::-1]
+        self._layout = self._shard_names()
+        self._shard_of = {name: shard for shard, names in self._layout.items() for name in names}
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        if name in self._entries:
-            raise ValueError(f"tensor {name} written twice")
         t = tensor.detach().cpu().contiguous()
         raw = t.reshape(-1).view(torch.uint8).numpy()
-        self._entries[name] = (SAFETENSORS_DTYPES[t.dtype], list(t.shape), self._spool.tell(), raw.nbytes)
+        entry = (SAFETENSORS_DTYPES[t.dtype], list(t.shape))
+        if self._planned is not None:
+            if not self._planned or self._planned[-1] != name or self._entries[name][:2] != entry:
+                raise ValueError(f"tensor {name} {entry} is not the next one planned")
+            self._write_planned(self._planned.pop(), raw)
+            return
+        if name in self._entries:
+            raise ValueError(f"tensor {name} written twice")
+        if self._spool is None:
+            self._spool = open(self.tmp / ".spool", "w+b")
+        self._entries[name] = (*entry, self._spool.tell(), raw.nbytes)
         self._spool.write(raw.data)
+
+    def _write_planned(self, name: str, raw) -> None:
+        shard = self._shard_of[name]
+        if self._stream is None:
+            self._stream = _HashedFile(self.tmp / shard, self._head(self._layout[shard]))
+        self._stream.write(raw.data)
+        if name == self._layout[shard][-1]:
+            self._shard_files[shard] = self._stream.close()
+            self._stream = None
 
     def add_file(self, name: str, data: bytes | str | Path) -> None:
         """A side file (tokenizer, generation config, ...) copied into the folder."""
@@ -75,7 +109,10 @@ class CheckpointWriter:
         else:
             shutil.copyfile(data, dst)
 
-    def _shards(self) -> list[list[str]]:
+    def _shard_names(self) -> dict[str, list[str]]:
+        """Shard file -> its tensors: consecutive runs of at most shard_bytes, in order."""
+        if self._layout is not None:
+            return self._layout
         shards, size = [[]], 0
         for name, (_, _, _, nbytes) in self._entries.items():
             if shards[-1] and size + nbytes > self.shard_bytes:
@@ -83,11 +120,12 @@ class CheckpointWriter:
                 size = 0
             shards[-1].append(name)
             size += nbytes
-        return shards
+        if len(shards) == 1:
+            return {"model.safetensors": shards[0]}
+        return {f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors": names for i, names in enumerate(shards)}
 
-    def _write_shard(self, path: Path, names: list[str]) -> str:
-        """safetensors layout: u64 header length, JSON header (space-padded to 8 bytes), raw data; returns the
-        file's sha256, hashed as it is written."""
+    def _head(self, names: list[str]) -> bytes:
+        """safetensors layout: u64 header length, JSON header (space-padded to 8 bytes), then the raw data."""
         header, offset = {"__metadata__": {"format": "pt"}}, 0
         for name in names:
             dtype, shape, _, nbytes = self._entries[name]
@@ -95,38 +133,32 @@ class CheckpointWriter:
             offset += nbytes
         blob = json.dumps(header, separators=(",", ":")).encode()
         blob += b" " * (-len(blob) % 8)
-        digest = hashlib.sha256()
-        with open(path, "wb") as f:
-            for chunk in self._shard_bytes(names, struct.pack("<Q", len(blob)) + blob):
-                f.write(chunk)
-                digest.update(chunk)
-        return digest.hexdigest()
+        return struct.pack("<Q", len(blob)) + blob
 
-    def _shard_bytes(self, names: list[str], head: bytes):
-        yield head
+    def _write_spooled(self, path: Path, names: list[str]) -> str:
+        """A shard from the spool; its sha256, hashed as it is written."""
+        stream = _HashedFile(path, self._head(names))
         for name in names:
             _, _, start, nbytes = self._entries[name]
             self._spool.seek(start)
             while nbytes:
                 chunk = self._spool.read(min(nbytes, 1 << 24))
-                yield chunk
+                stream.write(chunk)
                 nbytes -= len(chunk)
+        return stream.close()
 
     def commit(self, config: dict | None, manifest: dict) -> Path:
         """Lay out shards, write config.json and the manifest, fsync and rename into place."""
-        shards, files = self._shards(), {}
-        if len(shards) == 1:
-            files["model.safetensors"] = self._write_shard(self.tmp / "model.safetensors", shards[0])
-        else:
-            weight_map = {}
-            for i, names in enumerate(shards):
-                shard = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                files[shard] = self._write_shard(self.tmp / shard, names)
-                weight_map.update({n: shard for n in names})
+        if self._planned:
+            raise ValueError(f"{len(self._planned)} planned tensors never added, {self._planned[-1]} first")
+        shards = self._shard_names()
+        files = self._shard_files if self._planned is not None else {
+            shard: self._write_spooled(self.tmp / shard, names) for shard, names in shards.items()}
+        if len(shards) > 1:
+            weight_map = {n: shard for shard, names in shards.items() for n in names}
             index = {"metadata": {}, "weight_map": dict(sorted(weight_map.items()))}
             (self.tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-        self._spool.close()
-        (self.tmp / ".spool").unlink()
+        self._close_spool()
         if config is not None:
             (self.tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         for p in sorted(self.tmp.rglob("*")):
@@ -146,8 +178,16 @@ class CheckpointWriter:
         return self.out
 
     def abort(self) -> None:
-        self._spool.close()
+        self._close_spool()
+        if self._stream is not None:
+            self._stream.close()
         shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def _close_spool(self) -> None:
+        if self._spool is not None:
+            self._spool.close()
+            (self.tmp / ".spool").unlink()
+            self._spool = None
 
     def __enter__(self):
         return self
@@ -156,6 +196,22 @@ class CheckpointWriter:
         if exc_type is not None:
             self.abort()
         return False
+
+
+class _HashedFile:
+    """A file written front to back, hashed as it is written."""
+
+    def __init__(self, path: Path, head: bytes):
+        self.file, self.digest = open(path, "wb"), hashlib.sha256()
+        self.write(head)
+
+    def write(self, data) -> None:
+        self.file.write(data)
+        self.digest.update(data)
+
+    def close(self) -> str:
+        self.file.close()
+        return self.digest.hexdigest()
 
 
 class Checkpoint:
@@ -208,8 +264,14 @@ class Checkpoint:
 
     def nbytes(self, name: str) -> int:
         """Stored size of one tensor in bytes."""
-        item = {"F64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2, "U8": 1, "I8": 1, "BOOL": 1, "I64": 8}
-        return self.numel(name) * (2 if name in self.coded else item[self._slice(name).get_dtype()])
+        return self.numel(name) * DTYPE_BYTES[self.dtype(name)]
+
+    def dtype(self, name: str) -> str:
+        """The safetensors dtype of a tensor as `get` gives it (BF16 for a coded one)."""
+        return "BF16" if name in self.coded else self._slice(name).get_dtype()
+
+    def shape(self, name: str) -> list[int]:
+        return list(self.coded[name]["shape"]) if name in self.coded else list(self._slice(name).get_shape())
 
     def _slice(self, name: str):
         with safe_open(str(self._where[name]), framework="pt") as f:

@@ -41,6 +41,7 @@ def decompress_checkpoint(src, out, overwrite: bool = False, progress: bool = Fa
     source = Checkpoint(src)
     names = source.keys()
     with CheckpointWriter(out, overwrite) as writer:
+        writer.plan([(name, source.dtype(name), source.shape(name)) for name in names])   # no spool
         for name, tensor in tqdm(source.get_many(names), desc="decompress", unit="tensor", total=len(names),
                                  disable=not progress):
             writer.add(name, tensor)

@@ -4,7 +4,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from bitsmith.formats.checkpoint import MANIFEST, Checkpoint, CheckpointWriter, verify
+from bitsmith.formats.checkpoint import MANIFEST, SAFETENSORS_DTYPES, Checkpoint, CheckpointWriter, verify
 from bitsmith.formats.errors import InputError
 
 
@@ -36,6 +36,41 @@ def test_written_shards_are_valid_safetensors(tmp_path, shard_bytes):
     assert sorted(ckpt.keys()) == sorted(tensors) and torch.equal(ckpt.get("a.weight"), tensors["a.weight"])
     assert json.loads((out / MANIFEST).read_text())["note"] == "test"
     assert verify(out) == [] and not list(tmp_path.glob(".*"))
+
+
+@pytest.mark.parametrize("shard_bytes", [1 << 30, 64])
+def test_planned_layout_writes_the_same_files_without_a_spool(tmp_path, shard_bytes):
+    tensors = sample_tensors()
+    for name, planned in (("spooled", False), ("planned", True)):
+        with CheckpointWriter(tmp_path / name, shard_bytes=shard_bytes) as w:
+            if planned:
+                w.plan([(k, SAFETENSORS_DTYPES[v.dtype], list(v.shape)) for k, v in tensors.items()])
+            for k, v in tensors.items():
+                w.add(k, v)
+                assert not (w.tmp / ".spool").exists() or not planned
+            w.commit(None, {})
+    manifests = [json.loads((tmp_path / name / MANIFEST).read_text())["files"] for name in ("spooled", "planned")]
+    assert manifests[0] == manifests[1] and len(manifests[0]) == (1 if shard_bytes > 64 else 4)   # 3 shards + index
+    assert verify(tmp_path / "planned") == []
+
+
+def test_planned_layout_refuses_other_tensors_and_missing_ones(tmp_path):
+    x = torch.ones(3)
+    with CheckpointWriter(tmp_path / "out") as w:
+        w.plan([("x", "F32", [3]), ("y", "F32", [3])])
+        for name, t in (("y", x), ("x", x.half()), ("x", torch.ones(4))):
+            with pytest.raises(ValueError, match="not the next one planned"):
+                w.add(name, t)
+        w.add("x", x)
+        with pytest.raises(ValueError, match="1 planned tensors never added, y first"):
+            w.commit(None, {})
+        w.abort()
+    assert list(tmp_path.iterdir()) == []
+    with CheckpointWriter(tmp_path / "out") as w:
+        w.add("x", x)
+        with pytest.raises(ValueError, match="before the first add"):
+            w.plan([("x", "F32", [3])])
+        w.abort()
 
 
 def test_failure_leaves_nothing(tmp_path):
