@@ -249,10 +249,11 @@ def main() -> None:
              ("- df11 file: our safetensors file bytes (headers and all parallel-decode side information included) "
               "/ BF16 safetensors file bytes; df11 payload: the same without the safetensors headers"),
              "- lmzip file: lmzip archive bytes / BF16 safetensors file bytes (lmzip 1.3.0, level 1, default workers)",
-             (f"- enc/dec codec: `dfloat.encode` / `dfloat.decode_many` in memory, encode on one thread, decode on "
-              f"{dfloat.default_threads()} (`dfloat.default_threads()`), decode checks sha256"),
+             (f"- enc/dec codec: `dfloat.encode` (tensor by tensor; from 2**20 values on two threads) / "
+              f"`dfloat.decode_many` in memory, on {dfloat.default_threads()} threads (`dfloat.default_threads()`), "
+              "encode hashes each source, decode checks each sha256"),
              ("- enc/dec folder: `compress_checkpoint` / `decompress_checkpoint` file to file (compress also decodes "
-              "each tensor once to check it)"),
+              "every coded tensor once to check it, in batches); both fsync before publishing the folder"),
              "- lmzip enc/dec: `lmz.api.compress` / `decompress` file to file", "",
              *table(natural), ""]
     if quantized:

@@ -8,12 +8,37 @@
 - folders.py: `compress_checkpoint` / `decompress_checkpoint` on folders of safetensors
 The Triton decoder of the same format is kernels/triton_dfloat.py.
 """
-from .codec import (CODEC, CODEC_VERSION, MAX_CODE_LENGTH, WINDOW_BITS, Coded, check_structure, check_window,
-                    encode, merge, split, tensor_sha256)
+from .codec import (
+    CODEC,
+    CODEC_VERSION,
+    MAX_CODE_LENGTH,
+    WINDOW_BITS,
+    Coded,
+    check_structure,
+    check_window,
+    encode,
+    merge,
+    split,
+    tensor_sha256,
+)
 from .cpu_decoder import decode, decode_many
 from .folders import compress_checkpoint, decompress_checkpoint
-from .parts import (BATCH_VALUES, PART, CodedWriter, coded_tensors, config_block, describe, from_parts, is_part,
-                    lossless_block, pays, tensor_names, to_metadata, to_parts, write_coded)
+from .parts import (
+    BATCH_VALUES,
+    PART,
+    CodedWriter,
+    coded_tensors,
+    config_block,
+    describe,
+    from_parts,
+    is_part,
+    lossless_block,
+    pays,
+    tensor_names,
+    to_metadata,
+    to_parts,
+    write_coded,
+)
 from .tasks import default_threads
 
 __all__ = ["BATCH_VALUES", "CODEC", "CODEC_VERSION", "MAX_CODE_LENGTH", "PART", "WINDOW_BITS", "Coded", "CodedWriter",

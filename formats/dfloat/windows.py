@@ -8,7 +8,6 @@ codewords then go two at a time, fills joined in, into 64-bit words by scatter-a
 from __future__ import annotations
 
 from concurrent.futures import Future
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -17,21 +16,33 @@ from .tasks import Tasks
 
 SEGMENT = 1 << 16        # pairs of codewords handled per vectorized step of the encoder (temporaries in cache)
 AHEAD = 2                # segments found but not yet added, at most
+TABLE_PAIRS = 1 << 15    # pairs from which the code of every pair is tabled first (`_PairCode`)
 
 
-@dataclass(frozen=True)
 class _PairCode:
-    """The code of two exponents at once: entry a + 256 * b (two exponent bytes read as one little-endian
-    uint16) holds the codeword of a then that of b, left-aligned in 64 bits, and their length (<= 32)."""
-    code: np.ndarray         # uint64 [65536]
-    length: np.ndarray       # uint8 [65536]
+    """The code of two exponents at once, looked up by the pair's index a + 256 * b (two exponent bytes read
+    as one little-endian uint16): the codeword of a then that of b, left-aligned in 64 bits (`code`), and
+    their length, up to 32 (`length`). From TABLE_PAIRS pairs on, a table of all 65536 pairs."""
 
-    @classmethod
-    def of(cls, codes: np.ndarray, lengths: np.ndarray) -> _PairCode:
-        code, length = codes.astype(np.uint64), lengths.astype(np.uint64)
-        pair = (code[None, :] << length[:, None]) | code[:, None]          # [b, a]: a first, then b
-        total = length[None, :] + length[:, None]
-        return cls((pair << (np.uint64(64) - total)).reshape(-1), total.astype(np.uint8).reshape(-1))
+    def __init__(self, codes: np.ndarray, lengths: np.ndarray, pairs: int):
+        self.codes, self.lengths = codes.astype(np.uint64), lengths.astype(np.uint8)
+        self.table = None
+        if pairs >= TABLE_PAIRS:
+            every = np.arange(1 << 16, dtype=np.uint16)
+            self.table = self.code(every), self.length(every)
+
+    def length(self, pair: np.ndarray) -> np.ndarray:
+        if self.table is not None:
+            return np.take(self.table[1], pair)
+        return np.take(self.lengths, pair & 0xFF) + np.take(self.lengths, pair >> 8)
+
+    def code(self, pair: np.ndarray) -> np.ndarray:
+        if self.table is not None:
+            return np.take(self.table[0], pair)
+        a, b = pair & 0xFF, pair >> 8
+        second = np.take(self.lengths, b).astype(np.uint64)
+        value = (np.take(self.codes, a) << second) | np.take(self.codes, b)
+        return value << (np.uint64(64) - second - np.take(self.lengths, a))     # << 64 == 0: no codeword
 
 
 def pack(exponent: np.ndarray, codes: np.ndarray, lengths: np.ndarray, total: int, window_bits: int,
@@ -46,7 +57,7 @@ def pack(exponent: np.ndarray, codes: np.ndarray, lengths: np.ndarray, total: in
     segment after segment; adding a segment's units is a task (`tasks`, whose one helper thread runs them
     in order, so no two add into the same word at once).
     """
-    pairs = _PairCode.of(codes, lengths)
+    pairs = _PairCode(codes, lengths, exponent.size // 2)
     length_of = lengths.tolist()
     even = exponent.size - exponent.size % 2
     index = exponent[:even].view("<u2")
@@ -57,7 +68,7 @@ def pack(exponent: np.ndarray, codes: np.ndarray, lengths: np.ndarray, total: in
     for a in range(0, index.size, SEGMENT):
         tasks.wait(placed[: max(len(placed) - AHEAD, 0)], work=False)   # few segments in memory at once
         seg = index[a: a + SEGMENT]
-        length = np.take(pairs.length, seg)
+        length = pairs.length(seg)
         end = torch.from_numpy(length).cumsum(0).numpy()   # ends in an unbroken stream from the segment's start
         offset, fill_at, fill, between = cursor, [], [], []
         while True:
@@ -79,7 +90,7 @@ def pack(exponent: np.ndarray, codes: np.ndarray, lengths: np.ndarray, total: in
             at = np.asarray(fill_at)
             fills = at, *_join_fills(exponent[2 * (a + at)], exponent[2 * (a + at) + 1], np.asarray(fill),
                                      np.asarray(between), codes, lengths)
-        placed.append(tasks.submit(_place, out, pairs.code, seg, length, cursor, fills))
+        placed.append(tasks.submit(_place, out, pairs, seg, length, cursor, fills))
         cursor = offset + end.item(-1)
     tasks.wait(placed, work=False)
     if exponent.size % 2:                         # an odd last codeword: a unit of its own
@@ -93,11 +104,11 @@ def pack(exponent: np.ndarray, codes: np.ndarray, lengths: np.ndarray, total: in
     return words.astype(">u8").view(">u4")[: -(-cursor // 32)].astype("<u4").view(np.uint8), cursor
 
 
-def _place(words: torch.Tensor, code: np.ndarray, pairs: np.ndarray, length: np.ndarray, cursor: int,
+def _place(words: torch.Tensor, code: _PairCode, pairs: np.ndarray, length: np.ndarray, cursor: int,
            fills: tuple[np.ndarray, np.ndarray, np.ndarray] | None) -> None:
-    """Add a segment's `pairs` (their `code` and `length`) from bit `cursor` on, with the fills joined in
-    (`fills`: pairs, units, lengths)."""
-    value = np.take(code, pairs)
+    """Add a segment's `pairs` (their `length`) from bit `cursor` on, with the fills joined in (`fills`:
+    pairs, units, lengths)."""
+    value = code.code(pairs)
     if fills is not None:
         at, value[at], length[at] = fills
     end = torch.from_numpy(length).cumsum(0).numpy()

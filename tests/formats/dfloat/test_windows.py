@@ -97,11 +97,16 @@ def _encode_loose(exponent: np.ndarray, lengths: np.ndarray, window_bits: int) -
 
 
 @settings(max_examples=80, deadline=None)
-@given(bit_patterns(300), st.sampled_from([32, 64, 96, 160]))
-def test_stream_is_the_layout_written_one_codeword_at_a_time(bits, window_bits):
-    """Pairs of codewords, fills in front of a pair or between its two codewords, an odd last codeword."""
+@given(bit_patterns(300), st.sampled_from([32, 64, 96, 160]), st.booleans())
+def test_stream_is_the_layout_written_one_codeword_at_a_time(bits, window_bits, table):
+    """Pairs of codewords (from a table of all pairs or not), fills in front of a pair or between its two
+    codewords, an odd last codeword."""
     x = bf16(bits)
-    coded = dfloat.encode(x, window_bits)
+    saved, windows.TABLE_PAIRS = windows.TABLE_PAIRS, 0 if table else 1 << 40
+    try:
+        coded = dfloat.encode(x, window_bits)
+    finally:
+        windows.TABLE_PAIRS = saved
     stream, stream_bits = _encode_loose(dfloat.split(x)[0], coded.lengths(), window_bits)
     assert coded.stream_bits == stream_bits and np.array_equal(coded.stream, stream)
 
