@@ -21,6 +21,12 @@ def compress(model, out, window_bits, overwrite):
     started = time.perf_counter()
     s = dfloat.compress_checkpoint(model, out, overwrite=overwrite, window_bits=window_bits, progress=True)
     _report(f"compress {model} -> {out}", s, time.perf_counter() - started)
+    dtypes = ", ".join(f"{d} x{n}" for d, n in sorted(s["source_dtypes"].items()))
+    click.echo(f"  {'source tensors':<22} {dtypes}")
+    if not s["coded"]:
+        click.echo("note: nothing was coded: only BF16 tensors are entropy-coded (those here are "
+                   f"{'too small to gain' if 'BF16' in s['source_dtypes'] else 'not BF16'}); "
+                   "casting to BF16 first would shrink the model, but not losslessly")
 
 
 @click.command()
@@ -32,6 +38,8 @@ def decompress(path, out, overwrite):
     started = time.perf_counter()
     s = dfloat.decompress_checkpoint(path, out, overwrite=overwrite, progress=True)
     _report(f"decompress {path} -> {out}", s, time.perf_counter() - started)
+    if s["identical_files"]:
+        click.echo(f"  {'files':<22} as before compression, byte for byte (sha256 checked)")
 
 
 def _report(title: str, s: dict, seconds: float) -> None:

@@ -64,15 +64,22 @@ class CheckpointWriter:
         self._layout: dict[str, list[str]] | None = None  # shard -> its tensors, once planned
         self._shard_files: dict[str, str] = {}           # shard -> sha256, once written
         self._stream: _HashedFile | None = None
+        self._heads: dict[str, bytes] = {}               # shard -> raw header given by the plan
 
-    def plan(self, tensors: list[tuple[str, str, list[int]]]) -> None:
-        """Declare every tensor (name, safetensors dtype, shape) in the order `add` will give them."""
+    def plan(self, tensors: list[tuple[str, str, list[int]]],
+             layout: dict[str, tuple[bytes, list[str]]] | None = None) -> None:
+        """Declare every tensor (name, safetensors dtype, shape) in the order `add` will give them. `layout`
+        (shard file -> its raw header, from the length prefix on, and its tensors) takes the place of the
+        shards this writer would lay out; then no shard index is written either."""
         if self._entries:
             raise ValueError("plan() must come before the first add()")
         for name, dtype, shape in tensors:
             self._entries[name] = (dtype, list(shape), 0, math.prod(shape) * DTYPE_BYTES[dtype])
         self._planned = list(self._entries)[::-1]
-        self._layout = self._shard_names()
+        self._heads = {shard: head for shard, (head, _) in (layout or {}).items()}
+        self._layout = {shard: names for shard, (_, names) in layout.items()} if layout else self._shard_names()
+        if [name for names in self._layout.values() for name in names] != list(self._entries):
+            raise ValueError("the layout must hold the planned tensors, in order")
         self._shard_of = {name: shard for shard, names in self._layout.items() for name in names}
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
@@ -91,10 +98,15 @@ class CheckpointWriter:
         self._entries[name] = (*entry, self._spool.tell(), raw.nbytes)
         self._spool.write(raw.data)
 
+    @property
+    def written(self) -> dict[str, str]:
+        """Planned shards written so far -> their sha256."""
+        return dict(self._shard_files)
+
     def _write_planned(self, name: str, raw) -> None:
         shard = self._shard_of[name]
         if self._stream is None:
-            self._stream = _HashedFile(self.tmp / shard, self._head(self._layout[shard]))
+            self._stream = _HashedFile(self.tmp / shard, self._heads.get(shard) or self._head(self._layout[shard]))
         self._stream.write(raw.data)
         if name == self._layout[shard][-1]:
             self._shard_files[shard] = self._stream.close()
@@ -154,7 +166,9 @@ class CheckpointWriter:
         shards = self._shard_names()
         files = self._shard_files if self._planned is not None else {
             shard: self._write_spooled(self.tmp / shard, names) for shard, names in shards.items()}
-        if len(shards) > 1:
+        for shard in shards.keys() - files.keys():     # a planned shard without tensors: its header alone
+            files[shard] = _HashedFile(self.tmp / shard, self._heads.get(shard) or self._head([])).close()
+        if len(shards) > 1 and not self._heads:
             weight_map = {n: shard for shard, names in shards.items() for n in names}
             index = {"metadata": {}, "weight_map": dict(sorted(weight_map.items()))}
             (self.tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
@@ -252,6 +266,10 @@ class Checkpoint:
 
     def keys(self) -> list[str]:
         return dfloat.tensor_names(self._where)
+
+    def files(self) -> list[Path]:
+        """The safetensors files, in the order of the shard index (else by name)."""
+        return list(dict.fromkeys(self._where.values()))
 
     def __contains__(self, name: str) -> bool:
         return name in self._where or name in self.coded

@@ -3,11 +3,13 @@ where that saves bytes, and back to plain safetensors, bit for bit; side files a
 from __future__ import annotations
 
 import math
+from collections import Counter
 from pathlib import Path
 
 from tqdm import tqdm
 
 from ..errors import InputError
+from . import originals
 from .codec import WINDOW_BITS, check_window
 from .parts import CodedWriter, config_block, lossless_block
 
@@ -17,12 +19,13 @@ NOT_SIDE_FILES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl", ".inde
 def compress_checkpoint(src, out, overwrite: bool = False, window_bits: int = WINDOW_BITS,
                         progress: bool = False) -> dict:
     """A folder of safetensors -> the same tensors with every BF16 one coded where that saves bytes."""
-    from ..checkpoint import Checkpoint, CheckpointWriter
+    from ..checkpoint import Checkpoint, CheckpointWriter, sha256_file
     check_window(window_bits)
     source = Checkpoint(src)
     if source.coded:
         raise InputError(f"{source.path}: already holds losslessly coded tensors")
     names = source.keys()
+    dtypes = Counter(source.dtype(name) for name in names)
     with CheckpointWriter(out, overwrite) as writer:
         coder = CodedWriter(writer, window_bits)
         for name in tqdm(names, desc="compress", unit="tensor", disable=not progress):
@@ -31,23 +34,37 @@ def compress_checkpoint(src, out, overwrite: bool = False, window_bits: int = WI
         coded = coder.coded
         _copy_side_files(source.path, writer)
         block = lossless_block(coded)
-        writer.commit(_config_with(source.config, config_block(block) if coded else None), {"lossless": block})
-    return _summary(source.path, Path(out), len(names), coded)
+        manifest = {"lossless": block, "source_files": originals.record(source.path, source.files(), sha256_file)}
+        writer.commit(_config_with(source.config, config_block(block) if coded else None), manifest)
+    return {**_summary(source.path, Path(out), len(names), coded), "source_dtypes": dict(dtypes)}
 
 
 def decompress_checkpoint(src, out, overwrite: bool = False, progress: bool = False) -> dict:
-    """A folder with coded tensors -> plain safetensors, every tensor bit for bit as before compression."""
+    """A folder with coded tensors -> plain safetensors, every tensor bit for bit as before compression; the
+    files of a folder that `compress_checkpoint` made come back byte for byte (`originals`)."""
     from ..checkpoint import Checkpoint, CheckpointWriter
     source = Checkpoint(src)
-    names = source.keys()
+    names, recorded = source.keys(), (source.manifest or {}).get("source_files")
     with CheckpointWriter(out, overwrite) as writer:
-        writer.plan([(name, source.dtype(name), source.shape(name)) for name in names])   # no spool
+        if recorded:
+            tensors, files = originals.layout(recorded)
+            writer.plan(tensors, files)
+            names = [name for name, _, _ in tensors]
+        else:
+            writer.plan([(name, source.dtype(name), source.shape(name)) for name in names])   # no spool
         for name, tensor in tqdm(source.get_many(names), desc="decompress", unit="tensor", total=len(names),
                                  disable=not progress):
             writer.add(name, tensor)
         _copy_side_files(source.path, writer)
-        writer.commit(_config_with(source.config, None), {})
-    return _summary(source.path, Path(out), len(names), source.coded)
+        if recorded:
+            for name, text in recorded["texts"].items():
+                writer.add_file(name, originals.as_bytes(text))
+            changed = [name for name, shard in recorded["files"].items()
+                       if writer.written.get(name) != shard["sha256"]]
+            if changed:
+                raise RuntimeError(f"{', '.join(changed)}: not restored byte for byte")
+        writer.commit(None if recorded else _config_with(source.config, None), {})
+    return {**_summary(source.path, Path(out), len(names), source.coded), "identical_files": bool(recorded)}
 
 
 def _config_with(config: dict | None, block: dict | None) -> dict | None:
@@ -69,10 +86,13 @@ def _config_with(config: dict | None, block: dict | None) -> dict | None:
 
 
 def _copy_side_files(folder: Path, writer) -> None:
+    """Every file but the weights, config.json and the manifest at the top, subfolders included."""
     from ..checkpoint import MANIFEST
-    for f in sorted(folder.iterdir()):
-        if f.is_file() and f.name not in (MANIFEST, "config.json") and not f.name.endswith(NOT_SIDE_FILES):
-            writer.add_file(f.name, f)
+    for f in sorted(folder.rglob("*")):
+        name = f.relative_to(folder).as_posix()
+        top = "/" not in name
+        if f.is_file() and not (top and (name in (MANIFEST, "config.json") or name.endswith(NOT_SIDE_FILES))):
+            writer.add_file(name, f)
 
 
 def _summary(src: Path, out: Path, tensors: int, coded: dict) -> dict:

@@ -1,4 +1,5 @@
 import json
+import struct
 
 import pytest
 import torch
@@ -71,6 +72,27 @@ def test_planned_layout_refuses_other_tensors_and_missing_ones(tmp_path):
         with pytest.raises(ValueError, match="before the first add"):
             w.plan([("x", "F32", [3])])
         w.abort()
+
+
+def test_planned_layout_with_given_headers_is_written_as_given(tmp_path):
+    x = torch.arange(6, dtype=torch.int16)
+    head = json.dumps({"x": {"dtype": "I16", "shape": [6], "data_offsets": [0, 12]}, "__metadata__": {"k": "v"}})
+    head = head.encode() + b" " * 9                                      # any padding a source had
+    empty = b'{"__metadata__":{"format":"pt"}}'
+    layout = {"a.safetensors": (struct.pack("<Q", len(head)) + head, ["x"]),
+              "b.safetensors": (struct.pack("<Q", len(empty)) + empty, [])}
+    with CheckpointWriter(tmp_path / "bad") as w:
+        with pytest.raises(ValueError, match="layout must hold the planned tensors"):
+            w.plan([("x", "I16", [6]), ("y", "I16", [1])], layout)
+        w.abort()
+    with CheckpointWriter(tmp_path / "out") as w:
+        w.plan([("x", "I16", [6])], layout)
+        w.add("x", x)
+        w.commit(None, {})
+    out = tmp_path / "out"
+    assert (out / "a.safetensors").read_bytes() == layout["a.safetensors"][0] + x.numpy().tobytes()
+    assert (out / "b.safetensors").read_bytes() == layout["b.safetensors"][0]
+    assert not (out / "model.safetensors.index.json").exists() and verify(out) == []
 
 
 def test_failure_leaves_nothing(tmp_path):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import struct
+from pathlib import Path
 
 import pytest
 import torch
@@ -97,10 +98,48 @@ def test_compress_decompress_folder_bit_for_bit(source, tmp_path):
     assert all(same_bits(z.get(k), v) for k, v in tensors.items())
     assert z.config["hidden_size"] == 64 and z.config["quantization_config"]["lossless"]["codec"] == dfloat.CODEC
     assert (tmp_path / "z" / "tokenizer.json").exists() and verify(tmp_path / "z") == []
-    dfloat.decompress_checkpoint(tmp_path / "z", tmp_path / "d")
+    assert dfloat.decompress_checkpoint(tmp_path / "z", tmp_path / "d")["identical_files"]
     back = load_file(str(tmp_path / "d" / "model.safetensors"))
     assert sorted(back) == sorted(tensors) and all(same_bits(back[k], v) for k, v in tensors.items())
-    assert json.loads((tmp_path / "d" / "config.json").read_text()) == {"model_type": "toy", "hidden_size": 64}
+    assert same_files(folder, tmp_path / "d")
+
+
+def same_files(a: Path, b: Path) -> bool:
+    """The same files with the same bytes, but for the manifest bitsmith adds."""
+    def files(folder):
+        return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()
+                and p.name != MANIFEST}
+    return files(a) == files(b)
+
+
+def test_sharded_folder_with_metadata_and_subfolders_comes_back_byte_for_byte(tmp_path):
+    g = torch.Generator().manual_seed(2)
+    folder = tmp_path / "src"
+    (folder / "1_Pooling").mkdir(parents=True)
+    shards = {"model-00001-of-00002.safetensors": {"z.weight": (torch.randn(40, 30, generator=g) * 0.02).bfloat16(),
+                                                    "a.bias": torch.randn(30, generator=g)},
+              "model-00002-of-00002.safetensors": {"m.weight": (torch.randn(50, 20, generator=g) * 0.1).bfloat16()}}
+    for name, tensors in shards.items():
+        save_file(tensors, str(folder / name), metadata={"format": "pt", "note": name})
+    index = {"metadata": {"total_size": 9000}, "weight_map": {k: n for n, t in shards.items() for k in t}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=4))
+    (folder / "config.json").write_bytes(b'{"model_type": "toy",\r\n   "hidden_size": 64}')   # not our formatting
+    (folder / "1_Pooling" / "config.json").write_text('{"pooling_mode_mean_tokens": true}')
+    dfloat.compress_checkpoint(folder, tmp_path / "z")
+    assert len(Checkpoint(tmp_path / "z").coded) == 2 and verify(tmp_path / "z") == []
+    assert dfloat.decompress_checkpoint(tmp_path / "z", tmp_path / "d")["identical_files"]
+    assert same_files(folder, tmp_path / "d")
+
+
+def test_decompress_that_would_not_restore_the_files_exactly_publishes_nothing(source, tmp_path):
+    folder, _ = source
+    dfloat.compress_checkpoint(folder, tmp_path / "z")
+    manifest = json.loads((tmp_path / "z" / MANIFEST).read_text())
+    manifest["source_files"]["files"]["model.safetensors"]["sha256"] = "0" * 64
+    (tmp_path / "z" / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(RuntimeError, match="model.safetensors: not restored byte for byte"):
+        dfloat.decompress_checkpoint(tmp_path / "z", tmp_path / "d")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src", "z"]
 
 
 def test_get_many_reads_in_the_order_asked_and_decodes_in_batches(monkeypatch, source, tmp_path):
