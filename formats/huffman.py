@@ -1,7 +1,7 @@
 """Canonical Huffman codes with a length limit, over a small alphabet (the 256 values of a byte).
 
-- `code_lengths`: optimal code lengths no longer than `max_length`, by package-merge
-  (Larmore & Hirschberg, "A fast algorithm for optimal length-limited Huffman codes", JACM 1990).
+- `code_lengths`: optimal code lengths no longer than `max_length`: Huffman's where they fit, else by
+  package-merge (Larmore & Hirschberg, "A fast algorithm for optimal length-limited Huffman codes", JACM 1990).
 - `canonical_codes`: codes given by the lengths alone, counted up in order of (length, symbol)
   (DEFLATE, RFC 1951 section 3.2.2), so a table of lengths is the whole code book.
 - Decoding tables for a decoder that peeks `width` bits, MSB first: one symbol per lookup
@@ -13,6 +13,7 @@
 """
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,6 +31,10 @@ def code_lengths(counts: np.ndarray, max_length: int) -> np.ndarray:
         raise ValueError(f"{symbols.size} symbols do not fit in codes of at most {max_length} bits")
     if symbols.size == 0:
         return lengths
+    depths = _huffman_depths(counts[symbols].tolist())
+    if max(depths) <= max_length:               # the limit does not bind: Huffman's code is optimal
+        lengths[symbols] = depths
+        return lengths
     order = np.argsort(counts[symbols], kind="stable")
     leaf_weight = counts[symbols][order]
     leaf_rows = np.eye(symbols.size, dtype=np.int32)[order]   # row i: how often each leaf occurs in item i
@@ -42,6 +47,22 @@ def code_lengths(counts: np.ndarray, max_length: int) -> np.ndarray:
         weight, rows = weight[keep], rows[keep]
     lengths[symbols] = rows[: 2 * symbols.size - 2].sum(axis=0)   # a leaf's depth = the chosen items holding it
     return lengths
+
+
+def _huffman_depths(weights: list[int]) -> list[int]:
+    """Leaf depths of a Huffman tree over `weights` (Huffman, "A method for the construction of
+    minimum-redundancy codes", Proc. IRE 1952): merge the two lightest nodes until one is left."""
+    heap = [(w, i) for i, w in enumerate(weights)]
+    heapq.heapify(heap)
+    parent = [0] * (2 * len(weights) - 1)
+    for node in range(len(weights), 2 * len(weights) - 1):
+        (wa, a), (wb, b) = heapq.heappop(heap), heapq.heappop(heap)
+        parent[a] = parent[b] = node
+        heapq.heappush(heap, (wa + wb, node))
+    depth = [0] * len(parent)                   # the root, created last, has depth 0
+    for node in range(len(parent) - 2, -1, -1):
+        depth[node] = depth[parent[node]] + 1
+    return depth[: len(weights)]
 
 
 def check_lengths(lengths: np.ndarray, max_length: int) -> None:
