@@ -19,17 +19,18 @@ NOT_SIDE_FILES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl", ".inde
 def compress_checkpoint(src, out, overwrite: bool = False, window_bits: int = WINDOW_BITS,
                         progress: bool = False) -> dict:
     """A folder of safetensors -> the same tensors with every BF16 one coded where that saves bytes."""
-    from ..checkpoint import Checkpoint, CheckpointWriter, sha256_file
+    from ..checkpoint import SAFETENSORS_DTYPES, Checkpoint, CheckpointWriter, sha256_file
     check_window(window_bits)
     source = Checkpoint(src)
     if source.coded:
         raise InputError(f"{source.path}: already holds losslessly coded tensors")
-    names = source.keys()
-    dtypes = Counter(source.dtype(name) for name in names)
+    names, dtypes = source.keys(), Counter()
     with CheckpointWriter(out, overwrite) as writer:
         coder = CodedWriter(writer, window_bits)
         for name in tqdm(names, desc="compress", unit="tensor", disable=not progress):
-            coder.add(name, source.get(name))
+            tensor = source.get(name)
+            dtypes[SAFETENSORS_DTYPES[tensor.dtype]] += 1
+            coder.add(name, tensor)
         coder.flush()
         coded = coder.coded
         _copy_side_files(source.path, writer)

@@ -46,8 +46,9 @@ class Tasks:
         threads to run them); raise what they raised."""
         work = work or not self.helpers
         for future in futures:
-            while work and not future.done() and self._run_one(block=False):
-                pass
+            while work and not future.done():
+                if not self._run_one(block=False):
+                    break
             future.result()
 
     def _run_one(self, block: bool) -> bool:
@@ -66,8 +67,9 @@ class Tasks:
         return True
 
     def _serve(self) -> None:
-        while self._run_one(block=True):
-            pass
+        running = True
+        while running:
+            running = self._run_one(block=True)
 
 
 def default_threads() -> int:
