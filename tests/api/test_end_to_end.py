@@ -35,7 +35,7 @@ def stories_w4(tmp_path_factory, stories_path, stories_split):
 
 
 def test_quantized_perplexity_close_to_base(stories_w4, stories_path, stories_split):
-    out, summary = stories_w4
+    out, _summary = stories_w4
     held = stories_split[1]
     windows = data.eval_windows(data.tokenize(open_source(str(stories_path)).tokenizer(), held.read_text()), 256)
     base = evaluate(bitsmith.load(str(stories_path)), windows, progress=False)

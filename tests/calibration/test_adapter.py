@@ -7,8 +7,8 @@ from bitsmith.calibration.adapter import BlockRunner, family_of
 from bitsmith.formats.errors import InputError
 from bitsmith.formats.source import open_source
 
-TINY = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=128)
+TINY = {"vocab_size": 96, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 3, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "max_position_embeddings": 128}
 
 
 def blockwise_logits(runner, weights, ids, tied):
@@ -44,7 +44,7 @@ def test_stories260k_blockwise_equals_full_model(stories_path):
     source = open_source(str(stories_path))
     full = AutoModelForCausalLM.from_pretrained(str(stories_path), dtype=torch.float32).eval()
     ids = torch.randint(0, 512, (2, 64), generator=torch.Generator().manual_seed(0))
-    weights = {n: source.get(n).float() for n in source.keys()}
+    weights = {n: source.get(n).float() for n in source}
     with torch.no_grad():
         assert torch.equal(blockwise_logits(BlockRunner(source.config), weights, ids, True), full(ids).logits)
 

@@ -67,8 +67,8 @@ def test_w4a8_path_by_device_and_m():
     assert rt.path(1, "cpu") == "reference"
 
 
-W4A16_CASES = [dict(), dict(sym=True), dict(group_size=64), dict(group_size=-1),
-               dict(g_idx=act_order_g_idx()), dict(bits=8, group_size=32)]
+W4A16_CASES = [{}, {"sym": True}, {"group_size": 64}, {"group_size": -1},
+               {"g_idx": act_order_g_idx()}, {"bits": 8, "group_size": 32}]
 
 
 @needs_triton
