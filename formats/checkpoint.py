@@ -12,7 +12,6 @@ import math
 import os
 import shutil
 import struct
-import tempfile
 from collections import deque
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -22,6 +21,8 @@ from safetensors import safe_open
 
 from . import dfloat
 from .errors import InputError
+from .output import Output
+from .paths import check_links, inside
 
 MANIFEST = "bitsmith_manifest.json"
 FORMAT_VERSION = 1
@@ -49,15 +50,12 @@ class CheckpointWriter:
     into them, with no spool.
     """
 
-    def __init__(self, out, overwrite: bool = False, shard_bytes: int = SHARD_BYTES):
+    def __init__(self, out, overwrite: bool = False, shard_bytes: int = SHARD_BYTES, inputs=()):
+        """`inputs`: the paths the run reads, which OUT may not be, lie inside or contain (formats/output.py);
+        OUT is locked from here to `commit` or `abort`."""
         self.out = Path(out)
-        if self.out.exists() and not overwrite:
-            raise InputError(f"{self.out}: output already exists (pass --overwrite to replace it)")
-        try:
-            self.out.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise InputError(f"{self.out.parent}: cannot create the output's parent folder ({e.strerror})") from None
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.", suffix=".partial", dir=self.out.parent))
+        self._output = Output(out, inputs, overwrite)
+        self.tmp = self._output.tmp
         self.shard_bytes = shard_bytes
         self._spool = None
         self._entries: dict[str, tuple[str, list[int], int, int]] = {}   # name -> dtype, shape, offset, bytes
@@ -95,7 +93,7 @@ class CheckpointWriter:
         if name in self._entries:
             raise ValueError(f"tensor {name} written twice")
         if self._spool is None:
-            self._spool = open(self.tmp / ".spool", "w+b")
+            self._spool = open(self.tmp / ".spool", "w+b")  # noqa: SIM115 (closed by close())
         self._entries[name] = (*entry, self._spool.tell(), raw.nbytes)
         self._spool.write(raw.data)
 
@@ -183,20 +181,14 @@ class CheckpointWriter:
         body = {"format_version": FORMAT_VERSION, "bitsmith_version": _version(), **manifest, "files": files}
         (self.tmp / MANIFEST).write_text(json.dumps(body, indent=2, sort_keys=True) + "\n")
         _fsync_tree(self.tmp)
-        if self.out.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.", suffix=".old", dir=self.out.parent))
-            os.replace(self.out, trash / "old")
-            os.replace(self.tmp, self.out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(self.tmp, self.out)
+        self._output.publish()
         return self.out
 
     def abort(self) -> None:
         self._close_spool()
         if self._stream is not None:
             self._stream.close()
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        self._output.discard()
 
     def _close_spool(self) -> None:
         if self._spool is not None:
@@ -217,7 +209,7 @@ class _HashedFile:
     """A file written front to back, hashed as it is written."""
 
     def __init__(self, path: Path, head: bytes):
-        self.file, self.digest = open(path, "wb"), hashlib.sha256()
+        self.file, self.digest = open(path, "wb"), hashlib.sha256()  # noqa: SIM115 (closed by close())
         self.write(head)
 
     def write(self, data) -> None:
@@ -236,10 +228,12 @@ class Checkpoint:
         self.path = Path(path)
         if not self.path.is_dir():
             raise InputError(f"{self.path}: no such folder")
+        check_links(self.path)
         self.config = _read_json(self.path / "config.json") if (self.path / "config.json").exists() else None
         self.manifest = _read_json(self.path / MANIFEST) if (self.path / MANIFEST).exists() else None
         self._where = self._index()
         self.coded = dfloat.coded_tensors(self.manifest, self.config)   # name -> metadata of coded tensors
+        self._check_parts()
 
     @property
     def quantization_config(self) -> dict | None:
@@ -251,7 +245,11 @@ class Checkpoint:
             weight_map = _read_json(index).get("weight_map")
             if not isinstance(weight_map, dict):
                 raise InputError(f"{index}: no weight_map in the shard index")
-            return {name: self.path / shard for name, shard in weight_map.items()}
+            where = {name: inside(self.path, shard, f"{index} weight_map") for name, shard in weight_map.items()}
+            for shard in where.values():
+                if not shard.is_file():
+                    raise InputError(f"{index}: weight_map names {shard.name}, which is not a file in the folder")
+            return where
         files = sorted(self.path.glob("*.safetensors"))
         if not files:
             pickles = [p.name for p in self.path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl")]
@@ -264,6 +262,30 @@ class Checkpoint:
             for name in _safetensors_keys(f):
                 where[name] = f
         return where
+
+    def _check_parts(self) -> None:
+        """Every coded tensor's part is stored, uint8 and exactly as long as its metadata says (`part_size`):
+        no size in the metadata goes beyond the file."""
+        by_file: dict[Path, list[str]] = {}
+        for name in self.coded:
+            if name + dfloat.PART not in self._where:
+                raise InputError(f"{name}: coded tensor without its stored part {name + dfloat.PART}")
+            by_file.setdefault(self._where[name + dfloat.PART], []).append(name)
+        for path, names in by_file.items():
+            try:
+                stored = {}
+                with safe_open(str(path), framework="pt") as f:
+                    for name in names:
+                        part = f.get_slice(name + dfloat.PART)
+                        stored[name] = (part.get_dtype(), list(part.get_shape()))
+            except Exception as e:  # noqa: BLE001 safetensors raises its own error types for truncated/corrupt files
+                raise InputError(f"{path}: cannot read the coded tensors ({e})") from None
+            for name in names:
+                size = dfloat.part_size(self.coded[name])
+                if stored[name] != ("U8", [size]):
+                    dtype, shape = stored[name]
+                    raise InputError(f"{name + dfloat.PART}: stored as {dtype} {shape}, its metadata needs U8 [{size}] "
+                                     "(corrupted coded tensor)")
 
     def keys(self) -> list[str]:
         return dfloat.tensor_names(self._where)
@@ -333,27 +355,37 @@ class Checkpoint:
             if path not in files:
                 files[path] = safe_open(str(path), framework="pt")
             return files[path].get_tensor(name)
-        except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
+        except Exception as e:  # noqa: BLE001 safetensors raises its own error types for truncated/corrupt files
             raise InputError(f"{path}: cannot read tensor {name} ({e})") from None
 
 
 def verify(path) -> list[str]:
-    """Problems found in a bitsmith folder: missing manifest, missing or altered files (sha256), coded
-    tensors that do not decode to their source (sha256 recorded at compress time)."""
+    """Problems found in a bitsmith folder: missing manifest, missing or altered files (sha256), files the
+    reader reads that the manifest leaves out, names leading out of the folder, coded tensors that do not
+    decode to their source (sha256 recorded at compress time)."""
     path = Path(path)
     if not (path / MANIFEST).exists():
         return [f"{path}: no {MANIFEST} (not a finished bitsmith checkpoint)"]
-    manifest = _read_json(path / MANIFEST)
+    files = _read_json(path / MANIFEST).get("files")
+    if not isinstance(files, dict):
+        return [f"{path / MANIFEST}: no files map (names to sha256)"]
     problems = []
-    for name, digest in manifest.get("files", {}).items():
-        f = path / name
-        if not f.exists():
+    for name, digest in files.items():
+        try:
+            f = inside(path, name, f"{path / MANIFEST} files")
+        except InputError as e:
+            problems.append(str(e))
+            continue
+        if not f.is_file():
             problems.append(f"{name}: missing")
         elif sha256_file(f) != digest:
             problems.append(f"{name}: sha256 mismatch")
     if not problems:
         try:
             checkpoint = Checkpoint(path)
+            read = [p.relative_to(path).as_posix() for p in checkpoint.files()]
+            read += [name for name in ("config.json", "model.safetensors.index.json") if (path / name).exists()]
+            problems += [f"{name}: not in the manifest" for name in read if name not in files]
             deque(checkpoint.get_many(checkpoint.coded), maxlen=0)   # decoding checks each source sha256
         except InputError as e:
             problems.append(str(e))
@@ -364,15 +396,19 @@ def _safetensors_keys(path: Path) -> list[str]:
     try:
         with safe_open(str(path), framework="pt") as f:
             return list(f.keys())
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 safetensors raises its own error types
         raise InputError(f"{path}: not a readable safetensors file ({e})") from None
 
 
 def _read_json(path: Path) -> dict:
+    """A JSON object from a file (config, manifest, shard index), or InputError."""
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise InputError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: holds a JSON {type(data).__name__}, not an object")
+    return data
 
 
 def _fsync_tree(root: Path) -> None:

@@ -99,7 +99,7 @@ class GGUFSource(ModelSource):
         self.path, self.name = path, str(path)
         try:
             self.reader = gguf.GGUFReader(str(path))
-        except Exception as e:  # the reader raises assorted errors on a damaged file
+        except Exception as e:  # noqa: BLE001 the reader raises assorted errors on a damaged file
             raise InputError(f"{path}: not a readable GGUF file ({e})") from None
         arch = self.reader.fields["general.architecture"].contents()
         self.reader.fields.clear()          # ~100 MB of parsed vocabulary we never read again

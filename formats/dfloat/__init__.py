@@ -12,6 +12,7 @@ from .codec import (
     CODEC,
     CODEC_VERSION,
     MAX_CODE_LENGTH,
+    MAX_WINDOW_BITS,
     WINDOW_BITS,
     Coded,
     check_structure,
@@ -27,12 +28,14 @@ from .parts import (
     BATCH_VALUES,
     PART,
     CodedWriter,
+    check_metadata,
     coded_tensors,
     config_block,
     describe,
     from_parts,
     is_part,
     lossless_block,
+    part_size,
     pays,
     tensor_names,
     to_metadata,
@@ -41,8 +44,8 @@ from .parts import (
 )
 from .tasks import default_threads
 
-__all__ = ["BATCH_VALUES", "CODEC", "CODEC_VERSION", "MAX_CODE_LENGTH", "PART", "WINDOW_BITS", "Coded", "CodedWriter",
-           "check_structure", "check_window", "coded_tensors", "compress_checkpoint", "config_block", "decode",
-           "decode_many", "decompress_checkpoint", "default_threads", "describe", "encode", "from_parts", "is_part",
-           "lossless_block", "merge", "pays", "split", "tensor_names", "tensor_sha256", "to_metadata", "to_parts",
-           "write_coded"]
+__all__ = ["BATCH_VALUES", "CODEC", "CODEC_VERSION", "MAX_CODE_LENGTH", "MAX_WINDOW_BITS", "PART", "WINDOW_BITS",
+           "Coded", "CodedWriter", "check_metadata", "check_structure", "check_window", "coded_tensors",
+           "compress_checkpoint", "config_block", "decode", "decode_many", "decompress_checkpoint", "default_threads",
+           "describe", "encode", "from_parts", "is_part", "lossless_block", "merge", "part_size", "pays", "split",
+           "tensor_names", "tensor_sha256", "to_metadata", "to_parts", "write_coded"]

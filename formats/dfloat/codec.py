@@ -35,6 +35,7 @@ CODEC = "df11-huffman"
 CODEC_VERSION = 1
 MAX_CODE_LENGTH = 16
 WINDOW_BITS = 2048
+MAX_WINDOW_BITS = 1 << 14   # the decoder's scratch grows with window_bits times the windows decoded at once
 MERGE_VALUES = 1 << 20   # values merged per vectorized step
 PARALLEL_VALUES = 1 << 20   # values from which `encode` takes a helper thread
 _SIGN_MANTISSA = np.int16(-0x7F81)           # 0x807F
@@ -124,8 +125,8 @@ def encode(x: torch.Tensor, window_bits: int = WINDOW_BITS, threads: int | None 
 
 
 def check_window(window_bits: int) -> None:
-    if window_bits < 32 or window_bits % 32:
-        raise ValueError(f"window_bits must be a positive multiple of 32, got {window_bits}")
+    if not 32 <= window_bits <= MAX_WINDOW_BITS or window_bits % 32:
+        raise ValueError(f"window_bits must be a multiple of 32 from 32 to {MAX_WINDOW_BITS}, got {window_bits}")
 
 
 def check_structure(coded: Coded, name: str) -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ..errors import InputError
+from ..paths import inside
 from . import originals
 from .codec import WINDOW_BITS, check_window
 from .parts import CodedWriter, config_block, lossless_block
@@ -20,12 +21,15 @@ def compress_checkpoint(src, out, overwrite: bool = False, window_bits: int = WI
                         progress: bool = False) -> dict:
     """A folder of safetensors -> the same tensors with every BF16 one coded where that saves bytes."""
     from ..checkpoint import SAFETENSORS_DTYPES, Checkpoint, CheckpointWriter, sha256_file
-    check_window(window_bits)
+    try:
+        check_window(window_bits)
+    except ValueError as e:
+        raise InputError(str(e)) from None
     source = Checkpoint(src)
     if source.coded:
         raise InputError(f"{source.path}: already holds losslessly coded tensors")
     names, dtypes = source.keys(), Counter()
-    with CheckpointWriter(out, overwrite) as writer:
+    with CheckpointWriter(out, overwrite, inputs=[source.path]) as writer:
         coder = CodedWriter(writer, window_bits)
         for name in tqdm(names, desc="compress", unit="tensor", disable=not progress):
             tensor = source.get(name)
@@ -46,9 +50,10 @@ def decompress_checkpoint(src, out, overwrite: bool = False, progress: bool = Fa
     from ..checkpoint import Checkpoint, CheckpointWriter
     source = Checkpoint(src)
     names, recorded = source.keys(), (source.manifest or {}).get("source_files")
-    with CheckpointWriter(out, overwrite) as writer:
+    if recorded:
+        tensors, files, texts = _recorded(source, recorded)        # all checked before the output is made
+    with CheckpointWriter(out, overwrite, inputs=[source.path]) as writer:
         if recorded:
-            tensors, files = originals.layout(recorded)
             writer.plan(tensors, files)
             names = [name for name, _, _ in tensors]
         else:
@@ -58,14 +63,36 @@ def decompress_checkpoint(src, out, overwrite: bool = False, progress: bool = Fa
             writer.add(name, tensor)
         _copy_side_files(source.path, writer)
         if recorded:
-            for name, text in recorded["texts"].items():
-                writer.add_file(name, originals.as_bytes(text))
+            for name, data in texts.items():
+                writer.add_file(name, data)
             changed = [name for name, shard in recorded["files"].items()
                        if writer.written.get(name) != shard["sha256"]]
             if changed:
                 raise RuntimeError(f"{', '.join(changed)}: not restored byte for byte")
         writer.commit(None if recorded else _config_with(source.config, None), {})
     return {**_summary(source.path, Path(out), len(names), source.coded), "identical_files": bool(recorded)}
+
+
+def _recorded(source, recorded) -> tuple[list, dict, dict[str, bytes]]:
+    """The recorded layout (`originals.layout`) and texts of the source files, once they hold exactly the
+    tensors the folder holds, with their dtypes and shapes; else InputError naming the manifest."""
+    from ..checkpoint import MANIFEST
+    try:
+        tensors, files = originals.layout(recorded)
+        texts = originals.texts(recorded)
+        held = {name: (source.dtype(name), source.shape(name)) for name in source}
+        kept = {name: (dtype, shape) for name, dtype, shape in tensors}
+        for name in sorted(held.keys() | kept.keys()):
+            if held.get(name) != kept.get(name):
+                raise InputError(f"source_files: tensor {name} recorded as {_dtype_shape(kept.get(name))}, "
+                                 f"stored as {_dtype_shape(held.get(name))}")
+    except InputError as e:
+        raise InputError(f"{source.path / MANIFEST}: {e}") from None
+    return tensors, files, texts
+
+
+def _dtype_shape(entry: tuple[str, list[int]] | None) -> str:
+    return "absent" if entry is None else f"{entry[0]} {entry[1]}"
 
 
 def _config_with(config: dict | None, block: dict | None) -> dict | None:
@@ -93,7 +120,7 @@ def _copy_side_files(folder: Path, writer) -> None:
         name = f.relative_to(folder).as_posix()
         top = "/" not in name
         if f.is_file() and not (top and (name in (MANIFEST, "config.json") or name.endswith(NOT_SIDE_FILES))):
-            writer.add_file(name, f)
+            writer.add_file(name, inside(folder, name, str(folder)))
 
 
 def _summary(src: Path, out: Path, tensors: int, coded: dict) -> dict:

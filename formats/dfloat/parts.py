@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from ..errors import InputError
-from .codec import CODEC, CODEC_VERSION, MAX_CODE_LENGTH, WINDOW_BITS, Coded, encode
+from .codec import CODEC, CODEC_VERSION, MAX_CODE_LENGTH, MAX_WINDOW_BITS, WINDOW_BITS, Coded, encode
 from .cpu_decoder import decode_many
 
 PART = ".__df11"
@@ -42,20 +42,67 @@ def to_metadata(coded: Coded) -> dict:
 
 def from_parts(name: str, meta: dict, read) -> Coded:
     """A Coded from its metadata and `read(stored_name) -> tensor`; a clear InputError when anything is off."""
-    try:
-        shape = tuple(int(d) for d in meta["shape"])
-        window_bits, stream_bits = int(meta["window_bits"]), int(meta["stream_bits"])
-        first, last = (int(e) for e in meta["exponent_range"])
-        sha256 = str(meta["sha256"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise InputError(f"{name}: incomplete lossless metadata ({e!r})") from None
+    check_metadata(name, meta)
     blob = read(name + PART)
-    sections = np.cumsum([4 * -(-stream_bits // 32), math.prod(shape), last - first + 1])
-    if blob.dtype != torch.uint8 or blob.dim() != 1 or blob.numel() != sections[-1] or min(sections) < 0:
-        raise InputError(f"{name + PART}: expected {sections[-1]} uint8 values for the metadata, "
+    size = part_size(meta)
+    if blob.dtype != torch.uint8 or blob.dim() != 1 or blob.numel() != size:
+        raise InputError(f"{name + PART}: expected {size} uint8 values for the metadata, "
                          f"got {blob.dtype} {list(blob.shape)} (corrupted coded tensor)")
-    stream, sign_mantissa, code_lengths = np.split(blob.numpy(), sections[:-1])
-    return Coded(shape, window_bits, stream_bits, first, code_lengths, stream, sign_mantissa, sha256)
+    shape = tuple(meta["shape"])
+    stream, sign_mantissa, code_lengths = np.split(blob.numpy(), np.cumsum([_stream_bytes(meta), math.prod(shape)]))
+    return Coded(shape, meta["window_bits"], meta["stream_bits"], meta["exponent_range"][0], code_lengths, stream,
+                 sign_mantissa, meta["sha256"])
+
+
+def check_metadata(name: str, meta) -> None:
+    """InputError naming the tensor and the field unless every field of a metadata entry has its type and
+    range (the sizes they imply are for the caller to check against the stored part: `part_size`)."""
+    if not isinstance(meta, dict):
+        raise InputError(f"{name}: lossless metadata is {type(meta).__name__}, not an object")
+    for field, (valid, expected) in _FIELDS.items():
+        if field not in meta:
+            raise InputError(f"{name}: incomplete lossless metadata (no {field})")
+        if not valid(meta[field]):
+            raise InputError(f"{name}: lossless metadata {field} = {shown(meta[field])} is invalid ({expected})")
+
+
+def _integer(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)        # JSON true is no number
+
+
+def _natural(v) -> bool:
+    return _integer(v) and v >= 0
+
+
+def shown(v) -> str:
+    """A value from a file for an error message: its repr, cut to 40 characters."""
+    text = repr(v)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+_FIELDS = {   # field -> (valid value, what is expected)
+    "dtype": (lambda v: v == "bfloat16", "bfloat16"),
+    "shape": (lambda v: isinstance(v, list) and all(map(_natural, v)) and math.prod(d for d in v if d) < 2**63,
+              "a list of non-negative integers, an int64 numel"),
+    "window_bits": (lambda v: _natural(v) and v % 32 == 0 and 32 <= v <= MAX_WINDOW_BITS,
+                    f"a multiple of 32 from 32 to {MAX_WINDOW_BITS}"),
+    "stream_bits": (_natural, "a non-negative integer"),
+    "exponent_range": (lambda v: isinstance(v, list) and len(v) == 2 and all(map(_integer, v))
+                       and 0 <= v[0] <= v[1] + 1 <= 256,
+                       "[first, last] exponents, 0 <= first <= last + 1 <= 256"),
+    "sha256": (lambda v: isinstance(v, str) and len(v) == 64 and set(v) <= set("0123456789abcdef"),
+               "64 lowercase hex digits"),
+}
+
+
+def part_size(meta: dict) -> int:
+    """Bytes of the stored part that a checked metadata entry describes: stream, sign/mantissa, code table."""
+    first, last = meta["exponent_range"]
+    return _stream_bytes(meta) + math.prod(meta["shape"]) + last - first + 1
+
+
+def _stream_bytes(meta: dict) -> int:
+    return 4 * -(-meta["stream_bits"] // 32)
 
 
 def pays(x: torch.Tensor, coded: Coded, name: str) -> bool:
@@ -122,24 +169,31 @@ def config_block(block: dict) -> dict:
 
 
 def coded_tensors(manifest: dict | None, config: dict | None) -> dict[str, dict]:
-    """name -> metadata of every coded tensor a folder declares (in its manifest)."""
+    """name -> metadata of every coded tensor a folder declares (in its manifest), each entry checked
+    (`check_metadata`)."""
     block = (manifest or {}).get("lossless")
     if not block:
-        if ((config or {}).get("quantization_config") or {}).get("lossless"):
+        qc = (config or {}).get("quantization_config")
+        if isinstance(qc, dict) and qc.get("lossless"):
             raise InputError("config.json declares coded tensors but the bitsmith manifest does not describe them")
         return {}
+    if not isinstance(block, dict):
+        raise InputError(f"manifest lossless block is {type(block).__name__}, not an object")
     if block.get("codec") != CODEC or block.get("version") != CODEC_VERSION:
         raise InputError(f"unsupported lossless codec {block.get('codec')!r} version {block.get('version')!r}")
-    return dict(block.get("tensors") or {})
+    tensors = block.get("tensors") or {}
+    if not isinstance(tensors, dict):
+        raise InputError(f"manifest lossless tensors is {type(tensors).__name__}, not an object of names")
+    for name, meta in tensors.items():
+        check_metadata(name, meta)
+    return dict(tensors)
 
 
 def describe(name: str, meta: dict) -> dict:
     """An inspect row: original and coded bytes, bits per value (coded = stream + sign/mantissa + table)."""
     n = math.prod(meta["shape"])
-    stream = 4 * -(-int(meta["stream_bits"]) // 32)
-    first, last = meta["exponent_range"]
-    coded = stream + n + (last - first + 1)
+    coded = part_size(meta)
     return {"name": name, "shape": list(meta["shape"]), "codec": CODEC, "original_bytes": 2 * n,
             "coded_bytes": coded, "ratio": coded / (2 * n) if n else 0.0,
             "bits_per_value": 8 * coded / n if n else 0.0,
-            "exponent_bits_per_value": int(meta["stream_bits"]) / n if n else 0.0}
+            "exponent_bits_per_value": meta["stream_bits"] / n if n else 0.0}

@@ -7,7 +7,6 @@ import queue
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
-from typing import Self
 
 import torch
 
@@ -27,7 +26,7 @@ class Tasks:
         for thread in self.helpers:
             thread.start()
 
-    def __enter__(self) -> Self:
+    def __enter__(self) -> Tasks:  # noqa: PYI034 (Python 3.10 has no typing.Self)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -62,7 +61,7 @@ class Tasks:
         if future.set_running_or_notify_cancel():
             try:
                 future.set_result(fn(*args))
-            except BaseException as e:  # noqa: BLE001 - raised again by `wait`, as concurrent.futures does
+            except BaseException as e:  # noqa: BLE001 handed to the waiting caller
                 future.set_exception(e)
         return True
 

@@ -100,7 +100,7 @@ def test_quantize_lossless_rest_codes_what_stays_bf16_and_changes_no_output(stor
     assert not plain.coded and "model.embed_tokens.weight" in coded.coded
     assert sorted(coded.config["quantization_config"]["lossless"]["tensors"]) == sorted(coded.coded)
     assert sorted(coded.keys()) == sorted(plain.keys())
-    assert all(torch.equal(coded.get(k).view(torch.uint8), plain.get(k).view(torch.uint8)) for k in plain.keys())
+    assert all(torch.equal(coded.get(k).view(torch.uint8), plain.get(k).view(torch.uint8)) for k in plain)
     size = {name: sum(f.stat().st_size for f in (tmp_path / name).glob("*.safetensors")) for name in ("plain", "coded")}
     assert size["coded"] < size["plain"] and verify(tmp_path / "coded") == []
     ids = torch.randint(3, 512, (2, 48), generator=torch.Generator().manual_seed(0))
