@@ -12,12 +12,7 @@ from __future__ import annotations
 import torch
 
 from ..formats.packing import unpack
-
-
-def group_index(in_features: int, group_size: int) -> torch.Tensor:
-    """g_idx of contiguous groups: input channel i belongs to group i // group_size (-1 = one group)."""
-    g = in_features if group_size == -1 else group_size
-    return torch.arange(in_features, dtype=torch.int32) // g
+from ..quantize.grid import fake_quantize, group_index
 
 
 def unpack_zeros(qzeros: torch.Tensor, bits: int, out_features: int) -> torch.Tensor:
@@ -33,11 +28,6 @@ def dequantize(qweight, scales, qzeros, g_idx, bits: int, in_features: int) -> t
     zeros = unpack_zeros(qzeros, bits, out_features)                           # [G, out]
     g = g_idx.long()
     return fake_quantize(q, scales[g], zeros[g]).t().contiguous()
-
-
-def fake_quantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-    """The same arithmetic as `dequantize`, on unpacked codes: scale * (q - zero) in float32."""
-    return scale.to(torch.float32) * (q.to(torch.float32) - zero.to(torch.float32))
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -3,13 +3,21 @@
 Frantar et al., "GPTQ: Accurate Post-Training Quantization for Generative Pre-trained Transformers"
 (ICLR 2023), Algorithm 1: lazy batch updates over blocks of columns, the upper Cholesky factor of H^-1,
 optional act-order (descending diag(H)) and static groups.
+
+One loop serves every configuration: the column quantizer (`ColumnGrids`) owns the grids of a stack of
+configurations of the same matrix, one run of rows each, and the loop itself is the paper's. Rows are
+independent in GPTQ (each row's error feedback uses only H), so stacking the candidates of a measurement
+costs one pass of the loop however many there are.
 """
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import torch
 
-from ..kernels.reference import fake_quantize
-from .rtn import QuantizedWeight, check_finite, fit_grid, quantize_codes
+from .grid import RowGrid, check_finite, fake_quantize, fit_grid, quantize_codes
+from .rtn import QuantizedWeight
 
 DAMP_RETRIES = (1.0, 10.0, 100.0, 1000.0, 1e4)   # multiples of the requested damping, tried in float64
 
@@ -35,67 +43,147 @@ def inverse_cholesky(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]
     raise ValueError(f"Hessian is not positive definite even with damping {damp * DAMP_RETRIES[-1]:g}")
 
 
-def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int = -1, sym: bool = False,
-                  act_order: bool = False, static_groups: bool = False, damp: float = 0.01,
-                  blocksize: int = 128, mse: bool = False) -> QuantizedWeight:
-    """Quantize W [out, in] given the layer Hessian H [in, in] = 2 X X^T / n."""
+@dataclass(frozen=True)
+class GridConfig:
+    """One uniform-grid configuration of a linear: bits, group size along the input (-1 = per output
+    channel) and symmetry."""
+    bits: int
+    group_size: int = -1
+    sym: bool = False
+
+
+class ColumnGrids:
+    """GPTQ's column quantizer for a stack of configurations (config c owns rows [c*rows, (c+1)*rows)).
+
+    Each group size's rows are refitted where their groups start (on the error-updated columns, as in the
+    GPTQ code), or take grids fitted up front on the original column order (`static`); per-channel rows are
+    fitted once. `at(col, W1, i)` gives every row's (scale, zero) for permuted column `col`.
+    """
+
+    def __init__(self, W: torch.Tensor, configs: list[GridConfig], rows: int, perm: torch.Tensor, mse: bool,
+                 static: bool, shrink_every: int):
+        self.cols, self.mse, self.every = W.shape[1], mse, shrink_every
+        bits = torch.tensor([c.bits for c in configs]).repeat_interleave(rows)
+        sym = torch.tensor([c.sym for c in configs]).repeat_interleave(rows)
+        self.maxq = (2.0 ** bits - 1).float()
+        self.scale = torch.zeros(len(bits), dtype=torch.float16)
+        self.zero = torch.zeros(len(bits), dtype=torch.int32)
+        self.sizes = sorted({c.group_size for c in configs})
+        self.rows, self.grid, self.fits, self.group_of, self.static = {}, {}, {}, {}, {}
+        for g in self.sizes:
+            mask = torch.tensor([c.group_size == g for c in configs]).repeat_interleave(rows)
+            self.rows[g] = mask.nonzero().squeeze(1)
+            self.grid[g] = RowGrid(bits[self.rows[g]], sym[self.rows[g]])
+            self.fits[g] = []
+            self.group_of[g] = torch.zeros(self.cols, dtype=torch.int64)
+            span = self.cols if g == -1 else g
+            Wg = W[self.rows[g] % rows]
+            if g == -1:
+                self._set(g, fit_grid(Wg, self.grid[g], mse=mse, shrink_every=shrink_every))
+            elif static:
+                self.static[g] = [fit_grid(Wg[:, i:i + span], self.grid[g], mse=mse, shrink_every=shrink_every)
+                                  for i in range(0, self.cols, span)]
+                self.group_of[g] = perm // span
+        self.perm = perm
+
+    def _set(self, g: int, fit: tuple[torch.Tensor, torch.Tensor]) -> None:
+        self.scale[self.rows[g]], self.zero[self.rows[g]] = fit
+        self.fits[g].append(fit)
+
+    def at(self, col: int, W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Grids for permuted column `col`; W holds every column from `col` on updated for all columns
+        before it whenever `col` starts a group (group starts are block starts, `block_size`)."""
+        for g in self.sizes:
+            if g == -1:
+                continue
+            if g in self.static:
+                fit = self.static[g][int(self.group_of[g][col])]
+                self.scale[self.rows[g]], self.zero[self.rows[g]] = fit
+                continue
+            if col % g == 0:
+                self._set(g, fit_grid(W[self.rows[g], col:col + g], self.grid[g], mse=self.mse,
+                                      shrink_every=self.every))
+            self.group_of[g][col] = col // g
+        return self.scale, self.zero
+
+    def stored(self, c: int, g: int, rows: int, inv: torch.Tensor):
+        """(scales [G, rows], zeros [G, rows], g_idx or None) of config c, in original column order."""
+        fits = self.static[g] if g in self.static else self.fits[g]
+        own = (self.rows[g] >= c * rows) & (self.rows[g] < (c + 1) * rows)
+        scales = torch.stack([s[own] for s, _ in fits])
+        zeros = torch.stack([z[own] for _, z in fits])
+        group_of = self.group_of[g][inv]
+        natural = g == -1 or torch.equal(group_of, torch.arange(self.cols) // g)
+        return scales, zeros, None if natural else group_of.to(torch.int32)
+
+
+def block_size(configs: list[GridConfig], blocksize: int) -> int:
+    """Columns per lazy-update block: a divisor of every group size, so that every group starts a block and
+    is fitted on columns that have received the updates of all columns before it."""
+    return math.gcd(blocksize, *[c.group_size for c in configs if c.group_size != -1])
+
+
+def gptq_configs(W: torch.Tensor, H: torch.Tensor, configs: list[GridConfig], act_order: bool = False,
+                 static_groups: bool = False, damp: float = 0.01, blocksize: int = 128, mse: bool = False,
+                 shrink_every: int = 1, keep: bool = True) -> tuple[list[QuantizedWeight], torch.Tensor]:
+    """GPTQ of W [out, in] under each configuration at once, given H [in, in] = 2 X X^T / n.
+
+    Returns the quantized weights (empty unless `keep`) and the loss of every row of every configuration,
+    [len(configs), out]: sum over columns of (w-q)^2 / [H^-1]_qq^2 / 2 (GPTQ eq. (2)), which is
+    ||(W-Q)_row X||^2 / n, the mean squared output error of that row."""
     check_finite(W)
     if not torch.isfinite(H).all():
         raise ValueError("Hessian has NaN/Inf values (non-finite calibration activations)")
+    rows, cols = W.shape
     W = W.to(torch.float32).clone()
     H = H.to(torch.float32).clone()
-    rows, cols = W.shape
-    g = cols if group_size == -1 else group_size
-    if group_size != -1:
-        blocksize = g if g >= blocksize else blocksize - blocksize % g   # groups never straddle blocks
-
-    grid = fit_grid(W, bits, sym, mse) if group_size == -1 else None
     dead = torch.diag(H) == 0                                    # inputs never active: weight is free
     H[dead, dead] = 1
     W[:, dead] = 0
-    static = ([fit_grid(W[:, i:i + g], bits, sym, mse) for i in range(0, cols, g)]
-              if static_groups and group_size != -1 else None)
-
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(cols)
-    W, H = W[:, perm], H[perm][:, perm]
+    grids = ColumnGrids(W, configs, rows, perm, mse, static_groups, shrink_every)
+    W, H = W[:, perm].repeat(len(configs), 1), H[perm][:, perm]
     Hinv, _ = inverse_cholesky(H, damp)
+    blocksize = block_size(configs, blocksize)
 
-    codes = torch.zeros(rows, cols, dtype=torch.uint8)
-    Q = torch.zeros(rows, cols, dtype=torch.float32)
-    group_of = torch.zeros(cols, dtype=torch.int64)              # group number of each permuted column
-    scales, zeros = [], []
-    loss = 0.0
+    codes = torch.zeros(W.shape, dtype=torch.uint8) if keep else None
+    losses = torch.zeros(W.shape[0])
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
         W1, Hinv1 = W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2]
         Err1 = torch.zeros_like(W1)
         for i in range(i2 - i1):
-            col = i1 + i
-            if static is not None:
-                group_of[col] = perm[col] // g
-                grid = static[group_of[col]]
-            elif group_size != -1:
-                if col % g == 0:
-                    grid = fit_grid(W1[:, i:i + g], bits, sym, mse)
-                    scales.append(grid[0])
-                    zeros.append(grid[1])
-                group_of[col] = col // g
+            scale, zero = grids.at(i1 + i, W)
             w, d = W1[:, i], Hinv1[i, i]
-            q = quantize_codes(w, grid[0], grid[1], bits)
-            codes[:, col] = q
-            Q[:, col] = fake_quantize(q, grid[0], grid[1])
-            err = (w - Q[:, col]) / d
-            loss += float((err * err).sum()) / 2                 # (w-q)^2 / [H^-1]_qq^2 / 2, eq. (2)
-            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
+            q = quantize_codes(w, scale, zero, grids.maxq)
+            if keep:
+                codes[:, i1 + i] = q
+            err = (w - fake_quantize(q, scale, zero)) / d
+            losses += err * err / 2                              # (w-q)^2 / [H^-1]_qq^2 / 2, eq. (2)
+            W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1)
             Err1[:, i] = err
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]                     # lazy batch update
+    losses = losses.reshape(len(configs), rows)
+    if not keep:
+        return [], losses
 
     inv = torch.argsort(perm)
-    codes, Q, group_of = codes[:, inv], Q[:, inv], group_of[inv]
-    if static is not None:
-        scales, zeros = [s for s, _ in static], [z for _, z in static]
-    elif group_size == -1:
-        scales, zeros = [grid[0]], [grid[1]]
-    natural = torch.equal(group_of, torch.arange(cols) // g)
-    g_idx = None if natural else group_of.to(torch.int32)
-    return QuantizedWeight(codes, torch.stack(scales), torch.stack(zeros), g_idx, bits, group_size, sym, Q, loss)
+    out = []
+    for c, config in enumerate(configs):
+        scales, zeros, g_idx = grids.stored(c, config.group_size, rows, inv)
+        own = codes[c * rows:(c + 1) * rows][:, inv]
+        g = g_idx.long() if g_idx is not None else torch.arange(cols) // (cols if config.group_size == -1
+                                                                           else config.group_size)
+        Q = fake_quantize(own, scales[g].t(), zeros[g].t())
+        out.append(QuantizedWeight(own, scales, zeros, g_idx, config.bits, config.group_size, config.sym, Q,
+                                   float(losses[c].sum())))
+    return out, losses
+
+
+def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int = -1, sym: bool = False,
+                  act_order: bool = False, static_groups: bool = False, damp: float = 0.01,
+                  blocksize: int = 128, mse: bool = False) -> QuantizedWeight:
+    """Quantize W [out, in] given the layer Hessian H [in, in] = 2 X X^T / n."""
+    (qw,), _ = gptq_configs(W, H, [GridConfig(bits, group_size, sym)], act_order, static_groups, damp,
+                            blocksize, mse)
+    return qw
