@@ -1,22 +1,29 @@
 """The Python surface: `bitsmith.quantize(...)` and `bitsmith.load(...)`; the CLI calls the same functions."""
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 
 from .calibration import data
-from .formats import dfloat
+from .calibration.adapter import BlockRunner
+from .formats import dfloat, output
 from .formats.checkpoint import FORMAT_VERSION, CheckpointWriter
 from .formats.errors import InputError
-from .formats.source import FolderSource, open_source
+from .formats.source import BUNDLED, FolderSource, bundled_path, open_source
+from .layouts import gptq_config
 from .loader import load_model
-from .pipeline import Result, Stopwatch, peak_rss_bytes, run
-from .plan import QuantizeOptions
-from .quantize.rtn import ERROR_NORM
+from .measure import Measurement, decide, measure
+from .pipeline import Result, Stopwatch, linear_shapes, peak_rss_bytes, run
+from .plan import QuantizeOptions, QuantPlan
+from .quantize.grid import ERROR_NORM
 
 
 def quantize(model: str, out: str, *, overwrite: bool = False, eval_data: str | None = None,
              eval_seqlen: int = 2048, eval_max_tokens: int | None = None, lossless_rest: bool = False,
-             progress: bool = True, **options) -> dict:
+             progress: bool = True, target_bpw: float | None = None, measurement: str | None = None,
+             plan: str | None = None, **options) -> dict:
     """Quantize `model` (folder, .gguf or bundled name) into the folder `out`; returns a summary dict.
 
     Options are those of `bitsmith quantize` (method, bits, group_size, sym, act_order, static_groups,
@@ -24,6 +31,10 @@ def quantize(model: str, out: str, *, overwrite: bool = False, eval_data: str | 
     in BF16 (formats/dfloat/), which takes the checkpoint out of the plain GPTQ convention. With
     `eval_data`, the perplexity of the quantized weights on that text is measured while quantizing
     (same protocol as `bitsmith eval`).
+
+    The plan: uniform by default; with `target_bpw`, measured (or read from `measurement`, a
+    measurement.json of an earlier run on the same model) and allocated to that all-in bits per weight;
+    with `plan`, read from a plan.json (every linear named, each with bits, group_size, sym).
     """
     clock = Stopwatch()
     opts = QuantizeOptions(**{k: v for k, v in options.items() if v is not None})
@@ -32,6 +43,10 @@ def quantize(model: str, out: str, *, overwrite: bool = False, eval_data: str | 
     opts.validate()
     if opts.calib != ["self"]:
         data.read_text(opts.calib)          # a missing or empty file fails now, not after loading the model
+    plan_body = _plan_request(target_bpw, measurement, plan)
+    inputs = [bundled_path(model) if model in BUNDLED else model, *(f for f in opts.calib if f != "self"),
+              *([eval_data] if eval_data else [])]
+    output.refuse(out, inputs, overwrite)   # before the model is read
     source = open_source(model)
     if isinstance(source, FolderSource) and source.checkpoint.quantization_config:
         raise InputError(f"{model}: already quantized; quantize the original model instead")
@@ -42,15 +57,27 @@ def quantize(model: str, out: str, *, overwrite: bool = False, eval_data: str | 
     if eval_data is not None:
         ids = data.tokenize(source.tokenizer(), data.read_text([eval_data]))
         eval_ids = data.eval_windows(ids, eval_seqlen, eval_max_tokens)
-    with CheckpointWriter(out, overwrite=overwrite) as writer:
+    with CheckpointWriter(out, overwrite=overwrite, inputs=inputs) as writer:
         coder = dfloat.CodedWriter(writer) if lossless_rest else None
-        result = run(source, writer, opts, eval_ids=eval_ids, progress=progress,
+        shapes = linear_shapes(BlockRunner(source.config))
+        measured = None
+        if plan_body is not None:
+            qplan = QuantPlan.from_dict(plan_body, shapes, opts, plan)
+        elif target_bpw is not None:
+            measured = Measurement.load(measurement, source, opts) if measurement else measure(source, opts, progress)
+            qplan = decide(measured, target_bpw, opts, opts.proxy)
+        else:
+            qplan = QuantPlan.uniform(opts, shapes)
+        result = run(source, writer, qplan, eval_ids=eval_ids, progress=progress,
                      store=coder.add if coder else writer.add)
+        if measured is not None:
+            writer.add_file("measurement.json", (json.dumps(measured.as_dict(), indent=1) + "\n").encode())
+        writer.add_file("plan.json", (json.dumps(qplan.as_dict(), indent=1) + "\n").encode())
         if coder:
             coder.flush()
         coded = coder.coded if coder else {}
         tokenizer_files(source, writer)
-        config = quantized_config(source.config, opts, result)
+        config = quantized_config(source.config, qplan, shapes, result)
         extra = {}
         if coded:
             extra["lossless"] = dfloat.lossless_block(coded)
@@ -60,12 +87,29 @@ def quantize(model: str, out: str, *, overwrite: bool = False, eval_data: str | 
         writer.commit(config, {**extra,
             "source": {"name": source.name, "fingerprint": source.fingerprint()},
             "calibration": {"description": result.calibration, "fingerprint": result.calibration_fingerprint},
-            "plan": {"options": opts.as_dict(),
-                     "layers": {l.name: {"shape": list(l.shape), "bits": l.bits, "group_size": l.group_size,
-                                          "loss": l.loss}
-                                for l in result.layers}},
+            "plan": qplan.as_dict(),
+            "layers": {l.name: {"shape": list(l.shape), "loss": l.loss} for l in result.layers},
         })
-    return summary(source, out, result, clock.seconds)
+    return {**summary(source, out, result, clock.seconds), "target_bits_per_weight": target_bpw,
+            "predicted_error": qplan.predicted_error()}
+
+
+def _plan_request(target_bpw, measurement, plan) -> dict | None:
+    """Checks of --target-bpw / --measurement / --plan before any heavy work; the plan file's JSON."""
+    if plan is not None and (target_bpw is not None or measurement is not None):
+        raise InputError("--plan applies a plan as written; it does not combine with --target-bpw or --measurement")
+    if measurement is not None and target_bpw is None:
+        raise InputError("--measurement is reused to plan for a --target-bpw; give --target-bpw too")
+    if target_bpw is not None and not (0 < target_bpw <= 32):
+        raise InputError(f"--target-bpw {target_bpw}: expected all-in bits per weight, e.g. 3.25")
+    if measurement is not None and not Path(measurement).is_file():
+        raise InputError(f"--measurement {measurement}: no such file")
+    if plan is None:
+        return None
+    try:
+        return json.loads(Path(plan).read_text())
+    except (OSError, ValueError) as e:
+        raise InputError(f"--plan {plan}: cannot read it as JSON ({e})") from None
 
 
 def load(path: str, dtype: torch.dtype = torch.float32, device: str = "cpu"):
@@ -73,12 +117,13 @@ def load(path: str, dtype: torch.dtype = torch.float32, device: str = "cpu"):
     return load_model(path, dtype=dtype, device=device)
 
 
-def quantized_config(config: dict, opts: QuantizeOptions, result: Result) -> dict:
-    """config.json with a GPTQ-convention `quantization_config` (bitsmith details under `meta`); layers
-    outside that convention (W4A8) are declared under quant_method "bitsmith"."""
+def quantized_config(config: dict, plan: QuantPlan, shapes: dict, result: Result) -> dict:
+    """config.json with a GPTQ-convention `quantization_config` (per-linear choices in its `dynamic` block,
+    bitsmith details under `meta`); layers outside that convention (W4A8) are declared under quant_method
+    "bitsmith"."""
     from . import __version__
-    qc = {"quant_method": "gptq", "checkpoint_format": "gptq", "bits": opts.bits, "group_size": opts.group_size,
-          "desc_act": opts.act_order and opts.method == "gptq", "sym": opts.sym,
+    opts = plan.options
+    qc = {"quant_method": "gptq", "checkpoint_format": "gptq", **gptq_config(plan, shapes),
           "static_groups": opts.static_groups, "true_sequential": opts.true_sequential and opts.method != "rtn",
           "mse": ERROR_NORM if opts.mse else 0.0, "damp_percent": opts.damp, "pack_dtype": "int32", "lm_head": False,
           "meta": {"quantizer": [f"bitsmith:{__version__}"], "method": opts.method,

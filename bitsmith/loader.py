@@ -6,9 +6,11 @@ import torch
 
 from .calibration.adapter import skeleton
 from .formats.errors import InputError
+from .formats.packing import SUPPORTED_BITS
 from .formats.source import ModelSource, open_source
 from .kernels.linear import QuantizedLinear
 from .kernels.w4a8_linear import W4A8Linear
+from .layouts import GPTQLayout, layer_config
 
 
 def load_model(model: str | ModelSource, dtype: torch.dtype = torch.float32, device: str = "cpu"):
@@ -20,8 +22,8 @@ def load_model(model: str | ModelSource, dtype: torch.dtype = torch.float32, dev
     names = set(source.keys())
     for name, module in list(net.named_modules()):
         if isinstance(module, torch.nn.Linear) and f"{name}.channel_scale" in names:
-            layer = _layer_plan(qconfig or {}, name)
-            net.set_submodule(name, W4A8Linear(module.in_features, module.out_features, layer["group_size"],
+            layer = layer_config(qconfig or {}, name) or {}
+            net.set_submodule(name, W4A8Linear(module.in_features, module.out_features, layer.get("group_size", 128),
                                                bias=module.bias is not None))
         elif isinstance(module, torch.nn.Linear) and f"{name}.qweight" in names:
             net.set_submodule(name, _quantized_linear(source, name, module, qconfig))
@@ -48,12 +50,11 @@ def load_model(model: str | ModelSource, dtype: torch.dtype = torch.float32, dev
 def _quantized_linear(source: ModelSource, name: str, linear: torch.nn.Linear, qconfig: dict | None):
     if not qconfig:
         raise InputError(f"{source.name}: {name}.qweight present but config.json has no quantization_config")
-    layer = _layer_plan(qconfig, name)
-    return QuantizedLinear(linear.in_features, linear.out_features, layer["bits"], layer["group_size"],
-                           bias=linear.bias is not None, has_g_idx=f"{name}.g_idx" in source)
-
-
-def _layer_plan(qconfig: dict, name: str) -> dict:
-    per_layer = qconfig.get("bitsmith", {}).get("layers", {})
-    base = {"bits": qconfig.get("bits", 4), "group_size": qconfig.get("group_size", 128)}
-    return {**base, **per_layer.get(name, {})}
+    layer = layer_config(qconfig, name)
+    if layer is None:
+        raise InputError(f"{source.name}: {name}.qweight present but quantization_config excludes {name}")
+    if layer["bits"] not in SUPPORTED_BITS or type(layer["group_size"]) is not int:
+        raise InputError(f"{source.name}: {name}: unsupported bits {layer['bits']!r} / group_size "
+                         f"{layer['group_size']!r} in quantization_config")
+    return GPTQLayout.module(linear.in_features, linear.out_features, layer["bits"], layer["group_size"],
+                             bias=linear.bias is not None, has_g_idx=f"{name}.g_idx" in source)

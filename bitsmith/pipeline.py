@@ -17,12 +17,12 @@ from .calibration.adapter import BlockRunner
 from .calibration.hessian import Hessian
 from .calibration.perplexity import summarize, window_stats
 from .formats.errors import InputError
-from .formats.packing import pack
 from .formats.source import ModelSource
-from .plan import QuantizeOptions
+from .layouts import GPTQLayout
+from .plan import LayerPlan, QuantizeOptions, QuantPlan, check_group
 from .quantize.gptq import gptq_quantize
 from .quantize.qoq import qoq_quantize
-from .quantize.rtn import QuantizedWeight, rtn_quantize
+from .quantize.rtn import rtn_quantize
 
 
 @dataclass
@@ -48,27 +48,16 @@ class Result:
         return 8 * sum(l.stored_bytes for l in self.layers) / max(weights, 1)
 
 
-def packed_tensors(qw: QuantizedWeight) -> dict[str, torch.Tensor]:
-    """GPTQ v1 tensors of one linear (kernels/reference.py describes the layout)."""
-    maxq = (1 << qw.bits) - 1
-    out = {"qweight": pack(qw.codes.t(), qw.bits, dim=0),
-           "scales": qw.scales.contiguous(),
-           "qzeros": pack((qw.zeros - 1) & maxq, qw.bits, dim=1)}   # v1 stores zero - 1
-    if qw.g_idx is not None:
-        out["g_idx"] = qw.g_idx
-    return out
-
-
-def quantize_linear(W: torch.Tensor, H: Hessian | None, opts: QuantizeOptions):
-    """(Q the block runs on from now, tensors to store, GPTQ loss) of one linear."""
+def quantize_linear(W: torch.Tensor, H: Hessian | None, opts: QuantizeOptions, layer: LayerPlan):
+    """(Q the block runs on from now, tensors to store, GPTQ loss) of one linear under its plan entry."""
     if opts.method == "rtn":
-        qw = rtn_quantize(W, opts.bits, opts.group_size, opts.sym, opts.mse)
-        return qw.Q, packed_tensors(qw), qw.loss
+        qw = rtn_quantize(W, layer.bits, layer.group_size, layer.sym, opts.mse)
+        return qw.Q, GPTQLayout.tensors(qw), qw.loss
     if opts.method == "gptq":
-        qw = gptq_quantize(W, H.H, opts.bits, opts.group_size, opts.sym, opts.act_order, opts.static_groups,
+        qw = gptq_quantize(W, H.H, layer.bits, layer.group_size, layer.sym, opts.act_order, opts.static_groups,
                            opts.damp, mse=opts.mse)
-        return qw.Q, packed_tensors(qw), qw.loss
-    qw = qoq_quantize(W, H.H, opts.group_size, opts.damp)                 # W4A8 (QServe progressive)
+        return qw.Q, GPTQLayout.tensors(qw), qw.loss
+    qw = qoq_quantize(W, H.H, layer.group_size, opts.damp)              # W4A8 (QServe progressive)
     return qw.Q, qw.tensors(), 0.0
 
 
@@ -139,17 +128,24 @@ def _batches(x: torch.Tensor, size: int):
 
 
 @torch.no_grad()
-def run(source: ModelSource, writer, opts: QuantizeOptions, eval_ids: torch.Tensor | None = None,
+def linear_shapes(runner: BlockRunner) -> dict[str, tuple[int, int]]:
+    """(out, in) of every decoder linear by full name, from the skeleton (shapes only, no weights)."""
+    family = runner.family
+    return {family.block_prefix.format(i=i) + name: tuple(block.get_submodule(name).weight.shape)
+            for i, block in enumerate(runner.model.model.layers) for name in family.linears}
+
+
+def run(source: ModelSource, writer, plan: QuantPlan, eval_ids: torch.Tensor | None = None,
         progress: bool = True, store=None) -> Result:
-    """Quantize every decoder linear of `source` into `writer`; optionally measure perplexity of the
-    quantized weights on `eval_ids` windows, streamed through the same blocks. `store(name, tensor)`
+    """Quantize every decoder linear of `source` into `writer` as `plan` says; optionally measure perplexity
+    of the quantized weights on `eval_ids` windows, streamed through the same blocks. `store(name, tensor)`
     writes the tensors that stay unquantized (default: `writer.add`)."""
     store = store or writer.add
+    opts = plan.options
     runner = BlockRunner(source.config)
     family = runner.family
-    for i, layer in enumerate(runner.model.model.layers):              # shapes only: the skeleton is on meta
-        for name in family.linears:
-            opts.check_group(family.block_prefix.format(i=i) + name, layer.get_submodule(name).in_features)
+    for name, (_, in_features) in linear_shapes(runner).items():
+        check_group(plan.layers[name].group_size, name, in_features, opts.method)
     result = Result(calibration="none: RTN uses no calibration data")
     hidden = held = None
     if opts.method != "rtn" or eval_ids is not None:
@@ -162,7 +158,7 @@ def run(source: ModelSource, writer, opts: QuantizeOptions, eval_ids: torch.Tens
             held = F.embedding(eval_ids, embed)
         del embed
 
-    bar = tqdm(range(runner.n_blocks), desc=f"{opts.method} w{opts.bits}", unit="block", disable=not progress)
+    bar = tqdm(range(runner.n_blocks), desc=f"{opts.method}", unit="block", disable=not progress)
     for i in bar:
         prefix = family.block_prefix.format(i=i)
         names = runner.block_names(i)
@@ -177,7 +173,7 @@ def run(source: ModelSource, writer, opts: QuantizeOptions, eval_ids: torch.Tens
             hessians = collect_hessians(runner, block, hidden, pos, opts, stage) if opts.method != "rtn" else {}
             for group in stage:
                 for name in group:
-                    result.layers.append(_quantize_into(block, prefix, name, hessians.get(group), opts, writer,
+                    result.layers.append(_quantize_into(block, prefix, name, hessians.get(group), plan, writer,
                                                         tensors))
         quantized = {prefix + n for n in family.linears}
         for n, t in tensors.items():
@@ -200,11 +196,12 @@ def run(source: ModelSource, writer, opts: QuantizeOptions, eval_ids: torch.Tens
     return result
 
 
-def _quantize_into(block, prefix: str, name: str, H, opts: QuantizeOptions, writer, tensors) -> LayerReport:
+def _quantize_into(block, prefix: str, name: str, H, plan: QuantPlan, writer, tensors) -> LayerReport:
     """Quantize one linear of `block` in place (its weight becomes Q) and write its packed tensors."""
     lin, full = block.get_submodule(name), prefix + name
+    layer = plan.layers[full]
     try:
-        Q, stored, loss = quantize_linear(lin.weight.data, H, opts)
+        Q, stored, loss = quantize_linear(lin.weight.data, H, plan.options, layer)
     except ValueError as e:
         raise InputError(f"{full}: {e}") from None
     lin.weight.data = Q
@@ -213,7 +210,7 @@ def _quantize_into(block, prefix: str, name: str, H, opts: QuantizeOptions, writ
     if lin.bias is not None:
         writer.add(f"{full}.bias", tensors[f"{full}.bias"])
     size = sum(t.numel() * t.element_size() for t in stored.values())
-    return LayerReport(full, tuple(lin.weight.shape), opts.bits, opts.group_size, size, loss)
+    return LayerReport(full, tuple(lin.weight.shape), layer.bits, layer.group_size, size, loss)
 
 
 def _held_out_perplexity(source, family, held, eval_ids, runner) -> dict:

@@ -26,6 +26,8 @@ class QuantizeOptions:
     seed: int = 0
     batch: int = 8
     calib_dtype: str = "bfloat16"
+    fisher_samples: int = 16       # windows whose backward pass weights the measurement (calibration/fisher.py)
+    proxy: str = "fisher"          # what the plan minimises: "fisher" (predicted nats/token) or "hessian"
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -44,15 +46,97 @@ class QuantizeOptions:
             raise InputError(f"--calib-dtype {self.calib_dtype}: choose bfloat16 or float32")
         if self.nsamples < 1 or self.seqlen < 2:
             raise InputError("--nsamples must be >= 1 and --seqlen >= 2")
-
-    def check_group(self, name: str, in_features: int) -> None:
-        """Groups may end in one partial group (GPTQ convention: ceil(in / g) groups) only when every
-        group starts on a packing boundary (a multiple of 32 codes); any other size must divide."""
-        g = self.group_size
-        if g == -1 or in_features % g == 0 or (g % 32 == 0 and self.method != "qoq"):
-            return
-        raise InputError(f"--group-size {g} does not divide in_features {in_features} of {name} "
-                         "(use a divisor or a multiple of 32)")
+        if self.fisher_samples < 1:
+            raise InputError(f"--fisher-samples {self.fisher_samples}: expected at least 1")
+        if self.proxy not in ("fisher", "hessian"):
+            raise InputError(f"--proxy {self.proxy}: choose fisher or hessian")
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """How one linear is quantized: its grid and, when a measurement chose it, the loss increase that
+    measurement predicts (nats per token)."""
+    bits: int
+    group_size: int
+    sym: bool
+    predicted_error: float | None = None
+
+    def key(self) -> str:
+        """A short name of the configuration: w3g64, w4g-1s, ..."""
+        return f"w{self.bits}g{self.group_size}{'s' if self.sym else ''}"
+
+
+@dataclass
+class QuantPlan:
+    """One entry per decoder linear (full tensor name without `.weight`), decided before the block loop and
+    written into the checkpoint; `options` holds what every linear shares (method, act-order, damping)."""
+    options: QuantizeOptions
+    layers: dict[str, LayerPlan]
+    target_bpw: float | None = None
+
+    @classmethod
+    def uniform(cls, opts: QuantizeOptions, linears: dict[str, tuple[int, int]]) -> QuantPlan:
+        """The trivial plan of `--bits/--group-size/--sym`: every linear alike."""
+        return cls(opts, {name: LayerPlan(opts.bits, opts.group_size, opts.sym) for name in linears})
+
+    def predicted_error(self) -> float | None:
+        """Sum of the entries' predicted errors (nats per token), when a measurement chose them."""
+        errors = [layer.predicted_error for layer in self.layers.values()]
+        return None if None in errors else sum(errors)
+
+    def as_dict(self) -> dict:
+        layers = {name: {k: v for k, v in asdict(layer).items() if v is not None}
+                  for name, layer in self.layers.items()}
+        return {"format_version": PLAN_VERSION, "options": self.options.as_dict(), "target_bpw": self.target_bpw,
+                "layers": layers}
+
+    @classmethod
+    def from_dict(cls, body, linears: dict[str, tuple[int, int]], opts: QuantizeOptions, where: str) -> QuantPlan:
+        """A plan read from a file, checked against the model's linears (name -> (out, in)): every linear
+        covered, no unknown names, every entry a valid grid for its shape. The plan's own entries win over
+        `opts` for bits, group size and symmetry; the method options stay those of `opts`."""
+        if not isinstance(body, dict) or not isinstance(body.get("layers"), dict):
+            raise InputError(f"{where}: not a plan (a JSON object with a \"layers\" object)")
+        entries = body["layers"]
+        unknown = sorted(set(entries) - set(linears))
+        if unknown:
+            raise InputError(f"{where}: {unknown[0]} is not a linear of this model"
+                             + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""))
+        missing = [name for name in linears if name not in entries]
+        if missing:
+            raise InputError(f"{where}: no entry for {missing[0]}" +
+                             (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        layers = {name: _layer_from(entries[name], f"{where}: {name}") for name in linears}
+        for name, layer in layers.items():
+            check_group(layer.group_size, name, linears[name][1], opts.method)
+        target = body.get("target_bpw")
+        return cls(opts, layers, target if isinstance(target, (int, float)) else None)
+
+
+PLAN_VERSION = 1
+
+
+def _layer_from(entry, where: str) -> LayerPlan:
+    if not isinstance(entry, dict):
+        raise InputError(f"{where}: expected an object with bits, group_size, sym")
+    bits, group, sym = entry.get("bits"), entry.get("group_size"), entry.get("sym", False)
+    if type(bits) is not int or bits not in SUPPORTED_BITS:
+        raise InputError(f"{where}: bits {bits!r}: choose one of {', '.join(map(str, SUPPORTED_BITS))}")
+    if type(group) is not int or (group != -1 and group < 1):
+        raise InputError(f"{where}: group_size {group!r}: use -1 (per output channel) or a positive size")
+    if not isinstance(sym, bool):
+        raise InputError(f"{where}: sym {sym!r}: expected true or false")
+    error = entry.get("predicted_error")
+    return LayerPlan(bits, group, sym, float(error) if isinstance(error, (int, float)) else None)
+
+
+def check_group(g: int, name: str, in_features: int, method: str) -> None:
+    """Groups may end in one partial group (GPTQ convention: ceil(in / g) groups) only when every group
+    starts on a packing boundary (a multiple of 32 codes); any other size must divide."""
+    if g == -1 or in_features % g == 0 or (g % 32 == 0 and method != "qoq"):
+        return
+    raise InputError(f"group size {g} does not divide in_features {in_features} of {name} "
+                     "(use a divisor or a multiple of 32)")

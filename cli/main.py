@@ -62,6 +62,16 @@ def _mb(n: int) -> str:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--calib-dtype", type=click.Choice(["bfloat16", "float32"]), default="bfloat16", show_default=True,
               help="Matmul precision of calibration forwards (Hessians and GPTQ are always float32).")
+@click.option("--target-bpw", type=float, default=None,
+              help="Plan per-layer bits for this all-in bits per weight (measures every candidate first).")
+@click.option("--measurement", type=click.Path(dir_okay=False),
+              help="Re-plan from a measurement.json of an earlier --target-bpw run on the same model.")
+@click.option("--plan", "plan_path", type=click.Path(dir_okay=False),
+              help="Apply a plan.json (every linear: bits, group_size, sym).")
+@click.option("--fisher-samples", type=int, default=16, show_default=True,
+              help="Calibration windows whose backward pass weights the measurement.")
+@click.option("--proxy", type=click.Choice(["fisher", "hessian"]), default="fisher", show_default=True,
+              help="Error the plan minimises: Fisher-weighted (predicted nats/token) or plain output error.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--eval-data", type=click.Path(), help="Also measure perplexity of the quantized weights on this text.")
 @click.option("--eval-seqlen", type=int, default=2048, show_default=True)
@@ -71,7 +81,8 @@ def _mb(n: int) -> str:
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the summary as JSON.")
 def quantize(model, out, method, bits, group_size, sym, act_order, static_groups, mse, true_sequential, damp, calib,
-             nsamples, seqlen, seed, calib_dtype, device, eval_data, eval_seqlen, eval_max_tokens, lossless_rest, overwrite, json_path):
+             nsamples, seqlen, seed, calib_dtype, target_bpw, measurement, plan_path, fisher_samples, proxy, device,
+             eval_data, eval_seqlen, eval_max_tokens, lossless_rest, overwrite, json_path):
     """Quantize MODEL (folder, .gguf or bundled name) into OUT."""
     from .. import api
     if device == "cuda":
@@ -83,14 +94,18 @@ def quantize(model, out, method, bits, group_size, sym, act_order, static_groups
                      static_groups=static_groups, mse=mse, true_sequential=true_sequential, damp=damp, calib=calib,
                      nsamples=nsamples, seqlen=seqlen, seed=seed, calib_dtype=calib_dtype, overwrite=overwrite,
                      eval_data=eval_data, eval_seqlen=eval_seqlen, eval_max_tokens=eval_max_tokens,
-                     lossless_rest=lossless_rest)
+                     lossless_rest=lossless_rest, target_bpw=target_bpw, measurement=measurement, plan=plan_path,
+                     fisher_samples=fisher_samples, proxy=proxy)
     rows = [("quantized linears", str(s["quantized_linears"])),
-            ("bits per weight (all-in)", f"{s['bits_per_weight']:.3f}"),
+            ("bits per weight (all-in)", f"{s['bits_per_weight']:.3f}" + (
+                f" (target {s['target_bits_per_weight']})" if s["target_bits_per_weight"] else "")),
             ("size", (f"{_mb(s['output_bytes'])} (BF16 source {_mb(s['source_bf16_bytes'])}, "
                       f"{s['output_bytes'] / s['source_bf16_bytes']:.1%})")),
             ("calibration", s["calibration"]),
             ("wall time", f"{s['seconds']:.1f} s"),
             ("peak RSS", _mb(s["peak_rss_bytes"]))]
+    if s["predicted_error"] is not None:
+        rows.append(("predicted loss increase", f"{s['predicted_error']:.4f} nats/token (measurement)"))
     if s["eval"]:
         rows.append(("perplexity", (f"{s['eval']['perplexity']:.3f} ({s['eval']['tokens']} tokens, "
                                     f"seqlen {s['eval']['seqlen']})")))
@@ -138,18 +153,25 @@ def inspect(path, json_path):
     """Per-layer table of a bitsmith checkpoint: shape, bits, group size, all-in bits per weight, bytes."""
     from ..formats.inspect import layer_table
     rows, totals = layer_table(path)
-    click.echo(f"{'layer':<44} {'shape':>12} {'bits':>4} {'group':>5} {'bpw':>7} {'bytes':>12}")
+    widths = (44, 12, 4, 5, 3, 10, 10, 7, 12)
+
+    def line(*cells):
+        click.echo(" ".join(f"{c:<{w}}" if i == 0 else f"{c:>{w}}" for i, (c, w) in enumerate(zip(cells, widths))))
+
+    line("layer", "shape", "bits", "group", "sym", "predicted", "loss", "bpw", "bytes")
     for r in rows:
-        click.echo(f"{r['name']:<44} {'x'.join(map(str, r['shape'])):>12} {r['bits']:>4} {r['group_size']:>5} "
-                   f"{r['bpw']:>7.3f} {r['bytes']:>12,}")
-    click.echo(f"{'quantized linears':<44} {totals['layers']:>12} {'':>4} {'':>5} {totals['bpw']:>7.3f} "
-               f"{totals['quantized_bytes']:>12,}")
-    click.echo(f"{'other tensors':<44} {totals['other_tensors']:>12} {'':>4} {'':>5} {'':>7} "
-               f"{totals['other_bytes']:>12,}")
+        predicted = "-" if r["predicted_error"] is None else f"{r['predicted_error']:.3e}"
+        line(r["name"], "x".join(map(str, r["shape"])), r["bits"], r["group_size"], "yes" if r["sym"] else "no",
+             predicted, f"{r['loss']:.3e}", f"{r['bpw']:.3f}", f"{r['bytes']:,}")
+    predicted = "-" if totals["predicted_error"] is None else f"{totals['predicted_error']:.3e}"
+    line("quantized linears", totals["layers"], "", "", "", predicted, "", f"{totals['bpw']:.3f}",
+         f"{totals['quantized_bytes']:,}")
+    line("other tensors", totals["other_tensors"], "", "", "", "", "", "", f"{totals['other_bytes']:,}")
     for c in totals.get("coded", []):
-        click.echo(f"{c['name'] + ' (coded)':<44} {'':>12} {'':>4} {'':>5} {c['bits_per_value']:>7.3f} "
-                   f"{c['coded_bytes']:>12,}")
-    click.echo(f"{'total':<44} {'':>12} {'':>4} {'':>5} {'':>7} {totals['total_bytes']:>12,}")
+        line(c["name"] + " (coded)", "", "", "", "", "", "", f"{c['bits_per_value']:.3f}", f"{c['coded_bytes']:,}")
+    line("total", "", "", "", "", "", "", "", f"{totals['total_bytes']:,}")
+    if totals["target_bpw"]:
+        click.echo(f"planned for {totals['target_bpw']} bits per weight; predicted loss increase {predicted} nats/token")
     _write_json(json_path, {"layers": rows, "totals": totals})
 
 

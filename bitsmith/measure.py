@@ -1,0 +1,174 @@
+"""Measurement and decision: what every candidate configuration of every linear would cost, in stored bits
+and in predicted loss, and the plan that spends a bits-per-weight budget where it buys the most.
+
+Measure (one calibration pass, weights left unquantized): per block, each linear's Hessian; GPTQ of the
+linear under every candidate at once (`gptq_configs`), giving each row's loss mean_t (dW_row x_t)^2; the
+rows weighted by the diagonal Fisher of the linear's output (calibration/fisher.py) give the predicted
+increase of the loss in nats per token. The plain sum over rows (output MSE, not comparable across layers)
+is kept too, as the "hessian" proxy.
+
+Decide: linears that read one input in one block (q/k/v, gate/up) share a configuration, as fused loaders
+(vLLM) require; a multiple-choice knapsack (quantize/allocate.py) picks one candidate per such unit.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .calibration import data
+from .calibration.adapter import BlockRunner
+from .calibration.fisher import output_fisher
+from .formats.errors import InputError
+from .formats.source import ModelSource
+from .layouts import GPTQLayout
+from .loader import load_model
+from .pipeline import calibration_windows, collect_hessians, compute, forward_in_place, linear_shapes
+from .plan import LayerPlan, QuantizeOptions, QuantPlan
+from .quantize.allocate import allocate
+from .quantize.gptq import GridConfig, gptq_configs
+
+CANDIDATES = tuple(LayerPlan(b, g, s) for b in (2, 3, 4, 8) for g in (32, 64, 128, -1) for s in (False, True))
+SHRINK_EVERY = 8          # the measurement's grid search tries every 8th of GPTQ's 80 shrink factors
+PROXIES = ("fisher", "hessian")
+MEASUREMENT_VERSION = 1
+MATCHING_OPTIONS = ("method", "act_order", "static_groups", "mse", "damp")
+
+
+@dataclass
+class Measurement:
+    """Per linear and candidate: stored bits and predicted error under each proxy."""
+    source: str                                  # fingerprint of the model
+    calibration: str                             # fingerprint of the calibration windows
+    description: str
+    options: dict                                # the method options the errors were measured under
+    candidates: list[LayerPlan]
+    shapes: dict[str, tuple[int, int]]
+    units: list[list[str]]                       # linears that share one configuration
+    errors: dict[str, dict[str, list[float]]]    # proxy -> linear -> error per candidate
+
+    def cost(self, name: str, c: int) -> int:
+        return GPTQLayout.stored_bits(*self.shapes[name], self.candidates[c])
+
+    def as_dict(self) -> dict:
+        return {"format_version": MEASUREMENT_VERSION, "source_fingerprint": self.source,
+                "calibration_fingerprint": self.calibration, "calibration": self.description,
+                "options": self.options,
+                "candidates": [{"bits": c.bits, "group_size": c.group_size, "sym": c.sym} for c in self.candidates],
+                "units": self.units,
+                "layers": {name: {"shape": list(self.shapes[name]),
+                                  "bits": [self.cost(name, c) for c in range(len(self.candidates))],
+                                  **{proxy: self.errors[proxy][name] for proxy in PROXIES}}
+                           for name in self.shapes}}
+
+    def save(self, path: Path) -> None:
+        Path(path).write_text(json.dumps(self.as_dict(), indent=1) + "\n")
+
+    @classmethod
+    def load(cls, path: str, source: ModelSource, opts: QuantizeOptions) -> Measurement:
+        """A saved measurement, refused unless it was made on this model under the same method options."""
+        where = str(path)
+        try:
+            body = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as e:
+            raise InputError(f"{where}: cannot read the measurement ({e})") from None
+        try:
+            return cls._from(body, source, opts, where)
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+            raise InputError(f"{where}: not a bitsmith measurement ({type(e).__name__}: {e})") from None
+
+    @classmethod
+    def _from(cls, body: dict, source: ModelSource, opts: QuantizeOptions, where: str) -> Measurement:
+        if body["format_version"] != MEASUREMENT_VERSION:
+            raise InputError(f"{where}: measurement format {body['format_version']!r}, expected "
+                             f"{MEASUREMENT_VERSION}")
+        if body["source_fingerprint"] != source.fingerprint():
+            raise InputError(f"{where}: measured on a different model (source fingerprint differs); measure "
+                             "this model again")
+        for key in MATCHING_OPTIONS:
+            if body["options"][key] != getattr(opts, key):
+                raise InputError(f"{where}: measured with {key}={body['options'][key]!r}, this run has "
+                                 f"{getattr(opts, key)!r}; use the same options or measure again")
+        candidates = [LayerPlan(int(c["bits"]), int(c["group_size"]), bool(c["sym"])) for c in body["candidates"]]
+        layers = body["layers"]
+        shapes = {name: (int(v["shape"][0]), int(v["shape"][1])) for name, v in layers.items()}
+        errors = {proxy: {name: [float(e) for e in v[proxy]] for name, v in layers.items()} for proxy in PROXIES}
+        if any(len(e) != len(candidates) for table in errors.values() for e in table.values()):
+            raise InputError(f"{where}: an error list does not match the candidate list")
+        units = [[str(n) for n in unit] for unit in body["units"]]
+        if sorted(n for unit in units for n in unit) != sorted(shapes):
+            raise InputError(f"{where}: the units do not cover the measured linears exactly")
+        return cls(body["source_fingerprint"], body["calibration_fingerprint"], body["calibration"],
+                   body["options"], candidates, shapes, units, errors)
+
+
+def units_of(runner: BlockRunner) -> list[list[str]]:
+    family = runner.family
+    return [[family.block_prefix.format(i=i) + name for name in group]
+            for i in range(runner.n_blocks) for group in family.siblings]
+
+
+@torch.no_grad()
+def measure(source: ModelSource, opts: QuantizeOptions, progress: bool = True) -> Measurement:
+    """One pass over the calibration windows with the weights as they are (see the module docstring)."""
+    if opts.method != "gptq":
+        raise InputError(f"--target-bpw plans GPTQ layers; --method {opts.method} is not gptq")
+    runner = BlockRunner(source.config)
+    family, shapes = runner.family, linear_shapes(runner)
+    windows, description = calibration_windows(source, source.tokenizer(), opts, progress)
+    with torch.enable_grad():
+        model = load_model(source, dtype=torch.float32)
+        fisher = output_fisher(model, windows[:opts.fisher_samples], list(shapes), progress)
+        del model
+    configs = [GridConfig(c.bits, c.group_size, c.sym) for c in CANDIDATES]
+    errors = {proxy: {} for proxy in PROXIES}
+    hidden = F.embedding(windows, source.get(family.embed).to(torch.float32))
+    for i in tqdm(range(runner.n_blocks), desc="measure", unit="block", disable=not progress):
+        prefix = family.block_prefix.format(i=i)
+        block = runner.build_block(i, {n: source.get(n) for n in runner.block_names(i)})
+        pos = runner.position_embeddings(hidden[:1])
+        hessians = collect_hessians(runner, block, hidden, pos, opts, family.siblings)
+        for group in family.siblings:
+            for name in group:
+                W = block.get_submodule(name).weight.data
+                try:
+                    _, losses = gptq_configs(W, hessians[group].H, configs, opts.act_order, opts.static_groups,
+                                             opts.damp, mse=opts.mse, shrink_every=SHRINK_EVERY, keep=False)
+                except ValueError as e:
+                    raise InputError(f"{prefix + name}: {e}") from None
+                errors["hessian"][prefix + name] = losses.sum(dim=1).tolist()
+                errors["fisher"][prefix + name] = (losses @ fisher[prefix + name] / 2).tolist()
+        with compute(opts):
+            forward_in_place(runner, block, hidden, pos, opts.batch)
+        runner.release_block(i)
+    options = {key: getattr(opts, key) for key in MATCHING_OPTIONS}
+    return Measurement(source.fingerprint(), data.fingerprint(windows), description, options, list(CANDIDATES),
+                       shapes, units_of(runner), errors)
+
+
+def decide(measurement: Measurement, target_bpw: float, opts: QuantizeOptions, proxy: str = "fisher") -> QuantPlan:
+    """The plan with the least predicted error whose stored bits, over all measured linears, are at most
+    target_bpw per weight."""
+    weights = sum(out * inp for out, inp in measurement.shapes.values())
+    budget = math.floor(target_bpw * weights)
+    table = measurement.errors[proxy]
+    n = len(measurement.candidates)
+    costs = [[sum(measurement.cost(name, c) for name in unit) for c in range(n)] for unit in measurement.units]
+    errors = [[sum(table[name][c] for name in unit) for c in range(n)] for unit in measurement.units]
+    cheapest = sum(min(row) for row in costs)
+    if cheapest > budget:
+        raise InputError(f"--target-bpw {target_bpw}: below the least this model can be stored in "
+                         f"({cheapest / weights:.3f} bits per weight)")
+    choice = allocate(costs, errors, budget)
+    layers = {}
+    for unit, c in zip(measurement.units, choice):
+        config = measurement.candidates[c]
+        for name in unit:
+            layers[name] = LayerPlan(config.bits, config.group_size, config.sym, table[name][c])
+    ordered = {name: layers[name] for name in measurement.shapes}
+    return QuantPlan(opts, ordered, target_bpw)
