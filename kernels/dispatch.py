@@ -88,7 +88,8 @@ class W4A16Runtime:
         self.bits, self.K, self.N = bits, K, N
         self.perm = None
         zeros = reference.unpack_zeros(qzeros, bits, N).to(torch.float16)
-        g = kernel_group(group_size, K, smallest=16) if bits in (2, 4, 8) else None
+        smallest = 32 if bits == 3 else 16               # a 3-bit K-tile is whole runs of 32 codes (3 words)
+        g = kernel_group(group_size, K, smallest) if bits in (2, 3, 4, 8) else None
         order = torch.argsort(g_idx.long().cpu(), stable=True)
         natural = reference.group_index(K, group_size).long()
         if g is not None and not torch.equal(g_idx.cpu()[order].long(), natural):

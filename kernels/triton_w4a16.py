@@ -1,9 +1,11 @@
-"""Triton kernels for weight-only quantized linears (W4A16; 2- and 8-bit codes work the same way).
+"""Triton kernels for weight-only quantized linears (W4A16; 2-, 3- and 8-bit codes work the same way).
 
-Weights stay in the GPTQ layout (kernels/reference.py): codes packed along K, `PER_WORD = 32 // BITS` codes
-per int32 word, low bits first, so one word row covers PER_WORD consecutive input channels for every
-output column. Group metadata is unpacked once at load time to `scales`, `zeros` fp16 [G, N]. A K-tile
-never crosses a group, so one scale/zero row serves the whole tile.
+Weights stay in the GPTQ layout (kernels/reference.py): codes packed along K as one little-endian bit stream
+per output column, code k at stream bits [k*BITS, (k+1)*BITS). For 2, 4 and 8 bits that is `PER_WORD =
+32 // BITS` codes per int32 word, low bits first, so one word row covers PER_WORD consecutive input channels
+for every output column. For 3 bits a run of 32 codes fills 3 words and codes 10 and 21 of each run straddle
+two words; a K-tile is then a whole number of runs. Group metadata is unpacked once at load time to
+`scales`, `zeros` fp16 [G, N]. A K-tile never crosses a group, so one scale/zero row serves the whole tile.
 
   gemv        M = 1: CUDA-core dot products, split-K over the grid
   gemm        M > 1: tl.dot tiles; split-K (atomic fp32 partial sums) for small M, one pass for large M
@@ -14,6 +16,7 @@ Codes become floats without an int-to-float conversion: `code | 0x4B000000` read
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -36,24 +39,66 @@ class Config:
 
 
 @triton.jit
-def _unpack_minus_zero(words, shift, zero_plus_magic, BITS: tl.constexpr):
-    """(code - zero) in fp32 for codes at bit offset `shift` of int32 `words` (magic-number conversion)."""
-    code = (words >> shift) & ((1 << BITS) - 1)
+def _minus_zero(code, zero_plus_magic):
+    """(code - zero) in fp32 for integer codes below 2^23 (magic-number conversion)."""
     return (code | MAGIC).to(tl.float32, bitcast=True) - zero_plus_magic
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, y_ptr, K, N,
-                 GROUP_SIZE: tl.constexpr, BITS: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
-    """y[N] = x[K] @ W: each program reduces BLOCK_K-tiles of its K-split for BLOCK_N columns."""
+def _unpack(words, shift, BITS: tl.constexpr):
+    """Codes at bit offset `shift` of int32 `words` (2, 4, 8 bits: no code crosses a word)."""
+    return (words >> shift) & ((1 << BITS) - 1)
+
+
+@triton.jit
+def _load_runs3(qweight_ptr, runs, offs_n, n_mask, K, N):
+    """The 3 words (w0, w1, w2), each [len(runs), len(offs_n)], of runs of 32 3-bit codes (0 past K)."""
+    ptrs = qweight_ptr + (runs * 3)[:, None] * N + offs_n[None, :]
+    mask = (runs[:, None] * 32 < K) & n_mask[None, :]
+    w0 = tl.load(ptrs, mask=mask, other=0, eviction_policy="evict_first")
+    w1 = tl.load(ptrs + N, mask=mask, other=0, eviction_policy="evict_first")
+    w2 = tl.load(ptrs + 2 * N, mask=mask, other=0, eviction_policy="evict_first")
+    return w0, w1, w2
+
+
+@triton.jit
+def _code3(w0, w1, w2, I: tl.constexpr):
+    """Code I of each run of 32 3-bit codes packed in words w0, w1, w2: stream bits [3I, 3I + 3)."""
+    if I < 10:
+        code = w0 >> (3 * I)
+    elif I == 10:
+        code = ((w0 >> 30) & 0x3) | (w1 << 2)            # bits 30-31 of w0, bit 0 of w1
+    elif I < 21:
+        code = w1 >> (3 * I - 32)
+    elif I == 21:
+        code = ((w1 >> 31) & 0x1) | (w2 << 1)            # bit 31 of w1, bits 0-1 of w2
+    else:
+        code = w2 >> (3 * I - 64)
+    return code & 0x7
+
+
+@triton.jit
+def _codes3(w0, w1, w2):
+    """All codes of runs packed in words w0, w1, w2 [R, N], as a [32 * R, N] tile in stream order: code i of a
+    run at bit 3i % 32 of word 3i // 32, codes 10 and 21 continuing into the next word."""
+    i = tl.arange(0, 32)[None, :, None]
+    shift = ((3 * i) % 32).to(tl.uint32)
+    a, b, c = w0[:, None, :], w1[:, None, :], w2[:, None, :]
+    lo = tl.where(i < 11, a, tl.where(i < 22, b, c)).to(tl.uint32, bitcast=True)
+    hi = tl.where(i == 10, b, tl.where(i == 21, c, 0)).to(tl.uint32, bitcast=True)
+    # logical shifts; hi is 0 unless the code straddles, and `& 31` keeps the shift below 32 at shift 0
+    codes = ((lo >> shift) | (hi << ((32 - shift) & 31))) & 0x7
+    return tl.reshape(codes, [32 * w0.shape[0], w0.shape[1]])
+
+
+@triton.jit
+def _gemv_words(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, K, N, offs_n, n_mask, pid_k,
+                GROUP_SIZE: tl.constexpr, BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                SPLIT_K: tl.constexpr):
+    """GEMV partial sums [words, BLOCK_N] over this program's K-split, PER_WORD codes per word (2, 4, 8 bits)."""
     PER_WORD: tl.constexpr = 32 // BITS
     WORDS: tl.constexpr = BLOCK_K // PER_WORD
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_w = tl.arange(0, WORDS)
-    n_mask = offs_n < N
     acc = tl.zeros([WORDS, BLOCK_N], dtype=tl.float32)
     for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
         rows = k0 // PER_WORD + offs_w
@@ -67,8 +112,48 @@ def _gemv_kernel(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, y_ptr, K, N,
         for j in tl.static_range(PER_WORD):
             k = k0 + offs_w * PER_WORD + j
             xj = tl.load(x_ptr + k, mask=k < K, other=0.0).to(tl.float32)
-            part += xj[:, None] * _unpack_minus_zero(words, j * BITS, zero[None, :], BITS)
+            part += xj[:, None] * _minus_zero(_unpack(words, j * BITS, BITS), zero[None, :])
         acc += part * scale[None, :]                     # sum_k x s (q - z), s constant over the tile
+    return acc
+
+
+@triton.jit
+def _gemv_runs3(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, K, N, offs_n, n_mask, pid_k,
+                GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+    """GEMV partial sums [runs, BLOCK_N] over this program's K-split for 3-bit codes, 32 codes in 3 words per run."""
+    RUNS: tl.constexpr = BLOCK_K // 32
+    offs_r = tl.arange(0, RUNS)
+    acc = tl.zeros([RUNS, BLOCK_N], dtype=tl.float32)
+    for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
+        runs = k0 // 32 + offs_r
+        w0, w1, w2 = _load_runs3(qweight_ptr, runs, offs_n, n_mask, K, N)
+        g = k0 // GROUP_SIZE
+        scale = tl.load(scales_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        zero = tl.load(zeros_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32) + MAGIC_VALUE
+        part = tl.zeros([RUNS, BLOCK_N], dtype=tl.float32)
+        for i in tl.static_range(32):
+            k = runs * 32 + i
+            xi = tl.load(x_ptr + k, mask=k < K, other=0.0).to(tl.float32)
+            part += xi[:, None] * _minus_zero(_code3(w0, w1, w2, i), zero[None, :])
+        acc += part * scale[None, :]
+    return acc
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, y_ptr, K, N,
+                 GROUP_SIZE: tl.constexpr, BITS: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+    """y[N] = x[K] @ W: each program reduces BLOCK_K-tiles of its K-split for BLOCK_N columns."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    if BITS == 3:
+        acc = _gemv_runs3(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, K, N, offs_n, n_mask, pid_k,
+                          GROUP_SIZE, BLOCK_N, BLOCK_K, SPLIT_K)
+    else:
+        acc = _gemv_words(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, K, N, offs_n, n_mask, pid_k,
+                          GROUP_SIZE, BITS, BLOCK_N, BLOCK_K, SPLIT_K)
     y = tl.sum(acc, axis=0)
     if SPLIT_K == 1:
         tl.store(y_ptr + offs_n, y.to(y_ptr.dtype.element_ty), mask=n_mask)
@@ -101,19 +186,26 @@ def _gemm_kernel(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, y_ptr, M, N, K, stri
     offs_k = tl.arange(0, BLOCK_K)
     m_mask = offs_m < M
     n_mask = offs_n < N
-    shift = (offs_k % PER_WORD) * BITS
+    if BITS == 3:
+        offs_r = tl.arange(0, BLOCK_K // 32)             # tiles are whole runs of 32 codes (3 words)
+    else:
+        shift = (offs_k % PER_WORD) * BITS
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
         k = k0 + offs_k
         k_mask = k < K
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :],
                     mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        words = tl.load(qweight_ptr + (k // PER_WORD)[:, None] * N + offs_n[None, :],
-                        mask=k_mask[:, None] & n_mask[None, :], other=0, eviction_policy="evict_first")
+        if BITS == 3:
+            codes = _codes3(*_load_runs3(qweight_ptr, k0 // 32 + offs_r, offs_n, n_mask, K, N))
+        else:
+            words = tl.load(qweight_ptr + (k // PER_WORD)[:, None] * N + offs_n[None, :],
+                            mask=k_mask[:, None] & n_mask[None, :], other=0, eviction_policy="evict_first")
+            codes = _unpack(words, shift[:, None], BITS)
         g = k0 // GROUP_SIZE
         scale = tl.load(scales_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
         zero = tl.load(zeros_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32) + MAGIC_VALUE
-        w = _unpack_minus_zero(words, shift[:, None], zero[None, :], BITS) * scale[None, :]
+        w = _minus_zero(codes, zero[None, :]) * scale[None, :]
         acc = tl.dot(x, w.to(x.dtype), acc)
     y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
     y_mask = m_mask[:, None] & n_mask[None, :]
@@ -132,18 +224,24 @@ def _dequantize_kernel(qweight_ptr, scales_ptr, zeros_ptr, w_ptr, K, N,
     offs_k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = (offs_k < K)[:, None] & (offs_n < N)[None, :]
-    words = tl.load(qweight_ptr + (offs_k // PER_WORD)[:, None] * N + offs_n[None, :], mask=mask, other=0)
     g = (tl.program_id(0) * BLOCK_K) // GROUP_SIZE
     scale = tl.load(scales_ptr + g * N + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
     zero = tl.load(zeros_ptr + g * N + offs_n, mask=offs_n < N, other=0.0).to(tl.float32) + MAGIC_VALUE
-    w = _unpack_minus_zero(words, ((offs_k % PER_WORD) * BITS)[:, None], zero[None, :], BITS) * scale[None, :]
+    if BITS == 3:
+        runs = tl.program_id(0) * (BLOCK_K // 32) + tl.arange(0, BLOCK_K // 32)
+        codes = _codes3(*_load_runs3(qweight_ptr, runs, offs_n, offs_n < N, K, N))
+    else:
+        words = tl.load(qweight_ptr + (offs_k // PER_WORD)[:, None] * N + offs_n[None, :], mask=mask, other=0)
+        codes = _unpack(words, ((offs_k % PER_WORD) * BITS)[:, None], BITS)
+    w = _minus_zero(codes, zero[None, :]) * scale[None, :]
     tl.store(w_ptr + offs_k[:, None] * N + offs_n[None, :], w.to(w_ptr.dtype.element_ty), mask=mask)
 
 
 def tile_k(config_k: int, group_size: int, bits: int) -> int:
-    """The K-tile: a power of two, at most one group and a divisor of it, a whole number of packed words."""
+    """The K-tile: a power of two, at most one group and a divisor of it, a whole number of packed words
+    (32 // gcd(32, bits) codes: one word of 8 codes at 4 bits, one run of 32 codes in 3 words at 3 bits)."""
     bk = min(config_k, group_size)
-    if bk & (bk - 1) or group_size % bk or bk % (32 // bits):
+    if bk & (bk - 1) or group_size % bk or bk % (32 // math.gcd(32, bits)):
         raise ValueError(f"K-tile {bk} is not a power of two that divides group {group_size} "
                          f"into whole {bits}-bit words")
     return bk

@@ -15,12 +15,12 @@ needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
 K, N = 384, 192
 
 
-def gptq_layer(bits=4, group_size=128, g_idx=None, sym=False, bias=False, seed=0):
+def gptq_layer(bits=4, group_size=128, g_idx=None, sym=False, bias=False, seed=0, in_features=K):
     """A QuantizedLinear filled with random codes in the GPTQ layout."""
     gen = torch.Generator().manual_seed(seed)
-    layer = QuantizedLinear(K, N, bits, group_size, bias=bias, has_g_idx=g_idx is not None)
+    layer = QuantizedLinear(in_features, N, bits, group_size, bias=bias, has_g_idx=g_idx is not None)
     G = layer.scales.shape[0]
-    q = torch.randint(0, 1 << bits, (K, N), generator=gen, dtype=torch.uint8)
+    q = torch.randint(0, 1 << bits, (in_features, N), generator=gen, dtype=torch.uint8)
     zeros = torch.full((G, N), 1 << (bits - 1)) if sym else torch.randint(0, 1 << bits, (G, N), generator=gen)
     layer.qweight.copy_(pack(q, bits, 0))
     layer.scales.copy_(torch.rand(G, N, generator=gen) * 0.02 + 1e-3)
@@ -32,9 +32,10 @@ def gptq_layer(bits=4, group_size=128, g_idx=None, sym=False, bias=False, seed=0
     return layer
 
 
-def act_order_g_idx(group_size=128, seed=0):
+def act_order_g_idx(group_size=128, seed=0, in_features=K):
     """g_idx as GPTQ act-order writes it: equal-size groups over a permutation of the input channels."""
-    return (torch.argsort(torch.randperm(K, generator=torch.Generator().manual_seed(seed))) // group_size).int()
+    perm = torch.randperm(in_features, generator=torch.Generator().manual_seed(seed))
+    return (torch.argsort(perm) // group_size).int()
 
 
 def rel_err(y, ref):
@@ -52,13 +53,20 @@ def test_w4a16_path_by_device_and_m(M, cuda_path, cpu_path):
 
 
 @pytest.mark.parametrize("layer,reason", [
-    (lambda: gptq_layer(bits=3), "3-bit codes straddle words"),
+    (lambda: gptq_layer(bits=3, group_size=16), "a 3-bit group of 16 codes is half a run of 32"),
     (lambda: gptq_layer(g_idx=torch.randint(0, 3, (K,), generator=torch.Generator().manual_seed(0)).int()),
      "groups of unequal size"),
 ])
 def test_layouts_the_kernels_do_not_cover_fall_back_to_the_reference(layer, reason):
     rt = layer().runtime()
     assert rt.path(1, "cuda") == "reference" and rt.path(1, "cpu") == "reference", reason
+
+
+def test_3bit_layers_take_the_triton_paths():
+    for case in ({"bits": 3}, {"bits": 3, "group_size": -1}, {"bits": 3, "g_idx": act_order_g_idx()}):
+        rt = gptq_layer(**case).runtime()
+        assert [rt.path(M, "cuda") for M in (1, 3, 65, 256)] == ["gemv", "splitk", "tiled", "dense"], case
+        assert rt.path(1, "cpu") == "reference"
 
 
 def test_w4a8_path_by_device_and_m():
@@ -68,17 +76,21 @@ def test_w4a8_path_by_device_and_m():
 
 
 W4A16_CASES = [{}, {"sym": True}, {"group_size": 64}, {"group_size": -1},
-               {"g_idx": act_order_g_idx()}, {"bits": 8, "group_size": 32}]
+               {"g_idx": act_order_g_idx()}, {"bits": 8, "group_size": 32},
+               {"bits": 3, "group_size": 32}, {"bits": 3, "group_size": -1}, {"bits": 3, "g_idx": act_order_g_idx()},
+               {"bits": 3, "in_features": 400, "g_idx": act_order_g_idx(in_features=400)}]
 
 
 @needs_triton
-@pytest.mark.parametrize("case", W4A16_CASES, ids=["asym", "sym", "g64", "per-channel", "act-order", "8bit-g32"])
+@pytest.mark.parametrize("case", W4A16_CASES, ids=["asym", "sym", "g64", "per-channel", "act-order", "8bit-g32",
+                                                   "3bit-g32", "3bit-per-channel", "3bit-act-order",
+                                                   "3bit-act-order-k400"])
 @pytest.mark.parametrize("M,path", [(1, "gemv"), (3, "splitk"), (17, "splitk"), (64, "splitk"), (17, "tiled"),
                                     (17, "dense")])
 def test_every_w4a16_path_computes_the_layer(poisoned_outputs, case, M, path):
     rt = gptq_layer(**case, seed=M).runtime()
     W = reference.dequantize(*rt.layout).double()
-    x = torch.randn(M, K).half()
+    x = torch.randn(M, rt.K).half()
     assert rel_err(rt(x, path), x.double() @ W.t()) <= 1e-3
 
 
