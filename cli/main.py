@@ -41,6 +41,47 @@ def _mb(n: int) -> str:
     return f"{n / 1e6:,.1f} MB"
 
 
+def json_option(what: str):
+    """`--json FILE`: write `what` as JSON to FILE, or with `-` to stdout in place of the printed report."""
+    return click.option("--json", "json_path", type=click.Path(dir_okay=False, allow_dash=True), metavar="FILE",
+                        help=f"Write {what} as JSON to FILE ('-': to stdout, instead of the printed report).")
+
+
+class Report:
+    """What a command prints: a report on stdout, and its JSON in a file; with `--json -` only the JSON goes to
+    stdout and remarks go to stderr."""
+
+    def __init__(self, json_path: str | None):
+        self.json_path = json_path
+        self.quiet = json_path == "-"
+
+    def line(self, text: str) -> None:
+        """A line of the report (left out when the JSON takes stdout)."""
+        if not self.quiet:
+            click.echo(text)
+
+    def note(self, text: str) -> None:
+        """A remark beside the result."""
+        click.echo(text, err=self.quiet)
+
+    def table(self, title: str, rows: list[tuple[str, str]]) -> None:
+        width = max(len(k) for k, _ in rows)
+        self.line(title)
+        for k, v in rows:
+            self.line(f"  {k:<{width}}  {v}")
+
+    def json(self, payload) -> None:
+        if self.json_path is None:
+            return
+        import json
+        text = json.dumps(payload, indent=2, default=str) + "\n"
+        if self.quiet:
+            click.echo(text, nl=False)
+            return
+        with open(self.json_path, "w") as f:
+            f.write(text)
+
+
 @main.command()
 @click.argument("model")
 @click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Output folder.")
@@ -79,17 +120,18 @@ def _mb(n: int) -> str:
 @click.option("--lossless-rest", is_flag=True,
               help="Entropy-code the tensors that stay BF16 (embeddings, norms, lm_head), bit for bit.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the summary as JSON.")
+@json_option("the summary")
 def quantize(model, out, method, bits, group_size, sym, act_order, static_groups, mse, true_sequential, damp, calib,
              nsamples, seqlen, seed, calib_dtype, target_bpw, measurement, plan_path, fisher_samples, proxy, device,
              eval_data, eval_seqlen, eval_max_tokens, lossless_rest, overwrite, json_path):
     """Quantize MODEL (folder, .gguf or bundled name) into OUT."""
     from .. import api
+    report = Report(json_path)
     if device == "cuda":
         raise InputError("--device cuda: calibration runs on CPU in this version; use --device cpu or auto")
     calib = list(calib) or ["self"]
     if calib == ["self"] and method != "rtn":
-        click.echo("calibration: no --calib file given, sampling text from the model itself (--calib self)")
+        report.note("calibration: no --calib file given, sampling text from the model itself (--calib self)")
     s = api.quantize(model, out, method=method, bits=bits, group_size=group_size, sym=sym, act_order=act_order,
                      static_groups=static_groups, mse=mse, true_sequential=true_sequential, damp=damp, calib=calib,
                      nsamples=nsamples, seqlen=seqlen, seed=seed, calib_dtype=calib_dtype, overwrite=overwrite,
@@ -109,17 +151,18 @@ def quantize(model, out, method, bits, group_size, sym, act_order, static_groups
     if s["eval"]:
         rows.append(("perplexity", (f"{s['eval']['perplexity']:.3f} ({s['eval']['tokens']} tokens, "
                                     f"seqlen {s['eval']['seqlen']})")))
-    _table(f"wrote {out}", rows)
-    _write_json(json_path, s)
+    report.table(f"wrote {out}", rows)
+    report.json(s)
 
 
 @main.command("eval")
 @click.argument("model")
-@click.option("--data", "data_path", type=click.Path(), help="Evaluation text (default: WikiText-2 test from ../shared).")
+@click.option("--data", "data_path", type=click.Path(),
+              help="Evaluation text (default: WikiText-2 test from ../shared).")
 @click.option("--seqlen", type=int, default=2048, show_default=True)
 @click.option("--max-tokens", type=int, default=None, help="Use only the first N tokens of the text.")
 @click.option("--base", help="Unquantized MODEL to compare against (KL divergence, top-1 agreement).")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the result as JSON.")
+@json_option("the result")
 def eval_(model, data_path, seqlen, max_tokens, base, json_path):
     """Perplexity of MODEL (and KL / top-1 agreement against --base)."""
     from .. import api
@@ -140,23 +183,39 @@ def eval_(model, data_path, seqlen, max_tokens, base, json_path):
     rows = [("perplexity", f"{result['perplexity']:.4f}"), ("tokens", str(result["tokens"])),
             ("seqlen", str(result["seqlen"]))]
     if base:
-        rows += [("base perplexity", f"{result['base_perplexity']:.4f}"), ("KL to base (nats/token)", f"{result['kl']:.5f}"),
+        rows += [("base perplexity", f"{result['base_perplexity']:.4f}"),
+                 ("KL to base (nats/token)", f"{result['kl']:.5f}"),
                  ("top-1 agreement", f"{result['top1_agreement']:.4f}")]
-    _table(f"eval {model}", rows)
-    _write_json(json_path, {"model": model, "data": data_path, "base": base, **result})
+    report = Report(json_path)
+    report.table(f"eval {model}", rows)
+    report.json({"model": model, "data": data_path, "base": base, **result})
 
 
 @main.command()
 @click.argument("path", type=click.Path())
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the table as JSON.")
-def inspect(path, json_path):
+@json_option("the table")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), metavar="FILE.png",
+              help="Draw the plan as a PNG: bits and error per layer kind and block (needs bitsmith[plot]).")
+def inspect(path, json_path, plot_path):
     """Per-layer table of a bitsmith checkpoint: shape, bits, group size, all-in bits per weight, bytes."""
-    from ..formats.inspect import layer_table
+    from ..formats.inspect import check_plot_path, layer_table
+    if plot_path:
+        check_plot_path(plot_path)
     rows, totals = layer_table(path)
+    if plot_path and not rows:
+        raise InputError(f"--plot: {path} has no quantized linears to draw")
+    report = Report(json_path)
+    _layer_report(report, rows, totals)
+    report.json({"layers": rows, "totals": totals})
+    if plot_path:
+        _plot(path, rows, totals, plot_path)
+
+
+def _layer_report(report: Report, rows: list[dict], totals: dict) -> None:
     widths = (44, 12, 4, 5, 3, 10, 10, 7, 12)
 
     def line(*cells):
-        click.echo(" ".join(f"{c:<{w}}" if i == 0 else f"{c:>{w}}" for i, (c, w) in enumerate(zip(cells, widths))))
+        report.line(" ".join(f"{c:<{w}}" if i == 0 else f"{c:>{w}}" for i, (c, w) in enumerate(zip(cells, widths))))
 
     line("layer", "shape", "bits", "group", "sym", "predicted", "loss", "bpw", "bytes")
     for r in rows:
@@ -171,39 +230,34 @@ def inspect(path, json_path):
         line(c["name"] + " (coded)", "", "", "", "", "", "", f"{c['bits_per_value']:.3f}", f"{c['coded_bytes']:,}")
     line("total", "", "", "", "", "", "", "", f"{totals['total_bytes']:,}")
     if totals["target_bpw"]:
-        click.echo(f"planned for {totals['target_bpw']} bits per weight; predicted loss increase {predicted} nats/token")
-    _write_json(json_path, {"layers": rows, "totals": totals})
+        report.line(f"planned for {totals['target_bpw']} bits per weight; predicted loss increase {predicted} "
+                    "nats/token")
+
+
+def _plot(path, rows: list[dict], totals: dict, plot_path) -> None:
+    """The plan as a figure: layer kind x block, in the order of the model family's blocks."""
+    from ..calibration.adapter import family_of
+    from ..formats.checkpoint import Checkpoint
+    from ..formats.inspect import block_grid, error_measure, plan_title, plot_plan
+    family = family_of(Checkpoint(path).config or {})
+    grid = block_grid(rows, family.block_prefix, family.linears)
+    plot_plan(grid, plan_title(totals, path), *error_measure(rows), plot_path)
 
 
 @main.command()
 @click.argument("path", type=click.Path())
-def verify(path):
+@json_option("the result (ok, problems)")
+def verify(path, json_path):
     """Check a bitsmith checkpoint: every file's sha256 against the manifest, and its structure."""
     from ..formats.checkpoint import verify as verify_folder
     problems = verify_folder(path)
+    report = Report(json_path)
+    report.json({"path": path, "ok": not problems, "problems": problems})
     if problems:
         for p in problems:
             click.echo(f"FAIL {p}", err=True)
         sys.exit(2)
-    click.echo(f"OK {path}")
+    report.line(f"OK {path}")
 
 
-from .lossless import compress, decompress  # commands defined beside this group
-
-main.add_command(compress)
-main.add_command(decompress)
-
-
-def _table(title: str, rows: list[tuple[str, str]]) -> None:
-    width = max(len(k) for k, _ in rows)
-    click.echo(title)
-    for k, v in rows:
-        click.echo(f"  {k:<{width}}  {v}")
-
-
-def _write_json(path, payload) -> None:
-    if path:
-        import json
-        with open(path, "w") as f:
-            json.dump(payload, f, indent=2, default=str)
-            f.write("\n")
+from . import lossless  # noqa: F401  (its commands join this group)

@@ -297,6 +297,9 @@ class Checkpoint:
     def __contains__(self, name: str) -> bool:
         return name in self._where or name in self.coded
 
+    def __iter__(self):
+        return iter(self.keys())
+
     def numel(self, name: str) -> int:
         n = 1
         for d in self.coded[name]["shape"] if name in self.coded else self._slice(name).get_shape():

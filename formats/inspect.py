@@ -1,12 +1,19 @@
 """What a bitsmith checkpoint holds, per layer: shape, the plan's choice (bits, group size, symmetry) and
-predicted error, the GPTQ loss of the run, all-in bits per weight and bytes."""
+predicted error, the GPTQ loss of the run, all-in bits per weight and bytes; and a figure of the plan."""
 from __future__ import annotations
+
+import io
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
 
 from . import dfloat
 from .checkpoint import Checkpoint
 from .errors import InputError
 
 QUANT_PARTS = ("qweight", "scales", "qzeros", "g_idx", "channel_scale", "group_scale", "group_zero")
+PLOT_EXTRA = "pip install 'bitsmith[plot]'"
+OUTSIDE_BLOCKS = "other"
 
 
 def layer_table(path) -> tuple[list[dict], dict]:
@@ -16,6 +23,7 @@ def layer_table(path) -> tuple[list[dict], dict]:
     plan = _object(ckpt.manifest.get("plan", {}), "plan")
     entries = _object(plan.get("layers", {}), "plan layers")
     layers = _object(ckpt.manifest.get("layers", {}), "layers")
+    source = _object(ckpt.manifest.get("source", {}), "source")
     coded = [dfloat.describe(n, meta) for n, meta in sorted(ckpt.coded.items())]
     sizes = {name: ckpt.nbytes(name) for name in ckpt}
     sizes.update({c["name"]: c["coded_bytes"] for c in coded})
@@ -38,8 +46,9 @@ def layer_table(path) -> tuple[list[dict], dict]:
     quantized_bytes = sum(r["bytes"] for r in rows)
     other = {n: b for n, b in sizes.items() if n not in counted}
     predicted = [r["predicted_error"] for r in rows]
-    totals = {"coded": coded, "layers": len(rows), "target_bpw": plan.get("target_bpw"),
-              "predicted_error": None if None in predicted or not rows else sum(predicted), "bpw": 8 * quantized_bytes / max(weights, 1), "quantized_bytes": quantized_bytes,
+    totals = {"model": source.get("name"), "coded": coded, "layers": len(rows), "target_bpw": plan.get("target_bpw"),
+              "predicted_error": None if None in predicted or not rows else sum(predicted),
+              "bpw": 8 * quantized_bytes / max(weights, 1), "quantized_bytes": quantized_bytes,
               "other_tensors": len(other), "other_bytes": sum(other.values()),
               "total_bytes": quantized_bytes + sum(other.values())}
     return rows, totals
@@ -49,3 +58,137 @@ def _object(value, what: str) -> dict:
     if not isinstance(value, dict):
         raise InputError(f"manifest: {what} is not an object")
     return value
+
+
+@dataclass
+class Grid:
+    """Rows of the layer table laid out by layer kind (y) and block index (x)."""
+    kinds: list[str]
+    blocks: list[str]
+    cells: dict[tuple[int, int], dict] = field(default_factory=dict)
+
+    def labels(self) -> list[str]:
+        """Each kind by its last name part (`q_proj`) where that is unambiguous, else in full."""
+        last = [k.rsplit(".", 1)[-1] for k in self.kinds]
+        return [short if last.count(short) == 1 else kind for short, kind in zip(last, self.kinds)]
+
+
+def block_grid(rows: list[dict], block_prefix: str, kind_order=()) -> Grid:
+    """Place each row by its block (block_prefix has "{i}" for the index) and kind (the name after the prefix),
+    kinds in kind_order first, then as met; linears outside the blocks go to a column of their own."""
+    pattern = re.compile(r"(\d+)".join(map(re.escape, block_prefix.split("{i}"))) + "(.+)")
+    placed = []
+    for row in rows:
+        m = pattern.fullmatch(row["name"])
+        placed.append((m.group(2), int(m.group(1))) if m else (row["name"], None))
+    met = [kind for kind, _ in placed]
+    kinds = [k for k in kind_order if k in met] + [k for k in dict.fromkeys(met) if k not in kind_order]
+    indices = sorted({i for _, i in placed if i is not None})
+    blocks = [str(i) for i in indices] + ([OUTSIDE_BLOCKS] if None in (i for _, i in placed) else [])
+    grid = Grid(kinds, blocks)
+    for row, (kind, i) in zip(rows, placed):
+        grid.cells[kinds.index(kind), blocks.index(OUTSIDE_BLOCKS if i is None else str(i))] = row
+    return grid
+
+
+def cell_label(row: dict) -> str:
+    """Bits and group size of one linear: "3/g64", "4/g128s" (symmetric), "3/ch" (per output channel)."""
+    group = "ch" if row["group_size"] == -1 else f"g{row['group_size']}"
+    return f"{row['bits']}/{group}{'s' if row['sym'] else ''}"
+
+
+def check_plot_path(path) -> None:
+    """Refuse a figure that cannot be written, before any work: no matplotlib, no such folder, not a .png."""
+    path = Path(path)
+    if path.suffix.lower() != ".png":
+        raise InputError(f"--plot {path}: the figure is a PNG; name it *.png")
+    if not path.parent.is_dir():
+        raise InputError(f"--plot {path}: no such folder {path.parent}")
+    _matplotlib()
+
+
+def _matplotlib():
+    """Figure, the Agg canvas and LogNorm, or a one-line error naming the extra to install."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.colors import LogNorm
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise InputError(f"--plot needs matplotlib: {PLOT_EXTRA}") from None
+    return Figure, FigureCanvasAgg, LogNorm
+
+
+def error_measure(rows: list[dict]) -> tuple[str, str]:
+    """(row key, caption) of the error to draw: the plan's predicted error, else the measured loss."""
+    if rows and all(r["predicted_error"] is not None for r in rows):
+        return "predicted_error", "predicted loss increase (nats/token), log scale"
+    return "loss", "measured loss per linear (the plan has no predicted errors), log scale"
+
+
+def plan_title(totals: dict, path) -> str:
+    model = Path(str(totals.get("model") or path)).name
+    target = "no target" if totals["target_bpw"] is None else f"target {totals['target_bpw']} bpw"
+    return f"{model}: {target}, achieved {totals['bpw']:.3f} bpw all-in"
+
+
+def plot_plan(grid: Grid, title: str, error_key: str, error_caption: str, path) -> None:
+    """Two heatmaps, kind x block: the chosen bits (annotated with bits/group) and the error; written as PNG."""
+    import numpy as np
+    Figure, FigureCanvasAgg, LogNorm = _matplotlib()
+    bits, error = np.full((2, len(grid.kinds), len(grid.blocks)), np.nan)
+    for (k, b), row in grid.cells.items():
+        bits[k, b], error[k, b] = row["bits"], row[error_key] if row[error_key] is not None else np.nan
+    width = max(6.0, 2.0 + 0.62 * len(grid.blocks))
+    fig = Figure(figsize=(width, 2.0 + 0.7 * len(grid.kinds)), layout="constrained")
+    FigureCanvasAgg(fig)
+    top, bottom = fig.subplots(2, 1)
+    _bits_map(fig, top, grid, bits)
+    _error_map(fig, bottom, grid, error, LogNorm, error_caption)
+    fig.suptitle(title)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    Path(path).write_bytes(buffer.getvalue())
+
+
+def _axes(ax, grid: Grid, caption: str) -> None:
+    ax.set_xticks(range(len(grid.blocks)), grid.blocks)
+    ax.set_yticks(range(len(grid.kinds)), grid.labels())
+    ax.set_xlabel("block")
+    ax.set_title(caption, fontsize="medium")
+
+
+def _bits_map(fig, ax, grid: Grid, bits) -> None:
+    import numpy as np
+    values = sorted({row["bits"] for row in grid.cells.values()})
+    image = ax.imshow(np.ma.masked_invalid(bits), aspect="auto", cmap=_cmap("viridis"),
+                      vmin=values[0] - 0.5, vmax=values[-1] + 0.5)
+    for (k, b), row in grid.cells.items():
+        dark = (row["bits"] - values[0] + 0.5) / (values[-1] - values[0] + 1) < 0.55
+        ax.text(b, k, cell_label(row), ha="center", va="center", fontsize=7, color="white" if dark else "black")
+    fig.colorbar(image, ax=ax, ticks=values, label="bits")
+    _axes(ax, grid, "bits / group size (s = symmetric, ch = per output channel)")
+
+
+def _error_map(fig, ax, grid: Grid, error, LogNorm, caption: str) -> None:
+    import numpy as np
+    shown = np.ma.masked_where(~(error > 0), error)
+    norm = _log_norm(shown, LogNorm)
+    image = ax.imshow(shown, aspect="auto", cmap=_cmap("magma_r"), norm=norm)
+    for k, b in zip(*np.nonzero(error == 0)):
+        ax.text(b, k, "0", ha="center", va="center", fontsize=7)
+    if norm is not None:
+        fig.colorbar(image, ax=ax, label="error")
+    _axes(ax, grid, caption if norm is not None else caption.replace(", log scale", ": none above zero"))
+
+
+def _log_norm(values, LogNorm):
+    """A log scale over the positive values (one decade wide when they are all equal); None when there are none."""
+    if not values.count():
+        return None
+    low, high = float(values.min()), float(values.max())
+    return LogNorm(vmin=low, vmax=high if high > low else low * 10)
+
+
+def _cmap(name: str):
+    from matplotlib import colormaps
+    return colormaps[name].with_extremes(bad="#dddddd")       # grey: no linear there, or no error above zero
