@@ -60,11 +60,13 @@ def quantize(model: str, out: str, *, overwrite: bool = False, eval_data: str | 
     with CheckpointWriter(out, overwrite=overwrite, inputs=inputs) as writer:
         coder = dfloat.CodedWriter(writer) if lossless_rest else None
         shapes = linear_shapes(BlockRunner(source.config))
-        measured = None
+        measured, measure_seconds = None, None
         if plan_body is not None:
             qplan = QuantPlan.from_dict(plan_body, shapes, opts, plan)
         elif target_bpw is not None:
+            started = clock.seconds
             measured = Measurement.load(measurement, source, opts) if measurement else measure(source, opts, progress)
+            measure_seconds = clock.seconds - started
             qplan = decide(measured, target_bpw, opts, opts.proxy)
         else:
             qplan = QuantPlan.uniform(opts, shapes)
@@ -91,7 +93,7 @@ def quantize(model: str, out: str, *, overwrite: bool = False, eval_data: str | 
             "layers": {l.name: {"shape": list(l.shape), "loss": l.loss} for l in result.layers},
         })
     return {**summary(source, out, result, clock.seconds), "target_bits_per_weight": target_bpw,
-            "predicted_error": qplan.predicted_error()}
+            "predicted_error": qplan.predicted_error(), "measure_seconds": measure_seconds}
 
 
 def _plan_request(target_bpw, measurement, plan) -> dict | None:

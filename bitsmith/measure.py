@@ -7,6 +7,13 @@ rows weighted by the diagonal Fisher of the linear's output (calibration/fisher.
 increase of the loss in nats per token. The plain sum over rows (output MSE, not comparable across layers)
 is kept too, as the "hessian" proxy.
 
+GPTQ treats rows independently, so a linear's error is a sum over its rows and a sample of rows estimates
+it: the measurement runs GPTQ on `MEASURE_ROWS` rows of each linear, a systematic sample of the rows ordered by
+their Fisher-weighted round-to-nearest error (one row from the middle of each of equal strata, standing for its
+stratum; Cochran, Sampling Techniques, 3rd ed., section 8.6), and scales the sample's GPTQ error by the ratio
+of all rows' round-to-nearest error to the sample's (the ratio estimator, section 6.11): RTN error is cheap for
+every row and tracks GPTQ's closely. bench/measure_sampling.py measures how close the estimate lands.
+
 Decide: linears that read one input in one block (q/k/v, gate/up) share a configuration, as fused loaders
 (vLLM) require; a multiple-choice knapsack (quantize/allocate.py) picks one candidate per such unit.
 """
@@ -32,8 +39,11 @@ from .pipeline import calibration_windows, collect_hessians, compute, forward_in
 from .plan import LayerPlan, QuantizeOptions, QuantPlan
 from .quantize.allocate import allocate
 from .quantize.gptq import GridConfig, gptq_configs
+from .quantize.rtn import rtn_quantize
 
 CANDIDATES = tuple(LayerPlan(b, g, s) for b in (2, 3, 4, 8) for g in (32, 64, 128, -1) for s in (False, True))
+MEASURE_ROWS = 128        # rows of each linear the measurement runs GPTQ on (all of them when it has fewer)
+FLOAT_TINY = torch.finfo(torch.float32).tiny
 SHRINK_EVERY = 8          # the measurement's grid search tries every 8th of GPTQ's 80 shrink factors
 PROXIES = ("fisher", "hessian")
 MEASUREMENT_VERSION = 1
@@ -107,6 +117,78 @@ class Measurement:
                    body["options"], candidates, shapes, units, errors)
 
 
+def strata(key: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A systematic sample of `rows` of the entries of `key` taken in order of `key`: the middle entry of each
+    of `rows` (nearly) equal strata, and how many entries each stands for. All entries when there are few."""
+    n = key.numel()
+    if n <= rows:
+        return torch.arange(n), torch.ones(n)
+    edges = torch.linspace(0, n, rows + 1).round().long()
+    return torch.argsort(key, stable=True)[(edges[:-1] + edges[1:]) // 2], (edges[1:] - edges[:-1]).float()
+
+
+def pps(key: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`rows` entries drawn with probability proportional to `key` (systematic, in order of `key`, midpoints),
+    entries whose probability would reach 1 taken for certain; returns them and 1 / their probability, the
+    Horvitz-Thompson weights (Cochran, sections 9A.5 and 9A.6)."""
+    n = key.numel()
+    if n <= rows:
+        return torch.arange(n), torch.ones(n)
+    key = key.double().clamp(min=0) + key.double().clamp(min=0).mean() * 1e-3 + 1e-300   # every row can be drawn
+    certain = torch.zeros(n, dtype=torch.bool)
+    while True:
+        left = rows - int(certain.sum())
+        prob = left * key / key[~certain].sum()
+        more = ~certain & (prob >= 1)
+        if not more.any():
+            break
+        certain |= more
+    order = torch.argsort(torch.where(certain, -1.0, key), stable=True)[int(certain.sum()):]
+    drawn = order[torch.searchsorted(torch.cumsum(prob[order], 0), torch.arange(left, dtype=torch.float64) + 0.5)]
+    picked = torch.cat([certain.nonzero().squeeze(1), drawn])
+    return picked, torch.cat([torch.ones(int(certain.sum()), dtype=torch.float64), 1 / prob[drawn]]).float()
+
+
+SAMPLERS = {"strata": strata, "pps": pps}
+
+
+def sampled_losses(W: torch.Tensor, H: torch.Tensor, fisher: torch.Tensor, configs: list[GridConfig],
+                   opts: QuantizeOptions, rows: int = MEASURE_ROWS, sampler: str = "pps",
+                   estimator: str = "ratio") -> tuple[list[float], list[float]]:
+    """(Fisher-weighted, plain) GPTQ error of W under each configuration, estimated from a sample of rows:
+    sum_o F_o loss_o / 2 (nats per token) and sum_o loss_o.
+
+    Rows are drawn by `sampler` with each row's Fisher-weighted round-to-nearest error as the size. "ratio":
+    the combined ratio estimator (Cochran, section 6.11) with the RTN error of each configuration, known for
+    every row at little cost, as auxiliary variable: total RTN error times the sample's GPTQ-to-RTN ratio.
+    "sum": the weighted sample sum alone."""
+    aux = rtn_errors(W, H, configs)                                           # [C, out]
+    pick, weight = SAMPLERS[sampler](fisher * aux[_key_config(configs)], rows)
+    _, losses = gptq_configs(W[pick], H, configs, opts.act_order, opts.static_groups, opts.damp, mse=opts.mse,
+                             shrink_every=SHRINK_EVERY, keep=False)
+    estimates = []
+    for unit in (fisher / 2, torch.ones_like(fisher)):                      # each row's weight in the total
+        w = weight * unit[pick]
+        total = losses @ w
+        if estimator == "ratio":
+            sampled = aux[:, pick] @ w
+            total = torch.where(sampled > 0, total * (aux @ unit) / sampled.clamp(min=FLOAT_TINY), total)
+        estimates.append(total.tolist())
+    return estimates[0], estimates[1]
+
+
+def rtn_errors(W: torch.Tensor, H: torch.Tensor, configs: list[GridConfig]) -> torch.Tensor:
+    """sum_j H_jj (w_oj - q_oj)^2 of every row o under every configuration's min-max round-to-nearest grid."""
+    d = torch.diag(H)
+    return torch.stack([((W - rtn_quantize(W, c.bits, c.group_size, c.sym).Q) ** 2) @ d for c in configs])
+
+
+def _key_config(configs: list[GridConfig]) -> int:
+    """The configuration whose RTN error orders the rows for sampling: 4-bit groups of 128 when measured."""
+    wanted = GridConfig(4, 128, False)
+    return configs.index(wanted) if wanted in configs else len(configs) // 2
+
+
 def units_of(runner: BlockRunner) -> list[list[str]]:
     family = runner.family
     return [[family.block_prefix.format(i=i) + name for name in group]
@@ -135,14 +217,12 @@ def measure(source: ModelSource, opts: QuantizeOptions, progress: bool = True) -
         hessians = collect_hessians(runner, block, hidden, pos, opts, family.siblings)
         for group in family.siblings:
             for name in group:
-                W = block.get_submodule(name).weight.data
+                W = block.get_submodule(name).weight.data.to(torch.float32)
                 try:
-                    _, losses = gptq_configs(W, hessians[group].H, configs, opts.act_order, opts.static_groups,
-                                             opts.damp, mse=opts.mse, shrink_every=SHRINK_EVERY, keep=False)
+                    errors["fisher"][prefix + name], errors["hessian"][prefix + name] = sampled_losses(
+                        W, hessians[group].H, fisher[prefix + name], configs, opts)
                 except ValueError as e:
                     raise InputError(f"{prefix + name}: {e}") from None
-                errors["hessian"][prefix + name] = losses.sum(dim=1).tolist()
-                errors["fisher"][prefix + name] = (losses @ fisher[prefix + name] / 2).tolist()
         with compute(opts):
             forward_in_place(runner, block, hidden, pos, opts.batch)
         runner.release_block(i)

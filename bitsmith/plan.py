@@ -111,7 +111,10 @@ class QuantPlan:
                              (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
         layers = {name: _layer_from(entries[name], f"{where}: {name}") for name in linears}
         for name, layer in layers.items():
-            check_group(layer.group_size, name, linears[name][1], opts.method)
+            try:
+                check_group(layer.group_size, name, linears[name][1], opts.method)
+            except InputError as e:
+                raise InputError(f"{where}: {e}") from None
         target = body.get("target_bpw")
         return cls(opts, layers, target if isinstance(target, (int, float)) else None)
 

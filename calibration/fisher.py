@@ -27,6 +27,7 @@ def output_fisher(model: torch.nn.Module, windows: torch.Tensor, linears: list[s
             output.register_hook(grad)
         return hook
 
+    model.requires_grad_(False)        # gradients of the outputs only: no weight gradients held
     hooks = [model.get_submodule(name).register_forward_hook(keep(name)) for name in linears]
     embed = model.get_input_embeddings()
     try:

@@ -14,17 +14,6 @@ from bitsmith.kernels.linear import QuantizedLinear
 
 
 @pytest.fixture(scope="module")
-def stories_split(tmp_path_factory, text_dir):
-    """TinyStories text cut in two: calibrate on the first 70 %, evaluate on the rest (never on the same text)."""
-    text = (text_dir / "tinystories_calib.txt").read_text()
-    cut = text.index("\n", int(len(text) * 0.7))
-    d = tmp_path_factory.mktemp("text")
-    (d / "calib.txt").write_text(text[:cut])
-    (d / "eval.txt").write_text(text[cut:])
-    return d / "calib.txt", d / "eval.txt"
-
-
-@pytest.fixture(scope="module")
 def stories_w4(tmp_path_factory, stories_path, stories_split):
     calib, held = stories_split
     out = tmp_path_factory.mktemp("q") / "stories-w4"

@@ -1,0 +1,206 @@
+"""Measure -> decide -> quantize the plan, end to end on stories260K: the budget holds against the bytes
+written, the saved measurement re-plans without calibrating and is refused for another model, and the
+loaded mixed-precision checkpoint reproduces the perplexity measured while quantizing."""
+import json
+import shutil
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors import safe_open
+
+import bitsmith
+from bitsmith.calibration import data
+from bitsmith.calibration.perplexity import evaluate
+from bitsmith.cli.main import main
+from bitsmith.formats.errors import InputError
+from bitsmith.formats.source import open_source
+from bitsmith.layouts import layer_config
+from bitsmith.measure import CANDIDATES, Measurement, decide
+from bitsmith.plan import QuantizeOptions
+
+pytestmark = pytest.mark.slow
+CALIB = {"nsamples": 16, "seqlen": 128, "seed": 0, "fisher_samples": 4}
+PARTS = ("qweight", "scales", "qzeros", "g_idx")
+
+
+@pytest.fixture(scope="module")
+def planned(tmp_path_factory, stories_path, stories_split):
+    calib, held = stories_split
+    out = tmp_path_factory.mktemp("plan") / "t35"
+    summary = bitsmith.quantize(str(stories_path), str(out), target_bpw=3.5, calib=[str(calib)], **CALIB,
+                                eval_data=str(held), eval_seqlen=128, progress=False)
+    return out, summary
+
+
+def linear_bits(out) -> tuple[int, int]:
+    """(stored bits of every tensor of a quantized linear, weights of those linears), read from the files."""
+    bits = weights = 0
+    for f in out.glob("*.safetensors"):
+        with safe_open(str(f), framework="pt") as st:
+            for key in st.keys():
+                if key.rsplit(".", 1)[-1] in PARTS:
+                    t = st.get_tensor(key)
+                    bits += 8 * t.numel() * t.element_size()
+                if key.endswith(".g_idx"):
+                    in_features = st.get_tensor(key).numel()
+                    out_features = st.get_slice(key[:-5] + "scales").get_shape()[1]
+                    weights += in_features * out_features
+    return bits, weights
+
+
+def test_achieved_bpw_is_the_bytes_written_and_within_the_budget(planned):
+    out, summary = planned
+    bits, weights = linear_bits(out)
+    assert weights == 5 * (2 * 64 * 64 + 2 * 32 * 64 + 3 * 172 * 64)     # q, o; k, v (4 kv heads); gate, up, down
+    assert summary["bits_per_weight"] == pytest.approx(bits / weights, abs=1e-12)
+    assert 3.48 <= summary["bits_per_weight"] <= 3.5
+
+
+def test_the_plan_is_mixed_and_written_where_loaders_read_it(planned, stories_path):
+    out, summary = planned
+    plan = json.loads((out / "plan.json").read_text())
+    manifest = json.loads((out / "bitsmith_manifest.json").read_text())
+    assert manifest["plan"] == plan and plan["target_bpw"] == 3.5
+    configs = {(e["bits"], e["group_size"], e["sym"]) for e in plan["layers"].values()}
+    assert len(configs) > 1
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    for name, entry in plan["layers"].items():
+        assert layer_config(qc, name) == {k: entry[k] for k in ("bits", "group_size", "sym")}
+        with safe_open(str(out / "model.safetensors"), framework="pt") as st:
+            assert st.get_slice(name + ".qweight").get_shape()[0] == entry["bits"] * (-(-st.get_slice(
+                name + ".g_idx").get_shape()[0] // 32))
+    assert summary["predicted_error"] == pytest.approx(sum(e["predicted_error"] for e in plan["layers"].values()))
+    assert bitsmith.formats.checkpoint.verify(out) == []
+
+
+def test_load_reproduces_the_quantize_time_perplexity(planned, stories_split):
+    out, summary = planned
+    windows = data.eval_windows(data.tokenize(open_source(str(out)).tokenizer(), stories_split[1].read_text()), 128)
+    loaded = evaluate(bitsmith.load(str(out)), windows, progress=False)
+    assert loaded["tokens"] == summary["eval"]["tokens"]
+    assert loaded["perplexity"] == summary["eval"]["perplexity"]
+
+
+@pytest.fixture(scope="module")
+def measurement(planned, stories_path):
+    opts = QuantizeOptions(**CALIB)
+    opts.validate()
+    return Measurement.load(planned[0] / "measurement.json", open_source(str(stories_path)), opts), opts
+
+
+def test_measurement_covers_every_candidate_of_every_linear(measurement):
+    m, _ = measurement
+    assert len(m.shapes) == 35 and m.candidates == list(CANDIDATES)
+    for proxy in ("fisher", "hessian"):
+        for errors in m.errors[proxy].values():
+            assert len(errors) == len(CANDIDATES) and all(e >= 0 for e in errors)
+    # more bits on the same grid never measure worse (8-bit g32 is the finest candidate of each linear)
+    for errors in m.errors["fisher"].values():
+        e = dict(zip(((c.bits, c.group_size, c.sym) for c in m.candidates), errors))
+        assert e[(8, 32, False)] <= e[(4, 32, False)] <= e[(3, 32, False)] <= e[(2, 32, False)]
+
+
+def test_decisions_are_deterministic_monotone_and_within_budget(measurement):
+    m, opts = measurement
+    weights = sum(o * i for o, i in m.shapes.values())
+    last = None
+    for target in (2.75, 3.0, 3.25, 3.5, 4.25, 6.0):
+        plan = decide(m, target, opts)
+        assert plan.layers == decide(m, target, opts).layers
+        bits = sum(m.cost(n, m.candidates.index(type(layer)(layer.bits, layer.group_size, layer.sym)))
+                   for n, layer in plan.layers.items())
+        assert target - 0.02 <= bits / weights <= target
+        if last is not None:
+            assert plan.predicted_error() <= last
+        last = plan.predicted_error()
+    with pytest.raises(InputError, match="below the least this model can be stored in"):
+        decide(m, 1.0, opts)
+
+
+def test_replan_from_the_measurement_and_apply_a_plan(planned, stories_path, stories_split, tmp_path):
+    out, _ = planned
+    calib = [str(stories_split[0])]
+    again = bitsmith.quantize(str(stories_path), str(tmp_path / "t30"), target_bpw=3.0, calib=calib, **CALIB,
+                              measurement=str(out / "measurement.json"), progress=False)
+    assert 2.98 <= again["bits_per_weight"] <= 3.0
+    assert json.loads((tmp_path / "t30" / "measurement.json").read_text()) == json.loads(
+        (out / "measurement.json").read_text())                          # carried forward, unchanged
+    bitsmith.quantize(str(stories_path), str(tmp_path / "p"), plan=str(out / "plan.json"), calib=calib,
+                             **CALIB, progress=False)
+    assert json.loads((tmp_path / "p" / "plan.json").read_text())["layers"] == json.loads(
+        (out / "plan.json").read_text())["layers"]
+    with safe_open(str(out / "model.safetensors"), framework="pt") as a, \
+            safe_open(str(tmp_path / "p" / "model.safetensors"), framework="pt") as b:
+        assert sorted(a.keys()) == sorted(b.keys())
+        for key in a.keys():
+            assert torch.equal(a.get_tensor(key), b.get_tensor(key)), key
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def one_line_error(r, text):
+    assert r.exit_code == 2, r.output
+    lines = r.output.strip().splitlines()
+    assert len(lines) == 1 and text in lines[0], r.output
+
+
+def test_a_measurement_of_another_model_or_other_options_is_refused(planned, stories_path, stories_split,
+                                                                    tmp_path):
+    out, _ = planned
+    edited = json.loads((out / "measurement.json").read_text())
+    edited["source_fingerprint"] = "0" * 64
+    (tmp_path / "other.json").write_text(json.dumps(edited))
+    args = ["quantize", stories_path, "--target-bpw", "3", "--calib", stories_split[0], "--nsamples", "16",
+            "--seqlen", "128"]
+    r = run(*args, "-o", tmp_path / "a", "--measurement", tmp_path / "other.json")
+    one_line_error(r, "measured on a different model")
+    r = run(*args, "-o", tmp_path / "b", "--measurement", out / "measurement.json", "--damp", "0.1")
+    one_line_error(r, "measured with damp=0.01, this run has 0.1")
+    (tmp_path / "bad.json").write_text("{\"format_version\": 1}")
+    r = run(*args, "-o", tmp_path / "c", "--measurement", tmp_path / "bad.json")
+    one_line_error(r, "not a bitsmith measurement")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.json", "other.json"]
+
+
+@pytest.mark.parametrize("edit, text", [
+    (lambda p: p["layers"].pop("model.layers.4.mlp.up_proj"), "no entry for model.layers.4.mlp.up_proj"),
+    (lambda p: p["layers"].update({"model.layers.5.mlp.up_proj": {"bits": 4, "group_size": 32}}),
+     "model.layers.5.mlp.up_proj is not a linear of this model"),
+    (lambda p: p["layers"]["model.layers.0.mlp.up_proj"].update(bits=6), "bits 6: choose one of 2, 3, 4, 8"),
+    (lambda p: p["layers"]["model.layers.0.mlp.up_proj"].update(group_size=48), "group size 48 does not divide"),
+])
+def test_an_invalid_plan_file_is_one_line_and_exit_2(planned, stories_path, stories_split, tmp_path, edit, text):
+    plan = json.loads((planned[0] / "plan.json").read_text())
+    edit(plan)
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    r = run("quantize", stories_path, "-o", tmp_path / "q", "--plan", tmp_path / "plan.json", "--nsamples", "4",
+            "--seqlen", "64", "--calib", stories_split[0])
+    one_line_error(r, text)
+    assert not (tmp_path / "q").exists()
+
+
+@pytest.mark.parametrize("args, text", [
+    (["--plan", "P", "--target-bpw", "3"], "does not combine with --target-bpw"),
+    (["--measurement", "P"], "give --target-bpw too"),
+    (["--target-bpw", "0"], "expected all-in bits per weight"),
+    (["--target-bpw", "3", "--measurement", "missing.json"], "no such file"),
+    (["--plan", "missing.json"], "cannot read it as JSON"),
+])
+def test_plan_options_are_checked_before_any_work(stories_path, stories_split, tmp_path, args, text):
+    (tmp_path / "P").write_text("{}")
+    args = [str(tmp_path / a) if a in ("P", "missing.json") else a for a in args]
+    r = run("quantize", stories_path, "-o", tmp_path / "q", "--calib", stories_split[0], *args)
+    one_line_error(r, text)
+    assert not (tmp_path / "q").exists()
+
+
+def test_a_copied_checkpoint_with_an_edited_plan_fails_verify(planned, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(planned[0], copy)
+    plan = json.loads((copy / "plan.json").read_text())
+    plan["layers"]["model.layers.0.mlp.up_proj"]["bits"] = 8
+    (copy / "plan.json").write_text(json.dumps(plan))
+    assert bitsmith.formats.checkpoint.verify(copy) != []

@@ -1,0 +1,58 @@
+"""The plan as data: validation of a plan file against the model's linears, and the round trip through JSON."""
+import json
+
+import pytest
+
+from bitsmith.formats.errors import InputError
+from bitsmith.plan import LayerPlan, QuantizeOptions, QuantPlan
+
+LINEARS = {"model.layers.0.self_attn.q_proj": (64, 64), "model.layers.0.mlp.down_proj": (64, 172)}
+
+
+def body(**overrides):
+    layers = {"model.layers.0.self_attn.q_proj": {"bits": 3, "group_size": 32, "sym": True},
+              "model.layers.0.mlp.down_proj": {"bits": 4, "group_size": 128, "sym": False}}
+    layers.update(overrides)
+    return {"format_version": 1, "layers": {k: v for k, v in layers.items() if v is not None}}
+
+
+def test_round_trip_through_json():
+    opts = QuantizeOptions()
+    plan = QuantPlan.from_dict(body(), LINEARS, opts, "p.json")
+    again = QuantPlan.from_dict(json.loads(json.dumps(plan.as_dict())), LINEARS, opts, "p.json")
+    assert again.layers == plan.layers
+    assert plan.layers["model.layers.0.self_attn.q_proj"] == LayerPlan(3, 32, True)
+    assert plan.predicted_error() is None
+
+
+def test_uniform_plan_is_the_options():
+    opts = QuantizeOptions(bits=3, group_size=64, sym=True)
+    plan = QuantPlan.uniform(opts, LINEARS)
+    assert set(plan.layers.values()) == {LayerPlan(3, 64, True)} and list(plan.layers) == list(LINEARS)
+
+
+def test_predicted_error_sums_the_entries():
+    opts = QuantizeOptions()
+    plan = QuantPlan(opts, {"a": LayerPlan(4, 128, False, 0.25), "b": LayerPlan(2, 32, False, 0.5)})
+    assert plan.predicted_error() == 0.75
+
+
+@pytest.mark.parametrize("plan, message", [
+    ([], "not a plan"),
+    ({"layers": []}, "not a plan"),
+    (body(**{"model.layers.9.mlp.up_proj": {"bits": 4, "group_size": 128}}),
+     "model.layers.9.mlp.up_proj is not a linear of this model"),
+    (body(**{"model.layers.0.mlp.down_proj": None}), "no entry for model.layers.0.mlp.down_proj"),
+    (body(**{"model.layers.0.mlp.down_proj": {"bits": 5, "group_size": 128}}), "bits 5: choose one of 2, 3, 4, 8"),
+    (body(**{"model.layers.0.mlp.down_proj": {"bits": "4", "group_size": 128}}), "bits '4'"),
+    (body(**{"model.layers.0.mlp.down_proj": {"bits": True, "group_size": 128}}), "bits True"),
+    (body(**{"model.layers.0.mlp.down_proj": {"bits": 4, "group_size": 0}}), "group_size 0"),
+    (body(**{"model.layers.0.mlp.down_proj": {"bits": 4, "group_size": 40}}),
+     "group size 40 does not divide in_features 172"),
+    (body(**{"model.layers.0.mlp.down_proj": {"bits": 4, "group_size": 128, "sym": "yes"}}), "sym 'yes'"),
+    (body(**{"model.layers.0.mlp.down_proj": 4}), "expected an object"),
+])
+def test_invalid_plans_are_refused_with_the_reason(plan, message):
+    with pytest.raises(InputError, match=message.replace("(", r"\(")) as e:
+        QuantPlan.from_dict(plan, LINEARS, QuantizeOptions(), "p.json")
+    assert str(e.value).startswith("p.json") and "\n" not in str(e.value)
