@@ -8,6 +8,11 @@ One loop serves every configuration: the column quantizer (`ColumnGrids`) owns t
 configurations of the same matrix, one run of rows each, and the loop itself is the paper's. Rows are
 independent in GPTQ (each row's error feedback uses only H), so stacking the candidates of a measurement
 costs one pass of the loop however many there are.
+
+A configuration may keep a fixed number of outliers per row in fp16 (SpQR, Dettmers et al. 2023, section 4;
+`outliers.py`). They are chosen by a first pass of the loop, then the second pass quantizes with them fixed:
+the grids are fitted without them and each is stored as its error-updated value, so the loop stays exact GPTQ
+for the weights that are quantized and the count per row is exactly the budget.
 """
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from .grid import RowGrid, check_finite, fake_quantize, fit_grid, quantize_codes
+from .outliers import DenseSparseWeight, Outliers, narrowest_range, outlier_count, top_per_row
 from .rtn import QuantizedWeight
 
 DAMP_RETRIES = (1.0, 10.0, 100.0, 1000.0, 1e4)   # multiples of the requested damping, tried in float64
@@ -46,10 +52,14 @@ def inverse_cholesky(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]
 @dataclass(frozen=True)
 class GridConfig:
     """One uniform-grid configuration of a linear: bits, group size along the input (-1 = per output
-    channel) and symmetry."""
+    channel), symmetry, and the fraction of weights kept in fp16 as outliers (`outlier_count` per row)."""
     bits: int
     group_size: int = -1
     sym: bool = False
+    outliers: float = 0.0
+
+    def __post_init__(self):
+        outlier_count(self.outliers, 1)
 
 
 class ColumnGrids:
@@ -57,34 +67,51 @@ class ColumnGrids:
 
     Each group size's rows are refitted where their groups start (on the error-updated columns, as in the
     GPTQ code), or take grids fitted up front on the original column order (`static`); per-channel rows are
-    fitted once. `at(col, W1, i)` gives every row's (scale, zero) for permuted column `col`.
+    fitted once. `at(col, W)` gives every row's (scale, zero) for permuted column `col`.
+
+    `kept` (bool [stack rows, in], permuted order) marks the outliers: every fit leaves them out. With `budget`
+    (outliers per stack row) they are chosen at each fit instead: its share of the budget, rounded up, among the
+    weights that narrow the row's range most (SpQR section 4 fits its groups without likely outliers).
     """
 
     def __init__(self, W: torch.Tensor, configs: list[GridConfig], rows: int, perm: torch.Tensor, mse: bool,
-                 static: bool, shrink_every: int):
+                 static: bool, shrink_every: int, kept: torch.Tensor | None = None,
+                 budget: torch.Tensor | None = None):
         self.cols, self.mse, self.every = W.shape[1], mse, shrink_every
+        self.kept, self.budget = kept, budget
         bits = torch.tensor([c.bits for c in configs]).repeat_interleave(rows)
-        sym = torch.tensor([c.sym for c in configs]).repeat_interleave(rows)
+        self.sym = torch.tensor([c.sym for c in configs]).repeat_interleave(rows)
         self.maxq = (2.0 ** bits - 1).float()
         self.scale = torch.zeros(len(bits), dtype=torch.float16)
         self.zero = torch.zeros(len(bits), dtype=torch.int32)
         self.sizes = sorted({c.group_size for c in configs})
         self.rows, self.grid, self.fits, self.group_of, self.static = {}, {}, {}, {}, {}
+        inv = torch.argsort(perm)
         for g in self.sizes:
             mask = torch.tensor([c.group_size == g for c in configs]).repeat_interleave(rows)
             self.rows[g] = mask.nonzero().squeeze(1)
-            self.grid[g] = RowGrid(bits[self.rows[g]], sym[self.rows[g]])
+            self.grid[g] = RowGrid(bits[self.rows[g]], self.sym[self.rows[g]])
             self.fits[g] = []
             self.group_of[g] = torch.zeros(self.cols, dtype=torch.int64)
             span = self.cols if g == -1 else g
             Wg = W[self.rows[g] % rows]
             if g == -1:
-                self._set(g, fit_grid(Wg, self.grid[g], mse=mse, shrink_every=shrink_every))
+                self._set(g, self._fit(g, Wg, inv))
             elif static:
-                self.static[g] = [fit_grid(Wg[:, i:i + span], self.grid[g], mse=mse, shrink_every=shrink_every)
-                                  for i in range(0, self.cols, span)]
+                self.static[g] = [self._fit(g, Wg[:, i:i + span], inv[i:i + span]) for i in range(0, self.cols, span)]
                 self.group_of[g] = perm // span
         self.perm = perm
+
+    def _fit(self, g: int, x: torch.Tensor, cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Grids of group size g's rows on x [rows of g, n], whose columns sit at permuted positions `cols`."""
+        if self.kept is not None:
+            rows = self.rows[g]
+            at = (rows[:, None], cols)
+            if self.budget is not None:
+                share = torch.clamp(-(-self.budget[rows] * x.shape[1] // self.cols), max=(x.shape[1] - 1) // 2)
+                self.kept[at] = narrowest_range(x, share, self.sym[rows])
+            x = x.masked_fill(self.kept[at], 0)                  # 0 is on every grid: a left-out weight is neutral
+        return fit_grid(x, self.grid[g], mse=self.mse, shrink_every=self.every)
 
     def _set(self, g: int, fit: tuple[torch.Tensor, torch.Tensor]) -> None:
         self.scale[self.rows[g]], self.zero[self.rows[g]] = fit
@@ -101,8 +128,7 @@ class ColumnGrids:
                 self.scale[self.rows[g]], self.zero[self.rows[g]] = fit
                 continue
             if col % g == 0:
-                self._set(g, fit_grid(W[self.rows[g], col:col + g], self.grid[g], mse=self.mse,
-                                      shrink_every=self.every))
+                self._set(g, self._fit(g, W[self.rows[g], col:col + g], torch.arange(col, min(col + g, self.cols))))
             self.group_of[g][col] = col // g
         return self.scale, self.zero
 
@@ -123,14 +149,72 @@ def block_size(configs: list[GridConfig], blocksize: int) -> int:
     return math.gcd(blocksize, *[c.group_size for c in configs if c.group_size != -1])
 
 
+def gptq_loop(W: torch.Tensor, Hinv: torch.Tensor, grids: ColumnGrids, blocksize: int,
+              codes: torch.Tensor | None = None, held: torch.Tensor | None = None,
+              score: torch.Tensor | None = None) -> torch.Tensor:
+    """GPTQ Algorithm 1 over the (permuted) columns of the stack W, in place; returns each row's loss.
+
+    Fills `codes`; the outliers (`grids.kept`) are kept as their current value in fp16, which `held` receives,
+    and their codes are the zero point. `score` receives every weight's loss (w-q)^2 / [H^-1]_jj^2 had it been
+    quantized (SpQR Algorithm 1)."""
+    cols = W.shape[1]
+    kept = grids.kept
+    losses = torch.zeros(W.shape[0])
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        W1, Hinv1 = W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2]
+        Err1 = torch.zeros_like(W1)
+        for i in range(i2 - i1):
+            scale, zero = grids.at(i1 + i, W)
+            w, d = W1[:, i], Hinv1[i, i]
+            q = quantize_codes(w, scale, zero, grids.maxq)
+            wq = fake_quantize(q, scale, zero)
+            if kept is not None:
+                if score is not None:
+                    score[:, i1 + i] = ((w - wq) / d).square()
+                outlier, w16 = kept[:, i1 + i], w.to(torch.float16)
+                wq = torch.where(outlier, w16.float(), wq)
+                q = torch.where(outlier, zero.to(torch.uint8), q)
+                if held is not None:
+                    held[:, i1 + i] = w16
+            if codes is not None:
+                codes[:, i1 + i] = q
+            err = (w - wq) / d
+            losses += err * err / 2                              # (w-q)^2 / [H^-1]_qq^2 / 2, eq. (2)
+            W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1)
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]                     # lazy batch update
+    return losses
+
+
+def select_outliers(W: torch.Tensor, Hinv: torch.Tensor, configs: list[GridConfig], budget: torch.Tensor,
+                    perm: torch.Tensor, mse: bool, static: bool, shrink_every: int, blocksize: int) -> torch.Tensor:
+    """The outliers of every configuration, bool [len(configs) * out, in] in permuted order: `budget[c]` per row.
+
+    A first pass of the loop over the configurations with a budget, each fit leaving out (and the loop keeping)
+    its share of the weights that narrow the range most; each row's budget then goes to its weights with the
+    largest loss (w-q)^2 / [H^-1]_jj^2 in that pass (SpQR Algorithm 1), ties to the earlier column."""
+    rows, cols = W.shape
+    some = [c for c, k in zip(configs, budget.tolist()) if k]
+    k = budget[budget > 0].repeat_interleave(rows)
+    grids = ColumnGrids(W, some, rows, perm, mse, static, shrink_every,
+                        kept=torch.zeros(len(some) * rows, cols, dtype=torch.bool), budget=k)
+    score = torch.zeros(len(some) * rows, cols)
+    gptq_loop(W[:, perm].repeat(len(some), 1), Hinv, grids, block_size(some, blocksize), score=score)
+    kept = torch.zeros(len(configs) * rows, cols, dtype=torch.bool)
+    kept[(budget > 0).repeat_interleave(rows)] = top_per_row(score, k)
+    return kept
+
+
 def gptq_configs(W: torch.Tensor, H: torch.Tensor, configs: list[GridConfig], act_order: bool = False,
                  static_groups: bool = False, damp: float = 0.01, blocksize: int = 128, mse: bool = False,
                  shrink_every: int = 1, keep: bool = True) -> tuple[list[QuantizedWeight], torch.Tensor]:
     """GPTQ of W [out, in] under each configuration at once, given H [in, in] = 2 X X^T / n.
 
-    Returns the quantized weights (empty unless `keep`) and the loss of every row of every configuration,
-    [len(configs), out]: sum over columns of (w-q)^2 / [H^-1]_qq^2 / 2 (GPTQ eq. (2)), which is
-    ||(W-Q)_row X||^2 / n, the mean squared output error of that row."""
+    Returns the quantized weights (empty unless `keep`; a `DenseSparseWeight` for a configuration with
+    outliers) and the loss of every row of every configuration, [len(configs), out]: sum over columns of
+    (w-q)^2 / [H^-1]_qq^2 / 2 (GPTQ eq. (2)), which is ||(W-Q)_row X||^2 / n, the mean squared output error of
+    that row."""
     check_finite(W)
     if not torch.isfinite(H).all():
         raise ValueError("Hessian has NaN/Inf values (non-finite calibration activations)")
@@ -141,28 +225,19 @@ def gptq_configs(W: torch.Tensor, H: torch.Tensor, configs: list[GridConfig], ac
     H[dead, dead] = 1
     W[:, dead] = 0
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(cols)
-    grids = ColumnGrids(W, configs, rows, perm, mse, static_groups, shrink_every)
-    W, H = W[:, perm].repeat(len(configs), 1), H[perm][:, perm]
-    Hinv, _ = inverse_cholesky(H, damp)
-    blocksize = block_size(configs, blocksize)
+    Hinv, _ = inverse_cholesky(H[perm][:, perm], damp)
+    budget = torch.tensor([outlier_count(c.outliers, cols) for c in configs])
+    kept = None
+    if budget.any():
+        kept = select_outliers(W, Hinv, configs, budget, perm, mse, static_groups, shrink_every, blocksize)
+    grids = ColumnGrids(W, configs, rows, perm, mse, static_groups, shrink_every, kept=kept)
+    W = W[:, perm].repeat(len(configs), 1)
 
     codes = torch.zeros(W.shape, dtype=torch.uint8) if keep else None
-    losses = torch.zeros(W.shape[0])
-    for i1 in range(0, cols, blocksize):
-        i2 = min(i1 + blocksize, cols)
-        W1, Hinv1 = W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2]
-        Err1 = torch.zeros_like(W1)
-        for i in range(i2 - i1):
-            scale, zero = grids.at(i1 + i, W)
-            w, d = W1[:, i], Hinv1[i, i]
-            q = quantize_codes(w, scale, zero, grids.maxq)
-            if keep:
-                codes[:, i1 + i] = q
-            err = (w - fake_quantize(q, scale, zero)) / d
-            losses += err * err / 2                              # (w-q)^2 / [H^-1]_qq^2 / 2, eq. (2)
-            W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1)
-            Err1[:, i] = err
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]                     # lazy batch update
+    held = torch.zeros(W.shape, dtype=torch.float16) if keep and kept is not None else None
+    losses = gptq_loop(W, Hinv, grids, block_size(configs, blocksize), codes, held)
+    if kept is not None and not torch.isfinite(losses).all():
+        raise ValueError("an outlier weight overflows fp16")
     losses = losses.reshape(len(configs), rows)
     if not keep:
         return [], losses
@@ -175,15 +250,22 @@ def gptq_configs(W: torch.Tensor, H: torch.Tensor, configs: list[GridConfig], ac
         g = g_idx.long() if g_idx is not None else torch.arange(cols) // (cols if config.group_size == -1
                                                                            else config.group_size)
         Q = fake_quantize(own, scales[g].t(), zeros[g].t())
-        out.append(QuantizedWeight(own, scales, zeros, g_idx, config.bits, config.group_size, config.sym, Q,
-                                   float(losses[c].sum())))
+        fields = (own, scales, zeros, g_idx, config.bits, config.group_size, config.sym)
+        if config.outliers == 0:
+            out.append(QuantizedWeight(*fields, Q, float(losses[c].sum())))
+            continue
+        mine = slice(c * rows, (c + 1) * rows)
+        sparse = Outliers.from_mask(kept[mine][:, inv], held[mine][:, inv]) if budget[c] else \
+            Outliers.from_mask(torch.zeros(rows, cols, dtype=torch.bool), Q)
+        out.append(DenseSparseWeight(*fields, sparse.overwrite(Q), float(losses[c].sum()), sparse))
     return out, losses
 
 
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int = -1, sym: bool = False,
                   act_order: bool = False, static_groups: bool = False, damp: float = 0.01,
-                  blocksize: int = 128, mse: bool = False) -> QuantizedWeight:
-    """Quantize W [out, in] given the layer Hessian H [in, in] = 2 X X^T / n."""
-    (qw,), _ = gptq_configs(W, H, [GridConfig(bits, group_size, sym)], act_order, static_groups, damp,
+                  blocksize: int = 128, mse: bool = False, outliers: float = 0.0) -> QuantizedWeight:
+    """Quantize W [out, in] given the layer Hessian H [in, in] = 2 X X^T / n, keeping a fraction `outliers` of
+    the weights in fp16 (`DenseSparseWeight`)."""
+    (qw,), _ = gptq_configs(W, H, [GridConfig(bits, group_size, sym, outliers)], act_order, static_groups, damp,
                             blocksize, mse)
     return qw
