@@ -1,6 +1,6 @@
 """How well a sample of rows estimates a linear's measured error: SmolLM2-135M, blocks 0/10/20/29, every
 decoder linear, all 32 candidates, the full GPTQ measurement against the row samples of
-bitsmith/measure.py (`sampled_losses`): stratified or probability-proportional-to-size samples, plain or ratio estimates.
+bitsmith/measure.py (`sampled_losses`): an equal-strata sample and probability-proportional-to-size samples of 64, 128 and 256 rows.
 
     python bench/measure_sampling.py          # one thread; writes bench/results/measure-sampling.{json,md}
 
@@ -24,7 +24,6 @@ import torch.nn.functional as F
 from bitsmith.calibration.adapter import BlockRunner
 from bitsmith.calibration.fisher import output_fisher
 from bitsmith.formats.source import open_source
-from bitsmith.loader import load_model
 from bitsmith.measure import CANDIDATES, sampled_losses
 from bitsmith.pipeline import calibration_windows, collect_hessians, compute, forward_in_place, linear_shapes
 from bitsmith.plan import QuantizeOptions
@@ -34,8 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TEXT = ROOT.parent / "shared" / "assets" / "text"
 RESULTS = ROOT / "bench" / "results"
 BLOCKS = (0, 10, 20, 29)
-SAMPLES = ((128, "strata", "sum"), (128, "strata", "ratio"), (128, "pps", "sum"), (128, "pps", "ratio"),
-           (64, "pps", "ratio"))                                       # rows, sampler, estimator
+SAMPLES = ((128, "strata"), (64, "pps"), (128, "pps"), (256, "pps"))      # rows sampled, sampler
 
 
 def ranks(x: list[float]) -> torch.Tensor:
@@ -56,8 +54,7 @@ def main() -> None:
     runner = BlockRunner(source.config)
     family, shapes = runner.family, linear_shapes(runner)
     windows, _ = calibration_windows(source, source.tokenizer(), opts, progress=False)
-    with torch.enable_grad():
-        fisher = output_fisher(load_model(source, dtype=torch.float32), windows[:opts.fisher_samples], list(shapes))
+    fisher = output_fisher(runner, source, windows[:opts.fisher_samples], list(shapes))
     configs = [GridConfig(c.bits, c.group_size, c.sym) for c in CANDIDATES]
     hidden = F.embedding(windows, source.get(family.embed).to(torch.float32))
     rows, seconds = [], {n: 0.0 for n in ("full", *SAMPLES)}
@@ -73,14 +70,13 @@ def main() -> None:
                     H, Fo = hessians[group].H, fisher[full_name]
                     got = {}
                     for n in ("full", *SAMPLES):
-                        rows_n, sampler, estimator = (W.shape[0], "strata", "sum") if n == "full" else n
+                        rows_n, sampler = (W.shape[0], "strata") if n == "full" else n
                         t = time.perf_counter()
-                        got[n] = sampled_losses(W, H, Fo, configs, opts, rows_n, sampler, estimator)[0]
+                        got[n] = sampled_losses(W, H, Fo, configs, opts, rows_n, sampler)[0]
                         seconds[n] += time.perf_counter() - t
                     for n in SAMPLES:
                         rel = [abs(e - f) / f for e, f in zip(got[n], got["full"])]
-                        rows.append({"linear": full_name, "rows": n[0], "sampler": n[1], "estimator": n[2],
-                                     "median_rel": statistics.median(rel),
+                        rows.append({"linear": full_name, "rows": n[0], "sampler": n[1], "median_rel": statistics.median(rel),
                                      "max_rel": max(rel), "rel": rel, "spearman": spearman(got[n], got["full"])})
                     print(full_name, [round(r["median_rel"], 4) for r in rows[-len(SAMPLES):]], flush=True)
         with compute(opts):
@@ -88,7 +84,7 @@ def main() -> None:
         runner.release_block(i)
     summary = {}
     for n in SAMPLES:
-        mine = [row for row in rows if (row["rows"], row["sampler"], row["estimator"]) == n]
+        mine = [row for row in rows if (row["rows"], row["sampler"]) == n]
         rel = sorted(r for row in mine for r in row["rel"])
         summary[" ".join(map(str, n))] = {"median_rel": statistics.median(rel), "p95_rel": rel[int(0.95 * len(rel))],
                                      "max_rel": rel[-1], "mean_spearman": statistics.mean(r["spearman"] for r in mine),
@@ -101,8 +97,8 @@ def main() -> None:
     lines = [f"# Measurement row sampling: SmolLM2-135M, blocks {', '.join(map(str, BLOCKS))}", "",
              (f"Measured {when} on {platform.machine()} (2 cores, one torch thread; the other core may have been "
              "busy). Fisher-weighted GPTQ error of every decoder linear of those blocks under all "
-             f"{len(CANDIDATES)} candidates: full measurement against the stratified row sample."), "",
-             ("| rows sampled, sampler, estimator | median rel. error | 95th pct | max | mean Spearman over candidates | "
+             f"{len(CANDIDATES)} candidates: full measurement against samples of rows."), "",
+             ("| rows sampled, sampler | median rel. error | 95th pct | max | mean Spearman over candidates | "
               "s per block |"), "|---|---|---|---|---|---|",
              f"| all | 0 | 0 | 0 | 1 | {full_s:.1f} |"]
     lines += [f"| {n} | {s['median_rel']:.4f} | {s['p95_rel']:.4f} | {s['max_rel']:.4f} | {s['mean_spearman']:.4f} | "

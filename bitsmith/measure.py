@@ -8,11 +8,12 @@ increase of the loss in nats per token. The plain sum over rows (output MSE, not
 is kept too, as the "hessian" proxy.
 
 GPTQ treats rows independently, so a linear's error is a sum over its rows and a sample of rows estimates
-it: the measurement runs GPTQ on `MEASURE_ROWS` rows of each linear, a systematic sample of the rows ordered by
-their Fisher-weighted round-to-nearest error (one row from the middle of each of equal strata, standing for its
-stratum; Cochran, Sampling Techniques, 3rd ed., section 8.6), and scales the sample's GPTQ error by the ratio
-of all rows' round-to-nearest error to the sample's (the ratio estimator, section 6.11): RTN error is cheap for
-every row and tracks GPTQ's closely. bench/measure_sampling.py measures how close the estimate lands.
+it: the measurement runs GPTQ on `MEASURE_ROWS` rows of each linear, drawn with probability proportional to
+their Fisher-weighted round-to-nearest error (cheap for every row, and close to proportional to their GPTQ
+error), the rows that matter most taken for certain, and sums them with Horvitz-Thompson weights (Cochran,
+Sampling Techniques, 3rd ed., chapter 9A). bench/measure_sampling.py measures how close the estimate lands:
+on SmolLM2, 1 % median and 5 % 95th-percentile relative error at 128 rows, against 3 % / 21 % for an
+equal-strata sample.
 
 Decide: linears that read one input in one block (q/k/v, gate/up) share a configuration, as fused loaders
 (vLLM) require; a multiple-choice knapsack (quantize/allocate.py) picks one candidate per such unit.
@@ -34,7 +35,6 @@ from .calibration.fisher import output_fisher
 from .formats.errors import InputError
 from .formats.source import ModelSource
 from .layouts import GPTQLayout
-from .loader import load_model
 from .pipeline import calibration_windows, collect_hessians, compute, forward_in_place, linear_shapes
 from .plan import LayerPlan, QuantizeOptions, QuantPlan
 from .quantize.allocate import allocate
@@ -43,7 +43,6 @@ from .quantize.rtn import rtn_quantize
 
 CANDIDATES = tuple(LayerPlan(b, g, s) for b in (2, 3, 4, 8) for g in (32, 64, 128, -1) for s in (False, True))
 MEASURE_ROWS = 128        # rows of each linear the measurement runs GPTQ on (all of them when it has fewer)
-FLOAT_TINY = torch.finfo(torch.float32).tiny
 SHRINK_EVERY = 8          # the measurement's grid search tries every 8th of GPTQ's 80 shrink factors
 PROXIES = ("fisher", "hessian")
 MEASUREMENT_VERSION = 1
@@ -153,40 +152,20 @@ SAMPLERS = {"strata": strata, "pps": pps}
 
 
 def sampled_losses(W: torch.Tensor, H: torch.Tensor, fisher: torch.Tensor, configs: list[GridConfig],
-                   opts: QuantizeOptions, rows: int = MEASURE_ROWS, sampler: str = "pps",
-                   estimator: str = "ratio") -> tuple[list[float], list[float]]:
+                   opts: QuantizeOptions, rows: int = MEASURE_ROWS,
+                   sampler: str = "pps") -> tuple[list[float], list[float]]:
     """(Fisher-weighted, plain) GPTQ error of W under each configuration, estimated from a sample of rows:
-    sum_o F_o loss_o / 2 (nats per token) and sum_o loss_o.
-
-    Rows are drawn by `sampler` with each row's Fisher-weighted round-to-nearest error as the size. "ratio":
-    the combined ratio estimator (Cochran, section 6.11) with the RTN error of each configuration, known for
-    every row at little cost, as auxiliary variable: total RTN error times the sample's GPTQ-to-RTN ratio.
-    "sum": the weighted sample sum alone."""
-    aux = rtn_errors(W, H, configs)                                           # [C, out]
-    pick, weight = SAMPLERS[sampler](fisher * aux[_key_config(configs)], rows)
+    sum_o F_o loss_o / 2 (nats per token) and sum_o loss_o. Rows are drawn by `sampler` with their
+    Fisher-weighted round-to-nearest error (4-bit, groups of 128) as the size."""
+    pick, weight = SAMPLERS[sampler](fisher * rtn_error(W, H), rows)
     _, losses = gptq_configs(W[pick], H, configs, opts.act_order, opts.static_groups, opts.damp, mse=opts.mse,
                              shrink_every=SHRINK_EVERY, keep=False)
-    estimates = []
-    for unit in (fisher / 2, torch.ones_like(fisher)):                      # each row's weight in the total
-        w = weight * unit[pick]
-        total = losses @ w
-        if estimator == "ratio":
-            sampled = aux[:, pick] @ w
-            total = torch.where(sampled > 0, total * (aux @ unit) / sampled.clamp(min=FLOAT_TINY), total)
-        estimates.append(total.tolist())
-    return estimates[0], estimates[1]
+    return (losses @ (weight * fisher[pick]) / 2).tolist(), (losses @ weight).tolist()
 
 
-def rtn_errors(W: torch.Tensor, H: torch.Tensor, configs: list[GridConfig]) -> torch.Tensor:
-    """sum_j H_jj (w_oj - q_oj)^2 of every row o under every configuration's min-max round-to-nearest grid."""
-    d = torch.diag(H)
-    return torch.stack([((W - rtn_quantize(W, c.bits, c.group_size, c.sym).Q) ** 2) @ d for c in configs])
-
-
-def _key_config(configs: list[GridConfig]) -> int:
-    """The configuration whose RTN error orders the rows for sampling: 4-bit groups of 128 when measured."""
-    wanted = GridConfig(4, 128, False)
-    return configs.index(wanted) if wanted in configs else len(configs) // 2
+def rtn_error(W: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
+    """sum_j H_jj (w_oj - q_oj)^2 of every row o on 4-bit min-max groups of 128: how much a row stands to lose."""
+    return ((W - rtn_quantize(W, 4, 128).Q) ** 2) @ torch.diag(H)
 
 
 def units_of(runner: BlockRunner) -> list[list[str]]:
@@ -203,10 +182,7 @@ def measure(source: ModelSource, opts: QuantizeOptions, progress: bool = True) -
     runner = BlockRunner(source.config)
     family, shapes = runner.family, linear_shapes(runner)
     windows, description = calibration_windows(source, source.tokenizer(), opts, progress)
-    with torch.enable_grad():
-        model = load_model(source, dtype=torch.float32)
-        fisher = output_fisher(model, windows[:opts.fisher_samples], list(shapes), progress)
-        del model
+    fisher = output_fisher(runner, source, windows[:opts.fisher_samples], list(shapes), progress)
     configs = [GridConfig(c.bits, c.group_size, c.sym) for c in CANDIDATES]
     errors = {proxy: {} for proxy in PROXIES}
     hidden = F.embedding(windows, source.get(family.embed).to(torch.float32))

@@ -12,33 +12,81 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from .adapter import BlockRunner
 
-def output_fisher(model: torch.nn.Module, windows: torch.Tensor, linears: list[str],
+HEAD_CHUNK = 128          # positions whose logits are formed at once
+
+
+def output_fisher(runner: BlockRunner, source, windows: torch.Tensor, linears: list[str],
                   progress: bool = False) -> dict[str, torch.Tensor]:
-    """F_o [out] of each module named in `linears`, from one forward and backward per window [n, seqlen]."""
-    sums = {name: None for name in linears}
-    tokens = 0
+    """F_o [out] of each decoder linear named in `linears`, from one forward and backward per window
+    [n, seqlen], streamed block by block: the forward keeps only each block's input, the backward rebuilds one
+    block at a time from `source`, recomputes it and passes the gradient down (activation checkpointing at block
+    granularity: the memory of one block and the block boundaries, never the whole model)."""
+    wanted = set(linears)
+    sums: dict[str, torch.Tensor] = {}
+    norm, head = runner.head(source)
+    tied = runner.family.lm_head not in source
+    embed = head if tied else source.get(runner.family.embed).to(torch.float32)
+    norm.requires_grad_(False)
+    for ids in tqdm(windows, desc="fisher", unit="window", disable=not progress):
+        h = F.embedding(ids[None], embed)
+        pos = runner.position_embeddings(h)
+        inputs = []
+        for i in range(runner.n_blocks):
+            inputs.append(h)
+            h = runner.forward_block(_block(runner, source, i), h, pos)
+            runner.release_block(i)
+        g = _head_gradient(norm, head, h, ids)
+        for i in reversed(range(runner.n_blocks)):
+            g = _block_gradient(runner, source, i, inputs.pop(), pos, g, wanted, sums)
+    return {name: sums[name] / windows.numel() for name in linears}
 
-    def keep(name):
-        def hook(module, args, output):
-            def grad(g):
-                g2 = g.detach().float().pow(2).reshape(-1, g.shape[-1]).sum(dim=0)
-                sums[name] = g2 if sums[name] is None else sums[name] + g2
-            output.register_hook(grad)
-        return hook
 
-    model.requires_grad_(False)        # gradients of the outputs only: no weight gradients held
-    hooks = [model.get_submodule(name).register_forward_hook(keep(name)) for name in linears]
-    embed = model.get_input_embeddings()
+def _block(runner: BlockRunner, source, i: int) -> torch.nn.Module:
+    block = runner.build_block(i, {n: source.get(n) for n in runner.block_names(i)})
+    return block.requires_grad_(False)
+
+
+def _head_gradient(norm, head: torch.Tensor, h: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """dL/dh of the summed next-token NLL of one window with respect to the last block's output, in chunks of
+    HEAD_CHUNK positions (the logits of a whole window would take seqlen x vocab floats, three times over)."""
+    h = h.detach()
+    grad = torch.zeros_like(h)
+    for start in range(0, h.shape[1] - 1, HEAD_CHUNK):
+        part = h[:, start:start + HEAD_CHUNK].requires_grad_(True)
+        targets = ids[start + 1:start + 1 + part.shape[1]]
+        with torch.enable_grad():
+            logits = norm(part)[0, :targets.numel()] @ head.t()
+            F.cross_entropy(logits, targets, reduction="sum").backward()
+        grad[:, start:start + part.shape[1]] = part.grad
+    return grad
+
+
+def _block_gradient(runner, source, i, x, pos, g, wanted, sums) -> torch.Tensor:
+    """Recompute block i on its input x, add (dL/dy)^2 of its linears into `sums`, return dL/dx."""
+    prefix = runner.family.block_prefix.format(i=i)
+    block = _block(runner, source, i)
+    hooks = []
+    for name, module in block.named_modules():
+        if isinstance(module, torch.nn.Linear) and prefix + name in wanted:
+            hooks.append(module.register_forward_hook(_keep(prefix + name, sums)))
+    x = x.detach().requires_grad_(True)
     try:
-        for ids in tqdm(windows, desc="fisher", unit="window", disable=not progress):
-            ids = ids[None]
-            x = embed(ids).detach().requires_grad_(True)
-            logits = model(inputs_embeds=x, use_cache=False).logits
-            nll = F.cross_entropy(logits[0, :-1].float(), ids[0, 1:], reduction="sum")
-            nll.backward()
-            tokens += ids.numel()
+        with torch.enable_grad():
+            out = block(x, attention_mask=None, position_embeddings=pos, use_cache=False)
+            (out[0] if isinstance(out, tuple) else out).backward(g)
     finally:
-        for h in hooks:
-            h.remove()
-    return {name: s / tokens for name, s in sums.items()}
+        for hook in hooks:
+            hook.remove()
+        runner.release_block(i)
+    return x.grad
+
+
+def _keep(name: str, sums: dict):
+    def hook(module, args, output):
+        def square(g):
+            g2 = g.detach().float().pow(2).reshape(-1, g.shape[-1]).sum(dim=0)
+            sums[name] = g2 if name not in sums else sums[name] + g2
+        output.register_hook(square)
+    return hook

@@ -187,7 +187,7 @@ def test_an_invalid_plan_file_is_one_line_and_exit_2(planned, stories_path, stor
     (["--measurement", "P"], "give --target-bpw too"),
     (["--target-bpw", "0"], "expected all-in bits per weight"),
     (["--target-bpw", "3", "--measurement", "missing.json"], "no such file"),
-    (["--plan", "missing.json"], "cannot read it as JSON"),
+    (["--plan", "missing.json"], "cannot be read"),
 ])
 def test_plan_options_are_checked_before_any_work(stories_path, stories_split, tmp_path, args, text):
     (tmp_path / "P").write_text("{}")
