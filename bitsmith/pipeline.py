@@ -1,12 +1,17 @@
-"""The quantize job (DESIGN.md section 2): stream the checkpoint block by block, capture each block's
-inputs, accumulate Hessians, quantize every linear, re-run the quantized block to make the next block's
-inputs, and write a packed checkpoint. Only one block's weights are ever in memory."""
+"""The quantize job (DESIGN.md section 2): stream the checkpoint block by block and write a packed checkpoint.
+Each block goes through three steps: statistics (its inputs captured, Hessians accumulated), quantize (every
+linear the plan names, written packed), propagate (the block re-run on its weights as stored, making the next
+block's inputs). Only one block's weights are ever in memory.
+
+Every finished block is journaled by the writer (formats/journal.py). A run continuing a killed one
+(`--resume`) replays only the propagate step of the blocks the journal holds, on their stored weights: the
+next block gets exactly the inputs an uninterrupted run gives it, so the result is the same, bit for bit."""
 from __future__ import annotations
 
 import contextlib
 import resource
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -16,8 +21,10 @@ from .calibration import data
 from .calibration.adapter import BlockRunner
 from .calibration.hessian import Hessian
 from .calibration.perplexity import summarize, window_stats
+from .formats import faults
 from .formats.errors import InputError
 from .formats.source import ModelSource
+from .kernels.reference import dequantize, qoq_dequantize
 from .layouts import GPTQLayout
 from .plan import LayerPlan, QuantizeOptions, QuantPlan, check_group
 from .quantize.gptq import gptq_quantize
@@ -59,6 +66,33 @@ def quantize_linear(W: torch.Tensor, H: Hessian | None, opts: QuantizeOptions, l
         return qw.Q, GPTQLayout.tensors(qw), qw.loss
     qw = qoq_quantize(W, H.H, layer.group_size, opts.damp)              # W4A8 (QServe progressive)
     return qw.Q, qw.tensors(), 0.0
+
+
+def stored_weight(stored, layer: LayerPlan, method: str, in_features: int) -> torch.Tensor:
+    """The float32 weight a linear's stored tensors load as (`stored(suffix)` gives each): exactly the Q its
+    quantizer returned, and what the block runs on from then on."""
+    if method == "qoq":
+        return qoq_dequantize(stored("qweight"), stored("channel_scale"), stored("group_scale"),
+                              stored("group_zero"), in_features, layer.group_size)
+    return dequantize(stored("qweight"), stored("scales"), stored("qzeros"), stored("g_idx"), layer.bits,
+                      in_features)
+
+
+@dataclass
+class Calibration:
+    """The calibration windows ([nsamples, seqlen] token ids; None for RTN), where they came from, their
+    sha256."""
+    windows: torch.Tensor | None
+    description: str
+    fingerprint: str
+
+
+def calibration(source: ModelSource, opts: QuantizeOptions, progress: bool = True) -> Calibration:
+    """The windows the run calibrates on (none for RTN)."""
+    if opts.method == "rtn":
+        return Calibration(None, "none: RTN uses no calibration data", "")
+    windows, description = calibration_windows(source, source.tokenizer(), opts, progress)
+    return Calibration(windows, description, data.fingerprint(windows))
 
 
 def calibration_windows(source: ModelSource, tokenizer, opts: QuantizeOptions, progress: bool):
@@ -135,80 +169,153 @@ def linear_shapes(runner: BlockRunner) -> dict[str, tuple[int, int]]:
             for i, block in enumerate(runner.model.model.layers) for name in family.linears}
 
 
+@dataclass
+class Streams:
+    """Hidden states carried from block to block: of the calibration windows, and of the held-out windows the
+    run evaluates on (each None when absent)."""
+    hidden: torch.Tensor | None = None
+    held: torch.Tensor | None = None
+
+    @property
+    def any(self) -> bool:
+        return self.hidden is not None or self.held is not None
+
+
+def embed(source: ModelSource, family, windows: torch.Tensor | None, eval_ids: torch.Tensor | None) -> Streams:
+    """The streams entering the first block: the token embeddings of both sets of windows."""
+    if windows is None and eval_ids is None:
+        return Streams()
+    table = source.get(family.embed).to(torch.float32)
+    return Streams(None if windows is None else F.embedding(windows, table),                  # [n, seqlen, d]
+                   None if eval_ids is None else F.embedding(eval_ids, table))
+
+
 def run(source: ModelSource, writer, plan: QuantPlan, eval_ids: torch.Tensor | None = None,
-        progress: bool = True, store=None) -> Result:
-    """Quantize every decoder linear of `source` into `writer` as `plan` says; optionally measure perplexity
-    of the quantized weights on `eval_ids` windows, streamed through the same blocks. `store(name, tensor)`
-    writes the tensors that stay unquantized (default: `writer.add`)."""
-    store = store or writer.add
+        progress: bool = True, coder=None, calib: Calibration | None = None) -> Result:
+    """Quantize every decoder linear of `source` into `writer` (a CheckpointWriter) as `plan` says, on `calib`
+    (made here when not given); optionally measure perplexity of the quantized weights on `eval_ids` windows,
+    streamed through the same blocks. `coder` (a dfloat.CodedWriter on `writer`) stores the tensors that stay
+    unquantized. Blocks the writer's journal holds (a resumed run) are replayed, not quantized again."""
     opts = plan.options
     runner = BlockRunner(source.config)
     family = runner.family
     for name, (_, in_features) in linear_shapes(runner).items():
         check_group(plan.layers[name].group_size, name, in_features, opts.method)
-    result = Result(calibration="none: RTN uses no calibration data")
-    hidden = held = None
-    if opts.method != "rtn" or eval_ids is not None:
-        embed = source.get(family.embed).to(torch.float32)
-        if opts.method != "rtn":
-            windows, result.calibration = calibration_windows(source, source.tokenizer(), opts, progress)
-            result.calibration_fingerprint = data.fingerprint(windows)
-            hidden = F.embedding(windows, embed)                           # [n, seqlen, d]
-        if eval_ids is not None:
-            held = F.embedding(eval_ids, embed)
-        del embed
+    calib = calib or calibration(source, opts, progress)
+    result = Result(calibration=calib.description, calibration_fingerprint=calib.fingerprint)
+    streams = embed(source, family, calib.windows, eval_ids)
+    done = finished_blocks(writer, coder, result)
+    store = coder.add if coder else writer.add
 
-    bar = tqdm(range(runner.n_blocks), desc=f"{opts.method}", unit="block", disable=not progress)
-    for i in bar:
-        prefix = family.block_prefix.format(i=i)
-        names = runner.block_names(i)
-        missing = [n for n in names if n not in source]
-        if missing:
-            raise InputError(f"{source.name}: tensor {missing[0]} is missing")
-        tensors = {n: source.get(n) for n in names}
-        block = runner.build_block(i, tensors)
-
-        pos = runner.position_embeddings(hidden[:1]) if hidden is not None else None
-        for stage in sequential_stages(family.siblings, opts.true_sequential):
-            hessians = collect_hessians(runner, block, hidden, pos, opts, stage) if opts.method != "rtn" else {}
-            for group in stage:
-                for name in group:
-                    result.layers.append(_quantize_into(block, prefix, name, hessians.get(group), plan, writer,
-                                                        tensors))
-        quantized = {prefix + n for n in family.linears}
-        for n, t in tensors.items():
-            if n.rsplit(".", 1)[0] not in quantized:
-                store(n, t)
-
-        if hidden is not None:
-            with compute(opts):
-                forward_in_place(runner, block, hidden, pos, opts.batch)
-        if held is not None:
-            forward_in_place(runner, block, held, runner.position_embeddings(held[:1]), opts.batch)
+    for i in tqdm(range(runner.n_blocks), desc=f"{opts.method}", unit="block", disable=not progress):
+        if i < done:
+            if streams.any:
+                propagate(runner, stored_block(runner, source, writer, plan, i), streams, opts)
+        else:
+            block, layers = quantize_block(runner, source, writer, plan, i, streams.hidden, store)
+            result.layers += layers
+            finish_block(writer, coder, i, layers)
+            propagate(runner, block, streams, opts)
         runner.release_block(i)
-        del block, tensors
 
     for name in (family.embed, family.final_norm, family.lm_head):
         if name in source:
             store(name, source.get(name))
-    if held is not None:
-        result.eval = _held_out_perplexity(source, family, held, eval_ids, runner)
+    if streams.held is not None:
+        result.eval = _held_out_perplexity(source, family, streams.held, eval_ids, runner)
     return result
 
 
+def source_block(runner: BlockRunner, source: ModelSource, i: int):
+    """Block i with the source's weights, and those tensors by full name."""
+    names = runner.block_names(i)
+    missing = [n for n in names if n not in source]
+    if missing:
+        raise InputError(f"{source.name}: tensor {missing[0]} is missing")
+    tensors = {n: source.get(n) for n in names}
+    return runner.build_block(i, tensors), tensors
+
+
+def quantize_block(runner: BlockRunner, source: ModelSource, writer, plan: QuantPlan, i: int,
+                   hidden: torch.Tensor | None, store):
+    """Statistics and quantize steps of block i, stage by stage (`sequential_stages`): every linear written
+    packed and left holding its stored weight, the other tensors given to `store`. The block and its
+    linears' reports."""
+    opts, family = plan.options, runner.family
+    prefix = family.block_prefix.format(i=i)
+    block, tensors = source_block(runner, source, i)
+    pos = runner.position_embeddings(hidden[:1]) if hidden is not None else None
+    layers = []
+    for stage in sequential_stages(family.siblings, opts.true_sequential):
+        hessians = collect_hessians(runner, block, hidden, pos, opts, stage) if opts.method != "rtn" else {}
+        for group in stage:
+            for name in group:
+                layers.append(_quantize_into(block, prefix, name, hessians.get(group), plan, writer, tensors))
+    quantized = {prefix + n for n in family.linears}
+    for n, t in tensors.items():
+        if n.rsplit(".", 1)[0] not in quantized:
+            store(n, t)
+    return block, layers
+
+
+def propagate(runner: BlockRunner, block, streams: Streams, opts: QuantizeOptions) -> None:
+    """The propagate step: both streams through the (quantized) block, in place."""
+    if streams.hidden is not None:
+        with compute(opts):
+            forward_in_place(runner, block, streams.hidden, runner.position_embeddings(streams.hidden[:1]),
+                             opts.batch)
+    if streams.held is not None:
+        forward_in_place(runner, block, streams.held, runner.position_embeddings(streams.held[:1]), opts.batch)
+
+
+def stored_block(runner: BlockRunner, source: ModelSource, writer, plan: QuantPlan, i: int):
+    """Block i of a finished block as the uninterrupted run left it: every linear on its stored weight."""
+    prefix = runner.family.block_prefix.format(i=i)
+    block, _ = source_block(runner, source, i)
+    for name in runner.family.linears:
+        lin, full = block.get_submodule(name), prefix + name
+        lin.weight.data = stored_weight(lambda suffix, full=full: writer.get(f"{full}.{suffix}"), plan.layers[full],
+                                        plan.options.method, lin.in_features)
+    return block
+
+
+def finish_block(writer, coder, i: int, layers: list[LayerReport]) -> None:
+    """Journal block i once all its tensors are added (those the coder holds back included): its reports, and
+    the metadata of the tensors coded in it."""
+    before = set(coder.coded) if coder else set()
+    if coder:
+        coder.flush()
+    coded = {name: meta for name, meta in coder.coded.items() if name not in before} if coder else {}
+    faults.point(f"tensors:{i}")
+    writer.record({"block": i, "layers": [asdict(layer) for layer in layers], "coded": coded})
+    faults.point(f"block:{i}")
+
+
+def finished_blocks(writer, coder, result: Result) -> int:
+    """How many blocks the writer's journal holds (those of the run it continues); their reports go into
+    `result`, the metadata of their coded tensors into `coder`."""
+    blocks = [entry for entry in writer.resumed if "block" in entry]
+    for entry in blocks:
+        result.layers += [LayerReport(**{**layer, "shape": tuple(layer["shape"])}) for layer in entry["layers"]]
+        if coder:
+            coder.coded.update(entry["coded"])
+    return len(blocks)
+
+
 def _quantize_into(block, prefix: str, name: str, H, plan: QuantPlan, writer, tensors) -> LayerReport:
-    """Quantize one linear of `block` in place (its weight becomes Q) and write its packed tensors."""
+    """Quantize one linear of `block` in place (its weight becomes the stored one) and write its packed
+    tensors."""
     lin, full = block.get_submodule(name), prefix + name
     layer = plan.layers[full]
     try:
-        Q, stored, loss = quantize_linear(lin.weight.data, H, plan.options, layer)
+        _, stored, loss = quantize_linear(lin.weight.data, H, plan.options, layer)
     except ValueError as e:
         raise InputError(f"{full}: {e}") from None
-    lin.weight.data = Q
     for suffix, t in stored.items():
         writer.add(f"{full}.{suffix}", t)
     if lin.bias is not None:
         writer.add(f"{full}.bias", tensors[f"{full}.bias"])
+    lin.weight.data = stored_weight(stored.__getitem__, layer, plan.options.method, lin.in_features)
     size = sum(t.numel() * t.element_size() for t in stored.values())
     return LayerReport(full, tuple(lin.weight.shape), layer.bits, layer.group_size, size, loss)
 

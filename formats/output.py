@@ -3,7 +3,8 @@ whole run; it is published by a rename, and an old OUT is replaced by an atomic 
 
 Beside OUT, in its parent folder:
 - `.<name>.lock`: the lock (flock), recording its holder (pid, host, start time);
-- `.<name>.XXXX.partial`: the folder being written; one whose writer died is deleted by the next writer;
+- `.<name>.XXXX.partial`: the folder being written; one whose writer died is deleted by the next writer, or
+  continued by it when it resumes (the newest one holding the writer's resume mark);
 - `.<name>.XXXX.old/old`: the old OUT during a two-rename replace (where the swap is not available); a crash
   between the renames leaves it there, and the next writer puts it back.
 """
@@ -44,10 +45,16 @@ def refuse(out, inputs, overwrite: bool) -> None:
         raise InputError(f"{out}: output already exists (pass --overwrite to replace it)")
 
 
-class Output:
-    """OUT for one run: checked, locked, written in `tmp`, then `publish`ed or `discard`ed (both unlock)."""
+class ResumeRefused(InputError):
+    """The unfinished folder of an earlier run cannot be continued by this one; it is kept as it was."""
 
-    def __init__(self, out, inputs=(), overwrite: bool = False):
+
+class Output:
+    """OUT for one run: checked, locked, written in `tmp`, then `publish`ed, `discard`ed or `release`d (all
+    unlock). With `resume_mark` (a file name), `tmp` is the newest unfinished folder of a dead run holding that
+    file, if any (`adopted`)."""
+
+    def __init__(self, out, inputs=(), overwrite: bool = False, resume_mark: str | None = None):
         refuse(out, inputs, overwrite)
         self.given, self.overwrite = out, overwrite
         given = Path(os.path.abspath(out))
@@ -58,9 +65,11 @@ class Output:
         self.path = given.parent.resolve() / given.name
         self._lock = Lock(self.path.parent / f".{self.path.name}.lock", out)
         try:
-            self._recover()
+            adopted = self._recover(resume_mark)
             refuse(out, inputs, overwrite)          # again, under the lock: another run may have published OUT
-            self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.", suffix=".partial", dir=self.path.parent))
+            self.adopted = adopted is not None
+            self.tmp = adopted or Path(tempfile.mkdtemp(prefix=f".{self.path.name}.", suffix=".partial",
+                                                        dir=self.path.parent))
         except BaseException:
             self._lock.release()
             raise
@@ -70,15 +79,21 @@ class Output:
         pattern = re.compile(rf"\.{re.escape(self.path.name)}\.[^.]+\.{kind}")
         return sorted(p for p in self.path.parent.iterdir() if pattern.fullmatch(p.name))
 
-    def _recover(self) -> None:
+    def _recover(self, resume_mark: str | None) -> Path | None:
         """Under the lock, so every writer of the siblings is dead: restore an old OUT that a crash left between
-        the two renames of a replace, and delete unfinished folders (they are never published)."""
+        the two renames of a replace, and delete unfinished folders (they are never published) but the one to
+        continue: the newest holding `resume_mark`, returned."""
         for trash in self._siblings("old"):
             if (trash / "old").exists() and not os.path.lexists(self.path):
                 os.rename(trash / "old", self.path)
             _remove(trash)
-        for partial in self._siblings("partial"):
-            _remove(partial)
+        partials = self._siblings("partial")
+        marked = [p for p in partials if resume_mark and (p / resume_mark).is_file()]
+        kept = max(marked, key=lambda p: (p / resume_mark).stat().st_mtime_ns, default=None)
+        for partial in partials:
+            if partial != kept:
+                _remove(partial)
+        return kept
 
     def publish(self) -> Path:
         """Rename `tmp` into place with the permissions of a plain mkdir, replacing an old OUT atomically."""
@@ -87,7 +102,7 @@ class Output:
             self._replace()
         elif not _renameat2(self.tmp, self.path, RENAME_NOREPLACE):
             os.rename(self.tmp, self.path)
-        _fsync(self.path.parent)
+        fsync(self.path.parent)
         self._lock.release()
         return self.path
 
@@ -107,6 +122,10 @@ class Output:
     def discard(self) -> None:
         """Delete the unfinished folder and unlock; OUT stays as it was."""
         _remove(self.tmp)
+        self._lock.release()
+
+    def release(self) -> None:
+        """Unlock, keeping the unfinished folder for a later run to continue (or delete)."""
         self._lock.release()
 
 
@@ -206,9 +225,9 @@ def _umask() -> int:
     return mask
 
 
-def _fsync(folder: Path) -> None:
-    """Make a rename in `folder` durable."""
-    fd = os.open(folder, os.O_RDONLY)
+def fsync(path: Path) -> None:
+    """Make a file's data durable, or a folder's names (files created or renamed in it)."""
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
