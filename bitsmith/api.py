@@ -2,78 +2,99 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
+import os
+import sys
 
 import torch
 
+from . import __version__
+from . import resume as resuming
 from .calibration import data
-from .calibration.adapter import BlockRunner
+from .calibration.adapter import BlockRunner, check_shapes
 from .formats import dfloat, output
 from .formats.checkpoint import FORMAT_VERSION, CheckpointWriter
-from .formats.errors import InputError
+from .formats.errors import InputError, one_line
+from .formats.paths import open_regular, read_bytes
 from .formats.source import BUNDLED, FolderSource, bundled_path, open_source
 from .layouts import gptq_config
 from .loader import load_model
-from .measure import Measurement, decide, measure
-from .pipeline import Result, Stopwatch, linear_shapes, peak_rss_bytes, run
+from .measure import decide
+from .pipeline import Result, Stopwatch, calibration, linear_shapes, peak_rss_bytes, run
 from .plan import QuantizeOptions, QuantPlan
 from .quantize.grid import ERROR_NORM
 
 
 def quantize(model: str, out: str, *, overwrite: bool = False, eval_data: str | None = None,
-             eval_seqlen: int = 2048, eval_max_tokens: int | None = None, lossless_rest: bool = False,
+             eval_seqlen: int | None = None, eval_max_tokens: int | None = None, lossless_rest: bool = False,
              progress: bool = True, target_bpw: float | None = None, measurement: str | None = None,
-             plan: str | None = None, **options) -> dict:
+             plan: str | None = None, resume: bool = False, **options) -> dict:
     """Quantize `model` (folder, .gguf or bundled name) into the folder `out`; returns a summary dict.
 
     Options are those of `bitsmith quantize` (method, bits, group_size, sym, act_order, static_groups,
     mse, true_sequential, damp, calib, nsamples, seqlen, seed, calib_dtype). `lossless_rest` entropy-codes the tensors left
     in BF16 (formats/dfloat/), which takes the checkpoint out of the plain GPTQ convention. With
     `eval_data`, the perplexity of the quantized weights on that text is measured while quantizing
-    (same protocol as `bitsmith eval`).
+    (same protocol as `bitsmith eval`; `eval_seqlen` by default 2048, or the model's context when shorter).
 
     The plan: uniform by default; with `target_bpw`, measured (or read from `measurement`, a
     measurement.json of an earlier run on the same model) and allocated to that all-in bits per weight;
     with `plan`, read from a plan.json (every linear named, each with bits, group_size, sym).
+
+    With `resume`, a run on `out` that was killed is continued from its last finished block (bitsmith/resume.py)
+    and gives the same files as an uninterrupted run; one with other inputs is refused.
     """
     clock = Stopwatch()
     opts = QuantizeOptions(**{k: v for k, v in options.items() if v is not None})
     if isinstance(opts.calib, str):
         opts.calib = [opts.calib]
     opts.validate()
+    data.eval_seqlen(eval_seqlen, None, "--eval-seqlen")
+    data.check_max_tokens(eval_max_tokens, "--eval-max-tokens")
     if opts.calib != ["self"]:
         data.read_text(opts.calib)          # a missing or empty file fails now, not after loading the model
+    eval_text = data.read_text([eval_data], "evaluation text") if eval_data is not None else None
     plan_body = _plan_request(target_bpw, measurement, plan)
     inputs = [bundled_path(model) if model in BUNDLED else model, *(f for f in opts.calib if f != "self"),
               *([eval_data] if eval_data else [])]
     output.refuse(out, inputs, overwrite)   # before the model is read
-    source = open_source(model)
+    source = open_source(model, finite=True)    # a NaN or Inf read while quantizing is refused, never written
     if isinstance(source, FolderSource) and source.checkpoint.quantization_config:
         raise InputError(f"{model}: already quantized; quantize the original model instead")
-    max_pos = source.config.get("max_position_embeddings")
-    if max_pos and opts.seqlen > max_pos:
-        raise InputError(f"--seqlen {opts.seqlen} exceeds the model's context of {max_pos} tokens")
+    calibrates = opts.method != "rtn" or (target_bpw is not None and measurement is None)
+    if calibrates and source.context() and opts.seqlen > source.context():
+        raise InputError(f"--seqlen {opts.seqlen} exceeds the model's context of {source.context()} tokens")
+    check_shapes(source)
     eval_ids = None
-    if eval_data is not None:
-        ids = data.tokenize(source.tokenizer(), data.read_text([eval_data]))
-        eval_ids = data.eval_windows(ids, eval_seqlen, eval_max_tokens)
-    with CheckpointWriter(out, overwrite=overwrite, inputs=inputs) as writer:
+    if eval_text is not None:
+        ids = data.tokenize(source.tokenizer(), eval_text)
+        eval_ids = data.eval_windows(ids, data.eval_seqlen(eval_seqlen, source.context(), "--eval-seqlen"),
+                                     eval_max_tokens)
+    with CheckpointWriter(out, overwrite=overwrite, inputs=inputs, resume=resume) as writer:
+        if resume and not writer.resumed:
+            print(f"{out}: nothing to resume, starting fresh", file=sys.stderr)
+        with resuming.refusing(writer):
+            calib = calibration(source, opts, progress)
+            fingerprint = source.fingerprint()
+            resuming.take_up(writer, resuming.identity(__version__, fingerprint, opts, calib.fingerprint,
+                                                       target_bpw, lossless_rest), out)
+        runner = BlockRunner(source.config)
+        if writer.resumed:
+            print(f"{out}: resuming the interrupted run, {resuming.blocks_done(writer)} of {runner.n_blocks} "
+                  "blocks done", file=sys.stderr)
         coder = dfloat.CodedWriter(writer) if lossless_rest else None
-        shapes = linear_shapes(BlockRunner(source.config))
-        measured, measure_seconds = None, None
+        shapes = linear_shapes(runner)
+        measure_seconds = None
         if plan_body is not None:
             qplan = QuantPlan.from_dict(plan_body, shapes, opts, plan)
         elif target_bpw is not None:
             started = clock.seconds
-            measured = Measurement.load(measurement, source, opts) if measurement else measure(source, opts, progress)
+            measured = resuming.measurement(writer, source, opts, measurement, progress)
             measure_seconds = clock.seconds - started
             qplan = decide(measured, target_bpw, opts, opts.proxy)
         else:
             qplan = QuantPlan.uniform(opts, shapes)
-        result = run(source, writer, qplan, eval_ids=eval_ids, progress=progress,
-                     store=coder.add if coder else writer.add)
-        if measured is not None:
-            writer.add_file("measurement.json", (json.dumps(measured.as_dict(), indent=1) + "\n").encode())
+        resuming.check_plan(writer, qplan, out)
+        result = run(source, writer, qplan, eval_ids=eval_ids, progress=progress, coder=coder, calib=calib)
         writer.add_file("plan.json", (json.dumps(qplan.as_dict(), indent=1) + "\n").encode())
         if coder:
             coder.flush()
@@ -87,7 +108,7 @@ def quantize(model: str, out: str, *, overwrite: bool = False, eval_data: str | 
             qc.update(quant_method="bitsmith", format_version=FORMAT_VERSION,
                       lossless=dfloat.config_block(extra["lossless"]))
         writer.commit(config, {**extra,
-            "source": {"name": source.name, "fingerprint": source.fingerprint()},
+            "source": {"name": source.name, "fingerprint": fingerprint},
             "calibration": {"description": result.calibration, "fingerprint": result.calibration_fingerprint},
             "plan": qplan.as_dict(),
             "layers": {l.name: {"shape": list(l.shape), "loss": l.loss} for l in result.layers},
@@ -104,14 +125,17 @@ def _plan_request(target_bpw, measurement, plan) -> dict | None:
         raise InputError("--measurement is reused to plan for a --target-bpw; give --target-bpw too")
     if target_bpw is not None and not (0 < target_bpw <= 32):
         raise InputError(f"--target-bpw {target_bpw}: expected all-in bits per weight, e.g. 3.25")
-    if measurement is not None and not Path(measurement).is_file():
+    if measurement is not None and not os.path.lexists(measurement):
         raise InputError(f"--measurement {measurement}: no such file")
+    if measurement is not None:
+        open_regular(measurement, f"--measurement {measurement}").close()   # a FIFO or device: refused unread
     if plan is None:
         return None
+    raw = read_bytes(plan, f"--plan {plan}")
     try:
-        return json.loads(Path(plan).read_text())
-    except (OSError, ValueError) as e:
-        raise InputError(f"--plan {plan}: cannot read it as JSON ({e})") from None
+        return json.loads(raw)
+    except (ValueError, RecursionError) as e:
+        raise InputError(f"--plan {plan}: cannot read it as JSON ({one_line(e)})") from None
 
 
 def load(path: str, dtype: torch.dtype = torch.float32, device: str = "cpu"):

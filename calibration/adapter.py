@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..formats.errors import InputError
+from ..formats.errors import InputError, one_line
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,7 @@ def hf_config(config: dict):
     from transformers import AutoConfig
     config = {k: v for k, v in config.items() if k not in ("quantization_config", "architectures")}
     model_type = config.pop("model_type")
-    cfg = AutoConfig.for_model(model_type, **config)
+    cfg = _built(lambda: AutoConfig.for_model(model_type, **config))
     cfg._attn_implementation = "sdpa"
     return cfg
 
@@ -62,7 +62,32 @@ def skeleton(config: dict) -> nn.Module:
     from transformers import AutoModelForCausalLM
     family_of(config)
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(hf_config(config), dtype=torch.float32)
+        return _built(lambda: AutoModelForCausalLM.from_config(hf_config(config), dtype=torch.float32))
+
+
+def _built(make):
+    """What transformers builds from a config, its complaints about the config's values (a wrong type, an
+    unknown activation) made InputError."""
+    from huggingface_hub.errors import StrictDataclassError
+    try:
+        return make()
+    except (KeyError, ValueError, TypeError, StrictDataclassError) as e:
+        raise InputError(f"model config: cannot build the model from it ({type(e).__name__}: {one_line(e)})") from None
+
+
+def check_shapes(source) -> None:
+    """Every tensor the config implies is in `source` (a tied lm_head may be absent) with the shape the config
+    gives it: checked before any work, so that no block is built from weights that do not fit."""
+    net = skeleton(source.config)
+    held = set(source.keys())
+    for name, t in net.state_dict().items():
+        if name not in held:
+            if name == "lm_head.weight" and net.config.tie_word_embeddings:
+                continue
+            raise InputError(f"{source.name}: tensor {name} is missing")
+        if source.shape(name) != list(t.shape):
+            raise InputError(f"{source.name}: tensor {name} is {source.shape(name)}, its config implies "
+                             f"{list(t.shape)}")
 
 
 class BlockRunner:
@@ -88,6 +113,14 @@ class BlockRunner:
         state = {name[len(prefix):]: t.to(torch.float32) for name, t in tensors.items()}
         block.load_state_dict(state, strict=True)
         return block.eval()
+
+    def head(self, source) -> tuple[nn.Module, torch.Tensor]:
+        """(final norm, lm_head weight [vocab, hidden]) in float32: hidden states of the last block to logits
+        are `norm(h) @ weight.t()` (the embedding when the head is tied)."""
+        norm = self.model.model.norm.to_empty(device="cpu")
+        norm.weight.data = source.get(self.family.final_norm).to(torch.float32)
+        name = self.family.lm_head if self.family.lm_head in source else self.family.embed
+        return norm, source.get(name).to(torch.float32)
 
     def release_block(self, i: int) -> None:
         self.model.model.layers[i].to("meta")

@@ -7,26 +7,41 @@ non-overlapping windows (GPTQ `llama_eval`), dropping the remainder.
 from __future__ import annotations
 
 import hashlib
+import os
 import random
 from dataclasses import fields
-from pathlib import Path
 
 import torch
 
 from ..formats.errors import InputError
+from ..formats.paths import read_bytes
+
+EVAL_SEQLEN = 2048            # the default evaluation window (GPTQ), or the model's context when shorter
+UNPRINTABLE_SHARE = 0.1       # more control characters than this and a file is not text (a binary file)
 
 
-def read_text(paths: list[str]) -> str:
-    texts = []
-    for p in paths:
-        path = Path(p)
-        if not path.is_file():
-            raise InputError(f"{p}: calibration file not found")
-        text = path.read_text(encoding="utf-8", errors="replace")
-        if not text.strip():
-            raise InputError(f"{p}: calibration file is empty")
-        texts.append(text)
-    return "\n\n".join(texts)
+def read_text(paths: list[str], what: str = "calibration text") -> str:
+    """The files' text, joined by blank lines: each a regular file of UTF-8 text, not empty."""
+    return "\n\n".join(text_file(p, what) for p in paths)
+
+
+def text_file(p: str, what: str) -> str:
+    """One file's UTF-8 text, or InputError naming the file and saying why it is not usable text."""
+    if not os.path.lexists(p):
+        raise InputError(f"{p}: {what} not found")
+    raw = read_bytes(p, f"{p}: {what}")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"{p}: {what} is not UTF-8 (byte 0x{raw[e.start]:02x} at offset {e.start}); "
+                         "give a plain text file") from None
+    if not text.strip():
+        raise InputError(f"{p}: {what} is empty")
+    unprintable = sum(1 for c in text if not c.isprintable() and not c.isspace())
+    if unprintable > UNPRINTABLE_SHARE * len(text):
+        raise InputError(f"{p}: {what} is {unprintable / len(text):.0%} control characters, not text "
+                         "(a binary file?)")
+    return text
 
 
 def tokenize(tokenizer, text: str) -> torch.Tensor:
@@ -52,8 +67,29 @@ def random_windows(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int, wha
     return torch.stack([ids[s:s + seqlen] for s in starts])
 
 
+def eval_seqlen(seqlen: int | None, context: int | None, option: str = "--seqlen") -> int:
+    """The evaluation window: `seqlen` when the model's context holds it; by default EVAL_SEQLEN, or the context
+    when shorter (windows beyond the context give numbers the model was never made for)."""
+    if seqlen is None:
+        return min(EVAL_SEQLEN, context or EVAL_SEQLEN)
+    if seqlen < 2:
+        raise InputError(f"{option} {seqlen}: a window needs at least 2 tokens (one to predict from)")
+    if context and seqlen > context:
+        raise InputError(f"{option} {seqlen} exceeds the model's context of {context} tokens")
+    return seqlen
+
+
+def check_max_tokens(max_tokens: int | None, option: str = "--max-tokens") -> None:
+    """A limit on the evaluation tokens, when given, is a positive count."""
+    if max_tokens is not None and max_tokens < 1:
+        raise InputError(f"{option} {max_tokens}: expected a positive number of tokens")
+
+
 def eval_windows(ids: torch.Tensor, seqlen: int, max_tokens: int | None = None) -> torch.Tensor:
     """Non-overlapping [n, seqlen] windows of the first `max_tokens` tokens (remainder dropped)."""
+    if seqlen < 2:
+        raise InputError(f"evaluation windows of {seqlen} tokens: a window needs at least 2")
+    check_max_tokens(max_tokens)
     if max_tokens is not None:
         ids = ids[:max_tokens]
     n = ids.numel() // seqlen

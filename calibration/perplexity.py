@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from ..formats.errors import InputError
+
 
 @torch.no_grad()
 def nll_sum(logp: torch.Tensor, targets: torch.Tensor) -> float:
@@ -28,14 +30,24 @@ def window_stats(logits: torch.Tensor, targets: torch.Tensor, base_logits: torch
 
 def summarize(nll: float, windows: int, seqlen: int, base_nll: float | None = None, kl: float = 0.0,
               top1: int = 0) -> dict:
+    """The totals as per-token means; InputError when a model's logits held NaN or Inf (no NaN is reported)."""
     predicted = windows * (seqlen - 1)
-    result = {"perplexity": math.exp(nll / predicted), "tokens": windows * seqlen, "seqlen": seqlen,
+    for what, total in (("the model", nll), ("the base model", base_nll)):
+        if total is not None and not math.isfinite(total):
+            raise InputError(f"{what} gives NaN or Inf log-likelihoods on this text (its weights hold NaN or Inf, "
+                             "or overflow)")
+    result = {"perplexity": _exp(nll / predicted), "tokens": windows * seqlen, "seqlen": seqlen,
               "windows": windows}
     if base_nll is not None:
-        result["base_perplexity"] = math.exp(base_nll / predicted)
+        result["base_perplexity"] = _exp(base_nll / predicted)
         result["kl"] = kl / predicted
         result["top1_agreement"] = top1 / predicted
     return result
+
+
+def _exp(x: float) -> float:
+    """exp(x), infinite beyond what a float holds (a mean NLL above ~709 nats)."""
+    return math.exp(x) if x < 709 else math.inf
 
 
 @torch.no_grad()

@@ -1,11 +1,13 @@
 """The `bitsmith` command line: parse, call the API, report. Errors follow DESIGN.md section 1."""
 from __future__ import annotations
 
+import errno
+import os
 import sys
 
 import click
 
-from ..formats.errors import InputError
+from ..formats.errors import InputError, one_line
 
 
 class _Group(click.Group):
@@ -17,23 +19,49 @@ class _Group(click.Group):
         except InputError as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(2)
+        except click.UsageError as e:               # a bad option or argument: one line too
+            click.echo(f"error: {' '.join(e.format_message().split())}", err=True)
+            sys.exit(2)
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
             raise
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(130)
-        except Exception as e:  # the last line of defence: no traceback for users
-            if ctx.obj and ctx.obj.get("debug"):
-                raise
-            click.echo(f"internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)", err=True)
-            sys.exit(1)
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                _internal(ctx, e)
+            click.echo(f"error: {e.strerror}{f' ({e.filename})' if e.filename else ''}: the output could not be "
+                       "written; free some space and run again", err=True)
+            sys.exit(2)
+        except Exception as e:  # noqa: BLE001 the last line of defence: no traceback for users
+            _internal(ctx, e)
 
+
+def _internal(ctx, e: Exception):
+    """A bug: one line and exit 1, or with --debug the traceback."""
+    if ctx.obj and ctx.obj.get("debug"):
+        raise e
+    click.echo(f"internal error: {type(e).__name__}: {one_line(e)} (rerun with --debug for the traceback)", err=True)
+    sys.exit(1)
+
+
+def _return_freed_memory() -> None:
+    """Serve large allocations from their own mappings (glibc otherwise raises its mmap threshold to 32 MB
+    after the first large free, and block-sized tensors freed one block after another stay resident)."""
+    import ctypes
+    import ctypes.util
+    name = ctypes.util.find_library("c")
+    if sys.platform.startswith("linux") and name and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+        libc = ctypes.CDLL(name)
+        if hasattr(libc, "mallopt"):
+            libc.mallopt(-3, 1 << 20)           # M_MMAP_THRESHOLD: 1 MiB, fixed
 
 @click.group(cls=_Group)
 @click.option("--debug", is_flag=True, help="Show tracebacks of internal errors.")
 @click.pass_context
 def main(ctx, debug):
     """bitsmith: post-training weight quantization for LLM checkpoints."""
+    _return_freed_memory()
     ctx.obj = {"debug": debug}
 
 
@@ -44,7 +72,17 @@ def _mb(n: int) -> str:
 def json_option(what: str):
     """`--json FILE`: write `what` as JSON to FILE, or with `-` to stdout in place of the printed report."""
     return click.option("--json", "json_path", type=click.Path(dir_okay=False, allow_dash=True), metavar="FILE",
+                        callback=_json_target,
                         help=f"Write {what} as JSON to FILE ('-': to stdout, instead of the printed report).")
+
+
+def _json_target(ctx, param, path: str | None) -> str | None:
+    """--json FILE is checked before any work: a result that cannot be written at the end is lost."""
+    if path is not None and path != "-":
+        folder = os.path.dirname(path) or "."
+        if not os.path.isdir(folder):
+            raise InputError(f"--json {path}: the folder {folder} does not exist")
+    return path
 
 
 class Report:
@@ -78,8 +116,11 @@ class Report:
         if self.quiet:
             click.echo(text, nl=False)
             return
-        with open(self.json_path, "w") as f:
-            f.write(text)
+        try:
+            with open(self.json_path, "w") as f:
+                f.write(text)
+        except OSError as e:
+            raise InputError(f"--json {self.json_path}: cannot write it ({e.strerror})") from None
 
 
 @main.command()
@@ -115,15 +156,19 @@ class Report:
               help="Error the plan minimises: Fisher-weighted (predicted nats/token) or plain output error.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--eval-data", type=click.Path(), help="Also measure perplexity of the quantized weights on this text.")
-@click.option("--eval-seqlen", type=int, default=2048, show_default=True)
-@click.option("--eval-max-tokens", type=int, default=None)
+@click.option("--eval-seqlen", type=int, default=None,
+              help="Tokens per evaluation window (default: 2048, or the model's context when shorter).")
+@click.option("--eval-max-tokens", type=int, default=None, help="Evaluate only the first N tokens of the text.")
 @click.option("--lossless-rest", is_flag=True,
               help="Entropy-code the tensors that stay BF16 (embeddings, norms, lm_head), bit for bit.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--resume", is_flag=True,
+              help="Continue a killed run on OUT from its last finished block (same model, options and calibration "
+                   "text); the result is the same as an uninterrupted run's.")
 @json_option("the summary")
 def quantize(model, out, method, bits, group_size, sym, act_order, static_groups, mse, true_sequential, damp, calib,
              nsamples, seqlen, seed, calib_dtype, target_bpw, measurement, plan_path, fisher_samples, proxy, device,
-             eval_data, eval_seqlen, eval_max_tokens, lossless_rest, overwrite, json_path):
+             eval_data, eval_seqlen, eval_max_tokens, lossless_rest, overwrite, resume, json_path):
     """Quantize MODEL (folder, .gguf or bundled name) into OUT."""
     from .. import api
     report = Report(json_path)
@@ -137,7 +182,7 @@ def quantize(model, out, method, bits, group_size, sym, act_order, static_groups
                      nsamples=nsamples, seqlen=seqlen, seed=seed, calib_dtype=calib_dtype, overwrite=overwrite,
                      eval_data=eval_data, eval_seqlen=eval_seqlen, eval_max_tokens=eval_max_tokens,
                      lossless_rest=lossless_rest, target_bpw=target_bpw, measurement=measurement, plan=plan_path,
-                     fisher_samples=fisher_samples, proxy=proxy)
+                     fisher_samples=fisher_samples, proxy=proxy, resume=resume)
     rows = [("quantized linears", str(s["quantized_linears"])),
             ("bits per weight (all-in)", f"{s['bits_per_weight']:.3f}" + (
                 f" (target {s['target_bits_per_weight']})" if s["target_bits_per_weight"] else "")),
@@ -159,7 +204,8 @@ def quantize(model, out, method, bits, group_size, sym, act_order, static_groups
 @click.argument("model")
 @click.option("--data", "data_path", type=click.Path(),
               help="Evaluation text (default: WikiText-2 test from ../shared).")
-@click.option("--seqlen", type=int, default=2048, show_default=True)
+@click.option("--seqlen", type=int, default=None,
+              help="Tokens per window (default: 2048, or the model's context when shorter).")
 @click.option("--max-tokens", type=int, default=None, help="Use only the first N tokens of the text.")
 @click.option("--base", help="Unquantized MODEL to compare against (KL divergence, top-1 agreement).")
 @json_option("the result")
@@ -167,13 +213,18 @@ def eval_(model, data_path, seqlen, max_tokens, base, json_path):
     """Perplexity of MODEL (and KL / top-1 agreement against --base)."""
     from .. import api
     from ..calibration import data
+    from ..calibration.adapter import skeleton
     from ..calibration.perplexity import evaluate
     from ..formats.source import open_source
     from ..kernels.linear import cache_dequantized
     if data_path is None:
         raise InputError("--data FILE is required (the text to evaluate on)")
-    text = data.read_text([data_path])
+    data.check_max_tokens(max_tokens)
+    data.eval_seqlen(seqlen, None)                   # a window under 2 tokens: refused before any reading
+    text = data.read_text([data_path], "evaluation text")
     source = open_source(model)
+    skeleton(source.config)                          # config values no model is built from: refused before tokenizing
+    seqlen = data.eval_seqlen(seqlen, _context(source, base))
     ids = data.tokenize(source.tokenizer(), text)
     windows = data.eval_windows(ids, seqlen, max_tokens)
     net = api.load(model)
@@ -189,6 +240,19 @@ def eval_(model, data_path, seqlen, max_tokens, base, json_path):
     report = Report(json_path)
     report.table(f"eval {model}", rows)
     report.json({"model": model, "data": data_path, "base": base, **result})
+
+
+def _context(source, base: str | None) -> int | None:
+    """The context both MODEL and --base hold; --base must share MODEL's vocabulary to be compared."""
+    from ..formats.source import open_source
+    if base is None:
+        return source.context()
+    other = open_source(base)
+    if other.config.get("vocab_size") != source.config.get("vocab_size"):
+        raise InputError(f"--base {base}: a vocabulary of {other.config.get('vocab_size')} tokens, MODEL has "
+                         f"{source.config.get('vocab_size')}; compare a model with its own base")
+    contexts = [c for c in (source.context(), other.context()) if c]
+    return min(contexts) if contexts else None
 
 
 @main.command()

@@ -19,10 +19,12 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from . import dfloat
-from .errors import InputError
-from .output import Output
-from .paths import check_links, inside
+from . import dfloat, faults
+from .errors import InputError, one_line
+from .journal import NAME as JOURNAL
+from .journal import Journal
+from .output import Output, ResumeRefused, fsync
+from .paths import check_folder, inside, open_regular, read_bytes
 
 MANIFEST = "bitsmith_manifest.json"
 FORMAT_VERSION = 1
@@ -30,12 +32,15 @@ SHARD_BYTES = 2 * 1024**3
 SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
                       torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
                       torch.uint8: "U8", torch.bool: "BOOL"}
+TORCH_DTYPES = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}
+SPOOL = ".spool"
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 
-def sha256_file(path: Path) -> str:
+def sha256_file(path: Path, what: str | None = None) -> str:
+    """sha256 of a regular file (`paths.open_regular`: a FIFO or device is refused unread)."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open_regular(path, what) as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
@@ -48,14 +53,23 @@ class CheckpointWriter:
     out into safetensors shards of at most `shard_bytes` at commit, in the order they were added. When
     every tensor is declared first (`plan`), the shards are laid out at once and `add` writes straight
     into them, with no spool.
+
+    A spooling writer keeps a journal (formats/journal.py): `record` makes the tensors added so far durable
+    and notes them with the caller's entry. A writer made with `resume` continues the unfinished folder a
+    killed run on the same OUT left, up to its last entry: the entries are in `resumed` (empty when there
+    was nothing to continue), the tensors they cover stay added (`get` reads them back), and the files given
+    to `save_file` stay in place.
     """
 
-    def __init__(self, out, overwrite: bool = False, shard_bytes: int = SHARD_BYTES, inputs=()):
+    def __init__(self, out, overwrite: bool = False, shard_bytes: int = SHARD_BYTES, inputs=(),
+                 resume: bool = False):
         """`inputs`: the paths the run reads, which OUT may not be, lie inside or contain (formats/output.py);
-        OUT is locked from here to `commit` or `abort`."""
+        OUT is locked from here to `commit`, `abort` or `release`."""
         self.out = Path(out)
-        self._output = Output(out, inputs, overwrite)
+        self._output = Output(out, inputs, overwrite, JOURNAL if resume else None)
         self.tmp = self._output.tmp
+        self._journal = Journal(self.tmp)
+        self._recorded = 0                               # tensors the journal covers (the first ones added)
         self.shard_bytes = shard_bytes
         self._spool = None
         self._entries: dict[str, tuple[str, list[int], int, int]] = {}   # name -> dtype, shape, offset, bytes
@@ -64,6 +78,67 @@ class CheckpointWriter:
         self._shard_files: dict[str, str] = {}           # shard -> sha256, once written
         self._stream: _HashedFile | None = None
         self._heads: dict[str, bytes] = {}               # shard -> raw header given by the plan
+        try:
+            self.resumed: list[dict] = self._continue() if self._output.adopted else []
+        except BaseException:
+            self._output.release()
+            raise
+
+    def _continue(self) -> list[dict]:
+        """Take up the adopted folder as its journal leaves it: the spool cut back to the last entry, the
+        tensors and saved files the entries name kept, anything else deleted. A spool shorter than the journal
+        says leaves nothing to continue (the folder is emptied)."""
+        entries = self._journal.read()
+        length, spool = (entries[-1]["spool"] if entries else 0), self.tmp / SPOOL
+        if length > (spool.stat().st_size if spool.is_file() else 0):
+            entries = []
+        kept = {JOURNAL, SPOOL, *(e["file"] for e in entries if "file" in e)} if entries else set()
+        for p in self.tmp.iterdir():
+            if p.name not in kept:
+                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+        if spool.exists():
+            os.truncate(spool, length)
+            self._spool = open(spool, "r+b")  # noqa: SIM115 (closed by close())
+            self._spool.seek(length)
+        for entry in entries:
+            for name, dtype, shape, offset, nbytes in entry["tensors"]:
+                self._entries[name] = (dtype, shape, offset, nbytes)
+        self._recorded = len(self._entries)
+        return [{k: v for k, v in e.items() if k not in ("tensors", "spool")} for e in entries]
+
+    def record(self, entry: dict) -> None:
+        """Make every tensor added so far durable, then journal `entry` (a JSON object) with them: a run that
+        resumes this folder finds it in `resumed`, and those tensors added."""
+        if self._planned is not None:
+            raise ValueError("a planned layout is written straight into its shards and not journaled")
+        if self._spool is not None:
+            self._spool.flush()
+            os.fsync(self._spool.fileno())
+        new = [[name, *self._entries[name]] for name in list(self._entries)[self._recorded:]]
+        self._journal.append({**entry, "tensors": new, "spool": self._spool.tell() if self._spool else 0})
+        self._recorded = len(self._entries)
+
+    def save_file(self, name: str, data: bytes) -> None:
+        """A side file written at once, durably, and journaled: a run that resumes this folder keeps it."""
+        part = self.tmp / f"{name}.part"
+        part.write_bytes(data)
+        fsync(part)
+        os.replace(part, self.tmp / name)
+        self.record({"file": name})
+
+    def saved(self, name: str) -> Path | None:
+        """A side file already in the folder (one `save_file` wrote before a resume included), or None."""
+        path = self.tmp / name
+        return path if path.is_file() else None
+
+    def get(self, name: str) -> torch.Tensor:
+        """A tensor added to the spool, read back as it was added."""
+        dtype, shape, offset, nbytes = self._entries[name]
+        self._spool.flush()
+        raw = bytearray(os.pread(self._spool.fileno(), nbytes, offset))
+        if not raw:
+            return torch.empty(shape, dtype=TORCH_DTYPES[dtype])
+        return torch.frombuffer(raw, dtype=TORCH_DTYPES[dtype]).reshape(shape)
 
     def plan(self, tensors: list[tuple[str, str, list[int]]],
              layout: dict[str, tuple[bytes, list[str]]] | None = None) -> None:
@@ -93,7 +168,7 @@ class CheckpointWriter:
         if name in self._entries:
             raise ValueError(f"tensor {name} written twice")
         if self._spool is None:
-            self._spool = open(self.tmp / ".spool", "w+b")  # noqa: SIM115 (closed by close())
+            self._spool = open(self.tmp / SPOOL, "w+b")  # noqa: SIM115 (closed by close())
         self._entries[name] = (*entry, self._spool.tell(), raw.nbytes)
         self._spool.write(raw.data)
 
@@ -171,6 +246,8 @@ class CheckpointWriter:
             weight_map = {n: shard for shard, names in shards.items() for n in names}
             index = {"metadata": {}, "weight_map": dict(sorted(weight_map.items()))}
             (self.tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        faults.point("commit")
+        self._journal.remove()                          # before the spool: a journal never outlives it
         self._close_spool()
         if config is not None:
             (self.tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
@@ -185,22 +262,35 @@ class CheckpointWriter:
         return self.out
 
     def abort(self) -> None:
-        self._close_spool()
+        self._close_files()
+        self._output.discard()
+
+    def release(self) -> None:
+        """Unlock, leaving the folder as it is on disk for a later run to continue (or delete)."""
+        self._close_files()
+        self._output.release()
+
+    def _close_files(self) -> None:
+        if self._spool is not None:
+            self._spool.close()
+            self._spool = None
         if self._stream is not None:
             self._stream.close()
-        self._output.discard()
+        self._journal.close()
 
     def _close_spool(self) -> None:
         if self._spool is not None:
             self._spool.close()
-            (self.tmp / ".spool").unlink()
+            (self.tmp / SPOOL).unlink()
             self._spool = None
 
     def __enter__(self):
         return self
 
     def __exit__(self, exc_type, exc, tb):
-        if exc_type is not None:
+        if isinstance(exc, ResumeRefused):
+            self.release()                              # nothing lost: a run with the right inputs continues
+        elif exc_type is not None:
             self.abort()
         return False
 
@@ -227,10 +317,11 @@ class Checkpoint:
     def __init__(self, path):
         self.path = Path(path)
         if not self.path.is_dir():
-            raise InputError(f"{self.path}: no such folder")
-        check_links(self.path)
-        self.config = _read_json(self.path / "config.json") if (self.path / "config.json").exists() else None
+            raise InputError(f"{self.path}: {'not a folder' if self.path.exists() else 'no such folder'}")
+        check_folder(self.path)
         self.manifest = _read_json(self.path / MANIFEST) if (self.path / MANIFEST).exists() else None
+        self.listed = None if self.manifest is None else listed_files(self.manifest, self.path / MANIFEST)
+        self.config = self._json("config.json") if (self.path / "config.json").exists() else None
         self._where = self._index()
         self.coded = dfloat.coded_tensors(self.manifest, self.config)   # name -> metadata of coded tensors
         self._check_parts()
@@ -239,17 +330,23 @@ class Checkpoint:
     def quantization_config(self) -> dict | None:
         return (self.config or {}).get("quantization_config")
 
+    def _json(self, name: str) -> dict:
+        """A JSON object the reader reads from the folder: one the manifest lists, when there is a manifest."""
+        self._check_listed(name)
+        return _read_json(self.path / name)
+
+    def _check_listed(self, name: str) -> None:
+        """With a manifest, the reader reads only the files it lists: any other was added afterwards."""
+        if self.listed is not None and name not in self.listed:
+            raise InputError(f"{self.path}: {name} is not in its {MANIFEST} (added after the checkpoint was "
+                             "written); remove it, or see bitsmith verify")
+
     def _index(self) -> dict[str, Path]:
+        for extra in sorted(p.name for p in self.path.glob("*.safetensors")):
+            self._check_listed(extra)               # unread with an index, yet no stray shard may sit beside it
         index = self.path / "model.safetensors.index.json"
         if index.exists():
-            weight_map = _read_json(index).get("weight_map")
-            if not isinstance(weight_map, dict):
-                raise InputError(f"{index}: no weight_map in the shard index")
-            where = {name: inside(self.path, shard, f"{index} weight_map") for name, shard in weight_map.items()}
-            for shard in where.values():
-                if not shard.is_file():
-                    raise InputError(f"{index}: weight_map names {shard.name}, which is not a file in the folder")
-            return where
+            return self._sharded(index)
         files = sorted(self.path.glob("*.safetensors"))
         if not files:
             pickles = [p.name for p in self.path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl")]
@@ -261,6 +358,22 @@ class Checkpoint:
         for f in files:
             for name in _safetensors_keys(f):
                 where[name] = f
+        return where
+
+    def _sharded(self, index: Path) -> dict[str, Path]:
+        """Tensor -> shard from the shard index, once every shard is a listed file that holds its tensors."""
+        weight_map = self._json(index.name).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise InputError(f"{index}: no weight_map in the shard index")
+        where = {name: inside(self.path, shard, f"{index} weight_map") for name, shard in weight_map.items()}
+        for shard in dict.fromkeys(where.values()):
+            if not shard.is_file():
+                raise InputError(f"{index}: weight_map names {shard.name}, which is not a file in the folder")
+            self._check_listed(shard.relative_to(self.path).as_posix())
+        held = {shard: set(_safetensors_keys(shard)) for shard in dict.fromkeys(where.values())}
+        for name, shard in where.items():
+            if name not in held[shard]:
+                raise InputError(f"{index}: weight_map puts {name} in {shard.name}, which does not hold it")
         return where
 
     def _check_parts(self) -> None:
@@ -279,7 +392,7 @@ class Checkpoint:
                         part = f.get_slice(name + dfloat.PART)
                         stored[name] = (part.get_dtype(), list(part.get_shape()))
             except Exception as e:  # noqa: BLE001 safetensors raises its own error types for truncated/corrupt files
-                raise InputError(f"{path}: cannot read the coded tensors ({e})") from None
+                raise InputError(f"{path}: cannot read the coded tensors ({one_line(e)})") from None
             for name in names:
                 size = dfloat.part_size(self.coded[name])
                 if stored[name] != ("U8", [size]):
@@ -359,56 +472,89 @@ class Checkpoint:
                 files[path] = safe_open(str(path), framework="pt")
             return files[path].get_tensor(name)
         except Exception as e:  # noqa: BLE001 safetensors raises its own error types for truncated/corrupt files
-            raise InputError(f"{path}: cannot read tensor {name} ({e})") from None
+            raise InputError(f"{path}: cannot read tensor {name} ({one_line(e)})") from None
 
 
 def verify(path) -> list[str]:
-    """Problems found in a bitsmith folder: missing manifest, missing or altered files (sha256), files the
-    reader reads that the manifest leaves out, names leading out of the folder, coded tensors that do not
-    decode to their source (sha256 recorded at compress time)."""
+    """Problems found in a bitsmith folder: missing manifest, an empty or malformed files map, missing or altered
+    files (sha256), files in the folder the manifest leaves out, names leading out of the folder, coded
+    tensors that do not decode to their source (sha256 recorded at compress time)."""
     path = Path(path)
+    if not path.is_dir():
+        return [f"{path}: {'not a folder' if path.exists() else 'no such folder'}"]
     if not (path / MANIFEST).exists():
         return [f"{path}: no {MANIFEST} (not a finished bitsmith checkpoint)"]
-    files = _read_json(path / MANIFEST).get("files")
-    if not isinstance(files, dict):
-        return [f"{path / MANIFEST}: no files map (names to sha256)"]
-    problems = []
-    for name, digest in files.items():
-        try:
-            f = inside(path, name, f"{path / MANIFEST} files")
-        except InputError as e:
-            problems.append(str(e))
-            continue
-        if not f.is_file():
-            problems.append(f"{name}: missing")
-        elif sha256_file(f) != digest:
-            problems.append(f"{name}: sha256 mismatch")
+    try:
+        files = listed_files(_read_json(path / MANIFEST), path / MANIFEST)
+    except InputError as e:
+        return [str(e)]
+    problems = [problem for name, digest in files.items() if (problem := _file_problem(path, name, digest))]
+    problems += [f"{name}: not in the manifest" for name in unlisted(path, files)]
     if not problems:
         try:
             checkpoint = Checkpoint(path)
-            read = [p.relative_to(path).as_posix() for p in checkpoint.files()]
-            read += [name for name in ("config.json", "model.safetensors.index.json") if (path / name).exists()]
-            problems += [f"{name}: not in the manifest" for name in read if name not in files]
             deque(checkpoint.get_many(checkpoint.coded), maxlen=0)   # decoding checks each source sha256
         except InputError as e:
             problems.append(str(e))
     return problems
 
 
+def listed_files(manifest: dict, where: Path) -> dict[str, str]:
+    """The manifest's files map (name -> sha256), checked: a format this version reads, at least one file, every
+    sha256 64 lowercase hex digits."""
+    version = manifest.get("format_version")
+    if type(version) is not int or not 1 <= version <= FORMAT_VERSION:
+        raise InputError(f"{where}: format_version {version!r} is not one this bitsmith reads "
+                         f"(1 to {FORMAT_VERSION})")
+    files = manifest.get("files")
+    if not isinstance(files, dict):
+        raise InputError(f"{where}: no files map (names to sha256)")
+    if not files:
+        raise InputError(f"{where}: the files map is empty (a checkpoint lists at least its weights)")
+    for name, digest in files.items():
+        if not (isinstance(digest, str) and len(digest) == 64 and set(digest) <= set("0123456789abcdef")):
+            raise InputError(f"{where}: files: {name!r} has sha256 {digest!r}, not 64 lowercase hex digits")
+    return files
+
+
+def unlisted(folder: Path, files: dict) -> list[str]:
+    """Everything in `folder` but folders and the manifest that `files` leaves out, by relative name."""
+    found = []
+    for root, dirs, names in os.walk(folder):              # does not descend into linked folders
+        for entry in names + [d for d in dirs if Path(root, d).is_symlink()]:
+            name = Path(root, entry).relative_to(folder).as_posix()
+            if name != MANIFEST and name not in files:
+                found.append(name)
+    return sorted(found)
+
+
+def _file_problem(folder: Path, name: str, digest: str) -> str | None:
+    """What is wrong with one file the manifest lists, or None."""
+    try:
+        path = inside(folder, name, f"{folder / MANIFEST} files")
+        if not os.path.lexists(path):
+            return f"{name}: missing"
+        return None if sha256_file(path, name) == digest else f"{name}: sha256 mismatch"
+    except InputError as e:
+        return str(e)
+
+
 def _safetensors_keys(path: Path) -> list[str]:
+    open_regular(path).close()                  # a FIFO would block the parser, a device never end
     try:
         with safe_open(str(path), framework="pt") as f:
             return list(f.keys())
     except Exception as e:  # noqa: BLE001 safetensors raises its own error types
-        raise InputError(f"{path}: not a readable safetensors file ({e})") from None
+        raise InputError(f"{path}: not a readable safetensors file ({one_line(e)})") from None
 
 
 def _read_json(path: Path) -> dict:
     """A JSON object from a file (config, manifest, shard index), or InputError."""
+    raw = read_bytes(path)
     try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise InputError(f"{path}: not valid JSON ({e})") from None
+        data = json.loads(raw)
+    except (ValueError, RecursionError) as e:
+        raise InputError(f"{path}: not valid JSON ({one_line(e)})") from None
     if not isinstance(data, dict):
         raise InputError(f"{path}: holds a JSON {type(data).__name__}, not an object")
     return data

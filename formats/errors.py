@@ -3,3 +3,8 @@
 
 class InputError(Exception):
     """A file, option or value the user gave is unusable; the message names it and says why."""
+
+
+def one_line(e: BaseException) -> str:
+    """An exception's message with its whitespace runs (newlines included) made single spaces."""
+    return " ".join(str(e).split()) or type(e).__name__

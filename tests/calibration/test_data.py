@@ -35,3 +35,15 @@ def test_empty_file_rejected(tmp_path):
     empty.write_text("  \n")
     with pytest.raises(InputError, match="empty"):
         data.read_text([str(empty)])
+
+
+def test_text_with_a_few_control_characters_and_any_script_is_read(tmp_path):
+    text = "Il était une fois\tun chat.\f\n" + "Жил-был кот 🐈\x0b\n" * 20 + "\x00\x07"
+    (tmp_path / "t.txt").write_text(text, encoding="utf-8")
+    assert data.read_text([str(tmp_path / "t.txt")]) == text
+
+
+@pytest.mark.parametrize("seqlen, context, expected", [(None, 512, 512), (None, 4096, 2048), (None, None, 2048),
+                                                       (128, 512, 128), (512, 512, 512)])
+def test_eval_seqlen_defaults_to_a_shorter_context(seqlen, context, expected):
+    assert data.eval_seqlen(seqlen, context) == expected

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bitsmith.formats.errors import InputError
-from bitsmith.formats.paths import check_links, inside, plain
+from bitsmith.formats.paths import check_folder, inside, plain
 
 
 @pytest.mark.parametrize("name", ["model.safetensors", "1_Pooling/config.json", "a..b", "..a/b..", "a b/c-d_e.json"])
@@ -64,7 +64,7 @@ def test_links_inside_the_folder_are_followed(folder):
     (folder / "here").symlink_to("sub")
     assert inside(folder, "alias.json", "index").read_text() == "{}"
     assert inside(folder, "here/real.json", "index") == folder / "here" / "real.json"
-    check_links(folder)
+    check_folder(folder)
 
 
 @pytest.mark.parametrize("link, target, name", [
@@ -81,7 +81,7 @@ def test_links_out_of_the_folder_are_refused(folder, link, target, name):
         inside(folder, name, "index")
     assert str(e.value) == f"index: '{name}' is a symbolic link out of the folder (to {secret}); {advice}"
     with pytest.raises(InputError) as e:
-        check_links(folder)
+        check_folder(folder)
     to = (folder / link).resolve()
     assert str(e.value) == f"{folder}: '{link}' is a symbolic link out of the folder (to {to}); {advice}"
 
