@@ -54,7 +54,7 @@ def main() -> None:
     runner = BlockRunner(source.config)
     family, shapes = runner.family, linear_shapes(runner)
     windows, _ = calibration_windows(source, source.tokenizer(), opts, progress=False)
-    fisher = output_fisher(runner, source, windows[:opts.fisher_samples], list(shapes))
+    fisher, _ = output_fisher(runner, source, windows[:opts.fisher_samples], list(shapes))
     configs = [GridConfig(c.bits, c.group_size, c.sym) for c in CANDIDATES]
     hidden = F.embedding(windows, source.get(family.embed).to(torch.float32))
     rows, seconds = [], {n: 0.0 for n in ("full", *SAMPLES)}

@@ -6,10 +6,11 @@ and the peers of ../shared/research/baselines.md.
     python bench/plan.py --report                     # table and plot from the stored runs
 
 Each run is the CLI job (`bitsmith quantize --target-bpw T`, one torch thread) of the quality protocol:
-calibration 128 x 512 from c4_calib.txt seed 0, WikiText-2 test first 65,536 tokens at seqlen 2048 measured
-while quantizing, then `bitsmith eval` on a second held-out text (the bundled EB1911 article, 16,384 tokens).
-The first run measures (its time and peak RSS include the measurement) and leaves measurement.json in
-bench/results/plan-smollm2/; later runs re-plan from it. Uniform rows come from bench/results/quality-smollm2.json.
+calibration 128 x 512 from c4_calib.txt seed 0, then `bitsmith eval` of the output on WikiText-2 test (first
+65,536 tokens at seqlen 2048) and on a second held-out text (the bundled EB1911 article, 16,384 tokens). Time
+and peak RSS are those of the quantize command alone; CPU time (one thread) does not depend on what else the
+machine runs, wall time does. The first run measures (its time and peak RSS include the measurement) and leaves
+measurement.json in bench/results/plan-smollm2/; later runs re-plan from it. Uniform rows come from bench/results/quality-smollm2.json.
 """
 from __future__ import annotations
 
@@ -47,15 +48,21 @@ def held_out(model: str, json_path: Path) -> dict:
     return json.loads(json_path.read_text())
 
 
+def wikitext(model: str, json_path: Path) -> dict:
+    bitsmith("eval", model, "--data", str(TEXT / "wikitext2_test.txt"), "--seqlen", "2048", "--max-tokens", "65536",
+             "--json", str(json_path))
+    return json.loads(json_path.read_text())
+
+
 def run(target: float, proxy: str) -> None:
     with tempfile.TemporaryDirectory() as work:
         out, summary_path = f"{work}/out", Path(work) / "summary.json"
         reuse = ["--measurement", str(MEASUREMENT)] if MEASUREMENT.exists() else []
         bitsmith("quantize", "smollm2-135m", "-o", out, "--target-bpw", str(target), "--proxy", proxy, *reuse,
                  "--calib", str(TEXT / "c4_calib.txt"), "--nsamples", "128", "--seqlen", "512", "--seed", "0",
-                 "--eval-data", str(TEXT / "wikitext2_test.txt"), "--eval-seqlen", "2048",
-                 "--eval-max-tokens", "65536", "--json", str(summary_path))
+                 "--json", str(summary_path))
         summary = json.loads(summary_path.read_text())
+        summary["eval"] = wikitext(out, Path(work) / "wikitext.json")
         if not reuse:
             shutil.copyfile(Path(out) / "measurement.json", MEASUREMENT)
         summary["held_out"] = held_out(out, Path(work) / "held.json")
@@ -90,23 +97,25 @@ def report() -> str:
     dates = sorted({r["date"] for r in runs})
     lines = ["# Bit plan: SmolLM2-135M", "",
              (f"Measured {', '.join(dates)} with `python bench/plan.py` on x86_64 (2 cores, one torch thread per "
-              "run; the other core was often busy, so times are upper bounds). Calibration 128 x 512 from "
+              "run; the other core was often busy: CPU seconds are the one-core cost, wall seconds an upper bound). "
+              "Calibration 128 x 512 from "
               "c4_calib.txt (seed 0); WikiText-2 test, first 65,536 tokens at seqlen 2048; held-out: the bundled "
               "EB1911 text, 16,384 tokens"
               + (f" (base {base_held['perplexity']:.2f})" if base_held else "") + ". All-in bpw over the 210 "
-              "decoder linears (codes, scales, zeros, g_idx). Predicted: the measurement's loss increase in nats "
-              "per token; measured: log(ppl / base ppl) on WikiText-2. The first run's time includes the "
-              "measurement."), "",
-             ("| plan | target bpw | all-in bpw | WikiText-2 ppl | predicted / measured nats | held-out ppl | "
-             "measure s | total s | peak RSS MB |"), "|---|---|---|---|---|---|---|---|---|"]
+              "decoder linears (codes, scales, zeros, g_idx). Loss increase in nats per token: predicted by the "
+              "measurement; measured on the Fisher calibration windows (as `quantize` reports it) and as "
+              "log(ppl / base ppl) on WikiText-2. The first run's time includes the measurement."), "",
+             ("| plan | target bpw | all-in bpw | WikiText-2 ppl | held-out ppl | nats predicted / calib / WikiText-2 "
+              "| measure CPU s | quantize CPU s (wall) | peak RSS MB |"), "|---|---|---|---|---|---|---|---|---|"]
     base = uniform["base"]["perplexity"]
     for r in runs:
         measured = math.log(r["eval"]["perplexity"] / base)
-        measure_s = f"{r['measure_seconds']:.0f}" if r.get("measured_here") else "(reused)"
+        calib = f"{r['measured_error']['nats_per_token']:.3f}" if r.get("measured_error") else "-"
+        measure_s = f"{r['measure_cpu_seconds']:.0f}" if r.get("measured_here") else "(reused)"
         lines.append(f"| {r['proxy']} | {r['target_bits_per_weight']} | {r['bits_per_weight']:.3f} | "
-                     f"{r['eval']['perplexity']:.2f} | {r['predicted_error']:.3f} / {measured:.3f} | "
-                     f"{r['held_out']['perplexity']:.2f} | {measure_s} | {r['seconds']:.0f} | "
-                     f"{r['peak_rss_bytes'] / 2**20:.0f} |")
+                     f"{r['eval']['perplexity']:.2f} | {r['held_out']['perplexity']:.2f} | "
+                     f"{r['predicted_error']:.3f} / {calib} / {measured:.3f} | {measure_s} | "
+                     f"{r['cpu_seconds']:.0f} ({r['seconds']:.0f}) | {r['peak_rss_bytes'] / 2**20:.0f} |")
     lines += ["", "Uniform GPTQ (mse grid, bench/results/quality-smollm2.md) at the nearest settings:", "",
               "| config | all-in bpw | WikiText-2 ppl |", "|---|---|---|"]
     lines += [f"| {u} | {uniform[u]['bits_per_weight']:.3f} | {uniform[u]['perplexity']:.2f} |"

@@ -83,18 +83,21 @@ def quantize(model: str, out: str, *, overwrite: bool = False, eval_data: str | 
                   "blocks done", file=sys.stderr)
         coder = dfloat.CodedWriter(writer) if lossless_rest else None
         shapes = linear_shapes(runner)
-        measure_seconds = None
+        measure_seconds = measure_cpu_seconds = base = None
         if plan_body is not None:
             qplan = QuantPlan.from_dict(plan_body, shapes, opts, plan)
         elif target_bpw is not None:
-            started = clock.seconds
+            started, cpu_started = clock.seconds, clock.cpu_seconds
             measured = resuming.measurement(writer, source, opts, measurement, progress)
-            measure_seconds = clock.seconds - started
+            measure_seconds, measure_cpu_seconds = clock.seconds - started, clock.cpu_seconds - cpu_started
             qplan = decide(measured, target_bpw, opts, opts.proxy)
+            if measured.base_nll is not None and measured.calibration == calib.fingerprint:
+                base = measured      # its Fisher windows are this run's first windows: measure the real increase
         else:
             qplan = QuantPlan.uniform(opts, shapes)
         resuming.check_plan(writer, qplan, out)
-        result = run(source, writer, qplan, eval_ids=eval_ids, progress=progress, coder=coder, calib=calib)
+        result = run(source, writer, qplan, eval_ids=eval_ids, progress=progress, coder=coder, calib=calib,
+                     loss_windows=base.fisher_windows if base else 0)
         writer.add_file("plan.json", (json.dumps(qplan.as_dict(), indent=1) + "\n").encode())
         if coder:
             coder.flush()
@@ -113,8 +116,14 @@ def quantize(model: str, out: str, *, overwrite: bool = False, eval_data: str | 
             "plan": qplan.as_dict(),
             "layers": {l.name: {"shape": list(l.shape), "loss": l.loss} for l in result.layers},
         })
+    measured_error = None
+    if base and result.calibration_nll is not None:
+        measured_error = {"nats_per_token": result.calibration_nll - base.base_nll, "base_nll": base.base_nll,
+                          "nll": result.calibration_nll, "windows": base.fisher_windows}
     return {**summary(source, out, result, clock.seconds), "target_bits_per_weight": target_bpw,
-            "predicted_error": qplan.predicted_error(), "measure_seconds": measure_seconds}
+            "predicted_error": qplan.predicted_error(), "measured_error": measured_error,
+            "measure_seconds": measure_seconds, "measure_cpu_seconds": measure_cpu_seconds,
+            "cpu_seconds": clock.cpu_seconds}
 
 
 def _plan_request(target_bpw, measurement, plan) -> dict | None:

@@ -60,6 +60,8 @@ class Measurement:
     shapes: dict[str, tuple[int, int]]
     units: list[list[str]]                       # linears that share one configuration
     errors: dict[str, dict[str, list[float]]]    # proxy -> linear -> error per candidate
+    fisher_windows: int = 0                      # calibration windows the Fisher came from (the first ones)
+    base_nll: float | None = None                # the model's mean NLL on them, nats per predicted token
 
     def cost(self, name: str, c: int) -> int:
         return GPTQLayout.stored_bits(*self.shapes[name], self.candidates[c])
@@ -70,6 +72,7 @@ class Measurement:
                 "options": self.options,
                 "candidates": [{"bits": c.bits, "group_size": c.group_size, "sym": c.sym} for c in self.candidates],
                 "units": self.units,
+                "fisher": {"windows": self.fisher_windows, "nll": self.base_nll},
                 "layers": {name: {"shape": list(self.shapes[name]),
                                   "bits": [self.cost(name, c) for c in range(len(self.candidates))],
                                   **{proxy: self.errors[proxy][name] for proxy in PROXIES}}
@@ -112,8 +115,10 @@ class Measurement:
         units = [[str(n) for n in unit] for unit in body["units"]]
         if sorted(n for unit in units for n in unit) != sorted(shapes):
             raise InputError(f"{where}: the units do not cover the measured linears exactly")
+        fisher = body.get("fisher") or {"windows": 0, "nll": None}
+        base_nll = None if fisher["nll"] is None else float(fisher["nll"])
         return cls(body["source_fingerprint"], body["calibration_fingerprint"], body["calibration"],
-                   body["options"], candidates, shapes, units, errors)
+                   body["options"], candidates, shapes, units, errors, int(fisher["windows"]), base_nll)
 
 
 def strata(key: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -182,7 +187,7 @@ def measure(source: ModelSource, opts: QuantizeOptions, progress: bool = True) -
     runner = BlockRunner(source.config)
     family, shapes = runner.family, linear_shapes(runner)
     windows, description = calibration_windows(source, source.tokenizer(), opts, progress)
-    fisher = output_fisher(runner, source, windows[:opts.fisher_samples], list(shapes), progress)
+    fisher, base_nll = output_fisher(runner, source, windows[:opts.fisher_samples], list(shapes), progress)
     configs = [GridConfig(c.bits, c.group_size, c.sym) for c in CANDIDATES]
     errors = {proxy: {} for proxy in PROXIES}
     hidden = F.embedding(windows, source.get(family.embed).to(torch.float32))
@@ -204,7 +209,7 @@ def measure(source: ModelSource, opts: QuantizeOptions, progress: bool = True) -
         runner.release_block(i)
     options = {key: getattr(opts, key) for key in MATCHING_OPTIONS}
     return Measurement(source.fingerprint(), data.fingerprint(windows), description, options, list(CANDIDATES),
-                       shapes, units_of(runner), errors)
+                       shapes, units_of(runner), errors, min(opts.fisher_samples, windows.shape[0]), base_nll)
 
 
 def decide(measurement: Measurement, target_bpw: float, opts: QuantizeOptions, proxy: str = "fisher") -> QuantPlan:

@@ -48,6 +48,7 @@ class Result:
     calibration: str = ""
     calibration_fingerprint: str = ""
     eval: dict | None = None
+    calibration_nll: float | None = None    # the quantized model's mean NLL on the first `loss_windows` windows
 
     @property
     def bpw(self) -> float:
@@ -191,11 +192,13 @@ def embed(source: ModelSource, family, windows: torch.Tensor | None, eval_ids: t
 
 
 def run(source: ModelSource, writer, plan: QuantPlan, eval_ids: torch.Tensor | None = None,
-        progress: bool = True, coder=None, calib: Calibration | None = None) -> Result:
+        progress: bool = True, coder=None, calib: Calibration | None = None, loss_windows: int = 0) -> Result:
     """Quantize every decoder linear of `source` into `writer` (a CheckpointWriter) as `plan` says, on `calib`
     (made here when not given); optionally measure perplexity of the quantized weights on `eval_ids` windows,
     streamed through the same blocks. `coder` (a dfloat.CodedWriter on `writer`) stores the tensors that stay
-    unquantized. Blocks the writer's journal holds (a resumed run) are replayed, not quantized again."""
+    unquantized. Blocks the writer's journal holds (a resumed run) are replayed, not quantized again. With
+    `loss_windows`, the quantized model's mean NLL on that many first calibration windows (the measured side of
+    the plan's predicted error) comes from the calibration stream at the end."""
     opts = plan.options
     runner = BlockRunner(source.config)
     family = runner.family
@@ -221,8 +224,14 @@ def run(source: ModelSource, writer, plan: QuantPlan, eval_ids: torch.Tensor | N
     for name in (family.embed, family.final_norm, family.lm_head):
         if name in source:
             store(name, source.get(name))
-    if streams.held is not None:
-        result.eval = _held_out_perplexity(source, family, streams.held, eval_ids, runner)
+    if streams.held is not None or (loss_windows and streams.hidden is not None):
+        norm, head = _final_layers(source, family, runner)
+        if streams.held is not None:
+            result.eval = summarize(_nll(norm, head, streams.held, eval_ids), *eval_ids.shape)
+        if loss_windows and streams.hidden is not None:
+            ids = calib.windows[:loss_windows]
+            result.calibration_nll = _nll(norm, head, streams.hidden[:loss_windows], ids) / (ids.shape[0] *
+                                                                                               (ids.shape[1] - 1))
     return result
 
 
@@ -320,15 +329,16 @@ def _quantize_into(block, prefix: str, name: str, H, plan: QuantPlan, writer, te
     return LayerReport(full, tuple(lin.weight.shape), layer.bits, layer.group_size, size, loss)
 
 
-def _held_out_perplexity(source, family, held, eval_ids, runner) -> dict:
-    """Finish the streamed evaluation: final norm and lm_head on the last block's outputs."""
+def _final_layers(source, family, runner):
+    """The final norm and the lm_head matrix, to finish a streamed evaluation."""
     norm = runner.model.model.norm.to_empty(device="cpu")
     norm.weight.data = source.get(family.final_norm).to(torch.float32)
-    head = source.get(family.lm_head if family.lm_head in source else family.embed).to(torch.float32)
-    nll = 0.0
-    for h, ids in zip(held, eval_ids):
-        nll += window_stats(norm(h[None])[0] @ head.t(), ids)[0]
-    return summarize(nll, eval_ids.shape[0], eval_ids.shape[1])
+    return norm, source.get(family.lm_head if family.lm_head in source else family.embed).to(torch.float32)
+
+
+def _nll(norm, head: torch.Tensor, hidden: torch.Tensor, windows: torch.Tensor) -> float:
+    """Summed next-token NLL of the windows from the last block's outputs `hidden`."""
+    return sum(window_stats(norm(h[None].float())[0] @ head.t(), ids)[0] for h, ids in zip(hidden, windows))
 
 
 def peak_rss_bytes() -> int:
@@ -336,9 +346,14 @@ def peak_rss_bytes() -> int:
 
 
 class Stopwatch:
+    """Wall time and CPU time (all threads of the process) since it was made."""
     def __init__(self):
-        self.t0 = time.perf_counter()
+        self.t0, self.cpu0 = time.perf_counter(), time.process_time()
 
     @property
     def seconds(self) -> float:
         return time.perf_counter() - self.t0
+
+    @property
+    def cpu_seconds(self) -> float:
+        return time.process_time() - self.cpu0

@@ -18,8 +18,9 @@ HEAD_CHUNK = 128          # positions whose logits are formed at once
 
 
 def output_fisher(runner: BlockRunner, source, windows: torch.Tensor, linears: list[str],
-                  progress: bool = False) -> dict[str, torch.Tensor]:
-    """F_o [out] of each decoder linear named in `linears`, from one forward and backward per window
+                  progress: bool = False) -> tuple[dict[str, torch.Tensor], float]:
+    """F_o [out] of each decoder linear named in `linears`, and the model's mean next-token NLL on the windows
+    (nats per predicted token, the loss the Fisher is of), from one forward and backward per window
     [n, seqlen], streamed block by block: the forward keeps only each block's input, the backward rebuilds one
     block at a time from `source`, recomputes it and passes the gradient down (activation checkpointing at block
     granularity: the memory of one block and the block boundaries, never the whole model)."""
@@ -29,6 +30,7 @@ def output_fisher(runner: BlockRunner, source, windows: torch.Tensor, linears: l
     tied = runner.family.lm_head not in source
     embed = head if tied else source.get(runner.family.embed).to(torch.float32)
     norm.requires_grad_(False)
+    nll = 0.0
     for ids in tqdm(windows, desc="fisher", unit="window", disable=not progress):
         h = F.embedding(ids[None], embed)
         pos = runner.position_embeddings(h)
@@ -37,10 +39,12 @@ def output_fisher(runner: BlockRunner, source, windows: torch.Tensor, linears: l
             inputs.append(h)
             h = runner.forward_block(_block(runner, source, i), h, pos)
             runner.release_block(i)
-        g = _head_gradient(norm, head, h, ids)
+        g, window_nll = _head_gradient(norm, head, h, ids)
+        nll += window_nll
         for i in reversed(range(runner.n_blocks)):
             g = _block_gradient(runner, source, i, inputs.pop(), pos, g, wanted, sums)
-    return {name: sums[name] / windows.numel() for name in linears}
+    fisher = {name: sums[name] / windows.numel() for name in linears}
+    return fisher, nll / (windows.shape[0] * (windows.shape[1] - 1))
 
 
 def _block(runner: BlockRunner, source, i: int) -> torch.nn.Module:
@@ -48,19 +52,23 @@ def _block(runner: BlockRunner, source, i: int) -> torch.nn.Module:
     return block.requires_grad_(False)
 
 
-def _head_gradient(norm, head: torch.Tensor, h: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """dL/dh of the summed next-token NLL of one window with respect to the last block's output, in chunks of
-    HEAD_CHUNK positions (the logits of a whole window would take seqlen x vocab floats, three times over)."""
+def _head_gradient(norm, head: torch.Tensor, h: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """dL/dh of the summed next-token NLL L of one window with respect to the last block's output, and L, in
+    chunks of HEAD_CHUNK positions (the logits of a whole window would take seqlen x vocab floats, three times
+    over)."""
     h = h.detach()
     grad = torch.zeros_like(h)
+    total = 0.0
     for start in range(0, h.shape[1] - 1, HEAD_CHUNK):
         part = h[:, start:start + HEAD_CHUNK].requires_grad_(True)
         targets = ids[start + 1:start + 1 + part.shape[1]]
         with torch.enable_grad():
             logits = norm(part)[0, :targets.numel()] @ head.t()
-            F.cross_entropy(logits, targets, reduction="sum").backward()
+            loss = F.cross_entropy(logits, targets, reduction="sum")
+            loss.backward()
+        total += loss.item()
         grad[:, start:start + part.shape[1]] = part.grad
-    return grad
+    return grad, total
 
 
 def _block_gradient(runner, source, i, x, pos, g, wanted, sums) -> torch.Tensor:

@@ -193,6 +193,10 @@ def quantize(model, out, method, bits, group_size, sym, act_order, static_groups
             ("peak RSS", _mb(s["peak_rss_bytes"]))]
     if s["predicted_error"] is not None:
         rows.append(("predicted loss increase", f"{s['predicted_error']:.4f} nats/token (measurement)"))
+    if s["measured_error"] is not None:
+        m = s["measured_error"]
+        rows.append(("measured loss increase", (f"{m['nats_per_token']:.4f} nats/token (NLL {m['base_nll']:.4f} -> "
+                                                f"{m['nll']:.4f} on the {m['windows']} Fisher calibration windows)")))
     if s["eval"]:
         rows.append(("perplexity", (f"{s['eval']['perplexity']:.3f} ({s['eval']['tokens']} tokens, "
                                     f"seqlen {s['eval']['seqlen']})")))

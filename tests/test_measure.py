@@ -2,6 +2,7 @@
 written, the saved measurement re-plans without calibrating and is refused for another model, and the
 loaded mixed-precision checkpoint reproduces the perplexity measured while quantizing."""
 import json
+import math
 import shutil
 
 import pytest
@@ -16,7 +17,9 @@ from bitsmith.cli.main import main
 from bitsmith.formats.errors import InputError
 from bitsmith.formats.source import open_source
 from bitsmith.layouts import layer_config
+from bitsmith.loader import load_model
 from bitsmith.measure import CANDIDATES, Measurement, decide
+from bitsmith.pipeline import calibration
 from bitsmith.plan import QuantizeOptions
 
 pytestmark = pytest.mark.slow
@@ -87,6 +90,22 @@ def measurement(planned, stories_path):
     opts = QuantizeOptions(**CALIB)
     opts.validate()
     return Measurement.load(planned[0] / "measurement.json", open_source(str(stories_path)), opts), opts
+
+
+def test_the_summary_measures_the_loss_increase_it_predicted(planned, measurement, stories_path, stories_split):
+    """The measured side of the summary is the NLL the base and the quantized model give on the Fisher windows."""
+    out, summary = planned
+    m, opts = measurement
+    got = summary["measured_error"]
+    assert got["windows"] == m.fisher_windows == 4 and got["base_nll"] == m.base_nll
+    source = open_source(str(stories_path))
+    opts = QuantizeOptions(**CALIB, calib=[str(stories_split[0])])
+    windows = calibration(source, opts, progress=False).windows[:got["windows"]]
+    base = evaluate(load_model(source), windows, progress=False)
+    quantized = evaluate(bitsmith.load(str(out)), windows, progress=False)
+    assert math.log(base["perplexity"]) == pytest.approx(m.base_nll, rel=1e-5)
+    assert math.log(quantized["perplexity"]) == pytest.approx(got["nll"], rel=1e-3)   # the stream runs in bf16
+    assert got["nats_per_token"] == pytest.approx(got["nll"] - got["base_nll"]) and got["nats_per_token"] > 0
 
 
 def test_measurement_covers_every_candidate_of_every_linear(measurement):

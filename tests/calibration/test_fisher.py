@@ -1,4 +1,4 @@
-"""The streamed output Fisher equals the one autograd gives on the whole model."""
+"""The streamed output Fisher (and the loss it is of) equals what autograd gives on the whole model."""
 import torch
 import torch.nn.functional as F
 
@@ -20,12 +20,15 @@ def whole_model_fisher(model, windows, linears):
         return hook
 
     hooks = [model.get_submodule(n).register_forward_hook(keep(n)) for n in linears]
+    nll = 0.0
     for ids in windows:
         logits = model(ids[None], use_cache=False).logits[0]
-        F.cross_entropy(logits[:-1], ids[1:], reduction="sum").backward()
+        loss = F.cross_entropy(logits[:-1], ids[1:], reduction="sum")
+        loss.backward()
+        nll += loss.item()
     for h in hooks:
         h.remove()
-    return {n: s / windows.numel() for n, s in sums.items()}
+    return {n: s / windows.numel() for n, s in sums.items()}, nll / (windows.shape[0] * (windows.shape[1] - 1))
 
 
 def test_streamed_fisher_equals_whole_model_autograd(stories_path):
@@ -34,8 +37,9 @@ def test_streamed_fisher_equals_whole_model_autograd(stories_path):
     linears = [n for n, m in load_model(source).named_modules()
                if isinstance(m, torch.nn.Linear) and ".layers." in n]
     windows = torch.randint(3, 512, (3, 48), generator=torch.Generator().manual_seed(0))
-    got = output_fisher(runner, source, windows, linears)
-    want = whole_model_fisher(load_model(source), windows, linears)
+    got, nll = output_fisher(runner, source, windows, linears)
+    want, want_nll = whole_model_fisher(load_model(source), windows, linears)
+    assert abs(nll - want_nll) < 1e-4 * want_nll
     assert len(linears) == 35 and set(got) == set(linears)
     for name in linears:
         assert got[name].shape == want[name].shape and (got[name] > 0).all()
