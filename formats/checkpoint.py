@@ -12,6 +12,7 @@ import math
 import os
 import shutil
 import struct
+import zipfile
 from collections import deque
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -35,6 +36,21 @@ SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16:
 TORCH_DTYPES = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}
 SPOOL = ".spool"
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+# transformers does not know quant_method "bitsmith": left alone it warns and builds the model with random weights in
+# place of the linears it cannot read. An attention implementation no transformers has makes its from_pretrained
+# refuse such a folder instead; bitsmith's transformers quantizer (bitsmith/hf_quantizer.py, registered by
+# `import bitsmith`) clears it and loads the folder, and bitsmith's own reader ignores it.
+TRANSFORMERS_GUARD = "bitsmith (import bitsmith to load this checkpoint)"
+
+
+def guarded(config: dict) -> dict:
+    """config.json with TRANSFORMERS_GUARD as its attention implementation when its quant_method is "bitsmith"
+    (a layout transformers cannot read by itself), and without it otherwise."""
+    config = {k: v for k, v in config.items() if not (k == "attn_implementation" and v == TRANSFORMERS_GUARD)}
+    qc = config.get("quantization_config")
+    if isinstance(qc, dict) and qc.get("quant_method") == "bitsmith":
+        config["attn_implementation"] = TRANSFORMERS_GUARD
+    return config
 
 
 def sha256_file(path: Path, what: str | None = None) -> str:
@@ -44,6 +60,12 @@ def sha256_file(path: Path, what: str | None = None) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def reserved(name: str) -> bool:
+    """Whether a file name in a folder is one a writer keeps for itself: the manifest, or under its spool or
+    journal (a side file of that name would overwrite them while the folder is written)."""
+    return name == MANIFEST or name.split("/")[0] in (SPOOL, JOURNAL)
 
 
 class CheckpointWriter:
@@ -58,7 +80,8 @@ class CheckpointWriter:
     and notes them with the caller's entry. A writer made with `resume` continues the unfinished folder a
     killed run on the same OUT left, up to its last entry: the entries are in `resumed` (empty when there
     was nothing to continue), the tensors they cover stay added (`get` reads them back), and the files given
-    to `save_file` stay in place.
+    to `save_file` stay in place. Interrupted (KeyboardInterrupt: Ctrl-C, or SIGTERM through the command line), a
+    writer that has journaled keeps its folder for such a run, and says where; any other failure deletes it.
     """
 
     def __init__(self, out, overwrite: bool = False, shard_bytes: int = SHARD_BYTES, inputs=(),
@@ -187,7 +210,10 @@ class CheckpointWriter:
             self._stream = None
 
     def add_file(self, name: str, data: bytes | str | Path) -> None:
-        """A side file (tokenizer, generation config, ...) copied into the folder."""
+        """A side file (tokenizer, generation config, ...) copied into the folder; not one of the names this writer
+        keeps for its own files (`reserved`)."""
+        if reserved(name):
+            raise InputError(f"{name}: a name bitsmith keeps for its own files in an output folder; rename the file")
         dst = self.tmp / name
         dst.parent.mkdir(parents=True, exist_ok=True)
         if isinstance(data, (bytes, str)) and not (isinstance(data, str) and Path(data).exists()):
@@ -233,8 +259,10 @@ class CheckpointWriter:
                 nbytes -= len(chunk)
         return stream.close()
 
-    def commit(self, config: dict | None, manifest: dict) -> Path:
-        """Lay out shards, write config.json and the manifest, fsync and rename into place."""
+    def commit(self, config: dict | None, manifest: dict, recorded: bytes | None = None) -> Path:
+        """Lay out shards, write config.json and the manifest, fsync and rename into place. `recorded`: the manifest
+        of a folder given back byte for byte (decompress), written as it was once its files map is exactly the files
+        written (else InputError, nothing published)."""
         if self._planned:
             raise ValueError(f"{len(self._planned)} planned tensors never added, {self._planned[-1]} first")
         shards = self._shard_names()
@@ -250,13 +278,17 @@ class CheckpointWriter:
         self._journal.remove()                          # before the spool: a journal never outlives it
         self._close_spool()
         if config is not None:
-            (self.tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+            (self.tmp / "config.json").write_text(json.dumps(guarded(config), indent=2, sort_keys=True) + "\n")
         for p in sorted(self.tmp.rglob("*")):
             name = p.relative_to(self.tmp).as_posix()
             if p.is_file() and name not in files:
                 files[name] = sha256_file(p)
-        body = {"format_version": FORMAT_VERSION, "bitsmith_version": _version(), **manifest, "files": files}
-        (self.tmp / MANIFEST).write_text(json.dumps(body, indent=2, sort_keys=True) + "\n")
+        if recorded is not None:
+            _check_recorded(recorded, files)
+            (self.tmp / MANIFEST).write_bytes(recorded)
+        else:
+            body = {"format_version": FORMAT_VERSION, "bitsmith_version": _version(), **manifest, "files": files}
+            (self.tmp / MANIFEST).write_text(json.dumps(body, indent=2, sort_keys=True) + "\n")
         _fsync_tree(self.tmp)
         self._output.publish()
         return self.out
@@ -290,6 +322,10 @@ class CheckpointWriter:
     def __exit__(self, exc_type, exc, tb):
         if isinstance(exc, ResumeRefused):
             self.release()                              # nothing lost: a run with the right inputs continues
+        elif isinstance(exc, KeyboardInterrupt) and self._journal.path.is_file():
+            self.release()                              # interrupted (Ctrl-C, SIGTERM): kept for --resume
+            raise type(exc)(f"{self.out}: the unfinished output is kept in {self.tmp}; run the same command with "
+                            "--resume to continue it (a run without --resume deletes it)") from None
         elif exc_type is not None:
             self.abort()
         return False
@@ -321,6 +357,8 @@ class Checkpoint:
         check_folder(self.path)
         self.manifest = _read_json(self.path / MANIFEST) if (self.path / MANIFEST).exists() else None
         self.listed = None if self.manifest is None else listed_files(self.manifest, self.path / MANIFEST)
+        if self.listed is not None:
+            self._check_unchanged()
         self.config = self._json("config.json") if (self.path / "config.json").exists() else None
         self._where = self._index()
         self.coded = dfloat.coded_tensors(self.manifest, self.config)   # name -> metadata of coded tensors
@@ -334,6 +372,24 @@ class Checkpoint:
         """A JSON object the reader reads from the folder: one the manifest lists, when there is a manifest."""
         self._check_listed(name)
         return _read_json(self.path / name)
+
+    def _check_unchanged(self) -> None:
+        """With a manifest: every listed file but the shards (config, index, plan, tokenizer files: small, read
+        whole) holds the bytes its sha256 says, and the manifest's plan is plan.json's; a folder changed after it
+        was written is refused instead of read. (The shards' bytes are `verify`'s to hash: too large for every
+        open.)"""
+        for name, digest in self.listed.items():
+            if name.endswith(".safetensors"):
+                continue
+            path = inside(self.path, name, f"{self.path / MANIFEST} files")
+            if os.path.lexists(path) and sha256_file(path, name) != digest:
+                raise InputError(f"{self.path}: {name} does not match its sha256 in {MANIFEST} (changed after the "
+                                 "checkpoint was written); see bitsmith verify")
+        plan = self.manifest.get("plan")
+        if (plan is not None and "plan.json" in self.listed and (self.path / "plan.json").is_file()
+                and _read_json(self.path / "plan.json") != plan):
+            raise InputError(f"{self.path}: the plan in {MANIFEST} is not the one in plan.json (changed after the "
+                             "checkpoint was written); see bitsmith verify")
 
     def _check_listed(self, name: str) -> None:
         """With a manifest, the reader reads only the files it lists: any other was added afterwards."""
@@ -349,7 +405,7 @@ class Checkpoint:
             return self._sharded(index)
         files = sorted(self.path.glob("*.safetensors"))
         if not files:
-            pickles = [p.name for p in self.path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl")]
+            pickles = [p.name for p in self.path.iterdir() if p.is_file() and (weights_name(p.name) or pickled(p))]
             if pickles:
                 raise InputError(f"{self.path}: only pickle checkpoints ({', '.join(sorted(pickles))}); "
                                  "bitsmith never unpickles files, convert to safetensors first")
@@ -537,6 +593,44 @@ def _file_problem(folder: Path, name: str, digest: str) -> str | None:
         return None if sha256_file(path, name) == digest else f"{name}: sha256 mismatch"
     except InputError as e:
         return str(e)
+
+
+def weights_name(name: str) -> bool:
+    """Whether a file name is one of pickled weights by convention (`pytorch_model*.bin`, `*.pt`, `*.pth`,
+    `*.ckpt`, `*.pkl`); whether a file is a pickle is `pickled`'s to say."""
+    return name.endswith((".pt", ".pth", ".ckpt", ".pkl")) or (name.startswith("pytorch_model") and
+                                                              name.endswith(".bin"))
+
+
+def pickled(path: Path) -> bool:
+    """Whether a regular file holds a pickle, by its first bytes, never by its name and without unpickling: pickle
+    protocol 2 to 5 (what torch.save and pickle.dump write), or a zip archive holding a .pkl member (torch.save's
+    zip format). A tokenizer's .bin file is no pickle."""
+    with open_regular(path) as f:
+        head = f.read(4)
+        if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
+            return True
+        if head != b"PK\x03\x04":
+            return False
+        try:
+            with zipfile.ZipFile(f) as archive:
+                return any(name.endswith(".pkl") for name in archive.namelist())
+        except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, EOFError, OSError):
+            return False
+
+
+def _check_recorded(recorded: bytes, files: dict[str, str]) -> None:
+    """A recorded manifest describes a folder restored byte for byte only when its files map is the files written."""
+    try:
+        listed = json.loads(recorded).get("files")
+    except (ValueError, AttributeError, RecursionError):
+        listed = None
+    if not isinstance(listed, dict):
+        raise InputError(f"{MANIFEST} as recorded: no files map (names to sha256)")
+    differ = sorted(name for name in listed.keys() | files.keys() if listed.get(name) != files.get(name))
+    if differ:
+        raise InputError(f"{MANIFEST} as recorded does not describe the files given back ({', '.join(differ[:3])}"
+                         f"{', ...' if len(differ) > 3 else ''})")
 
 
 def _safetensors_keys(path: Path) -> list[str]:

@@ -1,14 +1,17 @@
-"""Named points where a run dies at once, as if killed: tests of interrupted runs set the environment variable
-`BITSMITH_KILL_AT` to a point's name ("block:2", "measured", ...) to stop a run exactly there."""
+"""Named points where a run is stopped by a signal, as if killed or interrupted there: tests of interrupted runs
+set the environment variable `BITSMITH_KILL_AT` to a point's name ("block:2", "measured", "commit", ...) to stop a
+run exactly there, with SIGKILL, or with the signal `BITSMITH_KILL_SIGNAL` names (SIGINT, SIGTERM)."""
 from __future__ import annotations
 
 import os
 import signal
 
 VARIABLE = "BITSMITH_KILL_AT"
+SIGNAL = "BITSMITH_KILL_SIGNAL"
 
 
 def point(name: str) -> None:
-    """SIGKILL this process when `BITSMITH_KILL_AT` names this point."""
+    """Send this process the signal (SIGKILL unless `BITSMITH_KILL_SIGNAL` says) when `BITSMITH_KILL_AT` names this
+    point; a signal with a handler is handled before the run goes on (SIGINT: KeyboardInterrupt)."""
     if os.environ.get(VARIABLE) == name:
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), getattr(signal, os.environ.get(SIGNAL) or "SIGKILL"))

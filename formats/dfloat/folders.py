@@ -1,5 +1,6 @@
 """`bitsmith compress` / `decompress`: a folder of safetensors to the same tensors with every BF16 one coded
-where that saves bytes, and back to plain safetensors, bit for bit; side files and config.json carried."""
+where that saves bytes, and back to plain safetensors, bit for bit; config.json and every other file carried, as
+opaque bytes whatever its name (a tokenizer's .bin file), pickles refused."""
 from __future__ import annotations
 
 import math
@@ -14,8 +15,6 @@ from . import originals
 from .codec import WINDOW_BITS, check_window
 from .parts import CodedWriter, config_block, lossless_block
 
-NOT_SIDE_FILES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl", ".index.json")
-
 
 def compress_checkpoint(src, out, overwrite: bool = False, window_bits: int = WINDOW_BITS,
                         progress: bool = False) -> dict:
@@ -28,6 +27,7 @@ def compress_checkpoint(src, out, overwrite: bool = False, window_bits: int = WI
     source = Checkpoint(src)
     if source.coded:
         raise InputError(f"{source.path}: already holds losslessly coded tensors")
+    side = side_files(source)
     names, dtypes = source.keys(), Counter()
     with CheckpointWriter(out, overwrite, inputs=[source.path]) as writer:
         coder = CodedWriter(writer, window_bits)
@@ -37,7 +37,8 @@ def compress_checkpoint(src, out, overwrite: bool = False, window_bits: int = WI
             coder.add(name, tensor)
         coder.flush()
         coded = coder.coded
-        _copy_side_files(source.path, writer)
+        for name in side:
+            writer.add_file(name, source.path / name)
         block = lossless_block(coded)
         manifest = {"lossless": block, "source_files": originals.record(source.path, source.files(), sha256_file)}
         writer.commit(_config_with(source.config, config_block(block) if coded else None), manifest)
@@ -47,11 +48,13 @@ def compress_checkpoint(src, out, overwrite: bool = False, window_bits: int = WI
 def decompress_checkpoint(src, out, overwrite: bool = False, progress: bool = False) -> dict:
     """A folder with coded tensors -> plain safetensors, every tensor bit for bit as before compression; the
     files of a folder that `compress_checkpoint` made come back byte for byte (`originals`)."""
-    from ..checkpoint import Checkpoint, CheckpointWriter
+    from ..checkpoint import MANIFEST, Checkpoint, CheckpointWriter
     source = Checkpoint(src)
     names, recorded = source.keys(), (source.manifest or {}).get("source_files")
     if recorded:
         tensors, files, texts = _recorded(source, recorded)        # all checked before the output is made
+        manifest = _source_manifest(source, recorded)
+    side = side_files(source)
     with CheckpointWriter(out, overwrite, inputs=[source.path]) as writer:
         if recorded:
             writer.plan(tensors, files)
@@ -61,16 +64,32 @@ def decompress_checkpoint(src, out, overwrite: bool = False, progress: bool = Fa
         for name, tensor in tqdm(source.get_many(names), desc="decompress", unit="tensor", total=len(names),
                                  disable=not progress):
             writer.add(name, tensor)
-        _copy_side_files(source.path, writer)
-        if recorded:
+        for name in side:
+            writer.add_file(name, source.path / name)
+        if not recorded:
+            writer.commit(_config_with(source.config, None), {})
+        else:
             for name, data in texts.items():
                 writer.add_file(name, data)
             changed = [name for name, shard in recorded["files"].items()
                        if writer.written.get(name) != shard["sha256"]]
-            if changed:
-                raise RuntimeError(f"{', '.join(changed)}: not restored byte for byte")
-        writer.commit(None if recorded else _config_with(source.config, None), {})
+            try:
+                if changed:
+                    raise InputError(f"{', '.join(changed)} would not come back byte for byte (its recorded sha256 "
+                                     "is not that of the bytes its header and tensors make)")
+                writer.commit(None, {}, manifest)
+            except InputError as e:
+                raise InputError(f"{source.path / MANIFEST}: source_files: {e}") from None
     return {**_summary(source.path, Path(out), len(names), source.coded), "identical_files": bool(recorded)}
+
+
+def _source_manifest(source, recorded) -> bytes | None:
+    """The source's manifest as recorded (None if it had none), or InputError naming the manifest."""
+    from ..checkpoint import MANIFEST
+    try:
+        return originals.manifest(recorded)
+    except InputError as e:
+        raise InputError(f"{source.path / MANIFEST}: {e}") from None
 
 
 def _recorded(source, recorded) -> tuple[list, dict, dict[str, bytes]]:
@@ -113,14 +132,31 @@ def _config_with(config: dict | None, block: dict | None) -> dict | None:
     return config
 
 
-def _copy_side_files(folder: Path, writer) -> None:
-    """Every file but the weights, config.json and the manifest at the top, subfolders included."""
-    from ..checkpoint import MANIFEST
-    for f in sorted(folder.rglob("*")):
-        name = f.relative_to(folder).as_posix()
-        top = "/" not in name
-        if f.is_file() and not (top and (name in (MANIFEST, "config.json") or name.endswith(NOT_SIDE_FILES))):
-            writer.add_file(name, inside(folder, name, str(folder)))
+def side_files(source) -> list[str]:
+    """The files of a folder (`source`, a Checkpoint) carried as they are, by relative name, subfolders included:
+    all but the safetensors files the reader reads, the shard index, config.json and the manifest (written anew or
+    recorded), whatever their names end with. InputError, before anything is written, for a pickle (by its bytes:
+    pickled weights are refused, not carried), a safetensors file at the top that the shard index leaves out (once
+    carried, it would be read beside the others) and a name the output's writer keeps for itself."""
+    from ..checkpoint import MANIFEST, pickled, reserved
+    skipped = {MANIFEST, "config.json", originals.INDEX, *(path.name for path in source.files())}
+    found = []
+    for f in sorted(source.path.rglob("*")):
+        name = f.relative_to(source.path).as_posix()
+        if name in skipped or not f.is_file():
+            continue
+        path = inside(source.path, name, str(source.path))
+        if reserved(name):
+            raise InputError(f"{source.path}: {name!r} is a name bitsmith keeps for its own files in an output "
+                             "folder; rename or remove it")
+        if "/" not in name and name.endswith(".safetensors"):
+            raise InputError(f"{source.path}: {name} is a safetensors file that {originals.INDEX} does not name; "
+                             "remove it, or add its tensors to the index")
+        if pickled(path):
+            raise InputError(f"{source.path}: {name!r} is a pickle; bitsmith never unpickles nor carries pickled "
+                             "files (weights are read from the safetensors files): remove it, or convert it")
+        found.append(name)
+    return found
 
 
 def _summary(src: Path, out: Path, tensors: int, coded: dict) -> dict:

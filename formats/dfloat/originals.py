@@ -1,6 +1,7 @@
 """The source files of a compressed folder, as `decompress_checkpoint` gives them back byte for byte: the
-raw header of every safetensors file (tensor order, metadata, padding), its sha256, and config.json and
-the shard index as they were. Kept in the manifest under `source_files`."""
+raw header of every safetensors file (tensor order, metadata, padding), its sha256, config.json and the shard
+index as they were, and the source's own bitsmith manifest, if it had one. Kept in the manifest under
+`source_files`. (Every other file is carried as it is.)"""
 from __future__ import annotations
 
 import json
@@ -13,6 +14,7 @@ from ..paths import plain
 from .parts import shown
 
 INDEX = "model.safetensors.index.json"
+MANIFEST = "bitsmith_manifest.json"         # checkpoint.MANIFEST (not imported: checkpoint imports this package)
 TEXTS = ("config.json", INDEX)
 
 
@@ -22,7 +24,10 @@ def record(folder: Path, files: list[Path], sha256_file) -> dict:
     is all that the tensors do not say."""
     shards = {path.name: {"header": as_text(_raw_header(path)), "sha256": sha256_file(path)} for path in files}
     texts = {name: as_text((folder / name).read_bytes()) for name in TEXTS if (folder / name).exists()}
-    return {"files": shards, "texts": texts}
+    recorded = {"files": shards, "texts": texts}
+    if (folder / MANIFEST).exists():                    # a bitsmith folder: its manifest comes back as it was
+        recorded["manifest"] = as_text((folder / MANIFEST).read_bytes())
+    return recorded
 
 
 def as_text(data: bytes) -> str:
@@ -64,6 +69,16 @@ def texts(source_files) -> dict[str, bytes]:
         if name not in TEXTS:
             raise InputError(f"source_files text {name!r}: not one of {', '.join(TEXTS)}")
     return {name: _bytes(text, f"source_files text {name!r}") for name, text in found.items()}
+
+
+def manifest(source_files) -> bytes | None:
+    """The source's bitsmith manifest as it was, or None when the source had none."""
+    text = source_files.get("manifest") if isinstance(source_files, dict) else None
+    if text is None:
+        return None
+    if not isinstance(text, str):
+        raise InputError(f"source_files manifest: {type(text).__name__}, not the text of a manifest")
+    return _bytes(text, "source_files manifest")
 
 
 def _entries(source_files, key: str, kind: type) -> dict:

@@ -121,6 +121,30 @@ def test_every_written_file_is_covered_by_its_sha256(ck, name):
     assert name in json.loads((ck / MANIFEST).read_text())["files"]
     (ck / name).write_text((ck / name).read_text().replace("}", ', "edited": 1}', 1))
     failed_verify(ck, [f"{name}: sha256 mismatch"])
+    refused_by_reader(ck, f"{ck}: {name} does not match its sha256 in {MANIFEST} (changed after the checkpoint was "
+                          "written); see bitsmith verify")
+
+
+def test_the_manifests_plan_is_the_one_in_plan_json(ck):
+    edit_manifest(ck, lambda m: m.update(plan={"layers": {}}))          # as written: plan.json holds the same
+    assert verify(ck) == [] and Checkpoint(ck).keys() == ["a.weight", "b.weight"]
+    edit_manifest(ck, lambda m: m.update(plan={"layers": {"a": {"bits": 8}}}))
+    message = (f"{ck}: the plan in {MANIFEST} is not the one in plan.json (changed after the checkpoint was "
+               "written); see bitsmith verify")
+    failed_verify(ck, [message])
+    refused_by_reader(ck, message)
+
+
+@pytest.mark.parametrize("name, problem", [
+    ("../secret.txt", "climbs out of the folder (a '..' part)"),
+    ("/etc/hostname", "is an absolute path (names are relative to the folder)"),
+])
+def test_the_reader_refuses_a_manifest_naming_files_outside(ck, name, problem):
+    (ck.parent / "secret.txt").write_text("not for the reader")
+    edit_manifest(ck, lambda m: m["files"].update({name: sha256_file(ck.parent / "secret.txt")}))
+    message = f"{ck / MANIFEST} files: {name!r} {problem}"
+    failed_verify(ck, [message])
+    refused_by_reader(ck, message)
 
 
 def test_a_deleted_config_fails_verify(ck):

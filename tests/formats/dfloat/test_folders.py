@@ -138,7 +138,7 @@ def test_decompress_that_would_not_restore_the_files_exactly_publishes_nothing(s
     manifest = json.loads((tmp_path / "z" / MANIFEST).read_text())
     manifest["source_files"]["files"]["model.safetensors"]["sha256"] = "0" * 64
     (tmp_path / "z" / MANIFEST).write_text(json.dumps(manifest))
-    with pytest.raises(RuntimeError, match="model.safetensors: not restored byte for byte"):
+    with pytest.raises(InputError, match="source_files: model.safetensors would not come back byte for byte"):
         dfloat.decompress_checkpoint(tmp_path / "z", tmp_path / "d")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src", "z"]
 
