@@ -50,7 +50,8 @@ def family_of(config: dict) -> Family:
 
 def hf_config(config: dict):
     from transformers import AutoConfig
-    config = {k: v for k, v in config.items() if k not in ("quantization_config", "architectures")}
+    # attn_implementation: bitsmith picks its own (below); a bitsmith folder's config names a guard there
+    config = {k: v for k, v in config.items() if k not in ("quantization_config", "architectures", "attn_implementation")}
     model_type = config.pop("model_type")
     cfg = _built(lambda: AutoConfig.for_model(model_type, **config))
     cfg._attn_implementation = "sdpa"
@@ -129,7 +130,12 @@ class BlockRunner:
         positions = torch.arange(hidden.shape[1]).unsqueeze(0)
         return self.rotary(hidden, positions)
 
+    @staticmethod
+    def block_kwargs(pos) -> dict:
+        """The keyword arguments of a call of a block besides its hidden states (`pos`: position_embeddings)."""
+        return {"attention_mask": None, "position_embeddings": pos, "use_cache": False}
+
     @torch.no_grad()
     def forward_block(self, block: nn.Module, hidden: torch.Tensor, pos) -> torch.Tensor:
-        out = block(hidden, attention_mask=None, position_embeddings=pos, use_cache=False)
+        out = block(hidden, **self.block_kwargs(pos))
         return out[0] if isinstance(out, tuple) else out
