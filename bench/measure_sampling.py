@@ -1,6 +1,7 @@
 """How well a sample of rows estimates a linear's measured error: SmolLM2-135M, blocks 0/10/20/29, every
-decoder linear, all 32 candidates, the full GPTQ measurement against the row samples of
-bitsmith/measure.py (`sampled_losses`): an equal-strata sample and probability-proportional-to-size samples of 64, 128 and 256 rows.
+decoder linear, every candidate of the measurement (outliers included), the full GPTQ measurement against the
+row samples of bitsmith/measure.py (`sampled_losses`): an equal-strata sample and probability-proportional-to-size
+samples of 64, 128 and 256 rows.
 
     python bench/measure_sampling.py          # one thread; writes bench/results/measure-sampling.{json,md}
 
@@ -55,7 +56,7 @@ def main() -> None:
     family, shapes = runner.family, linear_shapes(runner)
     windows, _ = calibration_windows(source, source.tokenizer(), opts, progress=False)
     fisher, _ = output_fisher(runner, source, windows[:opts.fisher_samples], list(shapes))
-    configs = [GridConfig(c.bits, c.group_size, c.sym) for c in CANDIDATES]
+    configs = [GridConfig(c.bits, c.group_size, c.sym, c.outliers) for c in CANDIDATES]
     hidden = F.embedding(windows, source.get(family.embed).to(torch.float32))
     rows, seconds = [], {n: 0.0 for n in ("full", *SAMPLES)}
     for i in range(max(BLOCKS) + 1):

@@ -107,7 +107,7 @@ def report() -> str:
               "log(ppl / base ppl) on WikiText-2. The first run's time includes the measurement."), "",
              ("| plan | target bpw | all-in bpw | WikiText-2 ppl | held-out ppl | nats predicted / calib / WikiText-2 "
               "| measure CPU s | quantize CPU s (wall) | peak RSS MB |"), "|---|---|---|---|---|---|---|---|---|"]
-    base = uniform["base"]["perplexity"]
+    base = uniform["bf16"]["perplexity"]
     for r in runs:
         measured = math.log(r["eval"]["perplexity"] / base)
         calib = f"{r['measured_error']['nats_per_token']:.3f}" if r.get("measured_error") else "-"
@@ -145,7 +145,7 @@ def plot(runs: list[dict], uniform: dict) -> None:
     for name, pts in peers().items():
         if pts:
             ax.plot(*zip(*sorted((b, p) for b, p, _ in pts)), "^:", label=name)
-    ax.axhline(uniform["base"]["perplexity"], color="grey", lw=0.8, label="base (Q4_1 dequantized)")
+    ax.axhline(uniform["bf16"]["perplexity"], color="grey", lw=0.8, label="base (Q4_1 dequantized)")
     ax.set(xlabel="all-in bits per weight (decoder linears)", ylabel="WikiText-2 perplexity", yscale="log",
            title="SmolLM2-135M: perplexity against bits per weight")
     ax.set_ylim(top=1000)

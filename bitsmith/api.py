@@ -16,7 +16,7 @@ from .formats.checkpoint import FORMAT_VERSION, CheckpointWriter
 from .formats.errors import InputError, one_line
 from .formats.paths import open_regular, read_bytes
 from .formats.source import BUNDLED, FolderSource, bundled_path, open_source
-from .layouts import gptq_config
+from .layouts import gptq_config, gptq_expressible
 from .loader import load_model
 from .measure import decide
 from .pipeline import Result, Stopwatch, calibration, linear_shapes, peak_rss_bytes, run
@@ -38,7 +38,8 @@ def quantize(model: str, out: str, *, overwrite: bool = False, eval_data: str | 
 
     The plan: uniform by default; with `target_bpw`, measured (or read from `measurement`, a
     measurement.json of an earlier run on the same model) and allocated to that all-in bits per weight;
-    with `plan`, read from a plan.json (every linear named, each with bits, group_size, sym).
+    with `plan`, read from a plan.json (every linear named, each with bits, group_size, sym and optionally
+    outliers, the fraction of its weights kept in fp16).
 
     With `resume`, a run on `out` that was killed is continued from its last finished block (bitsmith/resume.py)
     and gives the same files as an uninterrupted run; one with other inputs is refused.
@@ -154,8 +155,8 @@ def load(path: str, dtype: torch.dtype = torch.float32, device: str = "cpu"):
 
 def quantized_config(config: dict, plan: QuantPlan, shapes: dict, result: Result) -> dict:
     """config.json with a GPTQ-convention `quantization_config` (per-linear choices in its `dynamic` block,
-    bitsmith details under `meta`); layers outside that convention (W4A8) are declared under quant_method
-    "bitsmith"."""
+    bitsmith details under `meta`); layers outside that convention (W4A8, dense-and-sparse outliers) are declared
+    under quant_method "bitsmith"."""
     from . import __version__
     opts = plan.options
     qc = {"quant_method": "gptq", "checkpoint_format": "gptq", **gptq_config(plan, shapes),
@@ -166,6 +167,8 @@ def quantized_config(config: dict, plan: QuantPlan, shapes: dict, result: Result
     if opts.method == "qoq":
         qc.update(quant_method="bitsmith", format_version=FORMAT_VERSION, layer_format="w4a8-qoq",
                   desc_act=False, sym=False)
+    elif not gptq_expressible(plan):             # outliers in CSR next to some GPTQ linears (bitsmith/layouts.py)
+        qc.update(quant_method="bitsmith", format_version=FORMAT_VERSION)
     return {**config, "torch_dtype": config.get("torch_dtype", "bfloat16"), "quantization_config": qc}
 
 

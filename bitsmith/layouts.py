@@ -7,6 +7,16 @@ GPTQ (v1 convention, the tensors GPTQ loaders read; kernels/reference.py describ
 Per-linear choices that differ from the checkpoint-wide one go into GPTQModel's `dynamic` block: keys
 `+:REGEX` matched (re.match, anchored at the start) against the full module name, values overriding
 bits / group_size / sym / desc_act; `-:REGEX` leaves a module unquantized; the first match wins.
+
+Dense-and-sparse (a plan entry with `outliers` > 0; SpQR, Dettmers et al. 2023; SqueezeLLM, Kim et al. 2023):
+the GPTQ tensors above, whose codes at the outlier positions are zero points, and the outliers in CSR
+(formats/csr.py): outlier_values fp16 [nnz], outlier_cols int16 [nnz] (int32 past 32767 inputs),
+outlier_row_ptr int32 [out + 1]; every row keeps round(outliers * in) of them, so nnz follows from the entry.
+W = the dequantized codes with the outliers written over them. GPTQ loaders cannot read the sparse part: a
+checkpoint holding such a linear is declared `quant_method: "bitsmith"` (`gptq_expressible`), and its
+`quantization_config` names `outliers` in the base entry and in every `dynamic` rule.
+
+`layout_of(layer)` is the one place that says which layout a plan entry (or a checkpoint's layer entry) uses.
 """
 from __future__ import annotations
 
@@ -15,15 +25,20 @@ from collections import Counter
 
 import torch
 
+from .formats.csr import csr_bits, to_csr
 from .formats.errors import InputError
-from .formats.packing import pack, packed_length
-from .kernels.linear import QuantizedLinear
-from .plan import LayerPlan, QuantPlan
+from .formats.packing import SUPPORTED_BITS, pack, packed_length
+from .kernels.linear import DenseSparseLinear, QuantizedLinear
+from .kernels.reference import dense_sparse_dequantize, dequantize
+from .plan import MAX_OUTLIERS, LayerPlan, QuantPlan
+from .quantize.outliers import DenseSparseWeight, outlier_count
 from .quantize.rtn import QuantizedWeight
 
 
 class GPTQLayout:
-    """The GPTQ tensors of one linear and their exact size."""
+    """The GPTQ tensors of one linear, their exact size, the weight they hold and their runtime module."""
+
+    parts = ("qweight", "scales", "qzeros", "g_idx")      # tensor name suffixes, as `tensors` writes them
 
     @staticmethod
     def tensors(qw: QuantizedWeight) -> dict[str, torch.Tensor]:
@@ -42,42 +57,98 @@ class GPTQLayout:
         return 32 * words + 16 * groups * out_features + 32 * in_features
 
     @staticmethod
-    def module(in_features: int, out_features: int, bits: int, group_size: int, bias: bool,
+    def weight(stored, layer: LayerPlan, in_features: int) -> torch.Tensor:
+        """The float32 weight [out, in] the tensors hold (`stored(suffix)` gives each): exactly the Q the
+        quantizer returned."""
+        return dequantize(stored("qweight"), stored("scales"), stored("qzeros"), stored("g_idx"), layer.bits,
+                          in_features)
+
+    @staticmethod
+    def module(in_features: int, out_features: int, layer: LayerPlan, bias: bool,
                has_g_idx: bool = True) -> QuantizedLinear:
         """The runtime module the tensors load into (checkpoints of other tools may lack g_idx)."""
-        return QuantizedLinear(in_features, out_features, bits, group_size, bias=bias, has_g_idx=has_g_idx)
+        return QuantizedLinear(in_features, out_features, layer.bits, layer.group_size, bias=bias,
+                               has_g_idx=has_g_idx)
+
+
+class DenseSparseLayout(GPTQLayout):
+    """The GPTQ tensors of the dense part and the outliers in CSR (module docstring)."""
+
+    parts = GPTQLayout.parts + ("outlier_values", "outlier_cols", "outlier_row_ptr")
+
+    @staticmethod
+    def nnz(out_features: int, in_features: int, layer: LayerPlan) -> int:
+        """Outliers of an [out, in] linear under `layer`: the same count in every row."""
+        return out_features * outlier_count(layer.outliers, in_features)
+
+    @staticmethod
+    def tensors(qw: DenseSparseWeight) -> dict[str, torch.Tensor]:
+        in_features = qw.codes.shape[1]
+        csr = to_csr(qw.outliers.mask(in_features), qw.outliers.dense(in_features))
+        return {**GPTQLayout.tensors(qw), "outlier_values": csr.values, "outlier_cols": csr.cols,
+                "outlier_row_ptr": csr.row_ptr}
+
+    @staticmethod
+    def stored_bits(out_features: int, in_features: int, layer: LayerPlan) -> int:
+        return (GPTQLayout.stored_bits(out_features, in_features, layer)
+                + csr_bits(out_features, in_features, DenseSparseLayout.nnz(out_features, in_features, layer)))
+
+    @staticmethod
+    def weight(stored, layer: LayerPlan, in_features: int) -> torch.Tensor:
+        return dense_sparse_dequantize(*(stored(part) for part in ("qweight", "scales", "qzeros", "g_idx")),
+                                       layer.bits, in_features, *(stored(part) for part in DenseSparseLayout.parts[4:]))
+
+    @staticmethod
+    def module(in_features: int, out_features: int, layer: LayerPlan, bias: bool,
+               has_g_idx: bool = True) -> DenseSparseLinear:
+        return DenseSparseLinear(in_features, out_features, layer.bits, layer.group_size,
+                                 DenseSparseLayout.nnz(out_features, in_features, layer), bias=bias,
+                                 has_g_idx=has_g_idx)
+
+
+def layout_of(layer: LayerPlan) -> type[GPTQLayout]:
+    """The layout a plan entry is stored in: dense-and-sparse when it keeps outliers, else GPTQ."""
+    return DenseSparseLayout if layer.outliers else GPTQLayout
+
+
+def gptq_expressible(plan: QuantPlan) -> bool:
+    """Whether every linear of the plan fits the GPTQ convention (else the checkpoint is quant_method bitsmith)."""
+    return all(layout_of(layer) is GPTQLayout for layer in plan.layers.values())
 
 
 def plan_bits(plan: QuantPlan, shapes: dict[str, tuple[int, int]]) -> tuple[int, int]:
     """(stored bits, weights) over the plan's linears: all-in bits per weight is their ratio."""
-    bits = sum(GPTQLayout.stored_bits(*shapes[name], layer) for name, layer in plan.layers.items())
+    bits = sum(layout_of(layer).stored_bits(*shapes[name], layer) for name, layer in plan.layers.items())
     return bits, sum(out * inp for out, inp in (shapes[name] for name in plan.layers))
 
 
-def _entry(layer: LayerPlan, desc_act: bool) -> dict:
-    return {"bits": layer.bits, "group_size": layer.group_size, "sym": layer.sym, "desc_act": desc_act}
+def _entry(layer: LayerPlan, desc_act: bool, outliers: bool) -> dict:
+    return {"bits": layer.bits, "group_size": layer.group_size, "sym": layer.sym, "desc_act": desc_act,
+            **({"outliers": layer.outliers} if outliers else {})}
 
 
 def gptq_config(plan: QuantPlan, shapes: dict[str, tuple[int, int]]) -> dict:
     """The checkpoint-wide fields (the configuration holding the most weights) and a `dynamic` rule for every
-    linear that differs from it."""
+    linear that differs from it; `outliers` in each of them when some linear keeps outliers."""
     desc_act = plan.options.act_order and plan.options.method == "gptq"
+    sparse = not gptq_expressible(plan)
     weight = Counter()
     for name, layer in plan.layers.items():
-        weight[(layer.bits, layer.group_size, layer.sym)] += shapes[name][0] * shapes[name][1]
-    bits, group, sym = max(weight, key=lambda k: (weight[k], k))
-    base = LayerPlan(bits, group, sym)
-    dynamic = {f"+:{re.escape(name)}$": _entry(layer, desc_act)
-               for name, layer in plan.layers.items() if (layer.bits, layer.group_size, layer.sym) != (bits, group,
-                                                                                                      sym)}
-    return {**_entry(base, desc_act), **({"dynamic": dynamic} if dynamic else {})}
+        weight[(layer.bits, layer.group_size, layer.sym, layer.outliers)] += shapes[name][0] * shapes[name][1]
+    bits, group, sym, outliers = max(weight, key=lambda k: (weight[k], k))
+    base = LayerPlan(bits, group, sym, outliers=outliers)
+    dynamic = {f"+:{re.escape(name)}$": _entry(layer, desc_act, sparse)
+               for name, layer in plan.layers.items()
+               if (layer.bits, layer.group_size, layer.sym, layer.outliers) != (bits, group, sym, outliers)}
+    return {**_entry(base, desc_act, sparse), **({"dynamic": dynamic} if dynamic else {})}
 
 
 def layer_config(qconfig: dict, name: str) -> dict | None:
-    """bits / group_size / sym of module `name` under `qconfig`, after its `dynamic` rules (GPTQModel's
-    semantics: `-:` rules first, then the first matching rule); None when a `-:` rule excludes it."""
+    """bits / group_size / sym (and outliers, where the configuration names them) of module `name` under
+    `qconfig`, after its `dynamic` rules (GPTQModel's semantics: `-:` rules first, then the first matching
+    rule); None when a `-:` rule excludes it."""
     base = {"bits": qconfig.get("bits", 4), "group_size": qconfig.get("group_size", 128),
-            "sym": qconfig.get("sym", False)}
+            "sym": qconfig.get("sym", False), **({"outliers": qconfig["outliers"]} if "outliers" in qconfig else {})}
     dynamic = qconfig.get("dynamic") or {}
     if not isinstance(dynamic, dict):
         raise InputError("quantization_config: dynamic must be an object of REGEX -> overrides")
@@ -93,5 +164,16 @@ def layer_config(qconfig: dict, name: str) -> dict | None:
         if hit:
             if not isinstance(override, dict):
                 raise InputError(f"quantization_config: dynamic rule {key!r} must map to an object")
-            return {**base, **{k: override[k] for k in base if k in override}}
+            return {**base, **{k: override[k] for k in (*base, "outliers") if k in override}}
     return base
+
+
+def layer_plan(layer: dict, where: str) -> LayerPlan:
+    """A checkpoint's layer entry (`layer_config`) as a plan entry, checked."""
+    bits, group, outliers = layer["bits"], layer["group_size"], layer.get("outliers", 0)
+    if type(bits) is not int or bits not in SUPPORTED_BITS or type(group) is not int or (group != -1 and group < 1):
+        raise InputError(f"{where}: unsupported bits {bits!r} / group_size {group!r} in quantization_config")
+    if type(outliers) not in (int, float) or not 0 <= outliers <= MAX_OUTLIERS:
+        raise InputError(f"{where}: outliers {outliers!r} in quantization_config is not a fraction from 0 to "
+                         f"{MAX_OUTLIERS}")
+    return LayerPlan(bits, group, bool(layer["sym"]), outliers=float(outliers))

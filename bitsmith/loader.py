@@ -1,16 +1,15 @@
-"""Loading any MODEL into a transformers nn.Module: quantized linears become QuantizedLinear (torch
-reference on CPU), every other tensor is read from the checkpoint as stored."""
+"""Loading any MODEL into a transformers nn.Module: quantized linears become the runtime module of their layout
+(bitsmith/layouts.py; torch reference on CPU), every other tensor is read from the checkpoint as stored."""
 from __future__ import annotations
 
 import torch
 
 from .calibration.adapter import skeleton
 from .formats.errors import InputError
-from .formats.packing import SUPPORTED_BITS
 from .formats.source import ModelSource, open_source
 from .kernels.linear import QuantizedLinear
 from .kernels.w4a8_linear import W4A8Linear
-from .layouts import GPTQLayout, layer_config
+from .layouts import layer_config, layer_plan, layout_of
 
 
 def load_model(model: str | ModelSource, dtype: torch.dtype = torch.float32, device: str = "cpu"):
@@ -53,8 +52,6 @@ def _quantized_linear(source: ModelSource, name: str, linear: torch.nn.Linear, q
     layer = layer_config(qconfig, name)
     if layer is None:
         raise InputError(f"{source.name}: {name}.qweight present but quantization_config excludes {name}")
-    if layer["bits"] not in SUPPORTED_BITS or type(layer["group_size"]) is not int:
-        raise InputError(f"{source.name}: {name}: unsupported bits {layer['bits']!r} / group_size "
-                         f"{layer['group_size']!r} in quantization_config")
-    return GPTQLayout.module(linear.in_features, linear.out_features, layer["bits"], layer["group_size"],
-                             bias=linear.bias is not None, has_g_idx=f"{name}.g_idx" in source)
+    plan = layer_plan(layer, f"{source.name}: {name}")
+    return layout_of(plan).module(linear.in_features, linear.out_features, plan, bias=linear.bias is not None,
+                                  has_g_idx=f"{name}.g_idx" in source)

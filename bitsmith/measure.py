@@ -15,6 +15,16 @@ Sampling Techniques, 3rd ed., chapter 9A). bench/measure_sampling.py measures ho
 on SmolLM2, 1 % median and 5 % 95th-percentile relative error at 128 rows, against 3 % / 21 % for an
 equal-strata sample.
 
+Outliers (dense-and-sparse, quantize/outliers.py) are candidates too, `OUTLIER_CANDIDATES`: bits 2 and 3 with
+groups of 128, keeping 0.5 % or 1 % of each row in fp16. They pay where the grid is coarse: SqueezeLLM (Kim et
+al. 2023, LLaMA-7B, WikiText-2) gains 0.19 perplexity from 0.45 % outliers at 3 bits and 0.02 at 4 bits, for the
+same 0.22 bits per weight. Groups of 128 are the coarse grouping the plan otherwise uses at 2-3 bits, where a
+few weights widen a group's range most; with finer groups the metadata already buys part of what outliers buy
+(SpQR, Dettmers et al. 2023, section 4). 0.5 % and 1 % bracket SqueezeLLM's 0.45 % and SpQR's ~1 %; at 576
+inputs they cost 0.22 and 0.39 bits per weight (fp16 values, int16 columns, int32 row pointers), between a
+finer group and one more bit. Each takes GPTQ's outlier-selection pass on top of its own: on SmolLM2 the four
+add 65 % to the measurement's GPTQ time (4.2 to 6.9 CPU seconds per block).
+
 Decide: linears that read one input in one block (q/k/v, gate/up) share a configuration, as fused loaders
 (vLLM) require; a multiple-choice knapsack (quantize/allocate.py) picks one candidate per such unit.
 """
@@ -22,7 +32,8 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+import sys
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -34,18 +45,20 @@ from .calibration.adapter import BlockRunner
 from .calibration.fisher import output_fisher
 from .formats.errors import InputError
 from .formats.source import ModelSource
-from .layouts import GPTQLayout
-from .pipeline import calibration_windows, collect_hessians, compute, forward_in_place, linear_shapes
-from .plan import LayerPlan, QuantizeOptions, QuantPlan
+from .layouts import layout_of
+from .pipeline import calibration_windows, collect_hessians, linear_shapes
+from .plan import MAX_OUTLIERS, LayerPlan, QuantizeOptions, QuantPlan
 from .quantize.allocate import allocate
 from .quantize.gptq import GridConfig, gptq_configs
 from .quantize.rtn import rtn_quantize
 
-CANDIDATES = tuple(LayerPlan(b, g, s) for b in (2, 3, 4, 8) for g in (32, 64, 128, -1) for s in (False, True))
+PLAIN_CANDIDATES = tuple(LayerPlan(b, g, s) for b in (2, 3, 4, 8) for g in (32, 64, 128, -1) for s in (False, True))
+OUTLIER_CANDIDATES = tuple(LayerPlan(b, 128, False, outliers=f) for b in (2, 3) for f in (0.005, 0.01))
+CANDIDATES = PLAIN_CANDIDATES + OUTLIER_CANDIDATES
 MEASURE_ROWS = 128        # rows of each linear the measurement runs GPTQ on (all of them when it has fewer)
 SHRINK_EVERY = 8          # the measurement's grid search tries every 8th of GPTQ's 80 shrink factors
 PROXIES = ("fisher", "hessian")
-MEASUREMENT_VERSION = 1
+MEASUREMENT_VERSION = 2           # 2: candidates may keep outliers; 1 (no outlier candidates) is still read
 MATCHING_OPTIONS = ("method", "act_order", "static_groups", "mse", "damp")
 
 
@@ -64,13 +77,15 @@ class Measurement:
     base_nll: float | None = None                # the model's mean NLL on them, nats per predicted token
 
     def cost(self, name: str, c: int) -> int:
-        return GPTQLayout.stored_bits(*self.shapes[name], self.candidates[c])
+        candidate = self.candidates[c]
+        return layout_of(candidate).stored_bits(*self.shapes[name], candidate)
 
     def as_dict(self) -> dict:
         return {"format_version": MEASUREMENT_VERSION, "source_fingerprint": self.source,
                 "calibration_fingerprint": self.calibration, "calibration": self.description,
                 "options": self.options,
-                "candidates": [{"bits": c.bits, "group_size": c.group_size, "sym": c.sym} for c in self.candidates],
+                "candidates": [{"bits": c.bits, "group_size": c.group_size, "sym": c.sym, "outliers": c.outliers}
+                               for c in self.candidates],
                 "units": self.units,
                 "fisher": {"windows": self.fisher_windows, "nll": self.base_nll},
                 "layers": {name: {"shape": list(self.shapes[name]),
@@ -96,9 +111,9 @@ class Measurement:
 
     @classmethod
     def _from(cls, body: dict, source: ModelSource, opts: QuantizeOptions, where: str) -> Measurement:
-        if body["format_version"] != MEASUREMENT_VERSION:
+        if body["format_version"] not in (1, MEASUREMENT_VERSION):
             raise InputError(f"{where}: measurement format {body['format_version']!r}, expected "
-                             f"{MEASUREMENT_VERSION}")
+                             f"{MEASUREMENT_VERSION} (or 1); measure again with this bitsmith")
         if body["source_fingerprint"] != source.fingerprint():
             raise InputError(f"{where}: measured on a different model (source fingerprint differs); measure "
                              "this model again")
@@ -106,7 +121,14 @@ class Measurement:
             if body["options"][key] != getattr(opts, key):
                 raise InputError(f"{where}: measured with {key}={body['options'][key]!r}, this run has "
                                  f"{getattr(opts, key)!r}; use the same options or measure again")
-        candidates = [LayerPlan(int(c["bits"]), int(c["group_size"]), bool(c["sym"])) for c in body["candidates"]]
+        candidates = [LayerPlan(int(c["bits"]), int(c["group_size"]), bool(c["sym"]),
+                                outliers=float(c.get("outliers", 0.0))) for c in body["candidates"]]
+        if any(not 0 <= c.outliers <= MAX_OUTLIERS for c in candidates):
+            raise InputError(f"{where}: a candidate's outliers are not a fraction from 0 to {MAX_OUTLIERS}")
+        if body["format_version"] == 1:
+            print(f"{where}: a measurement of format 1 has no outlier candidates: the plan chooses among its "
+                  f"{len(candidates)} candidates without outliers (measure again to let it keep outliers)",
+                  file=sys.stderr)
         layers = body["layers"]
         shapes = {name: (int(v["shape"][0]), int(v["shape"][1])) for name, v in layers.items()}
         errors = {proxy: {name: [float(e) for e in v[proxy]] for name, v in layers.items()} for proxy in PROXIES}
@@ -188,14 +210,14 @@ def measure(source: ModelSource, opts: QuantizeOptions, progress: bool = True) -
     family, shapes = runner.family, linear_shapes(runner)
     windows, description = calibration_windows(source, source.tokenizer(), opts, progress)
     fisher, base_nll = output_fisher(runner, source, windows[:opts.fisher_samples], list(shapes), progress)
-    configs = [GridConfig(c.bits, c.group_size, c.sym) for c in CANDIDATES]
+    configs = [GridConfig(c.bits, c.group_size, c.sym, c.outliers) for c in CANDIDATES]
     errors = {proxy: {} for proxy in PROXIES}
     hidden = F.embedding(windows, source.get(family.embed).to(torch.float32))
     for i in tqdm(range(runner.n_blocks), desc="measure", unit="block", disable=not progress):
         prefix = family.block_prefix.format(i=i)
         block = runner.build_block(i, {n: source.get(n) for n in runner.block_names(i)})
         pos = runner.position_embeddings(hidden[:1])
-        hessians = collect_hessians(runner, block, hidden, pos, opts, family.siblings)
+        hessians = collect_hessians(runner, block, hidden, pos, opts, family.siblings, in_place=True)
         for group in family.siblings:
             for name in group:
                 W = block.get_submodule(name).weight.data.to(torch.float32)
@@ -204,8 +226,6 @@ def measure(source: ModelSource, opts: QuantizeOptions, progress: bool = True) -
                         W, hessians[group].H, fisher[prefix + name], configs, opts)
                 except ValueError as e:
                     raise InputError(f"{prefix + name}: {e}") from None
-        with compute(opts):
-            forward_in_place(runner, block, hidden, pos, opts.batch)
         runner.release_block(i)
     options = {key: getattr(opts, key) for key in MATCHING_OPTIONS}
     return Measurement(source.fingerprint(), data.fingerprint(windows), description, options, list(CANDIDATES),
@@ -230,6 +250,6 @@ def decide(measurement: Measurement, target_bpw: float, opts: QuantizeOptions, p
     for unit, c in zip(measurement.units, choice):
         config = measurement.candidates[c]
         for name in unit:
-            layers[name] = LayerPlan(config.bits, config.group_size, config.sym, table[name][c])
+            layers[name] = replace(config, predicted_error=table[name][c])
     ordered = {name: layers[name] for name in measurement.shapes}
     return QuantPlan(opts, ordered, target_bpw)

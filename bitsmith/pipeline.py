@@ -9,7 +9,11 @@ next block gets exactly the inputs an uninterrupted run gives it, so the result 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
+import os
 import resource
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -24,12 +28,13 @@ from .calibration.perplexity import summarize, window_stats
 from .formats import faults
 from .formats.errors import InputError
 from .formats.source import ModelSource
-from .kernels.reference import dequantize, qoq_dequantize
-from .layouts import GPTQLayout
-from .plan import LayerPlan, QuantizeOptions, QuantPlan, check_group
+from .kernels.reference import qoq_dequantize
+from .layouts import layout_of
+from .plan import LayerPlan, QuantizeOptions, QuantPlan, check_group, check_outliers
 from .quantize.gptq import gptq_quantize
 from .quantize.qoq import qoq_quantize
 from .quantize.rtn import rtn_quantize
+from .quantize.signround import layer_output_error, signround
 
 
 @dataclass
@@ -57,16 +62,16 @@ class Result:
 
 
 def quantize_linear(W: torch.Tensor, H: Hessian | None, opts: QuantizeOptions, layer: LayerPlan):
-    """(Q the block runs on from now, tensors to store, GPTQ loss) of one linear under its plan entry."""
+    """(quantized weight, tensors to store, GPTQ loss) of one linear under its plan entry."""
     if opts.method == "rtn":
         qw = rtn_quantize(W, layer.bits, layer.group_size, layer.sym, opts.mse)
-        return qw.Q, GPTQLayout.tensors(qw), qw.loss
+        return qw, layout_of(layer).tensors(qw), qw.loss
     if opts.method == "gptq":
         qw = gptq_quantize(W, H.H, layer.bits, layer.group_size, layer.sym, opts.act_order, opts.static_groups,
-                           opts.damp, mse=opts.mse)
-        return qw.Q, GPTQLayout.tensors(qw), qw.loss
+                           opts.damp, mse=opts.mse, outliers=layer.outliers)
+        return qw, layout_of(layer).tensors(qw), qw.loss
     qw = qoq_quantize(W, H.H, layer.group_size, opts.damp)              # W4A8 (QServe progressive)
-    return qw.Q, qw.tensors(), 0.0
+    return qw, qw.tensors(), 0.0
 
 
 def stored_weight(stored, layer: LayerPlan, method: str, in_features: int) -> torch.Tensor:
@@ -75,8 +80,7 @@ def stored_weight(stored, layer: LayerPlan, method: str, in_features: int) -> to
     if method == "qoq":
         return qoq_dequantize(stored("qweight"), stored("channel_scale"), stored("group_scale"),
                               stored("group_zero"), in_features, layer.group_size)
-    return dequantize(stored("qweight"), stored("scales"), stored("qzeros"), stored("g_idx"), layer.bits,
-                      in_features)
+    return layout_of(layer).weight(stored, layer, in_features)
 
 
 @dataclass
@@ -122,9 +126,10 @@ def compute(opts: QuantizeOptions):
 
 
 def collect_hessians(runner: BlockRunner, block, hidden: torch.Tensor, pos, opts: QuantizeOptions,
-                     groups: tuple[tuple[str, ...], ...]) -> dict:
+                     groups: tuple[tuple[str, ...], ...], in_place: bool = False) -> dict:
     """H = 2XX^T/n of the shared input of each sibling group in `groups`, over all calibration windows.
-    The forward of each batch stops at the input of the last of them."""
+    The forward of each batch stops at the input of the last of them; `in_place` runs it to the end instead
+    and leaves the block's outputs in `hidden` (the block's weights stay as they are: one forward for both)."""
     hessians, hooks = {}, []
     for group in groups:
         lin = block.get_submodule(group[0])
@@ -132,14 +137,17 @@ def collect_hessians(runner: BlockRunner, block, hidden: torch.Tensor, pos, opts
 
         def hook(module, args, h=hessians[group], stop=group is groups[-1]):
             h.add(args[0])
-            if stop:
+            if stop and not in_place:
                 raise _InputsCaptured
         hooks.append(lin.register_forward_pre_hook(hook))
     try:
         with compute(opts):
-            for x in _batches(hidden, opts.batch):
+            for start in range(0, hidden.shape[0], opts.batch):
+                x = hidden[start:start + opts.batch]
                 with contextlib.suppress(_InputsCaptured):
-                    runner.forward_block(block, x, pos)
+                    out = runner.forward_block(block, x, pos)
+                    if in_place:
+                        hidden[start:start + opts.batch] = out
     finally:
         for h in hooks:
             h.remove()
@@ -158,10 +166,6 @@ def forward_in_place(runner: BlockRunner, block, hidden: torch.Tensor, pos, batc
         hidden[start:start + batch] = runner.forward_block(block, hidden[start:start + batch], pos)
 
 
-def _batches(x: torch.Tensor, size: int):
-    return [x[i:i + size] for i in range(0, x.shape[0], size)]
-
-
 @torch.no_grad()
 def linear_shapes(runner: BlockRunner) -> dict[str, tuple[int, int]]:
     """(out, in) of every decoder linear by full name, from the skeleton (shapes only, no weights)."""
@@ -173,9 +177,11 @@ def linear_shapes(runner: BlockRunner) -> dict[str, tuple[int, int]]:
 @dataclass
 class Streams:
     """Hidden states carried from block to block: of the calibration windows, and of the held-out windows the
-    run evaluates on (each None when absent)."""
+    run evaluates on (each None when absent); with learned rounding, also of the calibration windows in the
+    unquantized model (its targets)."""
     hidden: torch.Tensor | None = None
     held: torch.Tensor | None = None
+    unquantized: torch.Tensor | None = None
 
     @property
     def any(self) -> bool:
@@ -204,18 +210,23 @@ def run(source: ModelSource, writer, plan: QuantPlan, eval_ids: torch.Tensor | N
     family = runner.family
     for name, (_, in_features) in linear_shapes(runner).items():
         check_group(plan.layers[name].group_size, name, in_features, opts.method)
+        check_outliers(plan.layers[name].outliers, name, opts.method)
     calib = calib or calibration(source, opts, progress)
     result = Result(calibration=calib.description, calibration_fingerprint=calib.fingerprint)
     streams = embed(source, family, calib.windows, eval_ids)
+    if opts.rounding == "signround" and streams.hidden is not None:
+        streams.unquantized = streams.hidden.clone()
     done = finished_blocks(writer, coder, result)
     store = coder.add if coder else writer.add
 
     for i in tqdm(range(runner.n_blocks), desc=f"{opts.method}", unit="block", disable=not progress):
         if i < done:
+            if streams.unquantized is not None:
+                propagate_unquantized(runner, source_block(runner, source, i)[0], streams.unquantized, opts)
             if streams.any:
                 propagate(runner, stored_block(runner, source, writer, plan, i), streams, opts)
         else:
-            block, layers = quantize_block(runner, source, writer, plan, i, streams.hidden, store)
+            block, layers = quantize_block(runner, source, writer, plan, i, streams.hidden, store, streams.unquantized)
             result.layers += layers
             finish_block(writer, coder, i, layers)
             propagate(runner, block, streams, opts)
@@ -246,20 +257,27 @@ def source_block(runner: BlockRunner, source: ModelSource, i: int):
 
 
 def quantize_block(runner: BlockRunner, source: ModelSource, writer, plan: QuantPlan, i: int,
-                   hidden: torch.Tensor | None, store):
+                   hidden: torch.Tensor | None, store, unquantized: torch.Tensor | None = None):
     """Statistics and quantize steps of block i, stage by stage (`sequential_stages`): every linear written
     packed and left holding its stored weight, the other tensors given to `store`. The block and its
-    linears' reports."""
+    linears' reports. With learned rounding, `unquantized` (the calibration windows' hidden states in the
+    unquantized model) goes through the unquantized block first, in place, and the quantized linears are
+    refined toward it (`refine_block`) before they are written."""
     opts, family = plan.options, runner.family
     prefix = family.block_prefix.format(i=i)
     block, tensors = source_block(runner, source, i)
     pos = runner.position_embeddings(hidden[:1]) if hidden is not None else None
+    starts = {} if unquantized is not None else None
+    if unquantized is not None:
+        propagate_unquantized(runner, block, unquantized, opts)
     layers = []
     for stage in sequential_stages(family.siblings, opts.true_sequential):
         hessians = collect_hessians(runner, block, hidden, pos, opts, stage) if opts.method != "rtn" else {}
         for group in stage:
             for name in group:
-                layers.append(_quantize_into(block, prefix, name, hessians.get(group), plan, writer, tensors))
+                layers.append(_quantize_into(block, prefix, name, hessians.get(group), plan, writer, tensors, starts))
+    if starts is not None:
+        layers = refine_block(runner, block, prefix, i, hidden, pos, unquantized, starts, plan, writer, tensors)
     quantized = {prefix + n for n in family.linears}
     for n, t in tensors.items():
         if n.rsplit(".", 1)[0] not in quantized:
@@ -311,15 +329,58 @@ def finished_blocks(writer, coder, result: Result) -> int:
     return len(blocks)
 
 
-def _quantize_into(block, prefix: str, name: str, H, plan: QuantPlan, writer, tensors) -> LayerReport:
+def propagate_unquantized(runner: BlockRunner, block, unquantized: torch.Tensor, opts: QuantizeOptions) -> None:
+    """The unquantized model's calibration stream through the block on its source weights, in place."""
+    with compute(opts):
+        forward_in_place(runner, block, unquantized, runner.position_embeddings(unquantized[:1]), opts.batch)
+
+
+def refine_block(runner: BlockRunner, block, prefix: str, i: int, hidden: torch.Tensor, pos, targets: torch.Tensor,
+                 starts: dict, plan: QuantPlan, writer, tensors) -> list[LayerReport]:
+    """Learned rounding and clipping (quantize/signround.py) of the block's quantized linears, `starts` (name ->
+    (unquantized weight, quantized weight, Hessian)): the block run on `hidden`, the calibration windows' hidden
+    states under the quantized blocks before it (what it will see), is fitted to `targets`, the same windows' hidden
+    states after it in the unquantized model (so that it also makes up for the error it receives, as AutoRound and
+    OmniQuant do). Each refined linear is written as `_quantize_into` writes it, its loss the output error
+    ||(W - Q) X||^2 / n of its refined weight."""
+    opts = plan.options
+    with keeping_freed_memory():
+        refined, _ = signround(block, hidden, targets, {name: W for name, (W, _, _) in starts.items()},
+                               {name: qw for name, (_, qw, _) in starts.items()}, opts.rounding_iters,
+                               batch=opts.batch, seed=(opts.seed << 16) + i, autocast=lambda: compute(opts),
+                               **runner.block_kwargs(pos))
+    layers = []
+    for name, qw in refined.items():
+        W, _, H = starts[name]
+        stored = layout_of(plan.layers[prefix + name]).tensors(qw)
+        layers.append(_write_into(block, prefix, name, stored, layer_output_error(W, qw.Q, H.H), plan, writer,
+                                  tensors))
+    return layers
+
+
+def _quantize_into(block, prefix: str, name: str, H, plan: QuantPlan, writer, tensors,
+                   starts: dict | None = None) -> LayerReport | None:
     """Quantize one linear of `block` in place (its weight becomes the stored one) and write its packed
-    tensors."""
+    tensors; with `starts`, the quantized weight goes there instead, to be refined (`refine_block`), and the
+    linear holds it meanwhile."""
     lin, full = block.get_submodule(name), prefix + name
     layer = plan.layers[full]
     try:
-        _, stored, loss = quantize_linear(lin.weight.data, H, plan.options, layer)
+        qw, stored, loss = quantize_linear(lin.weight.data, H, plan.options, layer)
     except ValueError as e:
         raise InputError(f"{full}: {e}") from None
+    if starts is not None:
+        starts[name] = (lin.weight.data, qw, H)
+        lin.weight.data = qw.Q
+        return None
+    return _write_into(block, prefix, name, stored, loss, plan, writer, tensors)
+
+
+def _write_into(block, prefix: str, name: str, stored: dict, loss: float, plan: QuantPlan, writer,
+                tensors) -> LayerReport:
+    """Write one linear's packed tensors (and bias) and leave it holding the weight they load as."""
+    lin, full = block.get_submodule(name), prefix + name
+    layer = plan.layers[full]
     for suffix, t in stored.items():
         writer.add(f"{full}.{suffix}", t)
     if lin.bias is not None:
@@ -339,6 +400,32 @@ def _final_layers(source, family, runner):
 def _nll(norm, head: torch.Tensor, hidden: torch.Tensor, windows: torch.Tensor) -> float:
     """Summed next-token NLL of the windows from the last block's outputs `hidden`."""
     return sum(window_stats(norm(h[None].float())[0] @ head.t(), ids)[0] for h, ids in zip(hidden, windows))
+
+
+M_MMAP_THRESHOLD = -3          # glibc mallopt parameter
+
+
+@contextlib.contextmanager
+def keeping_freed_memory():
+    """Large freed blocks kept for reuse while it lasts (glibc's mmap threshold raised to 1 GiB), then returned
+    (malloc_trim). An optimization loop allocates the same large temporaries at every iteration: under the 1 MiB
+    threshold the command line sets (cli/main.py) each is a fresh mapping whose pages fault in again, a third of
+    SignRound's time on SmolLM2. Afterwards the threshold is 1 MiB again (or MALLOC_MMAP_THRESHOLD_ when set)."""
+    name = ctypes.util.find_library("c") if sys.platform.startswith("linux") else None
+    libc = ctypes.CDLL(name) if name else None
+    if libc is None or not hasattr(libc, "mallopt") or not hasattr(libc, "malloc_trim"):
+        yield
+        return
+    try:
+        after = int(os.environ.get("MALLOC_MMAP_THRESHOLD_", str(1 << 20)))
+    except ValueError:
+        after = 1 << 20
+    libc.mallopt(M_MMAP_THRESHOLD, 1 << 30)
+    try:
+        yield
+    finally:
+        libc.mallopt(M_MMAP_THRESHOLD, after)
+        libc.malloc_trim(0)
 
 
 def peak_rss_bytes() -> int:

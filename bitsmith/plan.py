@@ -7,6 +7,7 @@ from .formats.errors import InputError
 from .formats.packing import SUPPORTED_BITS
 
 METHODS = ("rtn", "gptq", "qoq")   # qoq: W4A8 weights (per-channel int8, then per-group uint4)
+ROUNDINGS = ("gptq", "signround")  # signround: GPTQ's result refined per block (quantize/signround.py)
 
 
 @dataclass
@@ -28,6 +29,8 @@ class QuantizeOptions:
     calib_dtype: str = "bfloat16"
     fisher_samples: int = 16       # windows whose backward pass weights the measurement (calibration/fisher.py)
     proxy: str = "fisher"          # what the plan minimises: "fisher" (predicted nats/token) or "hessian"
+    rounding: str = "gptq"         # "signround": each block's rounding and clipping learned on its outputs
+    rounding_iters: int = 50       # signround's iterations per block
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -50,6 +53,12 @@ class QuantizeOptions:
             raise InputError(f"--fisher-samples {self.fisher_samples}: expected at least 1")
         if self.proxy not in ("fisher", "hessian"):
             raise InputError(f"--proxy {self.proxy}: choose fisher or hessian")
+        if self.rounding not in ROUNDINGS:
+            raise InputError(f"--rounding {self.rounding}: choose one of {', '.join(ROUNDINGS)}")
+        if self.rounding == "signround" and self.method != "gptq":
+            raise InputError(f"--rounding signround refines GPTQ's weights; --method {self.method} is not gptq")
+        if type(self.rounding_iters) is not int or self.rounding_iters < 0:
+            raise InputError(f"--rounding-iters {self.rounding_iters}: expected 0 or more iterations per block")
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -57,16 +66,19 @@ class QuantizeOptions:
 
 @dataclass(frozen=True)
 class LayerPlan:
-    """How one linear is quantized: its grid and, when a measurement chose it, the loss increase that
-    measurement predicts (nats per token)."""
+    """How one linear is quantized: its grid, the fraction of its weights kept in fp16 as sparse outliers
+    (quantize/outliers.py; 0: none, the plain GPTQ layout) and, when a measurement chose it, the loss increase
+    that measurement predicts (nats per token)."""
     bits: int
     group_size: int
     sym: bool
     predicted_error: float | None = None
+    outliers: float = 0.0
 
     def key(self) -> str:
-        """A short name of the configuration: w3g64, w4g-1s, ..."""
-        return f"w{self.bits}g{self.group_size}{'s' if self.sym else ''}"
+        """A short name of the configuration: w3g64, w4g-1s, w3g128o0.01 (1 % outliers), ..."""
+        return f"w{self.bits}g{self.group_size}{'s' if self.sym else ''}" + (
+            f"o{self.outliers:g}" if self.outliers else "")
 
 
 @dataclass
@@ -88,7 +100,9 @@ class QuantPlan:
         return None if None in errors else sum(errors)
 
     def as_dict(self) -> dict:
-        layers = {name: {k: v for k, v in asdict(layer).items() if v is not None}
+        """The plan as JSON; `outliers` is written only where it is not 0 (a plan without outliers reads as
+        it always has)."""
+        layers = {name: {k: v for k, v in asdict(layer).items() if v is not None and (k != "outliers" or v)}
                   for name, layer in self.layers.items()}
         return {"format_version": PLAN_VERSION, "options": self.options.as_dict(), "target_bpw": self.target_bpw,
                 "layers": layers}
@@ -113,6 +127,7 @@ class QuantPlan:
         for name, layer in layers.items():
             try:
                 check_group(layer.group_size, name, linears[name][1], opts.method)
+                check_outliers(layer.outliers, name, opts.method)
             except InputError as e:
                 raise InputError(f"{where}: {e}") from None
         target = body.get("target_bpw")
@@ -132,8 +147,20 @@ def _layer_from(entry, where: str) -> LayerPlan:
         raise InputError(f"{where}: group_size {group!r}: use -1 (per output channel) or a positive size")
     if not isinstance(sym, bool):
         raise InputError(f"{where}: sym {sym!r}: expected true or false")
+    outliers = entry.get("outliers", 0.0)
+    if type(outliers) not in (int, float) or not 0 <= outliers <= MAX_OUTLIERS:
+        raise InputError(f"{where}: outliers {outliers!r}: a fraction of the weights from 0 to {MAX_OUTLIERS}")
     error = entry.get("predicted_error")
-    return LayerPlan(bits, group, sym, float(error) if isinstance(error, (int, float)) else None)
+    return LayerPlan(bits, group, sym, float(error) if isinstance(error, (int, float)) else None, float(outliers))
+
+
+MAX_OUTLIERS = 0.25       # SpQR and SqueezeLLM keep about 1 %; beyond a quarter the weight is hardly quantized
+
+
+def check_outliers(fraction: float, name: str, method: str) -> None:
+    """Outliers are chosen inside GPTQ's column loop: other methods keep none."""
+    if fraction and method != "gptq":
+        raise InputError(f"{name}: outliers {fraction:g} need --method gptq (this run has {method})")
 
 
 def check_group(g: int, name: str, in_features: int, method: str) -> None:

@@ -1,12 +1,16 @@
 """The `bitsmith` command line: parse, call the API, report. Errors follow DESIGN.md section 1."""
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
+import signal
 import sys
+import threading
 
 import click
 
+from .. import __version__
 from ..formats.errors import InputError, one_line
 
 
@@ -14,6 +18,10 @@ class _Group(click.Group):
     """Turns bad input into one line and exit 2, and unexpected failures into one line and exit 1."""
 
     def invoke(self, ctx):
+        with _terminate_as_interrupt():
+            return self._invoke(ctx)
+
+    def _invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except InputError as e:
@@ -24,9 +32,11 @@ class _Group(click.Group):
             sys.exit(2)
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
             raise
-        except KeyboardInterrupt:
-            click.echo("interrupted", err=True)
-            sys.exit(130)
+        except KeyboardInterrupt as e:              # Ctrl-C, or SIGTERM (Terminated): what was kept, if anything
+            signum = signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT
+            said = "terminated" if signum == signal.SIGTERM else "interrupted"
+            click.echo(f"{said}: {one_line(e)}" if str(e) else said, err=True)
+            sys.exit(128 + signum)
         except OSError as e:
             if e.errno not in (errno.ENOSPC, errno.EDQUOT):
                 _internal(ctx, e)
@@ -35,6 +45,29 @@ class _Group(click.Group):
             sys.exit(2)
         except Exception as e:  # noqa: BLE001 the last line of defence: no traceback for users
             _internal(ctx, e)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised wherever the command is, as Ctrl-C raises KeyboardInterrupt: the run stops the same way
+    (an unfinished quantize output kept for --resume, any other deleted) and exits 143."""
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt():
+    """While a command runs, SIGTERM raises Terminated (in the main thread, and unless SIGTERM is ignored)."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGTERM) is signal.SIG_IGN:
+        yield
+        return
+
+    def terminate(signum, frame):
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _internal(ctx, e: Exception):
@@ -57,7 +90,10 @@ def _return_freed_memory() -> None:
             libc.mallopt(-3, 1 << 20)           # M_MMAP_THRESHOLD: 1 MiB, fixed
 
 @click.group(cls=_Group)
-@click.option("--debug", is_flag=True, help="Show tracebacks of internal errors.")
+@click.version_option(__version__, "--version", prog_name="bitsmith", message="%(prog)s %(version)s",
+                      help="Show the version and exit.")
+@click.option("--debug", is_flag=True, envvar="BITSMITH_DEBUG",
+              help="Show tracebacks of internal errors (also with the environment variable BITSMITH_DEBUG=1).")
 @click.pass_context
 def main(ctx, debug):
     """bitsmith: post-training weight quantization for LLM checkpoints."""
@@ -83,6 +119,27 @@ def _json_target(ctx, param, path: str | None) -> str | None:
         if not os.path.isdir(folder):
             raise InputError(f"--json {path}: the folder {folder} does not exist")
     return path
+
+
+class Sectioned(click.Command):
+    """A command whose --help lists its options in titled sections (`sections`: title -> parameter names, in
+    order); options no section names follow under "Other options"."""
+
+    def __init__(self, *args, sections: dict[str, tuple[str, ...]], **kwargs):
+        super().__init__(*args, **kwargs)
+        self.sections = sections
+
+    def format_options(self, ctx, formatter):
+        records = {p.name: p.get_help_record(ctx) for p in self.get_params(ctx) if not isinstance(p, click.Argument)}
+        records = {name: r for name, r in records.items() if r is not None}
+        placed = [name for names in self.sections.values() for name in names]
+        groups = [(title, [records[n] for n in names if n in records]) for title, names in self.sections.items()]
+        groups.append(("Other options", [r for n, r in records.items() if n not in placed]))
+        width = min(max(len(term) for term, _ in records.values()), 30)     # one column across sections
+        for title, rows in groups:
+            if rows:
+                with formatter.section(title):
+                    formatter.write_dl([(term.ljust(width), text) for term, text in rows])
 
 
 class Report:
@@ -123,25 +180,42 @@ class Report:
             raise InputError(f"--json {self.json_path}: cannot write it ({e.strerror})") from None
 
 
-@main.command()
+QUANTIZE_SECTIONS = {
+    "Method": ("method", "bits", "group_size", "sym", "act_order", "static_groups", "mse", "true_sequential", "damp",
+               "rounding", "rounding_iters"),
+    "Bit plan": ("target_bpw", "measurement", "plan_path", "fisher_samples", "proxy"),
+    "Calibration": ("calib", "nsamples", "seqlen", "seed", "calib_dtype", "device"),
+    "Evaluation": ("eval_data", "eval_seqlen", "eval_max_tokens"),
+    "Output": ("out", "overwrite", "resume", "lossless_rest", "json_path"),
+}
+
+
+@main.command(cls=Sectioned, sections=QUANTIZE_SECTIONS)
 @click.argument("model")
 @click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Output folder.")
 @click.option("--method", type=click.Choice(["rtn", "gptq", "qoq"]), default="gptq", show_default=True,
               help="qoq: W4A8 layers (QServe: per-channel int8 then per-group uint4, GPTQ-compensated).")
 @click.option("--bits", type=int, default=4, show_default=True, help="2, 3, 4 or 8.")
 @click.option("--group-size", type=int, default=128, show_default=True, help="-1 = per output channel.")
-@click.option("--sym/--asym", default=False, show_default=True)
-@click.option("--act-order/--no-act-order", default=True, show_default=True)
+@click.option("--sym/--asym", default=False, show_default=True,
+              help="Symmetric grids (zero point in the middle) or asymmetric ones (a zero point per group).")
+@click.option("--act-order/--no-act-order", default=True, show_default=True,
+              help="Quantize columns in order of decreasing Hessian diagonal (GPTQ's desc_act; writes g_idx).")
 @click.option("--static-groups", is_flag=True, help="Fit groups in original column order (no g_idx).")
 @click.option("--mse/--no-mse", default=None,
               help="Shrink each grid's range to the least L^2.4 error (GPTQ's mse search). Default: on for gptq.")
 @click.option("--true-sequential/--no-true-sequential", default=False, show_default=True,
               help="Take each linear's Hessian after the linears before it in the block are quantized.")
 @click.option("--damp", type=float, default=0.01, show_default=True, help="Fraction of mean diag(H).")
+@click.option("--rounding", type=click.Choice(["gptq", "signround"]), default="gptq", show_default=True,
+              help="signround: after GPTQ, learn each block's rounding and clipping (SignRound) so that its outputs "
+                   "match the unquantized block's on the calibration windows; slower (see --rounding-iters).")
+@click.option("--rounding-iters", type=int, default=50, show_default=True,
+              help="Sign-gradient iterations per block of --rounding signround, one minibatch of 8 windows each.")
 @click.option("--calib", multiple=True, help="Calibration text file (repeatable); 'self' = sampled from the model.")
-@click.option("--nsamples", type=int, default=128, show_default=True)
-@click.option("--seqlen", type=int, default=2048, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--nsamples", type=int, default=128, show_default=True, help="Calibration windows.")
+@click.option("--seqlen", type=int, default=2048, show_default=True, help="Tokens per calibration window.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the choice of calibration windows.")
 @click.option("--calib-dtype", type=click.Choice(["bfloat16", "float32"]), default="bfloat16", show_default=True,
               help="Matmul precision of calibration forwards (Hessians and GPTQ are always float32).")
 @click.option("--target-bpw", type=float, default=None,
@@ -149,12 +223,13 @@ class Report:
 @click.option("--measurement", type=click.Path(dir_okay=False),
               help="Re-plan from a measurement.json of an earlier --target-bpw run on the same model.")
 @click.option("--plan", "plan_path", type=click.Path(dir_okay=False),
-              help="Apply a plan.json (every linear: bits, group_size, sym).")
+              help="Apply a plan.json (every linear: bits, group_size, sym; optionally outliers, a fraction kept in fp16).")
 @click.option("--fisher-samples", type=int, default=16, show_default=True,
               help="Calibration windows whose backward pass weights the measurement.")
 @click.option("--proxy", type=click.Choice(["fisher", "hessian"]), default="fisher", show_default=True,
               help="Error the plan minimises: Fisher-weighted (predicted nats/token) or plain output error.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="Where calibration runs (CPU in this version: cuda is refused).")
 @click.option("--eval-data", type=click.Path(), help="Also measure perplexity of the quantized weights on this text.")
 @click.option("--eval-seqlen", type=int, default=None,
               help="Tokens per evaluation window (default: 2048, or the model's context when shorter).")
@@ -168,8 +243,9 @@ class Report:
 @json_option("the summary")
 def quantize(model, out, method, bits, group_size, sym, act_order, static_groups, mse, true_sequential, damp, calib,
              nsamples, seqlen, seed, calib_dtype, target_bpw, measurement, plan_path, fisher_samples, proxy, device,
-             eval_data, eval_seqlen, eval_max_tokens, lossless_rest, overwrite, resume, json_path):
-    """Quantize MODEL (folder, .gguf or bundled name) into OUT."""
+             eval_data, eval_seqlen, eval_max_tokens, lossless_rest, overwrite, resume, json_path, rounding,
+             rounding_iters):
+    """Quantize MODEL (a Hugging Face folder, a .gguf file or the bundled name smollm2-135m) into OUT."""
     from .. import api
     report = Report(json_path)
     if device == "cuda":
@@ -182,7 +258,8 @@ def quantize(model, out, method, bits, group_size, sym, act_order, static_groups
                      nsamples=nsamples, seqlen=seqlen, seed=seed, calib_dtype=calib_dtype, overwrite=overwrite,
                      eval_data=eval_data, eval_seqlen=eval_seqlen, eval_max_tokens=eval_max_tokens,
                      lossless_rest=lossless_rest, target_bpw=target_bpw, measurement=measurement, plan=plan_path,
-                     fisher_samples=fisher_samples, proxy=proxy, resume=resume)
+                     fisher_samples=fisher_samples, proxy=proxy, resume=resume, rounding=rounding,
+                     rounding_iters=rounding_iters)
     rows = [("quantized linears", str(s["quantized_linears"])),
             ("bits per weight (all-in)", f"{s['bits_per_weight']:.3f}" + (
                 f" (target {s['target_bits_per_weight']})" if s["target_bits_per_weight"] else "")),
@@ -206,8 +283,7 @@ def quantize(model, out, method, bits, group_size, sym, act_order, static_groups
 
 @main.command("eval")
 @click.argument("model")
-@click.option("--data", "data_path", type=click.Path(),
-              help="Evaluation text (default: WikiText-2 test from ../shared).")
+@click.option("--data", "data_path", type=click.Path(), required=True, help="Evaluation text file.")
 @click.option("--seqlen", type=int, default=None,
               help="Tokens per window (default: 2048, or the model's context when shorter).")
 @click.option("--max-tokens", type=int, default=None, help="Use only the first N tokens of the text.")
@@ -221,8 +297,6 @@ def eval_(model, data_path, seqlen, max_tokens, base, json_path):
     from ..calibration.perplexity import evaluate
     from ..formats.source import open_source
     from ..kernels.linear import cache_dequantized
-    if data_path is None:
-        raise InputError("--data FILE is required (the text to evaluate on)")
     data.check_max_tokens(max_tokens)
     data.eval_seqlen(seqlen, None)                   # a window under 2 tokens: refused before any reading
     text = data.read_text([data_path], "evaluation text")
@@ -280,23 +354,25 @@ def inspect(path, json_path, plot_path):
 
 
 def _layer_report(report: Report, rows: list[dict], totals: dict) -> None:
-    widths = (44, 12, 4, 5, 3, 10, 10, 7, 12)
+    widths = (44, 12, 4, 5, 3, 8, 10, 10, 7, 12)
 
     def line(*cells):
         report.line(" ".join(f"{c:<{w}}" if i == 0 else f"{c:>{w}}" for i, (c, w) in enumerate(zip(cells, widths))))
 
-    line("layer", "shape", "bits", "group", "sym", "predicted", "loss", "bpw", "bytes")
+    line("layer", "shape", "bits", "group", "sym", "outliers", "predicted", "loss", "bpw", "bytes")
     for r in rows:
         predicted = "-" if r["predicted_error"] is None else f"{r['predicted_error']:.3e}"
+        outliers = f"{100 * r['outliers']:g}%" if r["outliers"] else "-"      # fraction of the weights kept in fp16
         line(r["name"], "x".join(map(str, r["shape"])), r["bits"], r["group_size"], "yes" if r["sym"] else "no",
-             predicted, f"{r['loss']:.3e}", f"{r['bpw']:.3f}", f"{r['bytes']:,}")
+             outliers, predicted, f"{r['loss']:.3e}", f"{r['bpw']:.3f}", f"{r['bytes']:,}")
     predicted = "-" if totals["predicted_error"] is None else f"{totals['predicted_error']:.3e}"
-    line("quantized linears", totals["layers"], "", "", "", predicted, "", f"{totals['bpw']:.3f}",
-         f"{totals['quantized_bytes']:,}")
-    line("other tensors", totals["other_tensors"], "", "", "", "", "", "", f"{totals['other_bytes']:,}")
+    line("quantized linears", totals["layers"], "", "", "", f"{totals['outlier_weights']:,}" if
+         totals["outlier_weights"] else "", predicted, "", f"{totals['bpw']:.3f}", f"{totals['quantized_bytes']:,}")
+    line("other tensors", totals["other_tensors"], "", "", "", "", "", "", "", f"{totals['other_bytes']:,}")
     for c in totals.get("coded", []):
-        line(c["name"] + " (coded)", "", "", "", "", "", "", f"{c['bits_per_value']:.3f}", f"{c['coded_bytes']:,}")
-    line("total", "", "", "", "", "", "", "", f"{totals['total_bytes']:,}")
+        line(c["name"] + " (coded)", "", "", "", "", "", "", "", f"{c['bits_per_value']:.3f}",
+             f"{c['coded_bytes']:,}")
+    line("total", "", "", "", "", "", "", "", "", f"{totals['total_bytes']:,}")
     if totals["target_bpw"]:
         report.line(f"planned for {totals['target_bpw']} bits per weight; predicted loss increase {predicted} "
                     "nats/token")

@@ -1,5 +1,5 @@
-"""What a bitsmith checkpoint holds, per layer: shape, the plan's choice (bits, group size, symmetry) and
-predicted error, the GPTQ loss of the run, all-in bits per weight and bytes; and a figure of the plan."""
+"""What a bitsmith checkpoint holds, per layer: shape, the plan's choice (bits, group size, symmetry, outliers)
+and predicted error, the GPTQ loss of the run, all-in bits per weight and bytes; and a figure of the plan."""
 from __future__ import annotations
 
 import io
@@ -7,11 +7,13 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..layouts import layout_of
+from ..plan import LayerPlan
 from . import dfloat
 from .checkpoint import Checkpoint
 from .errors import InputError
 
-QUANT_PARTS = ("qweight", "scales", "qzeros", "g_idx", "channel_scale", "group_scale", "group_zero")
+QOQ_PARTS = ("qweight", "channel_scale", "group_scale", "group_zero")     # W4A8 linears (kernels/reference.py)
 PLOT_EXTRA = "pip install 'bitsmith[plot]'"
 OUTSIDE_BLOCKS = "other"
 
@@ -29,24 +31,29 @@ def layer_table(path) -> tuple[list[dict], dict]:
     sizes.update({c["name"]: c["coded_bytes"] for c in coded})
     rows, counted = [], set()
     for name, report in layers.items():
-        parts = [f"{name}.{p}" for p in QUANT_PARTS if f"{name}.{p}" in sizes]
-        nbytes = sum(sizes[p] for p in parts)
-        counted.update(parts)
         entry = _object(entries.get(name), f"plan entry of {name}")
         try:
             out_f, in_f = (int(n) for n in report["shape"])
-            row = {"name": name, "shape": [out_f, in_f], "bits": int(entry["bits"]),
-                   "group_size": int(entry["group_size"]), "sym": bool(entry.get("sym", False)),
-                   "predicted_error": entry.get("predicted_error"), "loss": float(report["loss"]),
-                   "bpw": 8 * nbytes / max(out_f * in_f, 1), "bytes": nbytes}
+            layer = LayerPlan(int(entry["bits"]), int(entry["group_size"]), bool(entry.get("sym", False)),
+                              outliers=float(entry.get("outliers", 0.0)))
         except (KeyError, TypeError, ValueError) as e:
             raise InputError(f"{path}: manifest entry of {name} is malformed ({type(e).__name__}: {e})") from None
+        parts = [f"{name}.{p}" for p in dict.fromkeys((*layout_of(layer).parts, *QOQ_PARTS)) if f"{name}.{p}" in sizes]
+        nbytes = sum(sizes[p] for p in parts)
+        counted.update(parts)
+        sparse = f"{name}.outlier_values"
+        row = {"name": name, "shape": [out_f, in_f], "bits": layer.bits, "group_size": layer.group_size,
+               "sym": layer.sym, "outliers": layer.outliers,
+               "outlier_weights": ckpt.numel(sparse) if sparse in parts else 0,
+               "predicted_error": entry.get("predicted_error"), "loss": float(report["loss"]),
+               "bpw": 8 * nbytes / max(out_f * in_f, 1), "bytes": nbytes}
         rows.append(row)
     weights = sum(r["shape"][0] * r["shape"][1] for r in rows)
     quantized_bytes = sum(r["bytes"] for r in rows)
     other = {n: b for n, b in sizes.items() if n not in counted}
     predicted = [r["predicted_error"] for r in rows]
     totals = {"model": source.get("name"), "coded": coded, "layers": len(rows), "target_bpw": plan.get("target_bpw"),
+              "outlier_weights": sum(r["outlier_weights"] for r in rows),
               "predicted_error": None if None in predicted or not rows else sum(predicted),
               "bpw": 8 * quantized_bytes / max(weights, 1), "quantized_bytes": quantized_bytes,
               "other_tensors": len(other), "other_bytes": sum(other.values()),
@@ -92,9 +99,11 @@ def block_grid(rows: list[dict], block_prefix: str, kind_order=()) -> Grid:
 
 
 def cell_label(row: dict) -> str:
-    """Bits and group size of one linear: "3/g64", "4/g128s" (symmetric), "3/ch" (per output channel)."""
+    """Bits and group size of one linear: "3/g64", "4/g128s" (symmetric), "3/ch" (per output channel),
+    "3/g128+1%" (1 % of the weights kept as outliers)."""
     group = "ch" if row["group_size"] == -1 else f"g{row['group_size']}"
-    return f"{row['bits']}/{group}{'s' if row['sym'] else ''}"
+    outliers = f"+{100 * row['outliers']:g}%" if row.get("outliers") else ""
+    return f"{row['bits']}/{group}{'s' if row['sym'] else ''}{outliers}"
 
 
 def check_plot_path(path) -> None:
@@ -166,7 +175,7 @@ def _bits_map(fig, ax, grid: Grid, bits) -> None:
         dark = (row["bits"] - values[0] + 0.5) / (values[-1] - values[0] + 1) < 0.55
         ax.text(b, k, cell_label(row), ha="center", va="center", fontsize=7, color="white" if dark else "black")
     fig.colorbar(image, ax=ax, ticks=values, label="bits")
-    _axes(ax, grid, "bits / group size (s = symmetric, ch = per output channel)")
+    _axes(ax, grid, "bits / group size (s = symmetric, ch = per output channel, +x% = outliers)")
 
 
 def _error_map(fig, ax, grid: Grid, error, LogNorm, caption: str) -> None:

@@ -11,6 +11,9 @@ W4A16 paths                                            W4A8 paths
   splitk     Triton tl.dot, split-K, M <= 64
   tiled      Triton tl.dot, 64 < M < DENSE_FROM_M
   dense      Triton dequantize once, then torch.matmul
+
+A dense-and-sparse linear (DenseSparseRuntime) takes the W4A16 path of its codes, then adds its CSR outliers
+(kernels/triton_csr.py on CUDA, torch elsewhere); its reference path multiplies by the whole dequantized W.
 """
 from __future__ import annotations
 
@@ -156,6 +159,31 @@ class W4A16Runtime:
                               x.dtype, tw.DEQUANTIZE_CONFIG)
             return torch.matmul(x, W)
         raise ValueError(f"unknown W4A16 path {path!r}")
+
+
+class DenseSparseRuntime:
+    """Load-time form of a dense-and-sparse linear (kernels/reference.py): the W4A16 runtime of its codes, whose
+    zero codes leave the outliers out of the dense product, then the CSR outliers added: by a Triton kernel on
+    CUDA, in torch elsewhere. The reference path multiplies by the whole dequantized W at once."""
+
+    def __init__(self, dense: W4A16Runtime, values, cols, row_ptr):
+        self.dense = dense
+        self.values, self.cols, self.row_ptr = values.contiguous(), cols.to(torch.int32).contiguous(), \
+            row_ptr.contiguous()
+
+    def path(self, M: int, device: torch.device | str) -> str:
+        return self.dense.path(M, device)
+
+    def __call__(self, x: torch.Tensor, path: str | None = None) -> torch.Tensor:
+        """y [M, N] = x [M, K] W^T in x.dtype."""
+        path = path or self.path(x.shape[0], x.device)
+        if path == "reference":
+            return reference.dense_sparse_linear(x, *self.dense.layout, self.values, self.cols, self.row_ptr)
+        y = self.dense(x, path)
+        if x.device.type == "cuda":
+            from . import triton_csr
+            return triton_csr.csr_add_(y, x.contiguous(), self.values, self.cols, self.row_ptr)
+        return reference.csr_add(y, x, self.values, self.cols, self.row_ptr)
 
 
 class W4A8Runtime:

@@ -1,10 +1,12 @@
-"""QuantizedLinear: an nn.Linear replacement holding GPTQ-layout packed weights."""
+"""QuantizedLinear: an nn.Linear replacement holding GPTQ-layout packed weights; DenseSparseLinear: the same
+with outliers in CSR added (bitsmith/layouts.py)."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..formats.csr import index_dtype
 from ..formats.packing import packed_length
 from . import dispatch, reference
 
@@ -44,9 +46,12 @@ class QuantizedLinear(nn.Module):
         `qweight` is replaced or moves to another device."""
         key = (self.qweight.device, self.qweight.data_ptr())
         if self._runtime is None or self._runtime[0] != key:
-            self._runtime = (key, dispatch.W4A16Runtime(self.qweight, self.scales, self.qzeros, self.g_idx,
-                                                        self.bits, self.in_features, self.group_size))
+            self._runtime = (key, self._make_runtime())
         return self._runtime[1]
+
+    def _make_runtime(self):
+        return dispatch.W4A16Runtime(self.qweight, self.scales, self.qzeros, self.g_idx, self.bits,
+                                     self.in_features, self.group_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
@@ -58,6 +63,31 @@ class QuantizedLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
                 f"group_size={self.group_size}, act_order={self.g_idx is not None}")
+
+
+class DenseSparseLinear(QuantizedLinear):
+    """A QuantizedLinear whose codes at `nnz` positions are zero points, the weights there kept in fp16 as CSR:
+    W = the dequantized codes with the outliers written over them (kernels/reference.py)."""
+
+    def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, nnz: int,
+                 bias: bool = False, has_g_idx: bool = False):
+        super().__init__(in_features, out_features, bits, group_size, bias=bias, has_g_idx=has_g_idx)
+        self.register_buffer("outlier_values", torch.zeros(nnz, dtype=torch.float16))
+        self.register_buffer("outlier_cols", torch.zeros(nnz, dtype=index_dtype(in_features)))
+        self.register_buffer("outlier_row_ptr", torch.zeros(out_features + 1, dtype=torch.int32))
+
+    def csr(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.outlier_values, self.outlier_cols, self.outlier_row_ptr
+
+    def dequantize(self) -> torch.Tensor:
+        return reference.dense_sparse_dequantize(self.qweight, self.scales, self.qzeros, self.group_index(),
+                                                 self.bits, self.in_features, *self.csr())
+
+    def _make_runtime(self):
+        return dispatch.DenseSparseRuntime(super()._make_runtime(), *self.csr())
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, outliers={self.outlier_values.numel()}"
 
 
 def cache_dequantized(model: nn.Module, dtype: torch.dtype = torch.float32) -> None:

@@ -44,6 +44,46 @@ def weight_only_linear(x: torch.Tensor, qweight, scales, qzeros, g_idx, bits: in
 
 
 # ---------------------------------------------------------------------------------------------------
+# Dense-and-sparse (bitsmith/layouts.py; SpQR, Dettmers et al. 2023, section 4): the GPTQ layout above, whose
+# codes at the outlier positions are zero points (they dequantize to 0), and the outliers in CSR
+# (formats/csr.py): values fp16 [nnz], cols int16/int32 [nnz], row_ptr int32 [out + 1].
+
+def csr_rows(row_ptr: torch.Tensor) -> torch.Tensor:
+    """Row of every CSR entry, int64 [nnz]."""
+    counts = (row_ptr[1:] - row_ptr[:-1]).long()
+    return torch.repeat_interleave(torch.arange(len(counts), device=row_ptr.device), counts)
+
+
+def dense_sparse_dequantize(qweight, scales, qzeros, g_idx, bits: int, in_features: int, values, cols,
+                            row_ptr) -> torch.Tensor:
+    """W [out, in] in float32: the dequantized codes with the outliers written over them."""
+    W = dequantize(qweight, scales, qzeros, g_idx, bits, in_features)
+    W[csr_rows(row_ptr), cols.long()] = values.to(torch.float32)
+    return W
+
+
+def dense_sparse_linear(x: torch.Tensor, qweight, scales, qzeros, g_idx, bits: int, in_features: int, values,
+                        cols, row_ptr) -> torch.Tensor:
+    """y = x W^T on the whole dequantized W (`dense_sparse_dequantize`), accumulated in float32; x.dtype out."""
+    W = dense_sparse_dequantize(qweight, scales, qzeros, g_idx, bits, in_features, values, cols, row_ptr)
+    return (x.to(torch.float32) @ W.t()).to(x.dtype)
+
+
+CSR_ADD_CHUNK = 1 << 22     # gathered products held at once by `csr_add`
+
+
+def csr_add(y: torch.Tensor, x: torch.Tensor, values, cols, row_ptr) -> torch.Tensor:
+    """y + x S^T for the CSR matrix S [N, K] (y [M, N], x [M, K]), summed in float32; y.dtype out. The
+    reference of the sparse half of a dense-and-sparse product."""
+    rows, cols = csr_rows(row_ptr), cols.long()
+    out = y.to(torch.float32, copy=True)               # y itself is left as it was
+    step = max(1, CSR_ADD_CHUNK // max(len(cols), 1))
+    for m in range(0, x.shape[0], step):
+        out[m:m + step].index_add_(1, rows, x[m:m + step, cols].to(torch.float32) * values.to(torch.float32))
+    return out.to(y.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------
 # W4A8 after QoQ (Lin et al. 2024, "QServe", section 4.1 progressive group quantization):
 #   level 0: W  ~ channel_scale[o] * W8[o, i]            W8 int8 in the protective range +-119
 #   level 1: W8 = (q[o, i] - zero[g, o]) * group_scale[g, o]   q uint4, zero and group_scale 8-bit integers

@@ -1,15 +1,47 @@
 """Layouts: the stored size of a configuration equals the bytes of the tensors it writes; the GPTQ config with
-`dynamic` overrides gives every linear back its own configuration, and the runtime module reproduces Q."""
+`dynamic` overrides gives every linear back its own configuration, and the runtime module reproduces Q. The
+dense-and-sparse layout alike, and end to end on stories260K: a plan with outliers quantized, loaded (the
+quantize-time perplexity again), verified and inspected; zero outliers write what a plan without them writes."""
+import json
+import os
 import re
+import signal
+import subprocess
+import sys
 
 import pytest
 import torch
+from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from safetensors import safe_open
 
+import bitsmith
+from bitsmith.calibration import data
+from bitsmith.calibration.adapter import BlockRunner
+from bitsmith.calibration.perplexity import evaluate
+from bitsmith.cli.main import main
+from bitsmith.formats import faults
+from bitsmith.formats.csr import csr_bits
 from bitsmith.formats.errors import InputError
-from bitsmith.layouts import GPTQLayout, gptq_config, layer_config, plan_bits
+from bitsmith.formats.source import open_source
+from bitsmith.kernels import reference
+from bitsmith.kernels.linear import DenseSparseLinear, QuantizedLinear
+from bitsmith.layouts import (
+    DenseSparseLayout,
+    GPTQLayout,
+    gptq_config,
+    gptq_expressible,
+    layer_config,
+    layer_plan,
+    layout_of,
+    plan_bits,
+)
+from bitsmith.pipeline import linear_shapes
 from bitsmith.plan import LayerPlan, QuantizeOptions, QuantPlan
+from bitsmith.quantize.gptq import gptq_quantize
+from bitsmith.quantize.grid import fake_quantize
+from bitsmith.quantize.outliers import DenseSparseWeight, Outliers, outlier_count
 from bitsmith.quantize.rtn import rtn_quantize
 
 
@@ -25,7 +57,7 @@ def test_stored_bits_is_the_size_of_what_is_written(out, inp, bits, group, sym):
     qw = rtn_quantize(W, bits, group, sym)
     tensors = GPTQLayout.tensors(qw)
     assert GPTQLayout.stored_bits(out, inp, LayerPlan(bits, group, sym)) == nbits(tensors)
-    module = GPTQLayout.module(inp, out, bits, group, bias=False)
+    module = GPTQLayout.module(inp, out, LayerPlan(bits, group, sym), bias=False)
     module.load_state_dict(tensors, strict=False)
     assert torch.equal(module.dequantize(), qw.Q)
 
@@ -86,3 +118,211 @@ def test_gptqmodel_dynamic_semantics():
 def test_malformed_dynamic_blocks_are_input_errors(dynamic, message):
     with pytest.raises(InputError, match=message):
         layer_config({"bits": 4, "dynamic": dynamic}, "model.layers.0.mlp.up_proj")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Dense-and-sparse: GPTQ tensors plus the outliers in CSR.
+
+def dense_sparse_by_hand(out, inp, bits, group, sym, fraction, seed=0) -> DenseSparseWeight:
+    """A DenseSparseWeight on RTN codes: outlier_count(fraction, inp) random columns per row, their codes set to
+    the zero point and their weights kept."""
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(out, inp, generator=g)
+    qw = rtn_quantize(W, bits, group, sym)
+    k = outlier_count(fraction, inp)
+    cols = torch.sort(torch.rand(out, inp, generator=g).argsort(dim=1)[:, :k], dim=1).values
+    sparse = Outliers(cols, W.gather(1, cols).to(torch.float16))
+    codes = qw.codes.clone()
+    zeros = qw.zeros[qw.group_index().long()].t().to(codes.dtype)      # [out, in]
+    codes.scatter_(1, cols, zeros.gather(1, cols))
+    dense = fake_quantize(codes, qw.scales[qw.group_index().long()].t(), zeros)
+    return DenseSparseWeight(codes, qw.scales, qw.zeros, qw.g_idx, bits, group, sym, sparse.overwrite(dense), 0.0,
+                             sparse)
+
+
+@settings(max_examples=40, deadline=None)
+@given(out=st.integers(1, 40), inp=st.one_of(st.integers(2, 200), st.integers(32760, 32775)),
+       bits=st.sampled_from([2, 3, 4, 8]), group=st.sampled_from([-1, 32, 128]), sym=st.booleans(),
+       fraction=st.sampled_from([0.001, 0.005, 0.01, 0.05, 0.25]))
+def test_dense_sparse_stored_bits_is_the_size_of_what_is_written(out, inp, bits, group, sym, fraction):
+    if inp > 1000:                                   # int32 column indices; few rows and one group keep it quick
+        out, group = min(out, 3), -1
+    qw = dense_sparse_by_hand(out, inp, bits, group, sym, fraction)
+    layer = LayerPlan(bits, group, sym, outliers=fraction)
+    assert layout_of(layer) is DenseSparseLayout
+    tensors = DenseSparseLayout.tensors(qw)
+    assert sorted(tensors) == sorted(DenseSparseLayout.parts)
+    assert tensors["outlier_cols"].dtype == (torch.int16 if inp <= 32767 else torch.int32)
+    assert DenseSparseLayout.stored_bits(out, inp, layer) == nbits(tensors)
+    assert DenseSparseLayout.stored_bits(out, inp, layer) == GPTQLayout.stored_bits(out, inp, layer) + csr_bits(
+        out, inp, out * outlier_count(fraction, inp))
+    assert torch.equal(DenseSparseLayout.weight(tensors.__getitem__, layer, inp), qw.Q)
+
+
+@pytest.mark.parametrize("bits,group,act_order", [(3, 32, True), (2, -1, False), (4, 64, True)])
+def test_dense_sparse_module_reproduces_Q(bits, group, act_order):
+    g = torch.Generator().manual_seed(bits)
+    W = 0.02 * torch.randn(48, 96, generator=g)
+    W[torch.arange(48), torch.randint(0, 96, (48,), generator=g)] = 1.0       # an outlier in every row
+    X = torch.randn(512, 96, generator=g)
+    qw = gptq_quantize(W, 2 * X.t() @ X / 512, bits, group, act_order=act_order, outliers=0.03)
+    layer = LayerPlan(bits, group, False, outliers=0.03)
+    tensors = layout_of(layer).tensors(qw)
+    module = layout_of(layer).module(96, 48, layer, bias=False)
+    module.load_state_dict(tensors, strict=True)
+    assert isinstance(module, DenseSparseLinear) and module.outlier_values.numel() == 48 * 3
+    assert torch.equal(module.dequantize(), qw.Q)
+    x = torch.randn(5, 96, generator=g)
+    assert torch.equal(module(x), x @ qw.Q.t())                                # CPU reference: one product
+    runtime = module.runtime()
+    split = runtime(x, "cpu_int4") if runtime.dense.cpu_int4 is not None else None
+    assert split is None or torch.allclose(split, x @ qw.Q.t(), atol=1e-4)
+    dense_only = reference.weight_only_linear(x, *runtime.dense.layout)           # zero codes leave outliers out
+    added = reference.csr_add(dense_only, x, *module.csr())
+    assert torch.allclose(added, x @ qw.Q.t(), atol=1e-5)
+
+
+def test_outliers_take_the_checkpoint_out_of_the_gptq_convention():
+    plain = plan_of(lambda n: LayerPlan(3, 128, False))
+    assert gptq_expressible(plain)
+    assert "outliers" not in json.dumps(gptq_config(plain, SHAPES))                # GPTQ-only plans unchanged
+    mixed = plan_of(lambda n: LayerPlan(3, 128, False, outliers=0.01 if "down" in n else 0.0))
+    assert not gptq_expressible(mixed)
+    qc = gptq_config(mixed, SHAPES)
+    assert qc["outliers"] == 0.0 and all(rule["outliers"] == 0.01 for rule in qc["dynamic"].values())
+    for name, layer in mixed.layers.items():
+        entry = layer_config(qc, name)
+        assert entry["outliers"] == layer.outliers and layer_plan(entry, name) == layer
+    bits, _ = plan_bits(mixed, SHAPES)
+    assert bits == sum(layout_of(layer).stored_bits(*SHAPES[n], layer) for n, layer in mixed.layers.items())
+    assert bits > plan_bits(plain, SHAPES)[0]
+
+
+@pytest.mark.parametrize("entry, message", [
+    ({"bits": 3, "group_size": 128, "sym": False, "outliers": 0.5}, "outliers 0.5"),
+    ({"bits": 3, "group_size": 128, "sym": False, "outliers": "1%"}, "outliers '1%'"),
+    ({"bits": 5, "group_size": 128, "sym": False}, "unsupported bits 5"),
+    ({"bits": 3, "group_size": 0, "sym": False}, "group_size 0"),
+])
+def test_layer_entries_of_a_checkpoint_are_checked(entry, message):
+    with pytest.raises(InputError, match=message):
+        layer_plan(entry, "ckpt: model.layers.0.mlp.up_proj")
+
+
+# ---------------------------------------------------------------------------------------------------
+# End to end on stories260K: a plan with outliers in some layers.
+
+CALIB = ["--nsamples", "16", "--seqlen", "128", "--seed", "0"]
+EVAL_TOKENS = 4096
+LINEAR_PARTS = set(DenseSparseLayout.parts)
+
+
+def cli(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def linear_bits(out) -> int:
+    """Bits of every tensor of the quantized linears, read from the files."""
+    bits = 0
+    with safe_open(str(out / "model.safetensors"), framework="pt") as f:
+        for key in f.keys():
+            if key.rsplit(".", 1)[-1] in LINEAR_PARTS:
+                t = f.get_tensor(key)
+                bits += 8 * t.numel() * t.element_size()
+    return bits
+
+
+@pytest.fixture(scope="module")
+def with_outliers(tmp_path_factory, stories_path, stories_split):
+    """A uniform W3 g32 run, the same plan with 2 % outliers in every third linear, and with explicit zeros."""
+    calib, held = stories_split
+    root = tmp_path_factory.mktemp("outliers")
+    common = ["--bits", "3", "--group-size", "32", "--calib", calib, *CALIB]
+    r = cli("quantize", stories_path, "-o", root / "uniform", *common)
+    assert r.exit_code == 0, r.output
+    plan = json.loads((root / "uniform" / "plan.json").read_text())
+    zeros = json.loads(json.dumps(plan))
+    for i, entry in enumerate(plan["layers"].values()):
+        entry["outliers"] = 0.02 if i % 3 == 0 else 0.0
+    for entry in zeros["layers"].values():
+        entry["outliers"] = 0
+    (root / "plan.json").write_text(json.dumps(plan))
+    (root / "zeros.json").write_text(json.dumps(zeros))
+    r = cli("quantize", stories_path, "-o", root / "sparse", "--plan", root / "plan.json", *common,
+            "--eval-data", held, "--eval-seqlen", "128", "--eval-max-tokens", EVAL_TOKENS, "--json",
+            root / "summary.json")
+    assert r.exit_code == 0, r.output
+    return root, plan, json.loads((root / "summary.json").read_text())
+
+
+@pytest.mark.slow
+def test_a_plan_with_outliers_end_to_end(with_outliers, stories_path, stories_split):
+    root, plan, summary = with_outliers
+    out = root / "sparse"
+    written = json.loads((out / "plan.json").read_text())["layers"]
+    sparse = {name for name, entry in plan["layers"].items() if entry["outliers"]}
+    assert {name for name, entry in written.items() if "outliers" in entry} == sparse and len(sparse) == 12
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "bitsmith" and qc["checkpoint_format"] == "gptq"
+    for name, entry in plan["layers"].items():
+        assert layer_config(qc, name)["outliers"] == entry["outliers"]
+    weights = 5 * (2 * 64 * 64 + 2 * 32 * 64 + 3 * 172 * 64)
+    assert summary["bits_per_weight"] == pytest.approx(linear_bits(out) / weights, abs=1e-12)
+    shapes = linear_shapes(BlockRunner(open_source(str(stories_path)).config))
+    qplan = QuantPlan.from_dict(plan, shapes, QuantizeOptions(), "plan.json")
+    assert plan_bits(qplan, shapes) == (linear_bits(out), weights)             # planned = written, exactly
+    assert linear_bits(out) > linear_bits(root / "uniform")
+
+    model = bitsmith.load(str(out))
+    kinds = {name: type(model.get_submodule(name)) for name in plan["layers"]}
+    assert {n for n, k in kinds.items() if k is DenseSparseLinear} == sparse
+    assert all(kinds[n] is QuantizedLinear for n in plan["layers"] if n not in sparse)
+    ids = data.tokenize(open_source(str(out)).tokenizer(), stories_split[1].read_text())
+    windows = data.eval_windows(ids, 128, EVAL_TOKENS)
+    loaded = evaluate(model, windows, progress=False)
+    assert loaded["tokens"] == summary["eval"]["tokens"] and loaded["perplexity"] == summary["eval"]["perplexity"]
+
+    assert cli("verify", out).exit_code == 0
+    r = cli("inspect", out, "--json", root / "inspect.json")
+    assert r.exit_code == 0, r.output
+    assert r.output.splitlines()[0].split()[:6] == ["layer", "shape", "bits", "group", "sym", "outliers"]
+    table = json.loads((root / "inspect.json").read_text())
+    rows = {row["name"]: row for row in table["layers"]}
+    for name in plan["layers"]:
+        k = outlier_count(plan["layers"][name]["outliers"], rows[name]["shape"][1])
+        assert rows[name]["outliers"] == plan["layers"][name]["outliers"]
+        assert rows[name]["outlier_weights"] == rows[name]["shape"][0] * k
+        assert (name in sparse) == (k > 0)
+    assert table["totals"]["outlier_weights"] == sum(r["outlier_weights"] for r in rows.values()) > 0
+    assert table["totals"]["bpw"] == pytest.approx(summary["bits_per_weight"], abs=1e-12)
+    line = next(li for li in r.output.splitlines() if li.startswith(min(sparse)))
+    assert "2%" in line.split()
+
+
+@pytest.mark.slow
+def test_zero_outliers_write_what_a_plan_without_them_writes(with_outliers, stories_path, stories_split):
+    root, _, _ = with_outliers
+    r = cli("quantize", stories_path, "-o", root / "zeros", "--plan", root / "zeros.json", "--bits", "3",
+            "--group-size", "32", "--calib", stories_split[0], *CALIB)
+    assert r.exit_code == 0, r.output
+    for name in ("model.safetensors", "config.json", "plan.json"):
+        assert (root / "zeros" / name).read_bytes() == (root / "uniform" / name).read_bytes(), name
+    assert json.loads((root / "zeros" / "config.json").read_text())["quantization_config"]["quant_method"] == "gptq"
+
+
+@pytest.mark.slow
+def test_a_run_with_outliers_killed_after_a_block_resumes_to_the_same_bytes(with_outliers, stories_path,
+                                                                             stories_split, tmp_path):
+    """The resumed run replays the finished blocks on their stored weights (dense codes and CSR outliers): the
+    blocks after them get the inputs an uninterrupted run gives them, and the files are the same."""
+    root, _, _ = with_outliers
+    args = ["quantize", str(stories_path), "-o", str(tmp_path / "r"), "--plan", str(root / "plan.json"), "--bits",
+            "3", "--group-size", "32", "--calib", str(stories_split[0]), *CALIB]
+    killed = subprocess.run([sys.executable, "-c", "from bitsmith.cli.main import main; main()", *args],
+                            env={**os.environ, faults.VARIABLE: "block:1"}, capture_output=True, check=False)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr.decode()
+    r = cli(*args, "--resume")
+    assert r.exit_code == 0, r.output
+    assert "resuming the interrupted run, 2 of 5 blocks done" in r.output
+    for name in ("model.safetensors", "config.json", "plan.json"):
+        assert (tmp_path / "r" / name).read_bytes() == (root / "sparse" / name).read_bytes(), name

@@ -4,6 +4,7 @@ loaded mixed-precision checkpoint reproduces the perplexity measured while quant
 import json
 import math
 import shutil
+from dataclasses import replace
 
 import pytest
 import torch
@@ -14,17 +15,19 @@ import bitsmith
 from bitsmith.calibration import data
 from bitsmith.calibration.perplexity import evaluate
 from bitsmith.cli.main import main
+from bitsmith.formats.csr import csr_bits
 from bitsmith.formats.errors import InputError
 from bitsmith.formats.source import open_source
-from bitsmith.layouts import layer_config
+from bitsmith.layouts import DenseSparseLayout, GPTQLayout, layer_config, plan_bits
 from bitsmith.loader import load_model
-from bitsmith.measure import CANDIDATES, Measurement, decide
+from bitsmith.measure import CANDIDATES, OUTLIER_CANDIDATES, PLAIN_CANDIDATES, Measurement, decide
 from bitsmith.pipeline import calibration
-from bitsmith.plan import QuantizeOptions
+from bitsmith.plan import LayerPlan, QuantizeOptions
+from bitsmith.quantize.outliers import outlier_count
 
 pytestmark = pytest.mark.slow
 CALIB = {"nsamples": 16, "seqlen": 128, "seed": 0, "fisher_samples": 4}
-PARTS = ("qweight", "scales", "qzeros", "g_idx")
+PARTS = DenseSparseLayout.parts              # GPTQ tensors and, where a linear keeps outliers, their CSR
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +72,9 @@ def test_the_plan_is_mixed_and_written_where_loaders_read_it(planned, stories_pa
     assert len(configs) > 1
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     for name, entry in plan["layers"].items():
-        assert layer_config(qc, name) == {k: entry[k] for k in ("bits", "group_size", "sym")}
+        got = layer_config(qc, name)
+        assert {k: got[k] for k in ("bits", "group_size", "sym")} == {k: entry[k] for k in ("bits", "group_size", "sym")}
+        assert got.get("outliers", 0) == entry.get("outliers", 0)
         with safe_open(str(out / "model.safetensors"), framework="pt") as st:
             assert st.get_slice(name + ".qweight").get_shape()[0] == entry["bits"] * (-(-st.get_slice(
                 name + ".g_idx").get_shape()[0] // 32))
@@ -116,8 +121,58 @@ def test_measurement_covers_every_candidate_of_every_linear(measurement):
             assert len(errors) == len(CANDIDATES) and all(e >= 0 for e in errors)
     # more bits on the same grid never measure worse (8-bit g32 is the finest candidate of each linear)
     for errors in m.errors["fisher"].values():
-        e = dict(zip(((c.bits, c.group_size, c.sym) for c in m.candidates), errors))
-        assert e[(8, 32, False)] <= e[(4, 32, False)] <= e[(3, 32, False)] <= e[(2, 32, False)]
+        e = dict(zip(((c.bits, c.group_size, c.sym, c.outliers) for c in m.candidates), errors))
+        assert e[(8, 32, False, 0)] <= e[(4, 32, False, 0)] <= e[(3, 32, False, 0)] <= e[(2, 32, False, 0)]
+
+
+def test_outlier_candidates_are_priced_by_their_layout_and_lower_the_error(measurement):
+    m, _ = measurement
+    assert OUTLIER_CANDIDATES and all(c.outliers for c in OUTLIER_CANDIDATES)
+    table = m.errors["fisher"]
+    for c in OUTLIER_CANDIDATES:
+        j, plain = m.candidates.index(c), m.candidates.index(replace(c, outliers=0.0))
+        for name, (out, inp) in m.shapes.items():
+            k = outlier_count(c.outliers, inp)
+            assert m.cost(name, j) == GPTQLayout.stored_bits(out, inp, c) + csr_bits(out, inp, out * k)
+            if k == 0:                       # a budget that rounds to none is plain GPTQ, bit for bit
+                assert table[name][j] == table[name][plain]
+        assert sum(table[n][j] for n in m.shapes) < sum(table[n][plain] for n in m.shapes)
+
+
+def test_a_measurement_of_format_1_plans_without_outliers(planned, measurement, stories_path, tmp_path, capsys):
+    m, opts = measurement
+    old = json.loads((planned[0] / "measurement.json").read_text())
+    keep = [j for j, c in enumerate(m.candidates) if not c.outliers]
+    old["format_version"] = 1
+    old["candidates"] = [{k: v for k, v in old["candidates"][j].items() if k != "outliers"} for j in keep]
+    for entry in old["layers"].values():
+        for key in ("bits", "fisher", "hessian"):
+            entry[key] = [entry[key][j] for j in keep]
+    (tmp_path / "v1.json").write_text(json.dumps(old))
+    capsys.readouterr()
+    v1 = Measurement.load(tmp_path / "v1.json", open_source(str(stories_path)), opts)
+    assert "format 1 has no outlier candidates" in capsys.readouterr().err
+    assert v1.candidates == list(PLAIN_CANDIDATES)
+    plan = decide(v1, 3.0, opts)
+    assert not any(layer.outliers for layer in plan.layers.values())
+    old["format_version"] = 3
+    (tmp_path / "v3.json").write_text(json.dumps(old))
+    with pytest.raises(InputError, match="measurement format 3, expected 2 \\(or 1\\); measure again"):
+        Measurement.load(tmp_path / "v3.json", open_source(str(stories_path)), opts)
+
+
+def test_decide_keeps_outliers_where_they_pay():
+    """A synthetic table where 1 % outliers at 2 bits is nearly as good as 4 bits: the plan keeps them, priced
+    by the dense-and-sparse layout, and the entries carry the fraction."""
+    shapes = {f"l{i}": (64, 576) for i in range(4)}
+    candidates = [LayerPlan(2, 128, False), LayerPlan(2, 128, False, outliers=0.01), LayerPlan(4, 128, False)]
+    errors = {proxy: {n: [1.0, 0.011, 0.01] for n in shapes} for proxy in ("fisher", "hessian")}
+    m = Measurement("s", "c", "d", {}, candidates, shapes, [[n] for n in shapes], errors)
+    weights = sum(o * i for o, i in shapes.values())
+    target = (sum(m.cost(n, 1) for n in shapes) + 5) / weights
+    plan = decide(m, target, QuantizeOptions())
+    assert all(layer == LayerPlan(2, 128, False, 0.011, 0.01) for layer in plan.layers.values())
+    assert plan_bits(plan, shapes)[0] <= target * weights
 
 
 def test_decisions_are_deterministic_monotone_and_within_budget(measurement):
@@ -127,7 +182,7 @@ def test_decisions_are_deterministic_monotone_and_within_budget(measurement):
     for target in (2.75, 3.0, 3.25, 3.5, 4.25, 6.0):
         plan = decide(m, target, opts)
         assert plan.layers == decide(m, target, opts).layers
-        bits = sum(m.cost(n, m.candidates.index(type(layer)(layer.bits, layer.group_size, layer.sym)))
+        bits = sum(m.cost(n, m.candidates.index(replace(layer, predicted_error=None)))
                    for n, layer in plan.layers.items())
         assert target - 0.02 <= bits / weights <= target
         if last is not None:

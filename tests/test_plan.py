@@ -56,3 +56,35 @@ def test_invalid_plans_are_refused_with_the_reason(plan, message):
     with pytest.raises(InputError, match=message.replace("(", r"\(")) as e:
         QuantPlan.from_dict(plan, LINEARS, QuantizeOptions(), "p.json")
     assert str(e.value).startswith("p.json") and "\n" not in str(e.value)
+
+
+def test_outliers_round_trip_and_are_left_out_when_zero():
+    opts = QuantizeOptions()
+    plan = QuantPlan.from_dict(body(**{"model.layers.0.mlp.down_proj": {"bits": 2, "group_size": 128,
+                                                                        "outliers": 0.01}}), LINEARS, opts, "p.json")
+    assert plan.layers["model.layers.0.mlp.down_proj"] == LayerPlan(2, 128, False, outliers=0.01)
+    assert plan.layers["model.layers.0.self_attn.q_proj"].outliers == 0.0      # a plan without them still reads
+    written = plan.as_dict()["layers"]
+    assert written["model.layers.0.mlp.down_proj"]["outliers"] == 0.01
+    assert "outliers" not in written["model.layers.0.self_attn.q_proj"]        # plain entries read as before
+    again = QuantPlan.from_dict(json.loads(json.dumps(plan.as_dict())), LINEARS, opts, "p.json")
+    assert again.layers == plan.layers
+    assert LayerPlan(3, 128, False, outliers=0.005).key() == "w3g128o0.005" and LayerPlan(3, 128, False).key() == \
+        "w3g128"
+
+
+@pytest.mark.parametrize("outliers, message", [
+    (-0.01, "outliers -0.01"), (0.3, "outliers 0.3: a fraction of the weights from 0 to 0.25"),
+    ("0.01", "outliers '0.01'"), (True, "outliers True"), (float("nan"), "outliers nan"),
+])
+def test_invalid_outliers_are_refused(outliers, message):
+    plan = body(**{"model.layers.0.mlp.down_proj": {"bits": 3, "group_size": 128, "outliers": outliers}})
+    with pytest.raises(InputError, match=message):
+        QuantPlan.from_dict(plan, LINEARS, QuantizeOptions(), "p.json")
+
+
+@pytest.mark.parametrize("method", ["rtn", "qoq"])
+def test_outliers_need_gptq(method):
+    plan = body(**{"model.layers.0.mlp.down_proj": {"bits": 4, "group_size": 4, "outliers": 0.01}})
+    with pytest.raises(InputError, match=f"outliers 0.01 need --method gptq \\(this run has {method}\\)"):
+        QuantPlan.from_dict(plan, LINEARS, QuantizeOptions(method=method), "p.json")

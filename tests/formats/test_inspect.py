@@ -62,6 +62,11 @@ def test_cell_label(bits, group_size, sym, label):
     assert cell_label(row("x", bits, group_size, sym)) == label
 
 
+@pytest.mark.parametrize("outliers, label", [(0.01, "3/g128+1%"), (0.005, "3/g128+0.5%"), (0.0, "3/g128")])
+def test_cell_label_with_outliers(outliers, label):
+    assert cell_label({**row("x", 3, 128), "outliers": outliers}) == label
+
+
 def test_error_measure_falls_back_to_the_loss():
     assert error_measure(llama_rows(1))[0] == "predicted_error"
     key, caption = error_measure(llama_rows(1, predicted=False))

@@ -4,9 +4,9 @@ import importlib.util
 import pytest
 import torch
 
-from bitsmith.formats.packing import pack
+from bitsmith.formats.packing import pack, unpack
 from bitsmith.kernels import dispatch, reference
-from bitsmith.kernels.linear import QuantizedLinear
+from bitsmith.kernels.linear import DenseSparseLinear, QuantizedLinear
 from bitsmith.kernels.w4a8_linear import W4A8Linear
 from bitsmith.quantize.qoq import qoq_quantize
 
@@ -137,3 +137,49 @@ def test_w4a8_linear_cpu_forward_and_state_dict_round_trip():
     ref = (x_q.double() * s_tok.double()[:, None]) @ qoq.Q.double().t() + layer.bias.double()
     assert rel_err(clone(x), ref) < 1e-5
     assert set(layer.state_dict()) == {"qweight", "channel_scale", "group_scale", "group_zero", "bias"}
+
+
+def dense_sparse_layer(per_row=3, seed=0, **case):
+    """A DenseSparseLinear: random GPTQ codes with `per_row` outliers in every row, their codes the zero point."""
+    dense = gptq_layer(seed=seed, **case)
+    gen = torch.Generator().manual_seed(seed + 1)
+    K_ = dense.in_features
+    layer = DenseSparseLinear(K_, N, dense.bits, dense.group_size, N * per_row, bias=dense.bias is not None,
+                              has_g_idx=dense.g_idx is not None)
+    cols = torch.sort(torch.rand(N, K_, generator=gen).argsort(dim=1)[:, :per_row], dim=1).values
+    zeros = reference.unpack_zeros(dense.qzeros, dense.bits, N)[dense.group_index().long()]      # [K, N]
+    q = unpack(dense.qweight, dense.bits, K_, dim=0)
+    q[cols.t().reshape(-1), torch.arange(N).repeat(per_row)] = zeros[cols.t().reshape(-1),
+                                                                   torch.arange(N).repeat(per_row)].to(q.dtype)
+    state = {**dense.state_dict(), "qweight": pack(q, dense.bits, 0),
+             "outlier_values": (torch.randn(N * per_row, generator=gen) * 0.5).half(),
+             "outlier_cols": cols.reshape(-1).to(torch.int16),
+             "outlier_row_ptr": (torch.arange(N + 1) * per_row).int()}
+    layer.load_state_dict(state)
+    return layer
+
+
+@pytest.mark.parametrize("case", [{}, {"g_idx": act_order_g_idx()}, {"bits": 3, "group_size": 32}])
+def test_dense_sparse_cpu_paths_compute_the_layer(case):
+    layer = dense_sparse_layer(**case)
+    W = layer.dequantize().double()
+    assert not torch.equal(W, QuantizedLinear.dequantize(layer).double())      # the outliers are written over
+    rt = layer.runtime()
+    assert isinstance(rt, dispatch.DenseSparseRuntime) and rt.path(1, "cuda") == rt.dense.path(1, "cuda")
+    x = torch.randn(dispatch.CPU_INT4_MAX_M + 1, K)
+    assert rt.path(len(x), "cpu") == "reference"
+    assert torch.equal(layer(x), x @ W.float().t())                         # reference: the whole W at once
+    x = torch.randn(1, K)
+    assert rt.path(1, "cpu") == ("cpu_int4" if rt.dense.cpu_int4 is not None else "reference")
+    assert rel_err(layer(x), x.double() @ W.t()) < 1e-5                     # int4 GEMM + the sparse add, or W
+
+
+@needs_triton
+@pytest.mark.parametrize("M,path", [(1, "gemv"), (17, "splitk"), (17, "tiled"), (17, "dense")])
+def test_dense_sparse_triton_dense_part_plus_sparse_add(poisoned_outputs, M, path):
+    from bitsmith.kernels import triton_csr
+    layer = dense_sparse_layer(g_idx=act_order_g_idx(), seed=M)
+    rt = layer.runtime()
+    x = torch.randn(M, K).half()
+    y = triton_csr.csr_add_(rt.dense(x, path), x, rt.values, rt.cols, rt.row_ptr)   # what CUDA runs
+    assert rel_err(y, x.double() @ layer.dequantize().double().t()) <= 1e-3

@@ -62,3 +62,22 @@ def test_qoq_dequantize_and_w4a8_linear():
     ref = (x_q.double() * s_tok.double()[:, None]) @ W.double().t()
     assert y.shape == (2, 3, N) and y.dtype == torch.float16
     assert rel_err(y.reshape(-1, N), ref) < 1e-3
+
+
+def test_csr_add_and_dense_sparse_dequantize():
+    from bitsmith.formats.csr import to_csr
+    g = torch.Generator().manual_seed(0)
+    mask = torch.rand(6, 50, generator=g) < 0.1
+    S = torch.randn(6, 50, generator=g)
+    csr = to_csr(mask, S)
+    dense = torch.where(mask, S.half().float(), 0.0)
+    x, y = torch.randn(4, 50, generator=g), torch.randn(4, 6, generator=g)
+    before = y.clone()
+    out = reference.csr_add(y, x, csr.values, csr.cols, csr.row_ptr)
+    assert torch.equal(y, before) and out.dtype == y.dtype                   # a new tensor; y is left alone
+    assert rel_err(out, y.double() + x.double() @ dense.double().t()) < 1e-6
+    assert torch.equal(reference.csr_rows(csr.row_ptr), mask.nonzero()[:, 0])
+    q = torch.full((50, 6), 8, dtype=torch.uint8)                           # every code at the zero point: W = S
+    W = reference.dense_sparse_dequantize(pack(q, 4, 0), torch.ones(1, 6).half(), pack(torch.full((1, 6), 7), 4, 1),
+                                          torch.zeros(50, dtype=torch.int32), 4, 50, csr.values, csr.cols, csr.row_ptr)
+    assert torch.equal(W, dense)

@@ -1,0 +1,227 @@
+"""Learned rounding and clipping per block: SignRound (Cheng et al. 2023, "Optimize Weight Rounding via Signed
+Gradient Descent for the Quantization of LLMs", the method of AutoRound; OmniQuant's learnable weight clipping,
+Shao et al. 2024, is the same family).
+
+Every linear of a block keeps the layout of its starting `QuantizedWeight` (bits, group size, symmetry, group
+index, outlier positions) and learns
+  V in [-0.5, 0.5] per weight: an offset added before rounding, and
+  a, b per (group, row): factors of the top and of the bottom of the group's range (its clipping),
+minimizing the mean squared error between the block's outputs with the quantized weights and target outputs on
+calibration inputs, by signed gradient descent through straight-through rounding, one random minibatch of windows
+per iteration: the step is lr = 1 / iters decayed linearly to 0 (so that V travels at most half a grid step), and
+the parameters of the iteration with the least minibatch loss are kept (AutoRound's defaults).
+
+The grid is relative to the start's scale s0 and zero point z0 (a = b = 1 is the start's grid exactly):
+  asymmetric:  f = (a (maxq - z0) + b z0) / maxq,  s = fp16(s0 f),  z = clamp(round(b z0 / f), 0, maxq)
+  symmetric:   f = a,                              s = fp16(s0 f),  z = z0
+  q = clamp(round(W / s + V) + D + z, 0, maxq),    Q = s (q - z)
+(the range [-z0 s0, (maxq - z0) s0] with its ends scaled by b and a). D is 0 by default (`relative_to="rtn"`:
+the offsets move W rounded to nearest on the start's grid, as AutoRound starts), or the integer shift of the
+start's codes from that rounding, q0 - z0 - round(W / s0) (`relative_to="gptq"`: V = 0 is GPTQ's result exactly).
+On SmolLM2-135M at 3 bits the first fits a block's outputs better (bench/results/rounding-smollm2.md): GPTQ's
+error feedback compensates each linear alone, which the block-wise fit does better itself, and its shifted codes
+are a worse place to search around. Outliers of a dense-and-sparse start stay in fp16 where they are; their
+codes are the zero point.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from .grid import FP16_TINY
+from .rtn import QuantizedWeight
+
+STARTS = ("gptq", "rtn")
+CLIP_RANGE = (0.5, 1.5)      # bounds of the clipping factors; the decaying step cannot move them further anyway
+
+
+def _round_ste(x: torch.Tensor) -> torch.Tensor:
+    """round(x) forward, identity backward (straight-through estimator)."""
+    return x + (torch.round(x) - x).detach()
+
+
+def _fp16_ste(x: torch.Tensor) -> torch.Tensor:
+    """x rounded to fp16 forward (the scale that is stored), identity backward."""
+    return x + (x.half().float() - x).detach()
+
+
+class LearnedGrid(nn.Module):
+    """One linear's learned rounding offsets and clipping factors on its starting grid (module docstring)."""
+
+    def __init__(self, W: torch.Tensor, start: QuantizedWeight, relative_to: str = "rtn"):
+        super().__init__()
+        if relative_to not in STARTS:
+            raise ValueError(f"start {relative_to!r}: choose one of {', '.join(STARTS)}")
+        self.start = start
+        self.maxq = float(2 ** start.bits - 1)
+        self.g = start.group_index().long()
+        self.W = W.detach().to(torch.float32)
+        self.s0 = start.scales.to(torch.float32)                           # [G, out]
+        self.z0 = start.zeros.to(torch.float32)
+        s0 = self.s0[self.g].t()                                           # [out, in]
+        self.shift = ((start.codes.float() - self.z0[self.g].t() - torch.round(self.W / s0))
+                      if relative_to == "gptq" else None)                # None: D = 0
+        outliers = getattr(start, "outliers", None)
+        self.kept = outliers.mask(W.shape[1]) if outliers is not None and outliers.cols.numel() else None
+        self.V = nn.Parameter(torch.zeros_like(self.W))
+        self.a = nn.Parameter(torch.ones_like(self.s0))
+        self.b = nn.Parameter(torch.ones_like(self.s0))
+
+    def grid(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale as stored, zero point), both float [G, out], of the current clipping factors."""
+        if self.start.sym:
+            f, z = self.a, self.z0
+        else:
+            f = (self.a * (self.maxq - self.z0) + self.b * self.z0) / self.maxq
+            z = torch.clamp(_round_ste(self.b * self.z0 / f), 0, self.maxq)
+        return torch.clamp(_fp16_ste(self.s0 * f), min=FP16_TINY), z
+
+    def codes(self, se: torch.Tensor, ze: torch.Tensor, round_=torch.round) -> torch.Tensor:
+        """Float codes [out, in] on the grid of every weight's scale `se` and zero point `ze` [out, in], rounding
+        with `round_` (outliers left out)."""
+        q = round_(self.W / se + self.V)
+        if self.shift is not None:
+            q = q + self.shift
+        return torch.clamp(q + ze, 0, self.maxq)
+
+    def forward(self) -> torch.Tensor:
+        """The quantized weight Q [out, in], differentiable in V, a, b."""
+        s, z = self.grid()
+        se, ze = s[self.g].t(), z[self.g].t()
+        Q = se * (self.codes(se, ze, _round_ste) - ze)
+        return Q if self.kept is None else torch.where(self.kept, self.start.Q, Q)
+
+    @torch.no_grad()
+    def clamp_(self) -> None:
+        self.V.clamp_(-0.5, 0.5)
+        self.a.clamp_(*CLIP_RANGE)
+        self.b.clamp_(*CLIP_RANGE)
+
+    @torch.no_grad()
+    def result(self) -> QuantizedWeight:
+        """The quantized weight of the current parameters, in the start's form (a `DenseSparseWeight` for a
+        dense-and-sparse start)."""
+        s, z = self.grid()
+        se, ze = s[self.g].t(), z[self.g].t()
+        codes = self.codes(se, ze)
+        scales, zeros = s.to(torch.float16), z.to(torch.int32)
+        Q = scales[self.g].t().float() * (codes - zeros[self.g].t().float())
+        if self.kept is not None:
+            codes = torch.where(self.kept, ze, codes)
+            Q = torch.where(self.kept, self.start.Q, Q)
+        return dataclasses.replace(self.start, codes=codes.to(torch.uint8), scales=scales, zeros=zeros, Q=Q)
+
+
+def block_mse(block: nn.Module, weights: dict[str, torch.Tensor], inputs: torch.Tensor, targets: torch.Tensor,
+              batch: int = 8, **kwargs) -> float:
+    """Mean squared error between the block's outputs on `inputs` with the linears' weights replaced by
+    `weights` (name -> [out, in]) and `targets`."""
+    total = 0.0
+    with torch.no_grad():
+        for i in range(0, inputs.shape[0], batch):
+            out = _forward(block, weights, inputs[i:i + batch], kwargs)
+            total += (out.float() - targets[i:i + batch].float()).square().sum().item()
+    return total / targets.numel()
+
+
+def _forward(block: nn.Module, weights: dict[str, torch.Tensor], x: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    out = functional_call(block, {f"{name}.weight": w for name, w in weights.items()}, (x,), kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+@dataclasses.dataclass
+class Trace:
+    """How a block's optimization went: minibatch loss of every iteration, the iteration kept, and the losses of
+    the start and of the kept parameters on the check minibatch (the start is returned when it is not worse)."""
+    losses: list[float]
+    best: int
+    check: tuple[float, float] | None = None
+
+    @property
+    def kept_start(self) -> bool:
+        return self.check is not None and self.check[0] <= self.check[1]
+
+
+def signround(block: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, originals: dict[str, torch.Tensor],
+              starts: dict[str, QuantizedWeight], iters: int, batch: int = 8, lr: float | None = None,
+              clip_lr: float | None = None, seed: int = 0, relative_to: str = "rtn",
+              autocast: Callable | None = None, **kwargs) -> tuple[dict[str, QuantizedWeight], Trace]:
+    """Learned rounding and clipping of the linears of `block` (module docstring).
+
+    `inputs` [n, seq, d]: the calibration hidden states entering the block; `targets` [n, seq, d]: the outputs to
+    reproduce; `originals`: each linear's unquantized weight [out, in] by its name inside the block; `starts`:
+    its starting quantized weight (GPTQ's or RTN's). `lr`: the first step of the offsets (default 1 / iters),
+    `clip_lr`: of the clipping factors (default `lr`; 0 keeps the start's grid). `kwargs` go to every call of the
+    block (position embeddings, masks); `autocast`, when given, is the context the forward and backward run in.
+    Minibatches of `batch` windows are drawn from a generator seeded with `seed`; the next one after the last
+    iteration checks the kept parameters against the start, which is returned unchanged unless they do better there
+    (so that a short run never leaves a block worse than GPTQ did). Returns the refined weights, in the form of the
+    starts, and the trace; with 0 iterations, the starts themselves."""
+    if iters == 0:
+        return dict(starts), Trace([], 0)
+    if iters < 0:
+        raise ValueError(f"iterations {iters}: expected 0 or more")
+    grids = {name: LearnedGrid(originals[name], qw, relative_to) for name, qw in starts.items()}
+    lr = 1.0 / iters if lr is None else lr
+    clip_lr = lr if clip_lr is None else clip_lr
+    params = [(grid.V, lr) for grid in grids.values()]
+    if clip_lr:
+        params += [(p, clip_lr) for grid in grids.values() for p in (grid.a, *(() if grid.start.sym else (grid.b,)))]
+    frozen = [p for p in block.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.empty(0, dtype=torch.long)
+    losses, best, kept = [], float("inf"), 0
+    saved = [p.detach().clone() for p, _ in params]
+
+    def minibatch():
+        nonlocal order
+        if len(order) < min(batch, inputs.shape[0]):
+            order = torch.cat([order, torch.randperm(inputs.shape[0], generator=generator)])
+        pick, order = order[:batch], order[batch:]
+        return inputs[pick], targets[pick]
+
+    def loss_of(weights: dict, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with autocast() if autocast else contextlib.nullcontext():
+            return (_forward(block, weights, x, kwargs).float() - y.float()).square().mean()
+
+    try:
+        for it in range(iters):
+            loss = loss_of({name: grid() for name, grid in grids.items()}, *minibatch())
+            loss.backward()
+            losses.append(loss.item())
+            if losses[-1] < best:                                          # the parameters this loss is of
+                best, kept = losses[-1], it
+                saved = [p.detach().clone() for p, _ in params]
+            decay = 1 - it / iters                                         # linear decay to 0 (AutoRound)
+            with torch.no_grad():
+                for p, rate in params:
+                    if p.grad is not None:
+                        p.sub_(rate * decay * torch.sign(p.grad))
+                        p.grad = None
+            for grid in grids.values():
+                grid.clamp_()
+        with torch.no_grad():
+            for (p, _), value in zip(params, saved):
+                p.copy_(value)
+            refined = {name: grid.result() for name, grid in grids.items()}
+            x, y = minibatch()
+            check = (loss_of({name: qw.Q for name, qw in starts.items()}, x, y).item(),
+                     loss_of({name: qw.Q for name, qw in refined.items()}, x, y).item())
+        trace = Trace(losses, kept, check)
+        return (dict(starts) if trace.kept_start else refined), trace
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+
+
+def layer_output_error(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor) -> float:
+    """||(W - Q) X||^2 / n of one linear from its H = 2 X X^T / n: tr((W-Q) H (W-Q)^T) / 2, GPTQ's loss measure."""
+    E = (W.to(torch.float32) - Q)
+    return float(((E @ H) * E).sum() / 2)

@@ -1,0 +1,98 @@
+"""The quantize job with learned rounding (`--rounding signround`, bitsmith/pipeline.py) on stories260K: the
+checkpoint keeps the GPTQ layout and loads to the perplexity measured while quantizing, a killed run resumes to
+the same bytes, and the options are checked and part of a run's identity."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import bitsmith
+from bitsmith.calibration import data
+from bitsmith.calibration.perplexity import evaluate
+from bitsmith.formats import faults
+from bitsmith.formats.checkpoint import verify
+from bitsmith.formats.errors import InputError
+from bitsmith.formats.source import open_source
+from bitsmith.plan import QuantizeOptions
+from bitsmith.resume import _difference, identity
+
+OPTIONS = {"method": "gptq", "bits": 3, "group_size": 32, "nsamples": 16, "seqlen": 128, "seed": 0,
+           "rounding_iters": 20}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, stories_path, stories_split):
+    """(folder, summary) of a GPTQ run and of the same run with learned rounding."""
+    calib, held = stories_split
+    folder = tmp_path_factory.mktemp("rounding")
+    return {rounding: (folder / rounding, bitsmith.quantize(
+                str(stories_path), str(folder / rounding), calib=[str(calib)], eval_data=str(held), eval_seqlen=256,
+                progress=False, rounding=rounding, **OPTIONS))
+            for rounding in ("gptq", "signround")}
+
+
+def test_the_checkpoint_loads_to_the_perplexity_measured_while_quantizing(runs, stories_split):
+    out, summary = runs["signround"]
+    assert verify(out) == []
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert (qc["quant_method"], qc["bits"], qc["group_size"], qc["desc_act"]) == ("gptq", 3, 32, True)
+    ids = data.tokenize(open_source(str(out)).tokenizer(), stories_split[1].read_text())
+    loaded = evaluate(bitsmith.load(str(out)), data.eval_windows(ids, 256), progress=False)
+    assert loaded["tokens"] == summary["eval"]["tokens"]
+    assert loaded["perplexity"] == summary["eval"]["perplexity"]
+
+
+def test_learned_rounding_changes_the_codes_and_lowers_the_perplexity(runs):
+    (gptq_out, gptq), (out, learned) = runs["gptq"], runs["signround"]
+    plain, refined = load_file(str(gptq_out / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert plain.keys() == refined.keys()
+    assert all(plain[n].shape == refined[n].shape and plain[n].dtype == refined[n].dtype for n in plain)
+    qweights = [n for n in plain if n.endswith(".qweight")]
+    assert len(qweights) == 35 and all(not torch.equal(plain[n], refined[n]) for n in qweights)
+    first = [n for n in plain if n.startswith("model.layers.0.") and n.endswith(".g_idx")]
+    assert len(first) == 7 and all(torch.equal(plain[n], refined[n]) for n in first)     # GPTQ's group order kept
+    assert learned["bits_per_weight"] == gptq["bits_per_weight"]
+    assert learned["eval"]["perplexity"] < gptq["eval"]["perplexity"]
+
+
+def test_a_killed_run_resumes_to_the_same_bytes(tmp_path, runs, stories_path, stories_split):
+    """The unquantized stream (the targets) is replayed through the finished blocks like the quantized one."""
+    calib = stories_split[0]
+    args = ["quantize", str(stories_path), "-o", str(tmp_path / "out"), "--calib", str(calib), "--bits", "3",
+            "--group-size", "32", "--nsamples", "16", "--seqlen", "128", "--rounding", "signround",
+            "--rounding-iters", "20"]
+    code = "import sys; from bitsmith.cli.main import main; main(sys.argv[1:], prog_name='bitsmith')"
+    run = subprocess.run([sys.executable, "-c", code, *args], env={**os.environ, faults.VARIABLE: "block:2"},
+                         capture_output=True, text=True, timeout=600, check=False)
+    assert run.returncode == -9, run.stderr
+    bitsmith.quantize(str(stories_path), str(tmp_path / "out"), calib=[str(calib)], progress=False,
+                      rounding="signround", resume=True, **OPTIONS)
+    bitsmith.quantize(str(stories_path), str(tmp_path / "whole"), calib=[str(calib)], progress=False,
+                      rounding="signround", **OPTIONS)
+    for name in ("model.safetensors", "config.json", "plan.json"):
+        assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
+
+
+def test_rounding_is_part_of_the_identity_a_resumed_run_must_share():
+    runs = [identity("v", "m", QuantizeOptions(**options), "c", None, False)
+            for options in ({"rounding": "signround"}, {"rounding": "gptq"}, {"rounding": "signround",
+                                                                               "rounding_iters": 25})]
+    assert _difference(runs[0], runs[1]) == ("this run has --rounding gptq, the interrupted one had --rounding "
+                                             "signround")
+    assert _difference(runs[0], runs[2]) == ("this run has --rounding-iters 25, the interrupted one had "
+                                             "--rounding-iters 50")
+
+
+@pytest.mark.parametrize("options,message", [
+    ({"rounding": "adaround"}, "--rounding adaround: choose one of gptq, signround"),
+    ({"rounding": "signround", "method": "rtn"}, "--rounding signround refines GPTQ's weights; --method rtn is not gptq"),
+    ({"rounding": "signround", "method": "qoq"}, "--rounding signround refines GPTQ's weights; --method qoq is not gptq"),
+    ({"rounding_iters": -1}, "--rounding-iters -1: expected 0 or more iterations per block"),
+])
+def test_bad_rounding_options_are_refused(options, message):
+    with pytest.raises(InputError, match="^" + message.replace("(", r"\(") + "$"):
+        QuantizeOptions(**options).validate()
