@@ -3,6 +3,7 @@ and the peers of ../shared/research/baselines.md.
 
     python bench/plan.py                              # targets 2.5 3.0 3.25 3.5 4.25, Fisher proxy
     python bench/plan.py --targets 3.25 --proxy hessian
+    python bench/plan.py --targets 3.25 --rounding signround --rounding-iters 50
     python bench/plan.py --report                     # table and plot from the stored runs
 
 Each run is the CLI job (`bitsmith quantize --target-bpw T`, one torch thread) of the quality protocol:
@@ -54,11 +55,17 @@ def wikitext(model: str, json_path: Path) -> dict:
     return json.loads(json_path.read_text())
 
 
-def run(target: float, proxy: str) -> None:
+def method(proxy: str, rounding: str, iters: int) -> str:
+    """The name of a plan run's method: the proxy, and the rounding when it is not GPTQ's."""
+    return proxy if rounding == "gptq" else f"{proxy}+{rounding}{iters}"
+
+
+def run(target: float, proxy: str, rounding: str = "gptq", iters: int = 0) -> None:
     with tempfile.TemporaryDirectory() as work:
         out, summary_path = f"{work}/out", Path(work) / "summary.json"
         reuse = ["--measurement", str(MEASUREMENT)] if MEASUREMENT.exists() else []
         bitsmith("quantize", "smollm2-135m", "-o", out, "--target-bpw", str(target), "--proxy", proxy, *reuse,
+                 "--rounding", rounding, *(["--rounding-iters", str(iters)] if rounding != "gptq" else []),
                  "--calib", str(TEXT / "c4_calib.txt"), "--nsamples", "128", "--seqlen", "512", "--seed", "0",
                  "--json", str(summary_path))
         summary = json.loads(summary_path.read_text())
@@ -67,9 +74,11 @@ def run(target: float, proxy: str) -> None:
             shutil.copyfile(Path(out) / "measurement.json", MEASUREMENT)
         summary["held_out"] = held_out(out, Path(work) / "held.json")
         summary["plan"] = json.loads((Path(out) / "plan.json").read_text())["layers"]
-    summary.update(date=datetime.date.today().isoformat(), proxy=proxy, measured_here=not reuse)
-    (RUNS / f"{proxy}-t{target}.json").write_text(json.dumps(summary, indent=1) + "\n")
-    print(proxy, target, summary["bits_per_weight"], summary["eval"]["perplexity"], flush=True)
+    name = method(proxy, rounding, iters)
+    summary.update(date=datetime.date.today().isoformat(), proxy=proxy, rounding=rounding, rounding_iters=iters,
+                   method=name, measured_here=not reuse)
+    (RUNS / f"{name}-t{target}.json").write_text(json.dumps(summary, indent=1) + "\n")
+    print(name, target, summary["bits_per_weight"], summary["eval"]["perplexity"], flush=True)
 
 
 def peers() -> dict[str, list[tuple[float, float, str]]]:
@@ -86,11 +95,14 @@ def peers() -> dict[str, list[tuple[float, float, str]]]:
 
 
 def stored() -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted(RUNS.glob("*-t*.json"))]
+    runs = [json.loads(p.read_text()) for p in sorted(RUNS.glob("*-t*.json"))]
+    for r in runs:
+        r.setdefault("method", r["proxy"])
+    return runs
 
 
 def report() -> str:
-    runs = sorted(stored(), key=lambda r: (r["proxy"], r["target_bits_per_weight"]))
+    runs = sorted(stored(), key=lambda r: (r["method"], r["target_bits_per_weight"]))
     uniform = {r["config"]: r for r in json.loads((RESULTS / "quality-smollm2.json").read_text())}
     base_held = json.loads((RUNS / "base-held-out.json").read_text()) if (RUNS / "base-held-out.json").exists() \
         else None
@@ -112,7 +124,7 @@ def report() -> str:
         measured = math.log(r["eval"]["perplexity"] / base)
         calib = f"{r['measured_error']['nats_per_token']:.3f}" if r.get("measured_error") else "-"
         measure_s = f"{r['measure_cpu_seconds']:.0f}" if r.get("measured_here") else "(reused)"
-        lines.append(f"| {r['proxy']} | {r['target_bits_per_weight']} | {r['bits_per_weight']:.3f} | "
+        lines.append(f"| {r['method']} | {r['target_bits_per_weight']} | {r['bits_per_weight']:.3f} | "
                      f"{r['eval']['perplexity']:.2f} | {r['held_out']['perplexity']:.2f} | "
                      f"{r['predicted_error']:.3f} / {calib} / {measured:.3f} | {measure_s} | "
                      f"{r['cpu_seconds']:.0f} ({r['seconds']:.0f}) | {r['peak_rss_bytes'] / 2**20:.0f} |")
@@ -135,9 +147,9 @@ def plot(runs: list[dict], uniform: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for proxy in sorted({r["proxy"] for r in runs}):
-        pts = sorted((r["bits_per_weight"], r["eval"]["perplexity"]) for r in runs if r["proxy"] == proxy)
-        ax.plot(*zip(*pts), "o-", label=f"bitsmith plan ({proxy})")
+    for name in sorted({r["method"] for r in runs}):
+        pts = sorted((r["bits_per_weight"], r["eval"]["perplexity"]) for r in runs if r["method"] == name)
+        ax.plot(*zip(*pts), "o-", label=f"bitsmith plan ({name})")
     for prefix, label in (("gptq-mse-w", "uniform GPTQ (mse)"), ("rtn-w", "uniform RTN")):
         pts = sorted((r["bits_per_weight"], r["perplexity"]) for name, r in uniform.items()
                      if name.startswith(prefix) and name.endswith("g128"))
@@ -158,6 +170,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--targets", type=float, nargs="*", default=list(TARGETS))
     ap.add_argument("--proxy", choices=("fisher", "hessian"), default="fisher")
+    ap.add_argument("--rounding", choices=("gptq", "signround"), default="gptq")
+    ap.add_argument("--rounding-iters", type=int, default=50)
     ap.add_argument("--report", action="store_true", help="Only rewrite the table and plot from the stored runs.")
     args = ap.parse_args()
     RUNS.mkdir(parents=True, exist_ok=True)
@@ -165,7 +179,7 @@ def main() -> None:
         if not (RUNS / "base-held-out.json").exists():
             held_out("smollm2-135m", RUNS / "base-held-out.json")
         for target in args.targets:
-            run(target, args.proxy)
+            run(target, args.proxy, args.rounding, args.rounding_iters)
     (RESULTS / "plan-smollm2.md").write_text(report())
 
 
