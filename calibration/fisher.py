@@ -15,15 +15,19 @@ from tqdm import tqdm
 from .adapter import BlockRunner
 
 HEAD_CHUNK = 128          # positions whose logits are formed at once
+WINDOWS_AT_ONCE = 4       # windows that go through each block together: every block is built once per group of
+                          # them (from the source, which may dequantize it), and the block boundaries kept for the
+                          # backward cost n_blocks x windows x seqlen x hidden floats (SmolLM2 at 512: 35 MB each)
 
 
 def output_fisher(runner: BlockRunner, source, windows: torch.Tensor, linears: list[str],
-                  progress: bool = False) -> tuple[dict[str, torch.Tensor], float]:
+                  progress: bool = False, at_once: int = WINDOWS_AT_ONCE) -> tuple[dict[str, torch.Tensor], float]:
     """F_o [out] of each decoder linear named in `linears`, and the model's mean next-token NLL on the windows
     (nats per predicted token, the loss the Fisher is of), from one forward and backward per window
     [n, seqlen], streamed block by block: the forward keeps only each block's input, the backward rebuilds one
     block at a time from `source`, recomputes it and passes the gradient down (activation checkpointing at block
-    granularity: the memory of one block and the block boundaries, never the whole model)."""
+    granularity: the memory of one block and the block boundaries, never the whole model). `at_once` windows
+    share each pass (a window's loss depends on its own tokens only, so its gradients are those it has alone)."""
     wanted = set(linears)
     sums: dict[str, torch.Tensor] = {}
     norm, head = runner.head(source)
@@ -31,18 +35,23 @@ def output_fisher(runner: BlockRunner, source, windows: torch.Tensor, linears: l
     embed = head if tied else source.get(runner.family.embed).to(torch.float32)
     norm.requires_grad_(False)
     nll = 0.0
-    for ids in tqdm(windows, desc="fisher", unit="window", disable=not progress):
-        h = F.embedding(ids[None], embed)
-        pos = runner.position_embeddings(h)
-        inputs = []
-        for i in range(runner.n_blocks):
-            inputs.append(h)
-            h = runner.forward_block(_block(runner, source, i), h, pos)
-            runner.release_block(i)
-        g, window_nll = _head_gradient(norm, head, h, ids)
-        nll += window_nll
-        for i in reversed(range(runner.n_blocks)):
-            g = _block_gradient(runner, source, i, inputs.pop(), pos, g, wanted, sums)
+    with tqdm(total=windows.shape[0], desc="fisher", unit="window", disable=not progress) as bar:
+        for first in range(0, windows.shape[0], at_once):
+            ids = windows[first:first + at_once]
+            h = F.embedding(ids, embed)
+            pos = runner.position_embeddings(h[:1])
+            inputs = []
+            for i in range(runner.n_blocks):
+                inputs.append(h)
+                h = runner.forward_block(_block(runner, source, i), h, pos)
+                runner.release_block(i)
+            g = torch.empty_like(h)
+            for b in range(ids.shape[0]):
+                g[b:b + 1], window_nll = _head_gradient(norm, head, h[b:b + 1], ids[b])
+                nll += window_nll
+            for i in reversed(range(runner.n_blocks)):
+                g = _block_gradient(runner, source, i, inputs.pop(), pos, g, wanted, sums)
+            bar.update(ids.shape[0])
     fisher = {name: sums[name] / windows.numel() for name in linears}
     return fisher, nll / (windows.shape[0] * (windows.shape[1] - 1))
 

@@ -1,4 +1,5 @@
 """The streamed output Fisher (and the loss it is of) equals what autograd gives on the whole model."""
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -31,13 +32,14 @@ def whole_model_fisher(model, windows, linears):
     return {n: s / windows.numel() for n, s in sums.items()}, nll / (windows.shape[0] * (windows.shape[1] - 1))
 
 
-def test_streamed_fisher_equals_whole_model_autograd(stories_path):
+@pytest.mark.parametrize("at_once", [2, 4])     # an uneven split of the three windows, all three together
+def test_streamed_fisher_equals_whole_model_autograd(stories_path, at_once):
     source = open_source(str(stories_path))
     runner = BlockRunner(source.config)
     linears = [n for n, m in load_model(source).named_modules()
                if isinstance(m, torch.nn.Linear) and ".layers." in n]
     windows = torch.randint(3, 512, (3, 48), generator=torch.Generator().manual_seed(0))
-    got, nll = output_fisher(runner, source, windows, linears)
+    got, nll = output_fisher(runner, source, windows, linears, at_once=at_once)
     want, want_nll = whole_model_fisher(load_model(source), windows, linears)
     assert abs(nll - want_nll) < 1e-4 * want_nll
     assert len(linears) == 35 and set(got) == set(linears)
