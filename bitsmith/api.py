@@ -1,4 +1,5 @@
-"""The Python surface: `bitsmith.quantize(...)` and `bitsmith.load(...)`; the CLI calls the same functions."""
+"""The Python surface: `bitsmith.quantize(...)`, `bitsmith.load(...)` and `evaluate(...)`; the CLI calls the same
+functions."""
 from __future__ import annotations
 
 import json
@@ -9,13 +10,14 @@ import torch
 
 from . import __version__
 from . import resume as resuming
-from .calibration import data
-from .calibration.adapter import BlockRunner, check_shapes
+from .calibration import data, perplexity
+from .calibration.adapter import BlockRunner, check_shapes, skeleton
 from .formats import dfloat, output
 from .formats.checkpoint import FORMAT_VERSION, CheckpointWriter
 from .formats.errors import InputError, one_line
 from .formats.paths import open_regular, read_bytes
 from .formats.source import BUNDLED, FolderSource, bundled_path, open_source
+from .kernels.linear import cache_dequantized
 from .layouts import gptq_config, gptq_expressible
 from .loader import load_model
 from .measure import decide
@@ -148,9 +150,48 @@ def _plan_request(target_bpw, measurement, plan) -> dict | None:
         raise InputError(f"--plan {plan}: cannot read it as JSON ({one_line(e)})") from None
 
 
-def load(path: str, dtype: torch.dtype = torch.float32, device: str = "cpu"):
-    """A transformers model from any MODEL; quantized linears run through bitsmith's kernels."""
-    return load_model(path, dtype=dtype, device=device)
+def load(path: str, dtype: torch.dtype = torch.float32, device: str = "cpu", dequantized: bool = False):
+    """A transformers model from any MODEL; quantized linears run through bitsmith's kernels. On CPU a call of a
+    few rows (decode) multiplies by the packed codes with bf16 activations, a longer one dequantizes each W once
+    for the call, exact in float32 (kernels/dispatch.py). With `dequantized`, every quantized W is also kept
+    dense in `dtype` and used at every length: exact, fastest for long inputs, at the unquantized model's memory
+    (the size is printed)."""
+    net = load_model(path, dtype=dtype, device=device)
+    if dequantized:
+        held = cache_dequantized(net, dtype)
+        print(f"bitsmith: dense copies of the quantized weights hold {held / 2**20:.1f} MiB ({dtype})", file=sys.stderr)
+    return net
+
+
+def evaluate(model: str, data_path: str, *, seqlen: int | None = None, max_tokens: int | None = None,
+             base: str | None = None, progress: bool = True) -> dict:
+    """Perplexity of `model` on the text file `data_path` (DESIGN.md section 3: non-overlapping windows of `seqlen`
+    tokens, by default 2048 or the context when shorter; the first `max_tokens` tokens), and with `base` (the
+    unquantized model, same vocabulary) the mean KL divergence and top-1 agreement against it."""
+    data.check_max_tokens(max_tokens)
+    data.eval_seqlen(seqlen, None)                   # a window under 2 tokens: refused before any reading
+    text = data.read_text([data_path], "evaluation text")
+    source = open_source(model)
+    skeleton(source.config)                          # config values no model is built from: refused before tokenizing
+    seqlen = data.eval_seqlen(seqlen, _shared_context(source, base))
+    ids = data.tokenize(source.tokenizer(), text)
+    windows = data.eval_windows(ids, seqlen, max_tokens)
+    net = load(model)
+    cache_dequantized(net)
+    base_net = load(base) if base else None
+    return perplexity.evaluate(net, windows, base_net, progress)
+
+
+def _shared_context(source, base: str | None) -> int | None:
+    """The context both MODEL and --base hold; --base must share MODEL's vocabulary to be compared."""
+    if base is None:
+        return source.context()
+    other = open_source(base)
+    if other.config.get("vocab_size") != source.config.get("vocab_size"):
+        raise InputError(f"--base {base}: a vocabulary of {other.config.get('vocab_size')} tokens, MODEL has "
+                         f"{source.config.get('vocab_size')}; compare a model with its own base")
+    contexts = [c for c in (source.context(), other.context()) if c]
+    return min(contexts) if contexts else None
 
 
 def quantized_config(config: dict, plan: QuantPlan, shapes: dict, result: Result) -> dict:

@@ -1,9 +1,14 @@
 """Layouts: how one configuration of a linear becomes stored tensors, an entry of `quantization_config`, and
 a runtime module. Quantizers return unpacked results (`QuantizedWeight`); only this module packs them.
 
-GPTQ (v1 convention, the tensors GPTQ loaders read; kernels/reference.py describes them):
+GPTQ (v1 convention, `checkpoint_format: "gptq"`, the tensors GPTQ loaders read; kernels/reference.py):
   qweight int32 [packed(in), out], scales fp16 [G, out], qzeros int32 [G, packed(out)] (zero - 1),
-  g_idx int32 [in] (always written: loaders that build it from nothing read uninitialised memory).
+  g_idx int32 [in] (always written, i // group_size without act-order: loaders that build it from nothing
+  may read uninitialised memory). packed(n) = ceil(n * bits / 32) words (formats/packing.py), GPTQModel's shapes.
+Every zero point is in [1, maxq] (quantize/grid.py), so zero - 1 never wraps: vLLM (stored + 1), GPTQModel (its
+v1 -> v2 conversion adds 1 to every packed field at once) and bitsmith (stored + 1 mod 2^bits) read the same
+zeros. v1 rather than GPTQModel's `gptq_v2` (true zeros): vLLM's gptq_gemm reads v2 only in its newer versions
+and older ones take v2 zeros for v1 without a word, and AutoGPTQ-era readers know only v1.
 Per-linear choices that differ from the checkpoint-wide one go into GPTQModel's `dynamic` block: keys
 `+:REGEX` matched (re.match, anchored at the start) against the full module name, values overriding
 bits / group_size / sym / desc_act; `-:REGEX` leaves a module unquantized; the first match wins.
@@ -16,6 +21,9 @@ W = the dequantized codes with the outliers written over them. GPTQ loaders cann
 checkpoint holding such a linear is declared `quant_method: "bitsmith"` (`gptq_expressible`), and its
 `quantization_config` names `outliers` in the base entry and in every `dynamic` rule.
 
+Lookup tables (a plan entry with `lut`; SqueezeLLM, Kim et al. 2023): the codes packed as GPTQ's qweight and
+lut fp16 [out, 2^bits], each output row's centroids (`LUTLayout`); also `quant_method: "bitsmith"` only.
+
 `layout_of(layer)` is the one place that says which layout a plan entry (or a checkpoint's layer entry) uses.
 """
 from __future__ import annotations
@@ -27,10 +35,12 @@ import torch
 
 from .formats.csr import csr_bits, to_csr
 from .formats.errors import InputError
-from .formats.packing import SUPPORTED_BITS, pack, packed_length
+from .formats.packing import SUPPORTED_BITS, pack, packed_length, trim_earlier_padding
 from .kernels.linear import DenseSparseLinear, QuantizedLinear
+from .kernels.lut_linear import LUTLinear, lut_dequantize
 from .kernels.reference import dense_sparse_dequantize, dequantize
-from .plan import MAX_OUTLIERS, LayerPlan, QuantPlan
+from .plan import LUT_BITS, MAX_OUTLIERS, LayerPlan, QuantPlan
+from .quantize.lut import LutWeight
 from .quantize.outliers import DenseSparseWeight, outlier_count
 from .quantize.rtn import QuantizedWeight
 
@@ -43,6 +53,9 @@ class GPTQLayout:
     @staticmethod
     def tensors(qw: QuantizedWeight) -> dict[str, torch.Tensor]:
         maxq = (1 << qw.bits) - 1
+        if qw.zeros.numel() and not (1 <= int(qw.zeros.min()) and int(qw.zeros.max()) <= maxq):
+            raise ValueError(f"zero points must be in [1, {maxq}] to be stored as GPTQ v1 zero - 1 "
+                             f"(got {int(qw.zeros.min())}..{int(qw.zeros.max())})")
         return {"qweight": pack(qw.codes.t(), qw.bits, dim=0),
                 "scales": qw.scales.contiguous(),
                 "qzeros": pack((qw.zeros - 1) & maxq, qw.bits, dim=1),   # v1 stores zero - 1
@@ -67,8 +80,8 @@ class GPTQLayout:
     def module(in_features: int, out_features: int, layer: LayerPlan, bias: bool,
                has_g_idx: bool = True) -> QuantizedLinear:
         """The runtime module the tensors load into (checkpoints of other tools may lack g_idx)."""
-        return QuantizedLinear(in_features, out_features, layer.bits, layer.group_size, bias=bias,
-                               has_g_idx=has_g_idx)
+        return _reads_earlier_padding(QuantizedLinear(in_features, out_features, layer.bits, layer.group_size,
+                                                      bias=bias, has_g_idx=has_g_idx))
 
 
 class DenseSparseLayout(GPTQLayout):
@@ -101,13 +114,50 @@ class DenseSparseLayout(GPTQLayout):
     @staticmethod
     def module(in_features: int, out_features: int, layer: LayerPlan, bias: bool,
                has_g_idx: bool = True) -> DenseSparseLinear:
-        return DenseSparseLinear(in_features, out_features, layer.bits, layer.group_size,
-                                 DenseSparseLayout.nnz(out_features, in_features, layer), bias=bias,
-                                 has_g_idx=has_g_idx)
+        return _reads_earlier_padding(DenseSparseLinear(in_features, out_features, layer.bits, layer.group_size,
+                                                        DenseSparseLayout.nnz(out_features, in_features, layer),
+                                                        bias=bias, has_g_idx=has_g_idx))
 
 
-def layout_of(layer: LayerPlan) -> type[GPTQLayout]:
-    """The layout a plan entry is stored in: dense-and-sparse when it keeps outliers, else GPTQ."""
+class LUTLayout:
+    """Codes into a lookup table per output row (SqueezeLLM; quantize/lut.py, kernels/lut_linear.py): qweight
+    int32 [packed(in), out] packed as GPTQ's, lut fp16 [out, 2^bits]. No GPTQ loader reads it."""
+
+    parts = ("qweight", "lut")
+
+    @staticmethod
+    def tensors(qw: LutWeight) -> dict[str, torch.Tensor]:
+        return {"qweight": pack(qw.codes.t(), qw.bits, dim=0), "lut": qw.lut.contiguous()}
+
+    @staticmethod
+    def stored_bits(out_features: int, in_features: int, layer: LayerPlan) -> int:
+        return 32 * packed_length(in_features, layer.bits) * out_features + 16 * out_features * (1 << layer.bits)
+
+    @staticmethod
+    def weight(stored, layer: LayerPlan, in_features: int) -> torch.Tensor:
+        return lut_dequantize(stored("qweight"), stored("lut"), layer.bits, in_features)
+
+    @staticmethod
+    def module(in_features: int, out_features: int, layer: LayerPlan, bias: bool,
+               has_g_idx: bool = False) -> LUTLinear:
+        return LUTLinear(in_features, out_features, layer.bits, bias=bias)
+
+
+def _reads_earlier_padding(module: QuantizedLinear) -> QuantizedLinear:
+    """`module`, loading the packed tensors of checkpoints written with whole runs of 32 codes per packed
+    column (earlier bitsmith versions) as well: their extra words hold only zero padding."""
+    def trim(module, state_dict, prefix, *args):
+        for part, n, dim in (("qweight", module.in_features, 0), ("qzeros", module.out_features, 1)):
+            if prefix + part in state_dict:
+                state_dict[prefix + part] = trim_earlier_padding(state_dict[prefix + part], n, module.bits, dim)
+    module._register_load_state_dict_pre_hook(trim, with_module=True)      # public only from torch 2.5
+    return module
+
+
+def layout_of(layer: LayerPlan) -> type[GPTQLayout | LUTLayout]:
+    """The layout a plan entry is stored in: a lookup table, dense-and-sparse when it keeps outliers, else GPTQ."""
+    if layer.lut:
+        return LUTLayout
     return DenseSparseLayout if layer.outliers else GPTQLayout
 
 
@@ -122,33 +172,44 @@ def plan_bits(plan: QuantPlan, shapes: dict[str, tuple[int, int]]) -> tuple[int,
     return bits, sum(out * inp for out, inp in (shapes[name] for name in plan.layers))
 
 
-def _entry(layer: LayerPlan, desc_act: bool, outliers: bool) -> dict:
+def _entry(layer: LayerPlan, desc_act: bool, extended: bool) -> dict:
+    """One configuration as `quantization_config` fields; `extended` (a bitsmith-only checkpoint) names outliers
+    and lookup tables in every entry."""
     return {"bits": layer.bits, "group_size": layer.group_size, "sym": layer.sym, "desc_act": desc_act,
-            **({"outliers": layer.outliers} if outliers else {})}
+            **({"outliers": layer.outliers, "lut": layer.lut} if extended else {})}
+
+
+def _config_key(layer: LayerPlan) -> tuple:
+    return layer.bits, layer.group_size, layer.sym, layer.outliers, layer.lut
 
 
 def gptq_config(plan: QuantPlan, shapes: dict[str, tuple[int, int]]) -> dict:
     """The checkpoint-wide fields (the configuration holding the most weights) and a `dynamic` rule for every
     linear that differs from it; `outliers` in each of them when some linear keeps outliers."""
     desc_act = plan.options.act_order and plan.options.method == "gptq"
-    sparse = not gptq_expressible(plan)
+    extended = not gptq_expressible(plan)
     weight = Counter()
     for name, layer in plan.layers.items():
-        weight[(layer.bits, layer.group_size, layer.sym, layer.outliers)] += shapes[name][0] * shapes[name][1]
-    bits, group, sym, outliers = max(weight, key=lambda k: (weight[k], k))
-    base = LayerPlan(bits, group, sym, outliers=outliers)
-    dynamic = {f"+:{re.escape(name)}$": _entry(layer, desc_act, sparse)
-               for name, layer in plan.layers.items()
-               if (layer.bits, layer.group_size, layer.sym, layer.outliers) != (bits, group, sym, outliers)}
-    return {**_entry(base, desc_act, sparse), **({"dynamic": dynamic} if dynamic else {})}
+        weight[_config_key(layer)] += shapes[name][0] * shapes[name][1]
+    most = max(weight, key=lambda k: (weight[k], k))
+    base = LayerPlan(*most[:3], outliers=most[3], lut=most[4])
+    dynamic = {f"+:{re.escape(name)}$": _entry(layer, desc_act, extended)
+               for name, layer in plan.layers.items() if _config_key(layer) != most}
+    return {**_entry(base, desc_act, extended), **({"dynamic": dynamic} if dynamic else {})}
 
 
 def layer_config(qconfig: dict, name: str) -> dict | None:
     """bits / group_size / sym (and outliers, where the configuration names them) of module `name` under
     `qconfig`, after its `dynamic` rules (GPTQModel's semantics: `-:` rules first, then the first matching
-    rule); None when a `-:` rule excludes it."""
+    rule); None when a `-:` rule excludes it. Only GPTQ v1 tensors are read (`checkpoint_format` "gptq", or
+    GPTQModel's `format`): a "gptq_v2" checkpoint's true zero points would read one step off."""
+    fmt = qconfig.get("checkpoint_format", qconfig.get("format", "gptq"))
+    if not isinstance(fmt, str) or fmt.lower() != "gptq":
+        raise InputError(f"quantization_config: checkpoint_format {fmt!r} is not read (only \"gptq\": GPTQ v1, zero "
+                         "points stored minus one)")
     base = {"bits": qconfig.get("bits", 4), "group_size": qconfig.get("group_size", 128),
-            "sym": qconfig.get("sym", False), **({"outliers": qconfig["outliers"]} if "outliers" in qconfig else {})}
+            "sym": qconfig.get("sym", False),
+            **{k: qconfig[k] for k in ("outliers", "lut") if k in qconfig}}
     dynamic = qconfig.get("dynamic") or {}
     if not isinstance(dynamic, dict):
         raise InputError("quantization_config: dynamic must be an object of REGEX -> overrides")
@@ -164,7 +225,7 @@ def layer_config(qconfig: dict, name: str) -> dict | None:
         if hit:
             if not isinstance(override, dict):
                 raise InputError(f"quantization_config: dynamic rule {key!r} must map to an object")
-            return {**base, **{k: override[k] for k in (*base, "outliers") if k in override}}
+            return {**base, **{k: override[k] for k in (*base, "outliers", "lut") if k in override}}
     return base
 
 
@@ -176,4 +237,8 @@ def layer_plan(layer: dict, where: str) -> LayerPlan:
     if type(outliers) not in (int, float) or not 0 <= outliers <= MAX_OUTLIERS:
         raise InputError(f"{where}: outliers {outliers!r} in quantization_config is not a fraction from 0 to "
                          f"{MAX_OUTLIERS}")
-    return LayerPlan(bits, group, bool(layer["sym"]), outliers=float(outliers))
+    lut = layer.get("lut", False)
+    if not isinstance(lut, bool) or (lut and (bits not in LUT_BITS or group != -1 or outliers)):
+        raise InputError(f"{where}: lut {lut!r} in quantization_config: a table per row of 2, 3 or 4 bits, "
+                         "group_size -1, no outliers")
+    return LayerPlan(bits, group, bool(layer["sym"]), outliers=float(outliers), lut=lut)

@@ -19,13 +19,14 @@ def load_model(model: str | ModelSource, dtype: torch.dtype = torch.float32, dev
     qconfig = config.get("quantization_config")
     net = skeleton(config)
     names = set(source.keys())
-    for name, module in list(net.named_modules()):
-        if isinstance(module, torch.nn.Linear) and f"{name}.channel_scale" in names:
-            layer = layer_config(qconfig or {}, name) or {}
-            net.set_submodule(name, W4A8Linear(module.in_features, module.out_features, layer.get("group_size", 128),
-                                               bias=module.bias is not None))
-        elif isinstance(module, torch.nn.Linear) and f"{name}.qweight" in names:
-            net.set_submodule(name, _quantized_linear(source, name, module, qconfig))
+    with torch.device("meta"):          # shapes only: to_empty allocates, the checkpoint's tensors fill
+        for name, module in list(net.named_modules()):
+            if isinstance(module, torch.nn.Linear) and f"{name}.channel_scale" in names:
+                layer = layer_config(qconfig or {}, name) or {}
+                net.set_submodule(name, W4A8Linear(module.in_features, module.out_features,
+                                                   layer.get("group_size", 128), bias=module.bias is not None))
+            elif isinstance(module, torch.nn.Linear) and f"{name}.qweight" in names:
+                net.set_submodule(name, _quantized_linear(source, name, module, qconfig))
     net = net.to_empty(device="cpu")
     wanted = list(net.state_dict())
     for name in wanted:

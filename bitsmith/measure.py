@@ -25,6 +25,11 @@ inputs they cost 0.22 and 0.39 bits per weight (fp16 values, int16 columns, int3
 finer group and one more bit. Each takes GPTQ's outlier-selection pass on top of its own: on SmolLM2 the four
 add 65 % to the measurement's GPTQ time (4.2 to 6.9 CPU seconds per block).
 
+Lookup tables (quantize/lut.py, SqueezeLLM's non-uniform grid: 2^bits fp16 centroids per output row, codes chosen
+by GPTQ) are candidates at 2, 3 and 4 bits, `LUT_CANDIDATES`. A table costs 2^bits x 16 bits per row, so it is
+cheap where rows are long (down_proj's 1536 inputs on SmolLM2: 0.08 bits per weight at 3 bits) and dear where
+they are short; the knapsack prices it like every other layout.
+
 Decide: linears that read one input in one block (q/k/v, gate/up) share a configuration, as fused loaders
 (vLLM) require; a multiple-choice knapsack (quantize/allocate.py) picks one candidate per such unit.
 """
@@ -47,18 +52,20 @@ from .formats.errors import InputError
 from .formats.source import ModelSource
 from .layouts import layout_of
 from .pipeline import calibration_windows, collect_hessians, linear_shapes
-from .plan import MAX_OUTLIERS, LayerPlan, QuantizeOptions, QuantPlan
+from .plan import LUT_BITS, MAX_OUTLIERS, LayerPlan, QuantizeOptions, QuantPlan
 from .quantize.allocate import allocate
 from .quantize.gptq import GridConfig, gptq_configs
+from .quantize.lut import gptq_lut_configs
 from .quantize.rtn import rtn_quantize
 
 PLAIN_CANDIDATES = tuple(LayerPlan(b, g, s) for b in (2, 3, 4, 8) for g in (32, 64, 128, -1) for s in (False, True))
 OUTLIER_CANDIDATES = tuple(LayerPlan(b, 128, False, outliers=f) for b in (2, 3) for f in (0.005, 0.01))
-CANDIDATES = PLAIN_CANDIDATES + OUTLIER_CANDIDATES
+LUT_CANDIDATES = tuple(LayerPlan(b, -1, False, lut=True) for b in LUT_BITS)
+CANDIDATES = PLAIN_CANDIDATES + OUTLIER_CANDIDATES + LUT_CANDIDATES     # the tables last (`sampled_losses`)
 MEASURE_ROWS = 128        # rows of each linear the measurement runs GPTQ on (all of them when it has fewer)
 SHRINK_EVERY = 8          # the measurement's grid search tries every 8th of GPTQ's 80 shrink factors
 PROXIES = ("fisher", "hessian")
-MEASUREMENT_VERSION = 2           # 2: candidates may keep outliers; 1 (no outlier candidates) is still read
+MEASUREMENT_VERSION = 3           # 3: lookup-table candidates; 2: outliers; 1 (neither) and 2 are still read
 MATCHING_OPTIONS = ("method", "act_order", "static_groups", "mse", "damp")
 
 
@@ -84,8 +91,8 @@ class Measurement:
         return {"format_version": MEASUREMENT_VERSION, "source_fingerprint": self.source,
                 "calibration_fingerprint": self.calibration, "calibration": self.description,
                 "options": self.options,
-                "candidates": [{"bits": c.bits, "group_size": c.group_size, "sym": c.sym, "outliers": c.outliers}
-                               for c in self.candidates],
+                "candidates": [{"bits": c.bits, "group_size": c.group_size, "sym": c.sym, "outliers": c.outliers,
+                                **({"lut": True} if c.lut else {})} for c in self.candidates],
                 "units": self.units,
                 "fisher": {"windows": self.fisher_windows, "nll": self.base_nll},
                 "layers": {name: {"shape": list(self.shapes[name]),
@@ -111,9 +118,9 @@ class Measurement:
 
     @classmethod
     def _from(cls, body: dict, source: ModelSource, opts: QuantizeOptions, where: str) -> Measurement:
-        if body["format_version"] not in (1, MEASUREMENT_VERSION):
+        if body["format_version"] not in (1, 2, MEASUREMENT_VERSION):
             raise InputError(f"{where}: measurement format {body['format_version']!r}, expected "
-                             f"{MEASUREMENT_VERSION} (or 1); measure again with this bitsmith")
+                             f"{MEASUREMENT_VERSION} (or 1, 2); measure again with this bitsmith")
         if body["source_fingerprint"] != source.fingerprint():
             raise InputError(f"{where}: measured on a different model (source fingerprint differs); measure "
                              "this model again")
@@ -122,12 +129,16 @@ class Measurement:
                 raise InputError(f"{where}: measured with {key}={body['options'][key]!r}, this run has "
                                  f"{getattr(opts, key)!r}; use the same options or measure again")
         candidates = [LayerPlan(int(c["bits"]), int(c["group_size"]), bool(c["sym"]),
-                                outliers=float(c.get("outliers", 0.0))) for c in body["candidates"]]
+                                outliers=float(c.get("outliers", 0.0)), lut=c.get("lut", False) is True)
+                      for c in body["candidates"]]
         if any(not 0 <= c.outliers <= MAX_OUTLIERS for c in candidates):
             raise InputError(f"{where}: a candidate's outliers are not a fraction from 0 to {MAX_OUTLIERS}")
-        if body["format_version"] == 1:
-            print(f"{where}: a measurement of format 1 has no outlier candidates: the plan chooses among its "
-                  f"{len(candidates)} candidates without outliers (measure again to let it keep outliers)",
+        if any(c.lut and (c.bits not in LUT_BITS or c.group_size != -1 or c.outliers) for c in candidates):
+            raise InputError(f"{where}: a lookup-table candidate is not a table per row of 2, 3 or 4 bits")
+        missing = {1: "outlier and lookup-table", 2: "lookup-table"}.get(body["format_version"])
+        if missing:
+            print(f"{where}: a measurement of format {body['format_version']} has no {missing} candidates: the "
+                  f"plan chooses among its {len(candidates)} candidates (measure again to offer them all)",
                   file=sys.stderr)
         layers = body["layers"]
         shapes = {name: (int(v["shape"][0]), int(v["shape"][1])) for name, v in layers.items()}
@@ -179,14 +190,18 @@ SAMPLERS = {"strata": strata, "pps": pps}
 
 
 def sampled_losses(W: torch.Tensor, H: torch.Tensor, fisher: torch.Tensor, configs: list[GridConfig],
-                   opts: QuantizeOptions, rows: int = MEASURE_ROWS,
-                   sampler: str = "pps") -> tuple[list[float], list[float]]:
-    """(Fisher-weighted, plain) GPTQ error of W under each configuration, estimated from a sample of rows:
-    sum_o F_o loss_o / 2 (nats per token) and sum_o loss_o. Rows are drawn by `sampler` with their
-    Fisher-weighted round-to-nearest error (4-bit, groups of 128) as the size."""
+                   opts: QuantizeOptions, rows: int = MEASURE_ROWS, sampler: str = "pps",
+                   lut_bits: list[int] = ()) -> tuple[list[float], list[float]]:
+    """(Fisher-weighted, plain) GPTQ error of W under each grid configuration, then under a lookup table of
+    each of `lut_bits`, estimated from a sample of rows: sum_o F_o loss_o / 2 (nats per token) and
+    sum_o loss_o. Rows are drawn by `sampler` with their Fisher-weighted round-to-nearest error (4-bit, groups
+    of 128) as the size; a table is per row, so a sampled row's table is the one the whole linear would get."""
     pick, weight = SAMPLERS[sampler](fisher * rtn_error(W, H), rows)
     _, losses = gptq_configs(W[pick], H, configs, opts.act_order, opts.static_groups, opts.damp, mse=opts.mse,
                              shrink_every=SHRINK_EVERY, keep=False)
+    if lut_bits:
+        _, lut_losses = gptq_lut_configs(W[pick], H, list(lut_bits), opts.act_order, opts.damp, keep=False)
+        losses = torch.cat([losses, lut_losses])
     return (losses @ (weight * fisher[pick]) / 2).tolist(), (losses @ weight).tolist()
 
 
@@ -210,7 +225,8 @@ def measure(source: ModelSource, opts: QuantizeOptions, progress: bool = True) -
     family, shapes = runner.family, linear_shapes(runner)
     windows, description = calibration_windows(source, source.tokenizer(), opts, progress)
     fisher, base_nll = output_fisher(runner, source, windows[:opts.fisher_samples], list(shapes), progress)
-    configs = [GridConfig(c.bits, c.group_size, c.sym, c.outliers) for c in CANDIDATES]
+    configs = [GridConfig(c.bits, c.group_size, c.sym, c.outliers) for c in CANDIDATES if not c.lut]
+    lut_bits = [c.bits for c in CANDIDATES if c.lut]
     errors = {proxy: {} for proxy in PROXIES}
     hidden = F.embedding(windows, source.get(family.embed).to(torch.float32))
     for i in tqdm(range(runner.n_blocks), desc="measure", unit="block", disable=not progress):
@@ -223,7 +239,7 @@ def measure(source: ModelSource, opts: QuantizeOptions, progress: bool = True) -
                 W = block.get_submodule(name).weight.data.to(torch.float32)
                 try:
                     errors["fisher"][prefix + name], errors["hessian"][prefix + name] = sampled_losses(
-                        W, hessians[group].H, fisher[prefix + name], configs, opts)
+                        W, hessians[group].H, fisher[prefix + name], configs, opts, lut_bits=lut_bits)
                 except ValueError as e:
                     raise InputError(f"{prefix + name}: {e}") from None
         runner.release_block(i)

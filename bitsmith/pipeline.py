@@ -30,8 +30,9 @@ from .formats.errors import InputError
 from .formats.source import ModelSource
 from .kernels.reference import qoq_dequantize
 from .layouts import layout_of
-from .plan import LayerPlan, QuantizeOptions, QuantPlan, check_group, check_outliers
+from .plan import LayerPlan, QuantizeOptions, QuantPlan, check_group, check_lut, check_outliers
 from .quantize.gptq import gptq_quantize
+from .quantize.lut import gptq_lut
 from .quantize.qoq import qoq_quantize
 from .quantize.rtn import rtn_quantize
 from .quantize.signround import layer_output_error, signround
@@ -65,6 +66,9 @@ def quantize_linear(W: torch.Tensor, H: Hessian | None, opts: QuantizeOptions, l
     """(quantized weight, tensors to store, GPTQ loss) of one linear under its plan entry."""
     if opts.method == "rtn":
         qw = rtn_quantize(W, layer.bits, layer.group_size, layer.sym, opts.mse)
+        return qw, layout_of(layer).tensors(qw), qw.loss
+    if opts.method == "gptq" and layer.lut:
+        qw = gptq_lut(W, H.H, layer.bits, opts.act_order, opts.damp)
         return qw, layout_of(layer).tensors(qw), qw.loss
     if opts.method == "gptq":
         qw = gptq_quantize(W, H.H, layer.bits, layer.group_size, layer.sym, opts.act_order, opts.static_groups,
@@ -211,6 +215,7 @@ def run(source: ModelSource, writer, plan: QuantPlan, eval_ids: torch.Tensor | N
     for name, (_, in_features) in linear_shapes(runner).items():
         check_group(plan.layers[name].group_size, name, in_features, opts.method)
         check_outliers(plan.layers[name].outliers, name, opts.method)
+        check_lut(plan.layers[name], name, opts.method)
     calib = calib or calibration(source, opts, progress)
     result = Result(calibration=calib.description, calibration_fingerprint=calib.fingerprint)
     streams = embed(source, family, calib.windows, eval_ids)
@@ -276,8 +281,9 @@ def quantize_block(runner: BlockRunner, source: ModelSource, writer, plan: Quant
         for group in stage:
             for name in group:
                 layers.append(_quantize_into(block, prefix, name, hessians.get(group), plan, writer, tensors, starts))
-    if starts is not None:
-        layers = refine_block(runner, block, prefix, i, hidden, pos, unquantized, starts, plan, writer, tensors)
+    if starts is not None:                  # the linears written already (lookup tables) keep their reports
+        layers = [r for r in layers if r is not None] + refine_block(runner, block, prefix, i, hidden, pos,
+                                                                     unquantized, starts, plan, writer, tensors)
     quantized = {prefix + n for n in family.linears}
     for n, t in tensors.items():
         if n.rsplit(".", 1)[0] not in quantized:
@@ -344,6 +350,8 @@ def refine_block(runner: BlockRunner, block, prefix: str, i: int, hidden: torch.
     OmniQuant do). Each refined linear is written as `_quantize_into` writes it, its loss the output error
     ||(W - Q) X||^2 / n of its refined weight."""
     opts = plan.options
+    if not starts:
+        return []
     with keeping_freed_memory():
         refined, _ = signround(block, hidden, targets, {name: W for name, (W, _, _) in starts.items()},
                                {name: qw for name, (_, qw, _) in starts.items()}, opts.rounding_iters,
@@ -369,7 +377,7 @@ def _quantize_into(block, prefix: str, name: str, H, plan: QuantPlan, writer, te
         qw, stored, loss = quantize_linear(lin.weight.data, H, plan.options, layer)
     except ValueError as e:
         raise InputError(f"{full}: {e}") from None
-    if starts is not None:
+    if starts is not None and not layer.lut:          # SignRound learns uniform grids; a table stays GPTQ's
         starts[name] = (lin.weight.data, qw, H)
         lin.weight.data = qw.Q
         return None

@@ -67,16 +67,20 @@ class QuantizeOptions:
 @dataclass(frozen=True)
 class LayerPlan:
     """How one linear is quantized: its grid, the fraction of its weights kept in fp16 as sparse outliers
-    (quantize/outliers.py; 0: none, the plain GPTQ layout) and, when a measurement chose it, the loss increase
-    that measurement predicts (nats per token)."""
+    (quantize/outliers.py; 0: none, the plain GPTQ layout), whether its grid is a lookup table of 2^bits
+    centroids per output row instead (quantize/lut.py; group size -1, no symmetry) and, when a measurement chose
+    it, the loss increase that measurement predicts (nats per token)."""
     bits: int
     group_size: int
     sym: bool
     predicted_error: float | None = None
     outliers: float = 0.0
+    lut: bool = False
 
     def key(self) -> str:
-        """A short name of the configuration: w3g64, w4g-1s, w3g128o0.01 (1 % outliers), ..."""
+        """A short name of the configuration: w3g64, w4g-1s, w3g128o0.01 (1 % outliers), w3lut, ..."""
+        if self.lut:
+            return f"w{self.bits}lut"
         return f"w{self.bits}g{self.group_size}{'s' if self.sym else ''}" + (
             f"o{self.outliers:g}" if self.outliers else "")
 
@@ -100,9 +104,10 @@ class QuantPlan:
         return None if None in errors else sum(errors)
 
     def as_dict(self) -> dict:
-        """The plan as JSON; `outliers` is written only where it is not 0 (a plan without outliers reads as
-        it always has)."""
-        layers = {name: {k: v for k, v in asdict(layer).items() if v is not None and (k != "outliers" or v)}
+        """The plan as JSON; `outliers` and `lut` are written only where they are set (a plan without them reads
+        as it always has)."""
+        layers = {name: {k: v for k, v in asdict(layer).items()
+                         if v is not None and (k not in ("outliers", "lut") or v)}
                   for name, layer in self.layers.items()}
         return {"format_version": PLAN_VERSION, "options": self.options.as_dict(), "target_bpw": self.target_bpw,
                 "layers": layers}
@@ -128,6 +133,7 @@ class QuantPlan:
             try:
                 check_group(layer.group_size, name, linears[name][1], opts.method)
                 check_outliers(layer.outliers, name, opts.method)
+                check_lut(layer, name, opts.method)
             except InputError as e:
                 raise InputError(f"{where}: {e}") from None
         target = body.get("target_bpw")
@@ -151,7 +157,11 @@ def _layer_from(entry, where: str) -> LayerPlan:
     if type(outliers) not in (int, float) or not 0 <= outliers <= MAX_OUTLIERS:
         raise InputError(f"{where}: outliers {outliers!r}: a fraction of the weights from 0 to {MAX_OUTLIERS}")
     error = entry.get("predicted_error")
-    return LayerPlan(bits, group, sym, float(error) if isinstance(error, (int, float)) else None, float(outliers))
+    lut = entry.get("lut", False)
+    if not isinstance(lut, bool):
+        raise InputError(f"{where}: lut {lut!r}: expected true or false")
+    return LayerPlan(bits, group, sym, float(error) if isinstance(error, (int, float)) else None, float(outliers),
+                     lut)
 
 
 MAX_OUTLIERS = 0.25       # SpQR and SqueezeLLM keep about 1 %; beyond a quarter the weight is hardly quantized
@@ -161,6 +171,21 @@ def check_outliers(fraction: float, name: str, method: str) -> None:
     """Outliers are chosen inside GPTQ's column loop: other methods keep none."""
     if fraction and method != "gptq":
         raise InputError(f"{name}: outliers {fraction:g} need --method gptq (this run has {method})")
+
+
+LUT_BITS = (2, 3, 4)      # a table of 2^8 fp16 centroids per row costs more than the 8-bit grid it would replace
+
+
+def check_lut(layer: LayerPlan, name: str, method: str) -> None:
+    """A lookup table is one per output row, chosen by GPTQ, with nothing else on it."""
+    if not layer.lut:
+        return
+    if method != "gptq":
+        raise InputError(f"{name}: lut needs --method gptq (this run has {method})")
+    if layer.bits not in LUT_BITS:
+        raise InputError(f"{name}: lut with {layer.bits} bits: choose one of {', '.join(map(str, LUT_BITS))}")
+    if layer.group_size != -1 or layer.sym or layer.outliers:
+        raise InputError(f"{name}: lut is one table per output row: group_size -1, sym false, no outliers")
 
 
 def check_group(g: int, name: str, in_features: int, method: str) -> None:

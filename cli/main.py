@@ -292,23 +292,7 @@ def quantize(model, out, method, bits, group_size, sym, act_order, static_groups
 def eval_(model, data_path, seqlen, max_tokens, base, json_path):
     """Perplexity of MODEL (and KL / top-1 agreement against --base)."""
     from .. import api
-    from ..calibration import data
-    from ..calibration.adapter import skeleton
-    from ..calibration.perplexity import evaluate
-    from ..formats.source import open_source
-    from ..kernels.linear import cache_dequantized
-    data.check_max_tokens(max_tokens)
-    data.eval_seqlen(seqlen, None)                   # a window under 2 tokens: refused before any reading
-    text = data.read_text([data_path], "evaluation text")
-    source = open_source(model)
-    skeleton(source.config)                          # config values no model is built from: refused before tokenizing
-    seqlen = data.eval_seqlen(seqlen, _context(source, base))
-    ids = data.tokenize(source.tokenizer(), text)
-    windows = data.eval_windows(ids, seqlen, max_tokens)
-    net = api.load(model)
-    cache_dequantized(net)
-    base_net = api.load(base) if base else None
-    result = evaluate(net, windows, base_net)
+    result = api.evaluate(model, data_path, seqlen=seqlen, max_tokens=max_tokens, base=base)
     rows = [("perplexity", f"{result['perplexity']:.4f}"), ("tokens", str(result["tokens"])),
             ("seqlen", str(result["seqlen"]))]
     if base:
@@ -318,19 +302,6 @@ def eval_(model, data_path, seqlen, max_tokens, base, json_path):
     report = Report(json_path)
     report.table(f"eval {model}", rows)
     report.json({"model": model, "data": data_path, "base": base, **result})
-
-
-def _context(source, base: str | None) -> int | None:
-    """The context both MODEL and --base hold; --base must share MODEL's vocabulary to be compared."""
-    from ..formats.source import open_source
-    if base is None:
-        return source.context()
-    other = open_source(base)
-    if other.config.get("vocab_size") != source.config.get("vocab_size"):
-        raise InputError(f"--base {base}: a vocabulary of {other.config.get('vocab_size')} tokens, MODEL has "
-                         f"{source.config.get('vocab_size')}; compare a model with its own base")
-    contexts = [c for c in (source.context(), other.context()) if c]
-    return min(contexts) if contexts else None
 
 
 @main.command()
@@ -363,7 +334,8 @@ def _layer_report(report: Report, rows: list[dict], totals: dict) -> None:
     for r in rows:
         predicted = "-" if r["predicted_error"] is None else f"{r['predicted_error']:.3e}"
         outliers = f"{100 * r['outliers']:g}%" if r["outliers"] else "-"      # fraction of the weights kept in fp16
-        line(r["name"], "x".join(map(str, r["shape"])), r["bits"], r["group_size"], "yes" if r["sym"] else "no",
+        group = "lut" if r.get("lut") else r["group_size"]                      # a lookup table per row
+        line(r["name"], "x".join(map(str, r["shape"])), r["bits"], group, "yes" if r["sym"] else "no",
              outliers, predicted, f"{r['loss']:.3e}", f"{r['bpw']:.3f}", f"{r['bytes']:,}")
     predicted = "-" if totals["predicted_error"] is None else f"{totals['predicted_error']:.3e}"
     line("quantized linears", totals["layers"], "", "", "", f"{totals['outlier_weights']:,}" if
@@ -404,4 +376,4 @@ def verify(path, json_path):
     report.line(f"OK {path}")
 
 
-from . import lossless  # noqa: F401  (its commands join this group)
+from . import lossless, regress  # noqa: F401  (their commands join this group)

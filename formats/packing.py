@@ -4,6 +4,11 @@ Codes are laid out as one little-endian bit stream along the packed dimension: v
 occupies bits [i*b, (i+1)*b) of the stream, and word j holds stream bits [32j, 32j+32). For b in {2, 4, 8}
 this is the familiar "32/b values per int32, low bits first"; for b = 3 values straddle word boundaries
 exactly as AutoGPTQ/GPTQModel pack 3-bit weights (32 values in 3 words).
+
+A packed run of n codes is ceil(n * b / 32) words, the words its bit stream touches: the shape GPTQModel gives
+qweight [ceil(in * b / 32), out] and qzeros [G, ceil(out * b / 32)] (nn_modules/qlinear/__init__.py,
+`_register_gptq_buffers`), which loaders check tensor shapes against. The last word is zero-padded. Earlier
+versions padded every run to whole blocks of 32 codes (b words); `unpack` reads those too.
 """
 from __future__ import annotations
 
@@ -13,8 +18,22 @@ SUPPORTED_BITS = (2, 3, 4, 8)
 
 
 def packed_length(n: int, bits: int) -> int:
-    """Number of int32 words holding n codes of `bits` bits (padded to a run of 32 codes)."""
+    """Number of int32 words holding n codes of `bits` bits: ceil(n * bits / 32)."""
+    return -(-n * bits // 32)
+
+
+def earlier_length(n: int, bits: int) -> int:
+    """Words an earlier version packed n codes into: whole runs of 32 codes."""
     return -(-n // 32) * bits
+
+
+def trim_earlier_padding(packed: torch.Tensor, n: int, bits: int, dim: int) -> torch.Tensor:
+    """`packed` (n codes along `dim`) as `pack` writes it now: an earlier version's trailing words, which hold
+    only zero padding, are dropped; any other tensor is returned as it is (the caller checks its shape)."""
+    have, want = packed.shape[dim], packed_length(n, bits)
+    if have != want and have == earlier_length(n, bits) and not packed.narrow(dim, want, have - want).any():
+        return packed.narrow(dim, 0, want).contiguous()
+    return packed
 
 
 def pack(q: torch.Tensor, bits: int, dim: int = 0) -> torch.Tensor:
@@ -35,18 +54,23 @@ def pack(q: torch.Tensor, bits: int, dim: int = 0) -> torch.Tensor:
         words[:, w] |= (runs[:, i] << shift) & 0xFFFFFFFF
         if shift + bits > 32:                                          # straddles into the next word
             words[:, w + 1] |= runs[:, i] >> (32 - shift)
-    words = words.reshape(-1, *rest)
+    words = words.reshape(-1, *rest)[:packed_length(n, bits)]           # the words the stream touches
     words = torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)
     return words.movedim(0, dim).contiguous()
 
 
 def unpack(packed: torch.Tensor, bits: int, n: int, dim: int = 0) -> torch.Tensor:
-    """Inverse of `pack`: the first `n` codes along `dim`, as uint8 (bits <= 8)."""
+    """Inverse of `pack`: the first `n` codes along `dim`, as uint8 (bits <= 8). Words past the first
+    `packed_length(n, bits)` (an earlier version's padding) are ignored."""
     _check_bits(bits)
     words = packed.movedim(dim, 0).to(torch.int64) & 0xFFFFFFFF
     rest = words.shape[1:]
-    if words.shape[0] % bits:
-        raise ValueError(f"packed length {words.shape[0]} is not a multiple of {bits} words")
+    if words.shape[0] < packed_length(n, bits):
+        raise ValueError(f"asked for {n} codes but only {words.shape[0]} words are packed")
+    words = words[:packed_length(n, bits)]
+    pad = (-words.shape[0]) % bits                                   # whole runs of 32 codes (bits words)
+    if pad:
+        words = torch.cat([words, words.new_zeros((pad, *rest))])
     words = words.reshape(-1, bits, *rest)
     mask = (1 << bits) - 1
     out = torch.empty((words.shape[0], 32, *rest), dtype=torch.int64)
@@ -58,8 +82,6 @@ def unpack(packed: torch.Tensor, bits: int, n: int, dim: int = 0) -> torch.Tenso
             v = v | (words[:, w + 1] << (32 - shift))
         out[:, i] = v & mask
     out = out.reshape(-1, *rest)
-    if n > out.shape[0]:
-        raise ValueError(f"asked for {n} codes but only {out.shape[0]} are packed")
     return out[:n].to(torch.uint8).movedim(0, dim).contiguous()
 
 

@@ -6,14 +6,20 @@ the object runs it.
 
 W4A16 paths                                            W4A8 paths
   reference  torch dequantize + matmul (any layout)      reference  torch int8 GEMM (CPU)
-  cpu_int4   torch's CPU int4 GEMM, few rows              splitk     Triton int8 GEMM, split-K, M <= 64
-  gemv       Triton, M = 1                                tiled      Triton int8 GEMM, M > 64
+  cpu_int4   CPU, M <= CPU_INT4_MAX_M: torch's int4       splitk     Triton int8 GEMM, split-K, M <= 64
+             GEMM on packed codes, in bf16 (any layout)  tiled      Triton int8 GEMM, M > 64
+  cpu_dense  CPU, larger M: W dequantized once into a
+             shared buffer, fp32 matmul (any layout)
+  gemv       Triton, M = 1
   splitk     Triton tl.dot, split-K, M <= 64
   tiled      Triton tl.dot, 64 < M < DENSE_FROM_M
   dense      Triton dequantize once, then torch.matmul
 
-A dense-and-sparse linear (DenseSparseRuntime) takes the W4A16 path of its codes, then adds its CSR outliers
-(kernels/triton_csr.py on CUDA, torch elsewhere); its reference path multiplies by the whole dequantized W.
+kernels/cpu.py describes the CPU forms: every bit width, group size, act-order and N fits cpu_int4, whose
+activations and outputs go through bf16 (torch's kernel is vectorized for bf16 only), while cpu_dense is exact in
+float32. A dense-and-sparse linear (DenseSparseRuntime) takes the W4A16 path of its codes, then adds its CSR
+outliers (kernels/triton_csr.py on CUDA, torch elsewhere); its reference and cpu_dense paths multiply by the
+whole W, outliers written in.
 """
 from __future__ import annotations
 
@@ -22,12 +28,13 @@ import os
 import torch
 
 from ..formats.packing import pack, unpack
-from . import reference
+from . import cpu, reference
 
 SPLITK_MAX_M = 64     # int4 weights stay memory-bound to M ~ 66 on H100 (research/kernels.md section 2)
 DENSE_FROM_M = 256    # from here cuBLAS on a once-dequantized W; `bench/kernels.py` reports both sides
-CPU_INT4_MAX_M = 8    # torch's CPU int4 GEMM costs ~3.7 ms per row on 2048x2048 vs ~48 ms dequantize+matmul
-CPU_INT4_GROUPS = (32, 64, 128, 256)
+CPU_INT4_MAX_M = 64   # one core, SmolLM2 shapes (bench/cpu_runtime.py's per-layer table): cpu_int4 is ahead of
+                      # cpu_dense to M = 256 at 2 and 4 bits and level with it at M = 64 at 8 bits; kept at 64
+                      # because cpu_int4 rounds through bf16 and cpu_dense is exact
 NOMINAL_SMS = 132     # H100 SXM; only shapes the default split-K when no GPU is present
 
 _TUNED: dict[tuple, object] = {}
@@ -41,6 +48,11 @@ def interpreting() -> bool:
 def forget_runtime(module, incompatible_keys=None) -> None:
     """load_state_dict post-hook: weights copied in place make a module's cached runtime form stale."""
     module._runtime = None
+
+
+def device_kind(device: torch.device | str) -> str:
+    """'cpu', 'cuda', ... of a device or its name (a torch.device is read as it is: decode calls this per layer)."""
+    return device.type if isinstance(device, torch.device) else torch.device(device).type
 
 
 def sm_count(device: torch.device) -> int:
@@ -81,7 +93,9 @@ def _expand_groups(t: torch.Tensor, group_size: int, g: int, K: int) -> torch.Te
 
 
 class W4A16Runtime:
-    """Load-time form of a GPTQ-layout linear: act-order channels sorted by group, zeros unpacked."""
+    """Load-time form of a GPTQ-layout linear. The form each path reads is built on its first call: the Triton form
+    (act-order channels sorted by group, zeros unpacked) for CUDA, torch's int4 form (kernels/cpu.py) for CPU
+    decode, so a CPU model holds no Triton copy of its codes and a GPU model no CPU one."""
 
     def __init__(self, qweight, scales, qzeros, g_idx, bits: int, in_features: int, group_size: int):
         K, N = in_features, scales.shape[1]
@@ -89,38 +103,43 @@ class W4A16Runtime:
             g_idx = reference.group_index(K, group_size).to(qweight.device)
         self.layout = (qweight, scales, qzeros, g_idx, bits, in_features)
         self.bits, self.K, self.N = bits, K, N
+        self.stored_group_size = group_size
         self.perm = None
-        zeros = reference.unpack_zeros(qzeros, bits, N).to(torch.float16)
         smallest = 32 if bits == 3 else 16               # a 3-bit K-tile is whole runs of 32 codes (3 words)
         g = kernel_group(group_size, K, smallest) if bits in (2, 3, 4, 8) else None
         order = torch.argsort(g_idx.long().cpu(), stable=True)
         natural = reference.group_index(K, group_size).long()
         if g is not None and not torch.equal(g_idx.cpu()[order].long(), natural):
-            g = None                                      # groups of unequal size: only the reference applies
+            g = None                                      # groups of unequal size: the Triton kernels do not apply
         if g is not None and not torch.equal(order, torch.arange(K)):
             self.perm = order.to(qweight.device)          # sort input channels by group once (act-order)
-            qweight = pack(unpack(qweight, bits, K, dim=0)[self.perm], bits, dim=0)
         self.group_size = g
-        self.qweight = qweight.contiguous()
-        if g is not None:
-            self.scales = _expand_groups(scales, group_size, g, K)
-            self.zeros = _expand_groups(zeros, group_size, g, K)
-        self.cpu_int4 = self._cpu_int4(scales, zeros, group_size) if qweight.device.type == "cpu" else None
+        self._triton = None
+        self._cpu_int4 = None
 
-    def _cpu_int4(self, scales, zeros, group_size):
-        """torch's CPU int4 layout: codes [N, K] tiled, (scale, scale * (8 - zero)) per group (w = (q-8)s + m)."""
-        if self.bits != 4 or self.group_size != group_size or group_size not in CPU_INT4_GROUPS \
-                or self.N % 16 or self.K % group_size:
-            return None
-        codes = unpack(self.qweight, 4, self.K, dim=0).t().to(torch.int32).contiguous()
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 2)
-        s = scales.to(torch.float32)
-        return packed, group_size, torch.stack([s, s * (8 - zeros.to(torch.float32))], dim=-1).contiguous()
+    def triton_form(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(qweight, scales, zeros) as the Triton kernels read them: codes sorted by group (act-order), per-channel
+        metadata repeated for every kernel group, zeros unpacked to fp16."""
+        if self._triton is None:
+            qweight, scales, qzeros, _, bits, K = self.layout
+            if self.perm is not None:
+                qweight = pack(unpack(qweight, bits, K, dim=0)[self.perm], bits, dim=0)
+            zeros = reference.unpack_zeros(qzeros, bits, self.N).to(torch.float16)
+            self._triton = (qweight.contiguous(), _expand_groups(scales, self.stored_group_size, self.group_size, K),
+                            _expand_groups(zeros, self.stored_group_size, self.group_size, K))
+        return self._triton
+
+    @property
+    def cpu_int4(self) -> cpu.Int4Weights | None:
+        """torch's CPU int4 form of the weights (kernels/cpu.py); None when they are not on the CPU."""
+        if self._cpu_int4 is None and self.layout[0].device.type == "cpu":
+            self._cpu_int4 = cpu.Int4Weights(*self.layout)
+        return self._cpu_int4
 
     def path(self, M: int, device: torch.device | str) -> str:
-        device_type = torch.device(device).type
+        device_type = device_kind(device)
         if device_type == "cpu":
-            return "cpu_int4" if self.cpu_int4 is not None and M <= CPU_INT4_MAX_M else "reference"
+            return "cpu_int4" if M <= CPU_INT4_MAX_M else "cpu_dense"
         if device_type != "cuda" or self.group_size is None:
             return "reference"
         if M == 1:
@@ -135,15 +154,15 @@ class W4A16Runtime:
         path = path or self.path(M, x.device)
         if path == "reference":
             return reference.weight_only_linear(x, *self.layout)
+        if path == "cpu_int4":
+            return self.cpu_int4(x)
+        if path == "cpu_dense":
+            return cpu.dense_linear(x, self.layout)
+        from . import triton_w4a16 as tw
         if self.perm is not None:
             x = x[:, self.perm]
-        if path == "cpu_int4":
-            packed, g, scales_zeros = self.cpu_int4
-            return torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.float32).contiguous(), packed, g,
-                                                              scales_zeros).to(x.dtype)
-        from . import triton_w4a16 as tw
         x = x.contiguous()
-        args = (self.qweight, self.scales, self.zeros, self.group_size, self.bits)
+        args = (*self.triton_form(), self.group_size, self.bits)
         sms = sm_count(x.device)
         key = (path, m_bucket(M), self.K, self.N, self.group_size, self.bits, x.dtype)
         if path == "gemv":
@@ -155,8 +174,9 @@ class W4A16Runtime:
             config = pick_config(key, candidates, lambda c: tw.gemm(x, *args, c))
             return tw.gemm(x, *args, config)
         if path == "dense":
-            W = tw.dequantize(self.qweight, self.scales, self.zeros, self.K, self.group_size, self.bits,
-                              x.dtype, tw.DEQUANTIZE_CONFIG)
+            qweight, scales, zeros = self.triton_form()
+            W = tw.dequantize(qweight, scales, zeros, self.K, self.group_size, self.bits, x.dtype,
+                              tw.DEQUANTIZE_CONFIG)
             return torch.matmul(x, W)
         raise ValueError(f"unknown W4A16 path {path!r}")
 
@@ -164,7 +184,8 @@ class W4A16Runtime:
 class DenseSparseRuntime:
     """Load-time form of a dense-and-sparse linear (kernels/reference.py): the W4A16 runtime of its codes, whose
     zero codes leave the outliers out of the dense product, then the CSR outliers added: by a Triton kernel on
-    CUDA, in torch elsewhere. The reference path multiplies by the whole dequantized W at once."""
+    CUDA, in torch elsewhere. The cpu_dense path writes the outliers into the dequantized W and multiplies once,
+    as the reference path does with its whole dequantized W."""
 
     def __init__(self, dense: W4A16Runtime, values, cols, row_ptr):
         self.dense = dense
@@ -179,6 +200,9 @@ class DenseSparseRuntime:
         path = path or self.path(x.shape[0], x.device)
         if path == "reference":
             return reference.dense_sparse_linear(x, *self.dense.layout, self.values, self.cols, self.row_ptr)
+        if path == "cpu_dense":
+            outliers = (self.values, self.cols.long(), reference.csr_rows(self.row_ptr))
+            return cpu.dense_linear(x, self.dense.layout, outliers)
         y = self.dense(x, path)
         if x.device.type == "cuda":
             from . import triton_csr

@@ -90,8 +90,13 @@ class DenseSparseLinear(QuantizedLinear):
         return f"{super().extra_repr()}, outliers={self.outlier_values.numel()}"
 
 
-def cache_dequantized(model: nn.Module, dtype: torch.dtype = torch.float32) -> None:
-    """Dense copies of every QuantizedLinear of `model`, for repeated CPU forwards (evaluation)."""
+def cache_dequantized(model: nn.Module, dtype: torch.dtype = torch.float32) -> int:
+    """Dense copies of every QuantizedLinear (and LUTLinear) of `model`, for repeated CPU forwards (evaluation):
+    exact in `dtype` at any M, at the unquantized model's memory. Returns the bytes the copies hold."""
+    from .lut_linear import LUTLinear
+    held = 0
     for m in model.modules():
-        if isinstance(m, QuantizedLinear):
+        if isinstance(m, (QuantizedLinear, LUTLinear)):
             m.cache_dequantized(dtype)
+            held += m._dense.numel() * m._dense.element_size()
+    return held

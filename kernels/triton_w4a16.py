@@ -52,12 +52,15 @@ def _unpack(words, shift, BITS: tl.constexpr):
 
 @triton.jit
 def _load_runs3(qweight_ptr, runs, offs_n, n_mask, K, N):
-    """The 3 words (w0, w1, w2), each [len(runs), len(offs_n)], of runs of 32 3-bit codes (0 past K)."""
-    ptrs = qweight_ptr + (runs * 3)[:, None] * N + offs_n[None, :]
+    """The 3 words (w0, w1, w2), each [len(runs), len(offs_n)], of runs of 32 3-bit codes (0 past K). The
+    packed stream has ceil(3K / 32) words, so the last run may lack its last words: they read as 0."""
+    words = (3 * K + 31) // 32
+    row = (runs * 3)[:, None]
+    ptrs = qweight_ptr + row * N + offs_n[None, :]
     mask = (runs[:, None] * 32 < K) & n_mask[None, :]
-    w0 = tl.load(ptrs, mask=mask, other=0, eviction_policy="evict_first")
-    w1 = tl.load(ptrs + N, mask=mask, other=0, eviction_policy="evict_first")
-    w2 = tl.load(ptrs + 2 * N, mask=mask, other=0, eviction_policy="evict_first")
+    w0 = tl.load(ptrs, mask=mask & (row < words), other=0, eviction_policy="evict_first")
+    w1 = tl.load(ptrs + N, mask=mask & (row + 1 < words), other=0, eviction_policy="evict_first")
+    w2 = tl.load(ptrs + 2 * N, mask=mask & (row + 2 < words), other=0, eviction_policy="evict_first")
     return w0, w1, w2
 
 

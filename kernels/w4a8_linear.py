@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..formats.packing import packed_length
+from ..formats.packing import packed_length, trim_earlier_padding
 from . import dispatch, reference
 
 
@@ -26,6 +26,7 @@ class W4A8Linear(nn.Module):
         self.register_buffer("bias", torch.zeros(out_features, dtype=torch.float16) if bias else None)
         self._runtime = None
         self.register_load_state_dict_post_hook(dispatch.forget_runtime)
+        self._register_load_state_dict_pre_hook(_read_earlier_padding, with_module=True)
 
     @classmethod
     def from_quantized(cls, qoq, bias: torch.Tensor | None = None) -> W4A8Linear:
@@ -58,3 +59,10 @@ class W4A8Linear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"group_size={self.group_size}, w4a8=qoq")
+
+
+def _read_earlier_padding(module: W4A8Linear, state_dict, prefix, *args) -> None:
+    """Load-time: a qweight packed in whole runs of 32 codes (earlier versions) loads as it is packed now."""
+    if prefix + "qweight" in state_dict:
+        state_dict[prefix + "qweight"] = trim_earlier_padding(state_dict[prefix + "qweight"], module.in_features, 4,
+                                                              dim=0)

@@ -132,6 +132,13 @@ class ColumnGrids:
             self.group_of[g][col] = col // g
         return self.scale, self.zero
 
+    def round(self, col: int, W: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(codes, the values they stand for, zero points) of permuted column `col`, whose current values are w
+        (the column quantizer's interface to `gptq_loop`)."""
+        scale, zero = self.at(col, W)
+        q = quantize_codes(w, scale, zero, self.maxq)
+        return q, fake_quantize(q, scale, zero), zero
+
     def stored(self, c: int, g: int, rows: int, inv: torch.Tensor):
         """(scales [G, rows], zeros [G, rows], g_idx or None) of config c, in original column order."""
         fits = self.static[g] if g in self.static else self.fits[g]
@@ -165,10 +172,8 @@ def gptq_loop(W: torch.Tensor, Hinv: torch.Tensor, grids: ColumnGrids, blocksize
         W1, Hinv1 = W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2]
         Err1 = torch.zeros_like(W1)
         for i in range(i2 - i1):
-            scale, zero = grids.at(i1 + i, W)
             w, d = W1[:, i], Hinv1[i, i]
-            q = quantize_codes(w, scale, zero, grids.maxq)
-            wq = fake_quantize(q, scale, zero)
+            q, wq, zero = grids.round(i1 + i, W, w)
             if kept is not None:
                 if score is not None:
                     score[:, i1 + i] = ((w - wq) / d).square()
@@ -206,6 +211,22 @@ def select_outliers(W: torch.Tensor, Hinv: torch.Tensor, configs: list[GridConfi
     return kept
 
 
+def prepare(W: torch.Tensor, H: torch.Tensor, act_order: bool, damp: float):
+    """(W, H, column order, upper Cholesky factor of the permuted (H + lambda I)^-1) for the loop: float32 copies,
+    inputs never active (H_jj = 0) made free (their weights 0, H_jj 1), columns in act-order when asked."""
+    check_finite(W)
+    if not torch.isfinite(H).all():
+        raise ValueError("Hessian has NaN/Inf values (non-finite calibration activations)")
+    W = W.to(torch.float32).clone()
+    H = H.to(torch.float32).clone()
+    dead = torch.diag(H) == 0                                    # inputs never active: weight is free
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(W.shape[1])
+    Hinv, _ = inverse_cholesky(H[perm][:, perm], damp)
+    return W, H, perm, Hinv
+
+
 def gptq_configs(W: torch.Tensor, H: torch.Tensor, configs: list[GridConfig], act_order: bool = False,
                  static_groups: bool = False, damp: float = 0.01, blocksize: int = 128, mse: bool = False,
                  shrink_every: int = 1, keep: bool = True) -> tuple[list[QuantizedWeight], torch.Tensor]:
@@ -215,17 +236,8 @@ def gptq_configs(W: torch.Tensor, H: torch.Tensor, configs: list[GridConfig], ac
     outliers) and the loss of every row of every configuration, [len(configs), out]: sum over columns of
     (w-q)^2 / [H^-1]_qq^2 / 2 (GPTQ eq. (2)), which is ||(W-Q)_row X||^2 / n, the mean squared output error of
     that row."""
-    check_finite(W)
-    if not torch.isfinite(H).all():
-        raise ValueError("Hessian has NaN/Inf values (non-finite calibration activations)")
     rows, cols = W.shape
-    W = W.to(torch.float32).clone()
-    H = H.to(torch.float32).clone()
-    dead = torch.diag(H) == 0                                    # inputs never active: weight is free
-    H[dead, dead] = 1
-    W[:, dead] = 0
-    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(cols)
-    Hinv, _ = inverse_cholesky(H[perm][:, perm], damp)
+    W, H, perm, Hinv = prepare(W, H, act_order, damp)
     budget = torch.tensor([outlier_count(c.outliers, cols) for c in configs])
     kept = None
     if budget.any():

@@ -4,6 +4,13 @@ The grid is GPTQ's `Quantizer` (Frantar et al. 2022, code `quant.py`): asymmetri
 forced to contain 0, integer zero point round(-xmin/scale); symmetric: zero = (maxq+1)/2. Scales are
 rounded to fp16 *before* quantizing, so the codes are fitted to the grid that is actually stored.
 
+An asymmetric zero point is never 0 (`ZERO_MIN`): GPTQ checkpoints (v1) store zero - 1 in `bits` bits, and a true
+0 is then stored as maxq, which readers take three ways: bitsmith and GPTQModel's own dequantizers as 0 (mod
+2^bits), vLLM's gptq_gemm as maxq + 1 (stored + 1, no wrap), GPTQModel's v1 -> v2 conversion as a carry into
+the next channel's zero (it adds 0x11111111 to each packed word at 4 bits). With zeros in [1, maxq] every reader
+sees the same numbers. A row whose grid would put its zero at 0 (its minimum within half a step of 0: mostly
+rows with no negative weight) keeps its zero at 1 instead and gets one grid point below 0 (`_grid`).
+
 Bits and symmetry may differ from row to row (`RowGrid`): one call then fits a stack of candidate
 configurations of the same matrix at once, which is how a measurement tries every configuration.
 """
@@ -16,6 +23,8 @@ import torch
 FP16_TINY = 2.0**-24   # smallest positive fp16: a scale may not round to zero
 SHRINK_STEPS, MAX_SHRINK, ERROR_NORM = 100, 0.8, 2.4     # GPTQ code quant.py: grid, maxshrink, norm
 SEARCH_ELEMENTS = 1 << 18                                 # candidate codes a shrink search holds at once
+ZERO_MIN = 1                # least asymmetric zero point: zero - 1 is stored (GPTQ v1) and must not wrap
+RAISE_STEPS = 8             # grids tried between rescaling and shifting a row whose zero is raised to 1
 
 
 @dataclass(frozen=True)
@@ -52,35 +61,68 @@ def fit_grid(x: torch.Tensor, bits: int | RowGrid, sym: bool = False, mse: bool 
     xmin = torch.where(symmetric & (xmin < 0), -peak, xmin)
     flat = (xmin == 0) & (xmax == 0)
     xmin, xmax = torch.where(flat, -1.0, xmin), torch.where(flat, 1.0, xmax)
-    if not mse:
-        return _grid(xmin, xmax, grid)
-    return shrink_search(x, xmin, xmax, grid, shrink_every)
+    if mse:
+        return shrink_search(x, xmin, xmax, grid, shrink_every)      # every candidate keeps its zero >= 1
+    scale, zero = _grid(xmin, xmax, grid)
+    raised = _zero_raised(xmin, xmax, grid).nonzero().squeeze(1)
+    if raised.numel():
+        # A row whose zero is raised to 1 can keep its whole range on a coarser grid (`_grid`: step
+        # xmax / (maxq - 1), maxq / (maxq - 1) times the min-max step) or keep the min-max step and clip its
+        # top step to the grid's top, (maxq - 1) * step (a shift by one step); which costs less depends on how
+        # many weights sit in the top step. Both, and RAISE_STEPS - 1 grids between them (the range's top
+        # scaled by p from 1 down to 1 - 1/maxq), are tried, and the one with the least error in the shrink
+        # search's norm is kept; ties go to the larger range.
+        maxq = grid.maxq(xmin)[raised]
+        factors = 1 - torch.linspace(0, 1, RAISE_STEPS + 1)[:, None] / maxq                      # [P, rows]
+        scale[raised], zero[raised] = shrink_search(x[raised], xmin[raised], xmax[raised], grid.rows(raised),
+                                                    factors=factors)
+    return scale, zero
+
+
+def _fp16_scale(scale: torch.Tensor) -> torch.Tensor:
+    """The scale as stored: fp16, never 0."""
+    scale = scale.to(torch.float16)
+    if torch.isinf(scale).any():
+        raise ValueError("weight magnitude overflows an fp16 scale")
+    return torch.where(scale == 0, torch.tensor(FP16_TINY, dtype=torch.float16), scale)
+
+
+def _zero_raised(xmin: torch.Tensor, xmax: torch.Tensor, grid: RowGrid) -> torch.Tensor:
+    """Rows whose min-max grid over [xmin, xmax] would have an asymmetric zero point below ZERO_MIN."""
+    scale = _fp16_scale((xmax - xmin) / grid.maxq(xmin))
+    return ~grid.symmetric(xmin) & (torch.round(-xmin / scale.float()) < ZERO_MIN)
 
 
 def _grid(xmin: torch.Tensor, xmax: torch.Tensor, grid: RowGrid) -> tuple[torch.Tensor, torch.Tensor]:
-    """(fp16 scale, integer zero) of the grid of 2^bits points spanning [xmin, xmax] per row."""
+    """(fp16 scale, integer zero) of the grid of 2^bits points spanning [xmin, xmax] per row. An asymmetric row
+    whose zero would round to 0 spans [-xmax / (maxq - 1), xmax] instead (it still holds xmin, which is within
+    half a step of 0), so that its zero is 1: the same number of points, one below 0."""
     maxq = grid.maxq(xmin)
-    scale = ((xmax - xmin) / maxq).to(torch.float16)
-    if torch.isinf(scale).any():
-        raise ValueError("weight magnitude overflows an fp16 scale")
-    scale = torch.where(scale == 0, torch.tensor(FP16_TINY, dtype=torch.float16), scale)
-    asym = torch.round(-xmin / scale.float()).clamp(min=0).minimum(maxq)
+    raised = _zero_raised(xmin, xmax, grid)
+    if raised.any():
+        xmin = torch.where(raised, torch.minimum(xmin, -xmax / (maxq - 1)), xmin)
+    scale = _fp16_scale((xmax - xmin) / maxq)
+    asym = torch.round(-xmin / scale.float()).clamp(min=ZERO_MIN).minimum(maxq)
     zero = torch.where(grid.symmetric(xmin), torch.div(maxq + 1, 2, rounding_mode="floor"), asym)
     return scale, zero.to(torch.int32)
 
 
-def shrink_search(x: torch.Tensor, xmin: torch.Tensor, xmax: torch.Tensor, grid: RowGrid, every: int = 1):
+def shrink_search(x: torch.Tensor, xmin: torch.Tensor, xmax: torch.Tensor, grid: RowGrid, every: int = 1,
+                  factors: torch.Tensor | None = None):
     """The grid of [p xmin, p xmax], p = 1 - i/100 for i < 80, with the least sum |x - q(x)|^2.4 per row
     (GPTQ code quant.py, `Quantizer(mse=True)`); the error is measured on the stored fp16-scale grid. The
-    factors are tried SEARCH_ELEMENTS codes at a time; ties go to the larger range, as in the GPTQ loop."""
-    factors = torch.tensor([1 - i / SHRINK_STEPS for i in range(0, int(MAX_SHRINK * SHRINK_STEPS), every)])
+    factors are tried SEARCH_ELEMENTS codes at a time; ties go to the larger range, as in the GPTQ loop.
+    `factors` ([P], or [P, rows]: each row its own) replaces the p tried."""
+    if factors is None:
+        factors = torch.tensor([1 - i / SHRINK_STEPS for i in range(0, int(MAX_SHRINK * SHRINK_STEPS), every)])
+    factors = factors if factors.dim() == 2 else factors[:, None]
     best_scale, best_zero = _grid(xmin, xmax, grid)
     best = torch.full_like(xmin, float("inf"))
     maxq = grid.maxq(xmin)[:, None]
     rows = torch.arange(xmin.numel())
     step = max(1, SEARCH_ELEMENTS // max(x.numel(), 1))
     for start in range(0, len(factors), step):
-        p = factors[start:start + step, None]                                   # [P, 1]
+        p = factors[start:start + step]                                         # [P, 1] or [P, rows]
         scale, zero = _grid(p * xmin, p * xmax, grid)                           # [P, rows]
         q = quantize_codes(x, scale[..., None], zero[..., None], maxq)          # [P, rows, n]
         err = ((q.float() - zero[..., None]) * scale.float()[..., None] - x).abs_().pow_(ERROR_NORM).sum(dim=-1)

@@ -12,10 +12,11 @@ per iteration: the step is lr = 1 / iters decayed linearly to 0 (so that V trave
 the parameters of the iteration with the least minibatch loss are kept (AutoRound's defaults).
 
 The grid is relative to the start's scale s0 and zero point z0 (a = b = 1 is the start's grid exactly):
-  asymmetric:  f = (a (maxq - z0) + b z0) / maxq,  s = fp16(s0 f),  z = clamp(round(b z0 / f), 0, maxq)
+  asymmetric:  f = (a (maxq - z0) + b z0) / maxq,  s = fp16(s0 f),  z = clamp(round(b z0 / f), 1, maxq)
   symmetric:   f = a,                              s = fp16(s0 f),  z = z0
   q = clamp(round(W / s + V) + D + z, 0, maxq),    Q = s (q - z)
-(the range [-z0 s0, (maxq - z0) s0] with its ends scaled by b and a). D is 0 by default (`relative_to="rtn"`:
+(the range [-z0 s0, (maxq - z0) s0] with its ends scaled by b and a; the zero point stays at least 1, as every
+asymmetric grid's does, grid.py). D is 0 by default (`relative_to="rtn"`:
 the offsets move W rounded to nearest on the start's grid, as AutoRound starts), or the integer shift of the
 start's codes from that rounding, q0 - z0 - round(W / s0) (`relative_to="gptq"`: V = 0 is GPTQ's result exactly).
 On SmolLM2-135M at 3 bits the first fits a block's outputs better (bench/results/rounding-smollm2.md): GPTQ's
@@ -33,7 +34,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from .grid import FP16_TINY
+from .grid import FP16_TINY, ZERO_MIN
 from .rtn import QuantizedWeight
 
 STARTS = ("gptq", "rtn")
@@ -78,7 +79,7 @@ class LearnedGrid(nn.Module):
             f, z = self.a, self.z0
         else:
             f = (self.a * (self.maxq - self.z0) + self.b * self.z0) / self.maxq
-            z = torch.clamp(_round_ste(self.b * self.z0 / f), 0, self.maxq)
+            z = torch.clamp(_round_ste(self.b * self.z0 / f), ZERO_MIN, self.maxq)
         return torch.clamp(_fp16_ste(self.s0 * f), min=FP16_TINY), z
 
     def codes(self, se: torch.Tensor, ze: torch.Tensor, round_=torch.round) -> torch.Tensor:

@@ -17,17 +17,29 @@ from bitsmith.calibration.perplexity import evaluate
 from bitsmith.cli.main import main
 from bitsmith.formats.csr import csr_bits
 from bitsmith.formats.errors import InputError
+from bitsmith.formats.packing import packed_length
 from bitsmith.formats.source import open_source
-from bitsmith.layouts import DenseSparseLayout, GPTQLayout, layer_config, plan_bits
+from bitsmith.layouts import DenseSparseLayout, GPTQLayout, LUTLayout, layer_config, plan_bits
 from bitsmith.loader import load_model
-from bitsmith.measure import CANDIDATES, OUTLIER_CANDIDATES, PLAIN_CANDIDATES, Measurement, decide
+from bitsmith.measure import (
+    CANDIDATES,
+    LUT_CANDIDATES,
+    OUTLIER_CANDIDATES,
+    PLAIN_CANDIDATES,
+    Measurement,
+    decide,
+)
 from bitsmith.pipeline import calibration
 from bitsmith.plan import LayerPlan, QuantizeOptions
 from bitsmith.quantize.outliers import outlier_count
 
 pytestmark = pytest.mark.slow
 CALIB = {"nsamples": 16, "seqlen": 128, "seed": 0, "fisher_samples": 4}
-PARTS = DenseSparseLayout.parts              # GPTQ tensors and, where a linear keeps outliers, their CSR
+PARTS = set(DenseSparseLayout.parts) | set(LUTLayout.parts)   # GPTQ tensors, outliers' CSR, lookup tables
+SHAPES = {f"model.layers.{i}.{name}": shape for i in range(5) for name, shape in (
+    ("self_attn.q_proj", (64, 64)), ("self_attn.k_proj", (32, 64)), ("self_attn.v_proj", (32, 64)),
+    ("self_attn.o_proj", (64, 64)), ("mlp.gate_proj", (172, 64)), ("mlp.up_proj", (172, 64)),
+    ("mlp.down_proj", (64, 172)))}               # stories260K's decoder linears, [out, in]
 
 
 @pytest.fixture(scope="module")
@@ -48,9 +60,8 @@ def linear_bits(out) -> tuple[int, int]:
                 if key.rsplit(".", 1)[-1] in PARTS:
                     t = st.get_tensor(key)
                     bits += 8 * t.numel() * t.element_size()
-                if key.endswith(".g_idx"):
-                    in_features = st.get_tensor(key).numel()
-                    out_features = st.get_slice(key[:-5] + "scales").get_shape()[1]
+                if key.endswith(".qweight"):              # every layout of a linear packs its codes there
+                    out_features, in_features = SHAPES[key[:-len(".qweight")]]
                     weights += in_features * out_features
     return bits, weights
 
@@ -75,9 +86,10 @@ def test_the_plan_is_mixed_and_written_where_loaders_read_it(planned, stories_pa
         got = layer_config(qc, name)
         assert {k: got[k] for k in ("bits", "group_size", "sym")} == {k: entry[k] for k in ("bits", "group_size", "sym")}
         assert got.get("outliers", 0) == entry.get("outliers", 0)
+        assert got.get("lut", False) == entry.get("lut", False)
         with safe_open(str(out / "model.safetensors"), framework="pt") as st:
-            assert st.get_slice(name + ".qweight").get_shape()[0] == entry["bits"] * (-(-st.get_slice(
-                name + ".g_idx").get_shape()[0] // 32))
+            assert st.get_slice(name + ".qweight").get_shape() == [packed_length(SHAPES[name][1], entry["bits"]),
+                                                                    SHAPES[name][0]]
     assert summary["predicted_error"] == pytest.approx(sum(e["predicted_error"] for e in plan["layers"].values()))
     assert bitsmith.formats.checkpoint.verify(out) == []
 
@@ -139,26 +151,37 @@ def test_outlier_candidates_are_priced_by_their_layout_and_lower_the_error(measu
         assert sum(table[n][j] for n in m.shapes) < sum(table[n][plain] for n in m.shapes)
 
 
+def test_lookup_table_candidates_are_priced_by_their_layout(measurement):
+    m, _ = measurement
+    assert LUT_CANDIDATES and all(c.lut and c.group_size == -1 for c in LUT_CANDIDATES)
+    for c in LUT_CANDIDATES:
+        j = m.candidates.index(c)
+        for name, (out, inp) in m.shapes.items():
+            assert m.cost(name, j) == 32 * packed_length(inp, c.bits) * out + 16 * out * 2 ** c.bits
+            assert m.errors["fisher"][name][j] > 0
+
+
 def test_a_measurement_of_format_1_plans_without_outliers(planned, measurement, stories_path, tmp_path, capsys):
     m, opts = measurement
     old = json.loads((planned[0] / "measurement.json").read_text())
-    keep = [j for j, c in enumerate(m.candidates) if not c.outliers]
+    keep = [j for j, c in enumerate(m.candidates) if not c.outliers and not c.lut]
     old["format_version"] = 1
-    old["candidates"] = [{k: v for k, v in old["candidates"][j].items() if k != "outliers"} for j in keep]
+    old["candidates"] = [{k: v for k, v in old["candidates"][j].items() if k not in ("outliers", "lut")}
+                         for j in keep]
     for entry in old["layers"].values():
         for key in ("bits", "fisher", "hessian"):
             entry[key] = [entry[key][j] for j in keep]
     (tmp_path / "v1.json").write_text(json.dumps(old))
     capsys.readouterr()
     v1 = Measurement.load(tmp_path / "v1.json", open_source(str(stories_path)), opts)
-    assert "format 1 has no outlier candidates" in capsys.readouterr().err
+    assert "format 1 has no outlier and lookup-table candidates" in capsys.readouterr().err
     assert v1.candidates == list(PLAIN_CANDIDATES)
     plan = decide(v1, 3.0, opts)
-    assert not any(layer.outliers for layer in plan.layers.values())
-    old["format_version"] = 3
-    (tmp_path / "v3.json").write_text(json.dumps(old))
-    with pytest.raises(InputError, match="measurement format 3, expected 2 \\(or 1\\); measure again"):
-        Measurement.load(tmp_path / "v3.json", open_source(str(stories_path)), opts)
+    assert not any(layer.outliers or layer.lut for layer in plan.layers.values())
+    old["format_version"] = 4
+    (tmp_path / "v4.json").write_text(json.dumps(old))
+    with pytest.raises(InputError, match="measurement format 4, expected 3 \\(or 1, 2\\); measure again"):
+        Measurement.load(tmp_path / "v4.json", open_source(str(stories_path)), opts)
 
 
 def test_decide_keeps_outliers_where_they_pay():

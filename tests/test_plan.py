@@ -88,3 +88,30 @@ def test_outliers_need_gptq(method):
     plan = body(**{"model.layers.0.mlp.down_proj": {"bits": 4, "group_size": 4, "outliers": 0.01}})
     with pytest.raises(InputError, match=f"outliers 0.01 need --method gptq \\(this run has {method}\\)"):
         QuantPlan.from_dict(plan, LINEARS, QuantizeOptions(method=method), "p.json")
+
+
+def test_lookup_tables_round_trip_and_are_left_out_when_unset():
+    opts = QuantizeOptions()
+    entry = {"bits": 3, "group_size": -1, "lut": True}
+    plan = QuantPlan.from_dict(body(**{"model.layers.0.mlp.down_proj": entry}), LINEARS, opts, "p.json")
+    assert plan.layers["model.layers.0.mlp.down_proj"] == LayerPlan(3, -1, False, lut=True)
+    written = plan.as_dict()["layers"]
+    assert written["model.layers.0.mlp.down_proj"]["lut"] is True
+    assert "lut" not in written["model.layers.0.self_attn.q_proj"]
+    assert QuantPlan.from_dict(json.loads(json.dumps(plan.as_dict())), LINEARS, opts, "p.json").layers == plan.layers
+    assert LayerPlan(3, -1, False, lut=True).key() == "w3lut"
+
+
+@pytest.mark.parametrize("entry, method, message", [
+    ({"bits": 8, "group_size": -1, "lut": True}, "gptq", "lut with 8 bits: choose one of 2, 3, 4"),
+    ({"bits": 3, "group_size": 128, "lut": True}, "gptq", "lut is one table per output row: group_size -1"),
+    ({"bits": 3, "group_size": -1, "sym": True, "lut": True}, "gptq", "sym false"),
+    ({"bits": 3, "group_size": -1, "outliers": 0.01, "lut": True}, "gptq", "no outliers"),
+    ({"bits": 3, "group_size": -1, "lut": "yes"}, "gptq", "lut 'yes': expected true or false"),
+    ({"bits": 3, "group_size": -1, "lut": True}, "rtn", r"lut needs --method gptq \(this run has rtn\)"),
+])
+def test_invalid_lookup_tables_are_refused(entry, method, message):
+    with pytest.raises(InputError, match=message) as e:
+        QuantPlan.from_dict(body(**{"model.layers.0.mlp.down_proj": entry}), LINEARS,
+                            QuantizeOptions(method=method), "p.json")
+    assert str(e.value).startswith("p.json")

@@ -43,3 +43,32 @@ def test_batched_search_equals_the_sequential_loop(rows, n, seed, every, batch, 
         grid.SEARCH_ELEMENTS = saved
     want = one_by_one(x, bits, sym, every)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+@settings(max_examples=40, deadline=None)
+@given(rows=st.integers(1, 30), n=st.integers(1, 80), seed=st.integers(0, 2**16), mse=st.booleans(),
+       low=st.sampled_from([0.0, 0.001, 0.05, 1.0]))
+def test_asymmetric_zero_points_are_never_zero(rows, n, seed, mse, low):
+    """Rows whose minimum is at or just below 0 get a zero point of 1 (GPTQ v1 stores zero - 1 and must not
+    wrap), on the grid of least error among the whole range on a coarser step (rescale) and the min-max step
+    with the top step clipped (shift); other rows keep their min-max grid."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.rand(rows, n, generator=gen) - low * torch.rand(rows, 1, generator=gen)
+    bits = torch.tensor([2, 3, 4, 8])[torch.randint(0, 4, (rows,), generator=gen)]
+    g = grid.RowGrid(bits, False)
+    scale, zero = grid.fit_grid(x, g, mse=mse)
+    maxq = g.maxq(scale)
+    assert (zero >= 1).all() and (zero <= maxq).all()
+    xmin, xmax = x.min(1).values.clamp(max=0), x.max(1).values.clamp(min=0)
+    raised = grid._zero_raised(xmin, xmax, g)
+    plain_scale, plain_zero = grid._grid(xmin, xmax, g)                 # zero >= 1 already: the rescaled grid
+    err = lambda s, z: ((grid.quantize_codes(x, s[:, None], z[:, None], maxq[:, None]).float() - z[:, None])
+                        * s.float()[:, None] - x).abs().pow(grid.ERROR_NORM).sum(1)
+    chosen = err(scale, zero)
+    assert (chosen <= err(plain_scale, plain_zero) * (1 + 1e-6)).all()     # never worse than rescaling
+    if not mse:                  # (the shrink search tries factors 1 - i/100 of every range instead)
+        p = 1 - 1 / maxq
+        shift_scale, shift_zero = grid._grid(p * xmin, p * xmax, g)        # the min-max step, zero 1, top clipped
+        assert (chosen[raised] <= err(shift_scale, shift_zero)[raised] * (1 + 1e-6)).all()
+        assert torch.equal(scale[~raised], plain_scale[~raised]) and torch.equal(zero[~raised], plain_zero[~raised])
+        assert (zero[raised] == 1).all()

@@ -94,7 +94,7 @@ def test_every_configuration_keeps_its_layout(stories_block, bits, group, sym):
         assert qw.codes.dtype == torch.uint8 and int(qw.codes.max()) <= maxq
         assert qw.scales.dtype == torch.float16 and qw.scales.shape == start.scales.shape
         assert torch.isfinite(qw.scales).all() and (qw.scales > 0).all()
-        assert qw.zeros.dtype == torch.int32 and 0 <= int(qw.zeros.min()) and int(qw.zeros.max()) <= maxq
+        assert qw.zeros.dtype == torch.int32 and 1 <= int(qw.zeros.min()) and int(qw.zeros.max()) <= maxq
         if sym:
             assert torch.equal(qw.zeros, start.zeros)
         assert (qw.g_idx is None) == (start.g_idx is None)

@@ -1,0 +1,131 @@
+"""Non-uniform quantization with a lookup table per output row (SqueezeLLM, Kim et al. 2023, section 3).
+
+Each row o keeps 2^bits centroids c_o (fp16) and every weight stores the index of one of them: W_oj = c_o[q_oj].
+The centroids are the weighted k-means of the row's weights, the weight of w_oj being its sensitivity. SqueezeLLM
+takes the diagonal Fisher of the weights, F_oj = mean_t (dL/dy_o)^2 x_tj^2; under the factorisation the
+measurement already uses (calibration/fisher.py) that is F_o times H_jj / 2, and a factor shared by a whole
+row does not move its centroids, so the sensitivity of w_oj is the Hessian diagonal H_jj (H = 2 X X^T / n).
+
+The codes are then chosen by GPTQ's loop (quantize/gptq.py) with the table as its column quantizer: each column
+rounds to the nearest centroid of its row and the error is compensated in the columns after it, which SqueezeLLM
+itself does not do (it rounds to nearest). The table is fitted once on the unquantized row, before the loop.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .gptq import gptq_loop, prepare
+
+KMEANS_ITERS = 25          # Lloyd steps; the assignments of a 1-D weighted k-means settle within ~10 on LLM rows
+
+
+@dataclass
+class LutWeight:
+    """A quantized [out, in] matrix as codes into per-row tables; `Q` is exactly what the checkpoint holds."""
+    codes: torch.Tensor            # uint8 [out, in]
+    lut: torch.Tensor              # fp16 [out, 2^bits], ascending in every row
+    bits: int
+    Q: torch.Tensor                # float32 [out, in] = lut[o, codes[o, j]]
+    loss: float = 0.0              # GPTQ's sum of (w-q)^2 / [H^-1]_jj^2 / 2
+    group_size: int = -1           # one table per row: what reports print for a grid's groups
+    sym: bool = False
+
+
+def weighted_kmeans(W: torch.Tensor, weight: torch.Tensor, k: int, iters: int = KMEANS_ITERS) -> torch.Tensor:
+    """Centroids [rows, k], ascending, of every row of W [rows, n] under the sensitivities `weight` [n] (or
+    [rows, n]), minimising sum_j weight_j (w_j - c(w_j))^2 (Lloyd's algorithm; one dimension, so each
+    assignment is a search among the midpoints). Initialised at the weighted quantiles (k bins of equal
+    sensitivity mass); a centroid left without weights (a duplicate of the start, or one that lost them all)
+    moves onto the row's weight of largest weighted error, one per row and step, so no level is wasted."""
+    W = W.to(torch.float32)
+    weight = torch.broadcast_to(weight.to(torch.float32).clamp(min=0), W.shape) + 1e-12   # no empty-mass rows
+    order = torch.argsort(W, dim=1)
+    sorted_w, sorted_m = W.gather(1, order), weight.gather(1, order)
+    mass = torch.cumsum(sorted_m, dim=1)
+    levels = (torch.arange(k, dtype=torch.float32) + 0.5) / k * mass[:, -1:]                # [rows, k]
+    at = torch.searchsorted(mass, levels).clamp(max=W.shape[1] - 1)
+    centroids = sorted_w.gather(1, at)
+    rows = torch.arange(W.shape[0])
+    for _ in range(iters):
+        codes = nearest(W, centroids)
+        total = torch.zeros_like(centroids).scatter_add_(1, codes, weight * W)
+        count = torch.zeros_like(centroids).scatter_add_(1, codes, weight)
+        moved = torch.where(count > 0, total / count.clamp(min=1e-30), centroids)
+        empty = torch.zeros_like(count).scatter_add_(1, codes, torch.ones_like(W)) == 0
+        if empty.any():
+            worst = (weight * (W - centroids.gather(1, codes)) ** 2).argmax(dim=1)
+            reseed = empty.any(dim=1)
+            first = empty.float().argmax(dim=1)
+            moved[rows[reseed], first[reseed]] = W[rows[reseed], worst[reseed]]
+        moved = torch.sort(moved, dim=1).values
+        if torch.equal(moved, centroids):
+            break
+        centroids = moved
+    return centroids
+
+
+def nearest(w: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """Index (int64) of the nearest of each row's ascending centroids [rows, k] for w [rows, n] (or [rows]),
+    ties to the lower one."""
+    column = w.dim() == 1
+    w = w[:, None] if column else w
+    mid = (centroids[:, 1:] + centroids[:, :-1]) / 2
+    codes = torch.searchsorted(mid.contiguous(), w.contiguous(), right=False)
+    return codes[:, 0] if column else codes
+
+
+class ColumnLUT:
+    """GPTQ's column quantizer for tables: every row rounds to the nearest of its own centroids (`gptq_loop`
+    calls `round` on each permuted column)."""
+
+    kept = None                                   # no outliers in this layout
+
+    def __init__(self, lut: torch.Tensor):
+        self.lut = lut.to(torch.float32)          # the stored (fp16) values: the loop sees what the file holds
+
+    def round(self, col: int, W: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
+        q = nearest(w, self.lut)
+        return q.to(torch.uint8), self.lut.gather(1, q[:, None])[:, 0], None
+
+
+def lut_tables(W: torch.Tensor, H: torch.Tensor, bits: int) -> torch.Tensor:
+    """The fp16 tables [out, 2^bits] of W [out, in], fitted with H's diagonal as the sensitivities."""
+    return weighted_kmeans(W, torch.diag(H), 1 << bits).to(torch.float16)
+
+
+def gptq_lut(W: torch.Tensor, H: torch.Tensor, bits: int, act_order: bool = False, damp: float = 0.01,
+             blocksize: int = 128) -> LutWeight:
+    """W [out, in] as codes into per-row tables of 2^bits centroids, chosen by GPTQ given H = 2 X X^T / n."""
+    (qw,), _ = gptq_lut_configs(W, H, [bits], act_order, damp, blocksize)
+    return qw
+
+
+def gptq_lut_configs(W: torch.Tensor, H: torch.Tensor, bits: list[int], act_order: bool = False,
+                     damp: float = 0.01, blocksize: int = 128,
+                     keep: bool = True) -> tuple[list[LutWeight], torch.Tensor]:
+    """GPTQ with tables of each bit width in `bits` at once (their rows stacked, as `gptq_configs` stacks its
+    grids); returns the weights (empty unless `keep`) and every row's loss, [len(bits), out]."""
+    rows = W.shape[0]
+    W, H, perm, Hinv = prepare(W, H, act_order, damp)
+    tables = [lut_tables(W, H, b) for b in bits]
+    stack = torch.cat([_pad(t, 1 << max(bits)) for t in tables])
+    work = W[:, perm].repeat(len(bits), 1)
+    codes = torch.zeros(work.shape, dtype=torch.uint8) if keep else None
+    losses = gptq_loop(work, Hinv, ColumnLUT(stack), blocksize, codes).reshape(len(bits), rows)
+    if not keep:
+        return [], losses
+    inv = torch.argsort(perm)
+    out = []
+    for c, (b, table) in enumerate(zip(bits, tables)):
+        own = codes[c * rows:(c + 1) * rows][:, inv]
+        Q = table.float().gather(1, own.long())
+        out.append(LutWeight(own, table, b, Q, float(losses[c].sum())))
+    return out, losses
+
+
+def _pad(table: torch.Tensor, k: int) -> torch.Tensor:
+    """A table widened to k entries with +inf (a midpoint past the last real centroid is +inf, so no weight is
+    ever coded past the table's own 2^bits entries)."""
+    return torch.cat([table.float(), torch.full((table.shape[0], k - table.shape[1]), float("inf"))], dim=1)
