@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 
 import bitsmith
 from bitsmith.formats.packing import unpack
@@ -93,14 +94,16 @@ def test_gptqmodel_reads_the_same_weights_and_logits(case, tmp_path, stories_pat
     out = tmp_path / "q"
     calib = {} if options.get("method") == "rtn" else {"calib": [str(text_dir / "tinystories_calib.txt")], **CALIB}
     bitsmith.quantize(str(stories_path), str(out), **calib, **{"progress": False, **options})
-    torch.save(IDS, tmp_path / "ids.pt")
+    save_file({"ids": IDS}, tmp_path / "ids.safetensors")
     sym = json.loads((out / "config.json").read_text())["quantization_config"]["sym"]
-    run = subprocess.run([python, str(READER), str(out), str(tmp_path / "ids.pt"), str(tmp_path / "read.pt"),
+    run = subprocess.run([python, str(READER), str(out), str(tmp_path / "ids.safetensors"), str(tmp_path / "read.safetensors"),
                           *([] if sym else ["--past-producer-check"])],
                          capture_output=True, text=True, cwd=tmp_path, timeout=600, check=False)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    read = torch.load(tmp_path / "read.pt")
-    assert read["kernels"] == ["TorchLinear"]
+    with safe_open(str(tmp_path / "read.safetensors"), framework="pt") as f:
+        assert f.metadata()["kernels"] == "TorchLinear"
+        read = {"logits": f.get_tensor("logits"),
+                "weights": {k[len("weight/"):]: f.get_tensor(k) for k in f.keys() if k.startswith("weight/")}}
 
     net = bitsmith.load(str(out))
     ours = {name: m for name, m in net.named_modules() if isinstance(m, QuantizedLinear)}
