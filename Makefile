@@ -4,9 +4,9 @@ PYTHON     ?= python3
 VENV       ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 # The demo's texts: C4 and WikiText-2 from ../shared when they are beside the clone (the README's table uses
-# them), otherwise the public-domain texts that ship with the package (calibration/texts/README.md).
+# them), otherwise the public-domain texts that ship with the package (bitsmith/calibration/texts/README.md).
 SHARED     ?= ../shared/assets/text
-BUNDLED    := calibration/texts
+BUNDLED    := bitsmith/calibration/texts
 HAVE_SHARED = $(and $(wildcard $(SHARED)/c4_calib.txt),$(wildcard $(SHARED)/wikitext2_test.txt))
 DEMO_CALIB ?= $(if $(HAVE_SHARED),$(SHARED)/c4_calib.txt,$(BUNDLED)/calib_milton.txt)
 DEMO_DATA  ?= $(if $(HAVE_SHARED),$(SHARED)/wikitext2_test.txt,$(BUNDLED)/eval_eb1911_shakespeare.txt)

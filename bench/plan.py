@@ -30,7 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 TEXT = SHARED / "assets" / "text"
-HELD_OUT = ROOT / "calibration" / "texts" / "eval_eb1911_shakespeare.txt"
+HELD_OUT = ROOT / "bitsmith" / "calibration" / "texts" / "eval_eb1911_shakespeare.txt"
 RESULTS = ROOT / "bench" / "results"
 RUNS = RESULTS / "plan-smollm2"
 MEASUREMENT = RUNS / "measurement.json"

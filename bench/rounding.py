@@ -6,7 +6,7 @@ Every row is the command line in processes of its own, one torch thread each:
     bitsmith quantize smollm2-135m -o OUT --bits B --group-size 128 --calib c4_calib.txt --nsamples 128
         --seqlen 512 --seed 0 --eval-data wikitext2_test.txt --eval-seqlen 2048 --eval-max-tokens 65536
         [--rounding signround --rounding-iters N] [--no-act-order for W2, as the GPTQ baseline rows]
-    bitsmith eval OUT --data calibration/texts/eval_eb1911_shakespeare.txt --seqlen 2048 --max-tokens 16384
+    bitsmith eval OUT --data bitsmith/calibration/texts/eval_eb1911_shakespeare.txt --seqlen 2048 --max-tokens 16384
 Rows merge into bench/results/rounding-smollm2.{json,md} (runs of disjoint --only sets may share the files).
 
     python bench/rounding.py [--only NAME ...] [--report]
@@ -25,7 +25,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXT = ROOT.parent / "shared" / "assets" / "text"
-HELD_OUT = ROOT / "calibration" / "texts" / "eval_eb1911_shakespeare.txt"
+HELD_OUT = ROOT / "bitsmith" / "calibration" / "texts" / "eval_eb1911_shakespeare.txt"
 RESULTS = ROOT / "bench" / "results"
 BITSMITH = [sys.executable, "-c", "import sys; from bitsmith.cli.main import main; main(sys.argv[1:], prog_name='bitsmith')"]
 
@@ -82,7 +82,7 @@ def report(rows: list[dict]) -> str:
              ("Calibration: c4_calib.txt, 128 windows of 512 tokens, seed 0; SignRound: minibatches of 8 windows, "
               "step 1/iterations decayed linearly to 0, the least-loss iteration kept, each block fitted to the "
               "unquantized model's hidden states after it. WikiText-2: test set, first 65,536 tokens, windows of "
-              "2048, measured while quantizing. Held-out: calibration/texts/eval_eb1911_shakespeare.txt, first "
+              "2048, measured while quantizing. Held-out: bitsmith/calibration/texts/eval_eb1911_shakespeare.txt, first "
               "16,384 tokens, windows of 2048, `bitsmith eval` on the written checkpoint. Quantize time is the whole "
               "job (load, calibration, GPTQ, SignRound, the streamed WikiText-2 evaluation, writing)."), "",
              ("| config | bits | iterations | all-in bpw | WikiText-2 | held-out | quantize wall s | quantize CPU s "

@@ -102,6 +102,7 @@ class Case:
     eval: EvalSpec | None
     lm_eval: LMEvalSpec | None
     metrics: dict[str, Band | None] = field(default_factory=dict)   # metric -> band (None: informative)
+    threads: int | None = None     # torch threads the case runs with; None: the process's
 
 
 def sha256_json(value) -> str:
@@ -135,8 +136,11 @@ def run_case(case: Case, cache: Path, position: str = "") -> dict:
     def say(text: str) -> None:
         print(f"{position}{case.name}: {text}", file=sys.stderr, flush=True)
 
+    import torch
+    threads = torch.get_num_threads()
     result = {"name": case.name, "cache": None, "values": {}, "skipped": {}, "fingerprints": {}, "error": None,
-              "quantize": None}
+              "quantize": None, "threads": case.threads or threads}
+    torch.set_num_threads(result["threads"])
     try:
         folder, summary, result["cache"], source = _checkpoint(case, cache, say)
         result["quantize"] = summary
@@ -145,6 +149,8 @@ def run_case(case: Case, cache: Path, position: str = "") -> dict:
     except InputError as e:
         result["error"] = str(e)
         say(f"error: {e}")
+    finally:
+        torch.set_num_threads(threads)
     result["seconds"] = time.perf_counter() - started
     if result["error"] is None:
         say(f"done in {result['seconds']:.1f} s")
@@ -191,7 +197,7 @@ def _key_body(case: Case, source_fingerprint: str) -> dict:
     import transformers
     return {"bitsmith": __version__, "code": code_fingerprint(), "torch": torch.__version__,
             "transformers": transformers.__version__, "source": source_fingerprint,
-            "quantize": case.options["quantize"]}
+            "quantize": case.options["quantize"], "threads": case.options.get("threads")}
 
 
 @functools.cache

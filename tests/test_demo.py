@@ -21,8 +21,8 @@ from bitsmith.calibration import data
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXTS = files("bitsmith.calibration") / "texts"
-CALIB = "calibration/texts/calib_milton.txt"
-EVAL = "calibration/texts/eval_eb1911_shakespeare.txt"
+CALIB = "bitsmith/calibration/texts/calib_milton.txt"
+EVAL = "bitsmith/calibration/texts/eval_eb1911_shakespeare.txt"
 STAND_IN = '#!/bin/sh\nfor a in "$@"; do printf "%s\\n" "$a"; done > "$0.$1.args"\n'
 
 needs_make = pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")

@@ -177,10 +177,11 @@ def test_quantize_killed_mid_write_leaves_its_folder_to_the_next_run(tmp_path, b
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_a_signal_from_outside_stops_quantize_in_one_line_and_resume_finishes_it(
         tmp_path, bitsmith, stories_path, calib, gptq_reference, sig):
-    """Sent by another process once the first block is journaled, wherever the run is then."""
+    """Sent by another process once the first block is journaled, wherever the run is then (at the latest where
+    the second block is journaled: the run waits there, so that the signal cannot come after it has ended)."""
     out = tmp_path / "out"
     args = ["quantize", stories_path, "-o", out, "--calib", calib, *GPTQ]
-    pid = bitsmith.start(args)
+    pid = bitsmith.start(args, **{faults.VARIABLE: "block:1", faults.SIGNAL: "wait"})
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         journal = list(tmp_path.glob(".out.*.partial/.journal"))
@@ -196,6 +197,48 @@ def test_a_signal_from_outside_stops_quantize_in_one_line_and_resume_finishes_it
     assert resumed.code == 0, resumed.stderr
     assert resumed.lines[0].startswith(f"{out}: resuming the interrupted run, ")
     assert files(out) == gptq_reference and os.listdir(tmp_path) == ["out"]
+
+
+def test_an_interrupt_a_library_turns_into_its_own_error_still_stops_the_run(tmp_path, stories_path, monkeypatch,
+                                                                             rtn_reference):
+    """safetensors can turn the KeyboardInterrupt a Ctrl-C raises inside its reading into an error of its own
+    ("could not determine the shape of object type ..."): the run still stops as interrupted, kept for --resume,
+    not as if the model file were unreadable (exit 2, the unfinished output deleted)."""
+    from bitsmith.formats import checkpoint
+    real = checkpoint.safe_open
+
+    class Reader:                       # safe_open whose reading of layer 1 meets a Ctrl-C, as the library does
+        def __init__(self, *args, **kwargs):
+            self.file = real(*args, **kwargs)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return self.file.__exit__(*exc)
+
+        def __getattr__(self, name):
+            return getattr(self.file, name)
+
+        def get_tensor(self, name):
+            if name.startswith("model.layers.1."):
+                try:
+                    os.kill(os.getpid(), signal.SIGINT)
+                    time.sleep(5)
+                except KeyboardInterrupt:
+                    raise TypeError("could not determine the shape of object type 'UntypedStorage'") from None
+            return self.file.get_tensor(name)
+
+    monkeypatch.setattr(checkpoint, "safe_open", Reader)
+    out = tmp_path / "out"
+    args = ["quantize", stories_path, "-o", out, *RTN]
+    stopped = run(*args)
+    kept = partial(out)
+    assert (stopped.exit_code, said(stopped.stderr)) == (130, ["interrupted: " + KEEP.format(out=out, partial=kept)])
+    monkeypatch.setattr(checkpoint, "safe_open", real)
+    resumed = run(*args, "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    assert files(out) == rtn_reference and os.listdir(tmp_path) == ["out"]
 
 
 # compress: nothing kept

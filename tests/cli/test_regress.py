@@ -20,6 +20,7 @@ SUITE = """\
 [defaults]
 model = "{model}"
 eval = {{ data = "eval.txt", seqlen = 128, max_tokens = 2048 }}
+threads = 1
 
 [defaults.metrics]
 perplexity = {{ rel = 0.01 }}
@@ -330,6 +331,21 @@ def test_jobs_run_cases_in_processes_of_their_own(suite, monkeypatch):
     report = json.loads(r.stdout)
     assert [c["cache"] for c in report["cases"]] == ["miss", "miss"]
     assert all(m["status"] in ("ok", "info") for c in report["cases"] for m in c["metrics"])
+    assert all(c["notes"] == [] for c in report["cases"])       # the same weights: one thread, as recorded
+
+
+def test_another_thread_count_than_the_goldens_is_noted(suite):
+    """GPTQ's roundings follow float sums, which follow the thread count: a run with another than the recorded
+    one says so (the case's own threads setting is in its options fingerprint, so that one is noted too)."""
+    def recorded_with(cases):
+        cases["gptq-w3"]["recorded"]["threads"] = 3
+    set_golden(suite, recorded_with)
+    r = run("regress", suite / "s.toml", "--json", "-")
+    assert r.exit_code == 0, r.output
+    notes = {c["name"]: c["notes"] for c in json.loads(r.stdout)["cases"]}
+    note = ("gptq-w3: golden values recorded with 3 torch threads, this ran with 1: float sums, and so roundings, "
+            "can differ (set threads in the suite)")
+    assert notes == {"rtn-w4": [], "gptq-w3": [note]}
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ import torch
 from safetensors import safe_open
 
 from . import dfloat, faults
-from .errors import InputError, one_line
+from .errors import InputError, library_error, one_line
 from .journal import NAME as JOURNAL
 from .journal import Journal
 from .output import Output, ResumeRefused, fsync
@@ -448,7 +448,7 @@ class Checkpoint:
                         part = f.get_slice(name + dfloat.PART)
                         stored[name] = (part.get_dtype(), list(part.get_shape()))
             except Exception as e:  # noqa: BLE001 safetensors raises its own error types for truncated/corrupt files
-                raise InputError(f"{path}: cannot read the coded tensors ({one_line(e)})") from None
+                raise library_error(f"{path}: cannot read the coded tensors ({one_line(e)})") from None
             for name in names:
                 size = dfloat.part_size(self.coded[name])
                 if stored[name] != ("U8", [size]):
@@ -528,7 +528,7 @@ class Checkpoint:
                 files[path] = safe_open(str(path), framework="pt")
             return files[path].get_tensor(name)
         except Exception as e:  # noqa: BLE001 safetensors raises its own error types for truncated/corrupt files
-            raise InputError(f"{path}: cannot read tensor {name} ({one_line(e)})") from None
+            raise library_error(f"{path}: cannot read tensor {name} ({one_line(e)})") from None
 
 
 def verify(path) -> list[str]:
@@ -639,7 +639,7 @@ def _safetensors_keys(path: Path) -> list[str]:
         with safe_open(str(path), framework="pt") as f:
             return list(f.keys())
     except Exception as e:  # noqa: BLE001 safetensors raises its own error types
-        raise InputError(f"{path}: not a readable safetensors file ({one_line(e)})") from None
+        raise library_error(f"{path}: not a readable safetensors file ({one_line(e)})") from None
 
 
 def _read_json(path: Path) -> dict:
@@ -648,7 +648,7 @@ def _read_json(path: Path) -> dict:
     try:
         data = json.loads(raw)
     except (ValueError, RecursionError) as e:
-        raise InputError(f"{path}: not valid JSON ({one_line(e)})") from None
+        raise library_error(f"{path}: not valid JSON ({one_line(e)})") from None
     if not isinstance(data, dict):
         raise InputError(f"{path}: holds a JSON {type(data).__name__}, not an object")
     return data

@@ -11,7 +11,7 @@ import threading
 import click
 
 from .. import __version__
-from ..formats.errors import InputError, one_line
+from ..formats.errors import InputError, one_line, signalled
 
 
 class _Group(click.Group):
@@ -54,20 +54,31 @@ class Terminated(KeyboardInterrupt):
 
 @contextlib.contextmanager
 def _terminate_as_interrupt():
-    """While a command runs, SIGTERM raises Terminated (in the main thread, and unless SIGTERM is ignored)."""
-    if threading.current_thread() is not threading.main_thread() or \
-            signal.getsignal(signal.SIGTERM) is signal.SIG_IGN:
+    """While a command runs, SIGTERM raises Terminated and Ctrl-C KeyboardInterrupt (in the main thread, for each
+    signal unless it is ignored), remembered (formats/errors.py) so that a library turning either into an error
+    of its own does not make it look like bad input."""
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def terminate(signum, frame):
-        raise Terminated
+        raise signalled(Terminated())
 
-    previous = signal.signal(signal.SIGTERM, terminate)
+    def interrupt(signum, frame):
+        raise signalled(KeyboardInterrupt())
+
+    handlers = {signal.SIGTERM: terminate, signal.SIGINT: interrupt}
+    previous = {signum: signal.getsignal(signum) for signum in handlers}
+    for signum, handler in handlers.items():
+        if previous[signum] is not signal.SIG_IGN:
+            signal.signal(signum, handler)
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            if handler is not None:                 # None: installed from outside Python, cannot be put back
+                signal.signal(signum, handler)
+        signalled(None)
 
 
 def _internal(ctx, e: Exception):

@@ -131,6 +131,10 @@ def _notes(name: str, result: dict, entry: dict | None, record: bool, here: dict
         if what in old and old[what] != now:
             notes.append(f"{name}: measured on other {what.replace('_', ' ')} than the golden values "
                          f"(fingerprint {old[what][:12]}, now {now[:12]})")
+    recorded_threads = entry["recorded"].get("threads")
+    if recorded_threads not in (None, result["threads"]):
+        notes.append(f"{name}: golden values recorded with {recorded_threads} torch threads, this ran with "
+                     f"{result['threads']}: float sums, and so roundings, can differ (set threads in the suite)")
     versions = (entry["recorded"].get("versions") or {})
     for lib, now in here["versions"].items():
         if versions.get(lib) not in (None, now):
@@ -144,7 +148,7 @@ def _record(spec, cases, results, golden: dict, here: dict) -> None:
     kept = {name: entry for name, entry in golden.items() if name in names}
     for case, result in zip(cases, results):
         if result["error"] is None:
-            kept[case.name] = {"recorded": {**here, "cache": result["cache"]},
+            kept[case.name] = {"recorded": {**here, "cache": result["cache"], "threads": result["threads"]},
                                "fingerprints": result["fingerprints"], "metrics": result["values"]}
     ordered = {c.name: kept[c.name] for c in spec.cases if c.name in kept}
     if not any(result["error"] is None for result in results):

@@ -11,6 +11,8 @@ it, written by `--record`), read and checked before any work: each malformed fie
     metrics.perplexity = { rel = 0.01 }          # band: abs + rel x |golden|, the worse way only; side = "both"
     metrics.kl = { abs = 0.002 }                 #   fails a move either way
     metrics.quantize_seconds = {}                # informative: reported, never judged
+    threads = 1                                  # torch threads per case (default: torch's own, split among
+                                                 #   --jobs); float sums, and so GPTQ's roundings, follow it
 """
 from __future__ import annotations
 
@@ -48,7 +50,7 @@ KINDS = {
     "table": (lambda v: isinstance(v, dict), "a table"),
 }
 CASE = {"name": "string", "model": "string", "base": "string", "quantize": "table", "eval": "table",
-        "metrics": "table"}
+        "metrics": "table", "threads": "count"}
 DEFAULTS = {k: v for k, v in CASE.items() if k != "name"}
 EVAL = {"data": "string", "seqlen": "count", "max_tokens": "count"}
 BAND = {"abs": "margin", "rel": "margin", "side": "side"}
@@ -206,8 +208,8 @@ def _case(table: dict, label: str, base_dir: str, problems: Problems) -> Case | 
     settings = {"quantize": options, "eval": evaluation and {"seqlen": evaluation.seqlen,
                                                             "max_tokens": evaluation.max_tokens},
                 "lm_eval": lm_eval and {**vars(lm_eval), "tasks": list(lm_eval.tasks)},
-                "base": base if base != model else None}
-    return Case(t["name"], model, base, quantize, settings, evaluation, lm_eval, metrics)
+                "base": base if base != model else None, **({"threads": t["threads"]} if "threads" in t else {})}
+    return Case(t["name"], model, base, quantize, settings, evaluation, lm_eval, metrics, t.get("threads"))
 
 
 def _resolve(base_dir: str, path: str) -> str:

