@@ -56,7 +56,7 @@ def main() -> None:
     family, shapes = runner.family, linear_shapes(runner)
     windows, _ = calibration_windows(source, source.tokenizer(), opts, progress=False)
     fisher, _ = output_fisher(runner, source, windows[:opts.fisher_samples], list(shapes))
-    configs = [GridConfig(c.bits, c.group_size, c.sym, c.outliers) for c in CANDIDATES]
+    configs = [GridConfig(c.bits, c.group_size, c.sym, c.outliers) for c in CANDIDATES if not (c.lut or c.per_ic)]
     hidden = F.embedding(windows, source.get(family.embed).to(torch.float32))
     rows, seconds = [], {n: 0.0 for n in ("full", *SAMPLES)}
     for i in range(max(BLOCKS) + 1):

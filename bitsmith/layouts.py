@@ -24,6 +24,10 @@ checkpoint holding such a linear is declared `quant_method: "bitsmith"` (`gptq_e
 Lookup tables (a plan entry with `lut`; SqueezeLLM, Kim et al. 2023): the codes packed as GPTQ's qweight and
 lut fp16 [out, 2^bits], each output row's centroids (`LUTLayout`); also `quant_method: "bitsmith"` only.
 
+Per-input-channel groups (a plan entry with `per_ic`; AdaDim, quantize/per_ic.py): the codes packed as GPTQ's
+qweight, scales fp16 [G, in] and qzeros int32 [G, packed(in)] (true zeros packed along the input), G groups of
+`group_size` output rows (`PerICLayout`); also `quant_method: "bitsmith"` only.
+
 `layout_of(layer)` is the one place that says which layout a plan entry (or a checkpoint's layer entry) uses.
 """
 from __future__ import annotations
@@ -38,10 +42,12 @@ from .formats.errors import InputError
 from .formats.packing import SUPPORTED_BITS, pack, packed_length, trim_earlier_padding
 from .kernels.linear import DenseSparseLinear, QuantizedLinear
 from .kernels.lut_linear import LUTLinear, lut_dequantize
+from .kernels.per_ic_linear import PerICLinear, per_ic_dequantize
 from .kernels.reference import dense_sparse_dequantize, dequantize
 from .plan import LUT_BITS, MAX_OUTLIERS, LayerPlan, QuantPlan
 from .quantize.lut import LutWeight
 from .quantize.outliers import DenseSparseWeight, outlier_count
+from .quantize.per_ic import PerICWeight, row_span
 from .quantize.rtn import QuantizedWeight
 
 
@@ -143,6 +149,33 @@ class LUTLayout:
         return LUTLinear(in_features, out_features, layer.bits, bias=bias)
 
 
+class PerICLayout:
+    """Per-input-channel grids (module docstring; kernels/per_ic_linear.py). No GPTQ loader reads it."""
+
+    parts = ("qweight", "scales", "qzeros")
+
+    @staticmethod
+    def tensors(qw: PerICWeight) -> dict[str, torch.Tensor]:
+        return {"qweight": pack(qw.codes.t(), qw.bits, dim=0), "scales": qw.scales.contiguous(),
+                "qzeros": pack(qw.zeros, qw.bits, dim=1)}
+
+    @staticmethod
+    def stored_bits(out_features: int, in_features: int, layer: LayerPlan) -> int:
+        groups = -(-out_features // row_span(layer.group_size, out_features))
+        words = packed_length(in_features, layer.bits) * (out_features + groups)
+        return 32 * words + 16 * groups * in_features
+
+    @staticmethod
+    def weight(stored, layer: LayerPlan, in_features: int) -> torch.Tensor:
+        return per_ic_dequantize(stored("qweight"), stored("scales"), stored("qzeros"), layer.bits, in_features,
+                                 layer.group_size)
+
+    @staticmethod
+    def module(in_features: int, out_features: int, layer: LayerPlan, bias: bool,
+               has_g_idx: bool = False) -> PerICLinear:
+        return PerICLinear(in_features, out_features, layer.bits, layer.group_size, bias=bias)
+
+
 def _reads_earlier_padding(module: QuantizedLinear) -> QuantizedLinear:
     """`module`, loading the packed tensors of checkpoints written with whole runs of 32 codes per packed
     column (earlier bitsmith versions) as well: their extra words hold only zero padding."""
@@ -154,10 +187,13 @@ def _reads_earlier_padding(module: QuantizedLinear) -> QuantizedLinear:
     return module
 
 
-def layout_of(layer: LayerPlan) -> type[GPTQLayout | LUTLayout]:
-    """The layout a plan entry is stored in: a lookup table, dense-and-sparse when it keeps outliers, else GPTQ."""
+def layout_of(layer: LayerPlan) -> type[GPTQLayout | LUTLayout | PerICLayout]:
+    """The layout a plan entry is stored in: a lookup table, per-input-channel grids, dense-and-sparse when it
+    keeps outliers, else GPTQ."""
     if layer.lut:
         return LUTLayout
+    if layer.per_ic:
+        return PerICLayout
     return DenseSparseLayout if layer.outliers else GPTQLayout
 
 
@@ -173,14 +209,14 @@ def plan_bits(plan: QuantPlan, shapes: dict[str, tuple[int, int]]) -> tuple[int,
 
 
 def _entry(layer: LayerPlan, desc_act: bool, extended: bool) -> dict:
-    """One configuration as `quantization_config` fields; `extended` (a bitsmith-only checkpoint) names outliers
-    and lookup tables in every entry."""
+    """One configuration as `quantization_config` fields; `extended` (a bitsmith-only checkpoint) names outliers,
+    lookup tables and per-input-channel groups in every entry."""
     return {"bits": layer.bits, "group_size": layer.group_size, "sym": layer.sym, "desc_act": desc_act,
-            **({"outliers": layer.outliers, "lut": layer.lut} if extended else {})}
+            **({"outliers": layer.outliers, "lut": layer.lut, "per_ic": layer.per_ic} if extended else {})}
 
 
 def _config_key(layer: LayerPlan) -> tuple:
-    return layer.bits, layer.group_size, layer.sym, layer.outliers, layer.lut
+    return layer.bits, layer.group_size, layer.sym, layer.outliers, layer.lut, layer.per_ic
 
 
 def gptq_config(plan: QuantPlan, shapes: dict[str, tuple[int, int]]) -> dict:
@@ -192,10 +228,13 @@ def gptq_config(plan: QuantPlan, shapes: dict[str, tuple[int, int]]) -> dict:
     for name, layer in plan.layers.items():
         weight[_config_key(layer)] += shapes[name][0] * shapes[name][1]
     most = max(weight, key=lambda k: (weight[k], k))
-    base = LayerPlan(*most[:3], outliers=most[3], lut=most[4])
+    base = LayerPlan(*most[:3], outliers=most[3], lut=most[4], per_ic=most[5])
     dynamic = {f"+:{re.escape(name)}$": _entry(layer, desc_act, extended)
                for name, layer in plan.layers.items() if _config_key(layer) != most}
     return {**_entry(base, desc_act, extended), **({"dynamic": dynamic} if dynamic else {})}
+
+
+EXTENDED = ("outliers", "lut", "per_ic")      # the fields only bitsmith checkpoints have
 
 
 def layer_config(qconfig: dict, name: str) -> dict | None:
@@ -209,7 +248,7 @@ def layer_config(qconfig: dict, name: str) -> dict | None:
                          "points stored minus one)")
     base = {"bits": qconfig.get("bits", 4), "group_size": qconfig.get("group_size", 128),
             "sym": qconfig.get("sym", False),
-            **{k: qconfig[k] for k in ("outliers", "lut") if k in qconfig}}
+            **{k: qconfig[k] for k in EXTENDED if k in qconfig}}
     dynamic = qconfig.get("dynamic") or {}
     if not isinstance(dynamic, dict):
         raise InputError("quantization_config: dynamic must be an object of REGEX -> overrides")
@@ -225,7 +264,7 @@ def layer_config(qconfig: dict, name: str) -> dict | None:
         if hit:
             if not isinstance(override, dict):
                 raise InputError(f"quantization_config: dynamic rule {key!r} must map to an object")
-            return {**base, **{k: override[k] for k in (*base, "outliers", "lut") if k in override}}
+            return {**base, **{k: override[k] for k in (*base, *EXTENDED) if k in override}}
     return base
 
 
@@ -241,4 +280,8 @@ def layer_plan(layer: dict, where: str) -> LayerPlan:
     if not isinstance(lut, bool) or (lut and (bits not in LUT_BITS or group != -1 or outliers)):
         raise InputError(f"{where}: lut {lut!r} in quantization_config: a table per row of 2, 3 or 4 bits, "
                          "group_size -1, no outliers")
-    return LayerPlan(bits, group, bool(layer["sym"]), outliers=float(outliers), lut=lut)
+    per_ic = layer.get("per_ic", False)
+    if not isinstance(per_ic, bool) or (per_ic and (lut or outliers)):
+        raise InputError(f"{where}: per_ic {per_ic!r} in quantization_config: true or false, with no lookup "
+                         "table and no outliers")
+    return LayerPlan(bits, group, bool(layer["sym"]), outliers=float(outliers), lut=lut, per_ic=per_ic)

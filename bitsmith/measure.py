@@ -30,6 +30,12 @@ by GPTQ) are candidates at 2, 3 and 4 bits, `LUT_CANDIDATES`. A table costs 2^bi
 cheap where rows are long (down_proj's 1536 inputs on SmolLM2: 0.08 bits per weight at 3 bits) and dear where
 they are short; the knapsack prices it like every other layout.
 
+Per-input-channel groups (quantize/per_ic.py, AdaDim: one grid per input channel and run of 64 or 128 output
+rows) are candidates at 2, 3 and 4 bits, `PER_IC_CANDIDATES`. Their grids span rows, so rows cannot be sampled
+one by one: the measurement takes `PER_IC_WINDOWS` whole windows of `PER_IC_WINDOW` consecutive rows (a whole
+number of groups of either size), drawn with probability proportional to the windows' summed sampling size, and
+weights them as above.
+
 Decide: linears that read one input in one block (q/k/v, gate/up) share a configuration, as fused loaders
 (vLLM) require; a multiple-choice knapsack (quantize/allocate.py) picks one candidate per such unit.
 """
@@ -61,11 +67,14 @@ from .quantize.rtn import rtn_quantize
 PLAIN_CANDIDATES = tuple(LayerPlan(b, g, s) for b in (2, 3, 4, 8) for g in (32, 64, 128, -1) for s in (False, True))
 OUTLIER_CANDIDATES = tuple(LayerPlan(b, 128, False, outliers=f) for b in (2, 3) for f in (0.005, 0.01))
 LUT_CANDIDATES = tuple(LayerPlan(b, -1, False, lut=True) for b in LUT_BITS)
-CANDIDATES = PLAIN_CANDIDATES + OUTLIER_CANDIDATES + LUT_CANDIDATES     # the tables last (`sampled_losses`)
+PER_IC_CANDIDATES = tuple(LayerPlan(b, g, False, per_ic=True) for b in (2, 3, 4) for g in (64, 128))
+CANDIDATES = (PLAIN_CANDIDATES + OUTLIER_CANDIDATES + LUT_CANDIDATES     # in `sampled_losses`' order: the grids
+              + PER_IC_CANDIDATES)                                      # of single rows, tables, per-IC grids
 MEASURE_ROWS = 128        # rows of each linear the measurement runs GPTQ on (all of them when it has fewer)
 SHRINK_EVERY = 8          # the measurement's grid search tries every 8th of GPTQ's 80 shrink factors
 PROXIES = ("fisher", "hessian")
-MEASUREMENT_VERSION = 3           # 3: lookup-table candidates; 2: outliers; 1 (neither) and 2 are still read
+PER_IC_WINDOW, PER_IC_WINDOWS = 128, 2     # rows per window and windows of the per-input-channel candidates
+MEASUREMENT_VERSION = 4           # 4: per-input-channel candidates; 3: lookup tables; 2: outliers; 1-3 still read
 MATCHING_OPTIONS = ("method", "act_order", "static_groups", "mse", "damp")
 
 
@@ -92,7 +101,8 @@ class Measurement:
                 "calibration_fingerprint": self.calibration, "calibration": self.description,
                 "options": self.options,
                 "candidates": [{"bits": c.bits, "group_size": c.group_size, "sym": c.sym, "outliers": c.outliers,
-                                **({"lut": True} if c.lut else {})} for c in self.candidates],
+                                **({"lut": True} if c.lut else {}), **({"per_ic": True} if c.per_ic else {})}
+                               for c in self.candidates],
                 "units": self.units,
                 "fisher": {"windows": self.fisher_windows, "nll": self.base_nll},
                 "layers": {name: {"shape": list(self.shapes[name]),
@@ -118,9 +128,9 @@ class Measurement:
 
     @classmethod
     def _from(cls, body: dict, source: ModelSource, opts: QuantizeOptions, where: str) -> Measurement:
-        if body["format_version"] not in (1, 2, MEASUREMENT_VERSION):
+        if body["format_version"] not in (1, 2, 3, MEASUREMENT_VERSION):
             raise InputError(f"{where}: measurement format {body['format_version']!r}, expected "
-                             f"{MEASUREMENT_VERSION} (or 1, 2); measure again with this bitsmith")
+                             f"{MEASUREMENT_VERSION} (or 1-3); measure again with this bitsmith")
         if body["source_fingerprint"] != source.fingerprint():
             raise InputError(f"{where}: measured on a different model (source fingerprint differs); measure "
                              "this model again")
@@ -129,13 +139,17 @@ class Measurement:
                 raise InputError(f"{where}: measured with {key}={body['options'][key]!r}, this run has "
                                  f"{getattr(opts, key)!r}; use the same options or measure again")
         candidates = [LayerPlan(int(c["bits"]), int(c["group_size"]), bool(c["sym"]),
-                                outliers=float(c.get("outliers", 0.0)), lut=c.get("lut", False) is True)
+                                outliers=float(c.get("outliers", 0.0)), lut=c.get("lut", False) is True,
+                                per_ic=c.get("per_ic", False) is True)
                       for c in body["candidates"]]
         if any(not 0 <= c.outliers <= MAX_OUTLIERS for c in candidates):
             raise InputError(f"{where}: a candidate's outliers are not a fraction from 0 to {MAX_OUTLIERS}")
         if any(c.lut and (c.bits not in LUT_BITS or c.group_size != -1 or c.outliers) for c in candidates):
             raise InputError(f"{where}: a lookup-table candidate is not a table per row of 2, 3 or 4 bits")
-        missing = {1: "outlier and lookup-table", 2: "lookup-table"}.get(body["format_version"])
+        if any(c.per_ic and (c.lut or c.outliers) for c in candidates):
+            raise InputError(f"{where}: a per-input-channel candidate has a lookup table or outliers")
+        missing = {1: "outlier, lookup-table and per-input-channel", 2: "lookup-table and per-input-channel",
+                   3: "per-input-channel"}.get(body["format_version"])
         if missing:
             print(f"{where}: a measurement of format {body['format_version']} has no {missing} candidates: the "
                   f"plan chooses among its {len(candidates)} candidates (measure again to offer them all)",
@@ -191,18 +205,40 @@ SAMPLERS = {"strata": strata, "pps": pps}
 
 def sampled_losses(W: torch.Tensor, H: torch.Tensor, fisher: torch.Tensor, configs: list[GridConfig],
                    opts: QuantizeOptions, rows: int = MEASURE_ROWS, sampler: str = "pps",
-                   lut_bits: list[int] = ()) -> tuple[list[float], list[float]]:
+                   lut_bits: list[int] = (), per_ic: list[GridConfig] = ()) -> tuple[list[float], list[float]]:
     """(Fisher-weighted, plain) GPTQ error of W under each grid configuration, then under a lookup table of
-    each of `lut_bits`, estimated from a sample of rows: sum_o F_o loss_o / 2 (nats per token) and
-    sum_o loss_o. Rows are drawn by `sampler` with their Fisher-weighted round-to-nearest error (4-bit, groups
-    of 128) as the size; a table is per row, so a sampled row's table is the one the whole linear would get."""
-    pick, weight = SAMPLERS[sampler](fisher * rtn_error(W, H), rows)
+    each of `lut_bits`, then under each per-input-channel configuration, estimated from a sample of rows:
+    sum_o F_o loss_o / 2 (nats per token) and sum_o loss_o. Rows are drawn by `sampler` with their
+    Fisher-weighted round-to-nearest error (4-bit, groups of 128) as the size; a table is per row, so a sampled
+    row's table is the one the whole linear would get. Per-input-channel grids span rows: they are measured on
+    whole windows of rows (`window_sample`)."""
+    size = fisher * rtn_error(W, H)
+    pick, weight = SAMPLERS[sampler](size, rows)
     _, losses = gptq_configs(W[pick], H, configs, opts.act_order, opts.static_groups, opts.damp, mse=opts.mse,
                              shrink_every=SHRINK_EVERY, keep=False)
+    fisher_losses, plain_losses = losses @ (weight * fisher[pick]) / 2, losses @ weight
     if lut_bits:
         _, lut_losses = gptq_lut_configs(W[pick], H, list(lut_bits), opts.act_order, opts.damp, keep=False)
-        losses = torch.cat([losses, lut_losses])
-    return (losses @ (weight * fisher[pick]) / 2).tolist(), (losses @ weight).tolist()
+        fisher_losses = torch.cat([fisher_losses, lut_losses @ (weight * fisher[pick]) / 2])
+        plain_losses = torch.cat([plain_losses, lut_losses @ weight])
+    if per_ic:
+        pick, weight = window_sample(size, PER_IC_WINDOW, PER_IC_WINDOWS)
+        _, ic_losses = gptq_configs(W[pick], H, list(per_ic), opts.act_order, opts.static_groups, opts.damp,
+                                    mse=opts.mse, shrink_every=SHRINK_EVERY, keep=False)
+        fisher_losses = torch.cat([fisher_losses, ic_losses @ (weight * fisher[pick]) / 2])
+        plain_losses = torch.cat([plain_losses, ic_losses @ weight])
+    return fisher_losses.tolist(), plain_losses.tolist()
+
+
+def window_sample(size: torch.Tensor, window: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`count` windows of `window` consecutive rows (the last may be shorter), drawn by `pps` on their summed
+    `size`; their rows in ascending order (so that every group of a divisor of `window` rows lies in one window)
+    and each row's Horvitz-Thompson weight, its window's."""
+    starts = list(range(0, size.numel(), window))
+    windows, weights = pps(torch.stack([size[s:s + window].sum() for s in starts]), count)
+    order = torch.argsort(windows)
+    rows = [torch.arange(starts[i], min(starts[i] + window, size.numel())) for i in windows[order].tolist()]
+    return torch.cat(rows), torch.cat([weights[j].expand(len(r)) for j, r in zip(order.tolist(), rows)])
 
 
 def rtn_error(W: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
@@ -225,8 +261,9 @@ def measure(source: ModelSource, opts: QuantizeOptions, progress: bool = True) -
     family, shapes = runner.family, linear_shapes(runner)
     windows, description = calibration_windows(source, source.tokenizer(), opts, progress)
     fisher, base_nll = output_fisher(runner, source, windows[:opts.fisher_samples], list(shapes), progress)
-    configs = [GridConfig(c.bits, c.group_size, c.sym, c.outliers) for c in CANDIDATES if not c.lut]
+    configs = [GridConfig(c.bits, c.group_size, c.sym, c.outliers) for c in CANDIDATES if not (c.lut or c.per_ic)]
     lut_bits = [c.bits for c in CANDIDATES if c.lut]
+    per_ic = [GridConfig(c.bits, c.group_size, c.sym, per_ic=True) for c in CANDIDATES if c.per_ic]
     errors = {proxy: {} for proxy in PROXIES}
     hidden = F.embedding(windows, source.get(family.embed).to(torch.float32))
     for i in tqdm(range(runner.n_blocks), desc="measure", unit="block", disable=not progress):
@@ -239,7 +276,8 @@ def measure(source: ModelSource, opts: QuantizeOptions, progress: bool = True) -
                 W = block.get_submodule(name).weight.data.to(torch.float32)
                 try:
                     errors["fisher"][prefix + name], errors["hessian"][prefix + name] = sampled_losses(
-                        W, hessians[group].H, fisher[prefix + name], configs, opts, lut_bits=lut_bits)
+                        W, hessians[group].H, fisher[prefix + name], configs, opts, lut_bits=lut_bits,
+                        per_ic=per_ic)
                 except ValueError as e:
                     raise InputError(f"{prefix + name}: {e}") from None
         runner.release_block(i)

@@ -30,7 +30,7 @@ from .formats.errors import InputError
 from .formats.source import ModelSource
 from .kernels.reference import qoq_dequantize
 from .layouts import layout_of
-from .plan import LayerPlan, QuantizeOptions, QuantPlan, check_group, check_lut, check_outliers
+from .plan import LayerPlan, QuantizeOptions, QuantPlan, check_layer
 from .quantize.gptq import gptq_quantize
 from .quantize.lut import gptq_lut
 from .quantize.qoq import qoq_quantize
@@ -72,7 +72,7 @@ def quantize_linear(W: torch.Tensor, H: Hessian | None, opts: QuantizeOptions, l
         return qw, layout_of(layer).tensors(qw), qw.loss
     if opts.method == "gptq":
         qw = gptq_quantize(W, H.H, layer.bits, layer.group_size, layer.sym, opts.act_order, opts.static_groups,
-                           opts.damp, mse=opts.mse, outliers=layer.outliers)
+                           opts.damp, mse=opts.mse, outliers=layer.outliers, per_ic=layer.per_ic)
         return qw, layout_of(layer).tensors(qw), qw.loss
     qw = qoq_quantize(W, H.H, layer.group_size, opts.damp)              # W4A8 (QServe progressive)
     return qw, qw.tensors(), 0.0
@@ -213,9 +213,7 @@ def run(source: ModelSource, writer, plan: QuantPlan, eval_ids: torch.Tensor | N
     runner = BlockRunner(source.config)
     family = runner.family
     for name, (_, in_features) in linear_shapes(runner).items():
-        check_group(plan.layers[name].group_size, name, in_features, opts.method)
-        check_outliers(plan.layers[name].outliers, name, opts.method)
-        check_lut(plan.layers[name], name, opts.method)
+        check_layer(plan.layers[name], name, in_features, opts.method)
     calib = calib or calibration(source, opts, progress)
     result = Result(calibration=calib.description, calibration_fingerprint=calib.fingerprint)
     streams = embed(source, family, calib.windows, eval_ids)
@@ -377,7 +375,8 @@ def _quantize_into(block, prefix: str, name: str, H, plan: QuantPlan, writer, te
         qw, stored, loss = quantize_linear(lin.weight.data, H, plan.options, layer)
     except ValueError as e:
         raise InputError(f"{full}: {e}") from None
-    if starts is not None and not layer.lut:          # SignRound learns uniform grids; a table stays GPTQ's
+    if starts is not None and not (layer.lut or layer.per_ic):   # SignRound learns per-row grids: a table and
+                                                                  # per-input-channel grids stay GPTQ's
         starts[name] = (lin.weight.data, qw, H)
         lin.weight.data = qw.Q
         return None

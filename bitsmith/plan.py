@@ -69,18 +69,23 @@ class LayerPlan:
     """How one linear is quantized: its grid, the fraction of its weights kept in fp16 as sparse outliers
     (quantize/outliers.py; 0: none, the plain GPTQ layout), whether its grid is a lookup table of 2^bits
     centroids per output row instead (quantize/lut.py; group size -1, no symmetry) and, when a measurement chose
-    it, the loss increase that measurement predicts (nats per token)."""
+    it, the loss increase that measurement predicts (nats per token). With `per_ic` the groups run along the
+    output instead: one grid per input channel and `group_size` output rows (quantize/per_ic.py, AdaDim)."""
     bits: int
     group_size: int
     sym: bool
     predicted_error: float | None = None
     outliers: float = 0.0
     lut: bool = False
+    per_ic: bool = False
 
     def key(self) -> str:
-        """A short name of the configuration: w3g64, w4g-1s, w3g128o0.01 (1 % outliers), w3lut, ..."""
+        """A short name of the configuration: w3g64, w4g-1s, w3g128o0.01 (1 % outliers), w3lut, w3ic64
+        (per input channel, groups of 64 rows), ..."""
         if self.lut:
             return f"w{self.bits}lut"
+        if self.per_ic:
+            return f"w{self.bits}ic{self.group_size}{'s' if self.sym else ''}"
         return f"w{self.bits}g{self.group_size}{'s' if self.sym else ''}" + (
             f"o{self.outliers:g}" if self.outliers else "")
 
@@ -104,10 +109,10 @@ class QuantPlan:
         return None if None in errors else sum(errors)
 
     def as_dict(self) -> dict:
-        """The plan as JSON; `outliers` and `lut` are written only where they are set (a plan without them reads
-        as it always has)."""
+        """The plan as JSON; `outliers`, `lut` and `per_ic` are written only where they are set (a plan without
+        them reads as it always has)."""
         layers = {name: {k: v for k, v in asdict(layer).items()
-                         if v is not None and (k not in ("outliers", "lut") or v)}
+                         if v is not None and (k not in ("outliers", "lut", "per_ic") or v)}
                   for name, layer in self.layers.items()}
         return {"format_version": PLAN_VERSION, "options": self.options.as_dict(), "target_bpw": self.target_bpw,
                 "layers": layers}
@@ -131,9 +136,7 @@ class QuantPlan:
         layers = {name: _layer_from(entries[name], f"{where}: {name}") for name in linears}
         for name, layer in layers.items():
             try:
-                check_group(layer.group_size, name, linears[name][1], opts.method)
-                check_outliers(layer.outliers, name, opts.method)
-                check_lut(layer, name, opts.method)
+                check_layer(layer, name, linears[name][1], opts.method)
             except InputError as e:
                 raise InputError(f"{where}: {e}") from None
         target = body.get("target_bpw")
@@ -157,11 +160,12 @@ def _layer_from(entry, where: str) -> LayerPlan:
     if type(outliers) not in (int, float) or not 0 <= outliers <= MAX_OUTLIERS:
         raise InputError(f"{where}: outliers {outliers!r}: a fraction of the weights from 0 to {MAX_OUTLIERS}")
     error = entry.get("predicted_error")
-    lut = entry.get("lut", False)
-    if not isinstance(lut, bool):
-        raise InputError(f"{where}: lut {lut!r}: expected true or false")
+    lut, per_ic = entry.get("lut", False), entry.get("per_ic", False)
+    for key, flag in (("lut", lut), ("per_ic", per_ic)):
+        if not isinstance(flag, bool):
+            raise InputError(f"{where}: {key} {flag!r}: expected true or false")
     return LayerPlan(bits, group, sym, float(error) if isinstance(error, (int, float)) else None, float(outliers),
-                     lut)
+                     lut, per_ic)
 
 
 MAX_OUTLIERS = 0.25       # SpQR and SqueezeLLM keep about 1 %; beyond a quarter the weight is hardly quantized
@@ -186,6 +190,25 @@ def check_lut(layer: LayerPlan, name: str, method: str) -> None:
         raise InputError(f"{name}: lut with {layer.bits} bits: choose one of {', '.join(map(str, LUT_BITS))}")
     if layer.group_size != -1 or layer.sym or layer.outliers:
         raise InputError(f"{name}: lut is one table per output row: group_size -1, sym false, no outliers")
+
+
+def check_per_ic(layer: LayerPlan, name: str, method: str) -> None:
+    """Per-input-channel grids are fitted inside GPTQ's column loop, with nothing else on them."""
+    if not layer.per_ic:
+        return
+    if method != "gptq":
+        raise InputError(f"{name}: per_ic needs --method gptq (this run has {method})")
+    if layer.lut or layer.outliers:
+        raise InputError(f"{name}: per_ic groups keep no outliers and no lookup table")
+
+
+def check_layer(layer: LayerPlan, name: str, in_features: int, method: str) -> None:
+    """Every check of a plan entry for a linear with `in_features` inputs under `method`."""
+    if not layer.per_ic:                    # per-input-channel groups run along the output: any size fits
+        check_group(layer.group_size, name, in_features, method)
+    check_outliers(layer.outliers, name, method)
+    check_lut(layer, name, method)
+    check_per_ic(layer, name, method)
 
 
 def check_group(g: int, name: str, in_features: int, method: str) -> None:

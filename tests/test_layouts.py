@@ -300,6 +300,17 @@ def test_outliers_take_the_checkpoint_out_of_the_gptq_convention():
     assert bits > plan_bits(plain, SHAPES)[0]
 
 
+@pytest.mark.parametrize("special", [LayerPlan(3, -1, False, lut=True), LayerPlan(3, 32, False, per_ic=True)],
+                         ids=["lut", "per_ic"])
+def test_tables_and_per_input_channel_grids_take_the_checkpoint_out_of_the_gptq_convention(special):
+    plan = plan_of(lambda n: special if "down" in n else LayerPlan(3, 64, False))
+    assert not gptq_expressible(plan)
+    qc = gptq_config(plan, SHAPES)
+    for name, layer in plan.layers.items():
+        assert layer_plan(layer_config(qc, name), name) == layer
+    assert plan_bits(plan, SHAPES)[0] == sum(layout_of(lp).stored_bits(*SHAPES[n], lp) for n, lp in plan.layers.items())
+
+
 @pytest.mark.parametrize("entry, message", [
     ({"bits": 3, "group_size": 128, "sym": False, "outliers": 0.5}, "outliers 0.5"),
     ({"bits": 3, "group_size": 128, "sym": False, "outliers": "1%"}, "outliers '1%'"),

@@ -5,28 +5,29 @@ import json
 
 import pytest
 import torch
-from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from plan_support import (
+    CALIB,
+    STORIES_WEIGHTS,
+    check_loaded_and_inspected,
+    check_module_reproduces,
+    cli,
+    linear_names,
+    nbits,
+    quantize_planned,
+    written_bits,
+)
 from safetensors import safe_open
 
-import bitsmith
-from bitsmith.calibration import data
 from bitsmith.calibration.adapter import BlockRunner
-from bitsmith.calibration.perplexity import evaluate
-from bitsmith.cli.main import main
 from bitsmith.formats.errors import InputError
 from bitsmith.formats.source import open_source
-from bitsmith.kernels.linear import QuantizedLinear
 from bitsmith.kernels.lut_linear import LUTLinear
-from bitsmith.layouts import LUTLayout, gptq_config, gptq_expressible, layer_config, layer_plan, layout_of, plan_bits
+from bitsmith.layouts import LUTLayout, layer_plan, layout_of
 from bitsmith.pipeline import linear_shapes
-from bitsmith.plan import LayerPlan, QuantizeOptions, QuantPlan
+from bitsmith.plan import LayerPlan
 from bitsmith.quantize.lut import LutWeight, gptq_lut
-
-
-def nbits(tensors) -> int:
-    return sum(8 * t.numel() * t.element_size() for t in tensors.values())
 
 
 @settings(max_examples=30, deadline=None)
@@ -49,28 +50,7 @@ def test_module_reproduces_Q(bits):
     g = torch.Generator().manual_seed(bits)
     W, X = 0.05 * torch.randn(24, 80, generator=g), torch.randn(256, 80, generator=g)
     qw = gptq_lut(W, 2 * X.t() @ X / 256, bits, act_order=True)
-    layer = LayerPlan(bits, -1, False, lut=True)
-    module = layout_of(layer).module(80, 24, layer, bias=False)
-    module.load_state_dict(LUTLayout.tensors(qw), strict=True)
-    assert isinstance(module, LUTLinear) and torch.equal(module.dequantize(), qw.Q)
-    x = torch.randn(3, 80, generator=g)
-    assert torch.equal(module(x), x @ qw.Q.t())
-    module.cache_dequantized()
-    assert torch.equal(module(x), x @ qw.Q.t())
-
-
-SHAPES = {"model.layers.0.self_attn.q_proj": (64, 64), "model.layers.0.mlp.down_proj": (64, 172)}
-
-
-def test_tables_take_the_checkpoint_out_of_the_gptq_convention_and_round_trip():
-    plan = QuantPlan(QuantizeOptions(), {"model.layers.0.self_attn.q_proj": LayerPlan(3, 32, False),
-                                         "model.layers.0.mlp.down_proj": LayerPlan(3, -1, False, lut=True)})
-    assert not gptq_expressible(plan)
-    qc = gptq_config(plan, SHAPES)
-    for name, layer in plan.layers.items():
-        assert layer_plan(layer_config(qc, name), name) == layer
-    assert plan_bits(plan, SHAPES)[0] == sum(layout_of(lp).stored_bits(*SHAPES[n], lp) for n, lp in plan.layers.items())
-
+    check_module_reproduces(qw, LayerPlan(bits, -1, False, lut=True), LUTLinear, bits)
 
 @pytest.mark.parametrize("entry, message", [
     ({"bits": 8, "group_size": -1, "sym": False, "lut": True}, "a table per row of 2, 3 or 4 bits"),
@@ -85,50 +65,18 @@ def test_table_entries_of_a_checkpoint_are_checked(entry, message):
 # ---------------------------------------------------------------------------------------------------
 # End to end on stories260K.
 
-CALIB = ["--nsamples", "16", "--seqlen", "128", "--seed", "0"]
-EVAL_TOKENS = 4096
-
-
-def cli(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
 
 
 def test_a_plan_with_lookup_tables_end_to_end(tmp_path, stories_path, stories_split):
-    calib, held = stories_split
-    common = ["--calib", calib, *CALIB]
-    names = linear_shapes(BlockRunner(open_source(str(stories_path)).config))
-    tables = {name for name in names if ".mlp." in name}
-    plan = {"layers": {name: {"bits": 3, "group_size": -1, "sym": False, "lut": True} if name in tables else
-                       {"bits": 3, "group_size": 32, "sym": False} for name in names}}
-    (tmp_path / "plan.json").write_text(json.dumps(plan))
-    out = tmp_path / "lut"
-    r = cli("quantize", stories_path, "-o", out, "--plan", tmp_path / "plan.json", *common, "--eval-data", held,
-            "--eval-seqlen", "128", "--eval-max-tokens", EVAL_TOKENS, "--json", tmp_path / "summary.json")
-    assert r.exit_code == 0, r.output
-    summary = json.loads((tmp_path / "summary.json").read_text())
-    qc = json.loads((out / "config.json").read_text())["quantization_config"]
-    assert qc["quant_method"] == "bitsmith"
+    tables = {name for name in linear_names(stories_path) if ".mlp." in name}
+    out, summary = quantize_planned(tmp_path, stories_path, stories_split, lambda name: (
+        {"bits": 3, "group_size": -1, "sym": False, "lut": True} if name in tables else
+        {"bits": 3, "group_size": 32, "sym": False}))
     with safe_open(str(out / "model.safetensors"), framework="pt") as f:
-        written = sum(8 * f.get_tensor(k).numel() * f.get_tensor(k).element_size() for k in f.keys()
-                      if k.rsplit(".", 1)[-1] in ("qweight", "scales", "qzeros", "g_idx", "lut"))
         assert {k[:-len(".lut")] for k in f.keys() if k.endswith(".lut")} == tables
-    weights = 5 * (2 * 64 * 64 + 2 * 32 * 64 + 3 * 172 * 64)
-    assert summary["bits_per_weight"] == pytest.approx(written / weights, abs=1e-12)
-
-    model = bitsmith.load(str(out))
-    assert {n for n in plan["layers"] if isinstance(model.get_submodule(n), LUTLinear)} == tables
-    assert all(isinstance(model.get_submodule(n), QuantizedLinear) for n in plan["layers"] if n not in tables)
-    ids = data.tokenize(open_source(str(out)).tokenizer(), held.read_text())
-    loaded = evaluate(model, data.eval_windows(ids, 128, EVAL_TOKENS), progress=False)
-    assert loaded["perplexity"] == summary["eval"]["perplexity"]
-
-    assert cli("verify", out).exit_code == 0
-    r = cli("inspect", out, "--json", tmp_path / "inspect.json")
-    assert r.exit_code == 0, r.output
-    rows = {row["name"]: row for row in json.loads((tmp_path / "inspect.json").read_text())["layers"]}
-    assert {n for n, row in rows.items() if row["lut"]} == tables
-    line = next(li for li in r.output.splitlines() if li.startswith(min(tables)))
-    assert line.split()[3] == "lut"
+    written = written_bits(out, ("qweight", "scales", "qzeros", "g_idx", "lut"))
+    assert summary["bits_per_weight"] == pytest.approx(written / STORIES_WEIGHTS, abs=1e-12)
+    check_loaded_and_inspected(tmp_path, out, summary, stories_split[1], tables, LUTLinear, "lut", "lut")
 
 
 def test_learned_rounding_leaves_the_tables_as_gptq_chose_them(tmp_path, stories_path, stories_split):

@@ -25,9 +25,12 @@ from bitsmith.measure import (
     CANDIDATES,
     LUT_CANDIDATES,
     OUTLIER_CANDIDATES,
+    PER_IC_CANDIDATES,
+    PER_IC_WINDOW,
     PLAIN_CANDIDATES,
     Measurement,
     decide,
+    window_sample,
 )
 from bitsmith.pipeline import calibration
 from bitsmith.plan import LayerPlan, QuantizeOptions
@@ -121,7 +124,8 @@ def test_the_summary_measures_the_loss_increase_it_predicted(planned, measuremen
     base = evaluate(load_model(source), windows, progress=False)
     quantized = evaluate(bitsmith.load(str(out)), windows, progress=False)
     assert math.log(base["perplexity"]) == pytest.approx(m.base_nll, rel=1e-5)
-    assert math.log(quantized["perplexity"]) == pytest.approx(got["nll"], rel=1e-3)   # the stream runs in bf16
+    # the stream runs in bf16, the evaluation in float32: gaps of 3.7e-4 and 1.2e-3 (relative) measured on two plans
+    assert math.log(quantized["perplexity"]) == pytest.approx(got["nll"], rel=2.5e-3)
     assert got["nats_per_token"] == pytest.approx(got["nll"] - got["base_nll"]) and got["nats_per_token"] > 0
 
 
@@ -161,12 +165,40 @@ def test_lookup_table_candidates_are_priced_by_their_layout(measurement):
             assert m.errors["fisher"][name][j] > 0
 
 
+def test_per_input_channel_candidates_are_priced_by_their_layout(measurement):
+    m, _ = measurement
+    assert PER_IC_CANDIDATES and all(c.per_ic and PER_IC_WINDOW % c.group_size == 0 for c in PER_IC_CANDIDATES)
+    for c in PER_IC_CANDIDATES:
+        j = m.candidates.index(c)
+        for name, (out, inp) in m.shapes.items():
+            groups = -(-out // c.group_size)
+            assert m.cost(name, j) == 32 * packed_length(inp, c.bits) * (out + groups) + 16 * groups * inp
+            assert m.errors["fisher"][name][j] > 0
+    # more bits on the same grouping never measure worse over the model
+    total = {(c.bits, c.group_size): sum(m.errors["fisher"][n][m.candidates.index(c)] for n in m.shapes)
+             for c in PER_IC_CANDIDATES}
+    assert total[(4, 64)] < total[(3, 64)] < total[(2, 64)] and total[(4, 128)] < total[(3, 128)] < total[(2, 128)]
+
+
+def test_window_sample_takes_whole_windows_in_order_with_their_weights():
+    size = torch.tensor([1.0] * 128 + [100.0] * 128 + [1.0] * 128 + [50.0] * 64)      # 4 windows, the last short
+    rows, weight = window_sample(size, 128, 2)
+    assert rows.tolist() == list(range(128, 256)) + list(range(384, 448))             # the two largest, in order
+    assert torch.equal(weight[:128], torch.ones(128))                                  # taken for certain
+    assert weight[128:].tolist() == pytest.approx([(128 + 128 + 3200) / 3200] * 64, rel=0.01)   # 1 / its chance
+    rows, weight = window_sample(torch.ones(448), 128, 2)
+    assert len(rows) in (128 + 128, 128 + 64) and all(r % 128 == 0 for r in rows[::128].tolist())
+    assert (weight > 1).all()                                                          # each stands for others
+    rows, weight = window_sample(torch.ones(200), 128, 2)                              # few rows: all of them
+    assert rows.tolist() == list(range(200)) and torch.equal(weight, torch.ones(200))
+
+
 def test_a_measurement_of_format_1_plans_without_outliers(planned, measurement, stories_path, tmp_path, capsys):
     m, opts = measurement
     old = json.loads((planned[0] / "measurement.json").read_text())
-    keep = [j for j, c in enumerate(m.candidates) if not c.outliers and not c.lut]
+    keep = [j for j, c in enumerate(m.candidates) if not (c.outliers or c.lut or c.per_ic)]
     old["format_version"] = 1
-    old["candidates"] = [{k: v for k, v in old["candidates"][j].items() if k not in ("outliers", "lut")}
+    old["candidates"] = [{k: v for k, v in old["candidates"][j].items() if k not in ("outliers", "lut", "per_ic")}
                          for j in keep]
     for entry in old["layers"].values():
         for key in ("bits", "fisher", "hessian"):
@@ -174,14 +206,14 @@ def test_a_measurement_of_format_1_plans_without_outliers(planned, measurement, 
     (tmp_path / "v1.json").write_text(json.dumps(old))
     capsys.readouterr()
     v1 = Measurement.load(tmp_path / "v1.json", open_source(str(stories_path)), opts)
-    assert "format 1 has no outlier and lookup-table candidates" in capsys.readouterr().err
+    assert "format 1 has no outlier, lookup-table and per-input-channel candidates" in capsys.readouterr().err
     assert v1.candidates == list(PLAIN_CANDIDATES)
     plan = decide(v1, 3.0, opts)
-    assert not any(layer.outliers or layer.lut for layer in plan.layers.values())
-    old["format_version"] = 4
-    (tmp_path / "v4.json").write_text(json.dumps(old))
-    with pytest.raises(InputError, match="measurement format 4, expected 3 \\(or 1, 2\\); measure again"):
-        Measurement.load(tmp_path / "v4.json", open_source(str(stories_path)), opts)
+    assert not any(layer.outliers or layer.lut or layer.per_ic for layer in plan.layers.values())
+    old["format_version"] = 5
+    (tmp_path / "v5.json").write_text(json.dumps(old))
+    with pytest.raises(InputError, match="measurement format 5, expected 4 \\(or 1-3\\); measure again"):
+        Measurement.load(tmp_path / "v5.json", open_source(str(stories_path)), opts)
 
 
 def test_decide_keeps_outliers_where_they_pay():

@@ -345,7 +345,7 @@ def _layer_report(report: Report, rows: list[dict], totals: dict) -> None:
     for r in rows:
         predicted = "-" if r["predicted_error"] is None else f"{r['predicted_error']:.3e}"
         outliers = f"{100 * r['outliers']:g}%" if r["outliers"] else "-"      # fraction of the weights kept in fp16
-        group = "lut" if r.get("lut") else r["group_size"]                      # a lookup table per row
+        group = "lut" if r.get("lut") else f"ic{r['group_size']}" if r.get("per_ic") else r["group_size"]
         line(r["name"], "x".join(map(str, r["shape"])), r["bits"], group, "yes" if r["sym"] else "no",
              outliers, predicted, f"{r['loss']:.3e}", f"{r['bpw']:.3f}", f"{r['bytes']:,}")
     predicted = "-" if totals["predicted_error"] is None else f"{totals['predicted_error']:.3e}"

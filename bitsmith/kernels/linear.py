@@ -91,12 +91,13 @@ class DenseSparseLinear(QuantizedLinear):
 
 
 def cache_dequantized(model: nn.Module, dtype: torch.dtype = torch.float32) -> int:
-    """Dense copies of every QuantizedLinear (and LUTLinear) of `model`, for repeated CPU forwards (evaluation):
-    exact in `dtype` at any M, at the unquantized model's memory. Returns the bytes the copies hold."""
-    from .lut_linear import LUTLinear
+    """Dense copies of every QuantizedLinear (and lookup-table or per-input-channel linear) of `model`, for
+    repeated CPU forwards (evaluation): exact in `dtype` at any M, at the unquantized model's memory. Returns the
+    bytes the copies hold."""
+    from .dequantizing import DequantizingLinear
     held = 0
     for m in model.modules():
-        if isinstance(m, (QuantizedLinear, LUTLinear)):
+        if isinstance(m, (QuantizedLinear, DequantizingLinear)):
             m.cache_dequantized(dtype)
             held += m._dense.numel() * m._dense.element_size()
     return held

@@ -7,10 +7,9 @@ W[o, j] = lut[o, code[o, j]]. The forward dequantizes W (the torch reference); `
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from ..formats.packing import packed_length, unpack
+from .dequantizing import DequantizingLinear
 
 
 def lut_dequantize(qweight: torch.Tensor, lut: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
@@ -19,27 +18,16 @@ def lut_dequantize(qweight: torch.Tensor, lut: torch.Tensor, bits: int, in_featu
     return lut.to(torch.float32).gather(1, codes)
 
 
-class LUTLinear(nn.Module):
+class LUTLinear(DequantizingLinear):
     """y = x W^T + b with W = lut[o, code[o, j]] (module docstring)."""
 
     def __init__(self, in_features: int, out_features: int, bits: int, bias: bool = False):
-        super().__init__()
-        self.in_features, self.out_features, self.bits = in_features, out_features, bits
+        super().__init__(in_features, out_features, bits, bias)
         self.register_buffer("qweight", torch.zeros(packed_length(in_features, bits), out_features, dtype=torch.int32))
         self.register_buffer("lut", torch.zeros(out_features, 1 << bits, dtype=torch.float16))
-        self.register_buffer("bias", torch.zeros(out_features, dtype=torch.float16) if bias else None)
-        self._dense = None
 
     def dequantize(self) -> torch.Tensor:
         return lut_dequantize(self.qweight, self.lut, self.bits, self.in_features)
-
-    def cache_dequantized(self, dtype: torch.dtype = torch.float32) -> None:
-        """Keep a dense copy of W for repeated forwards (evaluation); trades memory for speed."""
-        self._dense = self.dequantize().to(dtype)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        W = self._dense if self._dense is not None else self.dequantize()
-        return F.linear(x, W.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, lut=per row"

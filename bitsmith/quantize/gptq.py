@@ -23,6 +23,7 @@ import torch
 
 from .grid import RowGrid, check_finite, fake_quantize, fit_grid, quantize_codes
 from .outliers import DenseSparseWeight, Outliers, narrowest_range, outlier_count, top_per_row
+from .per_ic import PerICWeight, expand_rows, fit_column, row_span
 from .rtn import QuantizedWeight
 
 DAMP_RETRIES = (1.0, 10.0, 100.0, 1000.0, 1e4)   # multiples of the requested damping, tried in float64
@@ -52,14 +53,19 @@ def inverse_cholesky(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]
 @dataclass(frozen=True)
 class GridConfig:
     """One uniform-grid configuration of a linear: bits, group size along the input (-1 = per output
-    channel), symmetry, and the fraction of weights kept in fp16 as outliers (`outlier_count` per row)."""
+    channel), symmetry, the fraction of weights kept in fp16 as outliers (`outlier_count` per row), and whether
+    the groups run along the output instead (`per_ic`: one grid per input channel and `group_size` rows,
+    per_ic.py)."""
     bits: int
     group_size: int = -1
     sym: bool = False
     outliers: float = 0.0
+    per_ic: bool = False
 
     def __post_init__(self):
         outlier_count(self.outliers, 1)
+        if self.per_ic and self.outliers:
+            raise ValueError("per-input-channel groups keep no outliers")
 
 
 class ColumnGrids:
@@ -72,6 +78,9 @@ class ColumnGrids:
     `kept` (bool [stack rows, in], permuted order) marks the outliers: every fit leaves them out. With `budget`
     (outliers per stack row) they are chosen at each fit instead: its share of the budget, rounded up, among the
     weights that narrow the row's range most (SpQR section 4 fits its groups without likely outliers).
+
+    A per-input-channel configuration's grids are fitted on each column as the loop reaches it (`round`), on
+    its current values, and kept per column ([G, in], permuted order) in `per_ic`.
     """
 
     def __init__(self, W: torch.Tensor, configs: list[GridConfig], rows: int, perm: torch.Tensor, mse: bool,
@@ -84,11 +93,18 @@ class ColumnGrids:
         self.maxq = (2.0 ** bits - 1).float()
         self.scale = torch.zeros(len(bits), dtype=torch.float16)
         self.zero = torch.zeros(len(bits), dtype=torch.int32)
-        self.sizes = sorted({c.group_size for c in configs})
+        self.sizes = sorted({c.group_size for c in configs if not c.per_ic})
         self.rows, self.grid, self.fits, self.group_of, self.static = {}, {}, {}, {}, {}
+        self.per_ic = {}
+        for c, config in enumerate(configs):
+            if config.per_ic:
+                groups = -(-rows // row_span(config.group_size, rows))
+                self.per_ic[c] = (config, torch.zeros(groups, self.cols, dtype=torch.float16),
+                                  torch.zeros(groups, self.cols, dtype=torch.int32))
+        self.stack_rows = rows
         inv = torch.argsort(perm)
         for g in self.sizes:
-            mask = torch.tensor([c.group_size == g for c in configs]).repeat_interleave(rows)
+            mask = torch.tensor([c.group_size == g and not c.per_ic for c in configs]).repeat_interleave(rows)
             self.rows[g] = mask.nonzero().squeeze(1)
             self.grid[g] = RowGrid(bits[self.rows[g]], self.sym[self.rows[g]])
             self.fits[g] = []
@@ -136,6 +152,13 @@ class ColumnGrids:
         """(codes, the values they stand for, zero points) of permuted column `col`, whose current values are w
         (the column quantizer's interface to `gptq_loop`)."""
         scale, zero = self.at(col, W)
+        rows = self.stack_rows
+        for c, (config, scales, zeros) in self.per_ic.items():
+            mine = slice(c * rows, (c + 1) * rows)
+            scales[:, col], zeros[:, col] = fit_column(w[mine], config.group_size, RowGrid(config.bits, config.sym),
+                                                       self.mse, self.every)
+            scale[mine] = expand_rows(scales[:, col], config.group_size, rows)
+            zero[mine] = expand_rows(zeros[:, col], config.group_size, rows)
         q = quantize_codes(w, scale, zero, self.maxq)
         return q, fake_quantize(q, scale, zero), zero
 
@@ -153,7 +176,7 @@ class ColumnGrids:
 def block_size(configs: list[GridConfig], blocksize: int) -> int:
     """Columns per lazy-update block: a divisor of every group size, so that every group starts a block and
     is fitted on columns that have received the updates of all columns before it."""
-    return math.gcd(blocksize, *[c.group_size for c in configs if c.group_size != -1])
+    return math.gcd(blocksize, *[c.group_size for c in configs if c.group_size != -1 and not c.per_ic])
 
 
 def gptq_loop(W: torch.Tensor, Hinv: torch.Tensor, grids: ColumnGrids, blocksize: int,
@@ -257,8 +280,15 @@ def gptq_configs(W: torch.Tensor, H: torch.Tensor, configs: list[GridConfig], ac
     inv = torch.argsort(perm)
     out = []
     for c, config in enumerate(configs):
-        scales, zeros, g_idx = grids.stored(c, config.group_size, rows, inv)
         own = codes[c * rows:(c + 1) * rows][:, inv]
+        if config.per_ic:
+            _, scales, zeros = grids.per_ic[c]
+            scales, zeros = scales[:, inv].contiguous(), zeros[:, inv].contiguous()
+            out.append(PerICWeight(own, scales, zeros, None, config.bits, config.group_size, config.sym,
+                                   PerICWeight.dequantize(own, scales, zeros, config.group_size),
+                                   float(losses[c].sum())))
+            continue
+        scales, zeros, g_idx = grids.stored(c, config.group_size, rows, inv)
         g = g_idx.long() if g_idx is not None else torch.arange(cols) // (cols if config.group_size == -1
                                                                            else config.group_size)
         Q = fake_quantize(own, scales[g].t(), zeros[g].t())
@@ -275,9 +305,11 @@ def gptq_configs(W: torch.Tensor, H: torch.Tensor, configs: list[GridConfig], ac
 
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int = -1, sym: bool = False,
                   act_order: bool = False, static_groups: bool = False, damp: float = 0.01,
-                  blocksize: int = 128, mse: bool = False, outliers: float = 0.0) -> QuantizedWeight:
+                  blocksize: int = 128, mse: bool = False, outliers: float = 0.0,
+                  per_ic: bool = False) -> QuantizedWeight:
     """Quantize W [out, in] given the layer Hessian H [in, in] = 2 X X^T / n, keeping a fraction `outliers` of
-    the weights in fp16 (`DenseSparseWeight`)."""
-    (qw,), _ = gptq_configs(W, H, [GridConfig(bits, group_size, sym, outliers)], act_order, static_groups, damp,
-                            blocksize, mse)
+    the weights in fp16 (`DenseSparseWeight`), or with groups of `group_size` output rows per input channel
+    (`per_ic`, `PerICWeight`)."""
+    (qw,), _ = gptq_configs(W, H, [GridConfig(bits, group_size, sym, outliers, per_ic)], act_order, static_groups,
+                            damp, blocksize, mse)
     return qw
