@@ -163,7 +163,7 @@ def plot(runs: list[dict], uniform: dict) -> None:
     ax.set_ylim(top=1000)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(RESULTS / "plan-smollm2.png", dpi=120)
+    fig.savefig(RESULTS / f"{RUNS.name}.png", dpi=120)
 
 
 def main() -> None:
@@ -173,14 +173,21 @@ def main() -> None:
     ap.add_argument("--rounding", choices=("gptq", "signround"), default="gptq")
     ap.add_argument("--rounding-iters", type=int, default=50)
     ap.add_argument("--report", action="store_true", help="Only rewrite the table and plot from the stored runs.")
+    ap.add_argument("--runs", type=Path, default=RUNS,
+                    help="Folder of the runs and their measurement.json (a new menu of candidates: a new folder).")
     args = ap.parse_args()
+    global RUNS, MEASUREMENT
+    default, RUNS = RUNS, args.runs.resolve()
+    MEASUREMENT = RUNS / "measurement.json"
     RUNS.mkdir(parents=True, exist_ok=True)
     if not args.report:
+        if not (RUNS / "base-held-out.json").exists() and (default / "base-held-out.json").exists():
+            shutil.copyfile(default / "base-held-out.json", RUNS / "base-held-out.json")   # the same base model
         if not (RUNS / "base-held-out.json").exists():
             held_out("smollm2-135m", RUNS / "base-held-out.json")
         for target in args.targets:
             run(target, args.proxy, args.rounding, args.rounding_iters)
-    (RESULTS / "plan-smollm2.md").write_text(report())
+    (RESULTS / f"{RUNS.name}.md").write_text(report())
 
 
 if __name__ == "__main__":
