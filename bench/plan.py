@@ -167,6 +167,7 @@ def plot(runs: list[dict], uniform: dict) -> None:
 
 
 def main() -> None:
+    global RUNS, MEASUREMENT
     ap = argparse.ArgumentParser()
     ap.add_argument("--targets", type=float, nargs="*", default=list(TARGETS))
     ap.add_argument("--proxy", choices=("fisher", "hessian"), default="fisher")
@@ -176,7 +177,6 @@ def main() -> None:
     ap.add_argument("--runs", type=Path, default=RUNS,
                     help="Folder of the runs and their measurement.json (a new menu of candidates: a new folder).")
     args = ap.parse_args()
-    global RUNS, MEASUREMENT
     default, RUNS = RUNS, args.runs.resolve()
     MEASUREMENT = RUNS / "measurement.json"
     RUNS.mkdir(parents=True, exist_ok=True)
