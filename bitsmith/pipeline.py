@@ -375,8 +375,7 @@ def _quantize_into(block, prefix: str, name: str, H, plan: QuantPlan, writer, te
         qw, stored, loss = quantize_linear(lin.weight.data, H, plan.options, layer)
     except ValueError as e:
         raise InputError(f"{full}: {e}") from None
-    if starts is not None and not (layer.lut or layer.per_ic):   # SignRound learns per-row grids: a table and
-                                                                  # per-input-channel grids stay GPTQ's
+    if starts is not None and not layer.lut:          # SignRound learns uniform grids; a table stays GPTQ's
         starts[name] = (lin.weight.data, qw, H)
         lin.weight.data = qw.Q
         return None

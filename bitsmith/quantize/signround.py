@@ -3,9 +3,10 @@ Gradient Descent for the Quantization of LLMs", the method of AutoRound; OmniQua
 Shao et al. 2024, is the same family).
 
 Every linear of a block keeps the layout of its starting `QuantizedWeight` (bits, group size, symmetry, group
-index, outlier positions) and learns
+index, outlier positions, grids per input channel) and learns
   V in [-0.5, 0.5] per weight: an offset added before rounding, and
-  a, b per (group, row): factors of the top and of the bottom of the group's range (its clipping),
+  a, b per grid (group and row, or group of rows and input channel): factors of the top and of the bottom of the
+  grid's range (its clipping),
 minimizing the mean squared error between the block's outputs with the quantized weights and target outputs on
 calibration inputs, by signed gradient descent through straight-through rounding, one random minibatch of windows
 per iteration: the step is lr = 1 / iters decayed linearly to 0 (so that V travels at most half a grid step), and
@@ -35,6 +36,7 @@ from torch import nn
 from torch.func import functional_call
 
 from .grid import FP16_TINY, ZERO_MIN
+from .per_ic import PerICWeight, expand_rows
 from .rtn import QuantizedWeight
 
 STARTS = ("gptq", "rtn")
@@ -60,12 +62,13 @@ class LearnedGrid(nn.Module):
             raise ValueError(f"start {relative_to!r}: choose one of {', '.join(STARTS)}")
         self.start = start
         self.maxq = float(2 ** start.bits - 1)
-        self.g = start.group_index().long()
+        self.per_ic = isinstance(start, PerICWeight)
+        self.g = None if self.per_ic else start.group_index().long()
         self.W = W.detach().to(torch.float32)
-        self.s0 = start.scales.to(torch.float32)                           # [G, out]
+        self.s0 = start.scales.to(torch.float32)                           # [G, out], or [G, in] per input channel
         self.z0 = start.zeros.to(torch.float32)
-        s0 = self.s0[self.g].t()                                           # [out, in]
-        self.shift = ((start.codes.float() - self.z0[self.g].t() - torch.round(self.W / s0))
+        s0 = self.expand(self.s0)                                          # [out, in]
+        self.shift = ((start.codes.float() - self.expand(self.z0) - torch.round(self.W / s0))
                       if relative_to == "gptq" else None)                # None: D = 0
         outliers = getattr(start, "outliers", None)
         self.kept = outliers.mask(W.shape[1]) if outliers is not None and outliers.cols.numel() else None
@@ -73,8 +76,14 @@ class LearnedGrid(nn.Module):
         self.a = nn.Parameter(torch.ones_like(self.s0))
         self.b = nn.Parameter(torch.ones_like(self.s0))
 
+    def expand(self, per_grid: torch.Tensor) -> torch.Tensor:
+        """A value per grid as one per weight, [out, in]."""
+        if self.per_ic:
+            return expand_rows(per_grid, self.start.group_size, self.W.shape[0])
+        return per_grid[self.g].t()
+
     def grid(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(scale as stored, zero point), both float [G, out], of the current clipping factors."""
+        """(scale as stored, zero point), both float per grid, of the current clipping factors."""
         if self.start.sym:
             f, z = self.a, self.z0
         else:
@@ -93,7 +102,7 @@ class LearnedGrid(nn.Module):
     def forward(self) -> torch.Tensor:
         """The quantized weight Q [out, in], differentiable in V, a, b."""
         s, z = self.grid()
-        se, ze = s[self.g].t(), z[self.g].t()
+        se, ze = self.expand(s), self.expand(z)
         Q = se * (self.codes(se, ze, _round_ste) - ze)
         return Q if self.kept is None else torch.where(self.kept, self.start.Q, Q)
 
@@ -108,10 +117,10 @@ class LearnedGrid(nn.Module):
         """The quantized weight of the current parameters, in the start's form (a `DenseSparseWeight` for a
         dense-and-sparse start)."""
         s, z = self.grid()
-        se, ze = s[self.g].t(), z[self.g].t()
+        se, ze = self.expand(s), self.expand(z)
         codes = self.codes(se, ze)
         scales, zeros = s.to(torch.float16), z.to(torch.int32)
-        Q = scales[self.g].t().float() * (codes - zeros[self.g].t().float())
+        Q = self.expand(scales).float() * (codes - self.expand(zeros).float())
         if self.kept is not None:
             codes = torch.where(self.kept, ze, codes)
             Q = torch.where(self.kept, self.start.Q, Q)

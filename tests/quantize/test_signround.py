@@ -14,6 +14,7 @@ from bitsmith.plan import LayerPlan
 from bitsmith.quantize.gptq import gptq_quantize
 from bitsmith.quantize.grid import fake_quantize
 from bitsmith.quantize.outliers import DenseSparseWeight
+from bitsmith.quantize.per_ic import PerICWeight
 from bitsmith.quantize.rtn import rtn_quantize
 from bitsmith.quantize.signround import LearnedGrid, block_mse, layer_output_error, signround
 
@@ -139,6 +140,26 @@ def test_an_rtn_start_is_refined_too(stories_block):
     starts = {name: rtn_quantize(W, 3, 32) for name, W in b.weights.items()}
     refined, _ = signround(b.module, b.inputs, b.targets, b.weights, starts, 30, batch=len(b.inputs), **b.kwargs)
     assert error(b, refined) < 0.8 * error(b, starts)
+
+
+@pytest.mark.parametrize("group", [16, -1])
+def test_per_input_channel_grids_are_learned_in_their_layout(stories_block, group):
+    """Starts with grids per input channel (groups of 16 rows: partial at 172 outputs; or all rows) keep that
+    layout, load as exactly Q, start from GPTQ's result untrained, and the block error falls."""
+    b = stories_block
+    starts = {name: gptq_quantize(W, b.hessians[name], 3, group, act_order=True, mse=True, per_ic=True)
+              for name, W in b.weights.items()}
+    for name, start in starts.items():
+        same = LearnedGrid(b.weights[name], start, "gptq").result()
+        assert all(torch.equal(getattr(same, f), getattr(start, f)) for f in ("codes", "scales", "zeros", "Q"))
+    refined, trace = signround(b.module, b.inputs, b.targets, b.weights, starts, 30, batch=len(b.inputs), **b.kwargs)
+    assert not trace.kept_start and error(b, refined) < error(b, starts)
+    layer = LayerPlan(3, group, False, per_ic=True)
+    for name, qw in refined.items():
+        assert isinstance(qw, PerICWeight) and qw.scales.shape == starts[name].scales.shape
+        assert 1 <= int(qw.zeros.min()) and int(qw.zeros.max()) <= 7 and (qw.scales > 0).all()
+        stored = layout_of(layer).tensors(qw)
+        assert torch.equal(layout_of(layer).weight(stored.__getitem__, layer, qw.codes.shape[1]), qw.Q)
 
 
 def test_outliers_stay_in_fp16_where_they_are(stories_block):
