@@ -387,4 +387,4 @@ def verify(path, json_path):
     report.line(f"OK {path}")
 
 
-from . import lossless, regress  # noqa: F401  (their commands join this group)
+from . import export, lossless, regress  # noqa: F401  (their commands join this group)

@@ -1,0 +1,113 @@
+"""`bitsmith export --format compressed-tensors` (bitsmith/export.py), read back by the real compressed-tensors
+library: its pack-quantized decompressor gives bitsmith's weights exactly (in the scales' fp16), and
+transformers loads a symmetric export to the same logits as `bitsmith.load`. What the format cannot hold is
+refused in one line, before anything is written."""
+import json
+
+import pytest
+import torch
+from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+from compressed_tensors.quantization import QuantizationScheme
+from hostile_support import refused, run, tree
+from safetensors.torch import load_file
+
+import bitsmith
+from bitsmith.calibration.adapter import BlockRunner
+from bitsmith.formats.source import open_source
+from bitsmith.pipeline import linear_shapes
+
+CALIB = ["--nsamples", "16", "--seqlen", "128", "--seed", "0"]
+
+
+def quantize(tmp_path_factory, stories_path, stories_split, *options) -> str:
+    out = tmp_path_factory.mktemp("q") / "out"
+    r = run("quantize", stories_path, "-o", out, "--calib", stories_split[0], *CALIB, *options)
+    assert r.exit_code == 0, r.output
+    return out
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory, stories_path):
+    """A plan with every strategy the format has: asymmetric 2, 3, 4 bits in groups of 4 (4 divides 64 and
+    172), 8 bits symmetric, and one grid per row at 3 bits."""
+    names = list(linear_shapes(BlockRunner(open_source(str(stories_path)).config)))
+    configs = [(4, 4, False), (3, 4, False), (2, 4, False), (8, 4, True), (3, -1, False)]
+    plan = {"layers": {n: dict(zip(("bits", "group_size", "sym"), configs[i % len(configs)]))
+                       for i, n in enumerate(names)}}
+    path = tmp_path_factory.mktemp("plan") / "plan.json"
+    path.write_text(json.dumps(plan))
+    return path
+
+
+@pytest.fixture(scope="module")
+def asym_export(tmp_path_factory, stories_path, stories_split, mixed):
+    src = quantize(tmp_path_factory, stories_path, stories_split, "--plan", mixed, "--static-groups")
+    out = tmp_path_factory.mktemp("ct") / "out"
+    r = run("export", src, "-o", out, "--format", "compressed-tensors", "--json", "-")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["linears"] == 35 and json.loads(r.stdout)["configurations"] == 5
+    return src, out
+
+
+def test_the_decompressed_weights_are_bitsmiths(asym_export):
+    src, out = asym_export
+    reference = bitsmith.load(str(src), dequantized=True)
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert (qc["quant_method"], qc["format"]) == ("compressed-tensors", "pack-quantized")
+    tensors = load_file(str(out / "model.safetensors"))
+    seen = set()
+    for group in qc["config_groups"].values():
+        scheme = QuantizationScheme(targets=group["targets"], weights=group["weights"])
+        for target in group["targets"]:
+            name = target[len("re:^"):-1].replace("\\", "")
+            state = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")}
+            assert ("weight_zero_point" in state) == (not group["weights"]["symmetric"])
+            W = PackedQuantizationCompressor.decompress(state, scheme)["weight"]
+            assert W.dtype == torch.float16                          # the format dequantizes in the scales' dtype
+            assert torch.equal(W, reference.get_submodule(name).dequantize().half())
+            seen.add(name)
+    assert len(seen) == 35 and not any(k.endswith((".qweight", ".qzeros", ".g_idx")) for k in tensors)
+    strategies = {(g["weights"]["num_bits"], g["weights"]["strategy"]) for g in qc["config_groups"].values()}
+    assert strategies == {(4, "group"), (3, "group"), (2, "group"), (8, "group"), (3, "channel")}
+
+
+def test_transformers_loads_a_symmetric_export_to_the_same_logits(tmp_path_factory, stories_path, stories_split):
+    from transformers import AutoModelForCausalLM
+    src = quantize(tmp_path_factory, stories_path, stories_split, "--bits", "4", "--group-size", "4", "--sym",
+                   "--static-groups")
+    out = tmp_path_factory.mktemp("ct") / "sym"
+    assert run("export", src, "-o", out, "--format", "compressed-tensors").exit_code == 0
+    loaded = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)
+    reference = bitsmith.load(str(src), dequantized=True)
+    ids = torch.randint(0, 512, (2, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(loaded(ids).logits, reference(ids).logits, atol=1e-5, rtol=0)
+
+
+ACT_ORDER = ("model.layers.0.mlp.down_proj: its groups are not contiguous runs of inputs (act-order), which "
+             "compressed-tensors cannot store; quantize with --static-groups (or without act-order) to export")
+PARTIAL = ("model.layers.0.mlp.down_proj: groups of 32 do not divide its 172 inputs (a partial last group), which "
+           "compressed-tensors cannot store")
+
+
+@pytest.mark.parametrize("options, message", [(["--bits", "4", "--group-size", "4"], ACT_ORDER),
+                                              (["--bits", "4", "--group-size", "32", "--no-act-order"], PARTIAL)])
+def test_what_the_format_cannot_hold_is_refused_before_writing(tmp_path_factory, stories_path, stories_split,
+                                                               tmp_path, options, message):
+    src = quantize(tmp_path_factory, stories_path, stories_split, *options)
+    refused(run("export", src, "-o", tmp_path / "ct", "--format", "compressed-tensors"), f"error: {message}")
+    assert tree(tmp_path) == {}
+
+
+def test_other_layouts_and_unquantized_folders_are_refused(tmp_path_factory, stories_path, stories_split, tmp_path):
+    names = list(linear_shapes(BlockRunner(open_source(str(stories_path)).config)))
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"layers": {n: {"bits": 3, "group_size": 4, "sym": False, "per_ic": "q_proj" in n}
+                                           for n in names}}))
+    src = quantize(tmp_path_factory, stories_path, stories_split, "--plan", plan, "--no-act-order")
+    refused(run("export", src, "-o", tmp_path / "ct", "--format", "compressed-tensors"),
+            "error: model.layers.0.self_attn.q_proj: its layout (w3ic4) has no compressed-tensors form: only uniform "
+            "grids with groups along the input export")
+    refused(run("export", stories_path, "-o", tmp_path / "ct", "--format", "compressed-tensors"),
+            f"error: {stories_path}: not a quantized bitsmith checkpoint (no GPTQ quantization_config)")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plan.json"]
