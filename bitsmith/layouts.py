@@ -57,9 +57,11 @@ class GPTQLayout:
     parts = ("qweight", "scales", "qzeros", "g_idx")      # tensor name suffixes, as `tensors` writes them
 
     @staticmethod
-    def tensors(qw: QuantizedWeight) -> dict[str, torch.Tensor]:
+    def tensors(qw: QuantizedWeight, any_zero: bool = False) -> dict[str, torch.Tensor]:
+        """The stored tensors; `any_zero` lets a zero point of 0 through (stored as maxq, which bitsmith reads
+        back as 0, mod 2^bits: weights imported from a format that has such zeros)."""
         maxq = (1 << qw.bits) - 1
-        if qw.zeros.numel() and not (1 <= int(qw.zeros.min()) and int(qw.zeros.max()) <= maxq):
+        if not any_zero and qw.zeros.numel() and not (1 <= int(qw.zeros.min()) and int(qw.zeros.max()) <= maxq):
             raise ValueError(f"zero points must be in [1, {maxq}] to be stored as GPTQ v1 zero - 1 "
                              f"(got {int(qw.zeros.min())}..{int(qw.zeros.max())})")
         return {"qweight": pack(qw.codes.t(), qw.bits, dim=0),

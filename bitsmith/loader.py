@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from . import pack_quantized  # noqa: F401  (registers the reader of compressed-tensors folders)
 from .calibration.adapter import skeleton
 from .formats.errors import InputError
 from .formats.source import ModelSource, open_source

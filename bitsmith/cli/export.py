@@ -1,11 +1,11 @@
-"""`bitsmith export`: a quantized checkpoint in another loader's format (bitsmith/export.py)."""
+"""`bitsmith export`: a quantized checkpoint in another loader's format (bitsmith/pack_quantized.py)."""
 from __future__ import annotations
 
 import time
 
 import click
 
-from ..export import FORMATS, export
+from ..pack_quantized import FORMATS, export
 from .main import Report, json_option, main
 
 

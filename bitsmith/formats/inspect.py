@@ -22,6 +22,9 @@ def layer_table(path) -> tuple[list[dict], dict]:
     ckpt = Checkpoint(path)
     if ckpt.manifest is None:
         raise InputError(f"{path}: no bitsmith manifest (not a finished bitsmith checkpoint)")
+    if "exported_from" in ckpt.manifest:
+        raise InputError(f"{path}: an export to {ckpt.manifest.get('format')} (its layers are in that format's "
+                         f"config); inspect the checkpoint it was exported from, {ckpt.manifest['exported_from']}")
     plan = _object(ckpt.manifest.get("plan", {}), "plan")
     entries = _object(plan.get("layers", {}), "plan layers")
     layers = _object(ckpt.manifest.get("layers", {}), "layers")

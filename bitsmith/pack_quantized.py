@@ -18,6 +18,7 @@ partial last groups are refused (`--static-groups` quantizes act-order into cont
 """
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 
@@ -28,8 +29,10 @@ from .formats.checkpoint import Checkpoint, CheckpointWriter
 from .formats.dfloat.folders import side_files
 from .formats.errors import InputError
 from .formats.packing import pack, unpack
+from .formats.source import FOLDER_READERS, ModelSource
 from .layouts import GPTQLayout, layer_config, layer_plan, layout_of
 from .plan import LayerPlan
+from .quantize.rtn import QuantizedWeight
 
 FORMATS = ("compressed-tensors",)
 BITSMITH_FILES = ("plan.json", "measurement.json")      # bitsmith's own: not carried into another format
@@ -139,3 +142,146 @@ def export(src, out, fmt: str, overwrite: bool = False, progress: bool = False) 
                                                                           for p in linears.values()}),
             "out": str(Path(out))}
 
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading: a pack-quantized folder (llm-compressor's output, or an export) as bitsmith's GPTQ layout.
+
+CT_PARTS = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx")
+
+
+def _matches(target: str, name: str) -> bool:
+    """compressed-tensors' target forms for a linear: "Linear" (the class), "re:REGEX" (re.match), or the name."""
+    if target.startswith("re:"):
+        try:
+            return re.match(target[3:], name) is not None
+        except re.error as e:
+            raise InputError(f"quantization_config: target {target!r} is not a valid regex ({e})") from None
+    return target in ("Linear", name)
+
+
+def ct_layers(qconfig: dict, names: list[str], where: str) -> dict[str, LayerPlan]:
+    """The configuration of every pack-quantized linear `names`, from the config groups that target it."""
+    if qconfig.get("format") != "pack-quantized":
+        raise InputError(f"{where}: compressed-tensors format {qconfig.get('format')!r} is not read (only "
+                         "pack-quantized: integer weights, groups along the input)")
+    groups = qconfig.get("config_groups")
+    if not isinstance(groups, dict) or not groups:
+        raise InputError(f"{where}: quantization_config has no config_groups")
+    ignored = [t for t in qconfig.get("ignore") or [] if isinstance(t, str)]
+    layers = {}
+    for name in names:
+        if any(_matches(t, name) for t in ignored):
+            raise InputError(f"{where}: {name} is packed but its quantization_config ignores it")
+        group = next((g for g in groups.values() if isinstance(g, dict)
+                      and any(_matches(t, name) for t in g.get("targets") or [] if isinstance(t, str))), None)
+        weights = (group or {}).get("weights")
+        if not isinstance(weights, dict):
+            raise InputError(f"{where}: no config group with weights targets {name}")
+        bits, strategy, group_size = weights.get("num_bits"), weights.get("strategy"), weights.get("group_size")
+        if weights.get("type", "int") != "int" or bits not in (2, 3, 4, 8) or strategy not in ("group", "channel") \
+                or weights.get("actorder") not in (None, "weight", "static"):
+            raise InputError(f"{where}: {name}: weights {json_line(weights)} are not read (int, 2/3/4/8 bits, "
+                             "strategy group or channel, no group act-order)")
+        size = -1 if strategy == "channel" else group_size
+        if type(size) is not int or (size != -1 and size < 1):
+            raise InputError(f"{where}: {name}: group_size {group_size!r}")
+        layers[name] = LayerPlan(bits, size, bool(weights.get("symmetric", True)))
+    return layers
+
+
+def json_line(value) -> str:
+    import json
+    return json.dumps(value, sort_keys=True)[:120]
+
+
+def gptq_weight(tensors: dict[str, torch.Tensor], layer: LayerPlan, name: str) -> QuantizedWeight:
+    """One pack-quantized linear as the unpacked weight bitsmith's GPTQ layout stores (the inverse of
+    `pack_quantized`): its scales as fp16, which must hold them exactly."""
+    if "weight_packed" not in tensors or "weight_scale" not in tensors or "weight_shape" not in tensors:
+        raise InputError(f"{name}: weight_packed, weight_scale and weight_shape are needed")
+    out_features, in_features = (int(n) for n in tensors["weight_shape"].tolist())
+    span = in_features if layer.group_size == -1 else layer.group_size
+    groups = -(-in_features // span)
+    scale = tensors["weight_scale"]
+    if tuple(scale.shape) != (out_features, groups) and not (layer.group_size == -1 and scale.numel() == out_features):
+        raise InputError(f"{name}: weight_scale {list(scale.shape)}, expected [{out_features}, {groups}]")
+    scales = scale.reshape(out_features, groups).t().contiguous()
+    if not torch.equal(scales.to(torch.float16).to(scales.dtype), scales) or not scales.is_floating_point():
+        raise InputError(f"{name}: its {scale.dtype} scales do not all fit fp16 exactly")
+    maxq = (1 << layer.bits) - 1
+    try:
+        codes = unpack(tensors["weight_packed"], layer.bits, in_features, dim=1)
+        if layer.sym:
+            zeros = torch.full((groups, out_features), (maxq + 1) // 2, dtype=torch.int32)
+        else:
+            zeros = unpack(tensors["weight_zero_point"], layer.bits, out_features, dim=0).t().to(torch.int32)
+    except (KeyError, ValueError, RuntimeError) as e:
+        raise InputError(f"{name}: packed tensors do not fit weight_shape {[out_features, in_features]} ({e})") \
+            from None
+    g_idx = tensors.get("weight_g_idx")
+    if g_idx is not None and (g_idx.numel() != in_features or int(g_idx.min()) < 0 or int(g_idx.max()) >= groups):
+        raise InputError(f"{name}: weight_g_idx does not index its {groups} groups for {in_features} inputs")
+    return QuantizedWeight(codes.contiguous(), scales.to(torch.float16), zeros.contiguous(),
+                           None if g_idx is None else g_idx.to(torch.int32), layer.bits, layer.group_size, layer.sym,
+                           Q=torch.empty(0))
+
+
+class PackQuantizedSource(ModelSource):
+    """A compressed-tensors pack-quantized folder read as bitsmith's GPTQ layout: each linear's tensors are
+    converted when read (`gptq_weight`, then the layout's own `tensors`), and its config groups become a GPTQ
+    quantization_config with one `dynamic` rule per linear, so that load, eval and inspect treat it as theirs."""
+
+    def __init__(self, folder):
+        self.folder, self.path, self.name = folder, folder.path, folder.name
+        names = sorted({k[:-len(".weight_packed")] for k in folder.keys() if k.endswith(".weight_packed")})
+        self.layers = ct_layers(folder.config["quantization_config"], names, str(folder.path / "config.json"))
+        base = next(iter(self.layers.values()))
+        rules = {f"+:{re.escape(n)}$": {"bits": p.bits, "group_size": p.group_size, "sym": p.sym}
+                 for n, p in self.layers.items()}
+        self.config = {**folder.config, "quantization_config": {
+            "quant_method": "gptq", "checkpoint_format": "gptq", "bits": base.bits, "group_size": base.group_size,
+            "sym": base.sym, "desc_act": False, "dynamic": rules, "imported_from": "compressed-tensors"}}
+        self._keys = []
+        for key in folder.keys():
+            linear, _, part = key.rpartition(".")
+            if linear in self.layers and part in CT_PARTS:
+                if part == "weight_packed":
+                    self._keys += [f"{linear}.{p}" for p in GPTQLayout.parts]
+            else:
+                self._keys.append(key)
+        self._converted: tuple[str, dict] | None = None
+
+    def _linear(self, linear: str) -> dict[str, torch.Tensor]:
+        if self._converted is None or self._converted[0] != linear:
+            parts = {p: self.folder.get(f"{linear}.{p}") for p in CT_PARTS if f"{linear}.{p}" in self.folder}
+            qw = gptq_weight(parts, self.layers[linear], linear)
+            self._converted = (linear, GPTQLayout.tensors(qw, any_zero=True))
+        return self._converted[1]
+
+    def keys(self):
+        return list(self._keys)
+
+    def get(self, name):
+        linear, _, part = name.rpartition(".")
+        if linear in self.layers and part in GPTQLayout.parts:
+            return self._linear(linear)[part]
+        return self.folder.get(name)
+
+    def numel(self, name):
+        return math.prod(self.shape(name))
+
+    def shape(self, name):
+        linear, _, part = name.rpartition(".")
+        if linear in self.layers and part in GPTQLayout.parts:
+            return list(self._linear(linear)[part].shape)
+        return self.folder.shape(name)
+
+    def tokenizer(self):
+        return self.folder.tokenizer()
+
+    def fingerprint(self):
+        return self.folder.fingerprint()
+
+
+FOLDER_READERS["compressed-tensors"] = PackQuantizedSource

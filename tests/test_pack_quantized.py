@@ -1,7 +1,8 @@
-"""`bitsmith export --format compressed-tensors` (bitsmith/export.py), read back by the real compressed-tensors
-library: its pack-quantized decompressor gives bitsmith's weights exactly (in the scales' fp16), and
-transformers loads a symmetric export to the same logits as `bitsmith.load`. What the format cannot hold is
-refused in one line, before anything is written."""
+"""compressed-tensors pack-quantized (bitsmith/pack_quantized.py). `bitsmith export --format compressed-tensors`,
+read back by the real library: its decompressor gives bitsmith's weights exactly (in the scales' fp16), and
+transformers loads a symmetric export to the same logits as `bitsmith.load`; what the format cannot hold is
+refused in one line, before anything is written. Read by bitsmith: an export loads to the logits of its source,
+and a folder the library itself compressed (as llm-compressor writes them) loads to the library's weights."""
 import json
 
 import pytest
@@ -111,3 +112,54 @@ def test_other_layouts_and_unquantized_folders_are_refused(tmp_path_factory, sto
     refused(run("export", stories_path, "-o", tmp_path / "ct", "--format", "compressed-tensors"),
             f"error: {stories_path}: not a quantized bitsmith checkpoint (no GPTQ quantization_config)")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["plan.json"]
+
+
+def test_an_export_loads_back_to_the_logits_of_its_source(asym_export):
+    src, out = asym_export
+    ids = torch.randint(0, 512, (2, 64), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        original = bitsmith.load(str(src), dequantized=True)(ids).logits
+        assert torch.equal(bitsmith.load(str(out), dequantized=True)(ids).logits, original)
+
+
+def test_a_folder_the_library_compressed_loads_to_its_weights(tmp_path, stories_path):
+    """Every linear of stories260K quantized by hand (4 bits, groups of 4, asymmetric, bf16 scales: zero points
+    of 0 included), compressed by compressed-tensors itself, config groups targeting "Linear" as llm-compressor
+    writes them; bitsmith reads every weight as the library decompresses it."""
+    import shutil
+
+    from safetensors.torch import save_file
+    source = load_file(str(stories_path / "model.safetensors"))
+    weights = {"num_bits": 4, "type": "int", "symmetric": False, "strategy": "group", "group_size": 4}
+    scheme = QuantizationScheme(targets=["Linear"], weights=weights)
+    tensors, expected, lowest = {}, {}, 0
+    for key, W in source.items():
+        name = key[:-len(".weight")]
+        if not (key.endswith("_proj.weight") and ".layers." in key):
+            tensors[key] = W
+            continue
+        groups = W.float().unflatten(1, (-1, 4))
+        lo, hi = groups.amin(-1).clamp(max=0), groups.amax(-1).clamp(min=0)
+        scale = ((hi - lo) / 15).clamp(min=1e-4).to(torch.bfloat16)
+        zero = (torch.round(-lo / scale.float()) - 8).clamp(-8, 7).to(torch.int8)
+        lowest += int((zero == -8).sum())
+        state = PackedQuantizationCompressor.compress({"weight": W.float(), "weight_scale": scale,
+                                                       "weight_zero_point": zero}, scheme)
+        tensors.update({f"{name}.{k}": v for k, v in state.items()})
+        exact = {**state, "weight_scale": state["weight_scale"].float()}
+        expected[name] = PackedQuantizationCompressor.decompress(exact, scheme)["weight"]
+    folder = tmp_path / "ct"
+    folder.mkdir()
+    save_file(tensors, str(folder / "model.safetensors"))
+    for f in stories_path.iterdir():
+        if f.name not in ("model.safetensors", "config.json"):
+            shutil.copy(f, folder / f.name)
+    config = json.loads((stories_path / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "compressed-tensors", "format": "pack-quantized",
+                                     "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights}},
+                                     "ignore": ["lm_head"], "quantization_status": "compressed"}
+    (folder / "config.json").write_text(json.dumps(config))
+    model = bitsmith.load(str(folder))
+    assert len(expected) == 35 and lowest > 0          # zero points at the bottom of the range: unsigned 0
+    for name, W in expected.items():
+        assert torch.equal(model.get_submodule(name).dequantize(), W), name
