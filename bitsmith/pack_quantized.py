@@ -28,7 +28,7 @@ from tqdm import tqdm
 from .formats.checkpoint import Checkpoint, CheckpointWriter
 from .formats.dfloat.folders import side_files
 from .formats.errors import InputError
-from .formats.packing import pack, unpack
+from .formats.packing import pack, packed_length, unpack
 from .formats.source import FOLDER_READERS, ModelSource
 from .layouts import GPTQLayout, layer_config, layer_plan, layout_of
 from .plan import LayerPlan
@@ -200,7 +200,14 @@ def gptq_weight(tensors: dict[str, torch.Tensor], layer: LayerPlan, name: str) -
     `pack_quantized`): its scales as fp16, which must hold them exactly."""
     if "weight_packed" not in tensors or "weight_scale" not in tensors or "weight_shape" not in tensors:
         raise InputError(f"{name}: weight_packed, weight_scale and weight_shape are needed")
-    out_features, in_features = (int(n) for n in tensors["weight_shape"].tolist())
+    shape = tensors["weight_shape"]
+    if shape.dtype.is_floating_point or shape.numel() != 2 or int(shape.min()) < 1:
+        raise InputError(f"{name}: weight_shape {shape.tolist()} is not the [out, in] of a matrix")
+    out_features, in_features = (int(n) for n in shape.tolist())
+    packed = tensors["weight_packed"]
+    if packed.dtype != torch.int32 or list(packed.shape) != [out_features, packed_length(in_features, layer.bits)]:
+        raise InputError(f"{name}: weight_packed {packed.dtype} {list(packed.shape)} does not hold weight_shape "
+                         f"{[out_features, in_features]} at {layer.bits} bits")
     span = in_features if layer.group_size == -1 else layer.group_size
     groups = -(-in_features // span)
     scale = tensors["weight_scale"]
@@ -210,15 +217,15 @@ def gptq_weight(tensors: dict[str, torch.Tensor], layer: LayerPlan, name: str) -
     if not torch.equal(scales.to(torch.float16).to(scales.dtype), scales) or not scales.is_floating_point():
         raise InputError(f"{name}: its {scale.dtype} scales do not all fit fp16 exactly")
     maxq = (1 << layer.bits) - 1
-    try:
-        codes = unpack(tensors["weight_packed"], layer.bits, in_features, dim=1)
-        if layer.sym:
-            zeros = torch.full((groups, out_features), (maxq + 1) // 2, dtype=torch.int32)
-        else:
-            zeros = unpack(tensors["weight_zero_point"], layer.bits, out_features, dim=0).t().to(torch.int32)
-    except (KeyError, ValueError, RuntimeError) as e:
-        raise InputError(f"{name}: packed tensors do not fit weight_shape {[out_features, in_features]} ({e})") \
-            from None
+    codes = unpack(packed, layer.bits, in_features, dim=1)
+    if layer.sym:
+        zeros = torch.full((groups, out_features), (maxq + 1) // 2, dtype=torch.int32)
+    else:
+        zp = tensors.get("weight_zero_point")
+        if zp is None or zp.dtype != torch.int32 or list(zp.shape) != [packed_length(out_features, layer.bits), groups]:
+            raise InputError(f"{name}: asymmetric, so a weight_zero_point int32 "
+                             f"[{packed_length(out_features, layer.bits)}, {groups}] is needed")
+        zeros = unpack(zp, layer.bits, out_features, dim=0).t().to(torch.int32)
     g_idx = tensors.get("weight_g_idx")
     if g_idx is not None and (g_idx.numel() != in_features or int(g_idx.min()) < 0 or int(g_idx.max()) >= groups):
         raise InputError(f"{name}: weight_g_idx does not index its {groups} groups for {in_features} inputs")

@@ -163,3 +163,27 @@ def test_a_folder_the_library_compressed_loads_to_its_weights(tmp_path, stories_
     assert len(expected) == 35 and lowest > 0          # zero points at the bottom of the range: unsigned 0
     for name, W in expected.items():
         assert torch.equal(model.get_submodule(name).dequantize(), W), name
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda t, n: t.__setitem__(f"{n}.weight_shape", torch.tensor([64, 10 ** 9])),
+     "weight_packed torch.int32 [64, 8] does not hold weight_shape [64, 1000000000] at 4 bits"),
+    (lambda t, n: t.pop(f"{n}.weight_zero_point"), "asymmetric, so a weight_zero_point int32 [8, 16] is needed"),
+    (lambda t, n: t.__setitem__(f"{n}.weight_shape", torch.tensor([64.0, 64.0])),
+     "weight_shape [64.0, 64.0] is not the [out, in] of a matrix"),
+])
+def test_a_damaged_folder_is_refused_in_one_line(asym_export, tmp_path, change, message):
+    """Sizes are checked against the tensors before anything is unpacked: a forged weight_shape allocates
+    nothing."""
+    import shutil
+
+    from safetensors.torch import save_file
+    _, out = asym_export
+    folder = tmp_path / "damaged"
+    shutil.copytree(out, folder)
+    (folder / "bitsmith_manifest.json").unlink()                  # as a folder from another tool: no manifest
+    tensors = load_file(str(folder / "model.safetensors"))
+    name = "model.layers.0.self_attn.q_proj"                       # 4 bits, groups of 4, asymmetric
+    change(tensors, name)
+    save_file(tensors, str(folder / "model.safetensors"))
+    refused(run("eval", folder, "--data", folder / "config.json"), f"error: {name}: {message}")
