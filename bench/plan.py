@@ -132,10 +132,30 @@ def report() -> str:
               "| config | all-in bpw | WikiText-2 ppl |", "|---|---|---|"]
     lines += [f"| {u} | {uniform[u]['bits_per_weight']:.3f} | {uniform[u]['perplexity']:.2f} |"
               for u in UNIFORM if u in uniform]
+    lines += ["", "Techniques the plans picked: linears in all, and per layer type (30 linears of each type):", "",
+              "| plan | target bpw | uniform grid | outliers | lookup table | per input channel |",
+              "|---|---|---|---|---|---|"]
+    lines += [f"| {r['method']} | {r['target_bits_per_weight']} | {' | '.join(picks(r['plan']))} |" for r in runs]
     lines += ["", ("Caveat: the SmolLM2 weights are the GGUF Q4_1 model dequantized (4-bit, groups of 32): 4-bit "
               "groups of 32 reproduce them almost exactly, which flatters every 4-bit g32 choice on this model.")]
     plot(runs, uniform)
     return "\n".join(lines) + "\n"
+
+
+def picks(plan: dict) -> list[str]:
+    """For each technique (plain uniform grid, outliers, lookup table, per-input-channel grids): how many linears
+    the plan gives it, and of which types ("210", "42: down 30, o 12")."""
+    kinds: list[dict[str, int]] = [{}, {}, {}, {}]
+    for name, entry in plan.items():
+        technique = 3 if entry.get("per_ic") else 2 if entry.get("lut") else 1 if entry.get("outliers") else 0
+        kind = name.rsplit(".", 1)[-1].removesuffix("_proj")
+        kinds[technique][kind] = kinds[technique].get(kind, 0) + 1
+    cells = []
+    for counts in kinds:
+        total = sum(counts.values())
+        mixed = 0 < total < len(plan)
+        cells.append(f"{total}" + (": " + ", ".join(f"{k} {n}" for k, n in counts.items()) if mixed else ""))
+    return cells
 
 
 def plot(runs: list[dict], uniform: dict) -> None:
