@@ -8,7 +8,8 @@ from torch import nn
 
 
 class DequantizingLinear(nn.Module):
-    """y = x W^T + b, W = `dequantize()` (each subclass's layout)."""
+    """y = x W^T + b, W = `dequantize()` (each subclass's layout) on the CPU, and on CUDA `dequantize_cuda(dtype)`
+    (Triton, kernels/triton_dequant.py) in the activations' dtype."""
 
     def __init__(self, in_features: int, out_features: int, bits: int, bias: bool = False):
         super().__init__()
@@ -19,10 +20,16 @@ class DequantizingLinear(nn.Module):
     def dequantize(self) -> torch.Tensor:
         raise NotImplementedError
 
+    def dequantize_cuda(self, dtype: torch.dtype) -> torch.Tensor:
+        raise NotImplementedError
+
     def cache_dequantized(self, dtype: torch.dtype = torch.float32) -> None:
         """Keep a dense copy of W for repeated forwards (evaluation); trades memory for speed."""
         self._dense = self.dequantize().to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        W = self._dense if self._dense is not None else self.dequantize()
+        if self._dense is not None:
+            W = self._dense
+        else:
+            W = self.dequantize_cuda(x.dtype) if x.is_cuda else self.dequantize()
         return F.linear(x, W.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))

@@ -29,5 +29,9 @@ class LUTLinear(DequantizingLinear):
     def dequantize(self) -> torch.Tensor:
         return lut_dequantize(self.qweight, self.lut, self.bits, self.in_features)
 
+    def dequantize_cuda(self, dtype: torch.dtype) -> torch.Tensor:
+        from .triton_dequant import lut_dequantize as triton_lut
+        return triton_lut(self.qweight, self.lut, self.bits, self.in_features, dtype).t()
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, lut=per row"

@@ -36,6 +36,12 @@ class PerICLinear(DequantizingLinear):
     def dequantize(self) -> torch.Tensor:
         return per_ic_dequantize(self.qweight, self.scales, self.qzeros, self.bits, self.in_features, self.group_size)
 
+    def dequantize_cuda(self, dtype: torch.dtype) -> torch.Tensor:
+        from .triton_dequant import per_ic_dequantize as triton_per_ic
+        zeros = unpack(self.qzeros, self.bits, self.in_features, dim=1).to(self.scales.dtype)
+        return triton_per_ic(self.qweight, self.scales, zeros, self.bits, self.in_features,
+                             row_span(self.group_size, self.out_features), dtype).t()
+
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
                 f"group_size={self.group_size} rows per input channel")

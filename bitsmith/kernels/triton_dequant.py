@@ -1,0 +1,80 @@
+"""Triton dequantization of the layouts whose grids are not GPTQ's: lookup tables (kernels/lut_linear.py) and
+per-input-channel grids (kernels/per_ic_linear.py). Both keep GPTQ's qweight (codes packed along K, one
+little-endian bit stream per output column; triton_w4a16.py reads it), and write W [K, N] in the activation
+dtype for torch.matmul, one [BLOCK_K, BLOCK_N] tile per program:
+
+  lookup table        W[k, n] = lut[n, code[k, n]]                          lut [N, 2^bits]
+  per input channel   W[k, n] = scale[n // g, k] * (code[k, n] - zero[n // g, k])   scales, zeros [G, K]
+
+The per-input-channel zeros are unpacked once at load time (as the GPTQ runtime unpacks its group metadata).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .triton_w4a16 import _codes3, _load_runs3, _unpack
+
+BLOCK_K, BLOCK_N = 64, 64          # a whole number of packed words at every bit width (32 codes: 3 words at 3 bits)
+
+
+@triton.jit
+def _codes(qweight_ptr, offs_k, offs_n, mask, K, N, BITS: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Codes [BLOCK_K, BLOCK_N] of the tile at rows offs_k (starting at a multiple of BLOCK_K), columns offs_n."""
+    if BITS == 3:
+        runs = tl.program_id(0) * (BLOCK_K // 32) + tl.arange(0, BLOCK_K // 32)
+        codes = _codes3(*_load_runs3(qweight_ptr, runs, offs_n, offs_n < N, K, N))
+    else:
+        PER_WORD: tl.constexpr = 32 // BITS
+        words = tl.load(qweight_ptr + (offs_k // PER_WORD)[:, None] * N + offs_n[None, :], mask=mask, other=0)
+        codes = _unpack(words, ((offs_k % PER_WORD) * BITS)[:, None], BITS)
+    return codes
+
+
+@triton.jit
+def _lut_kernel(qweight_ptr, lut_ptr, w_ptr, K, N, BITS: tl.constexpr, BLOCK_K: tl.constexpr,
+                BLOCK_N: tl.constexpr):
+    offs_k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (offs_k < K)[:, None] & (offs_n < N)[None, :]
+    codes = _codes(qweight_ptr, offs_k, offs_n, mask, K, N, BITS, BLOCK_K)
+    w = tl.load(lut_ptr + offs_n[None, :] * (1 << BITS) + codes, mask=mask, other=0.0)
+    tl.store(w_ptr + offs_k[:, None] * N + offs_n[None, :], w.to(w_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _per_ic_kernel(qweight_ptr, scales_ptr, zeros_ptr, w_ptr, K, N, GROUP_ROWS, BITS: tl.constexpr,
+                   BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    offs_k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (offs_k < K)[:, None] & (offs_n < N)[None, :]
+    codes = _codes(qweight_ptr, offs_k, offs_n, mask, K, N, BITS, BLOCK_K)
+    meta = (offs_n // GROUP_ROWS)[None, :] * K + offs_k[:, None]
+    scale = tl.load(scales_ptr + meta, mask=mask, other=0.0).to(tl.float32)
+    zero = tl.load(zeros_ptr + meta, mask=mask, other=0.0).to(tl.float32)
+    w = (codes.to(tl.float32) - zero) * scale
+    tl.store(w_ptr + offs_k[:, None] * N + offs_n[None, :], w.to(w_ptr.dtype.element_ty), mask=mask)
+
+
+def _grid(K: int, N: int) -> tuple[int, int]:
+    return triton.cdiv(K, BLOCK_K), triton.cdiv(N, BLOCK_N)
+
+
+def lut_dequantize(qweight: torch.Tensor, lut: torch.Tensor, bits: int, K: int, dtype: torch.dtype) -> torch.Tensor:
+    """W [K, N] from codes packed along K [packed(K), N] and tables [N, 2^bits]."""
+    N = qweight.shape[1]
+    W = torch.empty(K, N, device=qweight.device, dtype=dtype)
+    _lut_kernel[_grid(K, N)](qweight, lut.contiguous(), W, K, N, BITS=bits, BLOCK_K=BLOCK_K, BLOCK_N=BLOCK_N)
+    return W
+
+
+def per_ic_dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, K: int,
+                      group_rows: int, dtype: torch.dtype) -> torch.Tensor:
+    """W [K, N] from codes packed along K [packed(K), N], scales and unpacked zeros [G, K], `group_rows` output
+    rows (columns of W) per group."""
+    N = qweight.shape[1]
+    W = torch.empty(K, N, device=qweight.device, dtype=dtype)
+    _per_ic_kernel[_grid(K, N)](qweight, scales.contiguous(), zeros.contiguous(), W, K, N, group_rows, BITS=bits,
+                                BLOCK_K=BLOCK_K, BLOCK_N=BLOCK_N)
+    return W
