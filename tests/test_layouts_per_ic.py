@@ -64,6 +64,7 @@ def test_per_input_channel_entries_of_a_checkpoint_are_checked(entry, message):
 # End to end on stories260K.
 
 
+@pytest.mark.slow
 def test_a_plan_with_per_input_channel_grids_end_to_end(tmp_path, stories_path, stories_split):
     per_ic = {name for name in linear_names(stories_path) if ".self_attn." in name}
     out, summary = quantize_planned(tmp_path, stories_path, stories_split, lambda name: {

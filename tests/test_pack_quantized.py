@@ -50,6 +50,7 @@ def asym_export(tmp_path_factory, stories_path, stories_split, mixed):
     return src, out
 
 
+@pytest.mark.slow
 def test_the_decompressed_weights_are_bitsmiths(asym_export):
     src, out = asym_export
     reference = bitsmith.load(str(src), dequantized=True)
@@ -72,6 +73,7 @@ def test_the_decompressed_weights_are_bitsmiths(asym_export):
     assert strategies == {(4, "group"), (3, "group"), (2, "group"), (8, "group"), (3, "channel")}
 
 
+@pytest.mark.slow
 def test_transformers_loads_a_symmetric_export_to_the_same_logits(tmp_path_factory, stories_path, stories_split):
     from transformers import AutoModelForCausalLM
     src = quantize(tmp_path_factory, stories_path, stories_split, "--bits", "4", "--group-size", "4", "--sym",
@@ -114,6 +116,7 @@ def test_other_layouts_and_unquantized_folders_are_refused(tmp_path_factory, sto
     assert sorted(p.name for p in tmp_path.iterdir()) == ["plan.json"]
 
 
+@pytest.mark.slow
 def test_an_export_loads_back_to_the_logits_of_its_source(asym_export):
     src, out = asym_export
     ids = torch.randint(0, 512, (2, 64), generator=torch.Generator().manual_seed(1))
@@ -122,6 +125,7 @@ def test_an_export_loads_back_to_the_logits_of_its_source(asym_export):
         assert torch.equal(bitsmith.load(str(out), dequantized=True)(ids).logits, original)
 
 
+@pytest.mark.slow
 def test_a_folder_the_library_compressed_loads_to_its_weights(tmp_path, stories_path):
     """Every linear of stories260K quantized by hand (4 bits, groups of 4, asymmetric, bf16 scales: zero points
     of 0 included), compressed by compressed-tensors itself, config groups targeting "Linear" as llm-compressor
