@@ -76,3 +76,28 @@ def test_a_plan_with_per_input_channel_grids_end_to_end(tmp_path, stories_path, 
     written = written_bits(out, ("qweight", "scales", "qzeros", "g_idx"))
     assert summary["bits_per_weight"] == pytest.approx(written / STORIES_WEIGHTS, abs=1e-12)
     check_loaded_and_inspected(tmp_path, out, summary, stories_split[1], per_ic, PerICLinear, "per_ic", "ic32")
+
+
+def test_the_decode_copy_follows_new_weights():
+    """The CPU decode path's bf16 copy of W is made again after load_state_dict and when a buffer is replaced."""
+    g = torch.Generator().manual_seed(5)
+    W1, W2 = (0.05 * torch.randn(48, 64, generator=g) for _ in range(2))
+    X = torch.randn(256, 64, generator=g)
+    H = 2 * X.t() @ X / 256
+    layer = LayerPlan(4, 16, False, per_ic=True)
+    first, second = (gptq_quantize(W, H, 4, 16, per_ic=True) for W in (W1, W2))
+    module = layout_of(layer).module(64, 48, layer, bias=False)
+    module.load_state_dict(PerICLayout.tensors(first))
+    x = torch.randn(1, 64, generator=g)
+
+    def close(qw):
+        want = x @ qw.Q.t()
+        return ((module(x) - want).norm() / want.norm()).item() < 2 ** -7
+
+    assert close(first)
+    module.load_state_dict(PerICLayout.tensors(second))
+    assert close(second)
+    module.scales = PerICLayout.tensors(first)["scales"].clone()            # a new tensor object
+    module.qweight = PerICLayout.tensors(first)["qweight"].clone()
+    module.qzeros = PerICLayout.tensors(first)["qzeros"].clone()
+    assert close(first)

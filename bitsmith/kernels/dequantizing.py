@@ -1,21 +1,30 @@
-"""The runtime of layouts without a fused kernel yet (lookup tables, per-input-channel groups): the forward
-dequantizes W with the layout's torch reference; `cache_dequantized` keeps a dense copy for repeated calls."""
+"""The runtime of layouts without a fused kernel yet (lookup tables, per-input-channel groups).
+
+On CUDA the forward dequantizes W with Triton (kernels/triton_dequant.py) in the activations' dtype. On the CPU,
+a call of up to CPU_INT4_MAX_M rows (decode) multiplies by a bf16 copy of W made once (2 bytes per weight; bf16
+activations, as the GPTQ layouts' cpu_int4 path rounds them: dequantizing W on every step costs 40 times the
+float32 product on one core); a longer call dequantizes W once for the call with the torch reference, exact in
+float32. `cache_dequantized` keeps a dense copy in any dtype for every call instead.
+"""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .dispatch import CPU_INT4_MAX_M
+
 
 class DequantizingLinear(nn.Module):
-    """y = x W^T + b, W = `dequantize()` (each subclass's layout) on the CPU, and on CUDA `dequantize_cuda(dtype)`
-    (Triton, kernels/triton_dequant.py) in the activations' dtype."""
+    """y = x W^T + b, W = `dequantize()` (each subclass's layout; module docstring)."""
 
     def __init__(self, in_features: int, out_features: int, bits: int, bias: bool = False):
         super().__init__()
         self.in_features, self.out_features, self.bits = in_features, out_features, bits
         self.register_buffer("bias", torch.zeros(out_features, dtype=torch.float16) if bias else None)
         self._dense = None
+        self._decode = None                     # (key of the weights it was made from, bf16 W)
+        self.register_load_state_dict_post_hook(lambda module, keys: setattr(module, "_decode", None))
 
     def dequantize(self) -> torch.Tensor:
         raise NotImplementedError
@@ -27,9 +36,19 @@ class DequantizingLinear(nn.Module):
         """Keep a dense copy of W for repeated forwards (evaluation); trades memory for speed."""
         self._dense = self.dequantize().to(dtype)
 
+    def decode_weight(self) -> torch.Tensor:
+        """The bf16 copy of W the CPU decode path multiplies by, made again when the packed weights change."""
+        key = tuple(b.data_ptr() for b in self.buffers())
+        if self._decode is None or self._decode[0] != key:
+            self._decode = (key, self.dequantize().to(torch.bfloat16))
+        return self._decode[1]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
         if self._dense is not None:
-            W = self._dense
-        else:
-            W = self.dequantize_cuda(x.dtype) if x.is_cuda else self.dequantize()
-        return F.linear(x, W.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+            return F.linear(x, self._dense.to(x.dtype), bias)
+        if x.is_cuda:
+            return F.linear(x, self.dequantize_cuda(x.dtype), bias)
+        if x.numel() // self.in_features <= CPU_INT4_MAX_M:
+            return F.linear(x.to(torch.bfloat16), self.decode_weight()).to(x.dtype) + (0 if bias is None else bias)
+        return F.linear(x, self.dequantize().to(x.dtype), bias)
