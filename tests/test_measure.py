@@ -299,7 +299,8 @@ def test_a_measurement_of_another_model_or_other_options_is_refused(planned, sto
     (lambda p: p["layers"].update({"model.layers.5.mlp.up_proj": {"bits": 4, "group_size": 32}}),
      "model.layers.5.mlp.up_proj is not a linear of this model"),
     (lambda p: p["layers"]["model.layers.0.mlp.up_proj"].update(bits=6), "bits 6: choose one of 2, 3, 4, 8"),
-    (lambda p: p["layers"]["model.layers.0.mlp.up_proj"].update(group_size=48), "group size 48 does not divide"),
+    (lambda p: p["layers"]["model.layers.0.mlp.up_proj"].update(group_size=48, per_ic=False, lut=False, outliers=0),
+     "group size 48 does not divide"),
 ])
 def test_an_invalid_plan_file_is_one_line_and_exit_2(planned, stories_path, stories_split, tmp_path, edit, text):
     plan = json.loads((planned[0] / "plan.json").read_text())
