@@ -107,7 +107,10 @@ def report() -> str:
     base_held = json.loads((RUNS / "base-held-out.json").read_text()) if (RUNS / "base-held-out.json").exists() \
         else None
     dates = sorted({r["date"] for r in runs})
+    menu = json.loads(MEASUREMENT.read_text()) if MEASUREMENT.exists() else None
     lines = ["# Bit plan: SmolLM2-135M", "",
+             (f"Menu: the {len(menu['candidates'])} candidates of a format-{menu['format_version']} measurement "
+              f"({RUNS.name}/measurement.json)." if menu else "Menu: as each run's measurement had it."), "",
              (f"Measured {', '.join(dates)} with `python bench/plan.py` on x86_64 (2 cores, one torch thread per "
               "run; the other core was often busy: CPU seconds are the one-core cost, wall seconds an upper bound). "
               "Calibration 128 x 512 from "
