@@ -533,8 +533,8 @@ class Checkpoint:
 
 def verify(path) -> list[str]:
     """Problems found in a bitsmith folder: missing manifest, an empty or malformed files map, missing or altered
-    files (sha256), files in the folder the manifest leaves out, names leading out of the folder, coded
-    tensors that do not decode to their source (sha256 recorded at compress time)."""
+    files (sha256), files in the folder the manifest leaves out, names leading out of the folder (the recorded
+    source files' too), coded tensors that do not decode to their source (sha256 recorded at compress time)."""
     path = Path(path)
     if not path.is_dir():
         return [f"{path}: {'not a folder' if path.exists() else 'no such folder'}"]
@@ -550,6 +550,10 @@ def verify(path) -> list[str]:
         try:
             checkpoint = Checkpoint(path)
             deque(checkpoint.get_many(checkpoint.coded), maxlen=0)   # decoding checks each source sha256
+            recorded = (checkpoint.manifest or {}).get("source_files")
+            if recorded:                                # what decompress would write: names inside, same tensors
+                from .dfloat.folders import recorded_sources
+                recorded_sources(checkpoint, recorded)
         except InputError as e:
             problems.append(str(e))
     return problems

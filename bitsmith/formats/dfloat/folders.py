@@ -52,7 +52,7 @@ def decompress_checkpoint(src, out, overwrite: bool = False, progress: bool = Fa
     source = Checkpoint(src)
     names, recorded = source.keys(), (source.manifest or {}).get("source_files")
     if recorded:
-        tensors, files, texts = _recorded(source, recorded)        # all checked before the output is made
+        tensors, files, texts = recorded_sources(source, recorded)        # all checked before the output is made
         manifest = _source_manifest(source, recorded)
     side = side_files(source)
     with CheckpointWriter(out, overwrite, inputs=[source.path]) as writer:
@@ -92,7 +92,7 @@ def _source_manifest(source, recorded) -> bytes | None:
         raise InputError(f"{source.path / MANIFEST}: {e}") from None
 
 
-def _recorded(source, recorded) -> tuple[list, dict, dict[str, bytes]]:
+def recorded_sources(source, recorded) -> tuple[list, dict, dict[str, bytes]]:
     """The recorded layout (`originals.layout`) and texts of the source files, once they hold exactly the
     tensors the folder holds, with their dtypes and shapes; else InputError naming the manifest."""
     from ..checkpoint import MANIFEST

@@ -90,6 +90,9 @@ def test_decompress_refuses_source_files_named_outside_and_writes_nothing(z, tmp
     assert r.exit_code == 2
     one_line(r, f"error: {z / MANIFEST}: source_files {key}: {name!r} {problem}")
     assert files_under(tmp_path) == before
+    r = run("verify", z)                                   # a folder decompress refuses is not OK either
+    assert r.exit_code == 2
+    one_line(r, f"FAIL {z / MANIFEST}: source_files {key}: {name!r} {problem}")
 
 
 @pytest.mark.parametrize("key, name, message", [
