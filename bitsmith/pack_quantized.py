@@ -1,4 +1,6 @@
-"""`bitsmith export`: a bitsmith checkpoint in another loader's format, the same weights bit for bit.
+"""compressed-tensors "pack-quantized" checkpoints, both ways: `bitsmith export` writes a bitsmith checkpoint in
+that format, the same weights bit for bit, and every command reads such a folder (`PackQuantizedSource`) as
+bitsmith's GPTQ layout.
 
 compressed-tensors "pack-quantized" (the format llm-compressor writes and vLLM's and transformers' compressed-
 tensors loaders read; vLLM's W4A16 path for it takes asymmetric zero points). Per quantized linear:
@@ -18,6 +20,7 @@ partial last groups are refused (`--static-groups` quantizes act-order into cont
 """
 from __future__ import annotations
 
+import json
 import math
 import re
 from pathlib import Path
@@ -191,7 +194,7 @@ def ct_layers(qconfig: dict, names: list[str], where: str) -> dict[str, LayerPla
 
 
 def json_line(value) -> str:
-    import json
+    """A JSON value on one short line, for a message."""
     return json.dumps(value, sort_keys=True)[:120]
 
 
