@@ -43,6 +43,20 @@ def bitsmith(*args: str) -> None:
     subprocess.run([str(exe), *args], check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
+def portable(value, work: str | None = None):
+    """`value` (a run's JSON) with machine paths made relative: this checkout's to the repository root, ../shared
+    as such, the run's temporary output as OUT; the results then read the same wherever they were made."""
+    if isinstance(value, dict):
+        return {k: portable(v, work) for k, v in value.items()}
+    if isinstance(value, list):
+        return [portable(v, work) for v in value]
+    if isinstance(value, str):
+        if work:
+            value = value.replace(f"{work}/out", "OUT")
+        return value.replace(f"{SHARED.resolve()}/", "../shared/").replace(f"{ROOT}/", "")
+    return value
+
+
 def held_out(model: str, json_path: Path) -> dict:
     bitsmith("eval", model, "--data", str(HELD_OUT), "--seqlen", "2048", "--max-tokens", "16384",
              "--json", str(json_path))
@@ -71,13 +85,14 @@ def run(target: float, proxy: str, rounding: str = "gptq", iters: int = 0) -> No
         summary = json.loads(summary_path.read_text())
         summary["eval"] = wikitext(out, Path(work) / "wikitext.json")
         if not reuse:
-            shutil.copyfile(Path(out) / "measurement.json", MEASUREMENT)
+            measured = json.loads((Path(out) / "measurement.json").read_text())
+            MEASUREMENT.write_text(json.dumps(portable(measured), indent=1) + "\n")
         summary["held_out"] = held_out(out, Path(work) / "held.json")
         summary["plan"] = json.loads((Path(out) / "plan.json").read_text())["layers"]
     name = method(proxy, rounding, iters)
     summary.update(date=datetime.date.today().isoformat(), proxy=proxy, rounding=rounding, rounding_iters=iters,
                    method=name, measured_here=not reuse)
-    (RUNS / f"{name}-t{target}.json").write_text(json.dumps(summary, indent=1) + "\n")
+    (RUNS / f"{name}-t{target}.json").write_text(json.dumps(portable(summary, work), indent=1) + "\n")
     print(name, target, summary["bits_per_weight"], summary["eval"]["perplexity"], flush=True)
 
 
@@ -207,7 +222,8 @@ def main() -> None:
         if not (RUNS / "base-held-out.json").exists() and (default / "base-held-out.json").exists():
             shutil.copyfile(default / "base-held-out.json", RUNS / "base-held-out.json")   # the same base model
         if not (RUNS / "base-held-out.json").exists():
-            held_out("smollm2-135m", RUNS / "base-held-out.json")
+            base = held_out("smollm2-135m", RUNS / "base-held-out.json")
+            (RUNS / "base-held-out.json").write_text(json.dumps(portable(base), indent=1) + "\n")
         for target in args.targets:
             run(target, args.proxy, args.rounding, args.rounding_iters)
     (RESULTS / f"{RUNS.name}.md").write_text(report())
