@@ -81,9 +81,9 @@ def contiguous_groups(source: Checkpoint, name: str, layer: LayerPlan) -> int:
     return in_features
 
 
-def pack_quantized(source: Checkpoint, name: str, layer: LayerPlan) -> dict[str, torch.Tensor]:
-    """One linear's compressed-tensors tensors from its GPTQ tensors (module docstring)."""
-    in_features = contiguous_groups(source, name, layer)
+def pack_quantized(source: Checkpoint, name: str, layer: LayerPlan, in_features: int) -> dict[str, torch.Tensor]:
+    """One linear's compressed-tensors tensors from its GPTQ tensors (module docstring); `in_features` as
+    `contiguous_groups` found it."""
     qweight, scales, qzeros = (source.get(f"{name}.{part}") for part in ("qweight", "scales", "qzeros"))
     out_features = scales.shape[1]
     maxq = (1 << layer.bits) - 1
@@ -127,11 +127,11 @@ def export(src, out, fmt: str, overwrite: bool = False, progress: bool = False) 
     linears = gptq_linears(source)
     parts = {f"{name}.{part}" for name in linears for part in (*GPTQLayout.parts, "bias")}
     side = [name for name in side_files(source) if name not in BITSMITH_FILES]
-    for name, layer in linears.items():               # every refusal before the output folder exists
-        contiguous_groups(source, name, layer)
+    widths = {name: contiguous_groups(source, name, layer)      # every refusal before the output folder exists
+              for name, layer in linears.items()}
     with CheckpointWriter(out, overwrite, inputs=[source.path]) as writer:
         for name in tqdm(linears, desc="export", unit="linear", disable=not progress):
-            for part, tensor in pack_quantized(source, name, linears[name]).items():
+            for part, tensor in pack_quantized(source, name, linears[name], widths[name]).items():
                 writer.add(f"{name}.{part}", tensor)
         for name in source.keys():
             if name not in parts:

@@ -8,6 +8,8 @@ float32. `cache_dequantized` keeps a dense copy in any dtype for every call inst
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -15,7 +17,7 @@ from torch import nn
 from .dispatch import CPU_INT4_MAX_M
 
 
-class DequantizingLinear(nn.Module):
+class DequantizingLinear(nn.Module, ABC):
     """y = x W^T + b, W = `dequantize()` (each subclass's layout; module docstring)."""
 
     def __init__(self, in_features: int, out_features: int, bits: int, bias: bool = False):
@@ -26,11 +28,13 @@ class DequantizingLinear(nn.Module):
         self._decode = None                     # (key of the weights it was made from, bf16 W)
         self.register_load_state_dict_post_hook(lambda module, keys: setattr(module, "_decode", None))
 
+    @abstractmethod
     def dequantize(self) -> torch.Tensor:
-        raise NotImplementedError
+        """W [out, in] in float32, through the layout's torch reference."""
 
+    @abstractmethod
     def dequantize_cuda(self, dtype: torch.dtype) -> torch.Tensor:
-        raise NotImplementedError
+        """W [out, in] in `dtype` on CUDA, through the layout's Triton kernel."""
 
     def cache_dequantized(self, dtype: torch.dtype = torch.float32) -> None:
         """Keep a dense copy of W for repeated forwards (evaluation); trades memory for speed."""

@@ -155,9 +155,9 @@ def test_per_input_channel_grids_are_learned_in_their_layout(stories_block, grou
     refined, trace = signround(b.module, b.inputs, b.targets, b.weights, starts, 30, batch=len(b.inputs), **b.kwargs)
     assert not trace.kept_start and error(b, refined) < error(b, starts)
     layer = LayerPlan(3, group, False, per_ic=True)
+    assert any(not torch.equal(qw.scales, starts[name].scales) for name, qw in refined.items())   # clipping learned
     for name, qw in refined.items():
         assert isinstance(qw, PerICWeight) and qw.scales.shape == starts[name].scales.shape
-        assert 1 <= int(qw.zeros.min()) and int(qw.zeros.max()) <= 7 and (qw.scales > 0).all()
         stored = layout_of(layer).tensors(qw)
         assert torch.equal(layout_of(layer).weight(stored.__getitem__, layer, qw.codes.shape[1]), qw.Q)
 
