@@ -8,7 +8,7 @@ import sys
 
 import torch
 
-from . import __version__
+from . import __version__, distributed
 from . import resume as resuming
 from .calibration import data, perplexity
 from .calibration.adapter import BlockRunner, check_shapes, skeleton
@@ -72,22 +72,28 @@ def quantize(model: str, out: str, *, overwrite: bool = False, eval_data: str | 
         ids = data.tokenize(source.tokenizer(), eval_text)
         eval_ids = data.eval_windows(ids, data.eval_seqlen(eval_seqlen, source.context(), "--eval-seqlen"),
                                      eval_max_tokens)
-    with CheckpointWriter(out, overwrite=overwrite, inputs=inputs, resume=resume) as writer:
-        if resume and not writer.resumed:
+    world = distributed.join()
+    check_parallel(world, opts)
+    with (CheckpointWriter(out, overwrite=overwrite, inputs=inputs, resume=resume) if world.main
+          else distributed.Discarding()) as writer:
+        if resume and world.main and not writer.resumed:
             print(f"{out}: nothing to resume, starting fresh", file=sys.stderr)
         with resuming.refusing(writer):
-            calib = calibration(source, opts, progress)
-            fingerprint = source.fingerprint()
-            resuming.take_up(writer, resuming.identity(__version__, fingerprint, opts, calib.fingerprint,
-                                                       target_bpw, lossless_rest), out)
+            calib = calibration(source, opts, progress and world.main)
+            if world.main:
+                fingerprint = source.fingerprint()
+                resuming.take_up(writer, resuming.identity(__version__, fingerprint, opts, calib.fingerprint,
+                                                           target_bpw, lossless_rest), out)
         runner = BlockRunner(source.config)
         if writer.resumed:
             print(f"{out}: resuming the interrupted run, {resuming.blocks_done(writer)} of {runner.n_blocks} "
                   "blocks done", file=sys.stderr)
-        coder = dfloat.CodedWriter(writer) if lossless_rest else None
+        coder = dfloat.CodedWriter(writer) if lossless_rest and world.main else None
         shapes = linear_shapes(runner)
-        measure_seconds = measure_cpu_seconds = base = None
-        if plan_body is not None:
+        measure_seconds = measure_cpu_seconds = base = qplan = None
+        if not world.main:
+            pass                                # main decides the plan (measuring if need be) and sends it
+        elif plan_body is not None:
             qplan = QuantPlan.from_dict(plan_body, shapes, opts, plan)
         elif target_bpw is not None:
             started, cpu_started = clock.seconds, clock.cpu_seconds
@@ -98,9 +104,13 @@ def quantize(model: str, out: str, *, overwrite: bool = False, eval_data: str | 
                 base = measured      # its Fisher windows are this run's first windows: measure the real increase
         else:
             qplan = QuantPlan.uniform(opts, shapes)
-        resuming.check_plan(writer, qplan, out)
-        result = run(source, writer, qplan, eval_ids=eval_ids, progress=progress, coder=coder, calib=calib,
-                     loss_windows=base.fisher_windows if base else 0)
+        if world.main:
+            resuming.check_plan(writer, qplan, out)
+        qplan, loss_windows = distributed.broadcast_from_main((qplan, base.fisher_windows if base else 0), world)
+        result = run(source, writer, qplan, eval_ids=eval_ids if world.main else None, progress=progress and world.main,
+                     coder=coder, calib=calib, loss_windows=loss_windows, world=world)
+        if not world.main:
+            return {}
         writer.add_file("plan.json", (json.dumps(qplan.as_dict(), indent=1) + "\n").encode())
         if coder:
             coder.flush()
@@ -127,6 +137,17 @@ def quantize(model: str, out: str, *, overwrite: bool = False, eval_data: str | 
             "predicted_error": qplan.predicted_error(), "measured_error": measured_error,
             "measure_seconds": measure_seconds, "measure_cpu_seconds": measure_cpu_seconds,
             "cpu_seconds": clock.cpu_seconds}
+
+
+def check_parallel(world: distributed.World, opts: QuantizeOptions) -> None:
+    """What a run of several processes cannot do yet, refused on every rank before any work."""
+    if not world.parallel:
+        return
+    if opts.rounding == "signround":
+        raise InputError("--rounding signround runs in one process; drop --nproc (or torchrun) for it")
+    if opts.method != "rtn" and -(-opts.nsamples // opts.batch) < world.size:
+        raise InputError(f"--nsamples {opts.nsamples}: {world.size} processes need at least {world.size} batches of "
+                         f"{opts.batch} calibration windows")
 
 
 def _plan_request(target_bpw, measurement, plan) -> dict | None:

@@ -25,6 +25,7 @@ from .calibration import data
 from .calibration.adapter import BlockRunner
 from .calibration.hessian import Hessian
 from .calibration.perplexity import summarize, window_stats
+from .distributed import SOLO, World, broadcast_from_main, from_owners, gathered_list, reduce_hessians
 from .formats import faults
 from .formats.errors import InputError
 from .formats.source import ModelSource
@@ -202,13 +203,17 @@ def embed(source: ModelSource, family, windows: torch.Tensor | None, eval_ids: t
 
 
 def run(source: ModelSource, writer, plan: QuantPlan, eval_ids: torch.Tensor | None = None,
-        progress: bool = True, coder=None, calib: Calibration | None = None, loss_windows: int = 0) -> Result:
+        progress: bool = True, coder=None, calib: Calibration | None = None, loss_windows: int = 0,
+        world: World = SOLO) -> Result:
     """Quantize every decoder linear of `source` into `writer` (a CheckpointWriter) as `plan` says, on `calib`
     (made here when not given); optionally measure perplexity of the quantized weights on `eval_ids` windows,
     streamed through the same blocks. `coder` (a dfloat.CodedWriter on `writer`) stores the tensors that stay
     unquantized. Blocks the writer's journal holds (a resumed run) are replayed, not quantized again. With
     `loss_windows`, the quantized model's mean NLL on that many first calibration windows (the measured side of
-    the plan's predicted error) comes from the calibration stream at the end."""
+    the plan's predicted error) comes from the calibration stream at the end.
+
+    In a run of several processes (bitsmith/distributed.py), `world` is this one's place: it carries its share
+    of the calibration windows, and the rank that is not main writes nothing (`writer` discards)."""
     opts = plan.options
     runner = BlockRunner(source.config)
     family = runner.family
@@ -216,10 +221,11 @@ def run(source: ModelSource, writer, plan: QuantPlan, eval_ids: torch.Tensor | N
         check_layer(plan.layers[name], name, in_features, opts.method)
     calib = calib or calibration(source, opts, progress)
     result = Result(calibration=calib.description, calibration_fingerprint=calib.fingerprint)
-    streams = embed(source, family, calib.windows, eval_ids)
+    share = world.share(calib.windows.shape[0], opts.batch) if calib.windows is not None else slice(0, 0)
+    streams = embed(source, family, None if calib.windows is None else calib.windows[share], eval_ids)
     if opts.rounding == "signround" and streams.hidden is not None:
         streams.unquantized = streams.hidden.clone()
-    done = finished_blocks(writer, coder, result)
+    done = broadcast_from_main(finished_blocks(writer, coder, result), world)
     store = coder.add if coder else writer.add
 
     for i in tqdm(range(runner.n_blocks), desc=f"{opts.method}", unit="block", disable=not progress):
@@ -227,9 +233,10 @@ def run(source: ModelSource, writer, plan: QuantPlan, eval_ids: torch.Tensor | N
             if streams.unquantized is not None:
                 propagate_unquantized(runner, source_block(runner, source, i)[0], streams.unquantized, opts)
             if streams.any:
-                propagate(runner, stored_block(runner, source, writer, plan, i), streams, opts)
+                propagate(runner, stored_block(runner, source, writer, plan, i, world), streams, opts)
         else:
-            block, layers = quantize_block(runner, source, writer, plan, i, streams.hidden, store, streams.unquantized)
+            block, layers = quantize_block(runner, source, writer, plan, i, streams.hidden, store, streams.unquantized,
+                                           world)
             result.layers += layers
             finish_block(writer, coder, i, layers)
             propagate(runner, block, streams, opts)
@@ -241,11 +248,12 @@ def run(source: ModelSource, writer, plan: QuantPlan, eval_ids: torch.Tensor | N
     if streams.held is not None or (loss_windows and streams.hidden is not None):
         norm, head = _final_layers(source, family, runner)
         if streams.held is not None:
-            result.eval = summarize(_nll(norm, head, streams.held, eval_ids), *eval_ids.shape)
+            result.eval = summarize(sum(_nlls(norm, head, streams.held, eval_ids)), *eval_ids.shape)
         if loss_windows and streams.hidden is not None:
-            ids = calib.windows[:loss_windows]
-            result.calibration_nll = _nll(norm, head, streams.hidden[:loss_windows], ids) / (ids.shape[0] *
-                                                                                               (ids.shape[1] - 1))
+            mine = range(share.start, min(share.stop, loss_windows))      # this rank's among the first windows
+            nlls = gathered_list(_nlls(norm, head, streams.hidden[:len(mine)], calib.windows[mine.start:mine.stop]),
+                                 world)
+            result.calibration_nll = sum(nlls) / (loss_windows * (calib.windows.shape[1] - 1))
     return result
 
 
@@ -260,12 +268,14 @@ def source_block(runner: BlockRunner, source: ModelSource, i: int):
 
 
 def quantize_block(runner: BlockRunner, source: ModelSource, writer, plan: QuantPlan, i: int,
-                   hidden: torch.Tensor | None, store, unquantized: torch.Tensor | None = None):
+                   hidden: torch.Tensor | None, store, unquantized: torch.Tensor | None = None,
+                   world: World = SOLO):
     """Statistics and quantize steps of block i, stage by stage (`sequential_stages`): every linear written
     packed and left holding its stored weight, the other tensors given to `store`. The block and its
     linears' reports. With learned rounding, `unquantized` (the calibration windows' hidden states in the
     unquantized model) goes through the unquantized block first, in place, and the quantized linears are
-    refined toward it (`refine_block`) before they are written."""
+    refined toward it (`refine_block`) before they are written. Several processes (`world`) sum their Hessians
+    and share the linears of each stage out among them (`quantize_shared`)."""
     opts, family = plan.options, runner.family
     prefix = family.block_prefix.format(i=i)
     block, tensors = source_block(runner, source, i)
@@ -276,6 +286,10 @@ def quantize_block(runner: BlockRunner, source: ModelSource, writer, plan: Quant
     layers = []
     for stage in sequential_stages(family.siblings, opts.true_sequential):
         hessians = collect_hessians(runner, block, hidden, pos, opts, stage) if opts.method != "rtn" else {}
+        reduce_hessians(hessians, world)
+        if world.parallel:
+            layers += quantize_shared(block, prefix, stage, hessians, plan, writer, tensors, world)
+            continue
         for group in stage:
             for name in group:
                 layers.append(_quantize_into(block, prefix, name, hessians.get(group), plan, writer, tensors, starts))
@@ -289,6 +303,28 @@ def quantize_block(runner: BlockRunner, source: ModelSource, writer, plan: Quant
     return block, layers
 
 
+def quantize_shared(block, prefix: str, stage, hessians: dict, plan: QuantPlan, writer, tensors,
+                    world: World) -> list[LayerReport]:
+    """The linears of one stage quantized by the processes of `world`, each linear by one of them (the cost of
+    GPTQ on a linear grows as out x in^2), every result given to all, written (by main) in the stage's order."""
+    jobs = [(group, name) for group in stage for name in group]
+    weights = [block.get_submodule(name).weight.data for _, name in jobs]
+    results = from_owners([lambda W=W, group=group, name=name: _quantized(W, hessians.get(group), plan, prefix + name)
+                           for W, (group, name) in zip(weights, jobs)],
+                          [W.shape[0] * W.shape[1] ** 2 for W in weights], world)
+    return [_write_into(block, prefix, name, stored, loss, plan, writer, tensors)
+            for (_, name), (stored, loss) in zip(jobs, results)]
+
+
+def _quantized(W: torch.Tensor, H, plan: QuantPlan, full: str) -> tuple[dict, float]:
+    """The tensors to store of one linear and its loss."""
+    try:
+        _, stored, loss = quantize_linear(W, H, plan.options, plan.layers[full])
+    except ValueError as e:
+        raise InputError(f"{full}: {e}") from None
+    return stored, float(loss)
+
+
 def propagate(runner: BlockRunner, block, streams: Streams, opts: QuantizeOptions) -> None:
     """The propagate step: both streams through the (quantized) block, in place."""
     if streams.hidden is not None:
@@ -299,14 +335,16 @@ def propagate(runner: BlockRunner, block, streams: Streams, opts: QuantizeOption
         forward_in_place(runner, block, streams.held, runner.position_embeddings(streams.held[:1]), opts.batch)
 
 
-def stored_block(runner: BlockRunner, source: ModelSource, writer, plan: QuantPlan, i: int):
-    """Block i of a finished block as the uninterrupted run left it: every linear on its stored weight."""
+def stored_block(runner: BlockRunner, source: ModelSource, writer, plan: QuantPlan, i: int, world: World = SOLO):
+    """Block i of a finished block as the uninterrupted run left it: every linear on its stored weight (read by
+    main, which holds the output, and sent to the other processes)."""
     prefix = runner.family.block_prefix.format(i=i)
     block, _ = source_block(runner, source, i)
     for name in runner.family.linears:
         lin, full = block.get_submodule(name), prefix + name
-        lin.weight.data = stored_weight(lambda suffix, full=full: writer.get(f"{full}.{suffix}"), plan.layers[full],
-                                        plan.options.method, lin.in_features)
+        weight = stored_weight(lambda suffix, full=full: writer.get(f"{full}.{suffix}"), plan.layers[full],
+                               plan.options.method, lin.in_features) if world.main else None
+        lin.weight.data = broadcast_from_main(weight, world)
     return block
 
 
@@ -403,9 +441,9 @@ def _final_layers(source, family, runner):
     return norm, source.get(family.lm_head if family.lm_head in source else family.embed).to(torch.float32)
 
 
-def _nll(norm, head: torch.Tensor, hidden: torch.Tensor, windows: torch.Tensor) -> float:
-    """Summed next-token NLL of the windows from the last block's outputs `hidden`."""
-    return sum(window_stats(norm(h[None].float())[0] @ head.t(), ids)[0] for h, ids in zip(hidden, windows))
+def _nlls(norm, head: torch.Tensor, hidden: torch.Tensor, windows: torch.Tensor) -> list[float]:
+    """Summed next-token NLL of each window from the last block's outputs `hidden`."""
+    return [window_stats(norm(h[None].float())[0] @ head.t(), ids)[0] for h, ids in zip(hidden, windows)]
 
 
 M_MMAP_THRESHOLD = -3          # glibc mallopt parameter

@@ -11,7 +11,7 @@ import threading
 import click
 
 from .. import __version__
-from ..formats.errors import InputError, one_line, signalled
+from ..formats.errors import InputError, PeerLost, one_line, signalled
 
 
 class _Group(click.Group):
@@ -25,8 +25,13 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except InputError as e:
-            click.echo(f"error: {e}", err=True)
+            if not _follower():                     # one line from the main process of a parallel run
+                click.echo(f"error: {e}", err=True)
             sys.exit(2)
+        except PeerLost as e:
+            if not _follower() and "BITSMITH_LAUNCHED" not in os.environ:     # else the launcher says which died
+                click.echo(f"error: {e}", err=True)
+            sys.exit(1)
         except click.UsageError as e:               # a bad option or argument: one line too
             click.echo(f"error: {' '.join(e.format_message().split())}", err=True)
             sys.exit(2)
@@ -35,7 +40,8 @@ class _Group(click.Group):
         except KeyboardInterrupt as e:              # Ctrl-C, or SIGTERM (Terminated): what was kept, if anything
             signum = signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT
             said = "terminated" if signum == signal.SIGTERM else "interrupted"
-            click.echo(f"{said}: {one_line(e)}" if str(e) else said, err=True)
+            if not _follower():
+                click.echo(f"{said}: {one_line(e)}" if str(e) else said, err=True)
             sys.exit(128 + signum)
         except OSError as e:
             if e.errno not in (errno.ENOSPC, errno.EDQUOT):
@@ -81,11 +87,18 @@ def _terminate_as_interrupt():
         signalled(None)
 
 
+def _follower() -> bool:
+    """Whether this is a process other than the main one of a run over several processes (torchrun's RANK)."""
+    return int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 and os.environ.get("RANK", "0") != "0"
+
+
 def _internal(ctx, e: Exception):
     """A bug: one line and exit 1, or with --debug the traceback."""
     if ctx.obj and ctx.obj.get("debug"):
         raise e
-    click.echo(f"internal error: {type(e).__name__}: {one_line(e)} (rerun with --debug for the traceback)", err=True)
+    where = f"process {os.environ.get('RANK')}: " if _follower() else ""
+    click.echo(f"{where}internal error: {type(e).__name__}: {one_line(e)} (rerun with --debug for the traceback)",
+               err=True)
     sys.exit(1)
 
 
@@ -195,7 +208,7 @@ QUANTIZE_SECTIONS = {
     "Method": ("method", "bits", "group_size", "sym", "act_order", "static_groups", "mse", "true_sequential", "damp",
                "rounding", "rounding_iters"),
     "Bit plan": ("target_bpw", "measurement", "plan_path", "fisher_samples", "proxy"),
-    "Calibration": ("calib", "nsamples", "seqlen", "seed", "calib_dtype", "device"),
+    "Calibration": ("calib", "nsamples", "seqlen", "seed", "calib_dtype", "device", "nproc"),
     "Evaluation": ("eval_data", "eval_seqlen", "eval_max_tokens"),
     "Output": ("out", "overwrite", "resume", "lossless_rest", "json_path"),
 }
@@ -241,6 +254,9 @@ QUANTIZE_SECTIONS = {
               help="Error the plan minimises: Fisher-weighted (predicted nats/token) or plain output error.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="Where calibration runs (CPU in this version: cuda is refused).")
+@click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Processes sharing the calibration (torch.distributed, gloo): each runs its share of the windows, "
+                   "the Hessians are summed, the linears shared out; the output is the same as one process's.")
 @click.option("--eval-data", type=click.Path(), help="Also measure perplexity of the quantized weights on this text.")
 @click.option("--eval-seqlen", type=int, default=None,
               help="Tokens per evaluation window (default: 2048, or the model's context when shorter).")
@@ -255,8 +271,10 @@ QUANTIZE_SECTIONS = {
 def quantize(model, out, method, bits, group_size, sym, act_order, static_groups, mse, true_sequential, damp, calib,
              nsamples, seqlen, seed, calib_dtype, target_bpw, measurement, plan_path, fisher_samples, proxy, device,
              eval_data, eval_seqlen, eval_max_tokens, lossless_rest, overwrite, resume, json_path, rounding,
-             rounding_iters):
+             rounding_iters, nproc):
     """Quantize MODEL (a Hugging Face folder, a .gguf file or the bundled name smollm2-135m) into OUT."""
+    if nproc > 1:
+        sys.exit(_launched(nproc))
     from .. import api
     report = Report(json_path)
     if device == "cuda":
@@ -271,6 +289,8 @@ def quantize(model, out, method, bits, group_size, sym, act_order, static_groups
                      lossless_rest=lossless_rest, target_bpw=target_bpw, measurement=measurement, plan=plan_path,
                      fisher_samples=fisher_samples, proxy=proxy, resume=resume, rounding=rounding,
                      rounding_iters=rounding_iters)
+    if not s:                                   # a process other than main of a parallel run: main reports
+        return
     rows = [("quantized linears", str(s["quantized_linears"])),
             ("bits per weight (all-in)", f"{s['bits_per_weight']:.3f}" + (
                 f" (target {s['target_bits_per_weight']})" if s["target_bits_per_weight"] else "")),
@@ -290,6 +310,25 @@ def quantize(model, out, method, bits, group_size, sym, act_order, static_groups
                                     f"seqlen {s['eval']['seqlen']})")))
     report.table(f"wrote {out}", rows)
     report.json(s)
+
+
+def _launched(nproc: int) -> int:
+    """`bitsmith quantize --nproc N`: this command line again, without --nproc, in N processes (torchrun's
+    launcher); their exit status."""
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        raise InputError("--nproc: this process is already one of several (torchrun); give one or the other")
+    args, skip = [], False
+    for arg in sys.argv[1:]:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            args.append(arg)
+    if "quantize" not in args:
+        raise InputError("--nproc: run bitsmith quantize from a command line to share it among processes")
+    from ..distributed import launch
+    return launch(nproc, args)
 
 
 @main.command("eval")

@@ -5,6 +5,10 @@ class InputError(Exception):
     """A file, option or value the user gave is unusable; the message names it and says why."""
 
 
+class PeerLost(RuntimeError):
+    """Another process of a run over several processes (bitsmith/distributed.py) died or was stopped."""
+
+
 def one_line(e: BaseException) -> str:
     """An exception's message with its whitespace runs (newlines included) made single spaces."""
     return " ".join(str(e).split()) or type(e).__name__

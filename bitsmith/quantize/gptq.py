@@ -102,6 +102,7 @@ class ColumnGrids:
                 self.per_ic[c] = (config, torch.zeros(groups, self.cols, dtype=torch.float16),
                                   torch.zeros(groups, self.cols, dtype=torch.int32))
         self.stack_rows = rows
+        self.per_ic_stacks = per_ic_stacks({c: config for c, (config, _, _) in self.per_ic.items()}, rows)
         inv = torch.argsort(perm)
         for g in self.sizes:
             mask = torch.tensor([c.group_size == g and not c.per_ic for c in configs]).repeat_interleave(rows)
@@ -153,12 +154,21 @@ class ColumnGrids:
         (the column quantizer's interface to `gptq_loop`)."""
         scale, zero = self.at(col, W)
         rows = self.stack_rows
-        for c, (config, scales, zeros) in self.per_ic.items():
-            mine = slice(c * rows, (c + 1) * rows)
-            scales[:, col], zeros[:, col] = fit_column(w[mine], config.group_size, RowGrid(config.bits, config.sym),
-                                                       self.mse, self.every)
-            scale[mine] = expand_rows(scales[:, col], config.group_size, rows)
-            zero[mine] = expand_rows(zeros[:, col], config.group_size, rows)
+        for span, (stacked, grid) in self.per_ic_stacks.items():     # every config of one span in one fit
+            if span:
+                fit = fit_grid(torch.cat([w[c * rows:(c + 1) * rows].reshape(-1, span) for c in stacked]), grid,
+                               mse=self.mse, shrink_every=self.every)
+            for k, c in enumerate(stacked):
+                config, scales, zeros = self.per_ic[c]
+                if span:
+                    part = slice(k * (rows // span), (k + 1) * (rows // span))
+                    scales[:, col], zeros[:, col] = fit[0][part], fit[1][part]
+                else:
+                    scales[:, col], zeros[:, col] = fit_column(w[c * rows:(c + 1) * rows], config.group_size,
+                                                               RowGrid(config.bits, config.sym), self.mse, self.every)
+                mine = slice(c * rows, (c + 1) * rows)
+                scale[mine] = expand_rows(scales[:, col], config.group_size, rows)
+                zero[mine] = expand_rows(zeros[:, col], config.group_size, rows)
         q = quantize_codes(w, scale, zero, self.maxq)
         return q, fake_quantize(q, scale, zero), zero
 
@@ -171,6 +181,22 @@ class ColumnGrids:
         group_of = self.group_of[g][inv]
         natural = g == -1 or torch.equal(group_of, torch.arange(self.cols) // g)
         return scales, zeros, None if natural else group_of.to(torch.int32)
+
+
+def per_ic_stacks(configs: dict[int, GridConfig], rows: int) -> dict[int, tuple[list[int], RowGrid]]:
+    """The per-input-channel configurations (stack index -> config) grouped for fitting: by span of rows when it
+    divides `rows` (their groups of one column fitted in one call, a grid per group), else one by one (key 0)."""
+    spans: dict[int, list[int]] = {}
+    for c, config in configs.items():
+        span = row_span(config.group_size, rows)
+        spans.setdefault(span if rows % span == 0 else 0, []).append(c)
+    stacks = {}
+    for span, stacked in spans.items():
+        per = rows // span if span else 1
+        grid = RowGrid(torch.tensor([configs[c].bits for c in stacked]).repeat_interleave(per),
+                       torch.tensor([configs[c].sym for c in stacked]).repeat_interleave(per))
+        stacks[span] = (stacked, grid)
+    return stacks
 
 
 def block_size(configs: list[GridConfig], blocksize: int) -> int:

@@ -78,3 +78,16 @@ def test_a_few_huge_input_channels_favour_groups_along_the_output():
 def test_outliers_on_per_input_channel_grids_are_refused():
     with pytest.raises(ValueError, match="per-input-channel groups keep no outliers"):
         GridConfig(3, 64, outliers=0.01, per_ic=True)
+
+
+def test_per_ic_configurations_fitted_together_equal_each_fitted_alone():
+    """The measurement fits the grids of every per-input-channel configuration of a span in one call
+    (gptq.per_ic_stacks); a span that does not divide the rows (100 of 256) is fitted on its own."""
+    torch.manual_seed(0)
+    W, X = torch.randn(256, 96), torch.randn(1000, 96)
+    H = 2 * X.T @ X / 1000
+    configs = [GridConfig(b, g, s, per_ic=True) for b in (2, 3, 4) for g in (64, 128, -1, 100) for s in (False, True)]
+    _, together = gptq_configs(W, H, configs, True, False, 0.01, mse=True, shrink_every=8, keep=False)
+    for c, config in enumerate(configs):
+        _, alone = gptq_configs(W, H, [config], True, False, 0.01, mse=True, shrink_every=8, keep=False)
+        assert torch.equal(alone[0], together[c]), config
