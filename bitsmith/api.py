@@ -47,6 +47,7 @@ def quantize(model: str, out: str, *, overwrite: bool = False, eval_data: str | 
     and gives the same files as an uninterrupted run; one with other inputs is refused.
     """
     clock = Stopwatch()
+    options["device"] = calibration_device(options.get("device"))
     opts = QuantizeOptions(**{k: v for k, v in options.items() if v is not None})
     if isinstance(opts.calib, str):
         opts.calib = [opts.calib]
@@ -135,12 +136,31 @@ def quantize(model: str, out: str, *, overwrite: bool = False, eval_data: str | 
                           "nll": result.calibration_nll, "windows": base.fisher_windows}
     return {**summary(source, out, result, clock.seconds), "target_bits_per_weight": target_bpw,
             "predicted_error": qplan.predicted_error(), "measured_error": measured_error,
-            "measure_seconds": measure_seconds, "measure_cpu_seconds": measure_cpu_seconds,
+            "measure_seconds": measure_seconds, "measure_cpu_seconds": measure_cpu_seconds, "device": opts.device,
+            "peak_device_bytes": torch.cuda.max_memory_allocated(opts.device) if opts.device != "cpu" else None,
             "cpu_seconds": clock.cpu_seconds}
+
+
+def calibration_device(device: str | None) -> str:
+    """--device as a torch device: auto is CUDA when one is visible, else CPU; CUDA runs with TF32 off for
+    Hessians and GPTQ (as the reference code)."""
+    import re
+    device = device or "cpu"
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if re.fullmatch(r"cuda(:\d+)?", device):
+        if not torch.cuda.is_available():
+            raise InputError(f"--device {device}: no CUDA device is visible to torch (torch {torch.__version__})")
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    return device
 
 
 def check_parallel(world: distributed.World, opts: QuantizeOptions) -> None:
     """What a run of several processes cannot do yet, refused on every rank before any work."""
+    if opts.device != "cpu" and (opts.rounding == "signround" or opts.method == "qoq"):
+        raise InputError(f"--device {opts.device}: --rounding signround and --method qoq run on CPU in this version "
+                         "(use --device cpu)")
     if not world.parallel:
         return
     if opts.rounding == "signround":

@@ -141,7 +141,7 @@ def reduce_hessians(hessians: dict, world: World) -> None:
                 sums, errors = _gathered(h.sum[part], world), _gathered(h.error[part], world)
                 total, error = sums[0], errors[0]
                 for rank in range(1, world.size):
-                    add_exactly(total, error, sums[rank], errors[rank].to(torch.float64))
+                    add_exactly(total, error, sums[rank], errors[rank])
                 h.sum[part], h.error[part] = total, error
             h.n = sum(counts)
 

@@ -1,7 +1,9 @@
 """Measurement and decision: what every candidate configuration of every linear would cost, in stored bits
 and in predicted loss, and the plan that spends a bits-per-weight budget where it buys the most.
 
-Measure (one calibration pass, weights left unquantized): per block, each linear's Hessian; GPTQ of the
+Measure (one calibration pass, weights left unquantized): per block, each linear's Hessian (from the first
+`MEASURE_WINDOWS` calibration windows: the errors rank candidates, for which half of SmolLM2's 128 x 512 tokens
+do as well, at half the forward passes); GPTQ of the
 linear under every candidate at once (`gptq_configs`), giving each row's loss mean_t (dW_row x_t)^2; the
 rows weighted by the diagonal Fisher of the linear's output (calibration/fisher.py) give the predicted
 increase of the loss in nats per token. The plain sum over rows (output MSE, not comparable across layers)
@@ -71,6 +73,7 @@ PER_IC_CANDIDATES = tuple(LayerPlan(b, g, False, per_ic=True) for b in (2, 3, 4)
 CANDIDATES = (PLAIN_CANDIDATES + OUTLIER_CANDIDATES + LUT_CANDIDATES     # in `sampled_losses`' order: the grids
               + PER_IC_CANDIDATES)                                      # of single rows, tables, per-IC grids
 MEASURE_ROWS = 128        # rows of each linear the measurement runs GPTQ on (all of them when it has fewer)
+MEASURE_WINDOWS = 64      # first calibration windows the measurement's Hessians come from (quantization uses all)
 SHRINK_EVERY = 8          # the measurement's grid search tries every 8th of GPTQ's 80 shrink factors
 PROXIES = ("fisher", "hessian")
 PER_IC_WINDOW, PER_IC_WINDOWS = 128, 2     # rows per window and windows of the per-input-channel candidates
@@ -265,7 +268,7 @@ def measure(source: ModelSource, opts: QuantizeOptions, progress: bool = True) -
     lut_bits = [c.bits for c in CANDIDATES if c.lut]
     per_ic = [GridConfig(c.bits, c.group_size, c.sym, per_ic=True) for c in CANDIDATES if c.per_ic]
     errors = {proxy: {} for proxy in PROXIES}
-    hidden = F.embedding(windows, source.get(family.embed).to(torch.float32))
+    hidden = F.embedding(windows[:MEASURE_WINDOWS], source.get(family.embed).to(torch.float32))
     for i in tqdm(range(runner.n_blocks), desc="measure", unit="block", disable=not progress):
         prefix = family.block_prefix.format(i=i)
         block = runner.build_block(i, {n: source.get(n) for n in runner.block_names(i)})

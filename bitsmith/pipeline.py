@@ -64,7 +64,14 @@ class Result:
 
 
 def quantize_linear(W: torch.Tensor, H: Hessian | None, opts: QuantizeOptions, layer: LayerPlan):
-    """(quantized weight, tensors to store, GPTQ loss) of one linear under its plan entry."""
+    """(quantized weight, tensors to store (on CPU), GPTQ loss) of one linear under its plan entry, computed on
+    the device W is on (tensors the quantizers make go there too)."""
+    with torch.device(W.device):
+        qw, stored, loss = _quantize_linear(W, H, opts, layer)
+    return qw, {name: t.cpu() for name, t in stored.items()}, float(loss)
+
+
+def _quantize_linear(W: torch.Tensor, H: Hessian | None, opts: QuantizeOptions, layer: LayerPlan):
     if opts.method == "rtn":
         qw = rtn_quantize(W, layer.bits, layer.group_size, layer.sym, opts.mse)
         return qw, layout_of(layer).tensors(qw), qw.loss
@@ -127,7 +134,7 @@ class _InputsCaptured(Exception):
 def compute(opts: QuantizeOptions):
     """Precision of calibration forwards: matmuls in bf16 with fp32 residual stream (autocast), or fp32.
     Hessians and GPTQ itself always run in fp32."""
-    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=opts.calib_dtype == "bfloat16")
+    return torch.autocast(torch.device(opts.device).type, dtype=torch.bfloat16, enabled=opts.calib_dtype == "bfloat16")
 
 
 def collect_hessians(runner: BlockRunner, block, hidden: torch.Tensor, pos, opts: QuantizeOptions,
@@ -138,7 +145,7 @@ def collect_hessians(runner: BlockRunner, block, hidden: torch.Tensor, pos, opts
     hessians, hooks = {}, []
     for group in groups:
         lin = block.get_submodule(group[0])
-        hessians[group] = Hessian(lin.in_features)
+        hessians[group] = Hessian(lin.in_features, runner.device)
 
         def hook(module, args, h=hessians[group], stop=group is groups[-1]):
             h.add(args[0])
@@ -193,13 +200,14 @@ class Streams:
         return self.hidden is not None or self.held is not None
 
 
-def embed(source: ModelSource, family, windows: torch.Tensor | None, eval_ids: torch.Tensor | None) -> Streams:
-    """The streams entering the first block: the token embeddings of both sets of windows."""
+def embed(source: ModelSource, family, windows: torch.Tensor | None, eval_ids: torch.Tensor | None,
+          where: str | torch.device = "cpu") -> Streams:
+    """The streams entering the first block: the token embeddings of both sets of windows, on `where`."""
     if windows is None and eval_ids is None:
         return Streams()
     table = source.get(family.embed).to(torch.float32)
-    return Streams(None if windows is None else F.embedding(windows, table),                  # [n, seqlen, d]
-                   None if eval_ids is None else F.embedding(eval_ids, table))
+    return Streams(None if windows is None else F.embedding(windows, table).to(where),        # [n, seqlen, d]
+                   None if eval_ids is None else F.embedding(eval_ids, table).to(where))
 
 
 def run(source: ModelSource, writer, plan: QuantPlan, eval_ids: torch.Tensor | None = None,
@@ -215,14 +223,15 @@ def run(source: ModelSource, writer, plan: QuantPlan, eval_ids: torch.Tensor | N
     In a run of several processes (bitsmith/distributed.py), `world` is this one's place: it carries its share
     of the calibration windows, and the rank that is not main writes nothing (`writer` discards)."""
     opts = plan.options
-    runner = BlockRunner(source.config)
+    runner = BlockRunner(source.config, opts.device)
     family = runner.family
     for name, (_, in_features) in linear_shapes(runner).items():
         check_layer(plan.layers[name], name, in_features, opts.method)
     calib = calib or calibration(source, opts, progress)
     result = Result(calibration=calib.description, calibration_fingerprint=calib.fingerprint)
     share = world.share(calib.windows.shape[0], opts.batch) if calib.windows is not None else slice(0, 0)
-    streams = embed(source, family, None if calib.windows is None else calib.windows[share], eval_ids)
+    streams = embed(source, family, None if calib.windows is None else calib.windows[share], eval_ids,
+                    "cpu" if opts.offload_activations else opts.device)
     if opts.rounding == "signround" and streams.hidden is not None:
         streams.unquantized = streams.hidden.clone()
     done = broadcast_from_main(finished_blocks(writer, coder, result), world)
@@ -344,7 +353,7 @@ def stored_block(runner: BlockRunner, source: ModelSource, writer, plan: QuantPl
         lin, full = block.get_submodule(name), prefix + name
         weight = stored_weight(lambda suffix, full=full: writer.get(f"{full}.{suffix}"), plan.layers[full],
                                plan.options.method, lin.in_features) if world.main else None
-        lin.weight.data = broadcast_from_main(weight, world)
+        lin.weight.data = broadcast_from_main(weight, world).to(runner.device)
     return block
 
 
@@ -429,7 +438,7 @@ def _write_into(block, prefix: str, name: str, stored: dict, loss: float, plan: 
         writer.add(f"{full}.{suffix}", t)
     if lin.bias is not None:
         writer.add(f"{full}.bias", tensors[f"{full}.bias"])
-    lin.weight.data = stored_weight(stored.__getitem__, layer, plan.options.method, lin.in_features)
+    lin.weight.data = stored_weight(stored.__getitem__, layer, plan.options.method, lin.in_features).to(lin.weight.device)
     size = sum(t.numel() * t.element_size() for t in stored.values())
     return LayerReport(full, tuple(lin.weight.shape), layer.bits, layer.group_size, size, loss)
 
@@ -443,7 +452,7 @@ def _final_layers(source, family, runner):
 
 def _nlls(norm, head: torch.Tensor, hidden: torch.Tensor, windows: torch.Tensor) -> list[float]:
     """Summed next-token NLL of each window from the last block's outputs `hidden`."""
-    return [window_stats(norm(h[None].float())[0] @ head.t(), ids)[0] for h, ids in zip(hidden, windows)]
+    return [window_stats(norm(h[None].float().cpu())[0] @ head.t(), ids)[0] for h, ids in zip(hidden, windows)]
 
 
 M_MMAP_THRESHOLD = -3          # glibc mallopt parameter

@@ -1,6 +1,7 @@
 """What to quantize and how: the options of `bitsmith quantize`, validated once, before any heavy work."""
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field
 
 from .formats.errors import InputError
@@ -31,6 +32,8 @@ class QuantizeOptions:
     proxy: str = "fisher"          # what the plan minimises: "fisher" (predicted nats/token) or "hessian"
     rounding: str = "gptq"         # "signround": each block's rounding and clipping learned on its outputs
     rounding_iters: int = 50       # signround's iterations per block
+    device: str = "cpu"            # where blocks, activations, Hessians and GPTQ run ("cpu", "cuda", "cuda:1")
+    offload_activations: bool = False   # calibration activations kept on CPU between blocks (device: one batch)
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -57,6 +60,8 @@ class QuantizeOptions:
             raise InputError(f"--rounding {self.rounding}: choose one of {', '.join(ROUNDINGS)}")
         if self.rounding == "signround" and self.method != "gptq":
             raise InputError(f"--rounding signround refines GPTQ's weights; --method {self.method} is not gptq")
+        if self.device != "cpu" and not re.fullmatch(r"cuda(:\d+)?", self.device):
+            raise InputError(f"--device {self.device}: choose cpu, cuda or cuda:N")
         if type(self.rounding_iters) is not int or self.rounding_iters < 0:
             raise InputError(f"--rounding-iters {self.rounding_iters}: expected 0 or more iterations per block")
 

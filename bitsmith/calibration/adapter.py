@@ -94,12 +94,13 @@ def check_shapes(source) -> None:
 class BlockRunner:
     """Runs single decoder blocks of one model, materialized one at a time from a tensor source."""
 
-    def __init__(self, config: dict):
+    def __init__(self, config: dict, device: str | torch.device = "cpu"):
         self.family = family_of(config)
         self.model = skeleton(config)
         self.config = self.model.config
+        self.device = torch.device(device)
         rotary = self.model.model.rotary_emb
-        self.rotary = type(rotary)(config=self.config)          # real buffers, not meta ones
+        self.rotary = type(rotary)(config=self.config).to(self.device)    # real buffers, not meta ones
         self.n_blocks = self.config.num_hidden_layers
 
     def block_names(self, i: int) -> list[str]:
@@ -107,11 +108,11 @@ class BlockRunner:
         return [prefix + name for name, _ in self.model.model.layers[i].state_dict().items()]
 
     def build_block(self, i: int, tensors: dict[str, torch.Tensor]) -> nn.Module:
-        """Block i in float32 on CPU with the given weights (full names)."""
+        """Block i in float32 on the runner's device with the given weights (full names)."""
         prefix = self.family.block_prefix.format(i=i)
         block = self.model.model.layers[i]
-        block = block.to_empty(device="cpu")
-        state = {name[len(prefix):]: t.to(torch.float32) for name, t in tensors.items()}
+        block = block.to_empty(device=self.device)
+        state = {name[len(prefix):]: t.to(self.device, torch.float32) for name, t in tensors.items()}
         block.load_state_dict(state, strict=True)
         return block.eval()
 
@@ -127,8 +128,9 @@ class BlockRunner:
         self.model.model.layers[i].to("meta")
 
     def position_embeddings(self, hidden: torch.Tensor):
-        positions = torch.arange(hidden.shape[1]).unsqueeze(0)
-        return self.rotary(hidden, positions)
+        """The rotary embeddings of windows as long as those of `hidden`, on the runner's device."""
+        positions = torch.arange(hidden.shape[1], device=self.device).unsqueeze(0)
+        return self.rotary(hidden[:1].to(self.device), positions)
 
     @staticmethod
     def block_kwargs(pos) -> dict:
@@ -137,5 +139,7 @@ class BlockRunner:
 
     @torch.no_grad()
     def forward_block(self, block: nn.Module, hidden: torch.Tensor, pos) -> torch.Tensor:
-        out = block(hidden, **self.block_kwargs(pos))
-        return out[0] if isinstance(out, tuple) else out
+        """The block's output for `hidden`, on the device `hidden` is on (computed on the runner's: activations
+        offloaded to CPU go there one batch at a time)."""
+        out = block(hidden.to(self.device), **self.block_kwargs(pos))
+        return (out[0] if isinstance(out, tuple) else out).to(hidden.device)

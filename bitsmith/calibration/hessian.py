@@ -32,7 +32,7 @@ class Hessian:
             xtx = torch.from_numpy(ssyrk(1.0, x.contiguous().numpy().T, trans=0, lower=0))
         else:
             xtx = x.t() @ x                     # TF32 off (bitsmith/device.py), as the reference GPTQ code
-        self.accumulate(xtx.to(torch.float64), x.shape[0])
+        self.accumulate(xtx, x.shape[0])
 
     def accumulate(self, part: torch.Tensor, tokens: int, error: torch.Tensor | None = None) -> None:
         """sum <- sum + part (float64), the rounding error of the addition (and `error`, the error term of a
@@ -42,7 +42,7 @@ class Hessian:
 
     def merge(self, other: Hessian) -> None:
         """Add the sums of another Hessian of the same layer (another process's share of the tokens)."""
-        self.accumulate(other.sum.to(self.device), other.n, other.error.to(self.device, torch.float64))
+        self.accumulate(other.sum.to(self.device), other.n, other.error.to(self.device))
 
     @property
     def H(self) -> torch.Tensor:
@@ -53,14 +53,18 @@ class Hessian:
 
 def add_exactly(total: torch.Tensor, error: torch.Tensor, part: torch.Tensor,
                 part_error: torch.Tensor | None = None) -> None:
-    """In place: total <- total + part (float64) and error <- error + the rounding error of that addition
-    (+ part_error). A few rows at a time: the temporaries stay small next to the matrices."""
+    """In place, on the upper triangle: total <- total + part (float64) and error <- error + the rounding error
+    of that addition (+ part_error). A few rows at a time, so that the temporaries stay small; `part` may be
+    float32 (a batch's X^T X) and is left as it was."""
     for rows in range(0, total.shape[0], ROWS_AT_ONCE):
-        s, p = total[rows:rows + ROWS_AT_ONCE], part[rows:rows + ROWS_AT_ONCE]
-        summed = s + p
+        upper = (slice(rows, rows + ROWS_AT_ONCE), slice(rows, None))
+        s, p = total[upper], part[upper].to(torch.float64, copy=True)
+        summed = s + p                                  # TwoSum (Knuth): summed + (a + b) is exactly s + p
         back = summed - s
-        lost = (s - (summed - back)) + (p - back)               # TwoSum: exactly (s + p) - summed
+        a = summed - back
+        torch.sub(s, a, out=a)
+        p.sub_(back).add_(a)
         if part_error is not None:
-            lost += part_error[rows:rows + ROWS_AT_ONCE]
-        error[rows:rows + ROWS_AT_ONCE] += lost.to(error.dtype)
+            p.add_(part_error[upper])
+        error[upper] += p
         s.copy_(summed)

@@ -208,7 +208,7 @@ QUANTIZE_SECTIONS = {
     "Method": ("method", "bits", "group_size", "sym", "act_order", "static_groups", "mse", "true_sequential", "damp",
                "rounding", "rounding_iters"),
     "Bit plan": ("target_bpw", "measurement", "plan_path", "fisher_samples", "proxy"),
-    "Calibration": ("calib", "nsamples", "seqlen", "seed", "calib_dtype", "device", "nproc"),
+    "Calibration": ("calib", "nsamples", "seqlen", "seed", "calib_dtype", "device", "offload_activations", "nproc"),
     "Evaluation": ("eval_data", "eval_seqlen", "eval_max_tokens"),
     "Output": ("out", "overwrite", "resume", "lossless_rest", "json_path"),
 }
@@ -252,8 +252,10 @@ QUANTIZE_SECTIONS = {
               help="Calibration windows whose backward pass weights the measurement.")
 @click.option("--proxy", type=click.Choice(["fisher", "hessian"]), default="fisher", show_default=True,
               help="Error the plan minimises: Fisher-weighted (predicted nats/token) or plain output error.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
-              help="Where calibration runs (CPU in this version: cuda is refused).")
+@click.option("--device", default="auto", show_default=True, metavar="auto|cpu|cuda[:N]",
+              help="Where blocks, calibration activations, Hessians and GPTQ run (auto: CUDA when visible).")
+@click.option("--offload-activations", is_flag=True,
+              help="Keep the calibration activations on CPU between blocks (the device holds one batch).")
 @click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True,
               help="Processes sharing the calibration (torch.distributed, gloo): each runs its share of the windows, "
                    "the Hessians are summed, the linears shared out; the output is the same as one process's.")
@@ -271,14 +273,12 @@ QUANTIZE_SECTIONS = {
 def quantize(model, out, method, bits, group_size, sym, act_order, static_groups, mse, true_sequential, damp, calib,
              nsamples, seqlen, seed, calib_dtype, target_bpw, measurement, plan_path, fisher_samples, proxy, device,
              eval_data, eval_seqlen, eval_max_tokens, lossless_rest, overwrite, resume, json_path, rounding,
-             rounding_iters, nproc):
+             rounding_iters, nproc, offload_activations):
     """Quantize MODEL (a Hugging Face folder, a .gguf file or the bundled name smollm2-135m) into OUT."""
     if nproc > 1:
         sys.exit(_launched(nproc))
     from .. import api
     report = Report(json_path)
-    if device == "cuda":
-        raise InputError("--device cuda: calibration runs on CPU in this version; use --device cpu or auto")
     calib = list(calib) or ["self"]
     if calib == ["self"] and method != "rtn":
         report.note("calibration: no --calib file given, sampling text from the model itself (--calib self)")
@@ -288,7 +288,7 @@ def quantize(model, out, method, bits, group_size, sym, act_order, static_groups
                      eval_data=eval_data, eval_seqlen=eval_seqlen, eval_max_tokens=eval_max_tokens,
                      lossless_rest=lossless_rest, target_bpw=target_bpw, measurement=measurement, plan=plan_path,
                      fisher_samples=fisher_samples, proxy=proxy, resume=resume, rounding=rounding,
-                     rounding_iters=rounding_iters)
+                     rounding_iters=rounding_iters, device=device, offload_activations=offload_activations)
     if not s:                                   # a process other than main of a parallel run: main reports
         return
     rows = [("quantized linears", str(s["quantized_linears"])),

@@ -1,0 +1,163 @@
+"""How quantization scales: peak memory and time against model size, calibration size and processes.
+
+    python bench/scale.py                     # CPU tables (about 20 minutes on 2 cores)
+    python bench/scale.py --device cuda       # on a GPU: time per block and peak GPU memory, SmolLM2 and
+                                              # synthetic Llamas with 7B-sized blocks (4096 x 11008)
+    python bench/scale.py --report            # the tables from the stored results
+
+Every run is the CLI (`bitsmith quantize ... --json`) in a fresh process on a synthetic Llama (bench/synthetic.py:
+random bf16 weights, 512-token vocabulary) or on SmolLM2-135M. Peak RSS is the quantize process's (ru_maxrss);
+time is wall time. Tables:
+1. model size (number of blocks of one shape) -> peak RSS, time per block: memory flat in the depth;
+2. calibration tokens (nsamples x seqlen) -> peak RSS: grows by the hidden-state stream, n x seqlen x hidden x 4 B;
+3. processes (1, 2) on SmolLM2 -> time, parallel efficiency, and whether the outputs are the same bytes.
+Results: bench/results/scale-<device>.json and .md.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import synthetic
+
+ROOT = Path(__file__).resolve().parents[1]
+TEXT = ROOT.parent / "shared" / "assets" / "text"
+CALIB = TEXT / "tinystories_calib.txt"
+RESULTS = ROOT / "bench" / "results"
+SMALL = {"hidden": 512, "intermediate": 1408, "heads": 8, "kv_heads": 4}
+SEVEN_B = {"hidden": 4096, "intermediate": 11008, "heads": 32, "kv_heads": 32}
+
+
+def quantize(model: str, out: str, *args: str, nproc: int = 1, device: str = "cpu", threads: int = 1) -> dict:
+    """One `bitsmith quantize` in a fresh process: its summary, wall time and the command."""
+    exe = Path(sys.executable).parent / "bitsmith"
+    summary = Path(out).with_suffix(".json")
+    command = [str(exe), "quantize", model, "-o", out, "--device", device, "--json", str(summary), *args,
+               *(["--nproc", str(nproc)] if nproc > 1 else [])]
+    started = time.perf_counter()
+    subprocess.run(command, check=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)},
+                   stdout=subprocess.DEVNULL)
+    wall = time.perf_counter() - started
+    return {**json.loads(summary.read_text()), "wall_seconds": wall, "command": " ".join(command[1:])}
+
+
+def depth(work: Path, device: str, shape: dict, layers: list[int], calib: list[str]) -> list[dict]:
+    rows = []
+    for n in layers:
+        model = work / f"synthetic-{n}"
+        size = synthetic.write(model, shape["hidden"], shape["intermediate"], n, shape["heads"], shape["kv_heads"])
+        s = quantize(str(model), str(work / f"q-{n}"), *calib, device=device)
+        rows.append({"layers": n, "model_bytes": size, "peak_rss_bytes": s["peak_rss_bytes"],
+                     "peak_device_bytes": s.get("peak_device_bytes"), "seconds": s["seconds"],
+                     "seconds_per_block": s["seconds"] / n, "command": s["command"]})
+        print("depth", rows[-1], flush=True)
+        subprocess.run(["rm", "-rf", str(model), str(work / f"q-{n}")], check=True)
+    return rows
+
+
+def tokens(work: Path, device: str, shape: dict, settings: list[tuple[int, int]]) -> list[dict]:
+    model = work / "synthetic-tokens"
+    synthetic.write(model, shape["hidden"], shape["intermediate"], 4, shape["heads"], shape["kv_heads"])
+    rows = []
+    for nsamples, seqlen in settings:
+        out = work / f"q-{nsamples}-{seqlen}"
+        s = quantize(str(model), str(out), "--calib", str(CALIB), "--nsamples", str(nsamples), "--seqlen", str(seqlen),
+                     "--no-mse", device=device)
+        rows.append({"nsamples": nsamples, "seqlen": seqlen, "hidden": shape["hidden"],
+                     "stream_bytes": nsamples * seqlen * shape["hidden"] * 4, "peak_rss_bytes": s["peak_rss_bytes"],
+                     "peak_device_bytes": s.get("peak_device_bytes"), "seconds": s["seconds"], "command": s["command"]})
+        print("tokens", rows[-1], flush=True)
+        subprocess.run(["rm", "-rf", str(out)], check=True)
+    return rows
+
+
+def processes(work: Path, counts: list[int]) -> list[dict]:
+    """SmolLM2, GPTQ W4 g128 on c4_calib 128 x 512, in 1 and more processes of one thread each."""
+    rows, first = [], None
+    for n in counts:
+        out = work / f"smollm2-{n}"
+        s = quantize("smollm2-135m", str(out), "--calib", str(TEXT / "c4_calib.txt"), "--nsamples", "128", "--seqlen",
+                     "512", nproc=n)
+        files = {p.name: p.read_bytes() for p in sorted(out.iterdir())}
+        first = first or files
+        rows.append({"processes": n, "wall_seconds": s["wall_seconds"], "seconds": s["seconds"],
+                     "peak_rss_bytes_main": s["peak_rss_bytes"], "same_bytes_as_one": files == first,
+                     "command": s["command"]})
+        print("processes", rows[-1], flush=True)
+    base = rows[0]["wall_seconds"]
+    for r in rows:
+        r["speedup"] = base / r["wall_seconds"]
+        r["efficiency"] = r["speedup"] / r["processes"]
+    return rows
+
+
+def report(result: dict) -> str:
+    mb = lambda b: f"{b / 2**20:,.0f}" if b is not None else "-"
+    lines = [f"# Scaling ({result['device']}, {result['date']}, {result['machine']})", "",
+             f"torch threads per process: {result['threads']}. Command lines in the JSON next to this file.", ""]
+    if result.get("depth"):
+        shape = result["shape"]
+        lines += [(f"## Model depth: synthetic Llama blocks of hidden {shape['hidden']}, intermediate "
+                  f"{shape['intermediate']}; calibration {result['calib']}"), "",
+                  "| blocks | model MB (bf16) | peak RSS MB | peak device MB | s per block |", "|---|---|---|---|---|"]
+        lines += [f"| {r['layers']} | {mb(r['model_bytes'])} | {mb(r['peak_rss_bytes'])} | {mb(r['peak_device_bytes'])} "
+                  f"| {r['seconds_per_block']:.2f} |" for r in result["depth"]]
+        lines.append("")
+    if result.get("tokens"):
+        rows = result["tokens"]
+        lines += ["## Calibration tokens: 4 synthetic blocks of the same shape", "",
+                  "| nsamples x seqlen | hidden stream MB | peak RSS MB | peak device MB |", "|---|---|---|---|"]
+        lines += [f"| {r['nsamples']} x {r['seqlen']} | {mb(r['stream_bytes'])} | {mb(r['peak_rss_bytes'])} | "
+                  f"{mb(r['peak_device_bytes'])} |" for r in rows]
+        if len(rows) > 1:
+            xs, ys = [r["stream_bytes"] for r in rows], [r["peak_rss_bytes"] for r in rows]
+            mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+            slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / max(sum((x - mx) ** 2 for x in xs), 1)
+            lines += ["", (f"Least squares: peak RSS = {mb(my - slope * mx)} MB + {slope:.2f} x the stream "
+                      "(n x seqlen x hidden x 4 B).")]
+        lines.append("")
+    if result.get("processes"):
+        lines += ["## Processes: SmolLM2-135M, GPTQ W4 g128 (mse grid), c4_calib 128 x 512, one thread each", "",
+                  "| processes | wall s | speedup | efficiency | peak RSS MB (main) | same bytes as 1 process |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {r['processes']} | {r['wall_seconds']:.0f} | {r['speedup']:.2f} | {r['efficiency']:.0%} | "
+                  f"{mb(r['peak_rss_bytes_main'])} | {'yes' if r['same_bytes_as_one'] else 'NO'} |"
+                  for r in result["processes"]]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--report", action="store_true")
+    args = ap.parse_args()
+    path = RESULTS / f"scale-{args.device.split(':')[0]}.json"
+    if not args.report:
+        gpu = args.device != "cpu"
+        shape = SEVEN_B if gpu else SMALL
+        calib = ["--calib", str(CALIB), "--nsamples", "16", "--seqlen", "256", "--no-mse"]
+        result = {"device": args.device, "date": datetime.date.today().isoformat(), "machine": platform.machine() +
+                  f", {os.cpu_count()} CPUs", "threads": 1, "shape": shape, "calib": "tinystories 16 x 256, --no-mse"}
+        with tempfile.TemporaryDirectory() as tmp:
+            work = Path(tmp)
+            result["depth"] = depth(work, args.device, shape, [2, 4] if gpu else [2, 4, 8, 16], calib)
+            result["tokens"] = tokens(work, args.device, shape, [(16, 256), (32, 256), (64, 256), (64, 512),
+                                                                 (128, 512)])
+            if not gpu:
+                result["processes"] = processes(work, [1, 2])
+        path.write_text(json.dumps(result, indent=1) + "\n")
+    result = json.loads(path.read_text())
+    path.with_suffix(".md").write_text(report(result))
+    print(report(result))
+
+
+if __name__ == "__main__":
+    main()
