@@ -59,7 +59,7 @@ from .calibration.fisher import output_fisher
 from .formats.errors import InputError
 from .formats.source import ModelSource
 from .layouts import layout_of
-from .pipeline import calibration_windows, collect_hessians, linear_shapes
+from .pipeline import calibration_windows, collect_hessians, compute, linear_shapes
 from .plan import LUT_BITS, MAX_OUTLIERS, LayerPlan, QuantizeOptions, QuantPlan
 from .quantize.allocate import allocate
 from .quantize.gptq import GridConfig, gptq_configs
@@ -263,7 +263,8 @@ def measure(source: ModelSource, opts: QuantizeOptions, progress: bool = True) -
     runner = BlockRunner(source.config)
     family, shapes = runner.family, linear_shapes(runner)
     windows, description = calibration_windows(source, source.tokenizer(), opts, progress)
-    fisher, base_nll = output_fisher(runner, source, windows[:opts.fisher_samples], list(shapes), progress)
+    fisher, base_nll = output_fisher(runner, source, windows[:opts.fisher_samples], list(shapes), progress,
+                                     autocast=lambda: compute(opts))
     configs = [GridConfig(c.bits, c.group_size, c.sym, c.outliers) for c in CANDIDATES if not (c.lut or c.per_ic)]
     lut_bits = [c.bits for c in CANDIDATES if c.lut]
     per_ic = [GridConfig(c.bits, c.group_size, c.sym, per_ic=True) for c in CANDIDATES if c.per_ic]

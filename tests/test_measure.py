@@ -123,8 +123,9 @@ def test_the_summary_measures_the_loss_increase_it_predicted(planned, measuremen
     windows = calibration(source, opts, progress=False).windows[:got["windows"]]
     base = evaluate(load_model(source), windows, progress=False)
     quantized = evaluate(bitsmith.load(str(out)), windows, progress=False)
-    assert math.log(base["perplexity"]) == pytest.approx(m.base_nll, rel=1e-5)
-    # the stream runs in bf16, the evaluation in float32: gaps of 3.7e-4 and 1.2e-3 (relative) measured on two plans
+    # both streams (the Fisher's and the quantized calibration stream) run their matmuls in bf16, the evaluation in
+    # float32: gaps of 3.7e-4 and 1.2e-3 (relative) measured on two plans, 7.8e-4 on the base
+    assert math.log(base["perplexity"]) == pytest.approx(m.base_nll, rel=2.5e-3)
     assert math.log(quantized["perplexity"]) == pytest.approx(got["nll"], rel=2.5e-3)
     assert got["nats_per_token"] == pytest.approx(got["nll"] - got["base_nll"]) and got["nats_per_token"] > 0
 

@@ -8,6 +8,8 @@ the weight-space version).
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
@@ -21,13 +23,16 @@ WINDOWS_AT_ONCE = 4       # windows that go through each block together: every b
 
 
 def output_fisher(runner: BlockRunner, source, windows: torch.Tensor, linears: list[str],
-                  progress: bool = False, at_once: int = WINDOWS_AT_ONCE) -> tuple[dict[str, torch.Tensor], float]:
+                  progress: bool = False, at_once: int = WINDOWS_AT_ONCE,
+                  autocast=contextlib.nullcontext) -> tuple[dict[str, torch.Tensor], float]:
     """F_o [out] of each decoder linear named in `linears`, and the model's mean next-token NLL on the windows
     (nats per predicted token, the loss the Fisher is of), from one forward and backward per window
     [n, seqlen], streamed block by block: the forward keeps only each block's input, the backward rebuilds one
     block at a time from `source`, recomputes it and passes the gradient down (activation checkpointing at block
     granularity: the memory of one block and the block boundaries, never the whole model). `at_once` windows
-    share each pass (a window's loss depends on its own tokens only, so its gradients are those it has alone)."""
+    share each pass (a window's loss depends on its own tokens only, so its gradients are those it has alone).
+    The blocks' forwards and backwards run in `autocast()` (the calibration's matmul precision); the head, the
+    residual stream and the sums stay float32."""
     wanted = set(linears)
     sums: dict[str, torch.Tensor] = {}
     norm, head = runner.head(source)
@@ -43,14 +48,16 @@ def output_fisher(runner: BlockRunner, source, windows: torch.Tensor, linears: l
             inputs = []
             for i in range(runner.n_blocks):
                 inputs.append(h)
-                h = runner.forward_block(_block(runner, source, i), h, pos)
+                with autocast():
+                    h = runner.forward_block(_block(runner, source, i), h, pos)
                 runner.release_block(i)
             g = torch.empty_like(h)
             for b in range(ids.shape[0]):
                 g[b:b + 1], window_nll = _head_gradient(norm, head, h[b:b + 1], ids[b])
                 nll += window_nll
             for i in reversed(range(runner.n_blocks)):
-                g = _block_gradient(runner, source, i, inputs.pop(), pos, g, wanted, sums)
+                with autocast():
+                    g = _block_gradient(runner, source, i, inputs.pop(), pos, g, wanted, sums)
             bar.update(ids.shape[0])
     fisher = {name: sums[name] / windows.numel() for name in linears}
     return fisher, nll / (windows.shape[0] * (windows.shape[1] - 1))

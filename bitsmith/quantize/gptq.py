@@ -20,6 +20,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from .grid import RowGrid, check_finite, fake_quantize, fit_grid, quantize_codes
 from .outliers import DenseSparseWeight, Outliers, narrowest_range, outlier_count, top_per_row
@@ -154,15 +155,17 @@ class ColumnGrids:
         (the column quantizer's interface to `gptq_loop`)."""
         scale, zero = self.at(col, W)
         rows = self.stack_rows
-        for span, (stacked, grid) in self.per_ic_stacks.items():     # every config of one span in one fit
-            if span:
-                fit = fit_grid(torch.cat([w[c * rows:(c + 1) * rows].reshape(-1, span) for c in stacked]), grid,
-                               mse=self.mse, shrink_every=self.every)
-            for k, c in enumerate(stacked):
+        for width, (stacked, grid) in self.per_ic_stacks.items():    # every config of a stack in one fit
+            if width:
+                fit = fit_grid(torch.cat([_padded(w[c * rows:(c + 1) * rows], self.per_ic[c][0].group_size, width)
+                                          for c in stacked]), grid, mse=self.mse, shrink_every=self.every)
+            done = 0
+            for c in stacked:
                 config, scales, zeros = self.per_ic[c]
-                if span:
-                    part = slice(k * (rows // span), (k + 1) * (rows // span))
-                    scales[:, col], zeros[:, col] = fit[0][part], fit[1][part]
+                if width:
+                    groups = scales.shape[0]
+                    scales[:, col], zeros[:, col] = fit[0][done:done + groups], fit[1][done:done + groups]
+                    done += groups
                 else:
                     scales[:, col], zeros[:, col] = fit_column(w[c * rows:(c + 1) * rows], config.group_size,
                                                                RowGrid(config.bits, config.sym), self.mse, self.every)
@@ -184,19 +187,28 @@ class ColumnGrids:
 
 
 def per_ic_stacks(configs: dict[int, GridConfig], rows: int) -> dict[int, tuple[list[int], RowGrid]]:
-    """The per-input-channel configurations (stack index -> config) grouped for fitting: by span of rows when it
-    divides `rows` (their groups of one column fitted in one call, a grid per group), else one by one (key 0)."""
-    spans: dict[int, list[int]] = {}
-    for c, config in configs.items():
-        span = row_span(config.group_size, rows)
-        spans.setdefault(span if rows % span == 0 else 0, []).append(c)
+    """The per-input-channel configurations (stack index -> config) grouped for fitting: those whose span of rows
+    divides `rows` in one stack (key: the widest span), their groups of one column fitted in one call, a grid per
+    group; the others one by one (key 0)."""
+    even = [c for c, config in configs.items() if rows % row_span(config.group_size, rows) == 0]
     stacks = {}
-    for span, stacked in spans.items():
-        per = rows // span if span else 1
-        grid = RowGrid(torch.tensor([configs[c].bits for c in stacked]).repeat_interleave(per),
-                       torch.tensor([configs[c].sym for c in stacked]).repeat_interleave(per))
-        stacks[span] = (stacked, grid)
+    if even:
+        per = [rows // row_span(configs[c].group_size, rows) for c in even]
+        grid = RowGrid(torch.tensor([configs[c].bits for c in even]).repeat_interleave(torch.tensor(per)),
+                       torch.tensor([configs[c].sym for c in even]).repeat_interleave(torch.tensor(per)))
+        stacks[max(row_span(configs[c].group_size, rows) for c in even)] = (even, grid)
+    rest = [c for c in configs if c not in even]
+    if rest:
+        stacks[0] = (rest, None)
     return stacks
+
+
+def _padded(w: torch.Tensor, group_size: int, width: int) -> torch.Tensor:
+    """The groups of `group_size` values of the column part w as rows of `width`, zero-padded: a zero changes
+    neither a grid's range (which always holds 0) nor its error (0 is a grid point), so a stack of spans is
+    fitted as if each had its own call."""
+    groups = w.reshape(-1, row_span(group_size, w.shape[0]))
+    return F.pad(groups, (0, width - groups.shape[1])) if groups.shape[1] < width else groups
 
 
 def block_size(configs: list[GridConfig], blocksize: int) -> int:
