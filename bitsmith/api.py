@@ -92,16 +92,14 @@ def quantize(model: str, out: str, *, overwrite: bool = False, eval_data: str | 
         coder = dfloat.CodedWriter(writer) if lossless_rest and world.main else None
         shapes = linear_shapes(runner)
         measure_seconds = measure_cpu_seconds = base = qplan = None
-        if not world.main:
-            pass                                # main decides the plan (measuring if need be) and sends it
-        elif plan_body is not None:
-            qplan = QuantPlan.from_dict(plan_body, shapes, opts, plan)
-        elif target_bpw is not None:
+        if plan_body is not None:
+            qplan = QuantPlan.from_dict(plan_body, shapes, opts, plan) if world.main else None
+        elif target_bpw is not None:                # every process measures; main decides and sends the plan
             started, cpu_started = clock.seconds, clock.cpu_seconds
-            measured = resuming.measurement(writer, source, opts, measurement, progress)
+            measured = resuming.measurement(writer, source, opts, measurement, progress, world)
             measure_seconds, measure_cpu_seconds = clock.seconds - started, clock.cpu_seconds - cpu_started
-            qplan = decide(measured, target_bpw, opts, opts.proxy)
-            if measured.base_nll is not None and measured.calibration == calib.fingerprint:
+            qplan = decide(measured, target_bpw, opts, opts.proxy) if world.main else None
+            if world.main and measured.base_nll is not None and measured.calibration == calib.fingerprint:
                 base = measured      # its Fisher windows are this run's first windows: measure the real increase
         else:
             qplan = QuantPlan.uniform(opts, shapes)

@@ -55,7 +55,8 @@ from tqdm import tqdm
 
 from .calibration import data
 from .calibration.adapter import BlockRunner
-from .calibration.fisher import output_fisher
+from .calibration.fisher import WINDOWS_AT_ONCE, output_fisher
+from .distributed import SOLO, World, from_owners, gathered_list, reduce_hessians
 from .formats.errors import InputError
 from .formats.source import ModelSource
 from .layouts import layout_of
@@ -256,38 +257,52 @@ def units_of(runner: BlockRunner) -> list[list[str]]:
 
 
 @torch.no_grad()
-def measure(source: ModelSource, opts: QuantizeOptions, progress: bool = True) -> Measurement:
-    """One pass over the calibration windows with the weights as they are (see the module docstring)."""
+def measure(source: ModelSource, opts: QuantizeOptions, progress: bool = True, world: World = SOLO) -> Measurement:
+    """One pass over the calibration windows with the weights as they are (see the module docstring). Processes of
+    a parallel run (`world`) share the Fisher windows and the measurement's batches, sum the statistics, share the
+    linears out, and all return the measurement one process makes."""
     if opts.method != "gptq":
         raise InputError(f"--target-bpw plans GPTQ layers; --method {opts.method} is not gptq")
     runner = BlockRunner(source.config)
     family, shapes = runner.family, linear_shapes(runner)
     windows, description = calibration_windows(source, source.tokenizer(), opts, progress)
-    fisher, base_nll = output_fisher(runner, source, windows[:opts.fisher_samples], list(shapes), progress,
-                                     autocast=lambda: compute(opts))
+    fisher_windows = windows[:opts.fisher_samples]
+    fisher, base_nll = output_fisher(runner, source, fisher_windows, list(shapes), progress,
+                                     autocast=lambda: compute(opts),
+                                     share=world.share(fisher_windows.shape[0], WINDOWS_AT_ONCE),
+                                     gather=lambda values: gathered_list(values, world))
     configs = [GridConfig(c.bits, c.group_size, c.sym, c.outliers) for c in CANDIDATES if not (c.lut or c.per_ic)]
     lut_bits = [c.bits for c in CANDIDATES if c.lut]
     per_ic = [GridConfig(c.bits, c.group_size, c.sym, per_ic=True) for c in CANDIDATES if c.per_ic]
     errors = {proxy: {} for proxy in PROXIES}
-    hidden = F.embedding(windows[:MEASURE_WINDOWS], source.get(family.embed).to(torch.float32))
+    measured = windows[:MEASURE_WINDOWS]
+    measured = measured[world.share(measured.shape[0], opts.batch)]
+    hidden = F.embedding(measured, source.get(family.embed).to(torch.float32))
     for i in tqdm(range(runner.n_blocks), desc="measure", unit="block", disable=not progress):
         prefix = family.block_prefix.format(i=i)
         block = runner.build_block(i, {n: source.get(n) for n in runner.block_names(i)})
         pos = runner.position_embeddings(hidden[:1])
         hessians = collect_hessians(runner, block, hidden, pos, opts, family.siblings, in_place=True)
-        for group in family.siblings:
-            for name in group:
-                W = block.get_submodule(name).weight.data.to(torch.float32)
-                try:
-                    errors["fisher"][prefix + name], errors["hessian"][prefix + name] = sampled_losses(
-                        W, hessians[group].H, fisher[prefix + name], configs, opts, lut_bits=lut_bits,
-                        per_ic=per_ic)
-                except ValueError as e:
-                    raise InputError(f"{prefix + name}: {e}") from None
+        reduce_hessians(hessians, world)
+        jobs = [(group, name) for group in family.siblings for name in group]
+        weights = [block.get_submodule(name).weight.data.to(torch.float32) for _, name in jobs]
+        losses = from_owners([lambda W=W, h=hessians[group], full=prefix + name: _losses(
+                                  W, h.H, fisher[full], configs, opts, lut_bits, per_ic, full)
+                              for W, (group, name) in zip(weights, jobs)],
+                             [W.shape[1] ** 2 for W in weights], world)
+        for (_, name), (by_fisher, plain) in zip(jobs, losses):
+            errors["fisher"][prefix + name], errors["hessian"][prefix + name] = by_fisher, plain
         runner.release_block(i)
     options = {key: getattr(opts, key) for key in MATCHING_OPTIONS}
     return Measurement(source.fingerprint(), data.fingerprint(windows), description, options, list(CANDIDATES),
                        shapes, units_of(runner), errors, min(opts.fisher_samples, windows.shape[0]), base_nll)
+
+
+def _losses(W, H, fisher, configs, opts, lut_bits, per_ic, name: str) -> tuple[list[float], list[float]]:
+    try:
+        return sampled_losses(W, H, fisher, configs, opts, lut_bits=lut_bits, per_ic=per_ic)
+    except ValueError as e:
+        raise InputError(f"{name}: {e}") from None
 
 
 def decide(measurement: Measurement, target_bpw: float, opts: QuantizeOptions, proxy: str = "fisher") -> QuantPlan:

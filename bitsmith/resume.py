@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 
+from .distributed import SOLO, World, broadcast_from_main
 from .formats import faults
 from .formats.errors import InputError
 from .formats.output import ResumeRefused
@@ -90,19 +91,21 @@ def check_plan(writer, plan: QuantPlan, out) -> None:
                             "--resume to start over)")
 
 
-def measurement(writer, source, opts: QuantizeOptions, path: str | None, progress: bool) -> Measurement:
+def measurement(writer, source, opts: QuantizeOptions, path: str | None, progress: bool,
+                world: World = SOLO) -> Measurement | None:
     """The measurement to plan from: read from `path` when given, else the one saved in the folder, else
-    measured; saved into the folder (as the checkpoint's measurement.json) once made."""
-    saved = writer.saved(MEASUREMENT)
-    if path is None and saved is not None:
-        return Measurement.load(str(saved), source, opts)
-    if path is not None:
-        measured = Measurement.load(path, source, opts)
-    else:
-        faults.point("measure")
-        measured = measure(source, opts, progress)
-        faults.point("measured")
-    if saved is None:
+    measured; saved into the folder (as the checkpoint's measurement.json) once made. In a parallel run main
+    holds the folder: every process takes part in measuring, and only main gets a measurement read from a file
+    (the others None)."""
+    saved = writer.saved(MEASUREMENT) if world.main else None
+    if not broadcast_from_main(path is None and saved is None, world):
+        if not world.main:
+            return None
+        return Measurement.load(str(path or saved), source, opts)
+    faults.point("measure")
+    measured = measure(source, opts, progress and world.main, world)
+    faults.point("measured")
+    if world.main:
         writer.save_file(MEASUREMENT, (json.dumps(measured.as_dict(), indent=1) + "\n").encode())
     return measured
 

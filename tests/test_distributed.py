@@ -164,3 +164,13 @@ def test_what_a_parallel_run_cannot_do_is_refused_in_one_line(tmp_path, extra, m
     assert done.returncode == 2
     assert len(done.stderr.strip().splitlines()) == 1 and done.stderr.startswith(message), done.stderr
     assert not out.exists() and not list(tmp_path.iterdir())
+
+
+@pytest.mark.slow
+def test_a_planned_run_measures_in_two_processes_to_the_same_bytes(tmp_path):
+    """--target-bpw: the Fisher windows, the measurement's batches and its linears are shared out too."""
+    plan = ["--target-bpw", "3.5", "--fisher-samples", "8"]
+    one, two = _quantize(tmp_path / "one", *plan), _quantize(tmp_path / "two", *plan, "--nproc", "2")
+    assert one.returncode == 0 and two.returncode == 0, one.stderr + two.stderr
+    _same_files(tmp_path / "one", tmp_path / "two")
+    assert (tmp_path / "two" / "measurement.json").is_file()

@@ -24,7 +24,8 @@ WINDOWS_AT_ONCE = 4       # windows that go through each block together: every b
 
 def output_fisher(runner: BlockRunner, source, windows: torch.Tensor, linears: list[str],
                   progress: bool = False, at_once: int = WINDOWS_AT_ONCE,
-                  autocast=contextlib.nullcontext) -> tuple[dict[str, torch.Tensor], float]:
+                  autocast=contextlib.nullcontext, share: slice | None = None,
+                  gather=list) -> tuple[dict[str, torch.Tensor], float]:
     """F_o [out] of each decoder linear named in `linears`, and the model's mean next-token NLL on the windows
     (nats per predicted token, the loss the Fisher is of), from one forward and backward per window
     [n, seqlen], streamed block by block: the forward keeps only each block's input, the backward rebuilds one
@@ -32,17 +33,22 @@ def output_fisher(runner: BlockRunner, source, windows: torch.Tensor, linears: l
     granularity: the memory of one block and the block boundaries, never the whole model). `at_once` windows
     share each pass (a window's loss depends on its own tokens only, so its gradients are those it has alone).
     The blocks' forwards and backwards run in `autocast()` (the calibration's matmul precision); the head, the
-    residual stream and the sums stay float32."""
+    residual stream and the sums stay float32.
+
+    Several processes share the windows: each takes `share` (whole groups of `at_once`, in order) and `gather`
+    concatenates a list over the processes in their order; the sums are then added in the order of the windows,
+    as one process adds them."""
     wanted = set(linears)
-    sums: dict[str, torch.Tensor] = {}
+    parts: dict[str, list[torch.Tensor]] = {name: [] for name in linears}    # one per group of windows
+    mine = range(windows.shape[0])[share or slice(None)]
     norm, head = runner.head(source)
     tied = runner.family.lm_head not in source
     embed = head if tied else source.get(runner.family.embed).to(torch.float32)
     norm.requires_grad_(False)
-    nll = 0.0
-    with tqdm(total=windows.shape[0], desc="fisher", unit="window", disable=not progress) as bar:
-        for first in range(0, windows.shape[0], at_once):
-            ids = windows[first:first + at_once]
+    nlls = []
+    with tqdm(total=len(mine), desc="fisher", unit="window", disable=not progress) as bar:
+        for first in range(mine.start, mine.stop, at_once):
+            ids = windows[first:min(first + at_once, mine.stop)]
             h = F.embedding(ids, embed)
             pos = runner.position_embeddings(h[:1])
             inputs = []
@@ -54,13 +60,19 @@ def output_fisher(runner: BlockRunner, source, windows: torch.Tensor, linears: l
             g = torch.empty_like(h)
             for b in range(ids.shape[0]):
                 g[b:b + 1], window_nll = _head_gradient(norm, head, h[b:b + 1], ids[b])
-                nll += window_nll
+                nlls.append(window_nll)
             for i in reversed(range(runner.n_blocks)):
                 with autocast():
-                    g = _block_gradient(runner, source, i, inputs.pop(), pos, g, wanted, sums)
+                    g = _block_gradient(runner, source, i, inputs.pop(), pos, g, wanted, parts)
             bar.update(ids.shape[0])
-    fisher = {name: sums[name] / windows.numel() for name in linears}
-    return fisher, nll / (windows.shape[0] * (windows.shape[1] - 1))
+    fisher = {}
+    for name in linears:
+        every = gather(parts[name])
+        total = every[0]
+        for part in every[1:]:
+            total = total + part
+        fisher[name] = total / windows.numel()
+    return fisher, sum(gather(nlls)) / (windows.shape[0] * (windows.shape[1] - 1))
 
 
 def _block(runner: BlockRunner, source, i: int) -> torch.nn.Module:
@@ -87,14 +99,15 @@ def _head_gradient(norm, head: torch.Tensor, h: torch.Tensor, ids: torch.Tensor)
     return grad, total
 
 
-def _block_gradient(runner, source, i, x, pos, g, wanted, sums) -> torch.Tensor:
-    """Recompute block i on its input x, add (dL/dy)^2 of its linears into `sums`, return dL/dx."""
+def _block_gradient(runner, source, i, x, pos, g, wanted, parts) -> torch.Tensor:
+    """Recompute block i on its input x, append sum_t (dL/dy_t)^2 of each of its linears to `parts`, return
+    dL/dx."""
     prefix = runner.family.block_prefix.format(i=i)
     block = _block(runner, source, i)
     hooks = []
     for name, module in block.named_modules():
         if isinstance(module, torch.nn.Linear) and prefix + name in wanted:
-            hooks.append(module.register_forward_hook(_keep(prefix + name, sums)))
+            hooks.append(module.register_forward_hook(_keep(prefix + name, parts)))
     x = x.detach().requires_grad_(True)
     try:
         with torch.enable_grad():
@@ -107,10 +120,9 @@ def _block_gradient(runner, source, i, x, pos, g, wanted, sums) -> torch.Tensor:
     return x.grad
 
 
-def _keep(name: str, sums: dict):
+def _keep(name: str, parts: dict):
     def hook(module, args, output):
         def square(g):
-            g2 = g.detach().float().pow(2).reshape(-1, g.shape[-1]).sum(dim=0)
-            sums[name] = g2 if name not in sums else sums[name] + g2
+            parts[name].append(g.detach().float().pow(2).reshape(-1, g.shape[-1]).sum(dim=0))
         output.register_hook(square)
     return hook
