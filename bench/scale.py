@@ -10,7 +10,8 @@ random bf16 weights, 512-token vocabulary) or on SmolLM2-135M. Peak RSS is the q
 time is wall time. Tables:
 1. model size (number of blocks of one shape) -> peak RSS, time per block: memory flat in the depth;
 2. calibration tokens (nsamples x seqlen) -> peak RSS: grows by the hidden-state stream, n x seqlen x hidden x 4 B;
-3. processes (1, 2) on SmolLM2 -> time, parallel efficiency, and whether the outputs are the same bytes.
+3. processes x threads (1 x 1, 2 x 1, 1 x 2) on SmolLM2 -> time, parallel efficiency, whether the outputs are the
+   same bytes.
 Results: bench/results/scale-<device>.json and .md.
 """
 from __future__ import annotations
@@ -79,23 +80,23 @@ def tokens(work: Path, device: str, shape: dict, settings: list[tuple[int, int]]
     return rows
 
 
-def processes(work: Path, counts: list[int]) -> list[dict]:
-    """SmolLM2, GPTQ W4 g128 on c4_calib 128 x 512, in 1 and more processes of one thread each."""
+def processes(work: Path, runs: list[tuple[int, int]]) -> list[dict]:
+    """SmolLM2, GPTQ W4 g128 on c4_calib 128 x 512, as (processes, threads per process)."""
     rows, first = [], None
-    for n in counts:
-        out = work / f"smollm2-{n}"
+    for n, threads in runs:
+        out = work / f"smollm2-{n}x{threads}"
         s = quantize("smollm2-135m", str(out), "--calib", str(TEXT / "c4_calib.txt"), "--nsamples", "128", "--seqlen",
-                     "512", nproc=n)
+                     "512", nproc=n, threads=threads)
         files = {p.name: p.read_bytes() for p in sorted(out.iterdir())}
         first = first or files
-        rows.append({"processes": n, "wall_seconds": s["wall_seconds"], "seconds": s["seconds"],
-                     "peak_rss_bytes_main": s["peak_rss_bytes"], "same_bytes_as_one": files == first,
+        rows.append({"processes": n, "threads": threads, "wall_seconds": s["wall_seconds"], "seconds": s["seconds"],
+                     "peak_rss_bytes_main": s["peak_rss_bytes"], "same_bytes_as_first": files == first,
                      "command": s["command"]})
         print("processes", rows[-1], flush=True)
     base = rows[0]["wall_seconds"]
     for r in rows:
         r["speedup"] = base / r["wall_seconds"]
-        r["efficiency"] = r["speedup"] / r["processes"]
+        r["efficiency"] = r["speedup"] / (r["processes"] * r["threads"])
     return rows
 
 
@@ -125,12 +126,14 @@ def report(result: dict) -> str:
                       "(n x seqlen x hidden x 4 B).")]
         lines.append("")
     if result.get("processes"):
-        lines += ["## Processes: SmolLM2-135M, GPTQ W4 g128 (mse grid), c4_calib 128 x 512, one thread each", "",
-                  "| processes | wall s | speedup | efficiency | peak RSS MB (main) | same bytes as 1 process |",
+        lines += ["## Processes: SmolLM2-135M, GPTQ W4 g128 (mse grid), c4_calib 128 x 512", "",
+                  ("Efficiency: speedup over the first row per core used. The outputs of runs with the same threads per "
+                  "process are the same bytes (a thread count changes float rounding in torch's kernels)."), "",
+                  "| processes x threads | wall s | speedup | efficiency | peak RSS MB (main) | same bytes as the first |",
                   "|---|---|---|---|---|---|"]
-        lines += [f"| {r['processes']} | {r['wall_seconds']:.0f} | {r['speedup']:.2f} | {r['efficiency']:.0%} | "
-                  f"{mb(r['peak_rss_bytes_main'])} | {'yes' if r['same_bytes_as_one'] else 'NO'} |"
-                  for r in result["processes"]]
+        lines += [f"| {r['processes']} x {r['threads']} | {r['wall_seconds']:.0f} | {r['speedup']:.2f} | "
+                  f"{r['efficiency']:.0%} | {mb(r['peak_rss_bytes_main'])} | "
+                  f"{'yes' if r['same_bytes_as_first'] else 'no'} |" for r in result["processes"]]
     return "\n".join(lines) + "\n"
 
 
@@ -152,7 +155,7 @@ def main() -> None:
             result["tokens"] = tokens(work, args.device, shape, [(16, 256), (32, 256), (64, 256), (64, 512),
                                                                  (128, 512)])
             if not gpu:
-                result["processes"] = processes(work, [1, 2])
+                result["processes"] = processes(work, [(1, 1), (2, 1), (1, 2)])
         path.write_text(json.dumps(result, indent=1) + "\n")
     result = json.loads(path.read_text())
     path.with_suffix(".md").write_text(report(result))
