@@ -79,12 +79,15 @@ def fit_grid(x: torch.Tensor, bits: int | RowGrid, sym: bool = False, mse: bool 
     return scale, zero
 
 
-def _fp16_scale(scale: torch.Tensor) -> torch.Tensor:
-    """The scale as stored: fp16, never 0."""
+def _fp16_scale(scale: torch.Tensor, check: bool = True) -> torch.Tensor:
+    """The scale as stored: fp16, never 0 (`check`: refused when it overflows fp16)."""
     scale = scale.to(torch.float16)
-    if torch.isinf(scale).any():
+    if check and torch.isinf(scale).any():
         raise ValueError("weight magnitude overflows an fp16 scale")
-    return torch.where(scale == 0, torch.tensor(FP16_TINY, dtype=torch.float16), scale)
+    return torch.where(scale == 0, _FP16_TINY, scale)
+
+
+_FP16_TINY = torch.tensor(FP16_TINY, dtype=torch.float16)
 
 
 def _zero_raised(xmin: torch.Tensor, xmax: torch.Tensor, grid: RowGrid) -> torch.Tensor:
@@ -93,17 +96,21 @@ def _zero_raised(xmin: torch.Tensor, xmax: torch.Tensor, grid: RowGrid) -> torch
     return ~grid.symmetric(xmin) & (torch.round(-xmin / scale.float()) < ZERO_MIN)
 
 
-def _grid(xmin: torch.Tensor, xmax: torch.Tensor, grid: RowGrid) -> tuple[torch.Tensor, torch.Tensor]:
+def _grid(xmin: torch.Tensor, xmax: torch.Tensor, grid: RowGrid, maxq: torch.Tensor | None = None,
+          symmetric: torch.Tensor | None = None, check: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """(fp16 scale, integer zero) of the grid of 2^bits points spanning [xmin, xmax] per row. An asymmetric row
     whose zero would round to 0 spans [-xmax / (maxq - 1), xmax] instead (it still holds xmin, which is within
-    half a step of 0), so that its zero is 1: the same number of points, one below 0."""
-    maxq = grid.maxq(xmin)
-    raised = _zero_raised(xmin, xmax, grid)
+    half a step of 0), so that its zero is 1: the same number of points, one below 0. `maxq` and `symmetric`
+    (per row) may be given, computed once for many calls."""
+    maxq = grid.maxq(xmin) if maxq is None else maxq
+    symmetric = grid.symmetric(xmin) if symmetric is None else symmetric
+    scale = _fp16_scale((xmax - xmin) / maxq, check)
+    raised = ~symmetric & (torch.round(-xmin / scale.float()) < ZERO_MIN)          # `_zero_raised`
     if raised.any():
         xmin = torch.where(raised, torch.minimum(xmin, -xmax / (maxq - 1)), xmin)
-    scale = _fp16_scale((xmax - xmin) / maxq)
+        scale = _fp16_scale((xmax - xmin) / maxq, check)
     asym = torch.round(-xmin / scale.float()).clamp(min=ZERO_MIN).minimum(maxq)
-    zero = torch.where(grid.symmetric(xmin), torch.div(maxq + 1, 2, rounding_mode="floor"), asym)
+    zero = torch.where(symmetric, torch.div(maxq + 1, 2, rounding_mode="floor"), asym)
     return scale, zero.to(torch.int32)
 
 
@@ -116,14 +123,15 @@ def shrink_search(x: torch.Tensor, xmin: torch.Tensor, xmax: torch.Tensor, grid:
     if factors is None:
         factors = torch.tensor([1 - i / SHRINK_STEPS for i in range(0, int(MAX_SHRINK * SHRINK_STEPS), every)])
     factors = factors if factors.dim() == 2 else factors[:, None]
-    best_scale, best_zero = _grid(xmin, xmax, grid)
+    row_maxq, symmetric = grid.maxq(xmin), grid.symmetric(xmin)
+    best_scale, best_zero = _grid(xmin, xmax, grid, row_maxq, symmetric)     # checked: the widest range
     best = torch.full_like(xmin, float("inf"))
-    maxq = grid.maxq(xmin)[:, None]
+    maxq = row_maxq[:, None]
     rows = torch.arange(xmin.numel())
     step = max(1, SEARCH_ELEMENTS // max(x.numel(), 1))
     for start in range(0, len(factors), step):
         p = factors[start:start + step]                                         # [P, 1] or [P, rows]
-        scale, zero = _grid(p * xmin, p * xmax, grid)                           # [P, rows]
+        scale, zero = _grid(p * xmin, p * xmax, grid, row_maxq, symmetric, check=False)     # [P, rows]
         q = quantize_codes(x, scale[..., None], zero[..., None], maxq)          # [P, rows, n]
         err = ((q.float() - zero[..., None]) * scale.float()[..., None] - x).abs_().pow_(ERROR_NORM).sum(dim=-1)
         first = err.argmin(dim=0)                                               # first least error of the batch
