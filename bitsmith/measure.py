@@ -60,7 +60,7 @@ from .distributed import SOLO, World, from_owners, gathered_list, reduce_hessian
 from .formats.errors import InputError
 from .formats.source import ModelSource
 from .layouts import layout_of
-from .pipeline import calibration_windows, collect_hessians, compute, linear_shapes
+from .pipeline import calibration_windows, collect_hessians, compute, linear_shapes, release_freed_memory
 from .plan import LUT_BITS, MAX_OUTLIERS, LayerPlan, QuantizeOptions, QuantPlan
 from .quantize.allocate import allocate
 from .quantize.gptq import GridConfig, gptq_configs
@@ -293,6 +293,7 @@ def measure(source: ModelSource, opts: QuantizeOptions, progress: bool = True, w
         for (_, name), (by_fisher, plain) in zip(jobs, losses):
             errors["fisher"][prefix + name], errors["hessian"][prefix + name] = by_fisher, plain
         runner.release_block(i)
+        release_freed_memory()
     options = {key: getattr(opts, key) for key in MATCHING_OPTIONS}
     return Measurement(source.fingerprint(), data.fingerprint(windows), description, options, list(CANDIDATES),
                        shapes, units_of(runner), errors, min(opts.fisher_samples, windows.shape[0]), base_nll)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import functools
 import os
 import resource
 import sys
@@ -235,6 +236,8 @@ def run(source: ModelSource, writer, plan: QuantPlan, eval_ids: torch.Tensor | N
     if opts.rounding == "signround" and streams.hidden is not None:
         streams.unquantized = streams.hidden.clone()
     done = broadcast_from_main(finished_blocks(writer, coder, result), world)
+    mine = range(share.start, min(share.stop, loss_windows))      # this rank's windows among the first loss_windows
+    last = {runner.n_blocks - 1: len(mine)}                       # after the last block, only they are read
     store = coder.add if coder else writer.add
 
     for i in tqdm(range(runner.n_blocks), desc=f"{opts.method}", unit="block", disable=not progress):
@@ -242,14 +245,15 @@ def run(source: ModelSource, writer, plan: QuantPlan, eval_ids: torch.Tensor | N
             if streams.unquantized is not None:
                 propagate_unquantized(runner, source_block(runner, source, i)[0], streams.unquantized, opts)
             if streams.any:
-                propagate(runner, stored_block(runner, source, writer, plan, i, world), streams, opts)
+                propagate(runner, stored_block(runner, source, writer, plan, i, world), streams, opts, last.get(i))
         else:
             block, layers = quantize_block(runner, source, writer, plan, i, streams.hidden, store, streams.unquantized,
                                            world)
             result.layers += layers
             finish_block(writer, coder, i, layers)
-            propagate(runner, block, streams, opts)
+            propagate(runner, block, streams, opts, last.get(i))
         runner.release_block(i)
+        release_freed_memory()
 
     for name in (family.embed, family.final_norm, family.lm_head):
         if name in source:
@@ -259,7 +263,6 @@ def run(source: ModelSource, writer, plan: QuantPlan, eval_ids: torch.Tensor | N
         if streams.held is not None:
             result.eval = summarize(sum(_nlls(norm, head, streams.held, eval_ids)), *eval_ids.shape)
         if loss_windows and streams.hidden is not None:
-            mine = range(share.start, min(share.stop, loss_windows))      # this rank's among the first windows
             nlls = gathered_list(_nlls(norm, head, streams.hidden[:len(mine)], calib.windows[mine.start:mine.stop]),
                                  world)
             result.calibration_nll = sum(nlls) / (loss_windows * (calib.windows.shape[1] - 1))
@@ -334,12 +337,14 @@ def _quantized(W: torch.Tensor, H, plan: QuantPlan, full: str) -> tuple[dict, fl
     return stored, float(loss)
 
 
-def propagate(runner: BlockRunner, block, streams: Streams, opts: QuantizeOptions) -> None:
-    """The propagate step: both streams through the (quantized) block, in place."""
-    if streams.hidden is not None:
+def propagate(runner: BlockRunner, block, streams: Streams, opts: QuantizeOptions, hidden_windows: int | None = None
+              ) -> None:
+    """The propagate step: both streams through the (quantized) block, in place; of the calibration stream, only
+    the first `hidden_windows` when given (after the last block, only those the run still reads)."""
+    if streams.hidden is not None and hidden_windows != 0:
+        hidden = streams.hidden[:hidden_windows]
         with compute(opts):
-            forward_in_place(runner, block, streams.hidden, runner.position_embeddings(streams.hidden[:1]),
-                             opts.batch)
+            forward_in_place(runner, block, hidden, runner.position_embeddings(hidden[:1]), opts.batch)
     if streams.held is not None:
         forward_in_place(runner, block, streams.held, runner.position_embeddings(streams.held[:1]), opts.batch)
 
@@ -464,9 +469,8 @@ def keeping_freed_memory():
     (malloc_trim). An optimization loop allocates the same large temporaries at every iteration: under the 1 MiB
     threshold the command line sets (cli/main.py) each is a fresh mapping whose pages fault in again, a third of
     SignRound's time on SmolLM2. Afterwards the threshold is 1 MiB again (or MALLOC_MMAP_THRESHOLD_ when set)."""
-    name = ctypes.util.find_library("c") if sys.platform.startswith("linux") else None
-    libc = ctypes.CDLL(name) if name else None
-    if libc is None or not hasattr(libc, "mallopt") or not hasattr(libc, "malloc_trim"):
+    libc = _libc()
+    if libc is None or not hasattr(libc, "mallopt"):
         yield
         return
     try:
@@ -478,6 +482,23 @@ def keeping_freed_memory():
         yield
     finally:
         libc.mallopt(M_MMAP_THRESHOLD, after)
+        libc.malloc_trim(0)
+
+
+@functools.cache
+def _libc():
+    """glibc, when this is Linux with a C library that has malloc_trim; else None."""
+    name = ctypes.util.find_library("c") if sys.platform.startswith("linux") else None
+    libc = ctypes.CDLL(name) if name else None
+    return libc if libc is not None and hasattr(libc, "malloc_trim") else None
+
+
+def release_freed_memory() -> None:
+    """Give the free memory of the heap back to the system (glibc malloc_trim) once a block is done: a block's
+    mid-sized temporaries otherwise leave the heap fragmented, and resident memory grows with the number of blocks
+    (1.7 MB per block on a synthetic Llama of 512-wide blocks: 411 -> 582 MB over 100 blocks; flat with it)."""
+    libc = _libc()
+    if libc is not None:
         libc.malloc_trim(0)
 
 

@@ -98,14 +98,17 @@ def measurement(writer, source, opts: QuantizeOptions, path: str | None, progres
     holds the folder: every process takes part in measuring, and only main gets a measurement read from a file
     (the others None)."""
     saved = writer.saved(MEASUREMENT) if world.main else None
-    if not broadcast_from_main(path is None and saved is None, world):
-        if not world.main:
-            return None
-        return Measurement.load(str(path or saved), source, opts)
-    faults.point("measure")
-    measured = measure(source, opts, progress and world.main, world)
-    faults.point("measured")
-    if world.main:
+    if broadcast_from_main(path is None and saved is None, world):
+        faults.point("measure")
+        measured = measure(source, opts, progress and world.main, world)
+        faults.point("measured")
+    elif not world.main:
+        return None
+    elif path is None:
+        return Measurement.load(str(saved), source, opts)
+    else:
+        measured = Measurement.load(path, source, opts)
+    if world.main and saved is None:
         writer.save_file(MEASUREMENT, (json.dumps(measured.as_dict(), indent=1) + "\n").encode())
     return measured
 
