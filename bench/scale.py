@@ -47,7 +47,8 @@ def quantize(model: str, out: str, *args: str, nproc: int = 1, device: str = "cp
     subprocess.run(command, check=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)},
                    stdout=subprocess.DEVNULL)
     wall = time.perf_counter() - started
-    return {**json.loads(summary.read_text()), "wall_seconds": wall, "command": " ".join(command[1:])}
+    shown = " ".join(command[1:]).replace(str(Path(out).parent), "OUT").replace(f"{TEXT.resolve()}/", "../shared/assets/text/")
+    return {**json.loads(summary.read_text()), "wall_seconds": wall, "command": shown}
 
 
 def depth(work: Path, device: str, shape: dict, layers: list[int], calib: list[str]) -> list[dict]:
