@@ -74,7 +74,7 @@ def quantize(model: str, out: str, *, overwrite: bool = False, eval_data: str | 
         eval_ids = data.eval_windows(ids, data.eval_seqlen(eval_seqlen, source.context(), "--eval-seqlen"),
                                      eval_max_tokens)
     world = distributed.join()
-    check_parallel(world, opts)
+    check_placement(world, opts)
     with (CheckpointWriter(out, overwrite=overwrite, inputs=inputs, resume=resume) if world.main
           else distributed.Discarding()) as writer:
         if resume and world.main and not writer.resumed:
@@ -154,8 +154,8 @@ def calibration_device(device: str | None) -> str:
     return device
 
 
-def check_parallel(world: distributed.World, opts: QuantizeOptions) -> None:
-    """What a run of several processes cannot do yet, refused on every rank before any work."""
+def check_placement(world: distributed.World, opts: QuantizeOptions) -> None:
+    """What cannot run off CPU or in several processes yet, refused on every rank before any work."""
     if opts.device != "cpu" and (opts.rounding == "signround" or opts.method == "qoq"):
         raise InputError(f"--device {opts.device}: --rounding signround and --method qoq run on CPU in this version "
                          "(use --device cpu)")

@@ -183,7 +183,7 @@ def _broadcast(value, src: int, world: World):
     def strip(v):
         if isinstance(v, torch.Tensor):
             tensors.append(v.detach().contiguous())
-            return ("tensor", len(tensors) - 1, v.dtype, tuple(v.shape))
+            return _Slot(len(tensors) - 1, v.dtype, tuple(v.shape))
         if isinstance(v, dict):
             return {k: strip(x) for k, x in v.items()}
         if isinstance(v, (list, tuple)):
@@ -195,11 +195,8 @@ def _broadcast(value, src: int, world: World):
     received: list[torch.Tensor] = []
 
     def fill(v):
-        if isinstance(v, tuple) and len(v) == 4 and v[0] == "tensor":
-            if world.rank == src:
-                t = tensors[v[1]]
-            else:
-                t = torch.empty(v[3], dtype=v[2])
+        if isinstance(v, _Slot):
+            t = tensors[v.index] if world.rank == src else torch.empty(v.shape, dtype=v.dtype)
             received.append(t)
             return t
         if isinstance(v, dict):
@@ -214,6 +211,14 @@ def _broadcast(value, src: int, world: World):
     for t in received:
         _broadcast_tensor(t, src)
     return value
+
+
+@dataclass(frozen=True)
+class _Slot:
+    """Where a tensor sits in a value being broadcast: its place in the order the tensors are sent, dtype, shape."""
+    index: int
+    dtype: torch.dtype
+    shape: tuple
 
 
 def _broadcast_tensor(t: torch.Tensor, src: int) -> None:
@@ -246,10 +251,10 @@ class Discarding:
         return False
 
     def record(self, entry: dict) -> None:
-        pass
+        """Journaled by main only."""
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        pass
+        """Written by main only."""
 
     def add_file(self, name: str, data) -> None:
-        pass
+        """Written by main only."""

@@ -299,7 +299,7 @@ def quantize_block(runner: BlockRunner, source: ModelSource, writer, plan: Quant
     for stage in sequential_stages(family.siblings, opts.true_sequential):
         hessians = collect_hessians(runner, block, hidden, pos, opts, stage) if opts.method != "rtn" else {}
         reduce_hessians(hessians, world)
-        if world.parallel:
+        if starts is None:                  # no learned rounding: each linear's result is final, one way for all
             layers += quantize_shared(block, prefix, stage, hessians, plan, writer, tensors, world)
             continue
         for group in stage:
@@ -317,8 +317,9 @@ def quantize_block(runner: BlockRunner, source: ModelSource, writer, plan: Quant
 
 def quantize_shared(block, prefix: str, stage, hessians: dict, plan: QuantPlan, writer, tensors,
                     world: World) -> list[LayerReport]:
-    """The linears of one stage quantized by the processes of `world`, each linear by one of them (the cost of
-    GPTQ on a linear grows as out x in^2), every result given to all, written (by main) in the stage's order."""
+    """The linears of one stage quantized, then written in the stage's order (by main). In a run of several
+    processes (`world`) each linear is quantized by one of them (the cost of GPTQ on a linear grows as
+    out x in^2) and its result given to all; alone, all of them here."""
     jobs = [(group, name) for group in stage for name in group]
     weights = [block.get_submodule(name).weight.data for _, name in jobs]
     results = from_owners([lambda W=W, group=group, name=name: _quantized(W, hessians.get(group), plan, prefix + name)
