@@ -133,7 +133,8 @@ def quantize(model: str, out: str, *, overwrite: bool = False, eval_data: str | 
         measured_error = {"nats_per_token": result.calibration_nll - base.base_nll, "base_nll": base.base_nll,
                           "nll": result.calibration_nll, "windows": base.fisher_windows}
     return {**summary(source, out, result, clock.seconds), "target_bits_per_weight": target_bpw,
-            "predicted_error": qplan.predicted_error(), "measured_error": measured_error,
+            "predicted_error": qplan.predicted_error(), "predicted_error_unit": qplan.error_unit,
+            "measured_error": measured_error,
             "measure_seconds": measure_seconds, "measure_cpu_seconds": measure_cpu_seconds, "device": opts.device,
             "peak_device_bytes": torch.cuda.max_memory_allocated(opts.device) if opts.device != "cpu" else None,
             "cpu_seconds": clock.cpu_seconds}

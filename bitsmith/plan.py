@@ -108,6 +108,12 @@ class QuantPlan:
         """The trivial plan of `--bits/--group-size/--sym`: every linear alike."""
         return cls(opts, {name: LayerPlan(opts.bits, opts.group_size, opts.sym) for name in linears})
 
+    @property
+    def error_unit(self) -> str:
+        """What `predicted_error` counts: nats per token under the Fisher proxy; the Hessian proxy's sum of GPTQ
+        losses has no unit comparable to a loss."""
+        return error_unit(self.options.proxy)
+
     def predicted_error(self) -> float | None:
         """Sum of the entries' predicted errors (nats per token), when a measurement chose them."""
         errors = [layer.predicted_error for layer in self.layers.values()]
@@ -223,3 +229,8 @@ def check_group(g: int, name: str, in_features: int, method: str) -> None:
         return
     raise InputError(f"group size {g} does not divide in_features {in_features} of {name} "
                      "(use a divisor or a multiple of 32)")
+
+
+def error_unit(proxy: str | None) -> str:
+    """The unit of a plan's predicted error under `proxy` (a plan without one was made with the Fisher proxy)."""
+    return "GPTQ loss (hessian proxy; not nats)" if proxy == "hessian" else "nats/token"

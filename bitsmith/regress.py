@@ -12,7 +12,7 @@ import datetime
 import fcntl
 import functools
 import hashlib
-import importlib.util
+import importlib.metadata
 import json
 import math
 import os
@@ -22,8 +22,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import __version__
+from . import __version__, harness
 from .formats.errors import InputError
+from .harness import TaskSpec
 
 GOLDEN_VERSION = 1
 CACHE_NAME = ".bitsmith-regress-cache"
@@ -83,12 +84,8 @@ class EvalSpec:
 
 
 @dataclass(frozen=True)
-class LMEvalSpec:
-    tasks: tuple[str, ...]
-    limit: int | None = None
-    num_fewshot: int | None = None
-    metric: str = "acc"
-    batch_size: int = 1
+class LMEvalSpec(TaskSpec):
+    metric: str = "acc"         # the score of each task that is judged
 
 
 @dataclass
@@ -118,14 +115,8 @@ def environment() -> dict:
                         "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpus": os.cpu_count(),
                         "torch_threads": torch.get_num_threads()},
             "versions": {"bitsmith": __version__, "torch": torch.__version__,
-                         "transformers": transformers.__version__, "python": platform.python_version()}}
-
-
-def lm_eval_missing() -> str | None:
-    """Why lm-eval tasks cannot run here, or None."""
-    if importlib.util.find_spec("lm_eval") is None:
-        return "lm-eval is not installed (pip install 'bitsmith[lm-eval]')"
-    return None
+                         "transformers": transformers.__version__, "python": platform.python_version(),
+                         **({} if harness.missing() else {"lm_eval": importlib.metadata.version("lm_eval")})}}
 
 
 def run_case(case: Case, cache: Path, position: str = "") -> dict:
@@ -273,7 +264,7 @@ def _measure(case: Case, folder: str, summary: dict | None, say) -> tuple[dict, 
     if summary is not None:
         values["quantize_seconds"], values["peak_rss_bytes"] = summary["seconds"], summary["peak_rss_bytes"]
     if case.lm_eval is not None:
-        missing = lm_eval_missing()
+        missing = harness.missing()
         if missing:
             skipped.update({m: missing for m in case.metrics if m.startswith(LM_EVAL + ":")})
         else:
@@ -283,25 +274,15 @@ def _measure(case: Case, folder: str, summary: dict | None, say) -> tuple[dict, 
 
 
 def _lm_eval(folder: str, spec: LMEvalSpec) -> dict:
-    """Scores of lm-evaluation-harness tasks on the quantized model (its `hf` backend around the loaded model)."""
-    import lm_eval
-    from lm_eval.models.huggingface import HFLM
-
-    from . import api
-    from .formats.source import open_source
-    from .kernels.linear import cache_dequantized
-    net = api.load(folder)
-    cache_dequantized(net)
-    lm = HFLM(pretrained=net, tokenizer=open_source(folder).tokenizer(), batch_size=spec.batch_size)
-    out = lm_eval.simple_evaluate(model=lm, tasks=list(spec.tasks), num_fewshot=spec.num_fewshot, limit=spec.limit)
+    """The judged score of each lm-eval task on the quantized model."""
+    reported = harness.run(folder, spec)["tasks"]
     scores = {}
     for task in spec.tasks:
-        reported = (out or {}).get("results", {}).get(task, {})
-        value = reported.get(f"{spec.metric},none", reported.get(spec.metric))
-        if not isinstance(value, (int, float)):
+        value = reported.get(task, {}).get(spec.metric)
+        if value is None:
             raise InputError(f"lm-eval task {task} reports no {spec.metric} (it reports: "
-                             f"{', '.join(sorted(reported)) or 'nothing'})")
-        scores[f"{LM_EVAL}:{task}"] = float(value)
+                             f"{', '.join(sorted(reported.get(task, {}))) or 'nothing'})")
+        scores[f"{LM_EVAL}:{task}"] = value
     return scores
 
 

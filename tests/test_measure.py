@@ -253,7 +253,12 @@ def test_replan_from_the_measurement_and_apply_a_plan(planned, stories_path, sto
     calib = [str(stories_split[0])]
     again = bitsmith.quantize(str(stories_path), str(tmp_path / "t30"), target_bpw=3.0, calib=calib, **CALIB,
                               measurement=str(out / "measurement.json"), progress=False)
-    assert 2.98 <= again["bits_per_weight"] <= 3.0
+    assert 2.98 <= again["bits_per_weight"] <= 3.0 and again["predicted_error_unit"] == "nats/token"
+    hessian = bitsmith.quantize(str(stories_path), str(tmp_path / "h30"), target_bpw=3.0, calib=calib, **CALIB,
+                                proxy="hessian", measurement=str(out / "measurement.json"), progress=False)
+    assert hessian["predicted_error_unit"] == "GPTQ loss (hessian proxy; not nats)"     # a sum of GPTQ losses
+    r = run("inspect", tmp_path / "h30")
+    assert "predicted loss increase" in r.output and "GPTQ loss (hessian proxy; not nats)" in r.output
     assert json.loads((tmp_path / "t30" / "measurement.json").read_text()) == json.loads(
         (out / "measurement.json").read_text())                          # carried forward, unchanged
     bitsmith.quantize(str(stories_path), str(tmp_path / "p"), plan=str(out / "plan.json"), calib=calib,

@@ -300,7 +300,7 @@ def quantize(model, out, method, bits, group_size, sym, act_order, static_groups
             ("wall time", f"{s['seconds']:.1f} s"),
             ("peak RSS", _mb(s["peak_rss_bytes"]))]
     if s["predicted_error"] is not None:
-        rows.append(("predicted loss increase", f"{s['predicted_error']:.4f} nats/token (measurement)"))
+        rows.append(("predicted loss increase", f"{s['predicted_error']:.4f} {s['predicted_error_unit']} (measurement)"))
     if s["measured_error"] is not None:
         m = s["measured_error"]
         rows.append(("measured loss increase", (f"{m['nats_per_token']:.4f} nats/token (NLL {m['base_nll']:.4f} -> "
@@ -333,25 +333,53 @@ def _launched(nproc: int) -> int:
 
 @main.command("eval")
 @click.argument("model")
-@click.option("--data", "data_path", type=click.Path(), required=True, help="Evaluation text file.")
+@click.option("--data", "data_path", type=click.Path(),
+              help="Evaluation text file: perplexity (give --data, --tasks or both).")
 @click.option("--seqlen", type=int, default=None,
               help="Tokens per window (default: 2048, or the model's context when shorter).")
 @click.option("--max-tokens", type=int, default=None, help="Use only the first N tokens of the text.")
 @click.option("--base", help="Unquantized MODEL to compare against (KL divergence, top-1 agreement).")
+@click.option("--tasks", help="lm-eval tasks, comma-separated (hellaswag,arc_easy); needs the lm-eval extra.")
+@click.option("--num-fewshot", type=click.IntRange(min=0), default=None,
+              help="Few-shot examples per task prompt (default: each task's own).")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Only the first N documents of each task.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Requests per forward pass in lm-eval.")
+@click.option("--include-path", "include_path", type=click.Path(), multiple=True,
+              help="Folder of extra lm-eval task YAMLs, e.g. tasks reading local data files (repeatable).")
 @json_option("the result")
-def eval_(model, data_path, seqlen, max_tokens, base, json_path):
-    """Perplexity of MODEL (and KL / top-1 agreement against --base)."""
+def eval_(model, data_path, seqlen, max_tokens, base, tasks, num_fewshot, limit, batch_size, include_path,
+          json_path):
+    """Perplexity of MODEL on a text (and KL / top-1 agreement against --base), and scores on lm-eval tasks."""
     from .. import api
-    result = api.evaluate(model, data_path, seqlen=seqlen, max_tokens=max_tokens, base=base)
-    rows = [("perplexity", f"{result['perplexity']:.4f}"), ("tokens", str(result["tokens"])),
-            ("seqlen", str(result["seqlen"]))]
-    if base:
-        rows += [("base perplexity", f"{result['base_perplexity']:.4f}"),
-                 ("KL to base (nats/token)", f"{result['kl']:.5f}"),
-                 ("top-1 agreement", f"{result['top1_agreement']:.4f}")]
+    if data_path is None and tasks is None:
+        raise InputError("give --data FILE (perplexity on a text), --tasks LIST (lm-eval tasks), or both")
+    spec = None
+    if tasks is not None:
+        from .. import harness
+        spec = harness.TaskSpec(harness.parse_tasks(tasks), limit, num_fewshot, batch_size, tuple(include_path))
+        harness.prepare(spec)                        # unknown tasks and missing data refused before the text's work
+    elif include_path or num_fewshot is not None or limit is not None:
+        raise InputError("--include-path, --num-fewshot and --limit apply to --tasks")
     report = Report(json_path)
-    report.table(f"eval {model}", rows)
-    report.json({"model": model, "data": data_path, "base": base, **result})
+    out = {"model": model, "data": data_path, "base": base}
+    if data_path is not None:
+        result = api.evaluate(model, data_path, seqlen=seqlen, max_tokens=max_tokens, base=base)
+        rows = [("perplexity", f"{result['perplexity']:.4f}"), ("tokens", str(result["tokens"])),
+                ("seqlen", str(result["seqlen"]))]
+        if base:
+            rows += [("base perplexity", f"{result['base_perplexity']:.4f}"),
+                     ("KL to base (nats/token)", f"{result['kl']:.5f}"),
+                     ("top-1 agreement", f"{result['top1_agreement']:.4f}")]
+        report.table(f"eval {model}", rows)
+        out.update(result)
+    if spec is not None:
+        from .. import harness
+        result = harness.run(model, spec)
+        report.table(f"lm-eval {model}", [(f"{task} {metric}", f"{value:.4f}")
+                                           for task, row in result["tasks"].items() for metric, value in row.items()])
+        out.update(result)
+    report.json(out)
 
 
 @main.command()
@@ -397,7 +425,7 @@ def _layer_report(report: Report, rows: list[dict], totals: dict) -> None:
     line("total", "", "", "", "", "", "", "", "", f"{totals['total_bytes']:,}")
     if totals["target_bpw"]:
         report.line(f"planned for {totals['target_bpw']} bits per weight; predicted loss increase {predicted} "
-                    "nats/token")
+                    f"{totals['predicted_error_unit']}")
 
 
 def _plot(path, rows: list[dict], totals: dict, plot_path) -> None:

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import click
 
+from .. import harness
 from ..formats.errors import InputError
-from ..regress import CACHE_NAME, FAILING, LM_EVAL, environment, judge, kind, lm_eval_missing, run_case
+from ..regress import CACHE_NAME, FAILING, LM_EVAL, environment, judge, kind, run_case
 from .main import Report, json_option, main
 from .suite import SuiteError, read_golden, read_suite, unrecorded, write_golden
 
@@ -47,7 +48,7 @@ def regress(suite, record, only, junit_path, markdown_path, json_path, cache_dir
         spec = read_suite(suite)
         cases = spec.select(only)
         golden = read_golden(spec.golden_path)
-        skipped = {m for c in cases for m in c.metrics if m.startswith(LM_EVAL + ":")} if lm_eval_missing() else set()
+        skipped = {m for c in cases for m in c.metrics if m.startswith(LM_EVAL + ":")} if harness.missing() else set()
         if not record and (missing := unrecorded(spec, cases, golden, skipped)):
             raise SuiteError(missing)
     except SuiteError as e:

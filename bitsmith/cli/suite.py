@@ -55,7 +55,7 @@ DEFAULTS = {k: v for k, v in CASE.items() if k != "name"}
 EVAL = {"data": "string", "seqlen": "count", "max_tokens": "count"}
 BAND = {"abs": "margin", "rel": "margin", "side": "side"}
 LM_EVAL_TABLE = {"tasks": "strings", "limit": "count", "num_fewshot": "count0", "metric": "string",
-                 "batch_size": "count", **BAND}
+                 "batch_size": "count", "include_path": "strings", **BAND}
 
 
 class SuiteError(InputError):
@@ -183,7 +183,7 @@ def _case(table: dict, label: str, base_dir: str, problems: Problems) -> Case | 
     evaluation = _eval(t.get("eval"), f"{label}.eval", base_dir, problems)
     lm_eval = None
     if isinstance(t.get("metrics", {}).get(LM_EVAL), dict):
-        lm_eval = _lm_eval(t["metrics"][LM_EVAL], f"{label}.metrics.{LM_EVAL}", problems)
+        lm_eval = _lm_eval(t["metrics"][LM_EVAL], f"{label}.metrics.{LM_EVAL}", base_dir, problems)
     metrics = _metrics(t["metrics"], f"{label}.metrics", lm_eval, problems) if "metrics" in t else {}
     if len(problems.lines) > before:
         return None
@@ -207,7 +207,8 @@ def _case(table: dict, label: str, base_dir: str, problems: Problems) -> Case | 
         return None
     settings = {"quantize": options, "eval": evaluation and {"seqlen": evaluation.seqlen,
                                                             "max_tokens": evaluation.max_tokens},
-                "lm_eval": lm_eval and {**vars(lm_eval), "tasks": list(lm_eval.tasks)},
+                "lm_eval": lm_eval and {**vars(lm_eval), "tasks": list(lm_eval.tasks),
+                                        "include_path": t["metrics"][LM_EVAL].get("include_path", [])},
                 "base": base if base != model else None, **({"threads": t["threads"]} if "threads" in t else {})}
     return Case(t["name"], model, base, quantize, settings, evaluation, lm_eval, metrics, t.get("threads"))
 
@@ -292,12 +293,16 @@ def _metrics(table: dict, at: str, lm_eval: LMEvalSpec | None, problems: Problem
     return metrics
 
 
-def _lm_eval(table: dict, at: str, problems: Problems) -> LMEvalSpec | None:
+def _lm_eval(table: dict, at: str, base_dir: str, problems: Problems) -> LMEvalSpec | None:
     t = check_table(table, LM_EVAL_TABLE, at, problems, required=("tasks",))
     if "tasks" not in t:
         return None
-    return LMEvalSpec(tuple(t["tasks"]), t.get("limit"), t.get("num_fewshot"), t.get("metric", "acc"),
-                      t.get("batch_size", 1))
+    folders = tuple(_resolve(base_dir, p) for p in t.get("include_path", []))
+    for given, folder in zip(t.get("include_path", []), folders):
+        if not os.path.isdir(folder):
+            problems.add(f"{at}.include_path", f"{given}: no such folder (task YAMLs; relative to the suite)")
+    return LMEvalSpec(tuple(t["tasks"]), t.get("limit"), t.get("num_fewshot"), t.get("batch_size", 1), folders,
+                      t.get("metric", "acc"))
 
 
 def suite_options() -> dict[str, click.Option]:

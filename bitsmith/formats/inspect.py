@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..layouts import layout_of
-from ..plan import LayerPlan
+from ..plan import LayerPlan, error_unit
 from . import dfloat
 from .checkpoint import Checkpoint
 from .errors import InputError
@@ -59,10 +59,16 @@ def layer_table(path) -> tuple[list[dict], dict]:
     totals = {"model": source.get("name"), "coded": coded, "layers": len(rows), "target_bpw": plan.get("target_bpw"),
               "outlier_weights": sum(r["outlier_weights"] for r in rows),
               "predicted_error": None if None in predicted or not rows else sum(predicted),
+              "predicted_error_unit": error_unit(_proxy(plan)),
               "bpw": 8 * quantized_bytes / max(weights, 1), "quantized_bytes": quantized_bytes,
               "other_tensors": len(other), "other_bytes": sum(other.values()),
               "total_bytes": quantized_bytes + sum(other.values())}
     return rows, totals
+
+
+def _proxy(plan: dict) -> str | None:
+    options = plan.get("options")
+    return options.get("proxy") if isinstance(options, dict) else None
 
 
 def _object(value, what: str) -> dict:

@@ -88,9 +88,11 @@ def test_quantize_help_is_in_sections():
 
 def test_eval_help_promises_no_default_text():
     text = " ".join(run("eval", "--help").stdout.split())
-    assert "--data PATH Evaluation text file. [required]" in text and "default: WikiText" not in text
+    assert "--data PATH Evaluation text file: perplexity (give --data, --tasks or both)." in text
+    assert "default: WikiText" not in text
     r = run("eval", "smollm2-135m")
-    assert r.exit_code == 2 and r.stderr == "error: Missing option '--data'.\n"
+    assert r.exit_code == 2 and r.stderr == ("error: give --data FILE (perplexity on a text), --tasks LIST (lm-eval "
+                                             "tasks), or both\n")
 
 
 def test_shell_completion():
