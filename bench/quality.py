@@ -48,6 +48,8 @@ CONFIGS = [  # name, method, bits, group size, sym, act-order, mse grid search
     ("gptq-mse-w4-g128", "gptq", 4, 128, False, True, True),     # bitsmith's default GPTQ grid
     ("gptq-mse-w3-g128", "gptq", 3, 128, False, True, True),
     ("gptq-mse-w2-g128", "gptq", 2, 128, False, False, True),
+    ("gptq-mse-w4-g128-sym", "gptq", 4, 128, True, True, True),  # is symmetric a free default? (vLLM's Marlin)
+    ("gptq-mse-w3-g128-sym", "gptq", 3, 128, True, True, True),
 ]
 
 
