@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from . import pack_quantized  # noqa: F401  (registers the reader of compressed-tensors folders)
+from . import gptq_formats, pack_quantized  # noqa: F401  (register the readers of GPTQ v2 and compressed-tensors folders)
 from .calibration.adapter import skeleton
 from .formats.errors import InputError
 from .formats.source import ModelSource, open_source

@@ -5,21 +5,25 @@ import time
 
 import click
 
-from ..pack_quantized import FORMATS, export
+from .. import gptq_formats, pack_quantized
 from .main import Report, json_option, main
 
 
 @main.command(name="export")
 @click.argument("path", type=click.Path())
 @click.option("-o", "--out", required=True, type=click.Path(), help="Output folder (written atomically).")
-@click.option("--format", "fmt", type=click.Choice(FORMATS), required=True,
-              help="compressed-tensors: pack-quantized, as llm-compressor writes it (vLLM, transformers).")
+@click.option("--format", "fmt", type=click.Choice([*gptq_formats.FORMATS, *pack_quantized.FORMATS]), required=True,
+              help="gptq: GPTQ v1 (zero points minus one; every GPTQ loader); gptq-v2: true zero points (GPTQModel); "
+                   "compressed-tensors: pack-quantized, as llm-compressor writes it (vLLM, transformers).")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @json_option("the summary")
 def export_command(path, out, fmt, overwrite, json_path):
-    """Write the bitsmith checkpoint PATH to OUT in another format, the same weights bit for bit."""
+    """Write the quantized checkpoint PATH to OUT in another format, the same weights bit for bit."""
     started = time.perf_counter()
-    s = export(path, out, fmt, overwrite=overwrite, progress=True)
+    if fmt in gptq_formats.FORMATS:
+        s = gptq_formats.export_gptq(path, out, fmt, overwrite=overwrite, progress=True)
+    else:
+        s = pack_quantized.export(path, out, fmt, overwrite=overwrite, progress=True)
     seconds = time.perf_counter() - started
     report = Report(json_path)
     report.table(f"export {path} -> {out}", [("format", fmt), ("quantized linears", str(s["linears"])),

@@ -1,7 +1,7 @@
 """Kernel benchmark on one CUDA GPU: W4A16 and W4A8 (QoQ) linears against fp16 torch.matmul and the
 memory-bandwidth floor.
 
-    python bench/kernels.py [--out bench/results] [--quick]
+    python bench/kernel_speed.py [--out bench/results] [--quick]
 
 For every layer shape (K x N) and token count M it checks the kernels against a float64 reference, then
 times them with `triton.testing.do_bench` (median; do_bench zeroes a 256 MB buffer before every timed call,
@@ -166,7 +166,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="two shapes, three token counts")
     args = parser.parse_args()
     if not torch.cuda.is_available():
-        sys.exit("bench/kernels.py needs a CUDA GPU (H100/H200) and none is visible; nothing was measured "
+        sys.exit("bench/kernel_speed.py needs a CUDA GPU (H100/H200) and none is visible; nothing was measured "
                  "or written.")
     torch.manual_seed(0)
     device = torch.cuda.get_device_name()
