@@ -1,0 +1,174 @@
+"""bitsmith's checkpoints in the loaders people use: for each setting, does the loader read the folder, how far are
+its logits from `bitsmith.load`'s, and do their greedy continuations agree.
+
+    python bench/interop.py [--out bench/results]      # needs gptqmodel importable (pip install --no-deps
+                                                       # gptqmodel optimum next to the pinned torch) and compressed-tensors
+
+Model: stories260K (../shared/assets), calibration on its TinyStories text (16 x 128 tokens, seed 0). Loaders:
+GPTQModel.load on CPU with its torch kernel (float16) on the GPTQ v1 output and on `export --format gptq-v2`;
+transformers' from_pretrained on the GPTQ output (its GPTQ integration) and on `export --format compressed-tensors`.
+Reference: `bitsmith.load` of the same folder in float32. Logit max diff over 4 x 64 token ids; greedy agreement:
+the share of 32 greedily generated tokens (from 4 prompts) equal to bitsmith's, position by position.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.metadata
+import json
+import platform
+import subprocess
+import sys
+import tempfile
+import traceback
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+STORIES = ROOT.parent / "shared" / "assets" / "models" / "stories260K"
+CALIB = ROOT.parent / "shared" / "assets" / "text" / "tinystories_calib.txt"
+NEW_TOKENS = 32
+SETTINGS = {   # name -> quantize options
+    "w4g32 asym act-order": {"bits": 4, "group_size": 32},
+    "w4g32 sym": {"bits": 4, "group_size": 32, "sym": True, "act_order": False},
+    "w4g4 sym static-groups": {"bits": 4, "group_size": 4, "sym": True, "static_groups": True},
+    "w4g4 asym static-groups": {"bits": 4, "group_size": 4, "static_groups": True},
+    "w3g32 attn + w4g64 mlp (plan)": {"plan": lambda n: (3, 32) if "self_attn" in n else (4, 64)},
+    "w8 per-channel sym": {"bits": 8, "group_size": -1, "sym": True},
+    "w2g32 rtn asym": {"method": "rtn", "bits": 2, "group_size": 32},
+}
+
+
+def bitsmith_cli(*args) -> None:
+    subprocess.run([sys.executable, "-m", "bitsmith", *map(str, args)], check=True, capture_output=True)
+
+
+def quantize(name: str, options: dict, work: Path) -> Path:
+    import bitsmith
+    options = dict(options)
+    if "plan" in options:
+        choose = options.pop("plan")
+        names = [f"model.layers.{i}.{k}" for i in range(5) for k in ("self_attn.q_proj", "self_attn.k_proj",
+                 "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")]
+        plan = work / f"{len(list(work.iterdir()))}-plan.json"
+        plan.write_text(json.dumps({"layers": {n: {"bits": choose(n)[0], "group_size": choose(n)[1], "sym": False}
+                                               for n in names}}))
+        options["plan"] = str(plan)
+    out = work / name.replace(" ", "_").replace("(", "").replace(")", "").replace("+", "and")
+    calib = {} if options.get("method") == "rtn" else {"calib": [str(CALIB)], "nsamples": 16, "seqlen": 128}
+    bitsmith.quantize(str(STORIES), str(out), progress=False, **calib, **options)
+    return out
+
+
+def greedy(forward, prompts: torch.Tensor) -> torch.Tensor:
+    ids = prompts
+    with torch.no_grad():
+        for _ in range(NEW_TOKENS):
+            ids = torch.cat([ids, forward(ids)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return ids[:, prompts.shape[1]:]
+
+
+def compare(forward, reference, ids: torch.Tensor, prompts: torch.Tensor) -> dict:
+    with torch.no_grad():
+        diff = (forward(ids).float() - reference(ids).float()).abs().max().item()
+    agree = (greedy(forward, prompts) == greedy(reference, prompts)).float().mean().item()
+    return {"loads": True, "max_logit_diff": diff, "greedy_agreement": agree}
+
+
+def gptqmodel_forward(folder: Path, producer_check_passed: bool):
+    from gptqmodel import BACKEND, GPTQModel
+    from gptqmodel.quantization.config import BaseQuantizeConfig
+    saved = BaseQuantizeConfig.is_quantized_by_gptaq, BaseQuantizeConfig.is_quantized_by_foem
+    if producer_check_passed:
+        BaseQuantizeConfig.is_quantized_by_gptaq = BaseQuantizeConfig.is_quantized_by_foem = lambda self: True
+    try:
+        model = GPTQModel.load(str(folder), device="cpu", backend=BACKEND.GPTQ_TORCH, dtype=torch.float16)
+    finally:
+        BaseQuantizeConfig.is_quantized_by_gptaq, BaseQuantizeConfig.is_quantized_by_foem = saved
+    return lambda ids: model.model(input_ids=ids).logits
+
+
+def transformers_forward(folder: Path):
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(str(folder), device_map="cpu").eval()
+    return lambda ids: model(input_ids=ids).logits
+
+
+def attempt(make, reference, ids, prompts) -> dict:
+    try:
+        return compare(make(), reference, ids, prompts)
+    except Exception as e:  # noqa: BLE001  (a loader refusing the folder is a result here, not a bench failure)
+        last = traceback.format_exception_only(type(e), e)[-1].strip()
+        return {"loads": False, "error": " ".join(last.split())[:240]}
+
+
+def run(out_dir: Path) -> list[dict]:
+    import bitsmith
+    g = torch.Generator().manual_seed(0)
+    ids, prompts = torch.randint(3, 512, (4, 64), generator=g), torch.randint(3, 512, (4, 8), generator=g)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        for name, options in SETTINGS.items():
+            folder = quantize(name, options, work)
+            net = bitsmith.load(str(folder))
+            reference = lambda x, net=net: net(x).logits
+            sym = json.loads((folder / "config.json").read_text())["quantization_config"]["sym"]
+            result = {"setting": name, "loaders": {}}
+            v1 = result["loaders"]
+            v1["gptqmodel v1"] = attempt(lambda f=folder, s=sym: gptqmodel_forward(f, False), reference, ids, prompts)
+            if not v1["gptqmodel v1"]["loads"] and not sym:
+                v1["gptqmodel v1, producer check passed"] = attempt(
+                    lambda f=folder: gptqmodel_forward(f, True), reference, ids, prompts)
+            bitsmith_cli("export", folder, "-o", work / f"{folder.name}-v2", "--format", "gptq-v2")
+            v1["gptqmodel v2 export"] = attempt(lambda f=work / f"{folder.name}-v2": gptqmodel_forward(f, False),
+                                                reference, ids, prompts)
+            v1["transformers gptq"] = attempt(lambda f=folder: transformers_forward(f), reference, ids, prompts)
+            try:
+                bitsmith_cli("export", folder, "-o", work / f"{folder.name}-ct", "--format", "compressed-tensors")
+                v1["transformers compressed-tensors export"] = attempt(
+                    lambda f=work / f"{folder.name}-ct": transformers_forward(f), reference, ids, prompts)
+            except subprocess.CalledProcessError as e:
+                v1["transformers compressed-tensors export"] = {
+                    "loads": False, "error": "export refused: " + e.stderr.decode().strip().splitlines()[-1][:200]}
+            print(json.dumps(result), flush=True)
+            rows.append(result)
+    return rows
+
+
+def report(rows: list[dict], meta: dict) -> str:
+    lines = ["# Interop: bitsmith checkpoints in other loaders", "",
+             f"Measured {meta['date']} on {meta['machine']}; " + ", ".join(f"{k} {v}" for k, v in
+                                                                          meta["versions"].items()) + ".",
+             ("stories260K, reference `bitsmith.load` (float32). Logit max diff over 4 x 64 ids; greedy agreement "
+              f"over 4 x {NEW_TOKENS} generated tokens. GPTQModel computes in float16 (logits up to ~17: float16 "
+              "alone moves them by ~0.1)."), "",
+             "| setting | loader | loads | max logit diff | greedy agreement | note |", "|---|---|---|---|---|---|"]
+    for row in rows:
+        for loader, r in row["loaders"].items():
+            if r["loads"]:
+                lines.append(f"| {row['setting']} | {loader} | yes | {r['max_logit_diff']:.4f} | "
+                             f"{r['greedy_agreement']:.3f} | |")
+            else:
+                lines.append(f"| {row['setting']} | {loader} | no | - | - | {r['error'].replace('|', '/')} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    versions = {p: importlib.metadata.version(p) for p in ("bitsmith", "gptqmodel", "transformers", "optimum",
+                                                            "compressed-tensors", "torch")}
+    meta = {"date": datetime.date.today().isoformat(), "machine": f"{platform.machine()} CPU",
+            "versions": versions}
+    rows = run(args.out)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "interop.json").write_text(json.dumps({**meta, "rows": rows}, indent=1) + "\n")
+    (args.out / "interop.md").write_text(report(rows, meta))
+
+
+if __name__ == "__main__":
+    main()
