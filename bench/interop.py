@@ -103,7 +103,7 @@ def attempt(make, reference, ids, prompts) -> dict:
         return {"loads": False, "error": " ".join(last.split())[:240]}
 
 
-def run(out_dir: Path) -> list[dict]:
+def run() -> list[dict]:
     import bitsmith
     g = torch.Generator().manual_seed(0)
     ids, prompts = torch.randint(3, 512, (4, 64), generator=g), torch.randint(3, 512, (4, 8), generator=g)
@@ -116,21 +116,21 @@ def run(out_dir: Path) -> list[dict]:
             reference = lambda x, net=net: net(x).logits
             sym = json.loads((folder / "config.json").read_text())["quantization_config"]["sym"]
             result = {"setting": name, "loaders": {}}
-            v1 = result["loaders"]
-            v1["gptqmodel v1"] = attempt(lambda f=folder, s=sym: gptqmodel_forward(f, False), reference, ids, prompts)
-            if not v1["gptqmodel v1"]["loads"] and not sym:
-                v1["gptqmodel v1, producer check passed"] = attempt(
+            loaders = result["loaders"]
+            loaders["gptqmodel v1"] = attempt(lambda f=folder: gptqmodel_forward(f, False), reference, ids, prompts)
+            if not loaders["gptqmodel v1"]["loads"] and not sym:
+                loaders["gptqmodel v1, producer check passed"] = attempt(
                     lambda f=folder: gptqmodel_forward(f, True), reference, ids, prompts)
             bitsmith_cli("export", folder, "-o", work / f"{folder.name}-v2", "--format", "gptq-v2")
-            v1["gptqmodel v2 export"] = attempt(lambda f=work / f"{folder.name}-v2": gptqmodel_forward(f, False),
-                                                reference, ids, prompts)
-            v1["transformers gptq"] = attempt(lambda f=folder: transformers_forward(f), reference, ids, prompts)
+            loaders["gptqmodel v2 export"] = attempt(
+                lambda f=work / f"{folder.name}-v2": gptqmodel_forward(f, False), reference, ids, prompts)
+            loaders["transformers gptq"] = attempt(lambda f=folder: transformers_forward(f), reference, ids, prompts)
             try:
                 bitsmith_cli("export", folder, "-o", work / f"{folder.name}-ct", "--format", "compressed-tensors")
-                v1["transformers compressed-tensors export"] = attempt(
+                loaders["transformers compressed-tensors export"] = attempt(
                     lambda f=work / f"{folder.name}-ct": transformers_forward(f), reference, ids, prompts)
             except subprocess.CalledProcessError as e:
-                v1["transformers compressed-tensors export"] = {
+                loaders["transformers compressed-tensors export"] = {
                     "loads": False, "error": "export refused: " + e.stderr.decode().strip().splitlines()[-1][:200]}
             print(json.dumps(result), flush=True)
             rows.append(result)
@@ -164,7 +164,7 @@ def main() -> None:
                                                             "compressed-tensors", "torch")}
     meta = {"date": datetime.date.today().isoformat(), "machine": f"{platform.machine()} CPU",
             "versions": versions}
-    rows = run(args.out)
+    rows = run()
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "interop.json").write_text(json.dumps({**meta, "rows": rows}, indent=1) + "\n")
     (args.out / "interop.md").write_text(report(rows, meta))

@@ -22,43 +22,30 @@ from .formats.dfloat.folders import side_files
 from .formats.errors import InputError
 from .formats.packing import pack, packed_length, unpack
 from .formats.source import FOLDER_READERS, ModelSource, open_source
-from .layouts import EXTENDED, GPTQLayout, layer_config, layer_plan, layout_of
-from .pack_quantized import BITSMITH_FILES
-from .plan import LayerPlan
+from .layouts import EXTENDED, checkpoint_format, layer_config, layer_plan
+from .pack_quantized import BITSMITH_FILES, gptq_linears
 
 FORMATS = {"gptq": "gptq", "gptq-v2": "gptq_v2"}     # --format -> checkpoint_format
 GPTQ_KEYS = ("bits", "group_size", "sym", "desc_act", "static_groups", "true_sequential", "damp_percent", "mse",
              "pack_dtype", "lm_head", "dynamic", "meta")          # what a GPTQ quantization_config holds
 
 
-def checkpoint_format(qconfig: dict) -> str:
-    """"gptq" or "gptq_v2" (GPTQModel writes `checkpoint_format`, older versions `format`)."""
-    fmt = qconfig.get("checkpoint_format", qconfig.get("format", "gptq"))
-    return fmt.lower() if isinstance(fmt, str) else repr(fmt)
-
-
-def shift_zeros(qzeros: torch.Tensor, bits: int, out_features: int, by: int, where: str) -> torch.Tensor:
-    """qzeros with every packed zero point moved by `by` modulo 2^bits (v2 -> v1: -1; v1 -> v2: +1), the shape
-    checked against the linear first."""
+def zero_fields(qzeros: torch.Tensor, bits: int, qweight_shape: list[int], where: str) -> torch.Tensor:
+    """The packed zero-point fields [G, out] as stored, out from qweight's shape [packed(in), out]; both shapes
+    checked first."""
+    if len(qweight_shape) != 2:
+        raise InputError(f"{where}: qweight of shape {list(qweight_shape)} (a GPTQ qweight is [packed(in), out])")
+    out_features = qweight_shape[1]
     if qzeros.dtype != torch.int32 or qzeros.dim() != 2 or qzeros.shape[1] != packed_length(out_features, bits):
         raise InputError(f"{where}: qzeros {tuple(qzeros.shape)} {qzeros.dtype} does not fit {out_features} "
                          f"outputs at {bits} bits (int32 [groups, {packed_length(out_features, bits)}])")
-    zeros = unpack(qzeros, bits, out_features, dim=1).long()
-    return pack((zeros + by) & ((1 << bits) - 1), bits, dim=1)
+    return unpack(qzeros, bits, out_features, dim=1).long()
 
 
-def gptq_layers(qconfig: dict, keys, shape, where: str) -> dict[str, LayerPlan]:
-    """Every quantized linear of a folder (by its qweight) and its configuration, read as v1."""
-    qconfig = {**qconfig, "checkpoint_format": "gptq"}
-    layers = {}
-    for key in keys:
-        if key.endswith(".qweight"):
-            name = key[:-len(".qweight")]
-            layer = layer_config(qconfig, name)
-            if layer is None:
-                raise InputError(f"{where}: {name} is packed but its quantization_config excludes it")
-            layers[name] = layer_plan(layer, f"{where}: {name}")
-    return layers
+def shift_zeros(qzeros: torch.Tensor, bits: int, qweight_shape: list[int], by: int, where: str) -> torch.Tensor:
+    """qzeros with every packed zero point moved by `by` modulo 2^bits, each field alone (v2 -> v1: -1;
+    v1 -> v2: +1)."""
+    return pack((zero_fields(qzeros, bits, qweight_shape, where) + by) & ((1 << bits) - 1), bits, dim=1)
 
 
 class GPTQv2Source(ModelSource):
@@ -67,7 +54,6 @@ class GPTQv2Source(ModelSource):
     def __init__(self, folder):
         self.folder, self.path, self.name = folder, folder.path, folder.name
         qconfig = folder.config["quantization_config"]
-        self.layers = gptq_layers(qconfig, folder.keys(), folder.shape, str(folder.path / "config.json"))
         self.config = {**folder.config, "quantization_config": {
             **{k: v for k, v in qconfig.items() if k != "format"}, "checkpoint_format": "gptq",
             "imported_from": "gptq_v2"}}
@@ -78,9 +64,9 @@ class GPTQv2Source(ModelSource):
     def get(self, name):
         tensor = self.folder.get(name)
         linear, _, part = name.rpartition(".")
-        if part == "qzeros" and linear in self.layers:
-            out_features = self.folder.shape(f"{linear}.qweight")[1]
-            return shift_zeros(tensor, self.layers[linear].bits, out_features, -1, f"{self.name}: {name}")
+        if part == "qzeros" and f"{linear}.qweight" in self.folder:
+            return to_v1(tensor, self.config["quantization_config"], linear, self.folder.shape(f"{linear}.qweight"),
+                         f"{self.name}: {name}")
         return tensor
 
     def numel(self, name):
@@ -96,6 +82,15 @@ class GPTQv2Source(ModelSource):
         return self.folder.fingerprint()
 
 
+def to_v1(qzeros: torch.Tensor, qconfig: dict, linear: str, qweight_shape: list[int], where: str) -> torch.Tensor:
+    """A v2 linear's qzeros as v1 stores them, its bits from `qconfig` (v1 view) and its outputs from qweight's
+    shape [packed(in), out]."""
+    layer = layer_config(qconfig, linear)
+    if layer is None:
+        raise InputError(f"{where}: {linear} is packed but its quantization_config excludes it")
+    return shift_zeros(qzeros, layer_plan(layer, where).bits, qweight_shape, -1, where)
+
+
 def _gptq_reader(folder):
     fmt = checkpoint_format(folder.config["quantization_config"])
     return GPTQv2Source(folder) if fmt == "gptq_v2" else folder
@@ -108,24 +103,14 @@ def export_gptq(src: str, out, fmt: str, overwrite: bool = False, progress: bool
     """Write the quantized folder `src` as a plain GPTQ checkpoint (`fmt` "gptq" or "gptq-v2"); a summary."""
     source = open_source(src)
     qconfig = source.config.get("quantization_config")
-    if not isinstance(qconfig, dict) or not any(k.endswith(".qweight") for k in source.keys()):
-        raise InputError(f"{src}: not a quantized checkpoint with GPTQ tensors")
-    if any(k.endswith(".channel_scale") for k in source.keys()):
-        raise InputError(f"{src}: holds W4A8 linears, which GPTQ cannot hold")
-    layers = gptq_layers(qconfig, source.keys(), source.shape, src)
-    for name, layer in layers.items():
-        if layout_of(layer) is not GPTQLayout:
-            raise InputError(f"{src}: {name} ({layer.key()}) is not a GPTQ grid (outliers, lookup tables and "
-                             "per-input-channel groups have no GPTQ form)")
+    layers = gptq_linears(qconfig, source.keys(), src, "GPTQ")
     folder = getattr(source, "folder", source)
     side = [name for name in side_files(folder.checkpoint) if name not in BITSMITH_FILES]
-    maxq = {name: (1 << layer.bits) - 1 for name, layer in layers.items()}
     zero_parts = {f"{name}.qzeros": name for name in layers}
-    if fmt == "gptq":                                   # every refusal before the output folder exists
-        for part, name in zero_parts.items():
-            zeros = (unpack(source.get(part), layers[name].bits, source.shape(f"{name}.qweight")[1], dim=1).long()
-                     + 1) & maxq[name]
-            if zeros.numel() and int(zeros.min()) == 0:
+    for part, name in zero_parts.items():               # every refusal before the output folder exists
+        bits, shape = layers[name].bits, source.shape(f"{name}.qweight")
+        zeros = (zero_fields(source.get(part), bits, shape, f"{src}: {part}") + 1) & ((1 << bits) - 1)   # v1 view
+        if fmt == "gptq" and zeros.numel() and int(zeros.min()) == 0:
                 raise InputError(f"{src}: {name} has a zero point of 0, which GPTQ v1 cannot store so that every "
                                  "reader agrees (GPTQModel and vLLM read it differently); export --format gptq-v2")
     with CheckpointWriter(out, overwrite, inputs=[source.path]) as writer:
@@ -133,7 +118,7 @@ def export_gptq(src: str, out, fmt: str, overwrite: bool = False, progress: bool
             tensor = source.get(name)
             if fmt == "gptq-v2" and name in zero_parts:
                 linear = zero_parts[name]
-                tensor = shift_zeros(tensor, layers[linear].bits, source.shape(f"{linear}.qweight")[1], 1, name)
+                tensor = shift_zeros(tensor, layers[linear].bits, source.shape(f"{linear}.qweight"), 1, name)
             writer.add(name, tensor)
         for name in side:
             writer.add_file(name, folder.path / name)

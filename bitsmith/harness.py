@@ -42,7 +42,7 @@ def missing() -> str | None:
 def parse_tasks(text: str) -> tuple[str, ...]:
     """`hellaswag,arc_easy` -> ("hellaswag", "arc_easy"); empty names refused."""
     names = tuple(t.strip() for t in text.split(","))
-    if not names or any(not n for n in names):
+    if not all(names):
         raise InputError(f"--tasks {text!r}: give task names separated by commas, e.g. hellaswag,arc_easy")
     return names
 
@@ -89,10 +89,11 @@ def scores(result: dict) -> dict[str, dict[str, float]]:
     return table
 
 
-def run(model: str, spec: TaskSpec) -> dict:
-    """lm-eval's scores of `model` (any checkpoint `bitsmith.load` reads) on `spec.tasks`:
-    {"tasks": {task: {metric: value}}, "lm_eval": {version, num_fewshot, limit, batch_size}}."""
-    manager = prepare(spec)
+def run(model: str, spec: TaskSpec, manager=None) -> dict:
+    """lm-eval's scores of `model` (any checkpoint `bitsmith.load` reads) on `spec.tasks`, with the task manager
+    `prepare` made (made here when not given): {"tasks": {task: {metric: value}}, "lm_eval": {version,
+    num_fewshot, limit, batch_size}}."""
+    manager = manager or prepare(spec)
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 

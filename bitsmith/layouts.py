@@ -239,13 +239,20 @@ def gptq_config(plan: QuantPlan, shapes: dict[str, tuple[int, int]]) -> dict:
 EXTENDED = ("outliers", "lut", "per_ic")      # the fields only bitsmith checkpoints have
 
 
+def checkpoint_format(qconfig: dict) -> str:
+    """A GPTQ config's zero-point convention, lower case: "gptq" (v1) or "gptq_v2" (GPTQModel writes
+    `checkpoint_format`, its older versions `format`); anything else as its repr."""
+    fmt = qconfig.get("checkpoint_format", qconfig.get("format", "gptq"))
+    return fmt.lower() if isinstance(fmt, str) else repr(fmt)
+
+
 def layer_config(qconfig: dict, name: str) -> dict | None:
     """bits / group_size / sym (and outliers, where the configuration names them) of module `name` under
     `qconfig`, after its `dynamic` rules (GPTQModel's semantics: `-:` rules first, then the first matching
     rule); None when a `-:` rule excludes it. Only GPTQ v1 tensors are read (`checkpoint_format` "gptq", or
     GPTQModel's `format`): a "gptq_v2" checkpoint's true zero points would read one step off."""
-    fmt = qconfig.get("checkpoint_format", qconfig.get("format", "gptq"))
-    if not isinstance(fmt, str) or fmt.lower() != "gptq":
+    fmt = checkpoint_format(qconfig)
+    if fmt != "gptq":
         raise InputError(f"quantization_config: checkpoint_format {fmt!r} is not read (only \"gptq\": GPTQ v1, zero "
                          "points stored minus one)")
     base = {"bits": qconfig.get("bits", 4), "group_size": qconfig.get("group_size", 128),

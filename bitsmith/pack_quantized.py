@@ -41,24 +41,26 @@ FORMATS = ("compressed-tensors",)
 BITSMITH_FILES = ("plan.json", "measurement.json")      # bitsmith's own: not carried into another format
 
 
-def gptq_linears(source: Checkpoint) -> dict[str, LayerPlan]:
-    """The quantized linears of a bitsmith (or GPTQ) folder and their configurations; InputError for a folder
-    without any, or with a linear outside the GPTQ layout."""
-    qconfig = source.quantization_config
+def gptq_linears(qconfig, keys, where, target: str) -> dict[str, LayerPlan]:
+    """The quantized linears of a bitsmith (or GPTQ) folder (its quantization_config and tensor names) and their
+    configurations; InputError for a folder without any, or with a linear outside the GPTQ layout, which `target`
+    (the format written) cannot hold."""
     if not isinstance(qconfig, dict) or qconfig.get("quant_method") not in ("gptq", "bitsmith"):
-        raise InputError(f"{source.path}: not a quantized bitsmith checkpoint (no GPTQ quantization_config)")
-    names = [name[:-len(".qweight")] for name in source.keys() if name.endswith(".qweight")]
-    if not names or any(f"{name}.channel_scale" in source for name in names):
-        raise InputError(f"{source.path}: holds no GPTQ-layout linears to export (W4A8 and lossless-only "
-                         "checkpoints have no compressed-tensors form here)")
+        raise InputError(f"{where}: not a quantized checkpoint (no GPTQ quantization_config)")
+    keys = list(keys)
+    present = set(keys)
+    names = [name[:-len(".qweight")] for name in keys if name.endswith(".qweight")]
+    if not names or any(f"{name}.channel_scale" in present for name in names):
+        raise InputError(f"{where}: holds no GPTQ-layout linears to export (W4A8 and lossless-only "
+                         f"checkpoints have no {target} form here)")
     linears = {}
     for name in names:
         layer = layer_config(qconfig, name)
         if layer is None:
             continue
-        plan = layer_plan(layer, f"{source.path}: {name}")
+        plan = layer_plan(layer, f"{where}: {name}")
         if layout_of(plan) is not GPTQLayout:
-            raise InputError(f"{name}: its layout ({plan.key()}) has no compressed-tensors form: only uniform grids "
+            raise InputError(f"{name}: its layout ({plan.key()}) has no {target} form: only uniform grids "
                              "with groups along the input export")
         linears[name] = plan
     return linears
@@ -124,7 +126,7 @@ def export(src, out, fmt: str, overwrite: bool = False, progress: bool = False) 
     if fmt not in FORMATS:
         raise InputError(f"--format {fmt}: choose one of {', '.join(FORMATS)}")
     source = Checkpoint(src)
-    linears = gptq_linears(source)
+    linears = gptq_linears(source.quantization_config, source.keys(), source.path, "compressed-tensors")
     parts = {f"{name}.{part}" for name in linears for part in (*GPTQLayout.parts, "bias")}
     side = [name for name in side_files(source) if name not in BITSMITH_FILES]
     widths = {name: contiguous_groups(source, name, layer)      # every refusal before the output folder exists

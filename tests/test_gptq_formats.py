@@ -26,14 +26,16 @@ def test_zero_shifts_move_each_field_alone(bits, groups, out, seed):
     """+1 / -1 modulo 2^bits per packed field, with no carry into the next one (GPTQModel's word-wide add has one)."""
     zeros = torch.randint(0, 1 << bits, (groups, out), generator=torch.Generator().manual_seed(seed))
     packed = pack(zeros, bits, dim=1)
-    up = shift_zeros(packed, bits, out, 1, "t")
+    up = shift_zeros(packed, bits, [1, out], 1, "t")
     assert torch.equal(unpack(up, bits, out, dim=1).long(), (zeros + 1) % (1 << bits))
-    assert torch.equal(shift_zeros(up, bits, out, -1, "t"), packed)
+    assert torch.equal(shift_zeros(up, bits, [1, out], -1, "t"), packed)
 
 
-def test_a_qzeros_of_the_wrong_shape_is_refused():
+def test_a_qzeros_or_qweight_of_the_wrong_shape_is_refused():
     with pytest.raises(InputError, match=r"does not fit 10 outputs at 4 bits \(int32 \[groups, 2\]\)"):
-        shift_zeros(torch.zeros(3, 3, dtype=torch.int32), 4, 10, 1, "m.qzeros")
+        shift_zeros(torch.zeros(3, 3, dtype=torch.int32), 4, [2, 10], 1, "m.qzeros")
+    with pytest.raises(InputError, match=r"m.qzeros: qweight of shape \[20\] \(a GPTQ qweight is"):
+        shift_zeros(torch.zeros(3, 2, dtype=torch.int32), 4, [20], 1, "m.qzeros")
     assert packed_length(10, 4) == 2
 
 
@@ -71,7 +73,7 @@ def foreign_v2(w4, folder, edit=None):
     folder.mkdir()
     tensors = load_file(str(w4 / "model.safetensors"))
     for name in [k for k in tensors if k.endswith(".qzeros")]:
-        tensors[name] = shift_zeros(tensors[name], 4, tensors[name[:-6] + "qweight"].shape[1], 1, name)
+        tensors[name] = shift_zeros(tensors[name], 4, list(tensors[name[:-6] + "qweight"].shape), 1, name)
     if edit:
         edit(tensors)
     save_file(tensors, str(folder / "model.safetensors"))
@@ -124,7 +126,7 @@ def test_a_compressed_tensors_import_exports_to_gptq(stories_path, stories_split
 
 def test_what_gptq_cannot_hold_is_refused_before_writing(w4, stories_path, stories_split, tmp_path):
     refused(run("export", stories_path, "-o", tmp_path / "o", "--format", "gptq"),
-            f"error: {stories_path}: not a quantized checkpoint with GPTQ tensors")
+            f"error: {stories_path}: not a quantized checkpoint (no GPTQ quantization_config)")
     lut = tmp_path / "lut"
     names = [k[:-len(".qweight")] for k in load_file(str(w4 / "model.safetensors")) if k.endswith(".qweight")]
     (tmp_path / "plan.json").write_text(json.dumps({"layers": {n: {"bits": 3, "group_size": -1, "sym": False,
@@ -132,8 +134,8 @@ def test_what_gptq_cannot_hold_is_refused_before_writing(w4, stories_path, stori
     assert run("quantize", stories_path, "-o", lut, "--plan", tmp_path / "plan.json", "--calib", stories_split[0],
                *CALIB).exit_code == 0
     r = run("export", lut, "-o", tmp_path / "o", "--format", "gptq-v2")
-    refused(r, f"error: {lut}: model.layers.0.mlp.down_proj (w3lut) is not a GPTQ grid (outliers, lookup tables "
-               "and per-input-channel groups have no GPTQ form)")
+    refused(r, "error: model.layers.0.mlp.down_proj: its layout (w3lut) has no GPTQ form: only uniform grids with "
+               "groups along the input export")
     broken = foreign_v2(w4, tmp_path / "broken", lambda t: t.update(
         {"model.layers.0.mlp.up_proj.qzeros": torch.zeros(2, 3, dtype=torch.int32)}))
     r = run("eval", broken, "--data", stories_split[1], "--seqlen", "64", "--max-tokens", "128")

@@ -354,11 +354,11 @@ def eval_(model, data_path, seqlen, max_tokens, base, tasks, num_fewshot, limit,
     from .. import api
     if data_path is None and tasks is None:
         raise InputError("give --data FILE (perplexity on a text), --tasks LIST (lm-eval tasks), or both")
-    spec = None
+    spec = manager = None
     if tasks is not None:
         from .. import harness
         spec = harness.TaskSpec(harness.parse_tasks(tasks), limit, num_fewshot, batch_size, tuple(include_path))
-        harness.prepare(spec)                        # unknown tasks and missing data refused before the text's work
+        manager = harness.prepare(spec)              # unknown tasks and missing data refused before the text's work
     elif include_path or num_fewshot is not None or limit is not None:
         raise InputError("--include-path, --num-fewshot and --limit apply to --tasks")
     report = Report(json_path)
@@ -374,8 +374,7 @@ def eval_(model, data_path, seqlen, max_tokens, base, tasks, num_fewshot, limit,
         report.table(f"eval {model}", rows)
         out.update(result)
     if spec is not None:
-        from .. import harness
-        result = harness.run(model, spec)
+        result = harness.run(model, spec, manager)
         report.table(f"lm-eval {model}", [(f"{task} {metric}", f"{value:.4f}")
                                            for task, row in result["tasks"].items() for metric, value in row.items()])
         out.update(result)
