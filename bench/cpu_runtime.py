@@ -1,5 +1,6 @@
 """CPU runtime benchmark: decode and prefill speed and peak memory of SmolLM2-135M on CPU, as a transformers model
-(fp32, bf16) and as bitsmith checkpoints (W4/W3/W2 g128 RTN and a mixed-bit plan), each in its own process.
+(fp32, bf16) and as bitsmith checkpoints (W4/W3/W2 g128 RTN, a mixed-bit plan, and the lookup-table,
+per-input-channel and dense-and-sparse layouts), each in its own process.
 
     taskset -c 1 python bench/cpu_runtime.py [--threads 1] [--repeats 3] [--work out/cpu-runtime] [--only ROW ...]
                                              [--note TEXT]
@@ -50,6 +51,9 @@ ROWS = {
     "w3g128": ("bitsmith", "w3g128", ["--bits", "3", "--group-size", "128"], {}),
     "w2g128": ("bitsmith", "w2g128", ["--bits", "2", "--group-size", "128"], {}),
     "mixed": ("bitsmith", "mixed", "plan", {}),
+    "w3-lut": ("bitsmith", "w3-lut", "plan", {}),
+    "w4g128-per-ic": ("bitsmith", "w4g128-per-ic", "plan", {}),
+    "w3g128-outliers": ("bitsmith", "w3g128-outliers", "plan", {}),
     "w4g128-bf16": ("bitsmith", "w4g128", ["--bits", "4", "--group-size", "128"], {"dtype": "bfloat16"}),
     "w4g128-dequantized": ("bitsmith", "w4g128", ["--bits", "4", "--group-size", "128"], {"dequantized": True}),
     "w4g128-before": ("bitsmith", "w4g128", ["--bits", "4", "--group-size", "128"], {"before": True}),
@@ -74,6 +78,23 @@ def mixed_plan(template: dict) -> dict:
     return {**template, "target_bpw": None, "layers": layers}
 
 
+CALIBRATED = ("w3-lut", "w4g128-per-ic", "w3g128-outliers")   # layouts GPTQ makes (quantize/gptq.py), not RTN
+CALIB = ROOT.parent / "shared" / "assets" / "text" / "c4_calib.txt"
+PLANS = {   # folder -> every linear's configuration, or a function of the uniform W4 g128 plan
+    "mixed": mixed_plan,
+    "w3-lut": {"bits": 3, "group_size": -1, "sym": False, "lut": True},
+    "w4g128-per-ic": {"bits": 4, "group_size": 128, "sym": False, "per_ic": True},
+    "w3g128-outliers": {"bits": 3, "group_size": 128, "sym": False, "outliers": 0.005},
+}
+
+
+def plan_for(folder: str, template: dict) -> dict:
+    make = PLANS[folder]
+    if callable(make):
+        return make(template)
+    return {**template, "target_bpw": None, "layers": {name: dict(make) for name in template["layers"]}}
+
+
 # ---------------------------------------------------------------------------------------------------
 # Preparing the folders (in child processes)
 
@@ -91,16 +112,18 @@ def prepare(work: Path, names: list[str]) -> None:
             base = work / "w4g128"
             if not (base / "plan.json").exists():
                 quantize(work / "w4g128", ["--bits", "4", "--group-size", "128"])
-            plan = work / "mixed-plan.json"
-            plan.write_text(json.dumps(mixed_plan(json.loads((base / "plan.json").read_text())), indent=1))
-            quantize(work / folder, ["--plan", str(plan)])
+            plan = work / f"{folder}-plan.json"
+            plan.write_text(json.dumps(plan_for(folder, json.loads((base / "plan.json").read_text())), indent=1))
+            quantize(work / folder, ["--plan", str(plan)], calibrated=folder in CALIBRATED)
         else:
             quantize(work / folder, make)
 
 
-def quantize(out: Path, args: list[str]) -> None:
-    run([sys.executable, "-m", "bitsmith", "quantize", MODEL, "-o", str(out), "--method", "rtn", "--overwrite",
-         *args])
+def quantize(out: Path, args: list[str], calibrated: bool = False) -> None:
+    """RTN, or GPTQ on a short calibration for the layouts only GPTQ makes (speed does not depend on it)."""
+    method = ["--method", "gptq", "--calib", str(CALIB), "--nsamples", "16", "--seqlen", "256"] if calibrated \
+        else ["--method", "rtn"]
+    run([sys.executable, "-m", "bitsmith", "quantize", MODEL, "-o", str(out), *method, "--overwrite", *args])
 
 
 def export(out: Path, dtype: str) -> None:
@@ -259,10 +282,13 @@ PROTOCOL = (f"Decode: greedy, batch 1, {NEW_TOKENS} new tokens after an {len(PRO
             "second of this process's CPU time (the machine was shared: wall time counts other jobs on the same "
             "core; the JSON has both), best of the repeats. Peak RSS: the "
             "process's high-water mark after load + decode; `imports` is the RSS right after importing torch, "
-            "transformers and bitsmith, paid by every row; `model` = peak - imports. bitsmith rows are RTN "
+            "transformers and bitsmith, paid by every row; `model` = peak - imports. bitsmith rows are RTN (unless the row notes say otherwise) "
             "checkpoints loaded with `bitsmith.load` (float32 unless the row says otherwise).")
 ROW_NOTES = ("Rows: `mixed` is the plan of `mixed_plan` (8-bit per-channel blocks 0 and 29, attention 4-bit g128, "
-             "gate/up 3-bit g128, down_proj 2-bit g64 or 4-bit g32); `w4g128-bf16` loads with dtype=torch.bfloat16; "
+             "gate/up 3-bit g128, down_proj 2-bit g64 or 4-bit g32); `w3-lut`, `w4g128-per-ic` and `w3g128-outliers` "
+             "put every linear in that layout (a 3-bit lookup table per row; 4-bit groups of 128 output rows per "
+             "input channel; 3-bit g128 with 0.5 % of the weights in fp16 CSR), made by GPTQ on 16 x 256 C4 tokens; "
+             "`w4g128-bf16` loads with dtype=torch.bfloat16; "
              "`w4g128-dequantized` with dequantized=True (dense copies); `w4g128-before` forces the reference path "
              "for every call of more than 8 rows, as before cpu_dense (prefill only).")
 HEADER = ("| row | decode tok/s | vs fp32 | prefill tok/s | vs fp32 | peak RSS MB | vs fp32 | imports MB | model MB | "

