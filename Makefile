@@ -14,7 +14,7 @@ DEMO_NOTE   = $(if $(HAVE_SHARED),,$(SHARED) not found: using the bundled public
 DEMO_OUT   ?= out/smollm2-135m-gptq-w4g128
 BIN        := $(VENV)/bin
 
-.PHONY: demo test venv bench clean
+.PHONY: demo test venv bench regress clean
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -39,6 +39,14 @@ test: venv
 
 bench: venv
 	$(BIN)/python bench/quality.py
+
+# The SmolLM2 accuracy-regression suite (regress/smollm2.toml, texts from ../shared): each case on one thread,
+# REGRESS_JOBS cases side by side; exit 1 when a metric leaves its golden band.
+REGRESS_JOBS ?= 2
+regress: venv
+	mkdir -p out
+	$(BIN)/bitsmith regress regress/smollm2.toml --jobs $(REGRESS_JOBS) --junit out/regress-smollm2.xml \
+		--markdown out/regress-smollm2.md
 
 clean:
 	rm -rf out .pytest_cache .hypothesis

@@ -88,9 +88,11 @@ def check_module_reproduces(qw, layer, module_type, seed: int) -> None:
     module.load_state_dict(layout_of(layer).tensors(qw), strict=True)
     assert isinstance(module, module_type) and torch.equal(module.dequantize(), qw.Q)
     gen = torch.Generator().manual_seed(seed)
-    x, long = torch.randn(3, in_features, generator=gen), torch.randn(CPU_INT4_MAX_M + 1, in_features, generator=gen)
-    decode, want = module(x), x @ qw.Q.t()
-    assert ((decode - want).norm() / want.norm()).item() < 2 ** -7
+    for rows in (1, 3, 8, CPU_INT4_MAX_M):                  # decode: the bf16 copy
+        x = torch.randn(rows, in_features, generator=gen)
+        decode, want = module(x), x @ qw.Q.t()
+        assert ((decode - want).norm() / want.norm()).item() < 2 ** -7
+    long = torch.randn(CPU_INT4_MAX_M + 1, in_features, generator=gen)
     assert torch.equal(module(long), long @ qw.Q.t())
     module.cache_dequantized()
     assert torch.equal(module(x), x @ qw.Q.t())
