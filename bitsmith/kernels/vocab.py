@@ -30,6 +30,14 @@ class HeldEmbedding(nn.Module):
         self.register_buffer("weight", weight)      # a buffer: the model's dtype stays that of its parameters
         self.compute_dtype, self.padding_idx = dtype, padding_idx
 
+    @property
+    def num_embeddings(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.weight.shape[1]
+
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(ids, self.weight, self.padding_idx).to(self.compute_dtype)
 
@@ -40,7 +48,15 @@ class HeldProjection(nn.Module):
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
         super().__init__()
         self.register_buffer("weight", weight)
-        self.bias = bias
+        self.register_buffer("bias", bias)
+
+    @property
+    def in_features(self) -> int:
+        return self.weight.shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1])

@@ -9,6 +9,7 @@ import math
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tests_support import REPO
 
 from bitsmith.cli.suite import SuiteError, golden_path, read_suite
 from bitsmith.regress import METRICS, Band, judge
@@ -121,3 +122,14 @@ def test_direction_and_informative_metrics():
     assert judge("quantize_seconds", None, 10.0, 99.0)["status"] == "info"
     assert Band(rel=0.02).describe("higher") == "+2%" and Band(abs=0.01).describe("lower") == "-0.01"
     assert Band(abs=0.5, rel=0.01, both=True).describe("higher") == "±(0.5 + 1%)"
+
+
+@pytest.mark.parametrize("name", ["stories260k", "smollm2"])
+def test_the_repositorys_suites_read_and_have_every_golden_value(name, text_dir):
+    """`.ci/run` and `make regress` run these: a suite that no longer reads, or a case or metric without a recorded
+    golden value, would stop them with exit 2 before any work."""
+    from bitsmith.cli.suite import read_golden, unrecorded
+    suite = read_suite(str(REPO / "regress" / f"{name}.toml"))
+    golden = read_golden(suite.golden_path)
+    assert unrecorded(suite, suite.cases, golden, set()) == []
+    assert {c.name for c in suite.cases} == set(golden)

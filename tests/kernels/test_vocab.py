@@ -62,6 +62,8 @@ def test_load_holds_a_bf16_vocabulary_once_and_computes_in_float32(quantized_bf1
     assert isinstance(embedding, HeldEmbedding) and isinstance(projection, HeldProjection)
     assert embedding.weight.dtype == torch.bfloat16
     assert projection.weight.data_ptr() == embedding.weight.data_ptr()       # tied: one matrix
+    assert (embedding.num_embeddings, embedding.embedding_dim) == (projection.out_features, projection.in_features)
+    assert (embedding.num_embeddings, embedding.embedding_dim) == (512, 64)
     assert net.dtype == torch.float32
     reference = bitsmith.load(str(quantized_bf16))
     upcast_vocabulary(reference)
