@@ -142,6 +142,15 @@ class Int4Weights:
         return y[:, :self.N].to(x.dtype)
 
 
+def bf16_product(x: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+    """x [M, K] W^T for a bf16 W [N, K]: x rounded to bf16, fp32 accumulation, the result through bf16 and back in
+    x.dtype. One row goes through torch.mv, whose GEMV reads W faster than the GEMM's M = 1 path (one core,
+    49,152 x 576: 4.7 against 6.6 CPU ms) and gives the same bits."""
+    xb = x.to(torch.bfloat16)
+    y = torch.mv(W, xb[0])[None] if len(xb) == 1 else F.linear(xb, W)
+    return y.to(x.dtype)
+
+
 # ---------------------------------------------------------------------------------------------------
 # cpu_dense
 

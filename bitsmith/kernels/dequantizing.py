@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .cpu import bf16_product
 from .dispatch import CPU_INT4_MAX_M
 
 
@@ -54,5 +55,7 @@ class DequantizingLinear(nn.Module, ABC):
         if x.is_cuda:
             return F.linear(x, self.dequantize_cuda(x.dtype), bias)
         if x.numel() // self.in_features <= CPU_INT4_MAX_M:
-            return F.linear(x.to(torch.bfloat16), self.decode_weight()).to(x.dtype) + (0 if bias is None else bias)
+            rows = x.reshape(-1, self.in_features)
+            y = bf16_product(rows, self.decode_weight()).reshape(*x.shape[:-1], self.out_features)
+            return y if bias is None else y + bias
         return F.linear(x, self.dequantize().to(x.dtype), bias)

@@ -44,17 +44,20 @@ class QuantizedLinear(nn.Module):
     def runtime(self) -> dispatch.W4A16Runtime:
         """The load-time form of the weights (kernels/dispatch.py), built on first use and again when
         `qweight` is replaced or moves to another device."""
-        key = (self.qweight.device, self.qweight.data_ptr())
-        if self._runtime is None or self._runtime[0] != key:
-            self._runtime = (key, self._make_runtime())
-        return self._runtime[1]
+        qweight = self._buffers["qweight"]              # (not through Module.__getattr__: this runs per call)
+        made = self._runtime
+        if made is None or made[0] is not qweight or made[1] != qweight.data_ptr():
+            self._runtime = made = (qweight, qweight.data_ptr(), self._make_runtime())
+        return made[2]
 
     def _make_runtime(self):
         return dispatch.W4A16Runtime(self.qweight, self.scales, self.qzeros, self.g_idx, self.bits,
                                      self.in_features, self.group_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bias = None if self.bias is None else self.bias.to(x.dtype)
+        bias = self._buffers["bias"]
+        if bias is not None:
+            bias = bias.to(x.dtype)
         if self._dense is not None:
             return F.linear(x, self._dense.to(x.dtype), bias)
         y = self.runtime()(x.reshape(-1, self.in_features)).reshape(*x.shape[:-1], self.out_features)

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .cpu import bf16_product
 from .dispatch import CPU_INT4_MAX_M
 
 SLICE = 4096          # vocabulary rows upcast at once for a long projection: 9.4 MB of float32 at K = 576
@@ -61,7 +62,7 @@ class HeldProjection(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1])
         if len(rows) <= CPU_INT4_MAX_M:
-            y = F.linear(rows.to(self.weight.dtype), self.weight).to(x.dtype)
+            y = bf16_product(rows, self.weight)
         else:
             y = torch.empty(len(rows), len(self.weight), dtype=x.dtype, device=x.device)
             for start in range(0, len(self.weight), SLICE):

@@ -166,3 +166,12 @@ def test_dense_buffer_is_shared_and_autograd_gets_its_own():
     y.sum().backward()
     W = reference.dequantize(*a.layout)
     assert torch.allclose(x.grad, W.sum(0).expand(70, K), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("M", [0, 1, 2, 7])
+def test_bf16_product_is_the_bf16_gemm_bit_for_bit(M):
+    gen = torch.Generator().manual_seed(M)
+    W, x = torch.randn(300, 72, generator=gen).to(torch.bfloat16), torch.randn(M, 72, generator=gen)
+    y = cpu.bf16_product(x, W)
+    assert y.dtype == torch.float32 and y.shape == (M, 300)
+    assert torch.equal(y, F.linear(x.to(torch.bfloat16), W).float())
