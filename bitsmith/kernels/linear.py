@@ -94,13 +94,14 @@ class DenseSparseLinear(QuantizedLinear):
 
 
 def cache_dequantized(model: nn.Module, dtype: torch.dtype = torch.float32) -> int:
-    """Dense copies of every QuantizedLinear (and lookup-table or per-input-channel linear) of `model`, for
-    repeated CPU forwards (evaluation): exact in `dtype` at any M, at the unquantized model's memory. Returns the
-    bytes the copies hold."""
+    """Dense copies of every QuantizedLinear (and lookup-table or per-input-channel linear, and a held bf16
+    output projection, kernels/vocab.py) of `model`, for repeated CPU forwards (evaluation): exact in `dtype` at
+    any M, at the unquantized model's memory. Returns the bytes the copies hold."""
     from .dequantizing import DequantizingLinear
+    from .vocab import HeldProjection
     held = 0
     for m in model.modules():
-        if isinstance(m, (QuantizedLinear, DequantizingLinear)):
+        if isinstance(m, (QuantizedLinear, DequantizingLinear, HeldProjection)):
             m.cache_dequantized(dtype)
             held += m._dense.numel() * m._dense.element_size()
     return held

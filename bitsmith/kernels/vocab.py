@@ -9,7 +9,8 @@ decoded token. Held in bfloat16 it is half of that, and nothing is lost in the w
     float32 accumulation: x is rounded to bf16 (about 2^-9 relative), as every quantized linear's cpu_int4 path
     already does at decode;
   - a longer one (prefill, evaluation) upcasts the matrix a slice of SLICE rows at a time and multiplies in
-    float32: the float32 product, each logit's dot product over the same K.
+    float32: the float32 product, each logit's dot product over the same K;
+  - `cache_dequantized` (`bitsmith.load(dequantized=True)`, evaluation) keeps a float32 copy for every length.
 """
 from __future__ import annotations
 
@@ -50,6 +51,7 @@ class HeldProjection(nn.Module):
         super().__init__()
         self.register_buffer("weight", weight)
         self.register_buffer("bias", bias)
+        self._dense = None
 
     @property
     def in_features(self) -> int:
@@ -59,7 +61,14 @@ class HeldProjection(nn.Module):
     def out_features(self) -> int:
         return self.weight.shape[0]
 
+    def cache_dequantized(self, dtype: torch.dtype = torch.float32) -> None:
+        """Keep the matrix in `dtype` too and multiply by it at every length (`bitsmith.load(dequantized=True)`,
+        evaluation): exact, at the float32 model's memory."""
+        self._dense = self.weight.to(dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._dense is not None:
+            return F.linear(x, self._dense.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
         rows = x.reshape(-1, x.shape[-1])
         if len(rows) <= CPU_INT4_MAX_M:
             y = bf16_product(rows, self.weight)

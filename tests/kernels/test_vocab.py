@@ -85,3 +85,11 @@ def test_other_dtypes_cast_as_before(quantized_bf16, stories_path):
     assert type(net.get_input_embeddings()) is nn.Embedding
     assert net.get_input_embeddings().weight.dtype == torch.float32
     assert net.get_output_embeddings().weight is net.get_input_embeddings().weight
+
+
+def test_dequantized_load_multiplies_by_the_float32_vocabulary_at_every_length(quantized_bf16):
+    net = bitsmith.load(str(quantized_bf16), dequantized=True)
+    projection = net.get_output_embeddings()
+    assert isinstance(projection, HeldProjection) and projection._dense.dtype == torch.float32
+    x = torch.randn(1, 3, 64)
+    assert torch.equal(projection(x), F.linear(x, projection.weight.float()))
