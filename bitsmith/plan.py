@@ -22,7 +22,6 @@ class QuantizeOptions:
     true_sequential: bool = False
     mse: bool | None = None        # None: the method's default (on for GPTQ, off for RTN)
     damp: float = 0.01
-    refit_scales: bool = False     # GPTQ's scales refitted to its final codes (quantize/refit.py)
     calib: list[str] = field(default_factory=lambda: ["self"])
     nsamples: int = 128
     seqlen: int = 2048
@@ -57,8 +56,6 @@ class QuantizeOptions:
             raise InputError(f"--fisher-samples {self.fisher_samples}: expected at least 1")
         if self.proxy not in ("fisher", "hessian"):
             raise InputError(f"--proxy {self.proxy}: choose fisher or hessian")
-        if self.refit_scales and self.method != "gptq":
-            raise InputError(f"--refit-scales refits GPTQ's scales on the layer Hessian; --method {self.method} has none")
         if self.rounding not in ROUNDINGS:
             raise InputError(f"--rounding {self.rounding}: choose one of {', '.join(ROUNDINGS)}")
         if self.rounding == "signround" and self.method != "gptq":

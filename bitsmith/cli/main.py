@@ -206,7 +206,7 @@ class Report:
 
 QUANTIZE_SECTIONS = {
     "Method": ("method", "bits", "group_size", "sym", "act_order", "static_groups", "mse", "true_sequential", "damp",
-               "refit_scales", "rounding", "rounding_iters"),
+               "rounding", "rounding_iters"),
     "Bit plan": ("target_bpw", "measurement", "plan_path", "fisher_samples", "proxy"),
     "Calibration": ("calib", "nsamples", "seqlen", "seed", "calib_dtype", "device", "offload_activations", "nproc"),
     "Evaluation": ("eval_data", "eval_seqlen", "eval_max_tokens"),
@@ -231,9 +231,6 @@ QUANTIZE_SECTIONS = {
 @click.option("--true-sequential/--no-true-sequential", default=False, show_default=True,
               help="Take each linear's Hessian after the linears before it in the block are quantized.")
 @click.option("--damp", type=float, default=0.01, show_default=True, help="Fraction of mean diag(H).")
-@click.option("--refit-scales/--no-refit-scales", default=False, show_default=True,
-              help="After GPTQ, refit each row's scales to its final codes (least squares on GPTQ's own output "
-                   "error; a row keeps GPTQ's scales unless that lowers its error).")
 @click.option("--rounding", type=click.Choice(["gptq", "signround"]), default="gptq", show_default=True,
               help="signround: after GPTQ, learn each block's rounding and clipping (SignRound) so that its outputs "
                    "match the unquantized block's on the calibration windows; slower (see --rounding-iters).")
@@ -273,8 +270,7 @@ QUANTIZE_SECTIONS = {
               help="Continue a killed run on OUT from its last finished block (same model, options and calibration "
                    "text); the result is the same as an uninterrupted run's.")
 @json_option("the summary")
-def quantize(model, out, method, bits, group_size, sym, act_order, static_groups, mse, true_sequential, damp,
-             refit_scales, calib,
+def quantize(model, out, method, bits, group_size, sym, act_order, static_groups, mse, true_sequential, damp, calib,
              nsamples, seqlen, seed, calib_dtype, target_bpw, measurement, plan_path, fisher_samples, proxy, device,
              eval_data, eval_seqlen, eval_max_tokens, lossless_rest, overwrite, resume, json_path, rounding,
              rounding_iters, nproc, offload_activations):
@@ -287,8 +283,7 @@ def quantize(model, out, method, bits, group_size, sym, act_order, static_groups
     if calib == ["self"] and method != "rtn":
         report.note("calibration: no --calib file given, sampling text from the model itself (--calib self)")
     s = api.quantize(model, out, method=method, bits=bits, group_size=group_size, sym=sym, act_order=act_order,
-                     static_groups=static_groups, mse=mse, true_sequential=true_sequential, damp=damp,
-                     refit_scales=refit_scales, calib=calib,
+                     static_groups=static_groups, mse=mse, true_sequential=true_sequential, damp=damp, calib=calib,
                      nsamples=nsamples, seqlen=seqlen, seed=seed, calib_dtype=calib_dtype, overwrite=overwrite,
                      eval_data=eval_data, eval_seqlen=eval_seqlen, eval_max_tokens=eval_max_tokens,
                      lossless_rest=lossless_rest, target_bpw=target_bpw, measurement=measurement, plan=plan_path,

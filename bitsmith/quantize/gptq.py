@@ -25,7 +25,6 @@ import torch.nn.functional as F
 from .grid import RowGrid, check_finite, fake_quantize, fit_grid, quantize_codes
 from .outliers import DenseSparseWeight, Outliers, narrowest_range, outlier_count, top_per_row
 from .per_ic import PerICWeight, expand_rows, fit_column, row_span
-from .refit import refit_scales
 from .rtn import QuantizedWeight
 
 DAMP_RETRIES = (1.0, 10.0, 100.0, 1000.0, 1e4)   # multiples of the requested damping, tried in float64
@@ -291,18 +290,15 @@ def prepare(W: torch.Tensor, H: torch.Tensor, act_order: bool, damp: float):
 
 def gptq_configs(W: torch.Tensor, H: torch.Tensor, configs: list[GridConfig], act_order: bool = False,
                  static_groups: bool = False, damp: float = 0.01, blocksize: int = 128, mse: bool = False,
-                 shrink_every: int = 1, keep: bool = True, refit: bool = False
-                 ) -> tuple[list[QuantizedWeight], torch.Tensor]:
+                 shrink_every: int = 1, keep: bool = True) -> tuple[list[QuantizedWeight], torch.Tensor]:
     """GPTQ of W [out, in] under each configuration at once, given H [in, in] = 2 X X^T / n.
 
     Returns the quantized weights (empty unless `keep`; a `DenseSparseWeight` for a configuration with
     outliers) and the loss of every row of every configuration, [len(configs), out]: sum over columns of
     (w-q)^2 / [H^-1]_qq^2 / 2 (GPTQ eq. (2)), which is ||(W-Q)_row X||^2 / n, the mean squared output error of
-    that row. With `refit`, the scales of every plain grid (no outliers, groups along the input) are refitted
-    to the final codes (refit.py) and its losses lowered by what that gains."""
+    that row."""
     rows, cols = W.shape
     W, H, perm, Hinv = prepare(W, H, act_order, damp)
-    original = W
     budget = torch.tensor([outlier_count(c.outliers, cols) for c in configs])
     kept = None
     if budget.any():
@@ -333,9 +329,6 @@ def gptq_configs(W: torch.Tensor, H: torch.Tensor, configs: list[GridConfig], ac
         scales, zeros, g_idx = grids.stored(c, config.group_size, rows, inv)
         g = g_idx.long() if g_idx is not None else torch.arange(cols) // (cols if config.group_size == -1
                                                                            else config.group_size)
-        if refit and config.outliers == 0:
-            scales, gain = refit_scales(original, H, own, scales, zeros, g)
-            losses[c] -= gain
         Q = fake_quantize(own, scales[g].t(), zeros[g].t())
         fields = (own, scales, zeros, g_idx, config.bits, config.group_size, config.sym)
         if config.outliers == 0:
@@ -351,10 +344,10 @@ def gptq_configs(W: torch.Tensor, H: torch.Tensor, configs: list[GridConfig], ac
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int = -1, sym: bool = False,
                   act_order: bool = False, static_groups: bool = False, damp: float = 0.01,
                   blocksize: int = 128, mse: bool = False, outliers: float = 0.0,
-                  per_ic: bool = False, refit: bool = False) -> QuantizedWeight:
+                  per_ic: bool = False) -> QuantizedWeight:
     """Quantize W [out, in] given the layer Hessian H [in, in] = 2 X X^T / n, keeping a fraction `outliers` of
     the weights in fp16 (`DenseSparseWeight`), or with groups of `group_size` output rows per input channel
     (`per_ic`, `PerICWeight`)."""
     (qw,), _ = gptq_configs(W, H, [GridConfig(bits, group_size, sym, outliers, per_ic)], act_order, static_groups,
-                            damp, blocksize, mse, refit=refit)
+                            damp, blocksize, mse)
     return qw
