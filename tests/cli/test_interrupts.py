@@ -199,8 +199,17 @@ def test_a_signal_from_outside_stops_quantize_in_one_line_and_resume_finishes_it
     assert files(out) == gptq_reference and os.listdir(tmp_path) == ["out"]
 
 
+@pytest.fixture
+def ctrl_c():
+    """Ctrl-C raising KeyboardInterrupt, as at a terminal, even where a shell started the tests in the background
+    (which ignores SIGINT: the run would then finish instead of stopping)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 def test_an_interrupt_a_library_turns_into_its_own_error_still_stops_the_run(tmp_path, stories_path, monkeypatch,
-                                                                             rtn_reference):
+                                                                             rtn_reference, ctrl_c):
     """safetensors can turn the KeyboardInterrupt a Ctrl-C raises inside its reading into an error of its own
     ("could not determine the shape of object type ..."): the run still stops as interrupted, kept for --resume,
     not as if the model file were unreadable (exit 2, the unfinished output deleted)."""
