@@ -47,7 +47,7 @@ class LayerReport:
     bits: int
     group_size: int
     stored_bytes: int
-    loss: float
+    loss: float | None              # GPTQ's loss; None where the method measures none (RTN, QoQ)
 
 
 @dataclass
@@ -69,7 +69,7 @@ def quantize_linear(W: torch.Tensor, H: Hessian | None, opts: QuantizeOptions, l
     the device W is on (tensors the quantizers make go there too)."""
     with torch.device(W.device):
         qw, stored, loss = _quantize_linear(W, H, opts, layer)
-    return qw, {name: t.cpu() for name, t in stored.items()}, float(loss)
+    return qw, {name: t.cpu() for name, t in stored.items()}, None if loss is None else float(loss)
 
 
 def _quantize_linear(W: torch.Tensor, H: Hessian | None, opts: QuantizeOptions, layer: LayerPlan):
@@ -84,7 +84,7 @@ def _quantize_linear(W: torch.Tensor, H: Hessian | None, opts: QuantizeOptions, 
                            opts.damp, mse=opts.mse, outliers=layer.outliers, per_ic=layer.per_ic)
         return qw, layout_of(layer).tensors(qw), qw.loss
     qw = qoq_quantize(W, H.H, layer.group_size, opts.damp)              # W4A8 (QServe progressive)
-    return qw, qw.tensors(), 0.0
+    return qw, qw.tensors(), None
 
 
 def stored_weight(stored, layer: LayerPlan, method: str, in_features: int) -> torch.Tensor:
@@ -329,13 +329,13 @@ def quantize_shared(block, prefix: str, stage, hessians: dict, plan: QuantPlan, 
             for (_, name), (stored, loss) in zip(jobs, results)]
 
 
-def _quantized(W: torch.Tensor, H, plan: QuantPlan, full: str) -> tuple[dict, float]:
+def _quantized(W: torch.Tensor, H, plan: QuantPlan, full: str) -> tuple[dict, float | None]:
     """The tensors to store of one linear and its loss."""
     try:
         _, stored, loss = quantize_linear(W, H, plan.options, plan.layers[full])
     except ValueError as e:
         raise InputError(f"{full}: {e}") from None
-    return stored, float(loss)
+    return stored, loss
 
 
 def propagate(runner: BlockRunner, block, streams: Streams, opts: QuantizeOptions, hidden_windows: int | None = None
@@ -435,7 +435,7 @@ def _quantize_into(block, prefix: str, name: str, H, plan: QuantPlan, writer, te
     return _write_into(block, prefix, name, stored, loss, plan, writer, tensors)
 
 
-def _write_into(block, prefix: str, name: str, stored: dict, loss: float, plan: QuantPlan, writer,
+def _write_into(block, prefix: str, name: str, stored: dict, loss: float | None, plan: QuantPlan, writer,
                 tensors) -> LayerReport:
     """Write one linear's packed tensors (and bias) and leave it holding the weight they load as."""
     lin, full = block.get_submodule(name), prefix + name

@@ -43,6 +43,9 @@ class _Group(click.Group):
             if not _follower():
                 click.echo(f"{said}: {one_line(e)}" if str(e) else said, err=True)
             sys.exit(128 + signum)
+        except BrokenPipeError:                     # `bitsmith inspect OUT | head`: the reader left; stop quietly
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())     # as `git log | head` does
+            sys.exit(128 + signal.SIGPIPE)
         except OSError as e:
             if e.errno not in (errno.ENOSPC, errno.EDQUOT):
                 _internal(ctx, e)
@@ -413,7 +416,7 @@ def _layer_report(report: Report, rows: list[dict], totals: dict) -> None:
         outliers = f"{100 * r['outliers']:g}%" if r["outliers"] else "-"      # fraction of the weights kept in fp16
         group = "lut" if r.get("lut") else f"ic{r['group_size']}" if r.get("per_ic") else r["group_size"]
         line(r["name"], "x".join(map(str, r["shape"])), r["bits"], group, "yes" if r["sym"] else "no",
-             outliers, predicted, f"{r['loss']:.3e}", f"{r['bpw']:.3f}", f"{r['bytes']:,}")
+             outliers, predicted, "-" if r["loss"] is None else f"{r['loss']:.3e}", f"{r['bpw']:.3f}", f"{r['bytes']:,}")
     predicted = "-" if totals["predicted_error"] is None else f"{totals['predicted_error']:.3e}"
     line("quantized linears", totals["layers"], "", "", "", f"{totals['outlier_weights']:,}" if
          totals["outlier_weights"] else "", predicted, "", f"{totals['bpw']:.3f}", f"{totals['quantized_bytes']:,}")

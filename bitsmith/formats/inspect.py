@@ -49,7 +49,7 @@ def layer_table(path) -> tuple[list[dict], dict]:
         row = {"name": name, "shape": [out_f, in_f], "bits": layer.bits, "group_size": layer.group_size,
                "sym": layer.sym, "outliers": layer.outliers, "lut": layer.lut, "per_ic": layer.per_ic,
                "outlier_weights": ckpt.numel(sparse) if sparse in parts else 0,
-               "predicted_error": entry.get("predicted_error"), "loss": float(report["loss"]),
+               "predicted_error": entry.get("predicted_error"), "loss": _loss(report.get("loss")),
                "bpw": 8 * nbytes / max(out_f * in_f, 1), "bytes": nbytes}
         rows.append(row)
     weights = sum(r["shape"][0] * r["shape"][1] for r in rows)
@@ -64,6 +64,11 @@ def layer_table(path) -> tuple[list[dict], dict]:
               "other_tensors": len(other), "other_bytes": sum(other.values()),
               "total_bytes": quantized_bytes + sum(other.values())}
     return rows, totals
+
+
+def _loss(value) -> float | None:
+    """A linear's GPTQ loss from the manifest; None where its method measured none (RTN, QoQ)."""
+    return None if value is None else float(value)
 
 
 def _proxy(plan: dict) -> str | None:
@@ -202,7 +207,9 @@ def _error_map(fig, ax, grid: Grid, error, LogNorm, caption: str) -> None:
         ax.text(b, k, "0", ha="center", va="center", fontsize=7)
     if norm is not None:
         fig.colorbar(image, ax=ax, label="error")
-    _axes(ax, grid, caption if norm is not None else caption.replace(", log scale", ": none above zero"))
+    if norm is None:
+        caption = caption.replace(", log scale", ": not measured" if np.isnan(error).all() else ": none above zero")
+    _axes(ax, grid, caption)
 
 
 def _log_norm(values, LogNorm):

@@ -20,7 +20,7 @@ class QuantizedWeight:
     group_size: int
     sym: bool
     Q: torch.Tensor                # float32 [out, in] = scale * (q - zero)
-    loss: float = 0.0              # GPTQ's sum of (w-q)^2 / [H^-1]_ii^2 / 2 (0 for RTN)
+    loss: float | None = None      # GPTQ's sum of (w-q)^2 / [H^-1]_ii^2 / 2 (None: RTN has no Hessian to weigh by)
 
     def group_index(self) -> torch.Tensor:
         return self.g_idx if self.g_idx is not None else group_index(self.codes.shape[1], self.group_size)

@@ -4,6 +4,7 @@ options `--help` shows."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -127,6 +128,21 @@ def test_json_to_stdout_from_quantize_and_inspect(stories_path, tmp_path):
     r = run("inspect", out, "--json", "-")
     assert r.exit_code == 0, r.output
     table = json.loads(r.stdout)
-    assert len(table["layers"]) == 35 and all(isinstance(row["loss"], float) for row in table["layers"])
-    header = run("inspect", out).stdout.splitlines()[0].split()
+    assert len(table["layers"]) == 35 and all(row["loss"] is None for row in table["layers"])   # RTN measures none
+    lines = run("inspect", out).stdout.splitlines()
+    header = lines[0].split()
     assert header[:2] == ["layer", "shape"] and "loss" in header
+    assert {line.split()[header.index("loss")] for line in lines[1:36]} == {"-"}
+
+
+def test_a_reader_that_leaves_early_stops_the_output_quietly(stories_path, tmp_path):
+    """`bitsmith inspect OUT | head`: once the reader has gone, no traceback and no "internal error", exit 141 as
+    git and coreutils do."""
+    out = tmp_path / "q"
+    assert run("quantize", stories_path, "-o", out, "--method", "rtn", "--group-size", "32").exit_code == 0
+    read, write = os.pipe()
+    os.close(read)                                                    # a reader that left before the first line
+    with os.fdopen(write, "wb") as stdout:
+        done = subprocess.run([sys.executable, "-m", "bitsmith", "inspect", str(out)], stdout=stdout,
+                              stderr=subprocess.PIPE, text=True, timeout=120, check=False)
+    assert (done.returncode, done.stderr) == (141, "")

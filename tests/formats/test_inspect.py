@@ -94,12 +94,12 @@ def test_plot_path_checks(tmp_path, monkeypatch):
         check_plot_path(tmp_path / "plan.png")
 
 
-@pytest.mark.parametrize("predicted, zero_loss", [(True, False), (False, False), (False, True)])
-def test_plot_writes_a_png(tmp_path, predicted, zero_loss):
+@pytest.mark.parametrize("predicted, loss", [(True, "measured"), (False, "measured"), (False, 0.0), (False, None)])
+def test_plot_writes_a_png(tmp_path, predicted, loss):
     pytest.importorskip("matplotlib")
     rows = llama_rows(3, predicted)
-    if zero_loss:                                    # RTN records no loss
-        rows = [{**r, "loss": 0.0} for r in rows]
+    if loss != "measured":                           # all zero, or None where the method measures none (RTN)
+        rows = [{**r, "loss": loss} for r in rows]
     grid = block_grid(rows, LLAMA.block_prefix, LLAMA.linears)
     plot_plan(grid, "title", *error_measure(rows), tmp_path / "plan.png")
     data = (tmp_path / "plan.png").read_bytes()
