@@ -4,6 +4,7 @@ and the peers of ../shared/research/baselines.md.
     python bench/plan.py                              # targets 2.5 3.0 3.25 3.5 4.25, Fisher proxy
     python bench/plan.py --targets 3.25 --proxy hessian
     python bench/plan.py --targets 3.25 --rounding signround --rounding-iters 50
+    python bench/plan.py --targets 3.25 --rounding gptaq
     python bench/plan.py --report                     # table and plot from the stored runs
 
 Each run is the CLI job (`bitsmith quantize --target-bpw T`, one torch thread) of the quality protocol:
@@ -71,7 +72,7 @@ def wikitext(model: str, json_path: Path) -> dict:
 
 def method(proxy: str, rounding: str, iters: int) -> str:
     """The name of a plan run's method: the proxy, and the rounding when it is not GPTQ's."""
-    return proxy if rounding == "gptq" else f"{proxy}+{rounding}{iters}"
+    return {"gptq": proxy, "signround": f"{proxy}+signround{iters}"}.get(rounding, f"{proxy}+{rounding}")
 
 
 def run(target: float, proxy: str, rounding: str = "gptq", iters: int = 0) -> None:
@@ -79,7 +80,7 @@ def run(target: float, proxy: str, rounding: str = "gptq", iters: int = 0) -> No
         out, summary_path = f"{work}/out", Path(work) / "summary.json"
         reuse = ["--measurement", str(MEASUREMENT)] if MEASUREMENT.exists() else []
         bitsmith("quantize", "smollm2-135m", "-o", out, "--target-bpw", str(target), "--proxy", proxy, *reuse,
-                 "--rounding", rounding, *(["--rounding-iters", str(iters)] if rounding != "gptq" else []),
+                 "--rounding", rounding, *(["--rounding-iters", str(iters)] if rounding == "signround" else []),
                  "--calib", str(TEXT / "c4_calib.txt"), "--nsamples", "128", "--seqlen", "512", "--seed", "0",
                  "--json", str(summary_path))
         summary = json.loads(summary_path.read_text())
@@ -209,7 +210,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--targets", type=float, nargs="*", default=list(TARGETS))
     ap.add_argument("--proxy", choices=("fisher", "hessian"), default="fisher")
-    ap.add_argument("--rounding", choices=("gptq", "signround"), default="gptq")
+    ap.add_argument("--rounding", choices=("gptq", "gptaq", "signround"), default="gptq")
     ap.add_argument("--rounding-iters", type=int, default=50)
     ap.add_argument("--report", action="store_true", help="Only rewrite the table and plot from the stored runs.")
     ap.add_argument("--runs", type=Path, default=RUNS,

@@ -162,8 +162,8 @@ def check_placement(world: distributed.World, opts: QuantizeOptions) -> None:
                          "(use --device cpu)")
     if not world.parallel:
         return
-    if opts.rounding == "signround":
-        raise InputError("--rounding signround runs in one process; drop --nproc (or torchrun) for it")
+    if opts.rounding != "gptq":
+        raise InputError(f"--rounding {opts.rounding} runs in one process; drop --nproc (or torchrun) for it")
     if opts.method != "rtn" and -(-opts.nsamples // opts.batch) < world.size:
         raise InputError(f"--nsamples {opts.nsamples}: {world.size} processes need at least {world.size} batches of "
                          f"{opts.batch} calibration windows")

@@ -9,6 +9,7 @@ next block gets exactly the inputs an uninterrupted run gives it, so the result 
 from __future__ import annotations
 
 import contextlib
+import copy
 import ctypes
 import ctypes.util
 import functools
@@ -33,7 +34,7 @@ from .formats.source import ModelSource
 from .kernels.reference import qoq_dequantize
 from .layouts import layout_of
 from .plan import LayerPlan, QuantizeOptions, QuantPlan, check_layer
-from .quantize.gptq import gptq_quantize
+from .quantize.gptq import gptq_quantize, unquantized_target
 from .quantize.lut import gptq_lut
 from .quantize.qoq import qoq_quantize
 from .quantize.rtn import rtn_quantize
@@ -73,6 +74,8 @@ def quantize_linear(W: torch.Tensor, H: Hessian | None, opts: QuantizeOptions, l
 
 
 def _quantize_linear(W: torch.Tensor, H: Hessian | None, opts: QuantizeOptions, layer: LayerPlan):
+    if getattr(H, "drift", None) is not None:           # --rounding gptaq: toward the unquantized outputs
+        W = unquantized_target(W, H.H, H.drift, opts.damp)
     if opts.method == "rtn":
         qw = rtn_quantize(W, layer.bits, layer.group_size, layer.sym, opts.mse)
         return qw, layout_of(layer).tensors(qw), qw.loss
@@ -167,6 +170,45 @@ def collect_hessians(runner: BlockRunner, block, hidden: torch.Tensor, pos, opts
     return hessians
 
 
+def collect_paired(runner: BlockRunner, block, unquantized_block, hidden: torch.Tensor, unquantized: torch.Tensor,
+                   pos, opts: QuantizeOptions, groups: tuple[tuple[str, ...], ...]) -> dict:
+    """The Hessians of `collect_hessians` (inputs X~ in the quantized model: `hidden` through `block`), each with
+    `drift` = 2 (X - X~) X~^T / n, X the same tokens' inputs of that linear in the unquantized model (`unquantized`
+    through `unquantized_block`, on its source weights): the statistics of GPTQ toward the unquantized outputs
+    (quantize/gptq.py `unquantized_target`). Where the two inputs agree, the drift is exactly 0."""
+    seen, hessians, drift, hooks = {}, {}, {}, []
+    for group in groups:
+        lin = block.get_submodule(group[0])
+        hessians[group] = Hessian(lin.in_features, runner.device)
+        drift[group] = torch.zeros(lin.in_features, lin.in_features, dtype=torch.float64, device=runner.device)
+
+        def unquantized_input(module, args, group=group, stop=group is groups[-1]):
+            seen[group] = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float32)
+            if stop:
+                raise _InputsCaptured
+
+        def quantized_input(module, args, group=group, stop=group is groups[-1]):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float32)
+            hessians[group].add(x)
+            drift[group] += ((seen.pop(group) - x).t() @ x).to(torch.float64)
+            if stop:
+                raise _InputsCaptured
+        hooks.append(unquantized_block.get_submodule(group[0]).register_forward_pre_hook(unquantized_input))
+        hooks.append(lin.register_forward_pre_hook(quantized_input))
+    try:
+        with compute(opts):
+            for start in range(0, hidden.shape[0], opts.batch):
+                for model, stream in ((unquantized_block, unquantized), (block, hidden)):
+                    with contextlib.suppress(_InputsCaptured):
+                        runner.forward_block(model, stream[start:start + opts.batch], pos)
+    finally:
+        for h in hooks:
+            h.remove()
+    for group, h in hessians.items():
+        h.drift = (drift[group] * (2.0 / max(h.n, 1))).to(torch.float32)
+    return hessians
+
+
 def sequential_stages(siblings: tuple[tuple[str, ...], ...], true_sequential: bool):
     """Sibling groups quantized together. True-sequential (GPTQ code `--true-sequential`): one group at a
     time, each group's Hessian taken on inputs that already pass through the quantized groups before it."""
@@ -233,7 +275,7 @@ def run(source: ModelSource, writer, plan: QuantPlan, eval_ids: torch.Tensor | N
     share = world.share(calib.windows.shape[0], opts.batch) if calib.windows is not None else slice(0, 0)
     streams = embed(source, family, None if calib.windows is None else calib.windows[share], eval_ids,
                     "cpu" if opts.offload_activations else opts.device)
-    if opts.rounding == "signround" and streams.hidden is not None:
+    if opts.rounding in ("signround", "gptaq") and streams.hidden is not None:
         streams.unquantized = streams.hidden.clone()
     done = broadcast_from_main(finished_blocks(writer, coder, result), world)
     mine = range(share.start, min(share.stop, loss_windows))      # this rank's windows among the first loss_windows
@@ -286,18 +328,24 @@ def quantize_block(runner: BlockRunner, source: ModelSource, writer, plan: Quant
     packed and left holding its stored weight, the other tensors given to `store`. The block and its
     linears' reports. With learned rounding, `unquantized` (the calibration windows' hidden states in the
     unquantized model) goes through the unquantized block first, in place, and the quantized linears are
-    refined toward it (`refine_block`) before they are written. Several processes (`world`) sum their Hessians
+    refined toward it (`refine_block`) before they are written. With `--rounding gptaq` each stage's linears
+    are quantized toward their outputs in the unquantized model (`collect_paired`), and `unquantized` goes through
+    the block at the end. Several processes (`world`) sum their Hessians
     and share the linears of each stage out among them (`quantize_shared`)."""
     opts, family = plan.options, runner.family
     prefix = family.block_prefix.format(i=i)
     block, tensors = source_block(runner, source, i)
     pos = runner.position_embeddings(hidden[:1]) if hidden is not None else None
-    starts = {} if unquantized is not None else None
-    if unquantized is not None:
+    paired = copy.deepcopy(block) if unquantized is not None and opts.rounding == "gptaq" else None   # source weights
+    starts = {} if unquantized is not None and paired is None else None
+    if starts is not None:
         propagate_unquantized(runner, block, unquantized, opts)
     layers = []
     for stage in sequential_stages(family.siblings, opts.true_sequential):
-        hessians = collect_hessians(runner, block, hidden, pos, opts, stage) if opts.method != "rtn" else {}
+        if paired is not None:
+            hessians = collect_paired(runner, block, paired, hidden, unquantized, pos, opts, stage)
+        else:
+            hessians = collect_hessians(runner, block, hidden, pos, opts, stage) if opts.method != "rtn" else {}
         reduce_hessians(hessians, world)
         if starts is None:                  # no learned rounding: each linear's result is final, one way for all
             layers += quantize_shared(block, prefix, stage, hessians, plan, writer, tensors, world)
@@ -305,6 +353,8 @@ def quantize_block(runner: BlockRunner, source: ModelSource, writer, plan: Quant
         for group in stage:
             for name in group:
                 layers.append(_quantize_into(block, prefix, name, hessians.get(group), plan, writer, tensors, starts))
+    if paired is not None:
+        propagate_unquantized(runner, paired, unquantized, opts)
     if starts is not None:                  # the linears written already (lookup tables) keep their reports
         layers = [r for r in layers if r is not None] + refine_block(runner, block, prefix, i, hidden, pos,
                                                                      unquantized, starts, plan, writer, tensors)

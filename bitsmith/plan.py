@@ -8,7 +8,7 @@ from .formats.errors import InputError
 from .formats.packing import SUPPORTED_BITS
 
 METHODS = ("rtn", "gptq", "qoq")   # qoq: W4A8 weights (per-channel int8, then per-group uint4)
-ROUNDINGS = ("gptq", "signround")  # signround: GPTQ's result refined per block (quantize/signround.py)
+ROUNDINGS = ("gptq", "gptaq", "signround")  # signround: GPTQ's result refined per block (quantize/signround.py)
 
 
 @dataclass
@@ -58,8 +58,8 @@ class QuantizeOptions:
             raise InputError(f"--proxy {self.proxy}: choose fisher or hessian")
         if self.rounding not in ROUNDINGS:
             raise InputError(f"--rounding {self.rounding}: choose one of {', '.join(ROUNDINGS)}")
-        if self.rounding == "signround" and self.method != "gptq":
-            raise InputError(f"--rounding signround refines GPTQ's weights; --method {self.method} is not gptq")
+        if self.rounding != "gptq" and self.method != "gptq":
+            raise InputError(f"--rounding {self.rounding} works on GPTQ's weights; --method {self.method} is not gptq")
         if self.device != "cpu" and not re.fullmatch(r"cuda(:\d+)?", self.device):
             raise InputError(f"--device {self.device}: choose cpu, cuda or cuda:N")
         if type(self.rounding_iters) is not int or self.rounding_iters < 0:

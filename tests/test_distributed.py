@@ -155,6 +155,7 @@ def test_a_parallel_run_killed_midway_resumes_to_the_same_bytes(one_process, tmp
 
 @pytest.mark.parametrize("extra, message", [
     (("--nproc", "2", "--rounding", "signround"), "error: --rounding signround runs in one process"),
+    (("--nproc", "2", "--rounding", "gptaq"), "error: --rounding gptaq runs in one process"),
     (("--nproc", "2", "--nsamples", "8"), "error: --nsamples 8: 2 processes need at least 2 batches"),
     (("--nproc", "0"), "error: Invalid value for '--nproc'"),
 ])

@@ -26,17 +26,18 @@ OPTIONS = {"method": "gptq", "bits": 3, "group_size": 32, "nsamples": 16, "seqle
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, stories_path, stories_split):
-    """(folder, summary) of a GPTQ run and of the same run with learned rounding."""
+    """(folder, summary) of a GPTQ run, of the same run with learned rounding and toward the unquantized outputs."""
     calib, held = stories_split
     folder = tmp_path_factory.mktemp("rounding")
     return {rounding: (folder / rounding, bitsmith.quantize(
                 str(stories_path), str(folder / rounding), calib=[str(calib)], eval_data=str(held), eval_seqlen=256,
                 progress=False, rounding=rounding, **OPTIONS))
-            for rounding in ("gptq", "signround")}
+            for rounding in ("gptq", "signround", "gptaq")}
 
 
-def test_the_checkpoint_loads_to_the_perplexity_measured_while_quantizing(runs, stories_split):
-    out, summary = runs["signround"]
+@pytest.mark.parametrize("rounding", ["signround", "gptaq"])
+def test_the_checkpoint_loads_to_the_perplexity_measured_while_quantizing(runs, stories_split, rounding):
+    out, summary = runs[rounding]
     assert verify(out) == []
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     assert (qc["quant_method"], qc["bits"], qc["group_size"], qc["desc_act"]) == ("gptq", 3, 32, True)
@@ -59,20 +60,21 @@ def test_learned_rounding_changes_the_codes_and_lowers_the_perplexity(runs):
     assert learned["eval"]["perplexity"] < gptq["eval"]["perplexity"]
 
 
-def test_a_killed_run_resumes_to_the_same_bytes(tmp_path, runs, stories_path, stories_split):
+@pytest.mark.parametrize("rounding", ["signround", "gptaq"])
+def test_a_killed_run_resumes_to_the_same_bytes(tmp_path, runs, stories_path, stories_split, rounding):
     """The unquantized stream (the targets) is replayed through the finished blocks like the quantized one."""
     calib = stories_split[0]
     args = ["quantize", str(stories_path), "-o", str(tmp_path / "out"), "--calib", str(calib), "--bits", "3",
-            "--group-size", "32", "--nsamples", "16", "--seqlen", "128", "--rounding", "signround",
+            "--group-size", "32", "--nsamples", "16", "--seqlen", "128", "--rounding", rounding,
             "--rounding-iters", "20"]
     code = "import sys; from bitsmith.cli.main import main; main(sys.argv[1:], prog_name='bitsmith')"
     run = subprocess.run([sys.executable, "-c", code, *args], env={**os.environ, faults.VARIABLE: "block:2"},
                          capture_output=True, text=True, timeout=600, check=False)
     assert run.returncode == -9, run.stderr
     bitsmith.quantize(str(stories_path), str(tmp_path / "out"), calib=[str(calib)], progress=False,
-                      rounding="signround", resume=True, **OPTIONS)
+                      rounding=rounding, resume=True, **OPTIONS)
     bitsmith.quantize(str(stories_path), str(tmp_path / "whole"), calib=[str(calib)], progress=False,
-                      rounding="signround", **OPTIONS)
+                      rounding=rounding, **OPTIONS)
     for name in ("model.safetensors", "config.json", "plan.json"):
         assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
 
@@ -88,11 +90,23 @@ def test_rounding_is_part_of_the_identity_a_resumed_run_must_share():
 
 
 @pytest.mark.parametrize("options,message", [
-    ({"rounding": "adaround"}, "--rounding adaround: choose one of gptq, signround"),
-    ({"rounding": "signround", "method": "rtn"}, "--rounding signround refines GPTQ's weights; --method rtn is not gptq"),
-    ({"rounding": "signround", "method": "qoq"}, "--rounding signround refines GPTQ's weights; --method qoq is not gptq"),
+    ({"rounding": "adaround"}, "--rounding adaround: choose one of gptq, gptaq, signround"),
+    ({"rounding": "signround", "method": "rtn"}, "--rounding signround works on GPTQ's weights; --method rtn is not gptq"),
+    ({"rounding": "signround", "method": "qoq"}, "--rounding signround works on GPTQ's weights; --method qoq is not gptq"),
+    ({"rounding": "gptaq", "method": "rtn"}, "--rounding gptaq works on GPTQ's weights; --method rtn is not gptq"),
     ({"rounding_iters": -1}, "--rounding-iters -1: expected 0 or more iterations per block"),
 ])
 def test_bad_rounding_options_are_refused(options, message):
     with pytest.raises(InputError, match="^" + message.replace("(", r"\(") + "$"):
         QuantizeOptions(**options).validate()
+
+
+def test_quantizing_toward_the_unquantized_outputs_changes_the_codes_and_lowers_the_perplexity(runs):
+    (gptq_out, gptq), (out, toward) = runs["gptq"], runs["gptaq"]
+    plain, other = load_file(str(gptq_out / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert plain.keys() == other.keys() and toward["bits_per_weight"] == gptq["bits_per_weight"]
+    qweights = [n for n in plain if n.endswith(".qweight")]
+    first = [n for n in qweights if n.startswith("model.layers.0.self_attn.") and not n.endswith("o_proj.qweight")]
+    assert len(first) == 3 and all(torch.equal(plain[n], other[n]) for n in first)   # same inputs in both models
+    assert sum(not torch.equal(plain[n], other[n]) for n in qweights) >= 0.75 * (len(qweights) - 3)   # 28 of 32
+    assert toward["eval"]["perplexity"] < gptq["eval"]["perplexity"]

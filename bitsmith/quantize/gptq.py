@@ -351,3 +351,23 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int =
     (qw,), _ = gptq_configs(W, H, [GridConfig(bits, group_size, sym, outliers, per_ic)], act_order, static_groups,
                             damp, blocksize, mse)
     return qw
+
+
+def unquantized_target(W: torch.Tensor, H: torch.Tensor, R: torch.Tensor, damp: float = 0.01,
+                       alpha: float = 0.25) -> torch.Tensor:
+    """The weight W' = W + alpha W R (H + lambda I)^-1 that GPTQ quantizes toward the unquantized model's output:
+    H = 2 X~ X~^T / n over the inputs X~ the layer sees in the quantized model, R = 2 (X - X~) X~^T / n with X the
+    same tokens' inputs in the unquantized one. At alpha = 1 GPTQ on (W', H) minimises ||W X - Q X~||^2
+    (expanding it, tr((W' - Q) H (W' - Q)^T) + const; asymmetric calibration, GPTAQ: Li et al. 2025, eq. (5));
+    GPTAQ scales the correction by alpha = 1/4. W' = W where the inputs agree (R = 0); lambda is GPTQ's damping."""
+    check_finite(W)
+    if not R.any():
+        return W
+    H = H.to(torch.float64)
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    lam = damp * torch.diag(H).mean()
+    L = torch.linalg.cholesky(H + lam * torch.eye(H.shape[0], dtype=torch.float64))
+    W64 = W.to(torch.float64)
+    correction = torch.cholesky_solve((W64 @ R.to(torch.float64)).t(), L).t()   # W R (H + lambda I)^-1
+    return (W64 + alpha * correction).to(torch.float32)

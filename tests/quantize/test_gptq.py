@@ -3,7 +3,7 @@ import torch
 
 from bitsmith.calibration.hessian import Hessian
 from bitsmith.kernels.reference import fake_quantize
-from bitsmith.quantize.gptq import gptq_quantize, inverse_cholesky
+from bitsmith.quantize.gptq import gptq_quantize, inverse_cholesky, unquantized_target
 from bitsmith.quantize.rtn import rtn_quantize
 
 
@@ -82,3 +82,40 @@ def test_nan_weights_rejected():
         gptq_quantize(W, torch.eye(32), 4)
     with pytest.raises(ValueError, match="NaN"):
         rtn_quantize(W, 4)
+
+
+def skewed(X, scale=0.1, seed=0):
+    """X as a quantized model upstream would hand it on: the same tokens, mixed a little across channels (an error
+    a linear layer can undo) and with noise of their own (one it cannot)."""
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.eye(X.shape[1]) + scale * torch.randn(X.shape[1], X.shape[1], generator=g) / X.shape[1] ** 0.5
+    return X @ mix + scale * X.std() * torch.randn(X.shape, generator=g)
+
+
+def test_the_unquantized_target_is_w_where_the_inputs_agree(stories_down):
+    W, X = stories_down
+    H = hessian_of(X)
+    assert torch.equal(unquantized_target(W, H, torch.zeros_like(H), alpha=1.0), W)
+
+
+def test_at_alpha_one_the_target_is_the_damped_least_squares_fit_to_the_unquantized_outputs(stories_down):
+    """W' minimises ||W X - W' X~||^2 * 2/n + lambda ||W' - W||^2: its gradient vanishes, and X~ W'^T is closer to
+    the unquantized outputs than X~ W^T (GPTAQ's objective before rounding)."""
+    W, X = stories_down
+    Xq = skewed(X)
+    H, C = hessian_of(Xq), 2 * X.t().double() @ Xq.double() / X.shape[0]
+    target = unquantized_target(W, H, (C - H.double()).float(), damp=0.01, alpha=1.0).double()
+    lam = 0.01 * torch.diag(H).double().mean()
+    gradient = target @ H.double() - W.double() @ C + lam * (target - W.double())
+    assert gradient.abs().max() < 1e-5 * (W.double() @ C).abs().max()
+    assert (W @ X.t() - target.float() @ Xq.t()).norm() < 0.75 * (W @ X.t() - W @ Xq.t()).norm()   # 0.68: the noise stays
+
+
+@pytest.mark.parametrize("bits", [2, 3])
+def test_gptq_toward_the_unquantized_outputs_matches_them_better(stories_down, bits):
+    W, X = stories_down
+    Xq = skewed(X)
+    H, R = hessian_of(Xq), (2 * (X - Xq).t().double() @ Xq.double() / X.shape[0]).float()
+    plain = gptq_quantize(W, H, bits, 32, act_order=True)
+    toward = gptq_quantize(unquantized_target(W, H, R), H, bits, 32, act_order=True)
+    assert (W @ X.t() - toward.Q @ Xq.t()).norm() < (W @ X.t() - plain.Q @ Xq.t()).norm()
