@@ -171,18 +171,19 @@ def collect_hessians(runner: BlockRunner, block, hidden: torch.Tensor, pos, opts
 
 
 def collect_paired(runner: BlockRunner, block, unquantized_block, hidden: torch.Tensor, unquantized: torch.Tensor,
-                   pos, opts: QuantizeOptions, groups: tuple[tuple[str, ...], ...]) -> dict:
+                   pos, opts: QuantizeOptions, groups: tuple[tuple[str, ...], ...], last: bool = False) -> dict:
     """The Hessians of `collect_hessians` (inputs X~ in the quantized model: `hidden` through `block`), each with
     `drift` = 2 (X - X~) X~^T / n, X the same tokens' inputs of that linear in the unquantized model (`unquantized`
     through `unquantized_block`, on its source weights): the statistics of GPTQ toward the unquantized outputs
-    (quantize/gptq.py `unquantized_target`). Where the two inputs agree, the drift is exactly 0."""
+    (quantize/gptq.py `unquantized_target`). Where the two inputs agree, the drift is exactly 0. At the `last`
+    stage the unquantized forward runs to the end and leaves the block's outputs in `unquantized`."""
     seen, hessians, drift, hooks = {}, {}, {}, []
     for group in groups:
         lin = block.get_submodule(group[0])
         hessians[group] = Hessian(lin.in_features, runner.device)
         drift[group] = torch.zeros(lin.in_features, lin.in_features, dtype=torch.float64, device=runner.device)
 
-        def unquantized_input(module, args, group=group, stop=group is groups[-1]):
+        def unquantized_input(module, args, group=group, stop=group is groups[-1] and not last):
             seen[group] = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float32)
             if stop:
                 raise _InputsCaptured
@@ -198,9 +199,15 @@ def collect_paired(runner: BlockRunner, block, unquantized_block, hidden: torch.
     try:
         with compute(opts):
             for start in range(0, hidden.shape[0], opts.batch):
-                for model, stream in ((unquantized_block, unquantized), (block, hidden)):
+                window = slice(start, start + opts.batch)
+                out = runner.forward_block(unquantized_block, unquantized[window], pos) if last else None
+                if out is None:
                     with contextlib.suppress(_InputsCaptured):
-                        runner.forward_block(model, stream[start:start + opts.batch], pos)
+                        runner.forward_block(unquantized_block, unquantized[window], pos)
+                with contextlib.suppress(_InputsCaptured):
+                    runner.forward_block(block, hidden[window], pos)
+                if out is not None:
+                    unquantized[window] = out
     finally:
         for h in hooks:
             h.remove()
@@ -329,9 +336,9 @@ def quantize_block(runner: BlockRunner, source: ModelSource, writer, plan: Quant
     linears' reports. With learned rounding, `unquantized` (the calibration windows' hidden states in the
     unquantized model) goes through the unquantized block first, in place, and the quantized linears are
     refined toward it (`refine_block`) before they are written. With `--rounding gptaq` each stage's linears
-    are quantized toward their outputs in the unquantized model (`collect_paired`), and `unquantized` goes through
-    the block at the end. Several processes (`world`) sum their Hessians
-    and share the linears of each stage out among them (`quantize_shared`)."""
+    are quantized toward their outputs in the unquantized model (`collect_paired`), whose last stage also takes
+    `unquantized` through the block. Several processes (`world`) sum their Hessians and share the linears of each
+    stage out among them (`quantize_shared`)."""
     opts, family = plan.options, runner.family
     prefix = family.block_prefix.format(i=i)
     block, tensors = source_block(runner, source, i)
@@ -341,9 +348,10 @@ def quantize_block(runner: BlockRunner, source: ModelSource, writer, plan: Quant
     if starts is not None:
         propagate_unquantized(runner, block, unquantized, opts)
     layers = []
-    for stage in sequential_stages(family.siblings, opts.true_sequential):
-        if paired is not None:
-            hessians = collect_paired(runner, block, paired, hidden, unquantized, pos, opts, stage)
+    stages = sequential_stages(family.siblings, opts.true_sequential)
+    for stage in stages:
+        if paired is not None:      # the last stage also takes the unquantized stream through the block
+            hessians = collect_paired(runner, block, paired, hidden, unquantized, pos, opts, stage, stage is stages[-1])
         else:
             hessians = collect_hessians(runner, block, hidden, pos, opts, stage) if opts.method != "rtn" else {}
         reduce_hessians(hessians, world)
@@ -353,8 +361,6 @@ def quantize_block(runner: BlockRunner, source: ModelSource, writer, plan: Quant
         for group in stage:
             for name in group:
                 layers.append(_quantize_into(block, prefix, name, hessians.get(group), plan, writer, tensors, starts))
-    if paired is not None:
-        propagate_unquantized(runner, paired, unquantized, opts)
     if starts is not None:                  # the linears written already (lookup tables) keep their reports
         layers = [r for r in layers if r is not None] + refine_block(runner, block, prefix, i, hidden, pos,
                                                                      unquantized, starts, plan, writer, tensors)
