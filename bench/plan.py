@@ -4,7 +4,7 @@ and the peers of ../shared/research/baselines.md.
     python bench/plan.py                              # targets 2.5 3.0 3.25 3.5 4.25, Fisher proxy
     python bench/plan.py --targets 3.25 --proxy hessian
     python bench/plan.py --targets 3.25 --rounding signround --rounding-iters 50
-    python bench/plan.py --targets 3.25 --rounding gptaq
+    python bench/plan.py --targets 3.25 --rounding gptaq [--true-sequential]
     python bench/plan.py --report                     # table and plot from the stored runs
 
 Each run is the CLI job (`bitsmith quantize --target-bpw T`, one torch thread) of the quality protocol:
@@ -70,17 +70,19 @@ def wikitext(model: str, json_path: Path) -> dict:
     return json.loads(json_path.read_text())
 
 
-def method(proxy: str, rounding: str, iters: int) -> str:
-    """The name of a plan run's method: the proxy, and the rounding when it is not GPTQ's."""
-    return {"gptq": proxy, "signround": f"{proxy}+signround{iters}"}.get(rounding, f"{proxy}+{rounding}")
+def method(proxy: str, rounding: str, iters: int, sequential: bool = False) -> str:
+    """The name of a plan run's method: the proxy, the rounding when it is not GPTQ's, -ts for --true-sequential."""
+    name = {"gptq": proxy, "signround": f"{proxy}+signround{iters}"}.get(rounding, f"{proxy}+{rounding}")
+    return name + ("-ts" if sequential else "")
 
 
-def run(target: float, proxy: str, rounding: str = "gptq", iters: int = 0) -> None:
+def run(target: float, proxy: str, rounding: str = "gptq", iters: int = 0, sequential: bool = False) -> None:
     with tempfile.TemporaryDirectory() as work:
         out, summary_path = f"{work}/out", Path(work) / "summary.json"
         reuse = ["--measurement", str(MEASUREMENT)] if MEASUREMENT.exists() else []
         bitsmith("quantize", "smollm2-135m", "-o", out, "--target-bpw", str(target), "--proxy", proxy, *reuse,
                  "--rounding", rounding, *(["--rounding-iters", str(iters)] if rounding == "signround" else []),
+                 *(["--true-sequential"] if sequential else []),
                  "--calib", str(TEXT / "c4_calib.txt"), "--nsamples", "128", "--seqlen", "512", "--seed", "0",
                  "--json", str(summary_path))
         summary = json.loads(summary_path.read_text())
@@ -90,7 +92,7 @@ def run(target: float, proxy: str, rounding: str = "gptq", iters: int = 0) -> No
             MEASUREMENT.write_text(json.dumps(portable(measured), indent=1) + "\n")
         summary["held_out"] = held_out(out, Path(work) / "held.json")
         summary["plan"] = json.loads((Path(out) / "plan.json").read_text())["layers"]
-    name = method(proxy, rounding, iters)
+    name = method(proxy, rounding, iters, sequential)
     summary.update(date=datetime.date.today().isoformat(), proxy=proxy, rounding=rounding, rounding_iters=iters,
                    method=name, measured_here=not reuse)
     (RUNS / f"{name}-t{target}.json").write_text(json.dumps(portable(summary, work), indent=1) + "\n")
@@ -212,6 +214,7 @@ def main() -> None:
     ap.add_argument("--proxy", choices=("fisher", "hessian"), default="fisher")
     ap.add_argument("--rounding", choices=("gptq", "gptaq", "signround"), default="gptq")
     ap.add_argument("--rounding-iters", type=int, default=50)
+    ap.add_argument("--true-sequential", action="store_true")
     ap.add_argument("--report", action="store_true", help="Only rewrite the table and plot from the stored runs.")
     ap.add_argument("--runs", type=Path, default=RUNS,
                     help="Folder of the runs and their measurement.json (a new menu of candidates: a new folder).")
@@ -226,7 +229,7 @@ def main() -> None:
             base = held_out("smollm2-135m", RUNS / "base-held-out.json")
             (RUNS / "base-held-out.json").write_text(json.dumps(portable(base), indent=1) + "\n")
         for target in args.targets:
-            run(target, args.proxy, args.rounding, args.rounding_iters)
+            run(target, args.proxy, args.rounding, args.rounding_iters, args.true_sequential)
     (RESULTS / f"{RUNS.name}.md").write_text(report())
 
 

@@ -5,7 +5,8 @@ the quantize job's wall and CPU time, for a few iteration counts.
 Every row is the command line in processes of its own, one torch thread each:
     bitsmith quantize smollm2-135m -o OUT --bits B --group-size 128 --calib c4_calib.txt --nsamples 128
         --seqlen 512 --seed 0 --eval-data wikitext2_test.txt --eval-seqlen 2048 --eval-max-tokens 65536
-        [--rounding signround --rounding-iters N] [--no-act-order for W2, as the GPTQ baseline rows]
+        [--rounding signround --rounding-iters N | --rounding gptaq] [--true-sequential for the -ts- rows]
+        [--no-act-order for W2, as the GPTQ baseline rows]
     bitsmith eval OUT --data bitsmith/calibration/texts/eval_eb1911_shakespeare.txt --seqlen 2048 --max-tokens 16384
 Rows merge into bench/results/rounding-smollm2.{json,md} (runs of disjoint --only sets may share the files).
 
@@ -38,6 +39,9 @@ CONFIGS = [  # name, bits, rounding, iterations per block
     ("signround50-w4-g128", 4, "signround", 50),
     ("gptq-w2-g128", 2, "gptq", 0),
     ("signround50-w2-g128", 2, "signround", 50),
+    ("gptaq-w3-g128", 3, "gptaq", 0),
+    ("gptq-ts-w3-g128", 3, "gptq", 0),           # -ts: --true-sequential
+    ("gptaq-ts-w3-g128", 3, "gptaq", 0),
 ]
 
 
@@ -51,12 +55,15 @@ def one(name: str, workdir: Path) -> dict:
             "--rounding", rounding, "--rounding-iters", str(iters), "--json", str(summary)]
     if bits == 2:
         args.append("--no-act-order")
+    if "-ts-" in name:
+        args.append("--true-sequential")
     run(args)
     s = json.loads(summary.read_text())
     held = workdir / f"{name}-held.json"
     run(["eval", str(out), "--data", str(HELD_OUT), "--seqlen", "2048", "--max-tokens", "16384", "--json", str(held)])
     h = json.loads(held.read_text())
     return {"config": name, "bits": bits, "group_size": 128, "rounding": rounding, "iterations": iters,
+            "true_sequential": "-ts-" in name,
             "act_order": bits != 2, "bits_per_weight": s["bits_per_weight"], "wikitext2": s["eval"]["perplexity"],
             "wikitext2_tokens": s["eval"]["tokens"], "held_out": h["perplexity"], "held_out_tokens": h["tokens"],
             "quantize_seconds": s["seconds"], "quantize_cpu_seconds": s["cpu_seconds"],
@@ -73,8 +80,9 @@ def run(args: list[str]) -> None:
 def report(rows: list[dict]) -> str:
     dates = sorted({r["date"] for r in rows})
     when = dates[0] if len(dates) == 1 else f"{dates[0]} to {dates[-1]}"
-    base = {r["bits"]: r for r in rows if r["rounding"] == "gptq"}
-    lines = ["# Learned rounding (SignRound) on top of GPTQ: SmolLM2-135M", "",
+    base = {(r["bits"], r["date"]): r for r in rows                 # GPTQ of the same day's code
+            if r["rounding"] == "gptq" and not r.get("true_sequential")}
+    lines = ["# Learned rounding (SignRound) and GPTQ toward the unquantized outputs (GPTAQ): SmolLM2-135M", "",
              (f"Measured {when} on {platform.processor() or platform.machine()} ({os.cpu_count()} cores, pinned to "
               "one; other jobs shared that core, so wall time runs above CPU time), one torch thread, bitsmith's "
               "defaults otherwise (asymmetric, GPTQ's mse grid, act-order except W2, calibration forwards and "
@@ -89,8 +97,8 @@ def report(rows: list[dict]) -> str:
               "| CPU s over GPTQ | measured |"),
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        extra = (f"{r['quantize_cpu_seconds'] - base[r['bits']]['quantize_cpu_seconds']:+.0f}"
-                 if r["rounding"] != "gptq" and r["bits"] in base else "-")
+        same = base.get((r["bits"], r["date"]))
+        extra = f"{r['quantize_cpu_seconds'] - same['quantize_cpu_seconds']:+.0f}" if r["rounding"] != "gptq" and same else "-"
         lines.append(f"| {r['config']} | {r['bits']} | {r['iterations'] or '-'} | {r['bits_per_weight']:.3f} | "
                      f"{r['wikitext2']:.2f} | {r['held_out']:.2f} | {r['quantize_seconds']:.0f} | "
                      f"{r['quantize_cpu_seconds']:.0f} | {extra} | {r['date']} |")

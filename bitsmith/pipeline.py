@@ -191,7 +191,7 @@ def collect_paired(runner: BlockRunner, block, unquantized_block, hidden: torch.
         def quantized_input(module, args, group=group, stop=group is groups[-1]):
             x = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float32)
             hessians[group].add(x)
-            drift[group] += ((seen.pop(group) - x).t() @ x).to(torch.float64)
+            drift[group] += ((seen.pop(group) - x).t() @ x).to(torch.float64)   # bf16 under bf16 autocast
             if stop:
                 raise _InputsCaptured
         hooks.append(unquantized_block.get_submodule(group[0]).register_forward_pre_hook(unquantized_input))
