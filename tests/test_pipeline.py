@@ -12,11 +12,13 @@ from safetensors.torch import load_file
 
 import bitsmith
 from bitsmith.calibration import data
+from bitsmith.calibration.adapter import BlockRunner
 from bitsmith.calibration.perplexity import evaluate
 from bitsmith.formats import faults
 from bitsmith.formats.checkpoint import verify
 from bitsmith.formats.errors import InputError
 from bitsmith.formats.source import open_source
+from bitsmith.pipeline import linear_shapes
 from bitsmith.plan import QuantizeOptions
 from bitsmith.resume import _difference, identity
 
@@ -110,3 +112,38 @@ def test_quantizing_toward_the_unquantized_outputs_changes_the_codes_and_lowers_
     assert len(first) == 3 and all(torch.equal(plain[n], other[n]) for n in first)   # same inputs in both models
     assert sum(not torch.equal(plain[n], other[n]) for n in qweights) >= 0.75 * (len(qweights) - 3)   # 28 of 32
     assert toward["eval"]["perplexity"] < gptq["eval"]["perplexity"]
+
+
+def test_gptaq_quantizes_every_layout_of_a_plan(tmp_path, stories_path, stories_split):
+    """Toward the unquantized outputs works on the weight GPTQ starts from, whatever the layout: a plan with lookup
+    tables, per-input-channel grids, outliers and plain grids keeps every layout's tensors, the first stage of
+    block 0 (the same inputs in both models) keeps GPTQ's codes, and the checkpoint loads to the perplexity measured
+    while quantizing."""
+    calib, held = stories_split
+    names = linear_shapes(BlockRunner(open_source(str(stories_path)).config))
+
+    def entry(name):
+        if "up_proj" in name:
+            return {"bits": 3, "group_size": -1, "sym": False, "lut": True}
+        if "q_proj" in name or "k_proj" in name or "v_proj" in name:
+            return {"bits": 3, "group_size": 32, "sym": False, "per_ic": True}
+        if "down_proj" in name:
+            return {"bits": 3, "group_size": 32, "sym": False, "outliers": 0.01}
+        return {"bits": 4, "group_size": 32, "sym": True}
+    (tmp_path / "plan.json").write_text(json.dumps({"layers": {name: entry(name) for name in names}}))
+    runs = {}
+    for rounding in ("gptq", "gptaq"):
+        out = tmp_path / rounding
+        summary = bitsmith.quantize(str(stories_path), str(out), plan=str(tmp_path / "plan.json"), calib=[str(calib)],
+                                    eval_data=str(held), eval_seqlen=256, progress=False, rounding=rounding,
+                                    **{k: v for k, v in OPTIONS.items() if k not in ("bits", "group_size")})
+        runs[rounding] = (out, summary, load_file(str(out / "model.safetensors")))
+    (_, _, plain), (out, summary, toward) = runs["gptq"], runs["gptaq"]
+    assert {k: (v.shape, v.dtype) for k, v in plain.items()} == {k: (v.shape, v.dtype) for k, v in toward.items()}
+    assert all(torch.equal(plain[k], toward[k]) for k in plain if k.startswith("model.layers.0.self_attn.q_proj."))
+    changed = {k.rsplit(".", 1)[0] for k in plain if not torch.equal(plain[k], toward[k])}
+    assert {"model.layers.2.mlp.up_proj", "model.layers.2.self_attn.q_proj", "model.layers.2.mlp.down_proj",
+            "model.layers.2.self_attn.o_proj"} <= changed
+    ids = data.tokenize(open_source(str(out)).tokenizer(), held.read_text())
+    loaded = evaluate(bitsmith.load(str(out)), data.eval_windows(ids, 256), progress=False)
+    assert loaded["perplexity"] == summary["eval"]["perplexity"]
