@@ -74,7 +74,7 @@ def quantize_linear(W: torch.Tensor, H: Hessian | None, opts: QuantizeOptions, l
 
 
 def _quantize_linear(W: torch.Tensor, H: Hessian | None, opts: QuantizeOptions, layer: LayerPlan):
-    if getattr(H, "drift", None) is not None:           # --rounding gptaq: toward the unquantized outputs
+    if H is not None and H.drift is not None:           # --rounding gptaq: toward the unquantized outputs
         W = unquantized_target(W, H.H, H.drift, opts.damp)
     if opts.method == "rtn":
         qw = rtn_quantize(W, layer.bits, layer.group_size, layer.sym, opts.mse)

@@ -8,7 +8,8 @@ from .formats.errors import InputError
 from .formats.packing import SUPPORTED_BITS
 
 METHODS = ("rtn", "gptq", "qoq")   # qoq: W4A8 weights (per-channel int8, then per-group uint4)
-ROUNDINGS = ("gptq", "gptaq", "signround")  # signround: GPTQ's result refined per block (quantize/signround.py)
+ROUNDINGS = ("gptq", "gptaq", "signround")  # gptaq: GPTQ toward the unquantized outputs (quantize/gptq.py
+                                            # unquantized_target); signround: GPTQ's result refined per block
 
 
 @dataclass

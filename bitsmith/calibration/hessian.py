@@ -23,6 +23,7 @@ class Hessian:
         self.sum = torch.zeros(columns, columns, dtype=torch.float64, device=self.device)
         self.error = torch.zeros(columns, columns, dtype=torch.float32, device=self.device)
         self.n = 0
+        self.drift: torch.Tensor | None = None   # 2 (X - X~) X~^T / n of GPTAQ's paired inputs (pipeline.py)
 
     def add(self, x: torch.Tensor) -> None:
         """Add a batch of inputs [..., columns] (every leading position is one token)."""

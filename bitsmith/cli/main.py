@@ -235,9 +235,10 @@ QUANTIZE_SECTIONS = {
               help="Take each linear's Hessian after the linears before it in the block are quantized.")
 @click.option("--damp", type=float, default=0.01, show_default=True, help="Fraction of mean diag(H).")
 @click.option("--rounding", type=click.Choice(["gptq", "gptaq", "signround"]), default="gptq", show_default=True,
-              help="gptaq: GPTQ toward each linear's output in the unquantized model, from the inputs it sees in the "
-                   "quantized one (asymmetric calibration; one more block forward per stage). signround: after GPTQ, learn each block's rounding and clipping (SignRound) so that its outputs "
-                   "match the unquantized block's on the calibration windows; slower (see --rounding-iters).")
+              help="gptaq: GPTQ toward each linear's output in the unquantized model, from the inputs it sees in "
+                   "the quantized one (asymmetric calibration; one more block forward per stage). signround: after "
+                   "GPTQ, learn each block's rounding and clipping (SignRound) so that its outputs match the "
+                   "unquantized block's on the calibration windows; slower (see --rounding-iters).")
 @click.option("--rounding-iters", type=int, default=50, show_default=True,
               help="Sign-gradient iterations per block of --rounding signround, one minibatch of 8 windows each.")
 @click.option("--calib", multiple=True, help="Calibration text file (repeatable); 'self' = sampled from the model.")

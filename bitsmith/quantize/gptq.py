@@ -30,25 +30,29 @@ from .rtn import QuantizedWeight
 DAMP_RETRIES = (1.0, 10.0, 100.0, 1000.0, 1e4)   # multiples of the requested damping, tried in float64
 
 
-def inverse_cholesky(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
-    """Upper Cholesky factor U of (H + lambda I)^-1, lambda = damp * mean(diag H) (GPTQ section 4, step 3).
-
-    Tries float32 first, then float64 with growing damping; a factor with NaN/Inf counts as a failure
-    (cholesky_inverse can return NaN silently on nearly singular H). Returns (U, damp actually used).
-    """
+def damped_factors(H: torch.Tensor, damp: float, first: torch.dtype = torch.float32):
+    """Lower Cholesky factors L of H + lambda I, lambda = damp * mean(diag H) (GPTQ section 4, step 3), one per
+    attempt: in `first` (float32 for GPTQ's loop), then in float64 with growing damping. Yields (L, damp used)
+    for the caller to accept or pass over; raises when none is left."""
     n = H.shape[0]
-    attempts = [(torch.float32, 1.0)] + [(torch.float64, f) for f in DAMP_RETRIES]
+    attempts = [(first, 1.0)] + [(torch.float64, f) for f in DAMP_RETRIES if first != torch.float64 or f > 1.0]
     for dtype, factor in attempts:
         Hd = H.to(dtype)
         lam = damp * factor * torch.diag(Hd).mean()
-        Hd = Hd + lam * torch.eye(n, dtype=dtype)
-        L, info = torch.linalg.cholesky_ex(Hd)
-        if info.item() != 0:
-            continue
+        L, info = torch.linalg.cholesky_ex(Hd + lam * torch.eye(n, dtype=dtype))
+        if info.item() == 0:
+            yield L, damp * factor
+    raise ValueError(f"Hessian is not positive definite even with damping {damp * DAMP_RETRIES[-1]:g}")
+
+
+def inverse_cholesky(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor U of (H + lambda I)^-1 (`damped_factors`). A factor with NaN/Inf counts as a
+    failure (cholesky_inverse can return NaN silently on nearly singular H). Returns (U, damp actually used)."""
+    for L, used in damped_factors(H, damp):
         U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
         if info.item() == 0 and torch.isfinite(U).all():
-            return U.to(torch.float32), damp * factor
-    raise ValueError(f"Hessian is not positive definite even with damping {damp * DAMP_RETRIES[-1]:g}")
+            return U.to(torch.float32), used
+    raise AssertionError("unreachable: damped_factors raises when its attempts run out")
 
 
 @dataclass(frozen=True)
@@ -365,9 +369,8 @@ def unquantized_target(W: torch.Tensor, H: torch.Tensor, R: torch.Tensor, damp: 
         return W
     H = H.to(torch.float64)
     dead = torch.diag(H) == 0
-    H[dead, dead] = 1
-    lam = damp * torch.diag(H).mean()
-    L = torch.linalg.cholesky(H + lam * torch.eye(H.shape[0], dtype=torch.float64))
+    H[dead, dead] = 1                                            # as `prepare` frees inputs never active
+    L, _ = next(damped_factors(H, damp, torch.float64))
     W64 = W.to(torch.float64)
     correction = torch.cholesky_solve((W64 @ R.to(torch.float64)).t(), L).t()   # W R (H + lambda I)^-1
     return (W64 + alpha * correction).to(torch.float32)
