@@ -39,15 +39,14 @@ SEVEN_B = {"hidden": 4096, "intermediate": 11008, "heads": 32, "kv_heads": 32}
 
 def quantize(model: str, out: str, *args: str, nproc: int = 1, device: str = "cpu", threads: int = 1) -> dict:
     """One `bitsmith quantize` in a fresh process: its summary, wall time and the command."""
-    exe = Path(sys.executable).parent / "bitsmith"
     summary = Path(out).with_suffix(".json")
-    command = [str(exe), "quantize", model, "-o", out, "--device", device, "--json", str(summary), *args,
+    command = [sys.executable, "-m", "bitsmith", "quantize", model, "-o", out, "--device", device, "--json", str(summary), *args,
                *(["--nproc", str(nproc)] if nproc > 1 else [])]
     started = time.perf_counter()
     subprocess.run(command, check=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)},
                    stdout=subprocess.DEVNULL)
     wall = time.perf_counter() - started
-    shown = " ".join(command[1:]).replace(str(Path(out).parent), "OUT").replace(f"{TEXT.resolve()}/", "../shared/assets/text/")
+    shown = "bitsmith " + " ".join(command[3:]).replace(str(Path(out).parent), "OUT").replace(f"{TEXT.resolve()}/", "../shared/assets/text/")
     return {**json.loads(summary.read_text()), "wall_seconds": wall, "command": shown}
 
 
@@ -142,19 +141,26 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--report", action="store_true")
+    ap.add_argument("--results", type=Path, default=RESULTS)
     args = ap.parse_args()
-    path = RESULTS / f"scale-{args.device.split(':')[0]}.json"
+    path = args.results / f"scale-{args.device.split(':')[0]}.json"
     if not args.report:
         gpu = args.device != "cpu"
         shape = SEVEN_B if gpu else SMALL
         calib = ["--calib", str(CALIB), "--nsamples", "16", "--seqlen", "256", "--no-mse"]
+        if gpu:
+            import torch
+            args.device = f"{args.device} ({torch.cuda.get_device_name()})"
         result = {"device": args.device, "date": datetime.date.today().isoformat(), "machine": platform.machine() +
                   f", {os.cpu_count()} CPUs", "threads": 1, "shape": shape, "calib": "tinystories 16 x 256, --no-mse"}
+        settings = [(16, 256), (64, 512), (128, 512)] if gpu else [(16, 256), (32, 256), (64, 256), (64, 512),
+                                                                   (128, 512)]
         with tempfile.TemporaryDirectory() as tmp:
             work = Path(tmp)
-            result["depth"] = depth(work, args.device, shape, [2, 4] if gpu else [2, 4, 8, 16], calib)
-            result["tokens"] = tokens(work, args.device, shape, [(16, 256), (32, 256), (64, 256), (64, 512),
-                                                                 (128, 512)])
+            result["depth"] = depth(work, args.device.split()[0], shape, [2, 4] if gpu else [2, 4, 8, 16], calib)
+            path.write_text(json.dumps(result, indent=1) + "\n")          # each table kept as soon as it is measured
+            result["tokens"] = tokens(work, args.device.split()[0], shape, settings)
+            path.write_text(json.dumps(result, indent=1) + "\n")
             if not gpu:
                 result["processes"] = processes(work, [(1, 1), (2, 1), (1, 2)])
         path.write_text(json.dumps(result, indent=1) + "\n")

@@ -1,6 +1,8 @@
 """--device and --offload-activations: the device-agnostic path on CPU, and what a machine without CUDA refuses."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from hostile_support import refused, run, tree
@@ -59,3 +61,36 @@ def test_a_block_fed_from_another_device_answers_on_that_device(stories_path):
     hidden = torch.randn(2, 16, runner.config.hidden_size)
     out = runner.forward_block(block, hidden, runner.position_embeddings(hidden))
     assert out.device == hidden.device and out.shape == hidden.shape and torch.isfinite(out).all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_quantizes_as_the_cpu_does_up_to_float_rounding(stories_path, calib, text_dir, tmp_path):
+    """The same run on CUDA and on CPU: the Hessians differ by float rounding (summation order), so a few codes sit
+    on the other side of a rounding boundary; the dequantized weights and the perplexity agree closely."""
+    from safetensors.torch import load_file
+
+    from bitsmith.kernels import reference
+    summaries = {}
+    for device in ("cpu", "cuda"):
+        r = run("quantize", stories_path, "-o", tmp_path / device, *calib, *CALIB_ARGS, "--device", device,
+                "--eval-data", text_dir / "tinystories_calib.txt", "--eval-seqlen", "128",
+                "--json", tmp_path / f"{device}.json")
+        assert r.exit_code == 0, r.output
+        summaries[device] = json.loads((tmp_path / f"{device}.json").read_text())
+    assert summaries["cuda"]["device"] == "cuda" and summaries["cuda"]["peak_device_bytes"] > 0
+    files = {d: load_file(str(tmp_path / d / "model.safetensors")) for d in ("cpu", "cuda")}
+    assert files["cpu"].keys() == files["cuda"].keys()
+    codes = [n for n in files["cpu"] if n.endswith(".qweight")]
+    same = sum((files["cpu"][n] == files["cuda"][n]).sum().item() for n in codes)
+    words = sum(files["cpu"][n].numel() for n in codes)
+
+    def weight(d, n):
+        prefix = n.removesuffix(".qweight")
+        f = files[d]
+        g_idx = f[prefix + ".g_idx"]
+        return reference.dequantize(f[n], f[prefix + ".scales"], f[prefix + ".qzeros"], g_idx, 3, g_idx.numel())
+    drift = max(((weight("cuda", n) - weight("cpu", n)).norm() / weight("cpu", n).norm()).item() for n in codes)
+    ppl = {d: s["eval"]["perplexity"] for d, s in summaries.items()}
+    print(f"packed words equal {same / words:.4f}; largest relative weight difference {drift:.2e}; perplexity {ppl}")
+    assert same / words >= 0.9 and drift <= 0.02
+    assert abs(ppl["cuda"] - ppl["cpu"]) <= 0.01 * ppl["cpu"]
