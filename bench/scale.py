@@ -64,9 +64,9 @@ def depth(work: Path, device: str, shape: dict, layers: list[int], calib: list[s
     return rows
 
 
-def tokens(work: Path, device: str, shape: dict, settings: list[tuple[int, int]]) -> list[dict]:
+def tokens(work: Path, device: str, shape: dict, settings: list[tuple[int, int]], blocks: int) -> list[dict]:
     model = work / "synthetic-tokens"
-    synthetic.write(model, shape["hidden"], shape["intermediate"], 4, shape["heads"], shape["kv_heads"])
+    synthetic.write(model, shape["hidden"], shape["intermediate"], blocks, shape["heads"], shape["kv_heads"])
     rows = []
     for nsamples, seqlen in settings:
         out = work / f"q-{nsamples}-{seqlen}"
@@ -114,7 +114,7 @@ def report(result: dict) -> str:
         lines.append("")
     if result.get("tokens"):
         rows = result["tokens"]
-        lines += ["## Calibration tokens: 4 synthetic blocks of the same shape", "",
+        lines += [f"## Calibration tokens: {result.get('tokens_blocks', 4)} synthetic blocks of the same shape", "",
                   "| nsamples x seqlen | hidden stream MB | peak RSS MB | peak device MB |", "|---|---|---|---|"]
         lines += [f"| {r['nsamples']} x {r['seqlen']} | {mb(r['stream_bytes'])} | {mb(r['peak_rss_bytes'])} | "
                   f"{mb(r['peak_device_bytes'])} |" for r in rows]
@@ -142,6 +142,10 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--report", action="store_true")
     ap.add_argument("--results", type=Path, default=RESULTS)
+    ap.add_argument("--depths", type=lambda v: [int(n) for n in v.split(",")], default=None,
+                    help="block counts of the depth table, e.g. 2,4 (default: 2,4 on a GPU, 2,4,8,16 on CPU)")
+    ap.add_argument("--tokens", type=lambda v: [tuple(int(n) for n in s.split("x")) for s in v.split(",")],
+                    default=None, help="nsamples x seqlen settings of the tokens table, e.g. 16x256,128x512")
     args = ap.parse_args()
     path = args.results / f"scale-{args.device.split(':')[0]}.json"
     if not args.report:
@@ -153,13 +157,15 @@ def main() -> None:
             args.device = f"{args.device} ({torch.cuda.get_device_name()})"
         result = {"device": args.device, "date": datetime.date.today().isoformat(), "machine": platform.machine() +
                   f", {os.cpu_count()} CPUs", "threads": 1, "shape": shape, "calib": "tinystories 16 x 256, --no-mse"}
-        settings = [(16, 256), (64, 512), (128, 512)] if gpu else [(16, 256), (32, 256), (64, 256), (64, 512),
-                                                                   (128, 512)]
+        settings = args.tokens or ([(16, 256), (64, 512), (128, 512)] if gpu else
+                                   [(16, 256), (32, 256), (64, 256), (64, 512), (128, 512)])
+        depths = args.depths or ([2, 4] if gpu else [2, 4, 8, 16])
         with tempfile.TemporaryDirectory() as tmp:
             work = Path(tmp)
-            result["depth"] = depth(work, args.device.split()[0], shape, [2, 4] if gpu else [2, 4, 8, 16], calib)
+            result["depth"] = depth(work, args.device.split()[0], shape, depths, calib)
             path.write_text(json.dumps(result, indent=1) + "\n")          # each table kept as soon as it is measured
-            result["tokens"] = tokens(work, args.device.split()[0], shape, settings)
+            result["tokens_blocks"] = 2 if gpu else 4                # memory is flat in the depth (first table)
+            result["tokens"] = tokens(work, args.device.split()[0], shape, settings, result["tokens_blocks"])
             path.write_text(json.dumps(result, indent=1) + "\n")
             if not gpu:
                 result["processes"] = processes(work, [(1, 1), (2, 1), (1, 2)])

@@ -47,7 +47,7 @@ def pack(q: torch.Tensor, bits: int, dim: int = 0) -> torch.Tensor:
     if pad:
         q = torch.cat([q, q.new_zeros((pad, *rest))])
     runs = q.reshape(-1, 32, *rest)                                   # [R, 32, ...]
-    words = torch.zeros((runs.shape[0], bits, *rest), dtype=torch.int64)
+    words = torch.zeros((runs.shape[0], bits, *rest), dtype=torch.int64, device=q.device)
     for i in range(32):
         start = i * bits
         w, shift = divmod(start, 32)
@@ -73,7 +73,7 @@ def unpack(packed: torch.Tensor, bits: int, n: int, dim: int = 0) -> torch.Tenso
         words = torch.cat([words, words.new_zeros((pad, *rest))])
     words = words.reshape(-1, bits, *rest)
     mask = (1 << bits) - 1
-    out = torch.empty((words.shape[0], 32, *rest), dtype=torch.int64)
+    out = torch.empty((words.shape[0], 32, *rest), dtype=torch.int64, device=words.device)
     for i in range(32):
         start = i * bits
         w, shift = divmod(start, 32)

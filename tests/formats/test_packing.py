@@ -47,3 +47,12 @@ def test_out_of_range_codes_rejected(bad):
 def test_unsupported_width_rejected():
     with pytest.raises(ValueError, match="unsupported bit width 5"):
         pack(torch.zeros(32, 1, dtype=torch.long), 5)
+
+
+def test_packing_stays_on_the_device_of_its_input():
+    """pack and unpack allocate where their input lives (a CUDA tensor must not come back on the CPU)."""
+    words = torch.zeros(6, 5, dtype=torch.int32, device="meta")
+    assert unpack(words, 3, 64, dim=0).device.type == "meta"
+    if torch.cuda.is_available():                 # pack reads its codes' range first: it needs real values
+        codes = torch.randint(0, 8, (64, 5), dtype=torch.uint8, device="cuda")
+        assert torch.equal(unpack(pack(codes, 3, dim=0), 3, 64, dim=0), codes)
