@@ -142,8 +142,8 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--report", action="store_true")
     ap.add_argument("--results", type=Path, default=RESULTS)
-    ap.add_argument("--depths", type=lambda v: [int(n) for n in v.split(",")], default=None,
-                    help="block counts of the depth table, e.g. 2,4 (default: 2,4 on a GPU, 2,4,8,16 on CPU)")
+    ap.add_argument("--depths", type=lambda v: [int(n) for n in v.split(",") if n], default=None,
+                    help="block counts of the depth table, e.g. 2,4 ('' for none; default: 2,4 on a GPU, 2,4,8,16 on CPU)")
     ap.add_argument("--tokens", type=lambda v: [tuple(int(n) for n in s.split("x")) for s in v.split(",")],
                     default=None, help="nsamples x seqlen settings of the tokens table, e.g. 16x256,128x512")
     args = ap.parse_args()
@@ -159,7 +159,7 @@ def main() -> None:
                   f", {os.cpu_count()} CPUs", "threads": 1, "shape": shape, "calib": "tinystories 16 x 256, --no-mse"}
         settings = args.tokens or ([(16, 256), (64, 512), (128, 512)] if gpu else
                                    [(16, 256), (32, 256), (64, 256), (64, 512), (128, 512)])
-        depths = args.depths or ([2, 4] if gpu else [2, 4, 8, 16])
+        depths = args.depths if args.depths is not None else ([2, 4] if gpu else [2, 4, 8, 16])
         with tempfile.TemporaryDirectory() as tmp:
             work = Path(tmp)
             result["depth"] = depth(work, args.device.split()[0], shape, depths, calib)

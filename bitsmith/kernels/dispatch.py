@@ -31,7 +31,7 @@ from ..formats.packing import pack, unpack
 from . import cpu, reference
 
 SPLITK_MAX_M = 64     # int4 weights stay memory-bound to M ~ 66 on H100 (research/kernels.md section 2)
-DENSE_FROM_M = 256    # from here cuBLAS on a once-dequantized W; `bench/kernels.py` reports both sides
+DENSE_FROM_M = 256    # from here cuBLAS on a once-dequantized W; `bench/kernel_speed.py` reports both sides
 CPU_INT4_MAX_M = 64   # one core, SmolLM2 shapes (bench/cpu_runtime.py's per-layer table): cpu_int4 is ahead of
                       # cpu_dense to M = 256 at 2 and 4 bits and level with it at M = 64 at 8 bits; kept at 64
                       # because cpu_int4 rounds through bf16 and cpu_dense is exact
@@ -62,13 +62,23 @@ def sm_count(device: torch.device) -> int:
 
 
 def pick_config(key: tuple, candidates: list, run) -> object:
-    """The first (hand-picked) candidate off-GPU; on a GPU the fastest, timed once per key and cached."""
+    """The first (hand-picked) candidate off-GPU; on a GPU the fastest of those that fit it (a tile that needs more
+    shared memory than this GPU has is left out), timed once per key and cached."""
     if interpreting() or not torch.cuda.is_available() or len(candidates) == 1:
         return candidates[0]
     if key not in _TUNED:
+        from triton.runtime.errors import OutOfResources
         from triton.testing import do_bench
-        _TUNED[key] = min(candidates, key=lambda c: do_bench(lambda: run(c), warmup=5, rep=20,
-                                                              return_mode="median"))
+
+        def time(c) -> float:
+            try:
+                return do_bench(lambda: run(c), warmup=5, rep=20, return_mode="median")
+            except OutOfResources:
+                return float("inf")
+        times = [time(c) for c in candidates]
+        if min(times) == float("inf"):
+            raise RuntimeError(f"no launch configuration of {key[0]} fits this GPU's resources")
+        _TUNED[key] = candidates[times.index(min(times))]
     return _TUNED[key]
 
 

@@ -186,3 +186,23 @@ def test_dense_sparse_triton_dense_part_plus_sparse_add(poisoned_outputs, M, pat
     x = torch.randn(M, K).half()
     y = triton_csr.csr_add_(rt.dense(x, path), x, rt.values, rt.cols, rt.row_ptr)   # what CUDA runs
     assert rel_err(y, x.double() @ layer.dequantize().double().t()) <= 1e-3
+
+
+def test_tuning_leaves_out_configurations_that_do_not_fit_the_gpu(monkeypatch):
+    """A candidate tile that needs more shared memory than the GPU has raises OutOfResources when launched: the
+    tuner times the others and picks the fastest of them; when none fits it says so."""
+    import triton.testing
+    from triton.runtime.errors import OutOfResources
+    monkeypatch.setattr(dispatch, "interpreting", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **kw: fn())
+    times = {"big": None, "slow": 3.0, "fast": 1.0}
+
+    def run(c):
+        if times[c] is None:
+            raise OutOfResources(344064, 232448, "shared memory")
+        return times[c]
+    assert dispatch.pick_config(("test-fit",), ["big", "slow", "fast"], run) == "fast"
+    with pytest.raises(RuntimeError, match="no launch configuration of test-none fits"):
+        dispatch.pick_config(("test-none",), ["big", "big"], run)
+    dispatch._TUNED.pop(("test-fit",))
