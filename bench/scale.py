@@ -104,6 +104,8 @@ def report(result: dict) -> str:
     mb = lambda b: f"{b / 2**20:,.0f}" if b is not None else "-"
     lines = [f"# Scaling ({result['device']}, {result['date']}, {result['machine']})", "",
              f"torch threads per process: {result['threads']}. Command lines in the JSON next to this file.", ""]
+    if result.get("note"):
+        lines += [f"Note: {result['note']}.", ""]
     if result.get("depth"):
         shape = result["shape"]
         lines += [(f"## Model depth: synthetic Llama blocks of hidden {shape['hidden']}, intermediate "

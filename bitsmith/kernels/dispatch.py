@@ -11,9 +11,11 @@ W4A16 paths                                            W4A8 paths
   cpu_dense  CPU, larger M: W dequantized once into a
              shared buffer, fp32 matmul (any layout)
   gemv       Triton, M = 1
-  splitk     Triton tl.dot, split-K, M <= 64
-  tiled      Triton tl.dot, 64 < M < DENSE_FROM_M
-  dense      Triton dequantize once, then torch.matmul
+  splitk     Triton tl.dot, split-K, M <= 64 on layers of
+             at least SPLITK_MIN_WEIGHTS weights
+  dense      Triton dequantize once, then torch.matmul:
+             every other M
+  tiled      Triton tl.dot (asked for by name only)
 
 kernels/cpu.py describes the CPU forms: every bit width, group size, act-order and N fits cpu_int4, whose
 activations and outputs go through bf16 (torch's kernel is vectorized for bf16 only), while cpu_dense is exact in
@@ -30,8 +32,12 @@ import torch
 from ..formats.packing import pack, unpack
 from . import cpu, reference
 
-SPLITK_MAX_M = 64     # int4 weights stay memory-bound to M ~ 66 on H100 (research/kernels.md section 2)
-DENSE_FROM_M = 256    # from here cuBLAS on a once-dequantized W; `bench/kernel_speed.py` reports both sides
+# W4A16 cut-offs from bench/results/kernels-h200.md (H200, 2026-12-04, the paths side by side): split-K is ahead of
+# dequantize-then-cuBLAS for 2 <= M <= 64 on 8192 x 28672 and 28672 x 8192 (165 vs 317 us at M = 4, 291 vs 320 at
+# M = 64) and behind it from M = 256 (924 vs 376), and on 4096 x 4096 ... 11008 x 4096 behind it at every M
+# (185 vs 73 us at M = 4 on 4096 x 11008); the tiled GEMM was ahead of both once, by 2 % (M = 64 on 8192 x 28672).
+SPLITK_MAX_M = 64
+SPLITK_MIN_WEIGHTS = 100_000_000     # between 11008 x 4096 (45 M, dense ahead) and 8192 x 28672 (235 M, split-K)
 CPU_INT4_MAX_M = 64   # one core, SmolLM2 shapes (bench/cpu_runtime.py's per-layer table): cpu_int4 is ahead of
                       # cpu_dense to M = 256 at 2 and 4 bits and level with it at M = 64 at 8 bits; kept at 64
                       # because cpu_int4 rounds through bf16 and cpu_dense is exact
@@ -154,9 +160,7 @@ class W4A16Runtime:
             return "reference"
         if M == 1:
             return "gemv"
-        if M <= SPLITK_MAX_M:
-            return "splitk"
-        return "tiled" if M < DENSE_FROM_M else "dense"
+        return "splitk" if M <= SPLITK_MAX_M and self.K * self.N >= SPLITK_MIN_WEIGHTS else "dense"
 
     def __call__(self, x: torch.Tensor, path: str | None = None) -> torch.Tensor:
         """y [M, N] = x [M, K] W^T in x.dtype."""

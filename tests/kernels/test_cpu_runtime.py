@@ -102,7 +102,7 @@ def test_forward_takes_cpu_int4_for_few_rows_and_cpu_dense_for_many():
     rt = module.runtime()
     assert [rt.path(M, "cpu") for M in (0, 1, 3, 8, 64, 65, 2048)] == ["cpu_int4"] * 5 + ["cpu_dense"] * 2
     assert [rt.path(M, torch.device("cpu")) for M in (64, 65)] == ["cpu_int4", "cpu_dense"]
-    assert [rt.path(M, "cuda") for M in (1, 8, 65, 256)] == ["gemv", "splitk", "tiled", "dense"]   # unchanged
+    assert [rt.path(M, "cuda") for M in (1, 8, 65, 256)] == ["gemv", "dense", "dense", "dense"]   # unchanged
     W = module.dequantize().double()
     for rows, tol in ((dispatch.CPU_INT4_MAX_M, BF16_TOL), (dispatch.CPU_INT4_MAX_M + 1, FP32_TOL)):
         x = torch.randn(1, rows, K)

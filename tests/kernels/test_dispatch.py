@@ -44,13 +44,15 @@ def rel_err(y, ref):
     return ((y.double() - ref).norm() / ref.norm()).item()
 
 
-@pytest.mark.parametrize("M,cuda_path,cpu_path", [(1, "gemv", "cpu_int4"), (3, "splitk", "cpu_int4"),
-                                                  (17, "splitk", "cpu_int4"), (64, "splitk", "cpu_int4"),
-                                                  (65, "tiled", "cpu_dense"), (256, "dense", "cpu_dense")])
-def test_w4a16_path_by_device_and_m(M, cuda_path, cpu_path):
+@pytest.mark.parametrize("M,large,small,cpu_path", [(1, "gemv", "gemv", "cpu_int4"), (3, "splitk", "dense", "cpu_int4"),
+                                                    (64, "splitk", "dense", "cpu_int4"), (65, "dense", "dense", "cpu_dense"),
+                                                    (256, "dense", "dense", "cpu_dense")])
+def test_w4a16_path_by_device_m_and_layer_size(M, large, small, cpu_path, monkeypatch):
+    """Split-K for few rows on large layers, dequantize-then-matmul otherwise (the H200 measurements in dispatch.py)."""
     rt = gptq_layer().runtime()
-    assert rt.path(M, "cuda") == cuda_path
-    assert rt.path(M, "cpu") == cpu_path
+    assert rt.path(M, "cuda") == small and rt.path(M, "cpu") == cpu_path
+    monkeypatch.setattr(dispatch, "SPLITK_MIN_WEIGHTS", rt.K * rt.N)     # this layer as large as the cut-off
+    assert rt.path(M, "cuda") == large and rt.path(M, "cpu") == cpu_path
 
 
 @pytest.mark.parametrize("layer,reason", [
@@ -67,7 +69,7 @@ def test_layouts_the_triton_kernels_do_not_cover_fall_back_to_the_reference(laye
 def test_3bit_layers_take_the_triton_paths():
     for case in ({"bits": 3}, {"bits": 3, "group_size": -1}, {"bits": 3, "g_idx": act_order_g_idx()}):
         rt = gptq_layer(**case).runtime()
-        assert [rt.path(M, "cuda") for M in (1, 3, 65, 256)] == ["gemv", "splitk", "tiled", "dense"], case
+        assert [rt.path(M, "cuda") for M in (1, 3, 65, 256)] == ["gemv", "dense", "dense", "dense"], case
         assert rt.path(1, "cpu") == "cpu_int4"
 
 
