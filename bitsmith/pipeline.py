@@ -67,8 +67,9 @@ class Result:
 
 def quantize_linear(W: torch.Tensor, H: Hessian | None, opts: QuantizeOptions, layer: LayerPlan):
     """(quantized weight, tensors to store (on CPU), GPTQ loss) of one linear under its plan entry, computed on
-    the device W is on (tensors the quantizers make go there too)."""
-    with torch.device(W.device):
+    the device W is on (tensors the quantizers make go there too; on CPU, where they go anyway, without the
+    device context, whose Python handler sits on every torch call of the column loop)."""
+    with contextlib.nullcontext() if W.device.type == "cpu" else torch.device(W.device):
         qw, stored, loss = _quantize_linear(W, H, opts, layer)
     return qw, {name: t.cpu() for name, t in stored.items()}, None if loss is None else float(loss)
 

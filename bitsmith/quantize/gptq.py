@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .grid import RowGrid, check_finite, fake_quantize, fit_grid, quantize_codes
+from .grid import RowGrid, check_finite, fake_quantize, fit_grid
 from .outliers import DenseSparseWeight, Outliers, narrowest_range, outlier_count, top_per_row
 from .per_ic import PerICWeight, expand_rows, fit_column, row_span
 from .rtn import QuantizedWeight
@@ -98,6 +98,7 @@ class ColumnGrids:
         self.maxq = (2.0 ** bits - 1).float()
         self.scale = torch.zeros(len(bits), dtype=torch.float16)
         self.zero = torch.zeros(len(bits), dtype=torch.int32)
+        self._floats: tuple[torch.Tensor, torch.Tensor] | None = None   # (scale, zero) in float32 while unchanged
         self.sizes = sorted({c.group_size for c in configs if not c.per_ic})
         self.rows, self.grid, self.fits, self.group_of, self.static = {}, {}, {}, {}, {}
         self.per_ic = {}
@@ -138,6 +139,7 @@ class ColumnGrids:
     def _set(self, g: int, fit: tuple[torch.Tensor, torch.Tensor]) -> None:
         self.scale[self.rows[g]], self.zero[self.rows[g]] = fit
         self.fits[g].append(fit)
+        self._floats = None
 
     def at(self, col: int, W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Grids for permuted column `col`; W holds every column from `col` on updated for all columns
@@ -148,10 +150,11 @@ class ColumnGrids:
             if g in self.static:
                 fit = self.static[g][int(self.group_of[g][col])]
                 self.scale[self.rows[g]], self.zero[self.rows[g]] = fit
+                self._floats = None
                 continue
             if col % g == 0:
                 self._set(g, self._fit(g, W[self.rows[g], col:col + g], torch.arange(col, min(col + g, self.cols))))
-            self.group_of[g][col] = col // g
+                self.group_of[g][col:col + g] = col // g
         return self.scale, self.zero
 
     def round(self, col: int, W: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -176,8 +179,12 @@ class ColumnGrids:
                 mine = slice(c * rows, (c + 1) * rows)
                 scale[mine] = expand_rows(scales[:, col], config.group_size, rows)
                 zero[mine] = expand_rows(zeros[:, col], config.group_size, rows)
-        q = quantize_codes(w, scale, zero, self.maxq)
-        return q, fake_quantize(q, scale, zero), zero
+                self._floats = None
+        if self._floats is None:
+            self._floats = scale.float(), zero.float()
+        s, z = self._floats                     # quantize_codes and fake_quantize, the conversions done once a grid
+        t = torch.minimum(torch.round(w / s).add_(z).clamp_(min=0), self.maxq)
+        return t.to(torch.uint8), s * (t - z), zero
 
     def stored(self, c: int, g: int, rows: int, inv: torch.Tensor):
         """(scales [G, rows], zeros [G, rows], g_idx or None) of config c, in original column order."""
