@@ -67,24 +67,27 @@ def sm_count(device: torch.device) -> int:
     return NOMINAL_SMS
 
 
-def pick_config(key: tuple, candidates: list, run) -> object:
+def pick_config(key: tuple, candidates, run) -> object:
     """The first (hand-picked) candidate off-GPU; on a GPU the fastest of those that fit it (a tile that needs more
-    shared memory than this GPU has is left out), timed once per key and cached."""
+    shared memory than this GPU has is left out), timed once per key and cached. `candidates()` makes the list, only
+    when a key is new: a tuned call costs a dictionary lookup."""
+    if key in _TUNED:
+        return _TUNED[key]
+    candidates = candidates()
     if interpreting() or not torch.cuda.is_available() or len(candidates) == 1:
         return candidates[0]
-    if key not in _TUNED:
-        from triton.runtime.errors import OutOfResources
-        from triton.testing import do_bench
+    from triton.runtime.errors import OutOfResources
+    from triton.testing import do_bench
 
-        def time(c) -> float:
-            try:
-                return do_bench(lambda: run(c), warmup=5, rep=20, return_mode="median")
-            except OutOfResources:
-                return float("inf")
-        times = [time(c) for c in candidates]
-        if min(times) == float("inf"):
-            raise RuntimeError(f"no launch configuration of {key[0]} fits this GPU's resources")
-        _TUNED[key] = candidates[times.index(min(times))]
+    def time(c) -> float:
+        try:
+            return do_bench(lambda: run(c), warmup=5, rep=20, return_mode="median")
+        except OutOfResources:
+            return float("inf")
+    times = [time(c) for c in candidates]
+    if min(times) == float("inf"):
+        raise RuntimeError(f"no launch configuration of {key[0]} fits this GPU's resources")
+    _TUNED[key] = candidates[times.index(min(times))]
     return _TUNED[key]
 
 
@@ -177,14 +180,14 @@ class W4A16Runtime:
             x = x[:, self.perm]
         x = x.contiguous()
         args = (*self.triton_form(), self.group_size, self.bits)
-        sms = sm_count(x.device)
         key = (path, m_bucket(M), self.K, self.N, self.group_size, self.bits, x.dtype)
         if path == "gemv":
-            config = pick_config(key, tw.gemv_configs(self.N, self.K, self.group_size, sms),
+            config = pick_config(key, lambda: tw.gemv_configs(self.N, self.K, self.group_size, sm_count(x.device)),
                                  lambda c: tw.gemv(x, *args, c))
             return tw.gemv(x, *args, config)
         if path in ("splitk", "tiled"):
-            candidates = tw.gemm_configs(m_bucket(M), self.N, self.K, self.group_size, sms, path == "splitk")
+            candidates = lambda: tw.gemm_configs(m_bucket(M), self.N, self.K, self.group_size, sm_count(x.device),
+                                                 path == "splitk")
             config = pick_config(key, candidates, lambda c: tw.gemm(x, *args, c))
             return tw.gemm(x, *args, config)
         if path == "dense":
@@ -264,7 +267,7 @@ class W4A8Runtime:
         args = (x_q, token_scale, self.qweight, self.group_scale, self.group_zero, self.channel_scale,
                 self.group_size, x.dtype)
         key = (path, m_bucket(M), self.K, self.N, self.group_size, x.dtype)
-        candidates = triton_w4a8.w4a8_configs(m_bucket(M), self.N, self.K, self.group_size, sm_count(x.device),
-                                              path == "splitk")
+        candidates = lambda: triton_w4a8.w4a8_configs(m_bucket(M), self.N, self.K, self.group_size,
+                                                      sm_count(x.device), path == "splitk")
         config = pick_config(key, candidates, lambda c: triton_w4a8.w4a8_gemm(*args, c))
         return triton_w4a8.w4a8_gemm(*args, config)

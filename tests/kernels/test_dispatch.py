@@ -204,7 +204,8 @@ def test_tuning_leaves_out_configurations_that_do_not_fit_the_gpu(monkeypatch):
         if times[c] is None:
             raise OutOfResources(344064, 232448, "shared memory")
         return times[c]
-    assert dispatch.pick_config(("test-fit",), ["big", "slow", "fast"], run) == "fast"
+    assert dispatch.pick_config(("test-fit",), lambda: ["big", "slow", "fast"], run) == "fast"
+    assert dispatch.pick_config(("test-fit",), lambda: 1 / 0, run) == "fast"          # tuned: no list made
     with pytest.raises(RuntimeError, match="no launch configuration of test-none fits"):
-        dispatch.pick_config(("test-none",), ["big", "big"], run)
+        dispatch.pick_config(("test-none",), lambda: ["big", "big"], run)
     dispatch._TUNED.pop(("test-fit",))
