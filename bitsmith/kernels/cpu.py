@@ -142,6 +142,45 @@ class Int4Weights:
         return y[:, :self.N].to(x.dtype)
 
 
+class PerICInt4Weights:
+    """A per-input-channel linear of 2-4 bits (kernels/per_ic_linear.py: W[o, j] = S[G, j] (Q[o, j] - Z[G, j]) for
+    the group G of `rows` output rows holding o) in torch's CPU int4 form, one product per group of rows:
+
+        y[:, G] = (x * S[G]) Q_G^T - x (S[G] (Z[G] - c))^T,   c = 2^(bits-1)
+
+    The kernel holds each group's codes as int4 codes Q + 8 - c with kernel scale 1 and m = 0, so it reads them as
+    Q - c (centred, so that neither term is much larger than y); the activations scaled per input channel are
+    rounded to bf16 and the kernel's output comes back through bf16, as in Int4Weights. K is padded to a multiple
+    of the kernel group with channels where x is 0, each group's rows to a multiple of N_ALIGN with code 8 (w = 0).
+    Half a byte per weight, where a bf16 copy of W takes two."""
+
+    def __init__(self, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, rows: int):
+        N, K = codes.shape
+        center = 1 << (bits - 1)
+        self.N, self.K, self.rows = N, K, rows
+        self.pad_k = -K % KERNEL_GROUPS[-1]
+        self.group_size = next(g for g in KERNEL_GROUPS if (K + self.pad_k) % g == 0)
+        self.scales = scales.to(torch.float32)                                           # [G, K]
+        self.offset = (self.scales * (zeros.to(torch.float32) - center)).t().contiguous()  # [K, G]
+        self.groups = []
+        for start in range(0, N, rows):
+            q = codes[start:start + rows].to(torch.int32) + (NEUTRAL - center)
+            q = F.pad(q, (0, self.pad_k, 0, -len(q) % N_ALIGN), value=NEUTRAL)
+            ones = torch.zeros((K + self.pad_k) // self.group_size, len(q), 2, dtype=torch.bfloat16)
+            ones[..., 0] = 1
+            self.groups.append((torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.contiguous(), 2), ones))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.to(torch.float32)
+        scaled = F.pad(x32[None] * self.scales[:, None], (0, self.pad_k)).to(torch.bfloat16)   # [G, M, K']
+        y = torch.empty(len(x), self.N, dtype=torch.float32)
+        for G, (packed, ones) in enumerate(self.groups):
+            part = torch.ops.aten._weight_int4pack_mm_for_cpu(scaled[G], packed, self.group_size, ones)
+            y[:, G * self.rows:(G + 1) * self.rows] = part[:, :min(self.rows, self.N - G * self.rows)]
+        y -= (x32 @ self.offset).repeat_interleave(self.rows, dim=1)[:, :self.N]
+        return y.to(x.dtype)
+
+
 def bf16_product(x: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
     """x [M, K] W^T for a bf16 W [N, K]: x rounded to bf16, fp32 accumulation, the result through bf16 and back in
     x.dtype. One row goes through torch.mv, whose GEMV reads W faster than the GEMM's M = 1 path (one core,

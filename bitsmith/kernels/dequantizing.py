@@ -1,10 +1,11 @@
 """The runtime of layouts without a fused kernel yet (lookup tables, per-input-channel groups).
 
 On CUDA the forward dequantizes W with Triton (kernels/triton_dequant.py) in the activations' dtype. On the CPU,
-a call of up to CPU_INT4_MAX_M rows (decode) multiplies by a bf16 copy of W made once (2 bytes per weight; bf16
-activations, as the GPTQ layouts' cpu_int4 path rounds them: dequantizing W on every step costs 40 times the
-float32 product on one core); a longer call dequantizes W once for the call with the torch reference, exact in
-float32. `cache_dequantized` keeps a dense copy in any dtype for every call instead.
+a call of up to CPU_INT4_MAX_M rows (decode) goes through `decode`: a layout's own CPU form where it has one
+(per-input-channel grids of up to 4 bits: torch's int4 GEMM on the codes), else a bf16 copy of W made once
+(2 bytes per weight; bf16 activations, as the GPTQ layouts' cpu_int4 path rounds them: dequantizing W on every
+step costs 40 times the float32 product on one core); a longer call dequantizes W once for the call with the torch
+reference, exact in float32. `cache_dequantized` keeps a dense copy in any dtype for every call instead.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ class DequantizingLinear(nn.Module, ABC):
         self.in_features, self.out_features, self.bits = in_features, out_features, bits
         self.register_buffer("bias", torch.zeros(out_features, dtype=torch.float16) if bias else None)
         self._dense = None
-        self._decode = None                     # (key of the weights it was made from, bf16 W)
+        self._decode = None                     # (key of the weights it was made from, the decode form)
         self.register_load_state_dict_post_hook(lambda module, keys: setattr(module, "_decode", None))
 
     @abstractmethod
@@ -40,6 +41,11 @@ class DequantizingLinear(nn.Module, ABC):
     def cache_dequantized(self, dtype: torch.dtype = torch.float32) -> None:
         """Keep a dense copy of W for repeated forwards (evaluation); trades memory for speed."""
         self._dense = self.dequantize().to(dtype)
+
+    def decode(self, rows: torch.Tensor) -> torch.Tensor:
+        """rows [M, in] W^T on the CPU for a few rows (decode): by the bf16 copy of W, unless a layout has a form of
+        its own."""
+        return bf16_product(rows, self.decode_weight())
 
     def decode_weight(self) -> torch.Tensor:
         """The bf16 copy of W the CPU decode path multiplies by, made again when the packed weights change."""
@@ -55,7 +61,6 @@ class DequantizingLinear(nn.Module, ABC):
         if x.is_cuda:
             return F.linear(x, self.dequantize_cuda(x.dtype), bias)
         if x.numel() // self.in_features <= CPU_INT4_MAX_M:
-            rows = x.reshape(-1, self.in_features)
-            y = bf16_product(rows, self.decode_weight()).reshape(*x.shape[:-1], self.out_features)
+            y = self.decode(x.reshape(-1, self.in_features)).reshape(*x.shape[:-1], self.out_features)
             return y if bias is None else y + bias
         return F.linear(x, self.dequantize().to(x.dtype), bias)

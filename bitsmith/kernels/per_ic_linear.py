@@ -3,7 +3,8 @@
   qweight int32 [packed(in), out]   codes packed along in_features, as the GPTQ layout packs them
   scales  fp16  [G, in]             one scale per input channel and group of `group_size` output rows
   qzeros  int32 [G, packed(in)]     the zero points (true zeros, not GPTQ's zero - 1), packed along in_features
-W[o, j] = scales[o // g, j] * (code[o, j] - zero[o // g, j]). The forward dequantizes W (the torch reference).
+W[o, j] = scales[o // g, j] * (code[o, j] - zero[o // g, j]). Decode on CPU runs torch's int4 GEMM per group of rows
+(kernels/cpu.py, up to 4 bits); otherwise the forward dequantizes W (kernels/dequantizing.py).
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch
 
 from ..formats.packing import packed_length, unpack
 from ..quantize.per_ic import PerICWeight, row_span
+from .cpu import PerICInt4Weights
 from .dequantizing import DequantizingLinear
 
 
@@ -32,6 +34,19 @@ class PerICLinear(DequantizingLinear):
         self.register_buffer("qweight", torch.zeros(packed_length(in_features, bits), out_features, dtype=torch.int32))
         self.register_buffer("scales", torch.zeros(groups, in_features, dtype=torch.float16))
         self.register_buffer("qzeros", torch.zeros(groups, packed_length(in_features, bits), dtype=torch.int32))
+
+    def decode(self, rows: torch.Tensor) -> torch.Tensor:
+        """Up to 4 bits: torch's int4 GEMM on the codes, one call per group of output rows (cpu.PerICInt4Weights,
+        half a byte per weight); 8 bits: the bf16 copy of W."""
+        if self.bits > 4:
+            return super().decode(rows)
+        key = tuple(b.data_ptr() for b in self.buffers())
+        if self._decode is None or self._decode[0] != key:
+            codes = unpack(self.qweight, self.bits, self.in_features, dim=0).t()
+            zeros = unpack(self.qzeros, self.bits, self.in_features, dim=1)
+            self._decode = (key, PerICInt4Weights(codes, self.scales, zeros, self.bits,
+                                                  row_span(self.group_size, self.out_features)))
+        return self._decode[1](rows)
 
     def dequantize(self) -> torch.Tensor:
         return per_ic_dequantize(self.qweight, self.scales, self.qzeros, self.bits, self.in_features, self.group_size)

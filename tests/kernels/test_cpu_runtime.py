@@ -175,3 +175,34 @@ def test_bf16_product_is_the_bf16_gemm_bit_for_bit(M):
     y = cpu.bf16_product(x, W)
     assert y.dtype == torch.float32 and y.shape == (M, 300)
     assert torch.equal(y, F.linear(x.to(torch.bfloat16), W).float())
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("in_features,out_features,rows", [(400, 40, 16), (576, 192, 128), (64, 100, 100), (96, 37, 8)])
+@pytest.mark.parametrize("M", ROWS)
+def test_per_input_channel_decode_computes_the_layer_from_int4_codes(bits, in_features, out_features, rows, M):
+    """cpu.PerICInt4Weights: the int4 GEMM per group of output rows minus the zero-point term, within bf16 rounding
+    of the reference W (K and the row groups padded: neither is a multiple of what the kernel takes)."""
+    from bitsmith.quantize.per_ic import PerICWeight
+    gen = torch.Generator().manual_seed(bits * in_features + out_features + rows)
+    G = -(-out_features // rows)
+    codes = torch.randint(0, 1 << bits, (out_features, in_features), generator=gen, dtype=torch.uint8)
+    scales = (torch.rand(G, in_features, generator=gen) * 0.02 + 1e-3).half()
+    zeros = torch.randint(0, 1 << bits, (G, in_features), generator=gen, dtype=torch.int32)
+    W = PerICWeight.dequantize(codes, scales, zeros, rows).double()
+    form = cpu.PerICInt4Weights(codes, scales, zeros, bits, rows)
+    x = torch.randn(M, in_features, generator=gen)
+    assert rel_err(form(x), x.double() @ W.t()) < BF16_TOL
+    assert sum(p.numel() for p, _ in form.groups) <= out_features * (in_features + 32) // 2 + 16 * in_features
+
+
+def test_per_input_channel_modules_decode_from_codes_up_to_4_bits():
+    """A PerICLinear decodes through the int4 form up to 4 bits (no bf16 copy of W is made) and through the bf16
+    copy at 8 bits."""
+    from bitsmith.kernels.per_ic_linear import PerICLinear
+    for bits, form in ((4, cpu.PerICInt4Weights), (8, torch.Tensor)):
+        module = PerICLinear(96, 40, bits, 16)
+        module.qweight.random_(generator=torch.Generator().manual_seed(bits))
+        module.scales.fill_(0.01)
+        module(torch.randn(1, 96))
+        assert isinstance(module._decode[1], form)
