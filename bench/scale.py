@@ -40,13 +40,14 @@ SEVEN_B = {"hidden": 4096, "intermediate": 11008, "heads": 32, "kv_heads": 32}
 def quantize(model: str, out: str, *args: str, nproc: int = 1, device: str = "cpu", threads: int = 1) -> dict:
     """One `bitsmith quantize` in a fresh process: its summary, wall time and the command."""
     summary = Path(out).with_suffix(".json")
-    command = [sys.executable, "-m", "bitsmith", "quantize", model, "-o", out, "--device", device, "--json", str(summary), *args,
-               *(["--nproc", str(nproc)] if nproc > 1 else [])]
+    command = [sys.executable, "-m", "bitsmith", "quantize", model, "-o", out, "--device", device, "--json",
+               str(summary), *args, *(["--nproc", str(nproc)] if nproc > 1 else [])]
     started = time.perf_counter()
     subprocess.run(command, check=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)},
                    stdout=subprocess.DEVNULL)
     wall = time.perf_counter() - started
-    shown = "bitsmith " + " ".join(command[3:]).replace(str(Path(out).parent), "OUT").replace(f"{TEXT.resolve()}/", "../shared/assets/text/")
+    shown = ("bitsmith " + " ".join(command[3:])).replace(str(Path(out).parent), "OUT").replace(
+        f"{TEXT.resolve()}/", "../shared/assets/text/")
     return {**json.loads(summary.read_text()), "wall_seconds": wall, "command": shown}
 
 
@@ -145,7 +146,8 @@ def main() -> None:
     ap.add_argument("--report", action="store_true")
     ap.add_argument("--results", type=Path, default=RESULTS)
     ap.add_argument("--depths", type=lambda v: [int(n) for n in v.split(",") if n], default=None,
-                    help="block counts of the depth table, e.g. 2,4 ('' for none; default: 2,4 on a GPU, 2,4,8,16 on CPU)")
+                    help="block counts of the depth table, e.g. 2,4 (empty for none; default: 2,4 on a GPU, "
+                         "2,4,8,16 on CPU)")
     ap.add_argument("--tokens", type=lambda v: [tuple(int(n) for n in s.split("x")) for s in v.split(",")],
                     default=None, help="nsamples x seqlen settings of the tokens table, e.g. 16x256,128x512")
     args = ap.parse_args()
@@ -154,24 +156,26 @@ def main() -> None:
         gpu = args.device != "cpu"
         shape = SEVEN_B if gpu else SMALL
         calib = ["--calib", str(CALIB), "--nsamples", "16", "--seqlen", "256", "--no-mse"]
+        shown = args.device
         if gpu:
             import torch
-            args.device = f"{args.device} ({torch.cuda.get_device_name()})"
-        result = {"device": args.device, "date": datetime.date.today().isoformat(), "machine": platform.machine() +
+            shown += f" ({torch.cuda.get_device_name()})"
+        result = {"device": shown, "date": datetime.date.today().isoformat(), "machine": platform.machine() +
                   f", {os.cpu_count()} CPUs", "threads": 1, "shape": shape, "calib": "tinystories 16 x 256, --no-mse"}
         settings = args.tokens or ([(16, 256), (64, 512), (128, 512)] if gpu else
                                    [(16, 256), (32, 256), (64, 256), (64, 512), (128, 512)])
         depths = args.depths if args.depths is not None else ([2, 4] if gpu else [2, 4, 8, 16])
+        save = lambda: path.write_text(json.dumps(result, indent=1) + "\n")   # each table kept once measured
         with tempfile.TemporaryDirectory() as tmp:
             work = Path(tmp)
-            result["depth"] = depth(work, args.device.split()[0], shape, depths, calib)
-            path.write_text(json.dumps(result, indent=1) + "\n")          # each table kept as soon as it is measured
+            result["depth"] = depth(work, args.device, shape, depths, calib)
+            save()
             result["tokens_blocks"] = 2 if gpu else 4                # memory is flat in the depth (first table)
-            result["tokens"] = tokens(work, args.device.split()[0], shape, settings, result["tokens_blocks"])
-            path.write_text(json.dumps(result, indent=1) + "\n")
+            result["tokens"] = tokens(work, args.device, shape, settings, result["tokens_blocks"])
+            save()
             if not gpu:
                 result["processes"] = processes(work, [(1, 1), (2, 1), (1, 2)])
-        path.write_text(json.dumps(result, indent=1) + "\n")
+                save()
     result = json.loads(path.read_text())
     path.with_suffix(".md").write_text(report(result))
     print(report(result))

@@ -157,7 +157,7 @@ class PerICInt4Weights:
     def __init__(self, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, rows: int):
         N, K = codes.shape
         center = 1 << (bits - 1)
-        self.N, self.K, self.rows = N, K, rows
+        self.N, self.rows = N, rows
         self.pad_k = -K % KERNEL_GROUPS[-1]
         self.group_size = next(g for g in KERNEL_GROUPS if (K + self.pad_k) % g == 0)
         self.scales = scales.to(torch.float32)                                           # [G, K]
@@ -166,16 +166,16 @@ class PerICInt4Weights:
         for start in range(0, N, rows):
             q = codes[start:start + rows].to(torch.int32) + (NEUTRAL - center)
             q = F.pad(q, (0, self.pad_k, 0, -len(q) % N_ALIGN), value=NEUTRAL)
-            ones = torch.zeros((K + self.pad_k) // self.group_size, len(q), 2, dtype=torch.bfloat16)
-            ones[..., 0] = 1
-            self.groups.append((torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.contiguous(), 2), ones))
+            unit = torch.zeros((K + self.pad_k) // self.group_size, len(q), 2, dtype=torch.bfloat16)
+            unit[..., 0] = 1                                                            # kernel scale 1, m 0
+            self.groups.append((torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.contiguous(), 2), unit))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x32 = x.to(torch.float32)
         scaled = F.pad(x32[None] * self.scales[:, None], (0, self.pad_k)).to(torch.bfloat16)   # [G, M, K']
         y = torch.empty(len(x), self.N, dtype=torch.float32)
-        for G, (packed, ones) in enumerate(self.groups):
-            part = torch.ops.aten._weight_int4pack_mm_for_cpu(scaled[G], packed, self.group_size, ones)
+        for G, (packed, unit) in enumerate(self.groups):
+            part = torch.ops.aten._weight_int4pack_mm_for_cpu(scaled[G], packed, self.group_size, unit)
             y[:, G * self.rows:(G + 1) * self.rows] = part[:, :min(self.rows, self.N - G * self.rows)]
         y -= (x32 @ self.offset).repeat_interleave(self.rows, dim=1)[:, :self.N]
         return y.to(x.dtype)

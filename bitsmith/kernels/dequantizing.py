@@ -48,10 +48,14 @@ class DequantizingLinear(nn.Module, ABC):
         return bf16_product(rows, self.decode_weight())
 
     def decode_weight(self) -> torch.Tensor:
-        """The bf16 copy of W the CPU decode path multiplies by, made again when the packed weights change."""
+        """The bf16 copy of W the CPU decode path multiplies by."""
+        return self.decode_form(lambda: self.dequantize().to(torch.bfloat16))
+
+    def decode_form(self, make):
+        """The CPU decode form `make()` builds, kept and made again when the packed weights change."""
         key = tuple(b.data_ptr() for b in self.buffers())
         if self._decode is None or self._decode[0] != key:
-            self._decode = (key, self.dequantize().to(torch.bfloat16))
+            self._decode = (key, make())
         return self._decode[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

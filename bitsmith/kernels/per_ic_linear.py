@@ -40,13 +40,10 @@ class PerICLinear(DequantizingLinear):
         half a byte per weight); 8 bits: the bf16 copy of W."""
         if self.bits > 4:
             return super().decode(rows)
-        key = tuple(b.data_ptr() for b in self.buffers())
-        if self._decode is None or self._decode[0] != key:
-            codes = unpack(self.qweight, self.bits, self.in_features, dim=0).t()
-            zeros = unpack(self.qzeros, self.bits, self.in_features, dim=1)
-            self._decode = (key, PerICInt4Weights(codes, self.scales, zeros, self.bits,
-                                                  row_span(self.group_size, self.out_features)))
-        return self._decode[1](rows)
+        return self.decode_form(lambda: PerICInt4Weights(
+            unpack(self.qweight, self.bits, self.in_features, dim=0).t(), self.scales,
+            unpack(self.qzeros, self.bits, self.in_features, dim=1), self.bits,
+            row_span(self.group_size, self.out_features)))(rows)
 
     def dequantize(self) -> torch.Tensor:
         return per_ic_dequantize(self.qweight, self.scales, self.qzeros, self.bits, self.in_features, self.group_size)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .grid import RowGrid, check_finite, fake_quantize, fit_grid
+from .grid import RowGrid, check_finite, fake_quantize, fit_grid, grid_points
 from .outliers import DenseSparseWeight, Outliers, narrowest_range, outlier_count, top_per_row
 from .per_ic import PerICWeight, expand_rows, fit_column, row_span
 from .rtn import QuantizedWeight
@@ -183,7 +183,7 @@ class ColumnGrids:
         if self._floats is None:
             self._floats = scale.float(), zero.float()
         s, z = self._floats                     # quantize_codes and fake_quantize, the conversions done once a grid
-        t = torch.minimum(torch.round(w / s).add_(z).clamp_(min=0), self.maxq)
+        t = grid_points(w, s, z, self.maxq)
         return t.to(torch.uint8), s * (t - z), zero
 
     def stored(self, c: int, g: int, rows: int, inv: torch.Tensor):

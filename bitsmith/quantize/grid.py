@@ -148,7 +148,12 @@ def quantize_codes(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
     """q = clamp(round(x / scale) + zero, 0, maxq), broadcasting scale/zero over the last dim of x. `bits` is
     a bit width, or (a tensor) maxq itself, per row."""
     maxq = bits if isinstance(bits, torch.Tensor) else torch.tensor(2.0**bits - 1)
-    return torch.minimum(torch.round(x / scale.float()).add_(zero).clamp_(min=0), maxq).to(torch.uint8)
+    return grid_points(x, scale.float(), zero, maxq).to(torch.uint8)
+
+
+def grid_points(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: torch.Tensor) -> torch.Tensor:
+    """clamp(round(x / scale) + zero, 0, maxq) in float32 (scale float32): the codes, before their cast."""
+    return torch.minimum(torch.round(x / scale).add_(zero).clamp_(min=0), maxq)
 
 
 def fake_quantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
