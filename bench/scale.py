@@ -35,6 +35,7 @@ CALIB = TEXT / "tinystories_calib.txt"
 RESULTS = ROOT / "bench" / "results"
 SMALL = {"hidden": 512, "intermediate": 1408, "heads": 8, "kv_heads": 4}
 SEVEN_B = {"hidden": 4096, "intermediate": 11008, "heads": 32, "kv_heads": 32}
+SMOLLM2 = {"hidden": 576, "intermediate": 1536, "heads": 9, "kv_heads": 3, "layers": 30}   # SmolLM2-135M's shapes
 
 
 def quantize(model: str, out: str, *args: str, nproc: int = 1, device: str = "cpu", threads: int = 1) -> dict:
@@ -65,20 +66,41 @@ def depth(work: Path, device: str, shape: dict, layers: list[int], calib: list[s
     return rows
 
 
-def tokens(work: Path, device: str, shape: dict, settings: list[tuple[int, int]], blocks: int) -> list[dict]:
+def tokens(work: Path, device: str, shape: dict, settings: list[tuple[int, int]], blocks: int,
+           offloaded: list[tuple[int, int]] = ()) -> list[dict]:
+    """Peak memory against the calibration size; the settings in `offloaded` once more with
+    --offload-activations (the stream kept in host memory between blocks)."""
     model = work / "synthetic-tokens"
     synthetic.write(model, shape["hidden"], shape["intermediate"], blocks, shape["heads"], shape["kv_heads"])
     rows = []
-    for nsamples, seqlen in settings:
+    for (nsamples, seqlen), offload in [(s, False) for s in settings] + [(s, True) for s in offloaded]:
         out = work / f"q-{nsamples}-{seqlen}"
         s = quantize(str(model), str(out), "--calib", str(CALIB), "--nsamples", str(nsamples), "--seqlen", str(seqlen),
-                     "--no-mse", device=device)
-        rows.append({"nsamples": nsamples, "seqlen": seqlen, "hidden": shape["hidden"],
+                     "--no-mse", *(["--offload-activations"] if offload else []), device=device)
+        rows.append({"nsamples": nsamples, "seqlen": seqlen, "hidden": shape["hidden"], "offload": offload,
                      "stream_bytes": nsamples * seqlen * shape["hidden"] * 4, "peak_rss_bytes": s["peak_rss_bytes"],
                      "peak_device_bytes": s.get("peak_device_bytes"), "seconds": s["seconds"], "command": s["command"]})
         print("tokens", rows[-1], flush=True)
         subprocess.run(["rm", "-rf", str(out)], check=True)
     return rows
+
+
+def smollm2_shaped(work: Path, device: str) -> dict:
+    """A synthetic model of SmolLM2-135M's shapes (30 blocks, hidden 576, intermediate 1536, 9 / 3 heads; random
+    weights, 512-token vocabulary), quantized as the bit-plan benchmarks calibrate: GPTQ W4 g128 with the mse grid,
+    128 x 512 calibration tokens. Time and memory depend on the shapes alone (the perplexity is not measured)."""
+    shape = SMOLLM2
+    model = work / "smollm2-shaped"
+    size = synthetic.write(model, shape["hidden"], shape["intermediate"], shape["layers"], shape["heads"],
+                           shape["kv_heads"])
+    s = quantize(str(model), str(work / "q-smollm2-shaped"), "--calib", str(CALIB), "--nsamples", "128", "--seqlen",
+                 "512", device=device)
+    row = {**shape, "model_bytes": size, "peak_rss_bytes": s["peak_rss_bytes"],
+           "peak_device_bytes": s.get("peak_device_bytes"), "seconds": s["seconds"],
+           "seconds_per_block": s["seconds"] / shape["layers"], "command": s["command"]}
+    print("smollm2-shaped", row, flush=True)
+    subprocess.run(["rm", "-rf", str(model), str(work / "q-smollm2-shaped")], check=True)
+    return row
 
 
 def processes(work: Path, runs: list[tuple[int, int]]) -> list[dict]:
@@ -107,6 +129,15 @@ def report(result: dict) -> str:
              f"torch threads per process: {result['threads']}. Command lines in the JSON next to this file.", ""]
     if result.get("note"):
         lines += [f"Note: {result['note']}.", ""]
+    if result.get("smollm2_shaped"):
+        r = result["smollm2_shaped"]
+        lines += [("## SmolLM2-135M's shapes: a synthetic model of its 30 blocks (hidden 576, intermediate 1536, 9 / 3 "
+                   "heads; random weights, so time and memory only), GPTQ W4 g128 with the mse grid, tinystories "
+                   "128 x 512"), "",
+                  "| blocks | model MB (bf16) | peak RSS MB | peak device MB | s in all | s per block |",
+                  "|---|---|---|---|---|---|",
+                  (f"| {r['layers']} | {mb(r['model_bytes'])} | {mb(r['peak_rss_bytes'])} | "
+                   f"{mb(r['peak_device_bytes'])} | {r['seconds']:.1f} | {r['seconds_per_block']:.2f} |"), ""]
     if result.get("depth"):
         shape = result["shape"]
         lines += [(f"## Model depth: synthetic Llama blocks of hidden {shape['hidden']}, intermediate "
@@ -118,10 +149,13 @@ def report(result: dict) -> str:
     if result.get("tokens"):
         rows = result["tokens"]
         lines += [f"## Calibration tokens: {result.get('tokens_blocks', 4)} synthetic blocks of the same shape", "",
-                  "| nsamples x seqlen | hidden stream MB | peak RSS MB | peak device MB |", "|---|---|---|---|"]
-        lines += [f"| {r['nsamples']} x {r['seqlen']} | {mb(r['stream_bytes'])} | {mb(r['peak_rss_bytes'])} | "
-                  f"{mb(r['peak_device_bytes'])} |" for r in rows]
-        if len(rows) > 1:
+                  "| nsamples x seqlen | --offload-activations | hidden stream MB | peak RSS MB | peak device MB | s |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {r['nsamples']} x {r['seqlen']} | {'yes' if r.get('offload') else 'no'} | "
+                  f"{mb(r['stream_bytes'])} | {mb(r['peak_rss_bytes'])} | {mb(r['peak_device_bytes'])} | "
+                  f"{r['seconds']:.0f} |" for r in rows]
+        rows = [r for r in rows if not r.get("offload")]
+        if len(rows) > 1 and result["device"] == "cpu":          # on a GPU the stream is not in host memory
             xs, ys = [r["stream_bytes"] for r in rows], [r["peak_rss_bytes"] for r in rows]
             mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
             slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / max(sum((x - mx) ** 2 for x in xs), 1)
@@ -145,13 +179,21 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--report", action="store_true")
     ap.add_argument("--results", type=Path, default=RESULTS)
+    ap.add_argument("--merge", type=Path, default=None,
+                    help="stored results (JSON) whose tables the ones measured now replace (the others are kept)")
+    settings = lambda v: [tuple(int(n) for n in s.split("x")) for s in v.split(",") if s]
     ap.add_argument("--depths", type=lambda v: [int(n) for n in v.split(",") if n], default=None,
                     help="block counts of the depth table, e.g. 2,4 (empty for none; default: 2,4 on a GPU, "
                          "2,4,8,16 on CPU)")
-    ap.add_argument("--tokens", type=lambda v: [tuple(int(n) for n in s.split("x")) for s in v.split(",")],
-                    default=None, help="nsamples x seqlen settings of the tokens table, e.g. 16x256,128x512")
+    ap.add_argument("--tokens", type=settings, default=None,
+                    help="nsamples x seqlen settings of the tokens table, e.g. 16x256,128x512 (empty for none)")
+    ap.add_argument("--offload", type=settings, default=[],
+                    help="settings of the tokens table run once more with --offload-activations")
+    ap.add_argument("--smollm2", action=argparse.BooleanOptionalAction, default=None,
+                    help="the SmolLM2-shaped row (default: on a GPU)")
     args = ap.parse_args()
     path = args.results / f"scale-{args.device.split(':')[0]}.json"
+    args.results.mkdir(parents=True, exist_ok=True)
     if not args.report:
         gpu = args.device != "cpu"
         shape = SEVEN_B if gpu else SMALL
@@ -160,22 +202,30 @@ def main() -> None:
         if gpu:
             import torch
             shown += f" ({torch.cuda.get_device_name()})"
-        result = {"device": shown, "date": datetime.date.today().isoformat(), "machine": platform.machine() +
-                  f", {os.cpu_count()} CPUs", "threads": 1, "shape": shape, "calib": "tinystories 16 x 256, --no-mse"}
-        settings = args.tokens or ([(16, 256), (64, 512), (128, 512)] if gpu else
-                                   [(16, 256), (32, 256), (64, 256), (64, 512), (128, 512)])
+        today = datetime.date.today().isoformat()
+        result = json.loads(args.merge.read_text()) if args.merge else {}
+        result.update({"device": shown, "machine": platform.machine() + f", {os.cpu_count()} CPUs", "threads": 1,
+                       "shape": shape, "calib": "tinystories 16 x 256, --no-mse"})
+        dates = result.setdefault("dates", {})
+        settings = args.tokens if args.tokens is not None else ([(16, 256), (64, 512), (128, 512)] if gpu else
+                                                                [(16, 256), (32, 256), (64, 256), (64, 512), (128, 512)])
         depths = args.depths if args.depths is not None else ([2, 4] if gpu else [2, 4, 8, 16])
-        save = lambda: path.write_text(json.dumps(result, indent=1) + "\n")   # each table kept once measured
+
+        def save(table, rows):                                    # each table kept once measured
+            result[table], dates[table] = rows, today
+            result["date"] = ", ".join(sorted(set(dates.values())))
+            path.write_text(json.dumps(result, indent=1) + "\n")
         with tempfile.TemporaryDirectory() as tmp:
             work = Path(tmp)
-            result["depth"] = depth(work, args.device, shape, depths, calib)
-            save()
-            result["tokens_blocks"] = 2 if gpu else 4                # memory is flat in the depth (first table)
-            result["tokens"] = tokens(work, args.device, shape, settings, result["tokens_blocks"])
-            save()
+            if args.smollm2 if args.smollm2 is not None else gpu:
+                save("smollm2_shaped", smollm2_shaped(work, args.device))
+            if depths:
+                save("depth", depth(work, args.device, shape, depths, calib))
+            if settings or args.offload:
+                result["tokens_blocks"] = 2 if gpu else 4                # memory is flat in the depth (first table)
+                save("tokens", tokens(work, args.device, shape, settings, result["tokens_blocks"], args.offload))
             if not gpu:
-                result["processes"] = processes(work, [(1, 1), (2, 1), (1, 2)])
-                save()
+                save("processes", processes(work, [(1, 1), (2, 1), (1, 2)]))
     result = json.loads(path.read_text())
     path.with_suffix(".md").write_text(report(result))
     print(report(result))
