@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .calibration import data
-from .calibration.adapter import BlockRunner
+from .calibration.adapter import AttentionCache, BlockRunner
 from .calibration.hessian import Hessian
 from .calibration.perplexity import summarize, window_stats
 from .distributed import SOLO, World, broadcast_from_main, from_owners, gathered_list, reduce_hessians
@@ -143,10 +143,13 @@ def compute(opts: QuantizeOptions):
 
 
 def collect_hessians(runner: BlockRunner, block, hidden: torch.Tensor, pos, opts: QuantizeOptions,
-                     groups: tuple[tuple[str, ...], ...], in_place: bool = False) -> dict:
+                     groups: tuple[tuple[str, ...], ...], in_place: bool = False,
+                     attention: AttentionCache | None = None) -> dict:
     """H = 2XX^T/n of the shared input of each sibling group in `groups`, over all calibration windows.
     The forward of each batch stops at the input of the last of them; `in_place` runs it to the end instead
-    and leaves the block's outputs in `hidden` (the block's weights stay as they are: one forward for both)."""
+    and leaves the block's outputs in `hidden` (the block's weights stay as they are: one forward for both).
+    `attention`: the block's attention outputs of `hidden`, kept or used."""
+    attention = attention or AttentionCache(hidden.shape[0], hidden.device)
     hessians, hooks = {}, []
     for group in groups:
         lin = block.get_submodule(group[0])
@@ -160,9 +163,9 @@ def collect_hessians(runner: BlockRunner, block, hidden: torch.Tensor, pos, opts
     try:
         with compute(opts):
             for start in range(0, hidden.shape[0], opts.batch):
-                x = hidden[start:start + opts.batch]
+                window = slice(start, start + opts.batch)
                 with contextlib.suppress(_InputsCaptured):
-                    out = runner.forward_block(block, x, pos)
+                    out = attention.forward(runner, block, hidden[window], pos, window)
                     if in_place:
                         hidden[start:start + opts.batch] = out
     finally:
@@ -172,13 +175,17 @@ def collect_hessians(runner: BlockRunner, block, hidden: torch.Tensor, pos, opts
 
 
 def collect_paired(runner: BlockRunner, block, unquantized_block, hidden: torch.Tensor, unquantized: torch.Tensor,
-                   pos, opts: QuantizeOptions, groups: tuple[tuple[str, ...], ...], last: bool = False) -> dict:
+                   pos, opts: QuantizeOptions, groups: tuple[tuple[str, ...], ...], last: bool = False,
+                   attention: tuple[AttentionCache, AttentionCache] | None = None) -> dict:
     """The Hessians of `collect_hessians` (inputs X~ in the quantized model: `hidden` through `block`), each with
     `drift` = 2 (X - X~) X~^T / n, X the same tokens' inputs of that linear in the unquantized model (`unquantized`
     through `unquantized_block`, on its source weights): the statistics of GPTQ toward the unquantized outputs
     (quantize/gptq.py `unquantized_target`). Where the two inputs agree, the drift is exactly 0. At the `last`
-    stage the unquantized forward runs to the end and leaves the block's outputs in `unquantized`."""
+    stage the unquantized forward runs to the end and leaves the block's outputs in `unquantized`. `attention`: the
+    block's attention outputs of `hidden` and of `unquantized`, kept or used."""
     seen, hessians, drift, hooks = {}, {}, {}, []
+    quantized_attention, unquantized_attention = attention or (AttentionCache(hidden.shape[0], hidden.device),
+                                                               AttentionCache(hidden.shape[0], hidden.device))
     for group in groups:
         lin = block.get_submodule(group[0])
         hessians[group] = Hessian(lin.in_features, runner.device)
@@ -201,12 +208,13 @@ def collect_paired(runner: BlockRunner, block, unquantized_block, hidden: torch.
         with compute(opts):
             for start in range(0, hidden.shape[0], opts.batch):
                 window = slice(start, start + opts.batch)
-                out = runner.forward_block(unquantized_block, unquantized[window], pos) if last else None
+                out = unquantized_attention.forward(runner, unquantized_block, unquantized[window], pos,
+                                                    window) if last else None
                 if out is None:
                     with contextlib.suppress(_InputsCaptured):
-                        runner.forward_block(unquantized_block, unquantized[window], pos)
+                        unquantized_attention.forward(runner, unquantized_block, unquantized[window], pos, window)
                 with contextlib.suppress(_InputsCaptured):
-                    runner.forward_block(block, hidden[window], pos)
+                    quantized_attention.forward(runner, block, hidden[window], pos, window)
                 if out is not None:
                     unquantized[window] = out
     finally:
@@ -297,11 +305,12 @@ def run(source: ModelSource, writer, plan: QuantPlan, eval_ids: torch.Tensor | N
             if streams.any:
                 propagate(runner, stored_block(runner, source, writer, plan, i, world), streams, opts, last.get(i))
         else:
-            block, layers = quantize_block(runner, source, writer, plan, i, streams.hidden, store, streams.unquantized,
-                                           world)
+            block, layers, attention = quantize_block(runner, source, writer, plan, i, streams.hidden, store,
+                                                      streams.unquantized, world)
             result.layers += layers
             finish_block(writer, coder, i, layers)
-            propagate(runner, block, streams, opts, last.get(i))
+            propagate(runner, block, streams, opts, last.get(i), attention)
+            del attention
         runner.release_block(i)
         release_freed_memory()
 
@@ -339,7 +348,8 @@ def quantize_block(runner: BlockRunner, source: ModelSource, writer, plan: Quant
     refined toward it (`refine_block`) before they are written. With `--rounding gptaq` each stage's linears
     are quantized toward their outputs in the unquantized model (`collect_paired`), whose last stage also takes
     `unquantized` through the block. Several processes (`world`) sum their Hessians and share the linears of each
-    stage out among them (`quantize_shared`)."""
+    stage out among them (`quantize_shared`). Also the block's attention outputs of `hidden` as the stages kept them
+    (`AttentionCache`), for the propagation."""
     opts, family = plan.options, runner.family
     prefix = family.block_prefix.format(i=i)
     block, tensors = source_block(runner, source, i)
@@ -350,14 +360,21 @@ def quantize_block(runner: BlockRunner, source: ModelSource, writer, plan: Quant
         propagate_unquantized(runner, block, unquantized, opts)
     layers = []
     stages = sequential_stages(family.siblings, opts.true_sequential)
+    windows = hidden.shape[0] if hidden is not None else 0
+    # attention outputs kept once q/k/v are final: not with learned rounding, which changes them all at the end
+    attention = AttentionCache(windows, hidden.device if hidden is not None else "cpu")
+    unquantized_attention = AttentionCache(windows, hidden.device if hidden is not None else "cpu", final=True)
     for stage in stages:
         if paired is not None:      # the last stage also takes the unquantized stream through the block
-            hessians = collect_paired(runner, block, paired, hidden, unquantized, pos, opts, stage, stage is stages[-1])
+            hessians = collect_paired(runner, block, paired, hidden, unquantized, pos, opts, stage, stage is stages[-1],
+                                      (attention, unquantized_attention))
         else:
-            hessians = collect_hessians(runner, block, hidden, pos, opts, stage) if opts.method != "rtn" else {}
+            hessians = (collect_hessians(runner, block, hidden, pos, opts, stage, attention=attention)
+                        if opts.method != "rtn" else {})
         reduce_hessians(hessians, world)
         if starts is None:                  # no learned rounding: each linear's result is final, one way for all
             layers += quantize_shared(block, prefix, stage, hessians, plan, writer, tensors, world)
+            attention.final = attention.final or family.siblings[0] in stage
             continue
         for group in stage:
             for name in group:
@@ -369,7 +386,7 @@ def quantize_block(runner: BlockRunner, source: ModelSource, writer, plan: Quant
     for n, t in tensors.items():
         if n.rsplit(".", 1)[0] not in quantized:
             store(n, t)
-    return block, layers
+    return block, layers, attention if starts is None else None
 
 
 def quantize_shared(block, prefix: str, stage, hessians: dict, plan: QuantPlan, writer, tensors,
@@ -395,14 +412,19 @@ def _quantized(W: torch.Tensor, H, plan: QuantPlan, full: str) -> tuple[dict, fl
     return stored, loss
 
 
-def propagate(runner: BlockRunner, block, streams: Streams, opts: QuantizeOptions, hidden_windows: int | None = None
-              ) -> None:
+def propagate(runner: BlockRunner, block, streams: Streams, opts: QuantizeOptions, hidden_windows: int | None = None,
+              attention: AttentionCache | None = None) -> None:
     """The propagate step: both streams through the (quantized) block, in place; of the calibration stream, only
-    the first `hidden_windows` when given (after the last block, only those the run still reads)."""
+    the first `hidden_windows` when given (after the last block, only those the run still reads), from the
+    attention outputs `attention` kept of it where there are."""
     if streams.hidden is not None and hidden_windows != 0:
         hidden = streams.hidden[:hidden_windows]
+        attention = attention or AttentionCache(hidden.shape[0], hidden.device)
+        pos = runner.position_embeddings(hidden[:1])
         with compute(opts):
-            forward_in_place(runner, block, hidden, runner.position_embeddings(hidden[:1]), opts.batch)
+            for start in range(0, hidden.shape[0], opts.batch):
+                window = slice(start, start + opts.batch)
+                hidden[window] = attention.forward(runner, block, hidden[window], pos, window, keep=False)
     if streams.held is not None:
         forward_in_place(runner, block, streams.held, runner.position_embeddings(streams.held[:1]), opts.batch)
 

@@ -147,3 +147,26 @@ def test_gptaq_quantizes_every_layout_of_a_plan(tmp_path, stories_path, stories_
     ids = data.tokenize(open_source(str(out)).tokenizer(), held.read_text())
     loaded = evaluate(bitsmith.load(str(out)), data.eval_windows(ids, 256), progress=False)
     assert loaded["perplexity"] == summary["eval"]["perplexity"]
+
+
+@pytest.mark.parametrize("rounding", ["gptq", "gptaq"])
+def test_true_sequential_stages_start_from_the_kept_attention_and_write_the_same_bytes(tmp_path, stories_path,
+                                                                                      stories_split, monkeypatch,
+                                                                                      rounding):
+    """With --true-sequential, the stages after the attention and the propagation start from the attention outputs
+    kept at o_proj's stage (AttentionCache): the checkpoint is byte for byte the one of whole forwards every time."""
+    from bitsmith.calibration.adapter import AttentionCache
+    calib, _ = stories_split
+    options = {**OPTIONS, "rounding": rounding, "true_sequential": True}
+    calls = []
+    after = BlockRunner.forward_after_attention
+    monkeypatch.setattr(BlockRunner, "forward_after_attention", lambda self, *a: calls.append(1) or after(self, *a))
+    bitsmith.quantize(str(stories_path), str(tmp_path / "kept"), calib=[str(calib)], progress=False, **options)
+    monkeypatch.setattr(AttentionCache, "forward",
+                        lambda self, runner, block, x, pos, window, keep=True: runner.forward_block(block, x, pos))
+    bitsmith.quantize(str(stories_path), str(tmp_path / "whole"), calib=[str(calib)], progress=False, **options)
+    blocks, batches = 5, 2                       # stories260K: 5 blocks; 16 windows in batches of 8
+    # per block and batch: stages 3-4 and the propagation (gptq); gptaq also the unquantized stream's stages 3-4;
+    # no propagation after the last block (nothing reads its outputs in a run without --eval-data)
+    assert len(calls) == blocks * batches * (3 if rounding == "gptq" else 5) - batches
+    assert (tmp_path / "kept" / "model.safetensors").read_bytes() == (tmp_path / "whole" / "model.safetensors").read_bytes()

@@ -6,6 +6,7 @@ A family says which modules are the decoder blocks, which linears inside a block
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import nn
@@ -138,8 +139,53 @@ class BlockRunner:
         return {"attention_mask": None, "position_embeddings": pos, "use_cache": False}
 
     @torch.no_grad()
+    def forward_after_attention(self, block: nn.Module, hidden: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
+        """The block's output for `hidden` from its attention output `attention` (the input of o_proj, which the
+        attention computed from `hidden`): the second half of transformers' decoder layer, residual + o_proj, then
+        residual + MLP(post-attention norm), so that a pass that already has the attention skips it."""
+        h = hidden.to(self.device) + block.self_attn.o_proj(attention.to(self.device))
+        return (h + block.mlp(block.post_attention_layernorm(h))).to(hidden.device)
+
+    @torch.no_grad()
     def forward_block(self, block: nn.Module, hidden: torch.Tensor, pos) -> torch.Tensor:
         """The block's output for `hidden`, on the device `hidden` is on (computed on the runner's: activations
         offloaded to CPU go there one batch at a time)."""
         out = block(hidden.to(self.device), **self.block_kwargs(pos))
         return (out[0] if isinstance(out, tuple) else out).to(hidden.device)
+
+
+class AttentionCache:
+    """The attention outputs (o_proj's inputs) of one stream's windows through one block, kept for the block's later
+    passes over the same windows. GPTQ's sequential stages run the block once per stage and the propagation once
+    more; once the block's q/k/v are final (quantized, or the unquantized model's own), the attention output of each
+    window is fixed, and the passes after it start from it (`BlockRunner.forward_after_attention`), skipping the
+    attention. Kept in the dtype it is computed in, so the outputs are the same bits as a whole forward's."""
+
+    def __init__(self, windows: int, device: torch.device | str, final: bool = False):
+        self.kept: torch.Tensor | None = None     # [windows, seqlen, hidden] on the stream's device
+        self.have = [False] * windows
+        self.device = device
+        self.final = final                         # q/k/v final: outputs seen from now on may be kept
+
+    def forward(self, runner: BlockRunner, block: nn.Module, x: torch.Tensor, pos, window: slice,
+                keep: bool = True) -> torch.Tensor:
+        """block(x), x the stream's windows `window`: from the kept attention outputs when they are all there; else
+        a whole forward that keeps them (when `keep` and q/k/v are final). A hook of the caller that stops the
+        forward at o_proj's input (or later) still sees the attention output kept first."""
+        if self.kept is not None and all(self.have[window]):
+            return runner.forward_after_attention(block, x, self.kept[window])
+        if not (keep and self.final):
+            return runner.forward_block(block, x, pos)
+        handle = block.self_attn.o_proj.register_forward_pre_hook(partial(self._keep, window), prepend=True)
+        try:
+            return runner.forward_block(block, x, pos)
+        finally:
+            handle.remove()
+
+    def _keep(self, window: slice, module, args) -> None:
+        a = args[0].detach()
+        if self.kept is None:
+            self.kept = torch.empty((len(self.have), *a.shape[1:]), dtype=a.dtype, device=self.device)
+        self.kept[window] = a.to(self.device)
+        for k in range(*window.indices(len(self.have))):
+            self.have[k] = True

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from .grid import RowGrid, check_finite, fake_quantize, fit_grid, grid_points
 from .outliers import DenseSparseWeight, Outliers, narrowest_range, outlier_count, top_per_row
-from .per_ic import PerICWeight, expand_rows, fit_column, row_span
+from .per_ic import PerICWeight, row_span
 from .rtn import QuantizedWeight
 
 DAMP_RETRIES = (1.0, 10.0, 100.0, 1000.0, 1e4)   # multiples of the requested damping, tried in float64
@@ -101,14 +101,7 @@ class ColumnGrids:
         self._floats: tuple[torch.Tensor, torch.Tensor] | None = None   # (scale, zero) in float32 while unchanged
         self.sizes = sorted({c.group_size for c in configs if not c.per_ic})
         self.rows, self.grid, self.fits, self.group_of, self.static = {}, {}, {}, {}, {}
-        self.per_ic = {}
-        for c, config in enumerate(configs):
-            if config.per_ic:
-                groups = -(-rows // row_span(config.group_size, rows))
-                self.per_ic[c] = (config, torch.zeros(groups, self.cols, dtype=torch.float16),
-                                  torch.zeros(groups, self.cols, dtype=torch.int32))
-        self.stack_rows = rows
-        self.per_ic_stacks = per_ic_stacks({c: config for c, (config, _, _) in self.per_ic.items()}, rows)
+        self.per_ic = PerICGrids(configs, rows, self.cols) if any(c.per_ic for c in configs) else None
         inv = torch.argsort(perm)
         for g in self.sizes:
             mask = torch.tensor([c.group_size == g and not c.per_ic for c in configs]).repeat_interleave(rows)
@@ -161,25 +154,9 @@ class ColumnGrids:
         """(codes, the values they stand for, zero points) of permuted column `col`, whose current values are w
         (the column quantizer's interface to `gptq_loop`)."""
         scale, zero = self.at(col, W)
-        rows = self.stack_rows
-        for width, (stacked, grid) in self.per_ic_stacks.items():    # every config of a stack in one fit
-            if width:
-                fit = fit_grid(torch.cat([_padded(w[c * rows:(c + 1) * rows], self.per_ic[c][0].group_size, width)
-                                          for c in stacked]), grid, mse=self.mse, shrink_every=self.every)
-            done = 0
-            for c in stacked:
-                config, scales, zeros = self.per_ic[c]
-                if width:
-                    groups = scales.shape[0]
-                    scales[:, col], zeros[:, col] = fit[0][done:done + groups], fit[1][done:done + groups]
-                    done += groups
-                else:
-                    scales[:, col], zeros[:, col] = fit_column(w[c * rows:(c + 1) * rows], config.group_size,
-                                                               RowGrid(config.bits, config.sym), self.mse, self.every)
-                mine = slice(c * rows, (c + 1) * rows)
-                scale[mine] = expand_rows(scales[:, col], config.group_size, rows)
-                zero[mine] = expand_rows(zeros[:, col], config.group_size, rows)
-                self._floats = None
+        if self.per_ic is not None:
+            self.per_ic.fit(col, w, scale, zero, self.mse, self.every)
+            self._floats = None
         if self._floats is None:
             self._floats = scale.float(), zero.float()
         s, z = self._floats                     # quantize_codes and fake_quantize, the conversions done once a grid
@@ -197,29 +174,43 @@ class ColumnGrids:
         return scales, zeros, None if natural else group_of.to(torch.int32)
 
 
-def per_ic_stacks(configs: dict[int, GridConfig], rows: int) -> dict[int, tuple[list[int], RowGrid]]:
-    """The per-input-channel configurations (stack index -> config) grouped for fitting: those whose span of rows
-    divides `rows` in one stack (key: the widest span), their groups of one column fitted in one call, a grid per
-    group; the others one by one (key 0)."""
-    even = [c for c, config in configs.items() if rows % row_span(config.group_size, rows) == 0]
-    stacks = {}
-    if even:
-        per = [rows // row_span(configs[c].group_size, rows) for c in even]
-        grid = RowGrid(torch.tensor([configs[c].bits for c in even]).repeat_interleave(torch.tensor(per)),
-                       torch.tensor([configs[c].sym for c in even]).repeat_interleave(torch.tensor(per)))
-        stacks[max(row_span(configs[c].group_size, rows) for c in even)] = (even, grid)
-    rest = [c for c in configs if c not in even]
-    if rest:
-        stacks[0] = (rest, None)
-    return stacks
+class PerICGrids:
+    """The grids of a stack's per-input-channel configurations (per_ic.py), every group of every such configuration
+    fitted in one call per column: the groups of rows gathered as rows of one matrix, zero-padded to the longest (a
+    zero changes neither a grid's range, which always holds 0, nor its error, 0 being a grid point), so that each
+    group gets the grid a call of its own would give it. Kept per column: `scales` fp16 and `zeros` int32 [grids,
+    in], permuted order."""
 
+    def __init__(self, configs: list[GridConfig], rows: int, cols: int):
+        spans, self.first = [], {}              # spans: (config, first stack row, rows) of each grid
+        for c, config in enumerate(configs):
+            if config.per_ic:
+                g = row_span(config.group_size, rows)
+                self.first[c] = len(spans)
+                spans += [(config, c * rows + s, min(g, rows - s)) for s in range(0, rows, g)]
+        width = max(n for _, _, n in spans)
+        padding = len(configs) * rows           # the index of a zero appended to the stack's column
+        self.gather = torch.full((len(spans), width), padding)
+        for k, (_, start, n) in enumerate(spans):
+            self.gather[k, :n] = torch.arange(start, start + n)
+        self.grid = RowGrid(torch.tensor([c.bits for c, _, _ in spans]), torch.tensor([c.sym for c, _, _ in spans]))
+        self.rows = torch.cat([torch.arange(start, start + n) for _, start, n in spans])     # stack rows they cover
+        self.grid_of_row = torch.arange(len(spans)).repeat_interleave(torch.tensor([n for _, _, n in spans]))
+        self.scales = torch.zeros(len(spans), cols, dtype=torch.float16)
+        self.zeros = torch.zeros(len(spans), cols, dtype=torch.int32)
 
-def _padded(w: torch.Tensor, group_size: int, width: int) -> torch.Tensor:
-    """The groups of `group_size` values of the column part w as rows of `width`, zero-padded: a zero changes
-    neither a grid's range (which always holds 0) nor its error (0 is a grid point), so a stack of spans is
-    fitted as if each had its own call."""
-    groups = w.reshape(-1, row_span(group_size, w.shape[0]))
-    return F.pad(groups, (0, width - groups.shape[1])) if groups.shape[1] < width else groups
+    def fit(self, col: int, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, mse: bool, every: int) -> None:
+        """Fit the grids of permuted column `col` on its current values w [stack rows], and set the per-row
+        `scale` and `zero` of the rows they cover."""
+        s, z = fit_grid(F.pad(w, (0, 1))[self.gather], self.grid, mse=mse, shrink_every=every)
+        self.scales[:, col], self.zeros[:, col] = s, z
+        scale[self.rows], zero[self.rows] = s[self.grid_of_row], z[self.grid_of_row]
+
+    def stored(self, c: int, inv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scales fp16 [G, in], zeros int32 [G, in]) of stack config c, in original column order."""
+        first = self.first[c]
+        last = min([k for k in self.first.values() if k > first], default=self.scales.shape[0])
+        return self.scales[first:last][:, inv].contiguous(), self.zeros[first:last][:, inv].contiguous()
 
 
 def block_size(configs: list[GridConfig], blocksize: int) -> int:
@@ -331,8 +322,7 @@ def gptq_configs(W: torch.Tensor, H: torch.Tensor, configs: list[GridConfig], ac
     for c, config in enumerate(configs):
         own = codes[c * rows:(c + 1) * rows][:, inv]
         if config.per_ic:
-            _, scales, zeros = grids.per_ic[c]
-            scales, zeros = scales[:, inv].contiguous(), zeros[:, inv].contiguous()
+            scales, zeros = grids.per_ic.stored(c, inv)
             out.append(PerICWeight(own, scales, zeros, None, config.bits, config.group_size, config.sym,
                                    PerICWeight.dequantize(own, scales, zeros, config.group_size),
                                    float(losses[c].sum())))

@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bitsmith.calibration.adapter import BlockRunner, family_of
+from bitsmith.calibration.adapter import AttentionCache, BlockRunner, family_of
 from bitsmith.formats.errors import InputError
 from bitsmith.formats.source import open_source
 
@@ -37,6 +37,34 @@ def test_tiny_random_families(model_type):
         expected = model(ids).logits
         got = blockwise_logits(runner, weights, ids, config.tie_word_embeddings)
     assert torch.allclose(got, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "qwen3"])
+@pytest.mark.parametrize("autocast", [False, True])
+def test_a_block_from_its_attention_output_is_the_whole_forward_bit_for_bit(model_type, autocast):
+    """forward_after_attention(x, a), a the attention output a whole forward of x computed (o_proj's input), is
+    that forward's output to the bit, in float32 and under bf16 autocast; an AttentionCache keeps a once q/k/v are
+    final and gives the same outputs from it, and keeps nothing before."""
+    from transformers import AutoConfig
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(model_type, **TINY)
+    runner = BlockRunner({**config.to_dict(), "model_type": model_type})
+    weights = {n: torch.randn(runner.model.model.layers[1].state_dict()[n[len("model.layers.1."):]].shape) * 0.2
+               for n in runner.block_names(1)}
+    block = runner.build_block(1, weights)
+    x = torch.randn(6, 40, TINY["hidden_size"])
+    pos = runner.position_embeddings(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        whole = runner.forward_block(block, x, pos)
+        early = AttentionCache(6, "cpu")
+        assert torch.equal(early.forward(runner, block, x[:4], pos, slice(0, 4)), whole[:4]) and early.kept is None
+        cache = AttentionCache(6, "cpu", final=True)
+        first = [cache.forward(runner, block, x[s:s + 4], pos, slice(s, s + 4)) for s in (0, 4)]
+        assert cache.kept.dtype == (torch.bfloat16 if autocast else torch.float32) and all(cache.have)
+        again = [cache.forward(runner, block, x[s:s + 4], pos, slice(s, s + 4)) for s in (0, 4)]
+        direct = runner.forward_after_attention(block, x, cache.kept)
+    assert torch.equal(torch.cat(first), whole) and torch.equal(torch.cat(again), whole)
+    assert torch.equal(direct, whole)
 
 
 def test_stories260k_blockwise_equals_full_model(stories_path):

@@ -81,8 +81,9 @@ def test_outliers_on_per_input_channel_grids_are_refused():
 
 
 def test_per_ic_configurations_fitted_together_equal_each_fitted_alone():
-    """The measurement fits the grids of every per-input-channel configuration of a span in one call
-    (gptq.per_ic_stacks); a span that does not divide the rows (100 of 256) is fitted on its own."""
+    """The grids of every per-input-channel configuration of a stack are fitted in one call per column
+    (gptq.PerICGrids), zero-padded to the longest span, and each is the grid a run of its own gives: spans that
+    divide the rows, one that does not (100 of 256, its last run shorter) and the whole column (-1)."""
     torch.manual_seed(0)
     W, X = torch.randn(256, 96), torch.randn(1000, 96)
     H = 2 * X.T @ X / 1000
