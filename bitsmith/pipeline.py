@@ -348,8 +348,9 @@ def quantize_block(runner: BlockRunner, source: ModelSource, writer, plan: Quant
     refined toward it (`refine_block`) before they are written. With `--rounding gptaq` each stage's linears
     are quantized toward their outputs in the unquantized model (`collect_paired`), whose last stage also takes
     `unquantized` through the block. Several processes (`world`) sum their Hessians and share the linears of each
-    stage out among them (`quantize_shared`). Also the block's attention outputs of `hidden` as the stages kept them
-    (`AttentionCache`), for the propagation."""
+    stage out among them (`quantize_shared`). With sequential stages each stream's attention outputs are kept at
+    o_proj's stage and, once o_proj is quantized, folded into the stream (`AttentionCache`): the stages after it and
+    the propagation (which takes the returned cache) run the MLP half alone."""
     opts, family = plan.options, runner.family
     prefix = family.block_prefix.format(i=i)
     block, tensors = source_block(runner, source, i)
@@ -375,6 +376,11 @@ def quantize_block(runner: BlockRunner, source: ModelSource, writer, plan: Quant
         if starts is None:                  # no learned rounding: each linear's result is final, one way for all
             layers += quantize_shared(block, prefix, stage, hessians, plan, writer, tensors, world)
             attention.final = attention.final or family.siblings[0] in stage
+            if stage is not stages[-1] and any(family.attention_out in group for group in stage):
+                with compute(opts):                          # o_proj final: both streams to the residual
+                    attention.fold(runner, block, hidden, opts.batch)
+                    if paired is not None:
+                        unquantized_attention.fold(runner, paired, unquantized, opts.batch)
             continue
         for group in stage:
             for name in group:

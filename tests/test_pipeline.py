@@ -153,17 +153,19 @@ def test_gptaq_quantizes_every_layout_of_a_plan(tmp_path, stories_path, stories_
 def test_true_sequential_stages_start_from_the_kept_attention_and_write_the_same_bytes(tmp_path, stories_path,
                                                                                       stories_split, monkeypatch,
                                                                                       rounding):
-    """With --true-sequential, the stages after the attention and the propagation start from the attention outputs
-    kept at o_proj's stage (AttentionCache): the checkpoint is byte for byte the one of whole forwards every time."""
+    """With --true-sequential, the attention outputs are kept at o_proj's stage and folded into the streams once
+    o_proj is quantized (AttentionCache): the stages after it and the propagation run the MLP half alone, and the
+    checkpoint is byte for byte the one of whole forwards every time."""
     from bitsmith.calibration.adapter import AttentionCache
     calib, _ = stories_split
     options = {**OPTIONS, "rounding": rounding, "true_sequential": True}
     calls = []
-    after = BlockRunner.forward_after_attention
-    monkeypatch.setattr(BlockRunner, "forward_after_attention", lambda self, *a: calls.append(1) or after(self, *a))
+    half = BlockRunner.forward_after_residual
+    monkeypatch.setattr(BlockRunner, "forward_after_residual", lambda self, *a: calls.append(1) or half(self, *a))
     bitsmith.quantize(str(stories_path), str(tmp_path / "kept"), calib=[str(calib)], progress=False, **options)
     monkeypatch.setattr(AttentionCache, "forward",
                         lambda self, runner, block, x, pos, window, keep=True: runner.forward_block(block, x, pos))
+    monkeypatch.setattr(AttentionCache, "fold", lambda self, *a: None)
     bitsmith.quantize(str(stories_path), str(tmp_path / "whole"), calib=[str(calib)], progress=False, **options)
     blocks, batches = 5, 2                       # stories260K: 5 blocks; 16 windows in batches of 8
     # per block and batch: stages 3-4 and the propagation (gptq); gptaq also the unquantized stream's stages 3-4;

@@ -22,6 +22,7 @@ class Family:
     embed: str
     final_norm: str
     lm_head: str
+    attention_out: str = "self_attn.o_proj"   # the linear that reads the attention's output
 
     @property
     def linears(self) -> tuple[str, ...]:
@@ -139,12 +140,23 @@ class BlockRunner:
         return {"attention_mask": None, "position_embeddings": pos, "use_cache": False}
 
     @torch.no_grad()
+    def residual_after_attention(self, block: nn.Module, hidden: torch.Tensor, attention: torch.Tensor
+                                 ) -> torch.Tensor:
+        """hidden + o_proj(attention), `attention` the block's attention output of `hidden` (o_proj's input): the
+        residual stream between the two halves of transformers' decoder layer, on the device `hidden` is on."""
+        o_proj = block.get_submodule(self.family.attention_out)
+        return (hidden.to(self.device) + o_proj(attention.to(self.device))).to(hidden.device)
+
+    @torch.no_grad()
+    def forward_after_residual(self, block: nn.Module, residual: torch.Tensor) -> torch.Tensor:
+        """The block's output from its residual stream between the halves (`residual_after_attention`):
+        residual + MLP(post-attention norm(residual)), the decoder layer's second half."""
+        h = residual.to(self.device)
+        return (h + block.mlp(block.post_attention_layernorm(h))).to(residual.device)
+
     def forward_after_attention(self, block: nn.Module, hidden: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
-        """The block's output for `hidden` from its attention output `attention` (the input of o_proj, which the
-        attention computed from `hidden`): the second half of transformers' decoder layer, residual + o_proj, then
-        residual + MLP(post-attention norm), so that a pass that already has the attention skips it."""
-        h = hidden.to(self.device) + block.self_attn.o_proj(attention.to(self.device))
-        return (h + block.mlp(block.post_attention_layernorm(h))).to(hidden.device)
+        """The block's output for `hidden` from its attention output: the two steps above."""
+        return self.forward_after_residual(block, self.residual_after_attention(block, hidden, attention))
 
     @torch.no_grad()
     def forward_block(self, block: nn.Module, hidden: torch.Tensor, pos) -> torch.Tensor:
@@ -159,28 +171,45 @@ class AttentionCache:
     passes over the same windows. GPTQ's sequential stages run the block once per stage and the propagation once
     more; once the block's q/k/v are final (quantized, or the unquantized model's own), the attention output of each
     window is fixed, and the passes after it start from it (`BlockRunner.forward_after_attention`), skipping the
-    attention. Kept in the dtype it is computed in, so the outputs are the same bits as a whole forward's."""
+    attention. Kept in the dtype it is computed in, so the outputs are the same bits as a whole forward's.
+
+    Once o_proj is final too, `fold` turns the stream itself into the residual between the block's halves and drops
+    what it kept: the passes after that run the MLP half alone (`BlockRunner.forward_after_residual`)."""
 
     def __init__(self, windows: int, device: torch.device | str, final: bool = False):
         self.kept: torch.Tensor | None = None     # [windows, seqlen, hidden] on the stream's device
         self.have = [False] * windows
         self.device = device
         self.final = final                         # q/k/v final: outputs seen from now on may be kept
+        self.folded = False                        # the stream holds the residual between the halves
 
     def forward(self, runner: BlockRunner, block: nn.Module, x: torch.Tensor, pos, window: slice,
                 keep: bool = True) -> torch.Tensor:
-        """block(x), x the stream's windows `window`: from the kept attention outputs when they are all there; else
-        a whole forward that keeps them (when `keep` and q/k/v are final). A hook of the caller that stops the
-        forward at o_proj's input (or later) still sees the attention output kept first."""
+        """block(x), x the stream's windows `window`: from the residual once folded, or from the kept attention
+        outputs when they are all there; else a whole forward that keeps them (when `keep` and q/k/v are final). A
+        hook of the caller that stops the forward at o_proj's input (or later) still sees the output kept first."""
+        if self.folded:
+            return runner.forward_after_residual(block, x)
         if self.kept is not None and all(self.have[window]):
             return runner.forward_after_attention(block, x, self.kept[window])
         if not (keep and self.final):
             return runner.forward_block(block, x, pos)
-        handle = block.self_attn.o_proj.register_forward_pre_hook(partial(self._keep, window), prepend=True)
+        o_proj = block.get_submodule(runner.family.attention_out)
+        handle = o_proj.register_forward_pre_hook(partial(self._keep, window), prepend=True)
         try:
             return runner.forward_block(block, x, pos)
         finally:
             handle.remove()
+
+    def fold(self, runner: BlockRunner, block: nn.Module, stream: torch.Tensor, batch: int) -> None:
+        """stream <- stream + o_proj(attention output), in place, when every window's output is kept; the kept
+        outputs are dropped. For a stream that holds the block's inputs, once o_proj is final."""
+        if self.kept is None or not all(self.have):
+            return
+        for start in range(0, stream.shape[0], batch):
+            window = slice(start, start + batch)
+            stream[window] = runner.residual_after_attention(block, stream[window], self.kept[window])
+        self.kept, self.folded = None, True
 
     def _keep(self, window: slice, module, args) -> None:
         a = args[0].detach()

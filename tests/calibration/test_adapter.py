@@ -44,7 +44,8 @@ def test_tiny_random_families(model_type):
 def test_a_block_from_its_attention_output_is_the_whole_forward_bit_for_bit(model_type, autocast):
     """forward_after_attention(x, a), a the attention output a whole forward of x computed (o_proj's input), is
     that forward's output to the bit, in float32 and under bf16 autocast; an AttentionCache keeps a once q/k/v are
-    final and gives the same outputs from it, and keeps nothing before."""
+    final and gives the same outputs from it, and keeps nothing before; folded into the stream (x + o_proj(a)), the
+    MLP half alone gives them too."""
     from transformers import AutoConfig
     torch.manual_seed(0)
     config = AutoConfig.for_model(model_type, **TINY)
@@ -63,8 +64,11 @@ def test_a_block_from_its_attention_output_is_the_whole_forward_bit_for_bit(mode
         assert cache.kept.dtype == (torch.bfloat16 if autocast else torch.float32) and all(cache.have)
         again = [cache.forward(runner, block, x[s:s + 4], pos, slice(s, s + 4)) for s in (0, 4)]
         direct = runner.forward_after_attention(block, x, cache.kept)
+        stream = x.clone()
+        cache.fold(runner, block, stream, 4)
+        folded = [cache.forward(runner, block, stream[s:s + 4], pos, slice(s, s + 4)) for s in (0, 4)]
     assert torch.equal(torch.cat(first), whole) and torch.equal(torch.cat(again), whole)
-    assert torch.equal(direct, whole)
+    assert torch.equal(direct, whole) and torch.equal(torch.cat(folded), whole) and cache.kept is None
 
 
 def test_stories260k_blockwise_equals_full_model(stories_path):
