@@ -49,7 +49,7 @@ def weighted_kmeans(W: torch.Tensor, weight: torch.Tensor, k: int, iters: int = 
     centroids = sorted_w.gather(1, at)
     rows = torch.arange(W.shape[0])
     for _ in range(iters):
-        codes = nearest(W, centroids)
+        codes = _nearest_in_sorted(sorted_w, order, centroids)
         total = torch.zeros_like(centroids).scatter_add_(1, codes, weight * W)
         count = torch.zeros_like(centroids).scatter_add_(1, codes, weight)
         moved = torch.where(count > 0, total / count.clamp(min=1e-30), centroids)
@@ -73,6 +73,19 @@ def nearest(w: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
     if w.dim() == 1:              # one column: counting the midpoints below w is searchsorted's answer, at less cost
         return (mid < w[:, None]).sum(dim=1)
     return torch.searchsorted(mid.contiguous(), w.contiguous(), right=False)
+
+
+def _nearest_in_sorted(sorted_w: torch.Tensor, order: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """`nearest(W, centroids)` from W's rows sorted (sorted_w = W.gather(1, order)): each midpoint is searched
+    among the row's weights instead of each weight among the midpoints. The weights above midpoint i are those
+    from position p_i on, p_i = how many are <= it; so a sorted weight's code is the number of p_i at or
+    before its position (a cumulative count), put back in W's order."""
+    mid = (centroids[:, 1:] + centroids[:, :-1]) / 2
+    p = torch.searchsorted(sorted_w, mid.contiguous(), right=True)
+    steps = torch.zeros(sorted_w.shape[0], sorted_w.shape[1] + 1, dtype=torch.int64).scatter_add_(
+        1, p, torch.ones_like(p))
+    codes = steps.cumsum(dim=1)[:, :-1]
+    return torch.empty_like(codes).scatter_(1, order, codes)
 
 
 class ColumnLUT:

@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bitsmith.quantize.lut import gptq_lut, gptq_lut_configs, nearest, weighted_kmeans
+from bitsmith.quantize.lut import _nearest_in_sorted, gptq_lut, gptq_lut_configs, nearest, weighted_kmeans
 
 
 def weighted_error(W, weight, centroids):
@@ -45,6 +45,22 @@ def test_nearest_is_the_closest_centroid(rows, cols, k, seed):
     distance = (W[:, :, None] - centroids[:, None, :]).abs()
     assert codes.min() >= 0 and codes.max() < k
     assert torch.allclose(distance.gather(2, codes[:, :, None])[:, :, 0], distance.min(dim=2).values)
+
+
+@settings(max_examples=60, deadline=None)
+@given(rows=st.integers(1, 5), cols=st.integers(1, 40), k=st.sampled_from([2, 4, 16]), levels=st.integers(2, 50),
+       seed=st.integers(0, 999))
+def test_codes_from_the_sorted_rows_equal_nearest(rows, cols, k, levels, seed):
+    """k-means' assignment step searches the midpoints among the sorted weights (`_nearest_in_sorted`): the same
+    codes as `nearest`, ties (weights on a midpoint, repeated weights, repeated centroids) included; so is a
+    column's count of the midpoints below it."""
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randint(-levels, levels + 1, (rows, cols), generator=g).float() / 4      # many ties
+    centroids = torch.sort(torch.randint(-levels, levels + 1, (rows, k), generator=g).float() / 4, dim=1).values
+    order = torch.argsort(W, dim=1)
+    assert torch.equal(_nearest_in_sorted(W.gather(1, order), order, centroids), nearest(W, centroids))
+    mid = (centroids[:, 1:] + centroids[:, :-1]) / 2
+    assert torch.equal(nearest(W[:, 0], centroids), torch.searchsorted(mid, W[:, :1].contiguous())[:, 0])
 
 
 def correlated(seed, rows=32, cols=96, n=1024):
