@@ -60,7 +60,8 @@ from .distributed import SOLO, World, from_owners, gathered_list, reduce_hessian
 from .formats.errors import InputError
 from .formats.source import ModelSource
 from .layouts import layout_of
-from .pipeline import calibration_windows, collect_hessians, compute, linear_shapes, release_freed_memory
+from .memory import release_freed_memory
+from .pipeline import calibration_windows, collect_hessians, compute, linear_shapes
 from .plan import LUT_BITS, MAX_OUTLIERS, LayerPlan, QuantizeOptions, QuantPlan
 from .quantize.allocate import allocate
 from .quantize.gptq import GridConfig, gptq_configs

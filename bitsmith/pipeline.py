@@ -10,12 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import ctypes
-import ctypes.util
-import functools
-import os
 import resource
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -33,6 +28,7 @@ from .formats.errors import InputError
 from .formats.source import ModelSource
 from .kernels.reference import qoq_dequantize
 from .layouts import layout_of
+from .memory import keeping_freed_memory, release_freed_memory
 from .plan import LayerPlan, QuantizeOptions, QuantPlan, check_layer
 from .quantize.gptq import gptq_quantize, unquantized_target
 from .quantize.lut import gptq_lut
@@ -381,6 +377,7 @@ def quantize_block(runner: BlockRunner, source: ModelSource, writer, plan: Quant
                     attention.fold(runner, block, hidden, opts.batch)
                     if paired is not None:
                         unquantized_attention.fold(runner, paired, unquantized, opts.batch)
+            release_freed_memory()                       # the stage's temporaries, before the next one's
             continue
         for group in stage:
             for name in group:
@@ -544,48 +541,6 @@ def _final_layers(source, family, runner):
 def _nlls(norm, head: torch.Tensor, hidden: torch.Tensor, windows: torch.Tensor) -> list[float]:
     """Summed next-token NLL of each window from the last block's outputs `hidden`."""
     return [window_stats(norm(h[None].float().cpu())[0] @ head.t(), ids)[0] for h, ids in zip(hidden, windows)]
-
-
-M_MMAP_THRESHOLD = -3          # glibc mallopt parameter
-
-
-@contextlib.contextmanager
-def keeping_freed_memory():
-    """Large freed blocks kept for reuse while it lasts (glibc's mmap threshold raised to 1 GiB), then returned
-    (malloc_trim). An optimization loop allocates the same large temporaries at every iteration: under the 1 MiB
-    threshold the command line sets (cli/main.py) each is a fresh mapping whose pages fault in again, a third of
-    SignRound's time on SmolLM2. Afterwards the threshold is 1 MiB again (or MALLOC_MMAP_THRESHOLD_ when set)."""
-    libc = _libc()
-    if libc is None or not hasattr(libc, "mallopt"):
-        yield
-        return
-    try:
-        after = int(os.environ.get("MALLOC_MMAP_THRESHOLD_", str(1 << 20)))
-    except ValueError:
-        after = 1 << 20
-    libc.mallopt(M_MMAP_THRESHOLD, 1 << 30)
-    try:
-        yield
-    finally:
-        libc.mallopt(M_MMAP_THRESHOLD, after)
-        libc.malloc_trim(0)
-
-
-@functools.cache
-def _libc():
-    """glibc, when this is Linux with a C library that has malloc_trim; else None."""
-    name = ctypes.util.find_library("c") if sys.platform.startswith("linux") else None
-    libc = ctypes.CDLL(name) if name else None
-    return libc if libc is not None and hasattr(libc, "malloc_trim") else None
-
-
-def release_freed_memory() -> None:
-    """Give the free memory of the heap back to the system (glibc malloc_trim) once a block is done: a block's
-    mid-sized temporaries otherwise leave the heap fragmented, and resident memory grows with the number of blocks
-    (1.7 MB per block on a synthetic Llama of 512-wide blocks: 411 -> 582 MB over 100 blocks; flat with it)."""
-    libc = _libc()
-    if libc is not None:
-        libc.malloc_trim(0)
 
 
 def peak_rss_bytes() -> int:

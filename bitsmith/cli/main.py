@@ -105,17 +105,6 @@ def _internal(ctx, e: Exception):
     sys.exit(1)
 
 
-def _return_freed_memory() -> None:
-    """Serve large allocations from their own mappings (glibc otherwise raises its mmap threshold to 32 MB
-    after the first large free, and block-sized tensors freed one block after another stay resident)."""
-    import ctypes
-    import ctypes.util
-    name = ctypes.util.find_library("c")
-    if sys.platform.startswith("linux") and name and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
-        libc = ctypes.CDLL(name)
-        if hasattr(libc, "mallopt"):
-            libc.mallopt(-3, 1 << 20)           # M_MMAP_THRESHOLD: 1 MiB, fixed
-
 @click.group(cls=_Group)
 @click.version_option(__version__, "--version", prog_name="bitsmith", message="%(prog)s %(version)s",
                       help="Show the version and exit.")
@@ -124,7 +113,8 @@ def _return_freed_memory() -> None:
 @click.pass_context
 def main(ctx, debug):
     """bitsmith: post-training weight quantization for LLM checkpoints."""
-    _return_freed_memory()
+    from ..memory import set_allocator
+    set_allocator()
     ctx.obj = {"debug": debug}
 
 
