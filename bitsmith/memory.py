@@ -1,14 +1,15 @@
 """How the process's allocator (glibc malloc) treats the large temporaries of calibration.
 
 Tensors above the mmap threshold get a mapping of their own, returned to the system when freed, whose pages fault
-in again at every allocation; below it they come from the heap and are reused. glibc raises its threshold to
-32 MiB after the first large free, and then block-sized tensors freed one block after another stay resident: the
-command line fixes it instead (`set_allocator`, unless MALLOC_MMAP_THRESHOLD_ is set). At `MMAP_THRESHOLD` = 32 MiB
-a batch's temporaries (SmolLM2 at 8 x 512 tokens: up to 25 MB) are reused from the heap, and stream-sized buffers
-(the calibration hidden states, 151 MB) are mappings of their own; at 1 MiB every temporary faulted in anew, which
-took a third of the quantization's time in the kernel (SmolLM2, GPTAQ true-sequential plan: 188 of 510 CPU s).
-`release_freed_memory` gives the heap's free memory back between the steps of a block, so resident memory stays
-flat in the number of blocks.
+in again at every allocation; below it they come from the heap and are reused, but freed heap memory stays
+resident until it is trimmed. glibc raises its threshold to 32 MiB after the first large free, and then
+block-sized tensors freed one block after another stay resident: the command line fixes it at 1 MiB instead
+(`set_allocator`, unless MALLOC_MMAP_THRESHOLD_ is set), and the steps that allocate the same temporaries over and
+over raise it while they run (`mmap_threshold`): a block's calibration passes to `BATCH_THRESHOLD`, where a batch's
+temporaries (SmolLM2 at 8 x 512 tokens: up to 25 MB) are reused from the heap while stream-sized buffers (the
+calibration hidden states, 151 MB) keep mappings of their own. At 1 MiB every such temporary faulted in anew: 188
+of 510 CPU seconds in the kernel for SmolLM2's GPTAQ true-sequential plan, 25 at 32 MiB. Each raise ends with the
+heap's free memory given back (malloc_trim), so resident memory stays flat in the number of blocks.
 """
 from __future__ import annotations
 
@@ -19,8 +20,11 @@ import functools
 import os
 import sys
 
-M_MMAP_THRESHOLD = -3     # glibc mallopt parameter
-MMAP_THRESHOLD = 32 << 20
+M_MMAP_THRESHOLD = -3          # glibc mallopt parameter
+MMAP_THRESHOLD = 1 << 20       # between the steps below
+BATCH_THRESHOLD = 32 << 20     # a block's calibration passes
+LOOP_THRESHOLD = 1 << 30       # an optimization loop (learned rounding)
+_current: list[int] = []       # thresholds set by the contexts open now, innermost last
 
 
 @functools.cache
@@ -31,8 +35,8 @@ def _libc():
     return libc if libc is not None and hasattr(libc, "malloc_trim") and hasattr(libc, "mallopt") else None
 
 
-def _threshold() -> int:
-    """The mmap threshold in force: MALLOC_MMAP_THRESHOLD_ when set (glibc reads it itself), else ours."""
+def _base() -> int:
+    """The threshold outside the contexts: MALLOC_MMAP_THRESHOLD_ when set (glibc reads it itself), else ours."""
     try:
         return int(os.environ["MALLOC_MMAP_THRESHOLD_"])
     except (KeyError, ValueError):
@@ -40,27 +44,34 @@ def _threshold() -> int:
 
 
 def set_allocator() -> None:
-    """Fix the mmap threshold (module docstring), unless the environment sets it."""
+    """Fix the mmap threshold at MMAP_THRESHOLD (module docstring), unless the environment sets it."""
     libc = _libc()
     if libc is not None and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
         libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
 
 
 @contextlib.contextmanager
-def keeping_freed_memory():
-    """Large freed blocks kept for reuse while it lasts (the mmap threshold raised to 1 GiB), then returned
-    (malloc_trim). An optimization loop allocates the same large temporaries at every iteration: as mappings of
-    their own their pages fault in again each time, a third of SignRound's time on SmolLM2."""
+def mmap_threshold(threshold: int):
+    """Allocations up to `threshold` bytes served from the heap and their memory reused while it lasts; then the
+    threshold before it again and the heap's free memory returned (malloc_trim)."""
     libc = _libc()
     if libc is None:
         yield
         return
-    libc.mallopt(M_MMAP_THRESHOLD, 1 << 30)
+    _current.append(threshold)
+    libc.mallopt(M_MMAP_THRESHOLD, threshold)
     try:
         yield
     finally:
-        libc.mallopt(M_MMAP_THRESHOLD, _threshold())
+        _current.pop()
+        libc.mallopt(M_MMAP_THRESHOLD, _current[-1] if _current else _base())
         libc.malloc_trim(0)
+
+
+def keeping_freed_memory():
+    """An optimization loop's context: it allocates the same large temporaries at every iteration, and as
+    mappings of their own their pages would fault in again each time (a third of SignRound's time on SmolLM2)."""
+    return mmap_threshold(LOOP_THRESHOLD)
 
 
 def release_freed_memory() -> None:

@@ -28,7 +28,7 @@ from .formats.errors import InputError
 from .formats.source import ModelSource
 from .kernels.reference import qoq_dequantize
 from .layouts import layout_of
-from .memory import keeping_freed_memory, release_freed_memory
+from .memory import BATCH_THRESHOLD, keeping_freed_memory, mmap_threshold, release_freed_memory
 from .plan import LayerPlan, QuantizeOptions, QuantPlan, check_layer
 from .quantize.gptq import gptq_quantize, unquantized_target
 from .quantize.lut import gptq_lut
@@ -301,12 +301,13 @@ def run(source: ModelSource, writer, plan: QuantPlan, eval_ids: torch.Tensor | N
             if streams.any:
                 propagate(runner, stored_block(runner, source, writer, plan, i, world), streams, opts, last.get(i))
         else:
-            block, layers, attention = quantize_block(runner, source, writer, plan, i, streams.hidden, store,
-                                                      streams.unquantized, world)
-            result.layers += layers
-            finish_block(writer, coder, i, layers)
-            propagate(runner, block, streams, opts, last.get(i), attention)
-            del attention
+            with mmap_threshold(BATCH_THRESHOLD):       # the block's passes reuse their batches' temporaries
+                block, layers, attention = quantize_block(runner, source, writer, plan, i, streams.hidden, store,
+                                                          streams.unquantized, world)
+                result.layers += layers
+                finish_block(writer, coder, i, layers)
+                propagate(runner, block, streams, opts, last.get(i), attention)
+                del attention
         runner.release_block(i)
         release_freed_memory()
 
