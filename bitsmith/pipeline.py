@@ -172,13 +172,16 @@ def collect_hessians(runner: BlockRunner, block, hidden: torch.Tensor, pos, opts
 
 def collect_paired(runner: BlockRunner, block, unquantized_block, hidden: torch.Tensor, unquantized: torch.Tensor,
                    pos, opts: QuantizeOptions, groups: tuple[tuple[str, ...], ...], last: bool = False,
-                   attention: tuple[AttentionCache, AttentionCache] | None = None) -> dict:
+                   attention: tuple[AttentionCache, AttentionCache] | None = None,
+                   fold_unquantized: bool = False) -> dict:
     """The Hessians of `collect_hessians` (inputs X~ in the quantized model: `hidden` through `block`), each with
     `drift` = 2 (X - X~) X~^T / n, X the same tokens' inputs of that linear in the unquantized model (`unquantized`
     through `unquantized_block`, on its source weights): the statistics of GPTQ toward the unquantized outputs
     (quantize/gptq.py `unquantized_target`). Where the two inputs agree, the drift is exactly 0. At the `last`
     stage the unquantized forward runs to the end and leaves the block's outputs in `unquantized`. `attention`: the
-    block's attention outputs of `hidden` and of `unquantized`, kept or used."""
+    block's attention outputs of `hidden` and of `unquantized`, kept or used; with `fold_unquantized` (a stage that
+    stops at o_proj, whose source weights are final) the unquantized stream's are folded into it batch by batch,
+    so that they are never all held at once."""
     seen, hessians, drift, hooks = {}, {}, {}, []
     quantized_attention, unquantized_attention = attention or (AttentionCache(hidden.shape[0], hidden.device),
                                                                AttentionCache(hidden.shape[0], hidden.device))
@@ -209,6 +212,8 @@ def collect_paired(runner: BlockRunner, block, unquantized_block, hidden: torch.
                 if out is None:
                     with contextlib.suppress(_InputsCaptured):
                         unquantized_attention.forward(runner, unquantized_block, unquantized[window], pos, window)
+                    if fold_unquantized:
+                        unquantized_attention.fold(runner, unquantized_block, unquantized, window)
                 with contextlib.suppress(_InputsCaptured):
                     quantized_attention.forward(runner, block, hidden[window], pos, window)
                 if out is not None:
@@ -364,8 +369,9 @@ def quantize_block(runner: BlockRunner, source: ModelSource, writer, plan: Quant
     unquantized_attention = AttentionCache(windows, hidden.device if hidden is not None else "cpu", final=True)
     for stage in stages:
         if paired is not None:      # the last stage also takes the unquantized stream through the block
+            stops_at_o_proj = stage is not stages[-1] and stage[-1] == (family.attention_out,)
             hessians = collect_paired(runner, block, paired, hidden, unquantized, pos, opts, stage, stage is stages[-1],
-                                      (attention, unquantized_attention))
+                                      (attention, unquantized_attention), stops_at_o_proj)
         else:
             hessians = (collect_hessians(runner, block, hidden, pos, opts, stage, attention=attention)
                         if opts.method != "rtn" else {})
@@ -375,9 +381,9 @@ def quantize_block(runner: BlockRunner, source: ModelSource, writer, plan: Quant
             attention.final = attention.final or family.siblings[0] in stage
             if stage is not stages[-1] and any(family.attention_out in group for group in stage):
                 with compute(opts):                          # o_proj final: both streams to the residual
-                    attention.fold(runner, block, hidden, opts.batch)
+                    attention.fold(runner, block, hidden)
                     if paired is not None:
-                        unquantized_attention.fold(runner, paired, unquantized, opts.batch)
+                        unquantized_attention.fold(runner, paired, unquantized)
             release_freed_memory()                       # the stage's temporaries, before the next one's
             continue
         for group in stage:

@@ -16,9 +16,8 @@ def test_nested_thresholds_come_back_in_order(monkeypatch):
 
     monkeypatch.setattr(memory, "_libc", lambda: Libc())
     monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
-    with memory.mmap_threshold(memory.BATCH_THRESHOLD):
-        with memory.keeping_freed_memory():
-            pass
+    with memory.mmap_threshold(memory.BATCH_THRESHOLD), memory.keeping_freed_memory():
+        pass
     set_to = [c[2] for c in calls if c[0] == "mallopt"]
     assert set_to == [memory.BATCH_THRESHOLD, memory.LOOP_THRESHOLD, memory.BATCH_THRESHOLD, memory.MMAP_THRESHOLD]
     assert calls.count(("trim",)) == 2 and memory._current == []

@@ -10,6 +10,7 @@ from functools import partial
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from ..formats.errors import InputError, one_line
 
@@ -140,12 +141,15 @@ class BlockRunner:
         return {"attention_mask": None, "position_embeddings": pos, "use_cache": False}
 
     @torch.no_grad()
-    def residual_after_attention(self, block: nn.Module, hidden: torch.Tensor, attention: torch.Tensor
-                                 ) -> torch.Tensor:
+    def residual_after_attention(self, block: nn.Module, hidden: torch.Tensor, attention: torch.Tensor,
+                                 hooks: bool = True) -> torch.Tensor:
         """hidden + o_proj(attention), `attention` the block's attention output of `hidden` (o_proj's input): the
-        residual stream between the two halves of transformers' decoder layer, on the device `hidden` is on."""
+        residual stream between the two halves of transformers' decoder layer, on the device `hidden` is on.
+        Without `hooks`, o_proj's forward hooks do not see the call (nn.Linear's own F.linear)."""
         o_proj = block.get_submodule(self.family.attention_out)
-        return (hidden.to(self.device) + o_proj(attention.to(self.device))).to(hidden.device)
+        a = attention.to(self.device)
+        out = o_proj(a) if hooks else F.linear(a, o_proj.weight, o_proj.bias)
+        return (hidden.to(self.device) + out).to(hidden.device)
 
     @torch.no_grad()
     def forward_after_residual(self, block: nn.Module, residual: torch.Tensor) -> torch.Tensor:
@@ -177,21 +181,20 @@ class AttentionCache:
     what it kept: the passes after that run the MLP half alone (`BlockRunner.forward_after_residual`)."""
 
     def __init__(self, windows: int, device: torch.device | str, final: bool = False):
-        self.kept: torch.Tensor | None = None     # [windows, seqlen, hidden] on the stream's device
-        self.have = [False] * windows
+        self.kept: dict[int, torch.Tensor] = {}   # first window of a batch -> the batch's attention outputs
+        self.folded: set[int] = set()             # batches whose stream windows hold the residual
         self.device = device
         self.final = final                         # q/k/v final: outputs seen from now on may be kept
-        self.folded = False                        # the stream holds the residual between the halves
 
     def forward(self, runner: BlockRunner, block: nn.Module, x: torch.Tensor, pos, window: slice,
                 keep: bool = True) -> torch.Tensor:
-        """block(x), x the stream's windows `window`: from the residual once folded, or from the kept attention
-        outputs when they are all there; else a whole forward that keeps them (when `keep` and q/k/v are final). A
-        hook of the caller that stops the forward at o_proj's input (or later) still sees the output kept first."""
-        if self.folded:
+        """block(x), x the stream's windows `window` (a batch): from the residual once folded, or from the kept
+        attention outputs; else a whole forward that keeps them (when `keep` and q/k/v are final). A hook of the
+        caller that stops the forward at o_proj's input (or later) still sees the output kept first."""
+        if window.start in self.folded:
             return runner.forward_after_residual(block, x)
-        if self.kept is not None and all(self.have[window]):
-            return runner.forward_after_attention(block, x, self.kept[window])
+        if window.start in self.kept:
+            return runner.forward_after_attention(block, x, self.kept[window.start])
         if not (keep and self.final):
             return runner.forward_block(block, x, pos)
         o_proj = block.get_submodule(runner.family.attention_out)
@@ -201,20 +204,16 @@ class AttentionCache:
         finally:
             handle.remove()
 
-    def fold(self, runner: BlockRunner, block: nn.Module, stream: torch.Tensor, batch: int) -> None:
-        """stream <- stream + o_proj(attention output), in place, when every window's output is kept; the kept
-        outputs are dropped. For a stream that holds the block's inputs, once o_proj is final."""
-        if self.kept is None or not all(self.have):
-            return
-        for start in range(0, stream.shape[0], batch):
-            window = slice(start, start + batch)
-            stream[window] = runner.residual_after_attention(block, stream[window], self.kept[window])
-        self.kept, self.folded = None, True
+    def fold(self, runner: BlockRunner, block: nn.Module, stream: torch.Tensor, window: slice | None = None) -> None:
+        """stream <- stream + o_proj(attention output), in place, for the batch `window` (or every batch) whose
+        output is kept, which is then dropped (o_proj's hooks, which collect statistics of passes, do not see it).
+        For a stream that holds the block's inputs, once o_proj is final."""
+        for start in [window.start] if window is not None else list(self.kept):
+            if start in self.kept:
+                kept = self.kept.pop(start)
+                batch = slice(start, start + kept.shape[0])
+                stream[batch] = runner.residual_after_attention(block, stream[batch], kept, hooks=False)
+                self.folded.add(start)
 
     def _keep(self, window: slice, module, args) -> None:
-        a = args[0].detach()
-        if self.kept is None:
-            self.kept = torch.empty((len(self.have), *a.shape[1:]), dtype=a.dtype, device=self.device)
-        self.kept[window] = a.to(self.device)
-        for k in range(*window.indices(len(self.have))):
-            self.have[k] = True
+        self.kept[window.start] = args[0].detach().to(self.device, copy=True)

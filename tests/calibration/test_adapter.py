@@ -58,17 +58,20 @@ def test_a_block_from_its_attention_output_is_the_whole_forward_bit_for_bit(mode
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         whole = runner.forward_block(block, x, pos)
         early = AttentionCache(6, "cpu")
-        assert torch.equal(early.forward(runner, block, x[:4], pos, slice(0, 4)), whole[:4]) and early.kept is None
+        assert torch.equal(early.forward(runner, block, x[:4], pos, slice(0, 4)), whole[:4]) and not early.kept
         cache = AttentionCache(6, "cpu", final=True)
         first = [cache.forward(runner, block, x[s:s + 4], pos, slice(s, s + 4)) for s in (0, 4)]
-        assert cache.kept.dtype == (torch.bfloat16 if autocast else torch.float32) and all(cache.have)
+        assert sorted(cache.kept) == [0, 4]
+        assert cache.kept[0].dtype == (torch.bfloat16 if autocast else torch.float32)
         again = [cache.forward(runner, block, x[s:s + 4], pos, slice(s, s + 4)) for s in (0, 4)]
-        direct = runner.forward_after_attention(block, x, cache.kept)
+        direct = runner.forward_after_attention(block, x, torch.cat([cache.kept[0], cache.kept[4]]))
         stream = x.clone()
-        cache.fold(runner, block, stream, 4)
+        cache.fold(runner, block, stream, slice(4, 8))       # one batch, then the rest
+        cache.fold(runner, block, stream)
         folded = [cache.forward(runner, block, stream[s:s + 4], pos, slice(s, s + 4)) for s in (0, 4)]
     assert torch.equal(torch.cat(first), whole) and torch.equal(torch.cat(again), whole)
-    assert torch.equal(direct, whole) and torch.equal(torch.cat(folded), whole) and cache.kept is None
+    assert torch.equal(direct, whole) and torch.equal(torch.cat(folded), whole)
+    assert not cache.kept and cache.folded == {0, 4}
 
 
 def test_stories260k_blockwise_equals_full_model(stories_path):
