@@ -145,7 +145,7 @@ def collect_hessians(runner: BlockRunner, block, hidden: torch.Tensor, pos, opts
     The forward of each batch stops at the input of the last of them; `in_place` runs it to the end instead
     and leaves the block's outputs in `hidden` (the block's weights stay as they are: one forward for both).
     `attention`: the block's attention outputs of `hidden`, kept or used."""
-    attention = attention or AttentionCache(hidden.shape[0], hidden.device)
+    attention = attention or AttentionCache(hidden.device)
     hessians, hooks = {}, []
     for group in groups:
         lin = block.get_submodule(group[0])
@@ -179,12 +179,12 @@ def collect_paired(runner: BlockRunner, block, unquantized_block, hidden: torch.
     through `unquantized_block`, on its source weights): the statistics of GPTQ toward the unquantized outputs
     (quantize/gptq.py `unquantized_target`). Where the two inputs agree, the drift is exactly 0. At the `last`
     stage the unquantized forward runs to the end and leaves the block's outputs in `unquantized`. `attention`: the
-    block's attention outputs of `hidden` and of `unquantized`, kept or used; with `fold_unquantized` (a stage that
-    stops at o_proj, whose source weights are final) the unquantized stream's are folded into it batch by batch,
-    so that they are never all held at once."""
+    block's attention outputs of `hidden` and of `unquantized`, kept or used; with `fold_unquantized` (o_proj's stage,
+    not the last: o_proj's source weights are final) the unquantized stream's are folded into it batch by batch,
+    after each batch's forward, so that they are never all held at once."""
     seen, hessians, drift, hooks = {}, {}, {}, []
-    quantized_attention, unquantized_attention = attention or (AttentionCache(hidden.shape[0], hidden.device),
-                                                               AttentionCache(hidden.shape[0], hidden.device))
+    quantized_attention, unquantized_attention = attention or (AttentionCache(hidden.device),
+                                                               AttentionCache(hidden.device))
     for group in groups:
         lin = block.get_submodule(group[0])
         hessians[group] = Hessian(lin.in_features, runner.device)
@@ -365,15 +365,15 @@ def quantize_block(runner: BlockRunner, source: ModelSource, writer, plan: Quant
         propagate_unquantized(runner, block, unquantized, opts)
     layers = []
     stages = sequential_stages(family.siblings, opts.true_sequential)
-    windows = hidden.shape[0] if hidden is not None else 0
     # attention outputs kept once q/k/v are final: not with learned rounding, which changes them all at the end
-    attention = AttentionCache(windows, hidden.device if hidden is not None else "cpu")
-    unquantized_attention = AttentionCache(windows, hidden.device if hidden is not None else "cpu", final=True)
+    device = hidden.device if hidden is not None else "cpu"
+    attention, unquantized_attention = AttentionCache(device), AttentionCache(device, final=True)
     for stage in stages:
+        # after o_proj's stage (not the last, whose forwards run to the end) the streams hold the residual
+        folds = stage is not stages[-1] and any(family.attention_out in group for group in stage)
         if paired is not None:      # the last stage also takes the unquantized stream through the block
-            stops_at_o_proj = stage is not stages[-1] and stage[-1] == (family.attention_out,)
             hessians = collect_paired(runner, block, paired, hidden, unquantized, pos, opts, stage, stage is stages[-1],
-                                      (attention, unquantized_attention), stops_at_o_proj)
+                                      (attention, unquantized_attention), folds)
         else:
             hessians = (collect_hessians(runner, block, hidden, pos, opts, stage, attention=attention)
                         if opts.method != "rtn" else {})
@@ -381,11 +381,9 @@ def quantize_block(runner: BlockRunner, source: ModelSource, writer, plan: Quant
         if starts is None:                  # no learned rounding: each linear's result is final, one way for all
             layers += quantize_shared(block, prefix, stage, hessians, plan, writer, tensors, world)
             attention.final = attention.final or family.siblings[0] in stage
-            if stage is not stages[-1] and any(family.attention_out in group for group in stage):
-                with compute(opts):                          # o_proj final: both streams to the residual
+            if folds:                                    # o_proj quantized: the calibration stream to the residual
+                with compute(opts):
                     attention.fold(runner, block, hidden)
-                    if paired is not None:
-                        unquantized_attention.fold(runner, paired, unquantized)
             release_freed_memory()                       # the stage's temporaries, before the next one's
             continue
         for group in stage:
@@ -431,7 +429,7 @@ def propagate(runner: BlockRunner, block, streams: Streams, opts: QuantizeOption
     attention outputs `attention` kept of it where there are."""
     if streams.hidden is not None and hidden_windows != 0:
         hidden = streams.hidden[:hidden_windows]
-        attention = attention or AttentionCache(hidden.shape[0], hidden.device)
+        attention = attention or AttentionCache(hidden.device)
         pos = runner.position_embeddings(hidden[:1])
         with compute(opts):
             for start in range(0, hidden.shape[0], opts.batch):

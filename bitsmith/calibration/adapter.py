@@ -180,7 +180,7 @@ class AttentionCache:
     Once o_proj is final too, `fold` turns the stream itself into the residual between the block's halves and drops
     what it kept: the passes after that run the MLP half alone (`BlockRunner.forward_after_residual`)."""
 
-    def __init__(self, windows: int, device: torch.device | str, final: bool = False):
+    def __init__(self, device: torch.device | str, final: bool = False):
         self.kept: dict[int, torch.Tensor] = {}   # first window of a batch -> the batch's attention outputs
         self.folded: set[int] = set()             # batches whose stream windows hold the residual
         self.device = device

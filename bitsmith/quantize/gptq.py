@@ -182,12 +182,13 @@ class PerICGrids:
     in], permuted order."""
 
     def __init__(self, configs: list[GridConfig], rows: int, cols: int):
-        spans, self.first = [], {}              # spans: (config, first stack row, rows) of each grid
+        spans, self.grids_of = [], {}           # spans: (config, first stack row, rows) of each grid
         for c, config in enumerate(configs):
             if config.per_ic:
                 g = row_span(config.group_size, rows)
-                self.first[c] = len(spans)
-                spans += [(config, c * rows + s, min(g, rows - s)) for s in range(0, rows, g)]
+                starts = range(0, rows, g)
+                self.grids_of[c] = slice(len(spans), len(spans) + len(starts))
+                spans += [(config, c * rows + s, min(g, rows - s)) for s in starts]
         width = max(n for _, _, n in spans)
         padding = len(configs) * rows           # the index of a zero appended to the stack's column
         self.gather = torch.full((len(spans), width), padding)
@@ -208,9 +209,8 @@ class PerICGrids:
 
     def stored(self, c: int, inv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(scales fp16 [G, in], zeros int32 [G, in]) of stack config c, in original column order."""
-        first = self.first[c]
-        last = min([k for k in self.first.values() if k > first], default=self.scales.shape[0])
-        return self.scales[first:last][:, inv].contiguous(), self.zeros[first:last][:, inv].contiguous()
+        mine = self.grids_of[c]
+        return self.scales[mine][:, inv].contiguous(), self.zeros[mine][:, inv].contiguous()
 
 
 def block_size(configs: list[GridConfig], blocksize: int) -> int:

@@ -57,9 +57,9 @@ def test_a_block_from_its_attention_output_is_the_whole_forward_bit_for_bit(mode
     pos = runner.position_embeddings(x)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         whole = runner.forward_block(block, x, pos)
-        early = AttentionCache(6, "cpu")
+        early = AttentionCache("cpu")
         assert torch.equal(early.forward(runner, block, x[:4], pos, slice(0, 4)), whole[:4]) and not early.kept
-        cache = AttentionCache(6, "cpu", final=True)
+        cache = AttentionCache("cpu", final=True)
         first = [cache.forward(runner, block, x[s:s + 4], pos, slice(s, s + 4)) for s in (0, 4)]
         assert sorted(cache.kept) == [0, 4]
         assert cache.kept[0].dtype == (torch.bfloat16 if autocast else torch.float32)
