@@ -73,7 +73,7 @@ def quantize(model: str, out: str, *, overwrite: bool = False, eval_data: str | 
         ids = data.tokenize(source.tokenizer(), eval_text)
         eval_ids = data.eval_windows(ids, data.eval_seqlen(eval_seqlen, source.context(), "--eval-seqlen"),
                                      eval_max_tokens)
-    world = distributed.join()
+    world = distributed.join(opts.device)
     check_placement(world, opts)
     with (CheckpointWriter(out, overwrite=overwrite, inputs=inputs, resume=resume) if world.main
           else distributed.Discarding()) as writer:

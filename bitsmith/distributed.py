@@ -9,8 +9,10 @@ its weight and Hessian) and sends the stored tensors to all (`from_owners`); ran
 goes through the same arithmetic as in a single process with the same number of threads, so N processes write
 the same bytes as one.
 
-Backend: gloo for CPU tensors (NCCL would serve CUDA ones). A rank that dies stops the others: the launcher
-ends the run, and a rank waiting on a dead peer gets an error from its collective (`PeerLost`)."""
+Backend (`placement`): gloo for a run on the CPU; NCCL for one on CUDA, each process on its own GPU (cuda:LOCAL_RANK,
+made the current device, so that `--device cuda` means this process's GPU), its collectives' tensors sent from
+there. A rank that dies stops the others: the launcher ends the run, and a rank waiting on a dead peer gets an
+error from its collective (`PeerLost`)."""
 from __future__ import annotations
 
 import contextlib
@@ -23,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from .calibration.hessian import add_exactly
-from .formats.errors import PeerLost
+from .formats.errors import InputError, PeerLost
 
 TIMEOUT = datetime.timedelta(hours=12)   # a collective waits this long for a slow peer (a dead one fails at once)
 CHUNK_ROWS = 1024                        # rows of a Hessian sent at once (bounds the gathered copies)
@@ -31,9 +33,11 @@ CHUNK_ROWS = 1024                        # rows of a Hessian sent at once (bound
 
 @dataclass(frozen=True)
 class World:
-    """This process's place among the processes of a run (rank 0 of 1 alone)."""
+    """This process's place among the processes of a run (rank 0 of 1 alone) and the device its collectives send
+    tensors from (the CPU for gloo, its GPU for NCCL)."""
     rank: int = 0
     size: int = 1
+    wire: str = "cpu"
 
     @property
     def main(self) -> bool:
@@ -98,9 +102,25 @@ def launch(nproc: int, args: list[str]) -> int:
 _joined: World | None = None
 
 
-def join() -> World:
+def placement(device: str, local_size: int, visible_gpus: int) -> str:
+    """The backend of a run of several processes, `local_size` of them on this machine, calibrating on `device`:
+    gloo on the CPU; NCCL on CUDA, one GPU per process (refused when the machine shows fewer, or when `device`
+    names one GPU for all of them)."""
+    if device.startswith("cuda:"):
+        raise InputError(f"--device {device} names one GPU; {local_size} processes take one GPU each: use --device "
+                         "cuda")
+    if device != "cuda":
+        return "gloo"
+    if visible_gpus < local_size:
+        raise InputError(f"--device cuda: {local_size} processes on this machine take one GPU each, and "
+                         f"{visible_gpus} {'is' if visible_gpus == 1 else 'are'} visible")
+    return "nccl"
+
+
+def join(device: str = "cpu") -> World:
     """The world of this process: when started by torchrun or `launch` (WORLD_SIZE > 1 in the environment), its
-    rank in a gloo process group, joined on the first call; otherwise SOLO."""
+    rank in a process group of `placement`'s backend, joined on the first call (on CUDA with this process's GPU
+    made the current device); otherwise SOLO."""
     global _joined
     if _joined is not None:
         return _joined
@@ -108,9 +128,17 @@ def join() -> World:
     if size <= 1:
         _joined = SOLO
         return SOLO
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    local_size = int(os.environ.get("LOCAL_WORLD_SIZE", str(size)))
+    backend = placement(device, local_size, torch.cuda.device_count() if device != "cpu" else 0)
+    wire = "cpu"
+    if backend == "nccl":
+        torch.cuda.set_device(local_rank)
+        wire = f"cuda:{local_rank}"
     if not dist.is_initialized():
-        dist.init_process_group("gloo", timeout=TIMEOUT)
-    _joined = World(dist.get_rank(), dist.get_world_size())
+        options = {"device_id": torch.device(wire)} if backend == "nccl" else {}
+        dist.init_process_group(backend, timeout=TIMEOUT, **options)
+    _joined = World(dist.get_rank(), dist.get_world_size(), wire)
     return _joined
 
 
@@ -147,10 +175,11 @@ def reduce_hessians(hessians: dict, world: World) -> None:
 
 
 def _gathered(t: torch.Tensor, world: World) -> list[torch.Tensor]:
-    t = t.contiguous()
-    out = [torch.empty_like(t) for _ in range(world.size)]
-    dist.all_gather(out, t)
-    return out
+    """Every rank's `t`, sent from the world's wire device, back on `t`'s."""
+    sent = t.to(world.wire).contiguous()
+    out = [torch.empty_like(sent) for _ in range(world.size)]
+    dist.all_gather(out, sent)
+    return [o.to(t.device) for o in out]
 
 
 def from_owners(jobs: list[Callable[[], object]], costs: list[float], world: World) -> list:
@@ -209,7 +238,7 @@ def _broadcast(value, src: int, world: World):
 
     value = fill(box[0])
     for t in received:
-        _broadcast_tensor(t, src)
+        _broadcast_tensor(t, src, world.wire)
     return value
 
 
@@ -221,10 +250,15 @@ class _Slot:
     shape: tuple
 
 
-def _broadcast_tensor(t: torch.Tensor, src: int) -> None:
-    """dist.broadcast of a tensor of any dtype, as its bytes (gloo has no bool or bfloat16 type)."""
-    if t.numel():
-        dist.broadcast(t.view(-1).view(torch.uint8), src=src)
+def _broadcast_tensor(t: torch.Tensor, src: int, wire: str = "cpu") -> None:
+    """dist.broadcast of a contiguous tensor of any dtype, as its bytes (gloo has no bool or bfloat16 type), sent from
+    the `wire` device (a copy there and back when `t` is elsewhere)."""
+    if not t.numel():
+        return
+    sent = t if t.device == torch.device(wire) else t.to(wire)
+    dist.broadcast(sent.view(-1).view(torch.uint8), src=src)
+    if sent is not t:
+        t.copy_(sent)
 
 
 def gathered_list(values: list, world: World) -> list:

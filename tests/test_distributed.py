@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 from tests_support import ASSETS
 
 from bitsmith.calibration.hessian import Hessian
-from bitsmith.distributed import World, from_owners, gathered_list, reduce_hessians
+from bitsmith.distributed import World, from_owners, gathered_list, placement, reduce_hessians
+from bitsmith.formats.errors import InputError
 
 STORIES = ASSETS / "models" / "stories260K"
 CALIB = ASSETS / "text" / "tinystories_calib.txt"
@@ -158,6 +159,8 @@ def test_a_parallel_run_killed_midway_resumes_to_the_same_bytes(one_process, tmp
     (("--nproc", "2", "--rounding", "gptaq"), "error: --rounding gptaq runs in one process"),
     (("--nproc", "2", "--nsamples", "8"), "error: --nsamples 8: 2 processes need at least 2 batches"),
     (("--nproc", "0"), "error: Invalid value for '--nproc'"),
+    pytest.param(("--nproc", "2", "--device", "cuda"), "error: --device cuda: no CUDA device is visible",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")),
 ])
 def test_what_a_parallel_run_cannot_do_is_refused_in_one_line(tmp_path, extra, message):
     out = tmp_path / "out"
@@ -165,6 +168,24 @@ def test_what_a_parallel_run_cannot_do_is_refused_in_one_line(tmp_path, extra, m
     assert done.returncode == 2
     assert len(done.stderr.strip().splitlines()) == 1 and done.stderr.startswith(message), done.stderr
     assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def test_placement_is_gloo_on_cpu_and_one_gpu_per_process_with_nccl():
+    assert placement("cpu", 2, 0) == "gloo"
+    assert placement("cuda", 2, 2) == placement("cuda", 4, 8) == "nccl"
+    with pytest.raises(InputError, match=r"^--device cuda: 4 processes on this machine take one GPU each, and 2 are"):
+        placement("cuda", 4, 2)
+    with pytest.raises(InputError, match=r"^--device cuda:1 names one GPU; 2 processes take one GPU each"):
+        placement("cuda:1", 2, 8)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL across processes needs two GPUs")
+def test_two_processes_on_two_gpus_write_the_same_bytes_as_one_gpu(tmp_path):
+    """NCCL: each process calibrates on its own GPU; the Hessians are summed in float64 in rank order as on gloo."""
+    one = _quantize(tmp_path / "one", "--device", "cuda")
+    two = _quantize(tmp_path / "two", "--device", "cuda", "--nproc", "2")
+    assert one.returncode == 0 and two.returncode == 0, one.stderr + two.stderr
+    _same_files(tmp_path / "one", tmp_path / "two")
 
 
 @pytest.mark.slow

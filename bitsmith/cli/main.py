@@ -271,7 +271,7 @@ def quantize(model, out, method, bits, group_size, sym, act_order, static_groups
              rounding_iters, nproc, offload_activations):
     """Quantize MODEL (a Hugging Face folder, a .gguf file or the bundled name smollm2-135m) into OUT."""
     if nproc > 1:
-        sys.exit(_launched(nproc))
+        sys.exit(_launched(nproc, device))
     from .. import api
     report = Report(json_path)
     calib = list(calib) or ["self"]
@@ -307,11 +307,18 @@ def quantize(model, out, method, bits, group_size, sym, act_order, static_groups
     report.json(s)
 
 
-def _launched(nproc: int) -> int:
+def _launched(nproc: int, device: str | None) -> int:
     """`bitsmith quantize --nproc N`: this command line again, without --nproc, in N processes (torchrun's
-    launcher); their exit status."""
+    launcher); their exit status. A placement the processes would refuse (distributed.placement) is refused here
+    first, once."""
     if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
         raise InputError("--nproc: this process is already one of several (torchrun); give one or the other")
+    import torch
+
+    from ..api import calibration_device
+    from ..distributed import launch, placement
+    device = calibration_device(device)
+    placement(device, nproc, torch.cuda.device_count() if device != "cpu" else 0)
     args, skip = [], False
     for arg in sys.argv[1:]:
         if skip:
@@ -322,7 +329,6 @@ def _launched(nproc: int) -> int:
             args.append(arg)
     if "quantize" not in args:
         raise InputError("--nproc: run bitsmith quantize from a command line to share it among processes")
-    from ..distributed import launch
     return launch(nproc, args)
 
 

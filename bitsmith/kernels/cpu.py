@@ -142,43 +142,79 @@ class Int4Weights:
         return y[:, :self.N].to(x.dtype)
 
 
-class PerICInt4Weights:
-    """A per-input-channel linear of 2-4 bits (kernels/per_ic_linear.py: W[o, j] = S[G, j] (Q[o, j] - Z[G, j]) for
-    the group G of `rows` output rows holding o) in torch's CPU int4 form, one product per group of rows:
+class PerICWeights:
+    """A per-input-channel linear (kernels/per_ic_linear.py: W[o, j] = S[G, j] (Q[o, j] - Z[G, j]) for the group G of
+    `rows` output rows holding o) in a weight-only CPU form of torch, one product per group of rows:
 
-        y[:, G] = (x * S[G]) Q_G^T - x (S[G] (Z[G] - c))^T,   c = 2^(bits-1)
+        y[:, G] = (x * S[G]) (Q_G - c)^T - x (S[G] (Z[G] - c))^T,   c = 2^(bits-1)
 
-    The kernel holds each group's codes as int4 codes Q + 8 - c with kernel scale 1 and m = 0, so it reads them as
-    Q - c (centred, so that neither term is much larger than y); the activations scaled per input channel are
-    rounded to bf16 and the kernel's output comes back through bf16, as in Int4Weights. K is padded to a multiple
-    of the kernel group with channels where x is 0, each group's rows to a multiple of N_ALIGN with code 8 (w = 0).
-    Half a byte per weight, where a bf16 copy of W takes two."""
+    2-4 bits: the int4 GEMM holds each group's codes as int4 codes Q + 8 - c with kernel scale 1 and m = 0, so it
+    reads them as Q - c (centred, so that neither term is much larger than y); K is padded to a multiple of the kernel
+    group with channels where x is 0, each group's rows to a multiple of N_ALIGN with code 8 (w = 0). Half a byte per
+    weight. 8 bits: the int8 GEMM on Q - 128 with scale 1, a byte per weight. In both the activations scaled per input
+    channel are rounded to bf16 and the kernel's output comes back through bf16, as in Int4Weights; the codes are
+    held exactly, where a bf16 copy of W (two bytes) would round every weight."""
 
     def __init__(self, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, rows: int):
         N, K = codes.shape
-        center = 1 << (bits - 1)
-        self.N, self.rows = N, rows
-        self.pad_k = -K % KERNEL_GROUPS[-1]
-        self.group_size = next(g for g in KERNEL_GROUPS if (K + self.pad_k) % g == 0)
-        self.scales = scales.to(torch.float32)                                           # [G, K]
-        self.offset = (self.scales * (zeros.to(torch.float32) - center)).t().contiguous()  # [K, G]
-        self.groups = []
-        for start in range(0, N, rows):
-            q = codes[start:start + rows].to(torch.int32) + (NEUTRAL - center)
-            q = F.pad(q, (0, self.pad_k, 0, -len(q) % N_ALIGN), value=NEUTRAL)
-            unit = torch.zeros((K + self.pad_k) // self.group_size, len(q), 2, dtype=torch.bfloat16)
-            unit[..., 0] = 1                                                            # kernel scale 1, m 0
-            self.groups.append((torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.contiguous(), 2), unit))
+        self.center = 1 << (bits - 1)
+        self.N, self.rows, self.int8 = N, rows, bits > 4
+        self.pad_k = 0 if self.int8 else -K % KERNEL_GROUPS[-1]
+        self.group_size = None if self.int8 else next(g for g in KERNEL_GROUPS if (K + self.pad_k) % g == 0)
+        self.scales = scales.to(torch.float32)                                                 # [G, K]
+        self.offset = (self.scales * (zeros.to(torch.float32) - self.center)).t().contiguous()  # [K, G]
+        self.groups = [self._form(codes[start:start + rows].to(torch.int32)) for start in range(0, N, rows)]
+
+    def _form(self, q: torch.Tensor):
+        if self.int8:
+            return (q - self.center).to(torch.int8).contiguous(), torch.ones(len(q), dtype=torch.bfloat16)
+        q = F.pad(q + (NEUTRAL - self.center), (0, self.pad_k, 0, -len(q) % N_ALIGN), value=NEUTRAL)
+        unit = torch.zeros(q.shape[1] // self.group_size, len(q), 2, dtype=torch.bfloat16)
+        unit[..., 0] = 1                                                                      # kernel scale 1, m 0
+        return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.contiguous(), 2), unit
+
+    def _product(self, xs: torch.Tensor, packed: torch.Tensor, unit: torch.Tensor) -> torch.Tensor:
+        if self.int8:
+            return torch.ops.aten._weight_int8pack_mm(xs, packed, unit)
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(xs, packed, self.group_size, unit)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x32 = x.to(torch.float32)
         scaled = F.pad(x32[None] * self.scales[:, None], (0, self.pad_k)).to(torch.bfloat16)   # [G, M, K']
         y = torch.empty(len(x), self.N, dtype=torch.float32)
         for G, (packed, unit) in enumerate(self.groups):
-            part = torch.ops.aten._weight_int4pack_mm_for_cpu(scaled[G], packed, self.group_size, unit)
+            part = self._product(scaled[G], packed, unit)
             y[:, G * self.rows:(G + 1) * self.rows] = part[:, :min(self.rows, self.N - G * self.rows)]
         y -= (x32 @ self.offset).repeat_interleave(self.rows, dim=1)[:, :self.N]
         return y.to(x.dtype)
+
+
+class TableWeights:
+    """A lookup-table linear (kernels/lut_linear.py: W[o, j] = T[o, code[o, j]], 2^bits fp16 values per row) in
+    torch's CPU int8 weight-only form. Each row's table is put on a grid of 255 levels centred on its range:
+
+        T[o, c] ~ m_o + s_o t[o, c],   t in -127..127,   m_o = (max_o + min_o) / 2,   s_o = bf16(range_o / 253)
+
+    (s_o >= range_o / 254 after the bf16 rounding, so every level fits), within s_o / 2 of the stored value: about
+    range / 508, where a bf16 copy of W would round each weight to 2^-9 of itself, at a byte per weight instead of two.
+    y = bf16(x) (t s)^T, the kernel accumulating in fp32 with a bf16 output, plus sum(x) m in float32."""
+
+    def __init__(self, codes: torch.Tensor, table: torch.Tensor):
+        T = table.to(torch.float32)
+        hi, lo = T.amax(1), T.amin(1)
+        self.middle = (hi + lo) / 2
+        scale = ((hi - lo) / 253).to(torch.bfloat16)
+        self.scale = torch.where(scale > 0, scale, torch.ones_like(scale))        # a constant row: t = 0
+        levels = torch.round((T - self.middle[:, None]) / self.scale.float()[:, None]).clamp(-127, 127)
+        self.levels = levels.to(torch.int8).gather(1, codes.long()).contiguous()  # [N, K]
+
+    def weight(self) -> torch.Tensor:
+        """The W [N, K] this form multiplies by, in float32."""
+        return self.levels.float() * self.scale.float()[:, None] + self.middle[:, None]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16).contiguous(), self.levels, self.scale)
+        return (y.float() + x.to(torch.float32).sum(1, keepdim=True) * self.middle).to(x.dtype)
 
 
 def bf16_product(x: torch.Tensor, W: torch.Tensor) -> torch.Tensor:

@@ -1,11 +1,11 @@
 """The runtime of layouts without a fused kernel yet (lookup tables, per-input-channel groups).
 
 On CUDA the forward dequantizes W with Triton (kernels/triton_dequant.py) in the activations' dtype. On the CPU,
-a call of up to CPU_INT4_MAX_M rows (decode) goes through `decode`: a layout's own CPU form where it has one
-(per-input-channel grids of up to 4 bits: torch's int4 GEMM on the codes), else a bf16 copy of W made once
-(2 bytes per weight; bf16 activations, as the GPTQ layouts' cpu_int4 path rounds them: dequantizing W on every
-step costs 40 times the float32 product on one core); a longer call dequantizes W once for the call with the torch
-reference, exact in float32. `cache_dequantized` keeps a dense copy in any dtype for every call instead.
+a call of up to CPU_INT4_MAX_M rows (decode) goes through `decode`: the layout's form for one of torch's weight-only
+GEMMs (kernels/cpu.py; per-input-channel grids: int4 or int8 codes, lookup tables: int8 levels), made once and
+read at every step (dequantizing W on every step costs 40 times the float32 product on one core); a longer call
+dequantizes W once for the call with the torch reference, exact in float32. `cache_dequantized` keeps a dense copy
+in any dtype for every call instead.
 """
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cpu import bf16_product
 from .dispatch import CPU_INT4_MAX_M
 
 
@@ -42,14 +41,9 @@ class DequantizingLinear(nn.Module, ABC):
         """Keep a dense copy of W for repeated forwards (evaluation); trades memory for speed."""
         self._dense = self.dequantize().to(dtype)
 
+    @abstractmethod
     def decode(self, rows: torch.Tensor) -> torch.Tensor:
-        """rows [M, in] W^T on the CPU for a few rows (decode): by the bf16 copy of W, unless a layout has a form of
-        its own."""
-        return bf16_product(rows, self.decode_weight())
-
-    def decode_weight(self) -> torch.Tensor:
-        """The bf16 copy of W the CPU decode path multiplies by."""
-        return self.decode_form(lambda: self.dequantize().to(torch.bfloat16))
+        """rows [M, in] W^T on the CPU for a few rows (decode), through the layout's CPU form (`decode_form`)."""
 
     def decode_form(self, make):
         """The CPU decode form `make()` builds, kept and made again when the packed weights change."""

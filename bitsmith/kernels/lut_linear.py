@@ -2,13 +2,16 @@
 
   qweight int32 [packed(in), out]   codes packed along in_features, as the GPTQ layout packs them
   lut     fp16  [out, 2^bits]       each output row's centroids
-W[o, j] = lut[o, code[o, j]]. The forward dequantizes W (the torch reference); `cache_dequantized` keeps it.
+W[o, j] = lut[o, code[o, j]]. Decode on CPU runs torch's int8 GEMM on each row's table put on a 255-level grid
+(kernels/cpu.py TableWeights); otherwise the forward dequantizes W (kernels/dequantizing.py); `cache_dequantized`
+keeps it.
 """
 from __future__ import annotations
 
 import torch
 
 from ..formats.packing import packed_length, unpack
+from .cpu import TableWeights
 from .dequantizing import DequantizingLinear
 
 
@@ -25,6 +28,11 @@ class LUTLinear(DequantizingLinear):
         super().__init__(in_features, out_features, bits, bias)
         self.register_buffer("qweight", torch.zeros(packed_length(in_features, bits), out_features, dtype=torch.int32))
         self.register_buffer("lut", torch.zeros(out_features, 1 << bits, dtype=torch.float16))
+
+    def decode(self, rows: torch.Tensor) -> torch.Tensor:
+        """torch's int8 GEMM on the rows' tables as 8-bit levels (cpu.TableWeights: a byte per weight)."""
+        return self.decode_form(lambda: TableWeights(
+            unpack(self.qweight, self.bits, self.in_features, dim=0).t(), self.lut))(rows)
 
     def dequantize(self) -> torch.Tensor:
         return lut_dequantize(self.qweight, self.lut, self.bits, self.in_features)

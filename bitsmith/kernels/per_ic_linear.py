@@ -3,8 +3,8 @@
   qweight int32 [packed(in), out]   codes packed along in_features, as the GPTQ layout packs them
   scales  fp16  [G, in]             one scale per input channel and group of `group_size` output rows
   qzeros  int32 [G, packed(in)]     the zero points (true zeros, not GPTQ's zero - 1), packed along in_features
-W[o, j] = scales[o // g, j] * (code[o, j] - zero[o // g, j]). Decode on CPU runs torch's int4 GEMM per group of rows
-(kernels/cpu.py, up to 4 bits); otherwise the forward dequantizes W (kernels/dequantizing.py).
+W[o, j] = scales[o // g, j] * (code[o, j] - zero[o // g, j]). Decode on CPU runs torch's int4 GEMM (up to 4 bits) or
+int8 GEMM (8 bits) per group of rows (kernels/cpu.py); otherwise the forward dequantizes W (kernels/dequantizing.py).
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 
 from ..formats.packing import packed_length, unpack
 from ..quantize.per_ic import PerICWeight, row_span
-from .cpu import PerICInt4Weights
+from .cpu import PerICWeights
 from .dequantizing import DequantizingLinear
 
 
@@ -36,11 +36,9 @@ class PerICLinear(DequantizingLinear):
         self.register_buffer("qzeros", torch.zeros(groups, packed_length(in_features, bits), dtype=torch.int32))
 
     def decode(self, rows: torch.Tensor) -> torch.Tensor:
-        """Up to 4 bits: torch's int4 GEMM on the codes, one call per group of output rows (cpu.PerICInt4Weights,
-        half a byte per weight); 8 bits: the bf16 copy of W."""
-        if self.bits > 4:
-            return super().decode(rows)
-        return self.decode_form(lambda: PerICInt4Weights(
+        """torch's int4 (up to 4 bits) or int8 GEMM on the codes, one call per group of output rows
+        (cpu.PerICWeights: half a byte or a byte per weight)."""
+        return self.decode_form(lambda: PerICWeights(
             unpack(self.qweight, self.bits, self.in_features, dim=0).t(), self.scales,
             unpack(self.qzeros, self.bits, self.in_features, dim=1), self.bits,
             row_span(self.group_size, self.out_features)))(rows)

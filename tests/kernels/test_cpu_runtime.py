@@ -177,12 +177,13 @@ def test_bf16_product_is_the_bf16_gemm_bit_for_bit(M):
     assert torch.equal(y, F.linear(x.to(torch.bfloat16), W).float())
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("in_features,out_features,rows", [(400, 40, 16), (576, 192, 128), (64, 100, 100), (96, 37, 8)])
 @pytest.mark.parametrize("M", ROWS)
-def test_per_input_channel_decode_computes_the_layer_from_int4_codes(bits, in_features, out_features, rows, M):
-    """cpu.PerICInt4Weights: the int4 GEMM per group of output rows minus the zero-point term, within bf16 rounding
-    of the reference W (K and the row groups padded: neither is a multiple of what the kernel takes)."""
+def test_per_input_channel_decode_computes_the_layer_from_codes(bits, in_features, out_features, rows, M):
+    """cpu.PerICWeights: the int4 (int8 at 8 bits) GEMM per group of output rows minus the zero-point term, within
+    bf16 rounding of the reference W (K and the row groups padded: neither is a multiple of what the int4 kernel
+    takes)."""
     from bitsmith.quantize.per_ic import PerICWeight
     gen = torch.Generator().manual_seed(bits * in_features + out_features + rows)
     G = -(-out_features // rows)
@@ -190,19 +191,55 @@ def test_per_input_channel_decode_computes_the_layer_from_int4_codes(bits, in_fe
     scales = (torch.rand(G, in_features, generator=gen) * 0.02 + 1e-3).half()
     zeros = torch.randint(0, 1 << bits, (G, in_features), generator=gen, dtype=torch.int32)
     W = PerICWeight.dequantize(codes, scales, zeros, rows).double()
-    form = cpu.PerICInt4Weights(codes, scales, zeros, bits, rows)
+    form = cpu.PerICWeights(codes, scales, zeros, bits, rows)
     x = torch.randn(M, in_features, generator=gen)
     assert rel_err(form(x), x.double() @ W.t()) < BF16_TOL
-    assert sum(p.numel() for p, _ in form.groups) <= out_features * (in_features + 32) // 2 + 16 * in_features
+    held = sum(p.numel() * p.element_size() for p, _ in form.groups)
+    assert held <= (out_features * in_features if bits == 8 else out_features * (in_features + 32) // 2 + 16 * in_features)
 
 
-def test_per_input_channel_modules_decode_from_codes_up_to_4_bits():
-    """A PerICLinear decodes through the int4 form up to 4 bits (no bf16 copy of W is made) and through the bf16
-    copy at 8 bits."""
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("in_features,out_features", [(400, 40), (96, 37), (64, 1)])
+@pytest.mark.parametrize("M", ROWS)
+def test_lookup_table_decode_holds_each_table_on_an_8_bit_grid(bits, in_features, out_features, M):
+    """cpu.TableWeights: every weight within half a level (a level at most range / 252) of its table value, one byte
+    per weight, and
+    the product that of the form's weights up to bf16 rounding; a constant row is held exactly."""
+    gen = torch.Generator().manual_seed(bits * in_features + out_features)
+    codes = torch.randint(0, 1 << bits, (out_features, in_features), generator=gen, dtype=torch.uint8)
+    table = (torch.randn(out_features, 1 << bits, generator=gen) * 0.05 + 0.01).half()
+    table[0] = 0.0125
+    W = table.float().gather(1, codes.long())
+    form = cpu.TableWeights(codes, table)
+    span = table.float().amax(1) - table.float().amin(1)
+    level = form.scale.float()[:, None]
+    assert (level[1:] <= span[1:, None] / 252).all()
+    assert ((form.weight() - W).abs() <= level / 2 * (1 + 1e-5)).all()
+    assert torch.equal(form.weight()[0], W[0])
+    assert form.levels.dtype == torch.int8 and form.levels.shape == (out_features, in_features)
+    x = torch.randn(M, in_features, generator=gen)
+    y = form(x)
+    assert rel_err(y, x.double() @ form.weight().double().t()) < BF16_TOL
+    assert rel_err(y, x.double() @ W.double().t()) < 2 * BF16_TOL
+
+
+def test_modules_without_a_fused_kernel_decode_from_codes():
+    """A PerICLinear decodes through the int4 form up to 4 bits and the int8 form at 8, a LUTLinear through its
+    8-bit levels: no bf16 copy of W is made; a new state dict makes the form again."""
+    from bitsmith.kernels.lut_linear import LUTLinear
     from bitsmith.kernels.per_ic_linear import PerICLinear
-    for bits, form in ((4, cpu.PerICInt4Weights), (8, torch.Tensor)):
+    for bits in (2, 4, 8):
         module = PerICLinear(96, 40, bits, 16)
         module.qweight.random_(generator=torch.Generator().manual_seed(bits))
         module.scales.fill_(0.01)
         module(torch.randn(1, 96))
-        assert isinstance(module._decode[1], form)
+        assert isinstance(module._decode[1], cpu.PerICWeights) and module._decode[1].int8 == (bits == 8)
+    module = LUTLinear(96, 40, 3)
+    module.lut.copy_(torch.linspace(-1, 1, 8).expand(40, 8))
+    x = torch.randn(2, 96)
+    assert torch.allclose(module(x), x @ module.dequantize().t(), rtol=2 ** -7, atol=1e-2)
+    assert isinstance(module._decode[1], cpu.TableWeights)
+    state = module.state_dict()
+    state["lut"] = state["lut"] * 2
+    module.load_state_dict(state)
+    assert torch.allclose(module(x), x @ module.dequantize().t(), rtol=2 ** -7, atol=2e-2)
