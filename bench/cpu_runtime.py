@@ -1,9 +1,17 @@
 """CPU runtime benchmark: decode and prefill speed and peak memory of SmolLM2-135M on CPU, as a transformers model
 (fp32, bf16) and as bitsmith checkpoints (W4/W3/W2 g128 RTN, a mixed-bit plan, and the lookup-table,
-per-input-channel and dense-and-sparse layouts), each in its own process.
+per-input-channel and dense-and-sparse layouts), each in its own process; and decode speed and whole-process peak
+memory of a synthetic Llama of 1.0 B weights (bench/synthetic.py, TinyLlama's block shapes), fp32 against W4 g128,
+where the runtime's fixed cost no longer hides the model's.
 
     taskset -c 1 python bench/cpu_runtime.py [--threads 1] [--repeats 3] [--work out/cpu-runtime] [--only ROW ...]
-                                             [--note TEXT]
+                                             [--note TEXT] [--llama-python PYTHON]
+
+The llama.cpp row needs llama-cpp-python, built from its source package, in any Python (no torch needed there):
+    python3 -m venv /tmp/lcp && CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
+        -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF" \
+        /tmp/lcp/bin/pip install --no-binary :all: llama-cpp-python
+then --llama-python /tmp/lcp/bin/python (without it the row is skipped).
 
 Protocol, per row (one process each, torch and OpenMP held to --threads; each time the best of --repeats runs,
 taken both as wall time and as the process's CPU time; the report's speeds are per CPU second, which another job
@@ -57,7 +65,12 @@ ROWS = {
     "w4g128-bf16": ("bitsmith", "w4g128", ["--bits", "4", "--group-size", "128"], {"dtype": "bfloat16"}),
     "w4g128-dequantized": ("bitsmith", "w4g128", ["--bits", "4", "--group-size", "128"], {"dequantized": True}),
     "w4g128-before": ("bitsmith", "w4g128", ["--bits", "4", "--group-size", "128"], {"before": True}),
+    "llama.cpp": ("llama.cpp", None, None, {}),
+    "fp32-1b": ("transformers", "synthetic-1b-fp32", None, {"dtype": "float32", "decode_only": True}),
+    "w4g128-1b": ("bitsmith", "synthetic-1b-w4g128", ["--bits", "4", "--group-size", "128"], {"decode_only": True}),
 }
+SYNTHETIC = {"hidden": 2048, "intermediate": 5632, "layers": 22, "heads": 32, "kv_heads": 4}   # 0.99 B linear weights
+SYNTHETIC_ROWS = ("fp32-1b", "w4g128-1b")
 
 
 def mixed_plan(template: dict) -> dict:
@@ -102,10 +115,21 @@ def prepare(work: Path, names: list[str]) -> None:
     work.mkdir(parents=True, exist_ok=True)
     for name in names:
         kind, folder, make, _ = ROWS[name]
-        if (work / folder / "config.json").exists():
+        if folder is None or (work / folder / "config.json").exists():
             continue
         print(f"making {work / folder}", file=sys.stderr, flush=True)
-        if kind == "transformers":
+        if name in SYNTHETIC_ROWS:
+            source = work / "synthetic-1b"
+            if not (source / "config.json").exists():
+                sys.path.insert(0, str(ROOT / "bench"))
+                import synthetic
+                synthetic.write(source, **SYNTHETIC)
+            if kind == "transformers":
+                run([sys.executable, __file__, "--export", str(work / folder), "--dtype", "float32", "--source",
+                     str(source)])
+            else:
+                quantize(work / folder, make, model=str(source))
+        elif kind == "transformers":
             dtype = {"hf-fp32": "float32", "hf-bf16": "bfloat16"}[folder]
             run([sys.executable, __file__, "--export", str(work / folder), "--dtype", dtype])
         elif make == "plan":
@@ -119,22 +143,22 @@ def prepare(work: Path, names: list[str]) -> None:
             quantize(work / folder, make)
 
 
-def quantize(out: Path, args: list[str], calibrated: bool = False) -> None:
+def quantize(out: Path, args: list[str], calibrated: bool = False, model: str = MODEL) -> None:
     """RTN, or GPTQ on a short calibration for the layouts only GPTQ makes (speed does not depend on it)."""
     method = ["--method", "gptq", "--calib", str(CALIB), "--nsamples", "16", "--seqlen", "256"] if calibrated \
         else ["--method", "rtn"]
-    run([sys.executable, "-m", "bitsmith", "quantize", MODEL, "-o", str(out), *method, "--overwrite", *args])
+    run([sys.executable, "-m", "bitsmith", "quantize", model, "-o", str(out), *method, "--overwrite", *args])
 
 
-def export(out: Path, dtype: str) -> None:
-    """The bundled model (GGUF dequantized to bf16) as a plain transformers folder in `dtype`."""
+def export(out: Path, dtype: str, source: str = MODEL) -> None:
+    """A model (by default the bundled one, GGUF dequantized to bf16) as a plain transformers folder in `dtype`."""
     import torch
 
     import bitsmith
     from bitsmith.formats.source import open_source
-    model = bitsmith.load(MODEL, dtype=getattr(torch, dtype))
+    model = bitsmith.load(source, dtype=getattr(torch, dtype))
     model.save_pretrained(out)
-    open_source(MODEL).tokenizer().save_pretrained(out)
+    open_source(source).tokenizer().save_pretrained(out)
 
 
 def run(cmd: list[str], env: dict | None = None) -> str:
@@ -197,7 +221,7 @@ def best_of(repeats: int, seconds) -> dict:
 
 def generate_seconds(model, new_tokens: int) -> dict:
     import torch
-    ids = torch.tensor([PROMPT])
+    ids = torch.tensor([PROMPT]) % model.config.vocab_size
     with Clock() as clock:
         out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
     assert out.shape[1] == len(PROMPT) + new_tokens
@@ -210,6 +234,46 @@ def prefill_seconds(model) -> dict:
     with Clock() as clock:
         model(ids, use_cache=False, logits_to_keep=1)
     return clock.seconds()
+
+
+def measure_llama_cpp(gguf: str, threads: int, repeats: int) -> dict:
+    """The llama.cpp row: the bundled GGUF (Q4_1) through llama-cpp-python, same prompt, greedy decode and prefill
+    protocol as the other rows; its imports are llama_cpp's alone (no torch)."""
+    from llama_cpp import Llama, __version__
+    baseline = rss_mb()
+    with Clock() as clock:
+        llm = Llama(model_path=gguf, n_threads=threads, n_threads_batch=threads, n_ctx=PREFILL_TOKENS + 16,
+                    n_batch=PREFILL_TOKENS, n_ubatch=512, verbose=False)
+    result = {"row": "llama.cpp", "kind": "llama.cpp", "folder": Path(gguf).name, "threads": threads,
+              "llama_cpp_python": __version__, "load_s": clock.wall, "rss_after_imports_mb": baseline}
+
+    def generate(new_tokens: int) -> dict:
+        llm.reset()
+        made = 0
+        with Clock() as clock:
+            for _ in llm.generate(PROMPT, top_k=1, top_p=1.0, temp=0.0, reset=True):
+                made += 1
+                if made == new_tokens:
+                    break
+        return clock.seconds()
+
+    def prefill() -> dict:
+        llm.reset()
+        ids = [3 + (7919 * i) % (llm.n_vocab() - 3) for i in range(PREFILL_TOKENS)]
+        with Clock() as clock:
+            llm.eval(ids)
+        return clock.seconds()
+
+    result["warmup_s"] = generate(4)["wall"]
+    one, full = best_of(repeats, lambda: generate(1)), best_of(repeats, lambda: generate(NEW_TOKENS))
+    for c in ("wall", "cpu"):
+        result[f"decode_tok_s_{c}"] = (NEW_TOKENS - 1) / (full[c] - one[c])
+    result["peak_rss_decode_mb"] = peak_rss_mb()
+    fill = best_of(repeats, prefill)
+    for c in ("wall", "cpu"):
+        result[f"prefill_tok_s_{c}"] = PREFILL_TOKENS / fill[c]
+    result["peak_rss_prefill_mb"] = peak_rss_mb()
+    return result
 
 
 def measure_row(name: str, work: Path, threads: int, repeats: int) -> dict:
@@ -235,6 +299,8 @@ def measure_row(name: str, work: Path, threads: int, repeats: int) -> dict:
             for c in ("wall", "cpu"):
                 result[f"decode_tok_s_{c}"] = (NEW_TOKENS - 1) / (full[c] - one[c])
             result["peak_rss_decode_mb"] = peak_rss_mb()
+        if options.get("decode_only"):
+            return result
         prefill = best_of(repeats, lambda: prefill_seconds(model))
         for c in ("wall", "cpu"):
             result[f"prefill_tok_s_{c}"] = PREFILL_TOKENS / prefill[c]
@@ -287,10 +353,19 @@ PROTOCOL = (f"Decode: greedy, batch 1, {NEW_TOKENS} new tokens after an {len(PRO
 ROW_NOTES = ("Rows: `mixed` is the plan of `mixed_plan` (8-bit per-channel blocks 0 and 29, attention 4-bit g128, "
              "gate/up 3-bit g128, down_proj 2-bit g64 or 4-bit g32); `w3-lut`, `w4g128-per-ic` and `w3g128-outliers` "
              "put every linear in that layout (a 3-bit lookup table per row; 4-bit groups of 128 output rows per "
-             "input channel; 3-bit g128 with 0.5 % of the weights in fp16 CSR), made by GPTQ on 16 x 256 C4 tokens; "
+             "input channel; 3-bit g128 with 0.5 % of the weights in fp16 CSR), made by GPTQ (act-order) on 16 x 256 "
+             "C4 tokens; `llama.cpp` decodes the bundled GGUF (Q4_1: 4-bit groups of 32 with an fp16 scale and minimum, "
+             "5 bits per weight) with llama-cpp-python built from its source package on this machine (AVX-512 kernels; "
+             "AMX off: its matmul crashes in this virtual machine), "
+             "the same prompt and thread count, its RSS after importing llama_cpp alone as `imports`; "
              "`w4g128-bf16` loads with dtype=torch.bfloat16; "
              "`w4g128-dequantized` with dequantized=True (dense copies); `w4g128-before` forces the reference path "
              "for every call of more than 8 rows, as before cpu_dense (prefill only).")
+SYNTHETIC_NOTES = (f"A synthetic Llama (bench/synthetic.py: random bf16 weights, {SYNTHETIC['layers']} blocks of hidden "
+                   f"{SYNTHETIC['hidden']}, MLP {SYNTHETIC['intermediate']}, {SYNTHETIC['heads']} heads, "
+                   f"{SYNTHETIC['kv_heads']} KV heads: TinyLlama-1.1B's blocks, 0.99 B linear weights, a 512-token "
+                   "vocabulary), exported to an fp32 transformers folder and quantized by RTN W4 g128; decode and peak "
+                   "RSS as above (the prompt's ids modulo the vocabulary), no prefill.")
 HEADER = ("| row | decode tok/s | vs fp32 | prefill tok/s | vs fp32 | peak RSS MB | vs fp32 | imports MB | model MB | "
           "vs fp32 model | peak after prefill MB | decode tok/s wall | prefill tok/s wall |")
 
@@ -300,7 +375,7 @@ def markdown(meta: dict, rows: list[dict], kernels: list[dict]) -> str:
     setting = (f"Measured {meta['date']} on {meta['cpu']} ({meta['cores']} cores), torch {meta['torch']}, "
                f"{meta['threads']} thread(s) per run, each row in its own process. {meta['note']}").rstrip()
     lines = [f"# CPU runtime: {MODEL}", "", setting, "", PROTOCOL, "", HEADER, "|---" * 13 + "|"]
-    for r in rows:
+    for r in (r for r in rows if r["row"] not in SYNTHETIC_ROWS):
         lines.append("| " + " | ".join([
             r["row"], fmt(r.get("decode_tok_s_cpu"), 2), ratio(r, fp32, "decode_tok_s_cpu"),
             fmt(r["prefill_tok_s_cpu"], 1), ratio(r, fp32, "prefill_tok_s_cpu"),
@@ -308,7 +383,20 @@ def markdown(meta: dict, rows: list[dict], kernels: list[dict]) -> str:
             fmt(r["rss_after_imports_mb"], 0), fmt(model_mb(r), 0),
             ratio({"m": model_mb(r)}, fp32 and {"m": model_mb(fp32)}, "m"), fmt(r["peak_rss_prefill_mb"], 0),
             fmt(r.get("decode_tok_s_wall"), 2), fmt(r["prefill_tok_s_wall"], 1)]) + " |")
-    lines += ["", ROW_NOTES, "", "## Per layer: cpu_int4 against cpu_dense (CPU ms, best of 5, the layer's weights in cache)",
+    lines += ["", ROW_NOTES]
+    synthetic = [r for r in rows if r["row"] in SYNTHETIC_ROWS]
+    if synthetic:
+        base = next((r for r in synthetic if r["kind"] == "transformers"), None)
+        lines += ["", "## A larger model: the whole process", "", SYNTHETIC_NOTES, "",
+                  ("| row | decode tok/s | vs fp32 | peak RSS MB | vs fp32 | imports MB | model MB | vs fp32 model | "
+                   "load s |"), "|---" * 9 + "|"]
+        for r in synthetic:
+            lines.append("| " + " | ".join([
+                r["row"], fmt(r["decode_tok_s_cpu"], 2), ratio(r, base, "decode_tok_s_cpu"),
+                fmt(r["peak_rss_decode_mb"], 0), ratio(r, base, "peak_rss_decode_mb"), fmt(r["rss_after_imports_mb"], 0),
+                fmt(model_mb(r), 0), ratio({"m": model_mb(r)}, base and {"m": model_mb(base)}, "m"),
+                fmt(r["load_s"], 1)]) + " |")
+    lines += ["", "## Per layer: cpu_int4 against cpu_dense (CPU ms, best of 5, the layer's weights in cache)",
               "", "| bits | K x N | " + " | ".join(f"M={m}" for m in KERNEL_ROWS) + " |",
               "|---|---|" + "---|" * len(KERNEL_ROWS)]
     for bits in sorted({k["bits"] for k in kernels}):
@@ -358,9 +446,15 @@ def main() -> None:
     ap.add_argument("--kernels", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--export", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--dtype", default="bfloat16", help=argparse.SUPPRESS)
+    ap.add_argument("--source", default=MODEL, help=argparse.SUPPRESS)
+    ap.add_argument("--gguf", help=argparse.SUPPRESS)
+    ap.add_argument("--llama-python", default=sys.executable,
+                    help="the Python with llama-cpp-python installed, for the llama.cpp row (skipped where it has none)")
     args = ap.parse_args()
     if args.export:
-        return export(args.export, args.dtype)
+        return export(args.export, args.dtype, args.source)
+    if args.row == "llama.cpp":
+        return print(json.dumps(measure_llama_cpp(args.gguf, args.threads, args.repeats)))
     if args.row:
         return print(json.dumps(measure_row(args.row, args.work, args.threads, args.repeats)))
     if args.kernels:
@@ -372,7 +466,14 @@ def main() -> None:
              str(args.repeats)]
     rows = []
     for name in names:
-        rows.append(json.loads(run([*child, "--row", name], env).strip().splitlines()[-1]))
+        command = [*child, "--row", name]
+        if name == "llama.cpp":
+            if subprocess.run([args.llama_python, "-c", "import llama_cpp"], capture_output=True, check=False).returncode:
+                print(f"llama.cpp row skipped: {args.llama_python} has no llama_cpp", file=sys.stderr)
+                continue
+            from bitsmith.formats.source import bundled_path
+            command = [args.llama_python, *command[1:], "--gguf", str(bundled_path(MODEL))]
+        rows.append(json.loads(run(command, env).strip().splitlines()[-1]))
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     kernels = json.loads(run([*child, "--kernels"], env).strip().splitlines()[-1])
     meta = machine(args.threads, args.note)
