@@ -106,13 +106,6 @@ def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return x_q, scale
 
 
-def qoq_fake_quantize(q: torch.Tensor, zero: torch.Tensor, group_scale: torch.Tensor,
-                      channel_scale: torch.Tensor) -> torch.Tensor:
-    """channel_scale * ((q - zero) * group_scale) in float32; the integer factor is exact."""
-    W8 = (q.to(torch.int32) - zero.to(torch.int32)) * group_scale.to(torch.int32)
-    return channel_scale.to(torch.float32) * W8.to(torch.float32)
-
-
 def qoq_int8_weight(qweight, group_scale, group_zero, in_features: int, group_size: int) -> torch.Tensor:
     """W8 = (q - zero) * group_scale as int8 [out, in] (fits int8 by the protective range)."""
     q = unpack(qweight, 4, in_features, dim=0).to(torch.int32)                 # [in, out]

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 import torch
 
 from ..formats.packing import pack
-from ..kernels.reference import qoq_fake_quantize
 from .gptq import inverse_cholesky
 from .rtn import check_finite
 
@@ -39,6 +38,13 @@ class QoQWeight:
         return {"qweight": self.qweight, "channel_scale": self.channel_scale,
                 "group_scale": self.group_scale, "group_zero": self.group_zero}
 
+
+
+def qoq_fake_quantize(q: torch.Tensor, zero: torch.Tensor, group_scale: torch.Tensor,
+                      channel_scale: torch.Tensor) -> torch.Tensor:
+    """channel_scale * ((q - zero) * group_scale) in float32; the integer factor is exact."""
+    W8 = (q.to(torch.int32) - zero.to(torch.int32)) * group_scale.to(torch.int32)
+    return channel_scale.to(torch.float32) * W8.to(torch.float32)
 
 def channel_scale(W: torch.Tensor) -> torch.Tensor:
     """Level 0: s1 = max|W_row| / 119 in fp16 (a zero row keeps scale 1)."""
