@@ -6,7 +6,7 @@ import time
 import click
 
 from .. import gptq_formats, pack_quantized
-from .main import Report, json_option, main
+from .app import Report, json_option, main
 
 
 @main.command(name="export")

@@ -6,7 +6,7 @@ import time
 import click
 
 from ..formats import dfloat
-from .main import Report, json_option, main
+from .app import Report, json_option, main
 
 
 @main.command()

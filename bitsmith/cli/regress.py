@@ -12,7 +12,7 @@ import click
 from .. import harness
 from ..formats.errors import InputError
 from ..regress import CACHE_NAME, FAILING, LM_EVAL, environment, judge, kind, run_case
-from .main import Report, json_option, main
+from .app import Report, json_option, main
 from .suite import SuiteError, read_golden, read_suite, unrecorded, write_golden
 
 STATUS_ORDER = {"error": 0, "regressed": 1, "changed": 2, "improved": 3, "ok": 4, "skipped": 5, "recorded": 6,
