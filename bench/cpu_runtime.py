@@ -434,6 +434,51 @@ def machine(threads: int, note: str) -> dict:
             "affinity": sorted(os.sched_getaffinity(0))}
 
 
+FIDELITY_ROWS = ("w4g128", "w3g128", "mixed", "w3-lut", "w4g128-per-ic", "w3g128-outliers")
+FIDELITY_TEXT = ROOT.parent / "shared" / "assets" / "text" / "wikitext2_test.txt"
+FIDELITY_WINDOWS, FIDELITY_TOKENS = 8, 64        # windows of at most CPU_INT4_MAX_M tokens: the decode path
+
+
+def fidelity(work: Path) -> list[dict]:
+    """How far each bitsmith row's CPU decode path (bf16 activations; lookup tables on their 8-bit grid) is from the
+    exact float32 path of the same checkpoint (`dequantized=True`): KL(exact || decode) per token and top-1 agreement,
+    over FIDELITY_WINDOWS windows of FIDELITY_TOKENS WikiText-2 tokens, each one forward of <= 64 rows."""
+    import torch
+
+    import bitsmith
+    from bitsmith.formats.source import open_source
+    text = FIDELITY_TEXT.read_text()
+    ids = torch.tensor(open_source(MODEL).tokenizer()(text[:200_000])["input_ids"])
+    windows = ids[:FIDELITY_WINDOWS * FIDELITY_TOKENS].reshape(FIDELITY_WINDOWS, FIDELITY_TOKENS)
+    rows = []
+    for name in FIDELITY_ROWS:
+        folder = str(work / ROWS[name][1])
+        decode, exact = bitsmith.load(folder), bitsmith.load(folder, dequantized=True)
+        kl, agree = [], []
+        with torch.inference_mode():
+            for window in windows:
+                a = decode(window[None]).logits[0].float().log_softmax(-1)
+                b = exact(window[None]).logits[0].float().log_softmax(-1)
+                kl.append((b.exp() * (b - a)).sum(-1).mean().item())
+                agree.append((a.argmax(-1) == b.argmax(-1)).float().mean().item())
+        rows.append({"row": name, "kl": sum(kl) / len(kl), "top1": sum(agree) / len(agree)})
+        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    return rows
+
+
+def fidelity_markdown(rows: list[dict]) -> str:
+    setting = (f"`python bench/cpu_runtime.py --fidelity`, {datetime.date.today().isoformat()}. Each checkpoint of "
+               "bench/results/cpu-runtime.md loaded twice, as `bitsmith.load` decodes (torch's int4 / int8 weight-only "
+               "GEMMs, bf16 activations; lookup tables on their 8-bit grid) and with `dequantized=True` (float32, "
+               f"exact); {FIDELITY_WINDOWS} WikiText-2 test windows of {FIDELITY_TOKENS} tokens, each a single forward "
+               "of up to 64 rows, so every quantized linear takes its decode path. For scale: W4 g128 against the "
+               "unquantized model is KL 0.23 (bench/results/quality-smollm2.md).")
+    lines = ["# CPU decode path against the exact float32 path: SmolLM2-135M", "", setting, "",
+             "| row | KL(exact \\|\\| decode path) nats/token | top-1 agreement |", "|---|---|---|"]
+    lines += [f"| {r['row']} | {r['kl']:.2e} | {r['top1']:.3f} |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=1)
@@ -448,6 +493,8 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16", help=argparse.SUPPRESS)
     ap.add_argument("--source", default=MODEL, help=argparse.SUPPRESS)
     ap.add_argument("--gguf", help=argparse.SUPPRESS)
+    ap.add_argument("--fidelity", action="store_true",
+                    help="only compare each bitsmith row's decode path with its exact float32 path (logits)")
     ap.add_argument("--llama-python", default=sys.executable,
                     help="the Python with llama-cpp-python installed, for the llama.cpp row (skipped where it has none)")
     args = ap.parse_args()
@@ -459,6 +506,13 @@ def main() -> None:
         return print(json.dumps(measure_row(args.row, args.work, args.threads, args.repeats)))
     if args.kernels:
         return print(json.dumps(kernel_table(args.threads)))
+    if args.fidelity:
+        prepare(args.work, list(FIDELITY_ROWS))
+        rows = fidelity(args.work)
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "cpu-decode-fidelity.json").write_text(json.dumps(rows, indent=1) + "\n")
+        (args.out / "cpu-decode-fidelity.md").write_text(fidelity_markdown(rows))
+        return None
     names = args.only or list(ROWS)
     prepare(args.work, names)
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
