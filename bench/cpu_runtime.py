@@ -466,8 +466,9 @@ def fidelity(work: Path) -> list[dict]:
     return rows
 
 
-def fidelity_markdown(rows: list[dict]) -> str:
-    setting = (f"`python bench/cpu_runtime.py --fidelity`, {datetime.date.today().isoformat()}. Each checkpoint of "
+def fidelity_markdown(result: dict) -> str:
+    rows = result["rows"]
+    setting = (f"`python bench/cpu_runtime.py --fidelity`, {result['date']}. Each checkpoint of "
                "bench/results/cpu-runtime.md loaded twice, as `bitsmith.load` decodes (torch's int4 / int8 weight-only "
                "GEMMs, bf16 activations; lookup tables on their 8-bit grid) and with `dequantized=True` (float32, "
                f"exact); {FIDELITY_WINDOWS} WikiText-2 test windows of {FIDELITY_TOKENS} tokens, each a single forward "
@@ -508,10 +509,10 @@ def main() -> None:
         return print(json.dumps(kernel_table(args.threads)))
     if args.fidelity:
         prepare(args.work, list(FIDELITY_ROWS))
-        rows = fidelity(args.work)
+        result = {"date": datetime.date.today().isoformat(), "rows": fidelity(args.work)}
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "cpu-decode-fidelity.json").write_text(json.dumps(rows, indent=1) + "\n")
-        (args.out / "cpu-decode-fidelity.md").write_text(fidelity_markdown(rows))
+        (args.out / "cpu-decode-fidelity.json").write_text(json.dumps(result, indent=1) + "\n")
+        (args.out / "cpu-decode-fidelity.md").write_text(fidelity_markdown(result))
         return None
     names = args.only or list(ROWS)
     prepare(args.work, names)
