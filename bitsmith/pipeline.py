@@ -386,12 +386,11 @@ def quantize_block(runner: BlockRunner, source: ModelSource, writer, plan: Quant
                     attention.fold(runner, block, hidden)
             release_freed_memory()                       # the stage's temporaries, before the next one's
             continue
-        for group in stage:
+        for group in stage:                 # learned rounding: every linear waits for the block's refinement
             for name in group:
-                layers.append(_quantize_into(block, prefix, name, hessians.get(group), plan, writer, tensors, starts))
-    if starts is not None:                  # the linears written already (lookup tables) keep their reports
-        layers = [r for r in layers if r is not None] + refine_block(runner, block, prefix, i, hidden, pos,
-                                                                     unquantized, starts, plan, writer, tensors)
+                _start_into(block, prefix, name, hessians.get(group), plan, starts)
+    if starts is not None:
+        layers = refine_block(runner, block, prefix, i, hidden, pos, unquantized, starts, plan, writer, tensors)
     quantized = {prefix + n for n in family.linears}
     for n, t in tensors.items():
         if n.rsplit(".", 1)[0] not in quantized:
@@ -487,7 +486,7 @@ def refine_block(runner: BlockRunner, block, prefix: str, i: int, hidden: torch.
     (unquantized weight, quantized weight, Hessian)): the block run on `hidden`, the calibration windows' hidden
     states under the quantized blocks before it (what it will see), is fitted to `targets`, the same windows' hidden
     states after it in the unquantized model (so that it also makes up for the error it receives, as AutoRound and
-    OmniQuant do). Each refined linear is written as `_quantize_into` writes it, its loss the output error
+    OmniQuant do). Each refined linear is written as `quantize_shared` writes it, its loss the output error
     ||(W - Q) X||^2 / n of its refined weight."""
     opts = plan.options
     if not starts:
@@ -506,22 +505,16 @@ def refine_block(runner: BlockRunner, block, prefix: str, i: int, hidden: torch.
     return layers
 
 
-def _quantize_into(block, prefix: str, name: str, H, plan: QuantPlan, writer, tensors,
-                   starts: dict | None = None) -> LayerReport | None:
-    """Quantize one linear of `block` in place (its weight becomes the stored one) and write its packed
-    tensors; with `starts`, the quantized weight goes there instead, to be refined (`refine_block`), and the
-    linear holds it meanwhile."""
+def _start_into(block, prefix: str, name: str, H, plan: QuantPlan, starts: dict) -> None:
+    """Quantize one linear of `block` as the start of learned rounding (`refine_block`): its unquantized weight,
+    quantized weight and Hessian go into `starts`, and the linear holds the quantized weight meanwhile."""
     lin, full = block.get_submodule(name), prefix + name
-    layer = plan.layers[full]
     try:
-        qw, stored, loss = quantize_linear(lin.weight.data, H, plan.options, layer)
+        qw, _, _ = quantize_linear(lin.weight.data, H, plan.options, plan.layers[full])
     except ValueError as e:
         raise InputError(f"{full}: {e}") from None
-    if starts is not None and not layer.lut:          # SignRound learns uniform grids; a table stays GPTQ's
-        starts[name] = (lin.weight.data, qw, H)
-        lin.weight.data = qw.Q
-        return None
-    return _write_into(block, prefix, name, stored, loss, plan, writer, tensors)
+    starts[name] = (lin.weight.data, qw, H)
+    lin.weight.data = qw.Q
 
 
 def _write_into(block, prefix: str, name: str, stored: dict, loss: float | None, plan: QuantPlan, writer,

@@ -24,6 +24,15 @@ On SmolLM2-135M at 3 bits the first fits a block's outputs better (bench/results
 error feedback compensates each linear alone, which the block-wise fit does better itself, and its shifted codes
 are a worse place to search around. Outliers of a dense-and-sparse start stay in fp16 where they are; their
 codes are the zero point.
+
+A lookup-table start (quantize/lut.py: per row o, 2^bits fp16 centroids c_o) learns the same offsets, in units of
+the row's mean spacing d_o = (max c_o - min c_o) / (2^bits - 1), and the centroids themselves (`LearnedTable`):
+  q = nearest(R + V d_o, c_o),   Q = c_o[q]
+with R = W (`relative_to="rtn"`) or the start's Q (`"gptq"`: V = 0 and the start's tables give its codes exactly),
+the gradient reaching V as d_o (straight through the nearest-centroid search, as through rounding) and c_o through
+the gather. The centroids take signed steps of d_o times the clipping factors' rate (so each moves at most half a
+mean spacing) and are kept ascending and fp16 as stored. The tables are to a non-uniform grid what the clipping
+factors are to a uniform one: its levels, learned on the block's output error rather than on the weights alone.
 """
 from __future__ import annotations
 
@@ -36,6 +45,7 @@ from torch import nn
 from torch.func import functional_call
 
 from .grid import FP16_TINY, ZERO_MIN
+from .lut import LutWeight, nearest
 from .per_ic import PerICWeight, expand_rows
 from .rtn import QuantizedWeight
 
@@ -53,14 +63,26 @@ def _fp16_ste(x: torch.Tensor) -> torch.Tensor:
     return x + (x.half().float() - x).detach()
 
 
-class LearnedGrid(nn.Module):
-    """One linear's learned rounding offsets and clipping factors on its starting grid (module docstring)."""
+class _Learned(nn.Module):
+    """What every learned linear has: its start, and rounding offsets V (set by the subclass) kept in [-0.5, 0.5]."""
+    V: nn.Parameter
 
-    def __init__(self, W: torch.Tensor, start: QuantizedWeight, relative_to: str = "rtn"):
+    def __init__(self, start, relative_to: str):
         super().__init__()
         if relative_to not in STARTS:
             raise ValueError(f"start {relative_to!r}: choose one of {', '.join(STARTS)}")
         self.start = start
+
+    @torch.no_grad()
+    def clamp_(self) -> None:
+        self.V.clamp_(-0.5, 0.5)
+
+
+class LearnedGrid(_Learned):
+    """One linear's learned rounding offsets and clipping factors on its starting grid (module docstring)."""
+
+    def __init__(self, W: torch.Tensor, start: QuantizedWeight, relative_to: str = "rtn"):
+        super().__init__(start, relative_to)
         self.maxq = float(2 ** start.bits - 1)
         self.per_ic = isinstance(start, PerICWeight)
         self.g = None if self.per_ic else start.group_index().long()
@@ -106,9 +128,14 @@ class LearnedGrid(nn.Module):
         Q = se * (self.codes(se, ze, _round_ste) - ze)
         return Q if self.kept is None else torch.where(self.kept, self.start.Q, Q)
 
+    def levels(self) -> list[tuple[nn.Parameter, float | torch.Tensor]]:
+        """The grid's parameters besides V, each with the unit of its signed step: the clipping factors (b only
+        for an asymmetric grid), in units of 1."""
+        return [(self.a, 1.0)] + ([] if self.start.sym else [(self.b, 1.0)])
+
     @torch.no_grad()
     def clamp_(self) -> None:
-        self.V.clamp_(-0.5, 0.5)
+        super().clamp_()
         self.a.clamp_(*CLIP_RANGE)
         self.b.clamp_(*CLIP_RANGE)
 
@@ -125,6 +152,53 @@ class LearnedGrid(nn.Module):
             codes = torch.where(self.kept, ze, codes)
             Q = torch.where(self.kept, self.start.Q, Q)
         return dataclasses.replace(self.start, codes=codes.to(torch.uint8), scales=scales, zeros=zeros, Q=Q)
+
+
+class LearnedTable(_Learned):
+    """One linear's learned rounding offsets and centroids on its starting lookup tables (module docstring)."""
+
+    def __init__(self, W: torch.Tensor, start: LutWeight, relative_to: str = "rtn"):
+        super().__init__(start, relative_to)
+        table = start.lut.to(torch.float32)
+        self.spacing = ((table[:, -1:] - table[:, :1]) / (table.shape[1] - 1)).clamp(min=FP16_TINY)   # d_o [out, 1]
+        self.R = (W if relative_to == "rtn" else start.Q).detach().to(torch.float32)
+        self.V = nn.Parameter(torch.zeros_like(self.R))
+        self.c = nn.Parameter(table.clone())
+
+    def table(self) -> torch.Tensor:
+        """The centroids as stored (fp16, ascending), differentiable."""
+        return _fp16_ste(self.c)
+
+    def codes(self, table: torch.Tensor) -> torch.Tensor:
+        """Index [out, in] of every weight's centroid: the nearest to R + V d_o."""
+        return nearest((self.R + self.V * self.spacing).detach(), table.detach())
+
+    def forward(self) -> torch.Tensor:
+        """The quantized weight Q [out, in], differentiable in V (straight through the search) and the centroids."""
+        table = self.table()
+        return table.gather(1, self.codes(table)) + self.spacing * (self.V - self.V.detach())
+
+    def levels(self) -> list[tuple[nn.Parameter, float | torch.Tensor]]:
+        """The centroids, each row stepping in units of its mean spacing."""
+        return [(self.c, self.spacing)]
+
+    @torch.no_grad()
+    def clamp_(self) -> None:
+        super().clamp_()
+        self.c.copy_(torch.sort(self.c, dim=1).values)
+
+    @torch.no_grad()
+    def result(self) -> LutWeight:
+        """The quantized weight of the current parameters, as a `LutWeight` like the start."""
+        table = self.c.to(torch.float16)
+        codes = self.codes(table.float())
+        return dataclasses.replace(self.start, codes=codes.to(torch.uint8), lut=table,
+                                   Q=table.float().gather(1, codes))
+
+
+def learned(W: torch.Tensor, start: QuantizedWeight | LutWeight, relative_to: str = "rtn") -> LearnedGrid | LearnedTable:
+    """The learned parameters of one linear on its start: a table's or a uniform grid's."""
+    return (LearnedTable if isinstance(start, LutWeight) else LearnedGrid)(W, start, relative_to)
 
 
 def block_mse(block: nn.Module, weights: dict[str, torch.Tensor], inputs: torch.Tensor, targets: torch.Tensor,
@@ -158,15 +232,15 @@ class Trace:
 
 
 def signround(block: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, originals: dict[str, torch.Tensor],
-              starts: dict[str, QuantizedWeight], iters: int, batch: int = 8, lr: float | None = None,
+              starts: dict[str, QuantizedWeight | LutWeight], iters: int, batch: int = 8, lr: float | None = None,
               clip_lr: float | None = None, seed: int = 0, relative_to: str = "rtn",
-              autocast: Callable | None = None, **kwargs) -> tuple[dict[str, QuantizedWeight], Trace]:
+              autocast: Callable | None = None, **kwargs) -> tuple[dict[str, QuantizedWeight | LutWeight], Trace]:
     """Learned rounding and clipping of the linears of `block` (module docstring).
 
     `inputs` [n, seq, d]: the calibration hidden states entering the block; `targets` [n, seq, d]: the outputs to
     reproduce; `originals`: each linear's unquantized weight [out, in] by its name inside the block; `starts`:
-    its starting quantized weight (GPTQ's or RTN's). `lr`: the first step of the offsets (default 1 / iters),
-    `clip_lr`: of the clipping factors (default `lr`; 0 keeps the start's grid). `kwargs` go to every call of the
+    its starting quantized weight (GPTQ's or RTN's; a lookup table's too). `lr`: the first step of the offsets
+    (default 1 / iters), `clip_lr`: of the clipping factors and centroids (default `lr`; 0 keeps the start's grid). `kwargs` go to every call of the
     block (position embeddings, masks); `autocast`, when given, is the context the forward and backward run in.
     Minibatches of `batch` windows are drawn from a generator seeded with `seed`; the next one after the last
     iteration checks the kept parameters against the start, which is returned unchanged unless they do better there
@@ -176,19 +250,19 @@ def signround(block: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, ori
         return dict(starts), Trace([], 0)
     if iters < 0:
         raise ValueError(f"iterations {iters}: expected 0 or more")
-    grids = {name: LearnedGrid(originals[name], qw, relative_to) for name, qw in starts.items()}
+    grids = {name: learned(originals[name], qw, relative_to) for name, qw in starts.items()}
     lr = 1.0 / iters if lr is None else lr
     clip_lr = lr if clip_lr is None else clip_lr
-    params = [(grid.V, lr) for grid in grids.values()]
+    params = [(grid.V, lr, 1.0) for grid in grids.values()]
     if clip_lr:
-        params += [(p, clip_lr) for grid in grids.values() for p in (grid.a, *(() if grid.start.sym else (grid.b,)))]
+        params += [(p, clip_lr, unit) for grid in grids.values() for p, unit in grid.levels()]
     frozen = [p for p in block.parameters() if p.requires_grad]
     for p in frozen:
         p.requires_grad_(False)
     generator = torch.Generator().manual_seed(seed)
     order = torch.empty(0, dtype=torch.long)
     losses, best, kept = [], float("inf"), 0
-    saved = [p.detach().clone() for p, _ in params]
+    saved = [p.detach().clone() for p, _, _ in params]
 
     def minibatch():
         nonlocal order
@@ -208,17 +282,17 @@ def signround(block: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, ori
             losses.append(loss.item())
             if losses[-1] < best:                                          # the parameters this loss is of
                 best, kept = losses[-1], it
-                saved = [p.detach().clone() for p, _ in params]
+                saved = [p.detach().clone() for p, _, _ in params]
             decay = 1 - it / iters                                         # linear decay to 0 (AutoRound)
             with torch.no_grad():
-                for p, rate in params:
+                for p, rate, unit in params:
                     if p.grad is not None:
-                        p.sub_(rate * decay * torch.sign(p.grad))
+                        p.sub_(rate * decay * unit * torch.sign(p.grad))
                         p.grad = None
             for grid in grids.values():
                 grid.clamp_()
         with torch.no_grad():
-            for (p, _), value in zip(params, saved):
+            for (p, _, _), value in zip(params, saved):
                 p.copy_(value)
             refined = {name: grid.result() for name, grid in grids.items()}
             x, y = minibatch()

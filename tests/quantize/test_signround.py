@@ -13,10 +13,11 @@ from bitsmith.layouts import layout_of
 from bitsmith.plan import LayerPlan
 from bitsmith.quantize.gptq import gptq_quantize
 from bitsmith.quantize.grid import fake_quantize
+from bitsmith.quantize.lut import LutWeight, gptq_lut, nearest
 from bitsmith.quantize.outliers import DenseSparseWeight
 from bitsmith.quantize.per_ic import PerICWeight
 from bitsmith.quantize.rtn import rtn_quantize
-from bitsmith.quantize.signround import LearnedGrid, block_mse, layer_output_error, signround
+from bitsmith.quantize.signround import LearnedGrid, LearnedTable, block_mse, layer_output_error, signround
 
 
 @dataclasses.dataclass
@@ -177,6 +178,58 @@ def test_outliers_stay_in_fp16_where_they_are(stories_block):
         layer = LayerPlan(3, 32, False, outliers=0.03)
         stored = layout_of(layer).tensors(qw)
         assert torch.equal(layout_of(layer).weight(stored.__getitem__, layer, qw.codes.shape[1]), qw.Q)
+
+
+def lut_starts(b: Block, bits: int) -> dict:
+    return {name: gptq_lut(W, b.hessians[name], bits, act_order=True) for name, W in b.weights.items()}
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_the_untrained_table_is_the_start_exactly(stories_block, bits):
+    """V = 0 and the start's centroids give GPTQ's codes bit for bit (relative to GPTQ), and every weight's
+    nearest centroid (relative to RTN)."""
+    b = stories_block
+    for name, start in lut_starts(b, bits).items():
+        same = LearnedTable(b.weights[name], start, "gptq").result()
+        for field in ("codes", "lut", "Q"):
+            assert torch.equal(getattr(same, field), getattr(start, field)), field
+        rtn = LearnedTable(b.weights[name], start, "rtn").result()
+        assert torch.equal(rtn.codes, nearest(b.weights[name], start.lut.float()).to(torch.uint8))
+        assert torch.equal(rtn.lut, start.lut)
+
+
+@pytest.mark.parametrize("bits", [2, 3])
+@pytest.mark.parametrize("relative_to", ["gptq", "rtn"])
+def test_learned_tables_lower_the_block_error_in_their_layout(stories_block, bits, relative_to):
+    """Lookup-table starts learn their offsets and centroids: the block error falls below GPTQ's tables, the
+    centroids move (ascending fp16, at most half a mean spacing), and the stored tensors load as exactly Q."""
+    b = stories_block
+    starts = lut_starts(b, bits)
+    refined, trace = signround(b.module, b.inputs, b.targets, b.weights, starts, 40, batch=len(b.inputs),
+                               relative_to=relative_to, **b.kwargs)
+    assert not trace.kept_start and error(b, refined) < 0.95 * error(b, starts)
+    layer = LayerPlan(bits, -1, False, lut=True)
+    assert any(not torch.equal(qw.lut, starts[name].lut) for name, qw in refined.items())
+    for name, qw in refined.items():
+        start = starts[name]
+        assert isinstance(qw, LutWeight) and qw.bits == bits and qw.lut.dtype == torch.float16
+        assert qw.lut.shape == start.lut.shape and bool((qw.lut[:, 1:] >= qw.lut[:, :-1]).all())
+        spacing = (start.lut[:, -1:].float() - start.lut[:, :1].float()) / (2 ** bits - 1)
+        assert bool(((qw.lut.float() - start.lut.float()).abs() <= 0.5 * spacing + 1e-3).all())
+        assert torch.equal(qw.Q, qw.lut.float().gather(1, qw.codes.long()))
+        stored = layout_of(layer).tensors(qw)
+        assert torch.equal(layout_of(layer).weight(stored.__getitem__, layer, qw.codes.shape[1]), qw.Q)
+
+
+def test_tables_and_grids_learn_together(stories_block):
+    """A block whose MLP has lookup tables and whose attention has uniform grids (a mixed plan) is refined as
+    one: each linear keeps its own form."""
+    b = stories_block
+    tables, grids = lut_starts(b, 3), gptq_starts(b, 3, 32)
+    starts = {name: (tables if name.startswith("mlp.") else grids)[name] for name in b.weights}
+    refined, trace = signround(b.module, b.inputs, b.targets, b.weights, starts, 30, batch=len(b.inputs), **b.kwargs)
+    assert not trace.kept_start and error(b, refined) < error(b, starts)
+    assert all(type(refined[name]) is type(start) for name, start in starts.items())
 
 
 def test_same_inputs_same_result(stories_block):
