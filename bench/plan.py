@@ -5,6 +5,7 @@ and the peers of ../shared/research/baselines.md.
     python bench/plan.py --targets 3.25 --proxy hessian
     python bench/plan.py --targets 3.25 --rounding signround --rounding-iters 50
     python bench/plan.py --targets 3.25 --rounding gptaq [--true-sequential]
+    python bench/plan.py --targets 3.25 --menu uniform,lut   # one technique alone next to the uniform grids
     python bench/plan.py --report                     # table and plot from the stored runs
 
 Each run is the CLI job (`bitsmith quantize --target-bpw T`, one torch thread) of the quality protocol:
@@ -70,19 +71,24 @@ def wikitext(model: str, json_path: Path) -> dict:
     return json.loads(json_path.read_text())
 
 
-def method(proxy: str, rounding: str, iters: int, sequential: bool = False) -> str:
-    """The name of a plan run's method: the proxy, the rounding when it is not GPTQ's, -ts for --true-sequential."""
+FULL_MENU = "uniform,outliers,lut,per-ic"
+
+
+def method(proxy: str, rounding: str, iters: int, sequential: bool = False, menu: str = FULL_MENU) -> str:
+    """The name of a plan run's method: the proxy, the rounding when it is not GPTQ's, -ts for --true-sequential,
+    the menu when it is not the whole one (menu-uniform+lut)."""
     name = {"gptq": proxy, "signround": f"{proxy}+signround{iters}"}.get(rounding, f"{proxy}+{rounding}")
-    return name + ("-ts" if sequential else "")
+    return name + ("-ts" if sequential else "") + ("" if menu == FULL_MENU else "-menu-" + menu.replace(",", "+"))
 
 
-def run(target: float, proxy: str, rounding: str = "gptq", iters: int = 0, sequential: bool = False) -> None:
+def run(target: float, proxy: str, rounding: str = "gptq", iters: int = 0, sequential: bool = False,
+        menu: str = FULL_MENU) -> None:
     with tempfile.TemporaryDirectory() as work:
         out, summary_path = f"{work}/out", Path(work) / "summary.json"
         reuse = ["--measurement", str(MEASUREMENT)] if MEASUREMENT.exists() else []
         bitsmith("quantize", "smollm2-135m", "-o", out, "--target-bpw", str(target), "--proxy", proxy, *reuse,
                  "--rounding", rounding, *(["--rounding-iters", str(iters)] if rounding == "signround" else []),
-                 *(["--true-sequential"] if sequential else []),
+                 *(["--true-sequential"] if sequential else []), "--menu", menu,
                  "--calib", str(TEXT / "c4_calib.txt"), "--nsamples", "128", "--seqlen", "512", "--seed", "0",
                  "--json", str(summary_path))
         summary = json.loads(summary_path.read_text())
@@ -92,9 +98,9 @@ def run(target: float, proxy: str, rounding: str = "gptq", iters: int = 0, seque
             MEASUREMENT.write_text(json.dumps(portable(measured), indent=1) + "\n")
         summary["held_out"] = held_out(out, Path(work) / "held.json")
         summary["plan"] = json.loads((Path(out) / "plan.json").read_text())["layers"]
-    name = method(proxy, rounding, iters, sequential)
+    name = method(proxy, rounding, iters, sequential, menu)
     summary.update(date=datetime.date.today().isoformat(), proxy=proxy, rounding=rounding, rounding_iters=iters,
-                   method=name, measured_here=not reuse)
+                   method=name, menu=menu, measured_here=not reuse)
     (RUNS / f"{name}-t{target}.json").write_text(json.dumps(portable(summary, work), indent=1) + "\n")
     print(name, target, summary["bits_per_weight"], summary["eval"]["perplexity"], flush=True)
 
@@ -215,6 +221,7 @@ def main() -> None:
     ap.add_argument("--rounding", choices=("gptq", "gptaq", "signround"), default="gptq")
     ap.add_argument("--rounding-iters", type=int, default=50)
     ap.add_argument("--true-sequential", action="store_true")
+    ap.add_argument("--menu", default=FULL_MENU, help="Techniques the plan may choose from (quantize --menu).")
     ap.add_argument("--report", action="store_true", help="Only rewrite the table and plot from the stored runs.")
     ap.add_argument("--runs", type=Path, default=RUNS,
                     help="Folder of the runs and their measurement.json (a new menu of candidates: a new folder).")
@@ -229,7 +236,7 @@ def main() -> None:
             base = held_out("smollm2-135m", RUNS / "base-held-out.json")
             (RUNS / "base-held-out.json").write_text(json.dumps(portable(base), indent=1) + "\n")
         for target in args.targets:
-            run(target, args.proxy, args.rounding, args.rounding_iters, args.true_sequential)
+            run(target, args.proxy, args.rounding, args.rounding_iters, args.true_sequential, args.menu)
     (RESULTS / f"{RUNS.name}.md").write_text(report())
 
 

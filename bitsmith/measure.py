@@ -219,9 +219,11 @@ def sampled_losses(W: torch.Tensor, H: torch.Tensor, fisher: torch.Tensor, confi
     whole windows of rows (`window_sample`)."""
     size = fisher * rtn_error(W, H)
     pick, weight = SAMPLERS[sampler](size, rows)
-    _, losses = gptq_configs(W[pick], H, configs, opts.act_order, opts.static_groups, opts.damp, mse=opts.mse,
-                             shrink_every=SHRINK_EVERY, keep=False)
-    fisher_losses, plain_losses = losses @ (weight * fisher[pick]) / 2, losses @ weight
+    fisher_losses = plain_losses = torch.zeros(0)
+    if configs:
+        _, losses = gptq_configs(W[pick], H, configs, opts.act_order, opts.static_groups, opts.damp, mse=opts.mse,
+                                 shrink_every=SHRINK_EVERY, keep=False)
+        fisher_losses, plain_losses = losses @ (weight * fisher[pick]) / 2, losses @ weight
     if lut_bits:
         _, lut_losses = gptq_lut_configs(W[pick], H, list(lut_bits), opts.act_order, opts.damp, keep=False)
         fisher_losses = torch.cat([fisher_losses, lut_losses @ (weight * fisher[pick]) / 2])
@@ -272,9 +274,10 @@ def measure(source: ModelSource, opts: QuantizeOptions, progress: bool = True, w
                                      autocast=lambda: compute(opts),
                                      share=world.share(fisher_windows.shape[0], WINDOWS_AT_ONCE),
                                      gather=lambda values: gathered_list(values, world))
-    configs = [GridConfig(c.bits, c.group_size, c.sym, c.outliers) for c in CANDIDATES if not (c.lut or c.per_ic)]
-    lut_bits = [c.bits for c in CANDIDATES if c.lut]
-    per_ic = [GridConfig(c.bits, c.group_size, c.sym, per_ic=True) for c in CANDIDATES if c.per_ic]
+    candidates = [c for c in CANDIDATES if c.technique in opts.menu]          # in CANDIDATES' order
+    configs = [GridConfig(c.bits, c.group_size, c.sym, c.outliers) for c in candidates if not (c.lut or c.per_ic)]
+    lut_bits = [c.bits for c in candidates if c.lut]
+    per_ic = [GridConfig(c.bits, c.group_size, c.sym, per_ic=True) for c in candidates if c.per_ic]
     errors = {proxy: {} for proxy in PROXIES}
     measured = windows[:MEASURE_WINDOWS]
     measured = measured[world.share(measured.shape[0], opts.batch)]
@@ -296,7 +299,7 @@ def measure(source: ModelSource, opts: QuantizeOptions, progress: bool = True, w
         runner.release_block(i)
         release_freed_memory()
     options = {key: getattr(opts, key) for key in MATCHING_OPTIONS}
-    return Measurement(source.fingerprint(), data.fingerprint(windows), description, options, list(CANDIDATES),
+    return Measurement(source.fingerprint(), data.fingerprint(windows), description, options, candidates,
                        shapes, units_of(runner), errors, min(opts.fisher_samples, windows.shape[0]), base_nll)
 
 
@@ -309,18 +312,21 @@ def _losses(W, H, fisher, configs, opts, lut_bits, per_ic, name: str) -> tuple[l
 
 def decide(measurement: Measurement, target_bpw: float, opts: QuantizeOptions, proxy: str = "fisher") -> QuantPlan:
     """The plan with the least predicted error whose stored bits, over all measured linears, are at most
-    target_bpw per weight."""
+    target_bpw per weight, among the measurement's candidates of the techniques in `opts.menu`."""
     weights = sum(out * inp for out, inp in measurement.shapes.values())
     budget = math.floor(target_bpw * weights)
     table = measurement.errors[proxy]
-    n = len(measurement.candidates)
-    costs = [[sum(measurement.cost(name, c) for name in unit) for c in range(n)] for unit in measurement.units]
-    errors = [[sum(table[name][c] for name in unit) for c in range(n)] for unit in measurement.units]
+    offered = [c for c, candidate in enumerate(measurement.candidates) if candidate.technique in opts.menu]
+    if not offered:
+        raise InputError(f"--menu {','.join(opts.menu)}: the measurement has no candidate of these techniques "
+                         f"(it has {', '.join(sorted({c.technique for c in measurement.candidates}))})")
+    costs = [[sum(measurement.cost(name, c) for name in unit) for c in offered] for unit in measurement.units]
+    errors = [[sum(table[name][c] for name in unit) for c in offered] for unit in measurement.units]
     cheapest = sum(min(row) for row in costs)
     if cheapest > budget:
         raise InputError(f"--target-bpw {target_bpw}: below the least this model can be stored in "
                          f"({cheapest / weights:.3f} bits per weight)")
-    choice = allocate(costs, errors, budget)
+    choice = [offered[k] for k in allocate(costs, errors, budget)]
     layers = {}
     for unit, c in zip(measurement.units, choice):
         config = measurement.candidates[c]

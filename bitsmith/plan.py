@@ -8,6 +8,7 @@ from .formats.errors import InputError
 from .formats.packing import SUPPORTED_BITS
 
 METHODS = ("rtn", "gptq", "qoq")   # qoq: W4A8 weights (per-channel int8, then per-group uint4)
+TECHNIQUES = ("uniform", "outliers", "lut", "per-ic")   # what a measured plan may choose from (`--menu`)
 ROUNDINGS = ("gptq", "gptaq", "signround")  # gptaq: GPTQ toward the unquantized outputs (quantize/gptq.py
                                             # unquantized_target); signround: GPTQ's result refined per block
 
@@ -31,6 +32,7 @@ class QuantizeOptions:
     calib_dtype: str = "bfloat16"
     fisher_samples: int = 16       # windows whose backward pass weights the measurement (calibration/fisher.py)
     proxy: str = "fisher"          # what the plan minimises: "fisher" (predicted nats/token) or "hessian"
+    menu: tuple[str, ...] = TECHNIQUES   # the techniques a measured plan may give a linear (LayerPlan.technique)
     rounding: str = "gptq"         # "signround": each block's rounding and clipping learned on its outputs
     rounding_iters: int = 50       # signround's iterations per block
     device: str = "cpu"            # where blocks, activations, Hessians and GPTQ run ("cpu", "cuda", "cuda:1")
@@ -57,6 +59,11 @@ class QuantizeOptions:
             raise InputError(f"--fisher-samples {self.fisher_samples}: expected at least 1")
         if self.proxy not in ("fisher", "hessian"):
             raise InputError(f"--proxy {self.proxy}: choose fisher or hessian")
+        if isinstance(self.menu, str):
+            self.menu = tuple(t.strip() for t in self.menu.split(",") if t.strip())
+        self.menu = tuple(self.menu)
+        if not self.menu or any(t not in TECHNIQUES for t in self.menu):
+            raise InputError(f"--menu {','.join(self.menu)}: a comma-separated choice among {', '.join(TECHNIQUES)}")
         if self.rounding not in ROUNDINGS:
             raise InputError(f"--rounding {self.rounding}: choose one of {', '.join(ROUNDINGS)}")
         if self.rounding != "gptq" and self.method != "gptq":
@@ -84,6 +91,12 @@ class LayerPlan:
     outliers: float = 0.0
     lut: bool = False
     per_ic: bool = False
+
+    @property
+    def technique(self) -> str:
+        """Which entry of the menu (TECHNIQUES) this configuration is: a plain uniform grid, a grid with outliers,
+        a lookup table or grids per input channel."""
+        return "per-ic" if self.per_ic else "lut" if self.lut else "outliers" if self.outliers else "uniform"
 
     def key(self) -> str:
         """A short name of the configuration: w3g64, w4g-1s, w3g128o0.01 (1 % outliers), w3lut, w3ic64

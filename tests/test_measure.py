@@ -248,6 +248,53 @@ def test_decisions_are_deterministic_monotone_and_within_budget(measurement):
         decide(m, 1.0, opts)
 
 
+@pytest.mark.parametrize("menu", [("uniform",), ("uniform", "lut"), ("uniform", "outliers"), ("per-ic",),
+                                  ("lut", "per-ic")])
+def test_a_menu_restricts_the_plan_to_its_techniques(measurement, menu):
+    """Every linear of a plan from a restricted menu gets one of its techniques; its predicted error is the least
+    among those (no better than the full menu's, no worse than uniform grids alone when they are offered)."""
+    m, opts = measurement
+    full = decide(m, 3.25, opts)
+    narrow = decide(m, 3.25, replace(opts, menu=menu))
+    assert {layer.technique for layer in narrow.layers.values()} <= set(menu)
+    assert narrow.predicted_error() >= full.predicted_error()
+    if "uniform" in menu:
+        assert narrow.predicted_error() <= decide(m, 3.25, replace(opts, menu=("uniform",))).predicted_error()
+    assert {layer.technique for layer in full.layers.values()} > {"uniform"}      # the full menu mixes
+
+
+def test_a_menu_the_measurement_cannot_serve_is_refused(measurement):
+    m, opts = measurement
+    uniform_only = replace(m, candidates=[c for c in m.candidates if c.technique == "uniform"],
+                           errors={proxy: {n: [e for c, e in zip(m.candidates, errs) if c.technique == "uniform"]
+                                           for n, errs in table.items()} for proxy, table in m.errors.items()})
+    with pytest.raises(InputError, match="no candidate of these techniques"):
+        decide(uniform_only, 3.25, replace(opts, menu=("lut",)))
+
+
+@pytest.mark.parametrize("menu, text", [("grids", "--menu grids: a comma-separated choice among uniform, "),
+                                        (",", "--menu : a comma-separated choice")])
+def test_an_unknown_menu_is_one_line_and_exit_2(stories_path, stories_split, tmp_path, menu, text):
+    r = run("quantize", stories_path, "-o", tmp_path / "q", "--calib", stories_split[0], "--target-bpw", "3",
+            "--menu", menu)
+    one_line_error(r, text)
+    assert not (tmp_path / "q").exists()
+
+
+def test_a_uniform_menu_measures_only_grids_and_writes_a_gptq_checkpoint(planned, stories_path, stories_split,
+                                                                          tmp_path):
+    """`--menu uniform` measures the 32 grids alone, with the errors the full measurement has for them, and
+    the plan it makes is a GPTQ-convention checkpoint."""
+    out = tmp_path / "u"
+    bitsmith.quantize(str(stories_path), str(out), target_bpw=3.5, calib=[str(stories_split[0])], **CALIB,
+                      menu="uniform", progress=False)
+    mine, full = (json.loads(p.read_text()) for p in (out / "measurement.json", planned[0] / "measurement.json"))
+    assert mine["candidates"] == full["candidates"][:len(PLAIN_CANDIDATES)]
+    for name, layer in mine["layers"].items():
+        assert layer["fisher"] == pytest.approx(full["layers"][name]["fisher"][:len(PLAIN_CANDIDATES)], rel=1e-5)
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["quant_method"] == "gptq"
+
+
 def test_replan_from_the_measurement_and_apply_a_plan(planned, stories_path, stories_split, tmp_path):
     out, _ = planned
     calib = [str(stories_split[0])]

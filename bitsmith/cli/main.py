@@ -9,12 +9,13 @@ import sys
 import click
 
 from ..formats.errors import InputError
+from ..plan import TECHNIQUES
 from .app import Report, Sectioned, json_option, main
 
 QUANTIZE_SECTIONS = {
     "Method": ("method", "bits", "group_size", "sym", "act_order", "static_groups", "mse", "true_sequential", "damp",
                "rounding", "rounding_iters"),
-    "Bit plan": ("target_bpw", "measurement", "plan_path", "fisher_samples", "proxy"),
+    "Bit plan": ("target_bpw", "measurement", "plan_path", "fisher_samples", "proxy", "menu"),
     "Calibration": ("calib", "nsamples", "seqlen", "seed", "calib_dtype", "device", "offload_activations", "nproc"),
     "Evaluation": ("eval_data", "eval_seqlen", "eval_max_tokens"),
     "Output": ("out", "overwrite", "resume", "lossless_rest", "json_path"),
@@ -61,6 +62,10 @@ QUANTIZE_SECTIONS = {
               help="Calibration windows whose backward pass weights the measurement.")
 @click.option("--proxy", type=click.Choice(["fisher", "hessian"]), default="fisher", show_default=True,
               help="Error the plan minimises: Fisher-weighted (predicted nats/token) or plain output error.")
+@click.option("--menu", default=",".join(TECHNIQUES), show_default=True, metavar="TECHNIQUE[,...]",
+              help="What a measured plan may give a linear: uniform (GPTQ grids), outliers (grids with fp16 "
+                   "outliers), lut (lookup tables), per-ic (grids per input channel). 'uniform' alone keeps the "
+                   "checkpoint in the GPTQ convention; only these are measured.")
 @click.option("--device", default="auto", show_default=True, metavar="auto|cpu|cuda[:N]",
               help="Where blocks, calibration activations, Hessians and GPTQ run (auto: CUDA when visible).")
 @click.option("--offload-activations", is_flag=True,
@@ -80,7 +85,7 @@ QUANTIZE_SECTIONS = {
                    "text); the result is the same as an uninterrupted run's.")
 @json_option("the summary")
 def quantize(model, out, method, bits, group_size, sym, act_order, static_groups, mse, true_sequential, damp, calib,
-             nsamples, seqlen, seed, calib_dtype, target_bpw, measurement, plan_path, fisher_samples, proxy, device,
+             nsamples, seqlen, seed, calib_dtype, target_bpw, measurement, plan_path, fisher_samples, proxy, menu, device,
              eval_data, eval_seqlen, eval_max_tokens, lossless_rest, overwrite, resume, json_path, rounding,
              rounding_iters, nproc, offload_activations):
     """Quantize MODEL (a Hugging Face folder, a .gguf file or the bundled name smollm2-135m) into OUT."""
@@ -96,7 +101,7 @@ def quantize(model, out, method, bits, group_size, sym, act_order, static_groups
                      nsamples=nsamples, seqlen=seqlen, seed=seed, calib_dtype=calib_dtype, overwrite=overwrite,
                      eval_data=eval_data, eval_seqlen=eval_seqlen, eval_max_tokens=eval_max_tokens,
                      lossless_rest=lossless_rest, target_bpw=target_bpw, measurement=measurement, plan=plan_path,
-                     fisher_samples=fisher_samples, proxy=proxy, resume=resume, rounding=rounding,
+                     fisher_samples=fisher_samples, proxy=proxy, menu=menu, resume=resume, rounding=rounding,
                      rounding_iters=rounding_iters, device=device, offload_activations=offload_activations)
     if not s:                                   # a process other than main of a parallel run: main reports
         return
