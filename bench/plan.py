@@ -29,6 +29,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from bitsmith.plan import TECHNIQUES, LayerPlan
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 TEXT = SHARED / "assets" / "text"
@@ -174,7 +176,9 @@ def picks(plan: dict) -> list[str]:
     the plan gives it, and of which types ("210", "42: down 30, o 12")."""
     kinds: list[dict[str, int]] = [{}, {}, {}, {}]
     for name, entry in plan.items():
-        technique = 3 if entry.get("per_ic") else 2 if entry.get("lut") else 1 if entry.get("outliers") else 0
+        layer = LayerPlan(entry["bits"], entry["group_size"], entry["sym"], outliers=entry.get("outliers", 0.0),
+                          lut=entry.get("lut", False), per_ic=entry.get("per_ic", False))
+        technique = TECHNIQUES.index(layer.technique)
         kind = name.rsplit(".", 1)[-1].removesuffix("_proj")
         kinds[technique][kind] = kinds[technique].get(kind, 0) + 1
     cells = []

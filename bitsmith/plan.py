@@ -59,11 +59,10 @@ class QuantizeOptions:
             raise InputError(f"--fisher-samples {self.fisher_samples}: expected at least 1")
         if self.proxy not in ("fisher", "hessian"):
             raise InputError(f"--proxy {self.proxy}: choose fisher or hessian")
-        if isinstance(self.menu, str):
-            self.menu = tuple(t.strip() for t in self.menu.split(",") if t.strip())
-        self.menu = tuple(self.menu)
-        if not self.menu or any(t not in TECHNIQUES for t in self.menu):
-            raise InputError(f"--menu {','.join(self.menu)}: a comma-separated choice among {', '.join(TECHNIQUES)}")
+        given = [t.strip() for t in self.menu.split(",") if t.strip()] if isinstance(self.menu, str) else list(self.menu)
+        if not given or any(t not in TECHNIQUES for t in given):
+            raise InputError(f"--menu {','.join(given)}: a comma-separated choice among {', '.join(TECHNIQUES)}")
+        self.menu = tuple(t for t in TECHNIQUES if t in given)       # one spelling per menu: a resume compares it
         if self.rounding not in ROUNDINGS:
             raise InputError(f"--rounding {self.rounding}: choose one of {', '.join(ROUNDINGS)}")
         if self.rounding != "gptq" and self.method != "gptq":

@@ -115,3 +115,18 @@ def test_invalid_lookup_tables_are_refused(entry, method, message):
         QuantPlan.from_dict(body(**{"model.layers.0.mlp.down_proj": entry}), LINEARS,
                             QuantizeOptions(method=method), "p.json")
     assert str(e.value).startswith("p.json")
+
+
+@pytest.mark.parametrize("given, menu", [("lut,uniform", ("uniform", "lut")), ("per-ic, lut,per-ic", ("lut", "per-ic")),
+                                         (["outliers", "uniform"], ("uniform", "outliers"))])
+def test_a_menu_has_one_spelling_whatever_its_order(given, menu):
+    """Menus naming the same techniques are the same option value (a resumed run compares the options)."""
+    opts = QuantizeOptions(menu=given)
+    opts.validate()
+    assert opts.menu == menu
+
+
+@pytest.mark.parametrize("given", ["", "uniform,grids", ["lut", "LUT"]])
+def test_an_unknown_or_empty_menu_is_refused(given):
+    with pytest.raises(InputError, match="a comma-separated choice among uniform, outliers, lut, per-ic"):
+        QuantizeOptions(menu=given).validate()
