@@ -157,13 +157,14 @@ def calibration_device(device: str | None) -> str:
 
 def check_placement(world: distributed.World, opts: QuantizeOptions) -> None:
     """What cannot run off CPU or in several processes yet, refused on every rank before any work."""
-    if opts.device != "cpu" and (opts.rounding == "signround" or opts.method == "qoq"):
-        raise InputError(f"--device {opts.device}: --rounding signround and --method qoq run on CPU in this version "
-                         "(use --device cpu)")
+    if opts.device != "cpu" and (opts.rounding == "signround" or opts.method == "qoq" or opts.tune_epochs):
+        raise InputError(f"--device {opts.device}: --rounding signround, --tune-epochs and --method qoq run on CPU in "
+                         "this version (use --device cpu)")
     if not world.parallel:
         return
-    if opts.rounding != "gptq":
-        raise InputError(f"--rounding {opts.rounding} runs in one process; drop --nproc (or torchrun) for it")
+    if opts.rounding != "gptq" or opts.tune_epochs:
+        what = f"--rounding {opts.rounding}" if opts.rounding != "gptq" else "--tune-epochs"
+        raise InputError(f"{what} runs in one process; drop --nproc (or torchrun) for it")
     if opts.method != "rtn" and -(-opts.nsamples // opts.batch) < world.size:
         raise InputError(f"--nsamples {opts.nsamples}: {world.size} processes need at least {world.size} batches of "
                          f"{opts.batch} calibration windows")

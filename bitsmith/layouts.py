@@ -28,6 +28,9 @@ Per-input-channel groups (a plan entry with `per_ic`; AdaDim, quantize/per_ic.py
 qweight, scales fp16 [G, in] and qzeros int32 [G, packed(in)] (true zeros packed along the input), G groups of
 `group_size` output rows (`PerICLayout`); also `quant_method: "bitsmith"` only.
 
+Each layout also says which of its tensors holds the continuous levels (`levels`: the scales, or the tables) and
+gives W as a function of them with every code fixed: what end-to-end tuning learns (quantize/tune.py).
+
 `layout_of(layer)` is the one place that says which layout a plan entry (or a checkpoint's layer entry) uses.
 """
 from __future__ import annotations
@@ -39,16 +42,17 @@ import torch
 
 from .formats.csr import csr_bits, to_csr
 from .formats.errors import InputError
-from .formats.packing import SUPPORTED_BITS, pack, packed_length, trim_earlier_padding
+from .formats.packing import SUPPORTED_BITS, pack, packed_length, trim_earlier_padding, unpack
 from .kernels.linear import DenseSparseLinear, QuantizedLinear
 from .kernels.lut_linear import LUTLinear, lut_dequantize
 from .kernels.per_ic_linear import PerICLinear, per_ic_dequantize
-from .kernels.reference import dense_sparse_dequantize, dequantize
+from .kernels.reference import csr_rows, dense_sparse_dequantize, dequantize, unpack_zeros
 from .plan import LUT_BITS, MAX_OUTLIERS, LayerPlan, QuantPlan
 from .quantize.lut import LutWeight
 from .quantize.outliers import DenseSparseWeight, outlier_count
-from .quantize.per_ic import PerICWeight, row_span
+from .quantize.per_ic import PerICWeight, expand_rows, row_span
 from .quantize.rtn import QuantizedWeight
+from .quantize.tune import Levels
 
 
 class GPTQLayout:
@@ -83,6 +87,16 @@ class GPTQLayout:
         quantizer returned."""
         return dequantize(stored("qweight"), stored("scales"), stored("qzeros"), stored("g_idx"), layer.bits,
                           in_features)
+
+    @staticmethod
+    def levels(stored, layer: LayerPlan, in_features: int, dtype: torch.dtype = torch.float32) -> Levels:
+        """What end-to-end tuning learns of the tensors (quantize/tune.py): their scales, W = s[g] * (q - z)
+        with the codes and zero points fixed, computed in `dtype`."""
+        q = unpack(stored("qweight"), layer.bits, in_features, dim=0).t()              # [out, in]
+        scales = stored("scales")
+        g = stored("g_idx").long()
+        steps = (q.to(torch.int16) - unpack_zeros(stored("qzeros"), layer.bits, scales.shape[1]).t()[:, g]).to(dtype)
+        return Levels("scales", scales, lambda s: s.t()[:, g] * steps)
 
     @staticmethod
     def module(in_features: int, out_features: int, layer: LayerPlan, bias: bool,
@@ -120,6 +134,15 @@ class DenseSparseLayout(GPTQLayout):
                                        layer.bits, in_features, *(stored(part) for part in DenseSparseLayout.parts[4:]))
 
     @staticmethod
+    def levels(stored, layer: LayerPlan, in_features: int, dtype: torch.dtype = torch.float32) -> Levels:
+        """The dense part's scales (its codes at the outliers are zero points: no step there); the outliers
+        stay as stored."""
+        dense = GPTQLayout.levels(stored, layer, in_features, dtype)
+        values, cols, row_ptr = (stored(part) for part in DenseSparseLayout.parts[4:])
+        at = (csr_rows(row_ptr), cols.long())
+        return Levels(dense.name, dense.start, lambda s: (W := dense.weight(s)).index_put(at, values.to(W.dtype)))
+
+    @staticmethod
     def module(in_features: int, out_features: int, layer: LayerPlan, bias: bool,
                has_g_idx: bool = True) -> DenseSparseLinear:
         return _reads_earlier_padding(DenseSparseLinear(in_features, out_features, layer.bits, layer.group_size,
@@ -144,6 +167,12 @@ class LUTLayout:
     @staticmethod
     def weight(stored, layer: LayerPlan, in_features: int) -> torch.Tensor:
         return lut_dequantize(stored("qweight"), stored("lut"), layer.bits, in_features)
+
+    @staticmethod
+    def levels(stored, layer: LayerPlan, in_features: int, dtype: torch.dtype = torch.float32) -> Levels:
+        """The tables: W = lut[o, q] with the codes fixed."""
+        codes = unpack(stored("qweight"), layer.bits, in_features, dim=0).t().long()
+        return Levels("lut", stored("lut"), lambda lut: lut.gather(1, codes))
 
     @staticmethod
     def module(in_features: int, out_features: int, layer: LayerPlan, bias: bool,
@@ -171,6 +200,15 @@ class PerICLayout:
     def weight(stored, layer: LayerPlan, in_features: int) -> torch.Tensor:
         return per_ic_dequantize(stored("qweight"), stored("scales"), stored("qzeros"), layer.bits, in_features,
                                  layer.group_size)
+
+    @staticmethod
+    def levels(stored, layer: LayerPlan, in_features: int, dtype: torch.dtype = torch.float32) -> Levels:
+        """The scales of the grids of every group of rows and input channel, codes and zero points fixed."""
+        q = unpack(stored("qweight"), layer.bits, in_features, dim=0).t()              # [out, in]
+        rows = q.shape[0]
+        zeros = expand_rows(unpack(stored("qzeros"), layer.bits, in_features, dim=1), layer.group_size, rows)
+        steps = (q.to(torch.int16) - zeros.to(torch.int16)).to(dtype)
+        return Levels("scales", stored("scales"), lambda s: expand_rows(s, layer.group_size, rows) * steps)
 
     @staticmethod
     def module(in_features: int, out_features: int, layer: LayerPlan, bias: bool,

@@ -5,7 +5,10 @@ block's inputs). Only one block's weights are ever in memory.
 
 Every finished block is journaled by the writer (formats/journal.py). A run continuing a killed one
 (`--resume`) replays only the propagate step of the blocks the journal holds, on their stored weights: the
-next block gets exactly the inputs an uninterrupted run gives it, so the result is the same, bit for bit."""
+next block gets exactly the inputs an uninterrupted run gives it, so the result is the same, bit for bit.
+
+With `--tune-epochs` the written model is then tuned end to end (quantize/tune.py), all its blocks in memory at
+once: the tuned levels and norms replace what was written (unjournaled: a run resumed after that redoes it)."""
 from __future__ import annotations
 
 import contextlib
@@ -35,6 +38,7 @@ from .quantize.lut import gptq_lut
 from .quantize.qoq import qoq_quantize
 from .quantize.rtn import rtn_quantize
 from .quantize.signround import layer_output_error, signround
+from .quantize.tune import TunedLinear, tune
 
 
 @dataclass
@@ -292,7 +296,8 @@ def run(source: ModelSource, writer, plan: QuantPlan, eval_ids: torch.Tensor | N
     share = world.share(calib.windows.shape[0], opts.batch) if calib.windows is not None else slice(0, 0)
     streams = embed(source, family, None if calib.windows is None else calib.windows[share], eval_ids,
                     "cpu" if opts.offload_activations else opts.device)
-    if opts.rounding in ("signround", "gptaq") and streams.hidden is not None:
+    learned = opts.rounding in ("signround", "gptaq")       # the blocks take the unquantized stream along
+    if (learned or opts.tune_epochs) and streams.hidden is not None:
         streams.unquantized = streams.hidden.clone()
     done = broadcast_from_main(finished_blocks(writer, coder, result), world)
     mine = range(share.start, min(share.stop, loss_windows))      # this rank's windows among the first loss_windows
@@ -306,23 +311,29 @@ def run(source: ModelSource, writer, plan: QuantPlan, eval_ids: torch.Tensor | N
             if streams.any:
                 propagate(runner, stored_block(runner, source, writer, plan, i, world), streams, opts, last.get(i))
         else:
+            if streams.unquantized is not None and not learned:
+                propagate_unquantized(runner, source_block(runner, source, i)[0], streams.unquantized, opts)
             with mmap_threshold(BATCH_THRESHOLD):       # the block's passes reuse their batches' temporaries
                 block, layers, attention = quantize_block(runner, source, writer, plan, i, streams.hidden, store,
-                                                          streams.unquantized, world)
+                                                          streams.unquantized if learned else None, world)
                 result.layers += layers
                 finish_block(writer, coder, i, layers)
                 propagate(runner, block, streams, opts, last.get(i), attention)
                 del attention
         runner.release_block(i)
         release_freed_memory()
+    final = {name: source.get(name) for name in (family.embed, family.final_norm, family.lm_head) if name in source}
+    if opts.tune_epochs:
+        tuned = tune_written(runner, source, writer, plan, calib.windows, streams, eval_ids, len(mine))
+        final[family.final_norm] = tuned.to(final[family.final_norm].dtype)
     streams.unquantized = None          # the targets of the last block: not read again (151 MB on SmolLM2)
     release_freed_memory()
 
-    for name in (family.embed, family.final_norm, family.lm_head):
-        if name in source:
-            store(name, source.get(name))
+    for name, t in final.items():
+        store(name, t)
     if streams.held is not None or (loss_windows and streams.hidden is not None):
         norm, head = _final_layers(source, family, runner)
+        norm.weight.data = final[family.final_norm].to(torch.float32)      # tuned, with --tune-epochs
         if streams.held is not None:
             result.eval = summarize(sum(_nlls(norm, head, streams.held, eval_ids)), *eval_ids.shape)
         if loss_windows and streams.hidden is not None:
@@ -503,6 +514,68 @@ def refine_block(runner: BlockRunner, block, prefix: str, i: int, hidden: torch.
         layers.append(_write_into(block, prefix, name, stored, layer_output_error(W, qw.Q, H.H), plan, writer,
                                   tensors))
     return layers
+
+
+def tune_written(runner: BlockRunner, source: ModelSource, writer, plan: QuantPlan, windows: torch.Tensor,
+                 streams: Streams, eval_ids: torch.Tensor | None, loss_windows: int) -> torch.Tensor:
+    """End-to-end tuning (quantize/tune.py) of the model as written: every block rebuilt from the source with its
+    linears as `TunedLinear`s on their stored tensors (`layout.levels`), tuned toward `streams.unquantized` (the
+    unquantized model's last hidden states of `windows`). The tuned levels, and the norm weights the writer holds
+    as they are, replace what was written; the streams the run still reads (the first `loss_windows` calibration
+    windows', the held-out ones') become the tuned model's. Returns the tuned final norm weight."""
+    opts, family = plan.options, runner.family
+    dtype = torch.bfloat16 if opts.calib_dtype == "bfloat16" else torch.float32
+    blocks, tuned, norms = [], {}, {}
+    for i in range(runner.n_blocks):
+        prefix = family.block_prefix.format(i=i)
+        block, _ = source_block(runner, source, i)
+        for name in family.linears:
+            lin, full = block.get_submodule(name), prefix + name
+            layer = plan.layers[full]
+            levels = layout_of(layer).levels(lambda suffix, full=full: writer.get(f"{full}.{suffix}"), layer,
+                                              lin.in_features, dtype)
+            tuned[f"{full}.{levels.name}"] = module = TunedLinear(levels, lin.bias, dtype)
+            block.set_submodule(name, module)
+        for name, p in block.named_parameters():
+            if not name.endswith(".levels") and writer.holds(prefix + name):
+                norms[prefix + name] = p
+            p.requires_grad_(name.endswith(".levels") or prefix + name in norms)
+        blocks.append(block)
+    norm, head_weight = runner.head(source)
+    head_weight = head_weight.to(dtype)                                  # cast once, not at every chunk
+    teacher_norm = copy.deepcopy(norm).requires_grad_(False)
+    norm.weight.requires_grad_(True)
+    table = source.get(family.embed).to(torch.float32)
+
+    def body(ids: torch.Tensor) -> torch.Tensor:
+        hidden = F.embedding(ids, table)
+        pos = runner.position_embeddings(hidden[:1])
+        for block in blocks:
+            out = block(hidden, **runner.block_kwargs(pos))
+            hidden = out[0] if isinstance(out, tuple) else out
+        return hidden
+
+    head = lambda h: F.linear(norm(h), head_weight)
+    teacher_head = lambda h: F.linear(teacher_norm(h), head_weight)
+    params = [m.levels for m in tuned.values()] + list(norms.values()) + [norm.weight]
+    with keeping_freed_memory():
+        tune(body, head, teacher_head, windows, streams.unquantized, params, opts.tune_epochs, opts.tune_lr,
+             batch=opts.batch, seed=opts.seed, autocast=lambda: compute(opts))
+    for name, module in tuned.items():
+        writer.replace(name, module.stored())
+        module.dtype = torch.float32                     # from here on, the weights exactly as they load
+    for name, p in norms.items():
+        writer.replace(name, p.detach().to(writer.get(name).dtype))
+    with torch.no_grad():                                # the streams as `propagate` makes them
+        if streams.hidden is not None and loss_windows:
+            with compute(opts):
+                streams.hidden[:loss_windows] = torch.cat([body(windows[s:s + opts.batch])
+                                                           for s in range(0, loss_windows, opts.batch)])
+        if streams.held is not None:
+            streams.held = torch.cat([body(eval_ids[s:s + opts.batch]) for s in range(0, len(eval_ids), opts.batch)])
+    for i in range(runner.n_blocks):
+        runner.release_block(i)
+    return norm.weight.detach()
 
 
 def _start_into(block, prefix: str, name: str, H, plan: QuantPlan, starts: dict) -> None:

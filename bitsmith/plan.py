@@ -35,6 +35,8 @@ class QuantizeOptions:
     menu: tuple[str, ...] = TECHNIQUES   # the techniques a measured plan may give a linear (LayerPlan.technique)
     rounding: str = "gptq"         # "signround": each block's rounding and clipping learned on its outputs
     rounding_iters: int = 50       # signround's iterations per block
+    tune_epochs: int = 0           # end-to-end tuning of the levels after the blocks (quantize/tune.py); 0: none
+    tune_lr: float = 1e-3          # its Adam learning rate
     device: str = "cpu"            # where blocks, activations, Hessians and GPTQ run ("cpu", "cuda", "cuda:1")
     offload_activations: bool = False   # calibration activations kept on CPU between blocks (device: one batch)
 
@@ -71,6 +73,13 @@ class QuantizeOptions:
             raise InputError(f"--device {self.device}: choose cpu, cuda or cuda:N")
         if type(self.rounding_iters) is not int or self.rounding_iters < 0:
             raise InputError(f"--rounding-iters {self.rounding_iters}: expected 0 or more iterations per block")
+        if type(self.tune_epochs) is not int or self.tune_epochs < 0:
+            raise InputError(f"--tune-epochs {self.tune_epochs}: expected 0 or more passes over the calibration windows")
+        if not 0 < self.tune_lr < 1:
+            raise InputError(f"--tune-lr {self.tune_lr}: expected a small positive learning rate such as 0.001")
+        if self.tune_epochs and self.method != "gptq":
+            raise InputError(f"--tune-epochs tunes GPTQ's grids and tables on the calibration windows; --method "
+                             f"{self.method} is not gptq")
 
     def as_dict(self) -> dict:
         return asdict(self)

@@ -172,3 +172,88 @@ def test_true_sequential_stages_start_from_the_kept_attention_and_write_the_same
     # no propagation after the last block (nothing reads its outputs in a run without --eval-data)
     assert len(calls) == blocks * batches * (3 if rounding == "gptq" else 5) - batches
     assert (tmp_path / "kept" / "model.safetensors").read_bytes() == (tmp_path / "whole" / "model.safetensors").read_bytes()
+
+
+TUNED = {**OPTIONS, "tune_epochs": 2, "tune_lr": 3e-3}
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory, stories_path, stories_split):
+    """(folder, summary) of the GPTQ run of `runs`, then tuned end to end."""
+    calib, held = stories_split
+    out = tmp_path_factory.mktemp("tuned") / "out"
+    return out, bitsmith.quantize(str(stories_path), str(out), calib=[str(calib)], eval_data=str(held),
+                                  eval_seqlen=256, progress=False, **TUNED)
+
+
+def test_tuning_changes_only_the_levels_and_norms_and_lowers_the_perplexity(runs, tuned, stories_split):
+    (gptq_out, gptq), (out, summary) = runs["gptq"], tuned
+    plain, after = load_file(str(gptq_out / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert {k: (v.shape, v.dtype) for k, v in plain.items()} == {k: (v.shape, v.dtype) for k, v in after.items()}
+    changed = {k for k in plain if not torch.equal(plain[k], after[k])}
+    assert {k for k in changed if not k.endswith((".scales", "norm.weight"))} == set()
+    assert len([k for k in changed if k.endswith(".scales")]) == 35
+    assert len([k for k in changed if k.endswith("norm.weight")]) == 2 * 5 + 1
+    assert torch.equal(plain["model.embed_tokens.weight"], after["model.embed_tokens.weight"])
+    assert summary["bits_per_weight"] == gptq["bits_per_weight"]
+    assert summary["eval"]["perplexity"] < 0.97 * gptq["eval"]["perplexity"]
+    ids = data.tokenize(open_source(str(out)).tokenizer(), stories_split[1].read_text())
+    loaded = evaluate(bitsmith.load(str(out)), data.eval_windows(ids, 256), progress=False)
+    assert loaded["perplexity"] == summary["eval"]["perplexity"]
+    assert verify(out) == []
+
+
+def test_tuning_learns_every_layout_of_a_plan(tmp_path, stories_path, stories_split):
+    """Lookup tables, per-input-channel grids, grids with outliers and plain grids each learn their levels (the
+    tables, the scales); the outliers and every code stay; the checkpoint loads to the in-run perplexity."""
+    calib, held = stories_split
+    names = linear_shapes(BlockRunner(open_source(str(stories_path)).config))
+    kinds = {"up_proj": {"lut": True, "group_size": -1}, "q_proj": {"per_ic": True}, "down_proj": {"outliers": 0.02}}
+    plan = {name: {"bits": 3, "group_size": 32, "sym": False,
+                   **next((v for k, v in kinds.items() if k in name), {})} for name in names}
+    (tmp_path / "plan.json").write_text(json.dumps({"layers": plan}))
+    runs = {}
+    for epochs in (0, 1):
+        out = tmp_path / f"e{epochs}"
+        runs[epochs] = bitsmith.quantize(str(stories_path), str(out), plan=str(tmp_path / "plan.json"),
+                                         calib=[str(calib)], eval_data=str(held), eval_seqlen=256, progress=False,
+                                         **{**TUNED, "tune_epochs": epochs, "bits": 3})
+    plain, after = (load_file(str(tmp_path / f"e{e}" / "model.safetensors")) for e in (0, 1))
+    changed = {k for k in plain if not torch.equal(plain[k], after[k])}
+    assert {k.rsplit(".", 1)[1] for k in changed} == {"scales", "lut", "weight"}
+    assert {"model.layers.2.mlp.up_proj.lut", "model.layers.2.self_attn.q_proj.scales",
+            "model.layers.2.mlp.down_proj.scales", "model.layers.2.self_attn.o_proj.scales"} <= changed
+    assert runs[1]["eval"]["perplexity"] < runs[0]["eval"]["perplexity"]
+    ids = data.tokenize(open_source(str(tmp_path / "e1")).tokenizer(), held.read_text())
+    loaded = evaluate(bitsmith.load(str(tmp_path / "e1")), data.eval_windows(ids, 256), progress=False)
+    assert loaded["perplexity"] == runs[1]["eval"]["perplexity"]
+
+
+def test_a_run_killed_after_tuning_resumes_to_the_same_bytes(tmp_path, stories_path, stories_split):
+    """The tuned tensors are not journaled: the resumed run tunes again, from the same start, to the same result."""
+    calib = stories_split[0]
+    args = ["quantize", str(stories_path), "-o", str(tmp_path / "out"), "--calib", str(calib), "--bits", "3",
+            "--group-size", "32", "--nsamples", "16", "--seqlen", "128", "--tune-epochs", "2", "--tune-lr", "3e-3"]
+    code = "import sys; from bitsmith.cli.main import main; main(sys.argv[1:], prog_name='bitsmith')"
+    run = subprocess.run([sys.executable, "-c", code, *args], env={**os.environ, faults.VARIABLE: "commit"},
+                         capture_output=True, text=True, timeout=600, check=False)
+    assert run.returncode == -9, run.stderr
+    options = {k: v for k, v in TUNED.items() if k != "rounding_iters"}
+    bitsmith.quantize(str(stories_path), str(tmp_path / "out"), calib=[str(calib)], progress=False, resume=True,
+                      **options)
+    bitsmith.quantize(str(stories_path), str(tmp_path / "whole"), calib=[str(calib)], progress=False, **options)
+    for name in ("model.safetensors", "config.json", "plan.json"):
+        assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
+
+
+@pytest.mark.parametrize("options,message", [
+    ({"tune_epochs": -1}, "--tune-epochs -1: expected 0 or more passes over the calibration windows"),
+    ({"tune_epochs": 1, "tune_lr": 0.0}, "--tune-lr 0.0: expected a small positive learning rate such as 0.001"),
+    ({"tune_epochs": 1, "method": "rtn"}, "--tune-epochs tunes GPTQ's grids and tables on the calibration windows; "
+                                          "--method rtn is not gptq"),
+    ({"tune_epochs": 1, "method": "qoq"}, "--tune-epochs tunes GPTQ's grids and tables on the calibration windows; "
+                                          "--method qoq is not gptq"),
+])
+def test_bad_tuning_options_are_refused(options, message):
+    with pytest.raises(InputError, match="^" + message + "$"):
+        QuantizeOptions(**options).validate()

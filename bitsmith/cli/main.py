@@ -14,7 +14,7 @@ from .app import Report, Sectioned, json_option, main
 
 QUANTIZE_SECTIONS = {
     "Method": ("method", "bits", "group_size", "sym", "act_order", "static_groups", "mse", "true_sequential", "damp",
-               "rounding", "rounding_iters"),
+               "rounding", "rounding_iters", "tune_epochs", "tune_lr"),
     "Bit plan": ("target_bpw", "measurement", "plan_path", "fisher_samples", "proxy", "menu"),
     "Calibration": ("calib", "nsamples", "seqlen", "seed", "calib_dtype", "device", "offload_activations", "nproc"),
     "Evaluation": ("eval_data", "eval_seqlen", "eval_max_tokens"),
@@ -46,6 +46,11 @@ QUANTIZE_SECTIONS = {
                    "unquantized block's on the calibration windows; slower (see --rounding-iters).")
 @click.option("--rounding-iters", type=int, default=50, show_default=True,
               help="Sign-gradient iterations per block of --rounding signround, one minibatch of 8 windows each.")
+@click.option("--tune-epochs", type=int, default=0, show_default=True,
+              help="After the blocks, tune every quantized linear's scales (or lookup tables) and the norm weights "
+                   "end to end, codes fixed, toward the unquantized model's next-token distributions (KL) on the "
+                   "calibration windows: passes over them (EfficientQAT's E2E-QP). Holds the whole model in memory.")
+@click.option("--tune-lr", type=float, default=1e-3, show_default=True, help="Adam learning rate of --tune-epochs.")
 @click.option("--calib", multiple=True, help="Calibration text file (repeatable); 'self' = sampled from the model.")
 @click.option("--nsamples", type=int, default=128, show_default=True, help="Calibration windows.")
 @click.option("--seqlen", type=int, default=2048, show_default=True, help="Tokens per calibration window.")
@@ -87,7 +92,7 @@ QUANTIZE_SECTIONS = {
 def quantize(model, out, method, bits, group_size, sym, act_order, static_groups, mse, true_sequential, damp, calib,
              nsamples, seqlen, seed, calib_dtype, target_bpw, measurement, plan_path, fisher_samples, proxy, menu, device,
              eval_data, eval_seqlen, eval_max_tokens, lossless_rest, overwrite, resume, json_path, rounding,
-             rounding_iters, nproc, offload_activations):
+             rounding_iters, tune_epochs, tune_lr, nproc, offload_activations):
     """Quantize MODEL (a Hugging Face folder, a .gguf file or the bundled name smollm2-135m) into OUT."""
     if nproc > 1:
         sys.exit(_launched(nproc, device))
@@ -102,7 +107,7 @@ def quantize(model, out, method, bits, group_size, sym, act_order, static_groups
                      eval_data=eval_data, eval_seqlen=eval_seqlen, eval_max_tokens=eval_max_tokens,
                      lossless_rest=lossless_rest, target_bpw=target_bpw, measurement=measurement, plan=plan_path,
                      fisher_samples=fisher_samples, proxy=proxy, menu=menu, resume=resume, rounding=rounding,
-                     rounding_iters=rounding_iters, device=device, offload_activations=offload_activations)
+                     rounding_iters=rounding_iters, tune_epochs=tune_epochs, tune_lr=tune_lr, device=device, offload_activations=offload_activations)
     if not s:                                   # a process other than main of a parallel run: main reports
         return
     rows = [("quantized linears", str(s["quantized_linears"])),

@@ -125,6 +125,7 @@ class CheckpointWriter:
             self._spool.seek(length)
         for entry in entries:
             for name, dtype, shape, offset, nbytes in entry["tensors"]:
+                self._entries.pop(name, None)           # a tensor `replace`d: its later place, as it was added
                 self._entries[name] = (dtype, shape, offset, nbytes)
         self._recorded = len(self._entries)
         return [{k: v for k, v in e.items() if k not in ("tensors", "spool")} for e in entries]
@@ -194,6 +195,24 @@ class CheckpointWriter:
             self._spool = open(self.tmp / SPOOL, "w+b")  # noqa: SIM115 (closed by close())
         self._entries[name] = (*entry, self._spool.tell(), raw.nbytes)
         self._spool.write(raw.data)
+
+    def replace(self, name: str, tensor: torch.Tensor) -> None:
+        """Store `tensor` instead of the one added as `name` (same dtype and shape): it is written after the
+        tensors added so far, and journaled by the next `record` as a new one."""
+        if self._planned is not None:
+            raise ValueError("a planned layout is written straight into its shards: nothing in it is replaced")
+        dtype, shape, _, _ = self._entries[name]
+        if (SAFETENSORS_DTYPES[tensor.dtype], list(tensor.shape)) != (dtype, list(shape)):
+            raise ValueError(f"tensor {name}: a replacement must be {dtype} {list(shape)}, "
+                             f"not {SAFETENSORS_DTYPES[tensor.dtype]} {list(tensor.shape)}")
+        if list(self._entries).index(name) < self._recorded:
+            self._recorded -= 1
+        del self._entries[name]
+        self.add(name, tensor)
+
+    def holds(self, name: str) -> bool:
+        """Whether a tensor was added as `name` (as it is: not as the parts of a coded one)."""
+        return name in self._entries
 
     @property
     def written(self) -> dict[str, str]:

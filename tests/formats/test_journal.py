@@ -135,3 +135,44 @@ def test_journal_entries_name_their_tensors(tmp_path):
     entry = json.loads((w.tmp / ".journal").read_text())
     assert entry == {"step": 0, "tensors": [["a", "I32", [2], 0, 8]], "spool": 8}
     w.abort()
+
+
+def test_replaced_tensor_is_written_last_and_a_resumed_writer_takes_what_the_journal_holds(tmp_path):
+    def fill(out, replaced: float, record_replacement: bool = True):
+        w = CheckpointWriter(out, resume=True)
+        for i in range(3):
+            w.add(f"t{i}", torch.full((3,), float(i)))
+            w.record({"step": i})
+        w.replace("t0", torch.full((3,), replaced))
+        if record_replacement:
+            w.record({"replaced": True})
+        return w
+
+    w = fill(tmp_path / "whole", 9.0)
+    assert w.holds("t0") and not w.holds("t9") and torch.equal(w.get("t0"), torch.full((3,), 9.0))
+    with pytest.raises(ValueError, match=r"must be F32 \[3\]"):
+        w.replace("t1", torch.zeros(4))
+    w.commit(None, {})
+    whole = tmp_path / "whole" / "model.safetensors"
+    assert list(load_file(str(whole))) == ["t1", "t2", "t0"]             # laid out in the order last added
+    assert torch.equal(load_file(str(whole))["t0"], torch.full((3,), 9.0))
+    fill(tmp_path / "out", 9.0).release()                                # killed after the replacement's entry
+    w = CheckpointWriter(tmp_path / "out", resume=True)
+    assert torch.equal(w.get("t0"), torch.full((3,), 9.0))
+    w.commit(None, {})
+    assert (tmp_path / "out" / "model.safetensors").read_bytes() == whole.read_bytes()
+    fill(tmp_path / "late", 5.0, record_replacement=False).release()     # killed before it: the tensor as journaled
+    w = CheckpointWriter(tmp_path / "late", resume=True)
+    assert torch.equal(w.get("t0"), torch.zeros(3)) and list(w._entries) == ["t0", "t1", "t2"]
+    w.replace("t0", torch.full((3,), 9.0))
+    w.commit(None, {})
+    assert (tmp_path / "late" / "model.safetensors").read_bytes() == whole.read_bytes()
+
+
+def test_planned_writer_replaces_nothing(tmp_path):
+    with CheckpointWriter(tmp_path / "out") as w:
+        w.plan([("x", "F32", [1])])
+        w.add("x", torch.ones(1))
+        with pytest.raises(ValueError, match="nothing in it is replaced"):
+            w.replace("x", torch.zeros(1))
+        w.abort()

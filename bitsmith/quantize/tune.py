@@ -1,0 +1,119 @@
+"""End-to-end tuning of the quantization levels (EfficientQAT's E2E-QP, Chen et al. 2024, "EfficientQAT: Efficient
+Quantization-Aware Training for Large Language Models", section 3.3), with the unquantized model as teacher.
+
+Once every linear is quantized, its codes stay fixed and its continuous levels learn: the scales of its grids
+(W = s[g] * (q - z)) or the centroids of its lookup tables (W = c[o, q]); so do the RMSNorm weights. All of them
+together, through the whole model, minimize the KL divergence of its next-token distributions from the unquantized
+model's on the calibration windows,
+  L = 1/N sum_t KL(p_t || p~_t),   p_t = softmax(head(norm(h_t))), p~ the same of the quantized model,
+so that each block also makes up for the errors of the others, which block-wise rounding (GPTQ, SignRound) cannot
+see. Adam, the learning rate decayed by a half cosine to 0 over the run; the levels are stored as fp16 (their
+forward rounds them so, straight through), every other tensor of the checkpoint stays as it was.
+
+The teacher's side costs one head per window: its final hidden states are those the pipeline carries through the
+unquantized blocks anyway (the targets of learned rounding). The head, the largest matrix product, runs on chunks
+of positions, the gradient reaching the hidden states chunk by chunk, so that no [tokens, vocabulary] tensor of a
+whole minibatch is ever held.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+HEAD_CHUNK = 512            # positions whose logits are held at once
+
+
+@dataclass
+class Levels:
+    """What tuning learns of one quantized linear: the stored tensor (`name`, its suffix) holding its levels, as
+    stored (`start`), and the weight [out, in] as a differentiable function of them (bitsmith/layouts.py)."""
+    name: str
+    start: torch.Tensor
+    weight: Callable[[torch.Tensor], torch.Tensor]
+
+
+def _fp16_ste(x: torch.Tensor) -> torch.Tensor:
+    """x rounded to fp16 forward (as stored), identity backward."""
+    return x + (x.half().float() - x).detach()
+
+
+class TunedLinear(nn.Module):
+    """y = x W(levels)^T + b: a quantized linear whose levels learn, its codes fixed; W in `dtype`."""
+
+    def __init__(self, levels: Levels, bias: torch.Tensor | None, dtype: torch.dtype):
+        super().__init__()
+        self.levels = nn.Parameter(levels.start.to(torch.float32).clone())
+        self.weight_of, self.dtype = levels.weight, dtype
+        self.register_buffer("bias", None if bias is None else bias.detach().to(torch.float32))
+
+    def stored(self) -> torch.Tensor:
+        """The levels as they are written (fp16)."""
+        return self.levels.detach().to(torch.float16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        W = self.weight_of(_fp16_ste(self.levels).to(self.dtype))
+        return F.linear(x.to(W.dtype), W, None if self.bias is None else self.bias.to(W.dtype))
+
+
+@dataclass
+class Trace:
+    """The mean KL divergence (nats per token) of every step's minibatch."""
+    losses: list[float]
+
+
+def kl_backward(hidden: torch.Tensor, teacher: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor],
+                teacher_head: Callable[[torch.Tensor], torch.Tensor], autocast: Callable) -> float:
+    """Mean KL(teacher || model) per position of the logits `head(hidden)` against `teacher_head(teacher)`
+    (hidden states [tokens, d] each), its gradient left in `hidden.grad` (`hidden` a leaf); chunk by chunk of
+    positions."""
+    total, n = 0.0, hidden.shape[0]
+    for start in range(0, n, HEAD_CHUNK):
+        with autocast():
+            with torch.no_grad():
+                target = F.log_softmax(teacher_head(teacher[start:start + HEAD_CHUNK]).float(), -1)
+            logp = F.log_softmax(head(hidden[start:start + HEAD_CHUNK]).float(), -1)
+        part = (target.exp() * (target - logp)).sum() / n
+        part.backward()
+        total += part.item()
+    return total
+
+
+def tune(body: nn.Module, head: Callable[[torch.Tensor], torch.Tensor],
+         teacher_head: Callable[[torch.Tensor], torch.Tensor], windows: torch.Tensor, teacher: torch.Tensor,
+         params: list[nn.Parameter], epochs: int, lr: float, batch: int = 8, seed: int = 0,
+         autocast: Callable = contextlib.nullcontext) -> Trace:
+    """Tune `params` (the levels of the model's `TunedLinear`s and its norm weights) in place.
+
+    `body(ids)`: the model's last hidden states [b, seq, d] of token windows [b, seq]; `head(h)`: its logits (final
+    norm and lm_head); `teacher_head`, `teacher` [n, seq, d]: the unquantized model's head and last hidden states
+    of the calibration `windows` [n, seq]. `epochs` passes over the windows in minibatches of `batch`, drawn by a
+    generator seeded with `seed`; the forwards run in `autocast()`."""
+    if epochs < 0 or lr <= 0:
+        raise ValueError(f"tuning for {epochs} epochs at learning rate {lr}: expected epochs >= 0 and lr > 0")
+    steps = epochs * math.ceil(windows.shape[0] / batch)
+    if steps == 0 or not params:
+        return Trace([])
+    optimizer = torch.optim.Adam(params, lr=lr)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / steps)))
+    generator = torch.Generator().manual_seed(seed)
+    losses = []
+    for _ in range(epochs):
+        order = torch.randperm(windows.shape[0], generator=generator)
+        for start in range(0, len(order), batch):
+            pick = order[start:start + batch]
+            optimizer.zero_grad()
+            with autocast():
+                hidden = body(windows[pick])
+            leaf = hidden.detach().reshape(-1, hidden.shape[-1]).requires_grad_()
+            losses.append(kl_backward(leaf, teacher[pick].reshape(leaf.shape).to(leaf.device), head, teacher_head,
+                                      autocast))
+            hidden.backward(leaf.grad.reshape(hidden.shape))
+            optimizer.step()
+            schedule.step()
+    return Trace(losses)

@@ -1,0 +1,129 @@
+"""End-to-end tuning of the levels (bitsmith/quantize/tune.py): each layout's levels give back exactly the weight
+its tensors hold, and a gradient reaches the levels only; the chunked KL is the whole-vocabulary KL with the same
+gradient; tuning a small quantized model lowers its KL to the unquantized one and moves the levels only."""
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from bitsmith.layouts import layout_of
+from bitsmith.plan import LayerPlan
+from bitsmith.quantize import tune as tune_module
+from bitsmith.quantize.gptq import gptq_quantize
+from bitsmith.quantize.lut import gptq_lut
+from bitsmith.quantize.tune import TunedLinear, kl_backward, tune
+
+LAYERS = {
+    "uniform": LayerPlan(3, 16, False),
+    "uniform-sym": LayerPlan(4, -1, True),
+    "outliers": LayerPlan(3, 16, False, outliers=0.05),
+    "lut": LayerPlan(3, -1, False, lut=True),
+    "per-ic": LayerPlan(3, 8, False, per_ic=True),
+}
+
+
+def quantized(layer: LayerPlan, out: int, inp: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    W, X = torch.randn(out, inp, generator=g) / 8, torch.randn(4 * inp, inp, generator=g)
+    H = 2 * X.t() @ X / X.shape[0]
+    if layer.lut:
+        return W, gptq_lut(W, H, layer.bits, act_order=True)
+    return W, gptq_quantize(W, H, layer.bits, layer.group_size, layer.sym, act_order=True, outliers=layer.outliers,
+                            per_ic=layer.per_ic)
+
+
+@settings(max_examples=20, deadline=None)
+@given(kind=st.sampled_from(sorted(LAYERS)), out=st.integers(1, 24), inp=st.integers(8, 70), seed=st.integers(0, 99))
+def test_levels_give_back_the_stored_weight_exactly(kind, out, inp, seed):
+    layer = LAYERS[kind]
+    _, qw = quantized(layer, out, inp, seed)
+    layout = layout_of(layer)
+    stored = layout.tensors(qw)
+    levels = layout.levels(stored.__getitem__, layer, inp)
+    assert levels.name in stored and torch.equal(levels.start, stored[levels.name])
+    assert torch.equal(levels.weight(levels.start.float()), layout.weight(stored.__getitem__, layer, inp))
+    module = TunedLinear(levels, None, torch.float32)
+    assert torch.equal(module.stored(), stored[levels.name])
+    x = torch.randn(3, inp)
+    assert torch.allclose(module(x), x @ layout.weight(stored.__getitem__, layer, inp).t(), atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", sorted(LAYERS))
+def test_gradient_reaches_the_levels_and_the_outliers_stay(kind):
+    layer = LAYERS[kind]
+    _, qw = quantized(layer, 12, 48, 0)
+    layout = layout_of(layer)
+    stored = layout.tensors(qw)
+    module = TunedLinear(layout.levels(stored.__getitem__, layer, 48), None, torch.float32)
+    module(torch.randn(5, 48)).square().sum().backward()
+    assert module.levels.grad is not None and module.levels.grad.abs().sum() > 0
+    with torch.no_grad():
+        module.levels.mul_(1.1)
+    after = module.weight_of(module.levels)
+    before = layout.weight(stored.__getitem__, layer, 48)
+    if layer.outliers:                       # the fp16 outliers are written over the grid, whatever its scale
+        kept = torch.zeros_like(before, dtype=torch.bool)
+        kept[qw.outliers.mask(48)] = True
+        assert torch.equal(after[kept], before[kept])
+        assert torch.allclose(after[~kept], 1.1 * before[~kept], atol=1e-6)
+    else:
+        assert torch.allclose(after, 1.1 * before, atol=1e-6)
+
+
+def test_chunked_kl_is_the_whole_kl_with_its_gradient(monkeypatch):
+    monkeypatch.setattr(tune_module, "HEAD_CHUNK", 7)
+    g = torch.Generator().manual_seed(0)
+    head, teacher_head = nn.Linear(16, 50, bias=False), nn.Linear(16, 50, bias=False)
+    hidden, teacher = torch.randn(30, 16, generator=g), torch.randn(30, 16, generator=g)
+    leaf = hidden.clone().requires_grad_()
+    loss = kl_backward(leaf, teacher, head, teacher_head, lambda: torch.autocast("cpu", enabled=False))
+    whole = hidden.clone().requires_grad_()
+    target = F.log_softmax(teacher_head(teacher), -1)
+    expected = F.kl_div(F.log_softmax(head(whole), -1), target, log_target=True, reduction="batchmean")
+    expected.backward()
+    assert loss == pytest.approx(expected.item(), rel=1e-5)
+    assert torch.allclose(leaf.grad, whole.grad, atol=1e-7)
+
+
+class Toy(nn.Module):
+    """Embedding, two tuned linears with a norm between them: a model small enough to tune here."""
+
+    def __init__(self, linears, table):
+        super().__init__()
+        self.table, self.first, self.second = table, *linears
+        self.norm = nn.RMSNorm(table.shape[1])
+
+    def forward(self, ids):
+        h = F.embedding(ids, self.table)
+        return h + self.second(F.silu(self.first(self.norm(h))))
+
+
+def test_tuning_lowers_the_kl_and_moves_only_the_levels_and_norms():
+    g = torch.Generator().manual_seed(1)
+    d, hidden, vocab = 32, 64, 40
+    table, head = torch.randn(vocab, d, generator=g), torch.randn(vocab, d, generator=g) / 4
+    weights = [torch.randn(hidden, d, generator=g) / 4, torch.randn(d, hidden, generator=g) / 6]
+    layer = LayerPlan(2, 16, False)
+    linears = []
+    for W in weights:
+        qw = gptq_quantize(W, torch.eye(W.shape[1]), 2, 16)
+        stored = layout_of(layer).tensors(qw)
+        linears.append(TunedLinear(layout_of(layer).levels(stored.__getitem__, layer, W.shape[1]), None, torch.float32))
+    model = Toy(linears, table)
+    windows = torch.randint(0, vocab, (16, 12), generator=g)
+    with torch.no_grad():
+        h = F.embedding(windows, table)
+        teacher = h + F.linear(F.silu(F.linear(F.rms_norm(h, (d,)), weights[0])), weights[1])
+    to_logits = lambda h: F.linear(h, head)         # noqa: E731
+    start = [p.detach().clone() for p in model.parameters()]
+    params = [lin.levels for lin in linears] + [model.norm.weight]
+    trace = tune(model, to_logits, to_logits, windows, teacher, params, epochs=6, lr=3e-2, batch=4)
+    assert len(trace.losses) == 6 * 4
+    assert sum(trace.losses[-4:]) < 0.7 * sum(trace.losses[:4])
+    assert all(not torch.equal(p, q) for p, q in zip(model.parameters(), start))
+    assert torch.equal(model.table, table)
+    assert tune(model, to_logits, to_logits, windows, teacher, params, epochs=0, lr=1e-3).losses == []
+    with pytest.raises(ValueError, match="learning rate"):
+        tune(model, to_logits, to_logits, windows, teacher, params, epochs=1, lr=0)
