@@ -246,13 +246,13 @@ def test_a_run_killed_after_tuning_resumes_to_the_same_bytes(tmp_path, stories_p
         assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
 
 
+NOT_GPTQ = "--tune-epochs tunes GPTQ's grids and tables on the calibration windows; --method {} is not gptq"
+
+
 @pytest.mark.parametrize("options,message", [
     ({"tune_epochs": -1}, "--tune-epochs -1: expected 0 or more passes over the calibration windows"),
     ({"tune_epochs": 1, "tune_lr": 0.0}, "--tune-lr 0.0: expected a small positive learning rate such as 0.001"),
-    ({"tune_epochs": 1, "method": "rtn"}, "--tune-epochs tunes GPTQ's grids and tables on the calibration windows; "
-                                          "--method rtn is not gptq"),
-    ({"tune_epochs": 1, "method": "qoq"}, "--tune-epochs tunes GPTQ's grids and tables on the calibration windows; "
-                                          "--method qoq is not gptq"),
+    *(({"tune_epochs": 1, "method": method}, NOT_GPTQ.format(method)) for method in ("rtn", "qoq")),
 ])
 def test_bad_tuning_options_are_refused(options, message):
     with pytest.raises(InputError, match="^" + message + "$"):

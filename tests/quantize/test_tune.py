@@ -116,7 +116,7 @@ def test_tuning_lowers_the_kl_and_moves_only_the_levels_and_norms():
     with torch.no_grad():
         h = F.embedding(windows, table)
         teacher = h + F.linear(F.silu(F.linear(F.rms_norm(h, (d,)), weights[0])), weights[1])
-    to_logits = lambda h: F.linear(h, head)         # noqa: E731
+    to_logits = lambda h: F.linear(h, head)
     start = [p.detach().clone() for p in model.parameters()]
     params = [lin.levels for lin in linears] + [model.norm.weight]
     trace = tune(model, to_logits, to_logits, windows, teacher, params, epochs=6, lr=3e-2, batch=4)
