@@ -569,7 +569,7 @@ def tune_written(runner: BlockRunner, source: ModelSource, writer, plan: QuantPl
     with torch.no_grad():                                # the streams as `propagate` makes them
         if streams.hidden is not None and loss_windows:
             with compute(opts):
-                streams.hidden[:loss_windows] = torch.cat([body(windows[s:s + opts.batch])
+                streams.hidden[:loss_windows] = torch.cat([body(windows[s:min(s + opts.batch, loss_windows)])
                                                            for s in range(0, loss_windows, opts.batch)])
         if streams.held is not None:
             streams.held = torch.cat([body(eval_ids[s:s + opts.batch]) for s in range(0, len(eval_ids), opts.batch)])

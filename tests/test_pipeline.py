@@ -257,3 +257,18 @@ NOT_GPTQ = "--tune-epochs tunes GPTQ's grids and tables on the calibration windo
 def test_bad_tuning_options_are_refused(options, message):
     with pytest.raises(InputError, match="^" + message + "$"):
         QuantizeOptions(**options).validate()
+
+
+def test_a_measured_plan_reports_the_loss_of_the_tuned_model(tmp_path, stories_path, stories_split):
+    """The measured loss increase on the first Fisher windows (3 here: not a whole number of batches) is the tuned
+    model's, lower than the same plan's untuned one."""
+    calib = stories_split[0]
+    options = {**TUNED, "tune_epochs": 1, "fisher_samples": 3}
+    tuned = bitsmith.quantize(str(stories_path), str(tmp_path / "tuned"), calib=[str(calib)], target_bpw=3.5,
+                              progress=False, **options)
+    plain = bitsmith.quantize(str(stories_path), str(tmp_path / "plain"), calib=[str(calib)], target_bpw=3.5,
+                              measurement=str(tmp_path / "tuned" / "measurement.json"), progress=False,
+                              **{**options, "tune_epochs": 0})
+    assert tuned["measured_error"]["windows"] == plain["measured_error"]["windows"] == 3
+    assert tuned["measured_error"]["base_nll"] == plain["measured_error"]["base_nll"]
+    assert 0 < tuned["measured_error"]["nats_per_token"] < plain["measured_error"]["nats_per_token"]
