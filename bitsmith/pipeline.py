@@ -324,7 +324,7 @@ def run(source: ModelSource, writer, plan: QuantPlan, eval_ids: torch.Tensor | N
         release_freed_memory()
     final = {name: source.get(name) for name in (family.embed, family.final_norm, family.lm_head) if name in source}
     if opts.tune_epochs:
-        tuned = tune_written(runner, source, writer, plan, calib.windows, streams, eval_ids, len(mine))
+        tuned = tune_written(runner, source, writer, plan, calib.windows, streams, eval_ids, len(mine), progress)
         final[family.final_norm] = tuned.to(final[family.final_norm].dtype)
     streams.unquantized = None          # the targets of the last block: not read again (151 MB on SmolLM2)
     release_freed_memory()
@@ -517,7 +517,8 @@ def refine_block(runner: BlockRunner, block, prefix: str, i: int, hidden: torch.
 
 
 def tune_written(runner: BlockRunner, source: ModelSource, writer, plan: QuantPlan, windows: torch.Tensor,
-                 streams: Streams, eval_ids: torch.Tensor | None, loss_windows: int) -> torch.Tensor:
+                 streams: Streams, eval_ids: torch.Tensor | None, loss_windows: int,
+                 progress: bool = False) -> torch.Tensor:
     """End-to-end tuning (quantize/tune.py) of the model as written: every block rebuilt from the source with its
     linears as `TunedLinear`s on their stored tensors (`layout.levels`), tuned toward `streams.unquantized` (the
     unquantized model's last hidden states of `windows`). The tuned levels, and the norm weights the writer holds
@@ -560,7 +561,7 @@ def tune_written(runner: BlockRunner, source: ModelSource, writer, plan: QuantPl
     params = [m.levels for m in tuned.values()] + list(norms.values()) + [norm.weight]
     with keeping_freed_memory():
         tune(body, head, teacher_head, windows, streams.unquantized, params, opts.tune_epochs, opts.tune_lr,
-             batch=opts.batch, seed=opts.seed, autocast=lambda: compute(opts))
+             batch=opts.batch, seed=opts.seed, autocast=lambda: compute(opts), progress=progress)
     for name, module in tuned.items():
         writer.replace(name, module.stored())
         module.dtype = torch.float32                     # from here on, the weights exactly as they load

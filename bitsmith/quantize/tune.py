@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
 
 HEAD_CHUNK = 512            # positions whose logits are held at once
 
@@ -87,7 +88,7 @@ def kl_backward(hidden: torch.Tensor, teacher: torch.Tensor, head: Callable[[tor
 def tune(body: nn.Module, head: Callable[[torch.Tensor], torch.Tensor],
          teacher_head: Callable[[torch.Tensor], torch.Tensor], windows: torch.Tensor, teacher: torch.Tensor,
          params: list[nn.Parameter], epochs: int, lr: float, batch: int = 8, seed: int = 0,
-         autocast: Callable = contextlib.nullcontext) -> Trace:
+         autocast: Callable = contextlib.nullcontext, progress: bool = False) -> Trace:
     """Tune `params` (the levels of the model's `TunedLinear`s and its norm weights) in place.
 
     `body(ids)`: the model's last hidden states [b, seq, d] of token windows [b, seq]; `head(h)`: its logits (final
@@ -103,6 +104,7 @@ def tune(body: nn.Module, head: Callable[[torch.Tensor], torch.Tensor],
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / steps)))
     generator = torch.Generator().manual_seed(seed)
     losses = []
+    bar = tqdm(total=steps, desc="tune", unit="step", disable=not progress)
     for _ in range(epochs):
         order = torch.randperm(windows.shape[0], generator=generator)
         for start in range(0, len(order), batch):
@@ -116,4 +118,7 @@ def tune(body: nn.Module, head: Callable[[torch.Tensor], torch.Tensor],
             hidden.backward(leaf.grad.reshape(hidden.shape))
             optimizer.step()
             schedule.step()
+            bar.set_postfix(kl=f"{losses[-1]:.4f}")
+            bar.update()
+    bar.close()
     return Trace(losses)
