@@ -70,18 +70,20 @@ class Trace:
 
 def kl_backward(hidden: torch.Tensor, teacher: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor],
                 teacher_head: Callable[[torch.Tensor], torch.Tensor], autocast: Callable) -> float:
-    """Mean KL(teacher || model) per position of the logits `head(hidden)` against `teacher_head(teacher)`
-    (hidden states [tokens, d] each), its gradient left in `hidden.grad` (`hidden` a leaf); chunk by chunk of
-    positions."""
+    """Mean KL(teacher || model) per position of the logits z = `head(hidden)` against `teacher_head(teacher)`
+    (hidden states [tokens, d] each), chunk by chunk of positions; its gradient, softmax(z) - p_teacher per
+    position, goes back through `head` (into `hidden.grad`, `hidden` a leaf, and the head's own parameters)."""
     total, n = 0.0, hidden.shape[0]
     for start in range(0, n, HEAD_CHUNK):
         with autocast():
             with torch.no_grad():
-                target = F.log_softmax(teacher_head(teacher[start:start + HEAD_CHUNK]).float(), -1)
-            logp = F.log_softmax(head(hidden[start:start + HEAD_CHUNK]).float(), -1)
-        part = (target.exp() * (target - logp)).sum() / n
-        part.backward()
-        total += part.item()
+                target = teacher_head(teacher[start:start + HEAD_CHUNK]).float().log_softmax(-1)
+            logits = head(hidden[start:start + HEAD_CHUNK])
+        with torch.no_grad():
+            p, z = target.exp(), logits.float()
+            total += ((p * (target - z)).sum() + torch.logsumexp(z, -1).sum()).item() / n
+            grad = torch.softmax(z, -1).sub_(p).div_(n)
+        logits.backward(grad.to(logits.dtype))
     return total
 
 
