@@ -91,12 +91,12 @@ class GPTQLayout:
     @staticmethod
     def levels(stored, layer: LayerPlan, in_features: int, dtype: torch.dtype = torch.float32) -> Levels:
         """What end-to-end tuning learns of the tensors (quantize/tune.py): their scales, W = s[g] * (q - z)
-        with the codes and zero points fixed, computed in `dtype`."""
+        with the codes and zero points fixed, computed in `dtype`; they move relative to themselves."""
         q = unpack(stored("qweight"), layer.bits, in_features, dim=0).t()              # [out, in]
         scales = stored("scales")
         g = stored("g_idx").long()
         steps = (q.to(torch.int16) - unpack_zeros(stored("qzeros"), layer.bits, scales.shape[1]).t()[:, g]).to(dtype)
-        return Levels("scales", scales, lambda s: s.t()[:, g] * steps)
+        return Levels("scales", scales, lambda s: s.t()[:, g] * steps, scales.float())
 
     @staticmethod
     def module(in_features: int, out_features: int, layer: LayerPlan, bias: bool,
@@ -140,7 +140,8 @@ class DenseSparseLayout(GPTQLayout):
         dense = GPTQLayout.levels(stored, layer, in_features, dtype)
         values, cols, row_ptr = (stored(part) for part in DenseSparseLayout.parts[4:])
         at = (csr_rows(row_ptr), cols.long())
-        return Levels(dense.name, dense.start, lambda s: (W := dense.weight(s)).index_put(at, values.to(W.dtype)))
+        return Levels(dense.name, dense.start, lambda s: (W := dense.weight(s)).index_put(at, values.to(W.dtype)),
+                      dense.unit)
 
     @staticmethod
     def module(in_features: int, out_features: int, layer: LayerPlan, bias: bool,
@@ -170,9 +171,11 @@ class LUTLayout:
 
     @staticmethod
     def levels(stored, layer: LayerPlan, in_features: int, dtype: torch.dtype = torch.float32) -> Levels:
-        """The tables: W = lut[o, q] with the codes fixed."""
+        """The tables: W = lut[o, q] with the codes fixed; they move in units of each row's mean spacing."""
         codes = unpack(stored("qweight"), layer.bits, in_features, dim=0).t().long()
-        return Levels("lut", stored("lut"), lambda lut: lut.gather(1, codes))
+        lut = stored("lut").float()
+        spacing = (lut[:, -1:] - lut[:, :1]) / (lut.shape[1] - 1)
+        return Levels("lut", stored("lut"), lambda c: c.gather(1, codes), spacing)
 
     @staticmethod
     def module(in_features: int, out_features: int, layer: LayerPlan, bias: bool,
@@ -208,7 +211,8 @@ class PerICLayout:
         rows = q.shape[0]
         zeros = expand_rows(unpack(stored("qzeros"), layer.bits, in_features, dim=1), layer.group_size, rows)
         steps = (q.to(torch.int16) - zeros.to(torch.int16)).to(dtype)
-        return Levels("scales", stored("scales"), lambda s: expand_rows(s, layer.group_size, rows) * steps)
+        return Levels("scales", stored("scales"), lambda s: expand_rows(s, layer.group_size, rows) * steps,
+                      stored("scales").float())
 
     @staticmethod
     def module(in_features: int, out_features: int, layer: LayerPlan, bias: bool,

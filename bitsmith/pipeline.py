@@ -19,6 +19,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import parametrize
 from tqdm import tqdm
 
 from .calibration import data
@@ -38,7 +40,7 @@ from .quantize.lut import gptq_lut
 from .quantize.qoq import qoq_quantize
 from .quantize.rtn import rtn_quantize
 from .quantize.signround import layer_output_error, signround
-from .quantize.tune import TunedLinear, tune
+from .quantize.tune import Relative, TunedLinear, tune
 
 
 @dataclass
@@ -530,6 +532,7 @@ def tune_written(runner: BlockRunner, source: ModelSource, writer, plan: QuantPl
     for i in range(runner.n_blocks):
         prefix = family.block_prefix.format(i=i)
         block, _ = source_block(runner, source, i)
+        block.requires_grad_(False)
         for name in family.linears:
             lin, full = block.get_submodule(name), prefix + name
             layer = plan.layers[full]
@@ -537,15 +540,14 @@ def tune_written(runner: BlockRunner, source: ModelSource, writer, plan: QuantPl
                                               lin.in_features, dtype)
             tuned[f"{full}.{levels.name}"] = module = TunedLinear(levels, lin.bias, dtype)
             block.set_submodule(name, module)
-        for name, p in block.named_parameters():
-            if not name.endswith(".levels") and writer.holds(prefix + name):
-                norms[prefix + name] = p
-            p.requires_grad_(name.endswith(".levels") or prefix + name in norms)
+        for name, p in list(block.named_parameters()):
+            if not name.endswith(".delta") and writer.holds(prefix + name):
+                norms[prefix + name] = _relative(block, name, writer.get(prefix + name).dtype)
         blocks.append(block)
     norm, head_weight = runner.head(source)
     head_weight = head_weight.to(dtype)                                  # cast once, not at every chunk
     teacher_norm = copy.deepcopy(norm).requires_grad_(False)
-    norm.weight.requires_grad_(True)
+    final = _relative(norm, "weight", source.get(family.final_norm).dtype)
     table = source.get(family.embed).to(torch.float32)
 
     def body(ids: torch.Tensor) -> torch.Tensor:
@@ -558,15 +560,15 @@ def tune_written(runner: BlockRunner, source: ModelSource, writer, plan: QuantPl
 
     head = lambda h: F.linear(norm(h), head_weight)
     teacher_head = lambda h: F.linear(teacher_norm(h), head_weight)
-    params = [m.levels for m in tuned.values()] + list(norms.values()) + [norm.weight]
+    params = [m.delta for m in tuned.values()] + [p for _, _, p in norms.values()] + [final[2]]
     with keeping_freed_memory():
         tune(body, head, teacher_head, windows, streams.unquantized, params, opts.tune_epochs, opts.tune_lr,
              batch=opts.batch, seed=opts.seed, autocast=lambda: compute(opts), progress=progress)
     for name, module in tuned.items():
         writer.replace(name, module.stored())
         module.dtype = torch.float32                     # from here on, the weights exactly as they load
-    for name, p in norms.items():
-        writer.replace(name, p.detach().to(writer.get(name).dtype))
+    for name, (module, attr, _) in norms.items():
+        writer.replace(name, getattr(module, attr).detach().to(writer.get(name).dtype))
     with torch.no_grad():                                # the streams as `propagate` makes them
         if streams.hidden is not None and loss_windows:
             with compute(opts):
@@ -574,9 +576,25 @@ def tune_written(runner: BlockRunner, source: ModelSource, writer, plan: QuantPl
                                                            for s in range(0, loss_windows, opts.batch)])
         if streams.held is not None:
             streams.held = torch.cat([body(eval_ids[s:s + opts.batch]) for s in range(0, len(eval_ids), opts.batch)])
+    for block in blocks + [norm]:
+        for module in block.modules():
+            if parametrize.is_parametrized(module):
+                for attr in list(module.parametrizations):
+                    parametrize.remove_parametrizations(module, attr)   # the skeleton's modules, as they were
     for i in range(runner.n_blocks):
         runner.release_block(i)
     return norm.weight.detach()
+
+
+def _relative(root: nn.Module, name: str, dtype: torch.dtype) -> tuple[nn.Module, str, nn.Parameter]:
+    """The parameter `name` of `root` tuned relative to itself and kept in its stored `dtype` (quantize/tune.py
+    `Relative`): (its module, its attribute, the parameter that learns)."""
+    path, _, attr = name.rpartition(".")
+    module = root.get_submodule(path) if path else root
+    parametrize.register_parametrization(module, attr, Relative(getattr(module, attr), dtype))
+    delta = module.parametrizations[attr].original
+    delta.requires_grad_(True)
+    return module, attr, delta
 
 
 def _start_into(block, prefix: str, name: str, H, plan: QuantPlan, starts: dict) -> None:

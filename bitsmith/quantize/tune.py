@@ -2,13 +2,15 @@
 Quantization-Aware Training for Large Language Models", section 3.3), with the unquantized model as teacher.
 
 Once every linear is quantized, its codes stay fixed and its continuous levels learn: the scales of its grids
-(W = s[g] * (q - z)) or the centroids of its lookup tables (W = c[o, q]); so do the RMSNorm weights. All of them
+(W = s[g] * (q - z)) or the centroids of its lookup tables (W = c[o, q]); so do the RMSNorm weights. Each moves in a
+unit of its own size, so that one learning rate suits all: a scale or a norm weight by a fraction of itself,
+s = s0 (1 + delta), a table's centroids by a fraction of the row's mean spacing. All of them
 together, through the whole model, minimize the KL divergence of its next-token distributions from the unquantized
 model's on the calibration windows,
   L = 1/N sum_t KL(p_t || p~_t),   p_t = softmax(head(norm(h_t))), p~ the same of the quantized model,
 so that each block also makes up for the errors of the others, which block-wise rounding (GPTQ, SignRound) cannot
-see. Adam, the learning rate decayed by a half cosine to 0 over the run; the levels are stored as fp16 (their
-forward rounds them so, straight through), every other tensor of the checkpoint stays as it was.
+see. Adam, the learning rate decayed by a half cosine to 0 over the run; the levels are stored as fp16 and the
+norms in their own dtype (the forward rounds them so, straight through); every other tensor stays as it was.
 
 The teacher's side costs one head per window: its final hidden states are those the pipeline carries through the
 unquantized blocks anyway (the targets of learned rounding). The head, the largest matrix product, runs on chunks
@@ -33,33 +35,58 @@ HEAD_CHUNK = 512            # positions whose logits are held at once
 @dataclass
 class Levels:
     """What tuning learns of one quantized linear: the stored tensor (`name`, its suffix) holding its levels, as
-    stored (`start`), and the weight [out, in] as a differentiable function of them (bitsmith/layouts.py)."""
+    stored (`start`), the weight [out, in] as a differentiable function of them, and the `unit` (broadcast to
+    `start`) the levels move in, start + unit * delta: the scales themselves (relative steps), a table's mean
+    spacing (bitsmith/layouts.py)."""
     name: str
     start: torch.Tensor
     weight: Callable[[torch.Tensor], torch.Tensor]
+    unit: torch.Tensor
 
 
-def _fp16_ste(x: torch.Tensor) -> torch.Tensor:
-    """x rounded to fp16 forward (as stored), identity backward."""
-    return x + (x.half().float() - x).detach()
+def _stored_ste(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x rounded to `dtype` forward (as it is stored), identity backward."""
+    return x + (x.to(dtype).float() - x).detach()
 
 
 class TunedLinear(nn.Module):
-    """y = x W(levels)^T + b: a quantized linear whose levels learn, its codes fixed; W in `dtype`."""
+    """y = x W(levels)^T + b: a quantized linear whose levels learn (levels = start + unit * delta, delta the
+    parameter, rounded to fp16 as stored), its codes fixed; W in `dtype`."""
 
     def __init__(self, levels: Levels, bias: torch.Tensor | None, dtype: torch.dtype):
         super().__init__()
-        self.levels = nn.Parameter(levels.start.to(torch.float32).clone())
+        self.register_buffer("start", levels.start.to(torch.float32))
+        self.register_buffer("unit", levels.unit.to(torch.float32))
+        self.delta = nn.Parameter(torch.zeros_like(self.start))
         self.weight_of, self.dtype = levels.weight, dtype
         self.register_buffer("bias", None if bias is None else bias.detach().to(torch.float32))
 
+    def levels(self) -> torch.Tensor:
+        return _stored_ste(self.start + self.unit * self.delta, torch.float16)
+
     def stored(self) -> torch.Tensor:
         """The levels as they are written (fp16)."""
-        return self.levels.detach().to(torch.float16)
+        return self.levels().detach().to(torch.float16)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        W = self.weight_of(_fp16_ste(self.levels).to(self.dtype))
+        W = self.weight_of(self.levels().to(self.dtype))
         return F.linear(x.to(W.dtype), W, None if self.bias is None else self.bias.to(W.dtype))
+
+
+class Relative(nn.Module):
+    """A parametrization (torch.nn.utils.parametrize) of a tensor kept in `dtype`, w0 [...] at the start:
+    w = w0 (1 + delta), rounded to `dtype` as stored; delta starts at 0. The norm weights' form in tuning."""
+
+    def __init__(self, start: torch.Tensor, dtype: torch.dtype):
+        super().__init__()
+        self.register_buffer("start", start.detach().to(torch.float32).clone())
+        self.dtype = dtype
+
+    def forward(self, delta: torch.Tensor) -> torch.Tensor:
+        return _stored_ste(self.start * (1 + delta), self.dtype)
+
+    def right_inverse(self, weight: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(self.start)          # registered on the start itself
 
 
 @dataclass

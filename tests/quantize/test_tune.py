@@ -51,21 +51,26 @@ def test_levels_give_back_the_stored_weight_exactly(kind, out, inp, seed):
 
 
 @pytest.mark.parametrize("kind", sorted(LAYERS))
-def test_gradient_reaches_the_levels_and_the_outliers_stay(kind):
+def test_gradient_reaches_the_levels_which_move_in_their_unit_and_the_outliers_stay(kind):
     layer = LAYERS[kind]
     _, qw = quantized(layer, 12, 48, 0)
     layout = layout_of(layer)
     stored = layout.tensors(qw)
-    module = TunedLinear(layout.levels(stored.__getitem__, layer, 48), None, torch.float32)
+    levels = layout.levels(stored.__getitem__, layer, 48)
+    module = TunedLinear(levels, None, torch.float32)
     module(torch.randn(5, 48)).square().sum().backward()
-    assert module.levels.grad is not None and module.levels.grad.abs().sum() > 0
+    assert module.delta.grad is not None and module.delta.grad.abs().sum() > 0
     with torch.no_grad():
-        module.levels.mul_(1.1)
-    after = module.weight_of(module.levels)
-    before = layout.weight(stored.__getitem__, layer, 48)
+        module.delta.fill_(0.25)
+    assert torch.equal(module.stored(), (levels.start.float() + 0.25 * levels.unit).half())
+    if layer.lut:                                   # a quarter of each row's mean spacing
+        spacing = (levels.start[:, -1:].float() - levels.start[:, :1].float()) / (2 ** layer.bits - 1)
+        assert torch.allclose(levels.unit, spacing)
+        return
+    assert torch.equal(levels.unit, levels.start.float())          # scales move relative to themselves
+    after, before = levels.weight(1.1 * levels.start.float()), layout.weight(stored.__getitem__, layer, 48)
     if layer.outliers:                       # the fp16 outliers are written over the grid, whatever its scale
-        kept = torch.zeros_like(before, dtype=torch.bool)
-        kept[qw.outliers.mask(48)] = True
+        kept = qw.outliers.mask(48)
         assert torch.equal(after[kept], before[kept])
         assert torch.allclose(after[~kept], 1.1 * before[~kept], atol=1e-6)
     else:
@@ -118,7 +123,7 @@ def test_tuning_lowers_the_kl_and_moves_only_the_levels_and_norms():
         teacher = h + F.linear(F.silu(F.linear(F.rms_norm(h, (d,)), weights[0])), weights[1])
     to_logits = lambda h: F.linear(h, head)
     start = [p.detach().clone() for p in model.parameters()]
-    params = [lin.levels for lin in linears] + [model.norm.weight]
+    params = [lin.delta for lin in linears] + [model.norm.weight]
     trace = tune(model, to_logits, to_logits, windows, teacher, params, epochs=6, lr=3e-2, batch=4)
     assert len(trace.losses) == 6 * 4
     assert sum(trace.losses[-4:]) < 0.7 * sum(trace.losses[:4])
