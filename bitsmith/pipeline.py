@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
+from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 from .calibration import data
@@ -518,6 +519,9 @@ def refine_block(runner: BlockRunner, block, prefix: str, i: int, hidden: torch.
     return layers
 
 
+TUNE_CHECKPOINT = True       # recompute each block's activations in tuning's backward pass (memory: one block's)
+
+
 def tune_written(runner: BlockRunner, source: ModelSource, writer, plan: QuantPlan, windows: torch.Tensor,
                  streams: Streams, eval_ids: torch.Tensor | None, loss_windows: int,
                  progress: bool = False) -> torch.Tensor:
@@ -550,12 +554,18 @@ def tune_written(runner: BlockRunner, source: ModelSource, writer, plan: QuantPl
     final = _relative(norm, "weight", source.get(family.final_norm).dtype)
     table = source.get(family.embed).to(torch.float32)
 
+    def through(block: nn.Module, hidden: torch.Tensor, pos) -> torch.Tensor:
+        out = block(hidden, **runner.block_kwargs(pos))
+        return out[0] if isinstance(out, tuple) else out
+
     def body(ids: torch.Tensor) -> torch.Tensor:
+        """The last hidden states of `ids`; with gradients, each block's activations are recomputed in the
+        backward pass instead of kept (one block's at a time in memory, for one more forward)."""
         hidden = F.embedding(ids, table)
         pos = runner.position_embeddings(hidden[:1])
         for block in blocks:
-            out = block(hidden, **runner.block_kwargs(pos))
-            hidden = out[0] if isinstance(out, tuple) else out
+            hidden = (checkpoint(through, block, hidden, pos, use_reentrant=False)
+                      if TUNE_CHECKPOINT and torch.is_grad_enabled() else through(block, hidden, pos))
         return hidden
 
     head = lambda h: F.linear(norm(h), head_weight)

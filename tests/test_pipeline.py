@@ -272,3 +272,16 @@ def test_a_measured_plan_reports_the_loss_of_the_tuned_model(tmp_path, stories_p
     assert tuned["measured_error"]["windows"] == plain["measured_error"]["windows"] == 3
     assert tuned["measured_error"]["base_nll"] == plain["measured_error"]["base_nll"]
     assert 0 < tuned["measured_error"]["nats_per_token"] < plain["measured_error"]["nats_per_token"]
+
+
+def test_recomputing_the_blocks_in_the_backward_pass_writes_the_same_bytes(tmp_path, stories_path, stories_split,
+                                                                            monkeypatch):
+    """Tuning recomputes each block's activations in its backward pass rather than keeping all of them
+    (pipeline.TUNE_CHECKPOINT): the same gradients, so the same checkpoint as keeping them."""
+    from bitsmith import pipeline
+    calib = stories_split[0]
+    for kept in (False, True):
+        monkeypatch.setattr(pipeline, "TUNE_CHECKPOINT", not kept)
+        bitsmith.quantize(str(stories_path), str(tmp_path / str(kept)), calib=[str(calib)], progress=False, **TUNED)
+    assert (tmp_path / "True" / "model.safetensors").read_bytes() == \
+        (tmp_path / "False" / "model.safetensors").read_bytes()
