@@ -114,11 +114,11 @@ def kl_backward(hidden: torch.Tensor, teacher: torch.Tensor, head: Callable[[tor
     return total
 
 
-def tune(body: nn.Module, head: Callable[[torch.Tensor], torch.Tensor],
+def tune(body: Callable[[torch.Tensor], torch.Tensor], head: Callable[[torch.Tensor], torch.Tensor],
          teacher_head: Callable[[torch.Tensor], torch.Tensor], windows: torch.Tensor, teacher: torch.Tensor,
          params: list[nn.Parameter], epochs: int, lr: float, batch: int = 8, seed: int = 0,
          autocast: Callable = contextlib.nullcontext, progress: bool = False) -> Trace:
-    """Tune `params` (the levels of the model's `TunedLinear`s and its norm weights) in place.
+    """Tune `params` (the deltas of the model's `TunedLinear`s and of its norm weights, `Relative`) in place.
 
     `body(ids)`: the model's last hidden states [b, seq, d] of token windows [b, seq]; `head(h)`: its logits (final
     norm and lm_head); `teacher_head`, `teacher` [n, seq, d]: the unquantized model's head and last hidden states
