@@ -1,5 +1,6 @@
-"""The quantize job with learned rounding (`--rounding signround`, bitsmith/pipeline.py) on stories260K: the
-checkpoint keeps the GPTQ layout and loads to the perplexity measured while quantizing, a killed run resumes to
+"""The quantize job with learned rounding (`--rounding signround`, `--rounding gptaq`) and with end-to-end tuning
+(`--tune-epochs`), bitsmith/pipeline.py, on stories260K: the checkpoint keeps its layouts (tuning changes only
+scales, tables and norm weights) and loads to the perplexity measured while quantizing, a killed run resumes to
 the same bytes, and the options are checked and part of a run's identity."""
 import json
 import os
