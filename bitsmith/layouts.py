@@ -211,8 +211,8 @@ class PerICLayout:
         rows = q.shape[0]
         zeros = expand_rows(unpack(stored("qzeros"), layer.bits, in_features, dim=1), layer.group_size, rows)
         steps = (q.to(torch.int16) - zeros.to(torch.int16)).to(dtype)
-        return Levels("scales", stored("scales"), lambda s: expand_rows(s, layer.group_size, rows) * steps,
-                      stored("scales").float())
+        scales = stored("scales")
+        return Levels("scales", scales, lambda s: expand_rows(s, layer.group_size, rows) * steps, scales.float())
 
     @staticmethod
     def module(in_features: int, out_features: int, layer: LayerPlan, bias: bool,

@@ -578,7 +578,7 @@ def tune_written(runner: BlockRunner, source: ModelSource, writer, plan: QuantPl
         writer.replace(name, module.stored())
         module.dtype = torch.float32                     # from here on, the weights exactly as they load
     for name, (module, attr, _) in norms.items():
-        writer.replace(name, getattr(module, attr).detach().to(writer.get(name).dtype))
+        writer.replace(name, getattr(module, attr).detach().to(module.parametrizations[attr][0].dtype))
     with torch.no_grad():                                # the streams as `propagate` makes them
         if streams.hidden is not None and loss_windows:
             with compute(opts):

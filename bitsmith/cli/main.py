@@ -107,7 +107,8 @@ def quantize(model, out, method, bits, group_size, sym, act_order, static_groups
                      eval_data=eval_data, eval_seqlen=eval_seqlen, eval_max_tokens=eval_max_tokens,
                      lossless_rest=lossless_rest, target_bpw=target_bpw, measurement=measurement, plan=plan_path,
                      fisher_samples=fisher_samples, proxy=proxy, menu=menu, resume=resume, rounding=rounding,
-                     rounding_iters=rounding_iters, tune_epochs=tune_epochs, tune_lr=tune_lr, device=device, offload_activations=offload_activations)
+                     rounding_iters=rounding_iters, tune_epochs=tune_epochs, tune_lr=tune_lr, device=device,
+                     offload_activations=offload_activations)
     if not s:                                   # a process other than main of a parallel run: main reports
         return
     rows = [("quantized linears", str(s["quantized_linears"])),

@@ -161,6 +161,12 @@ def fake_quantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> t
     return scale.to(torch.float32) * (q.to(torch.float32) - zero.to(torch.float32))
 
 
+def stored_ste(x: torch.Tensor, dtype: torch.dtype = torch.float16) -> torch.Tensor:
+    """x rounded to `dtype` forward (the value that is stored: a scale, a centroid, a norm weight), identity
+    backward (straight-through estimator); float32 out."""
+    return x + (x.to(dtype).float() - x).detach()
+
+
 def group_index(in_features: int, group_size: int) -> torch.Tensor:
     """g_idx of contiguous groups: input channel i belongs to group i // group_size (-1 = one group)."""
     g = in_features if group_size == -1 else group_size

@@ -44,7 +44,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from .grid import FP16_TINY, ZERO_MIN
+from .grid import FP16_TINY, ZERO_MIN, stored_ste
 from .lut import LutWeight, nearest
 from .per_ic import PerICWeight, expand_rows
 from .rtn import QuantizedWeight
@@ -56,11 +56,6 @@ CLIP_RANGE = (0.5, 1.5)      # bounds of the clipping factors; the decaying step
 def _round_ste(x: torch.Tensor) -> torch.Tensor:
     """round(x) forward, identity backward (straight-through estimator)."""
     return x + (torch.round(x) - x).detach()
-
-
-def _fp16_ste(x: torch.Tensor) -> torch.Tensor:
-    """x rounded to fp16 forward (the scale that is stored), identity backward."""
-    return x + (x.half().float() - x).detach()
 
 
 class _Learned(nn.Module):
@@ -111,7 +106,7 @@ class LearnedGrid(_Learned):
         else:
             f = (self.a * (self.maxq - self.z0) + self.b * self.z0) / self.maxq
             z = torch.clamp(_round_ste(self.b * self.z0 / f), ZERO_MIN, self.maxq)
-        return torch.clamp(_fp16_ste(self.s0 * f), min=FP16_TINY), z
+        return torch.clamp(stored_ste(self.s0 * f), min=FP16_TINY), z
 
     def codes(self, se: torch.Tensor, ze: torch.Tensor, round_=torch.round) -> torch.Tensor:
         """Float codes [out, in] on the grid of every weight's scale `se` and zero point `ze` [out, in], rounding
@@ -167,7 +162,7 @@ class LearnedTable(_Learned):
 
     def table(self) -> torch.Tensor:
         """The centroids as stored (fp16, ascending), differentiable."""
-        return _fp16_ste(self.c)
+        return stored_ste(self.c)
 
     def codes(self, table: torch.Tensor) -> torch.Tensor:
         """Index [out, in] of every weight's centroid: the nearest to R + V d_o."""

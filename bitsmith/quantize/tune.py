@@ -29,6 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from .grid import stored_ste
+
 HEAD_CHUNK = 512            # positions whose logits are held at once
 
 
@@ -44,11 +46,6 @@ class Levels:
     unit: torch.Tensor
 
 
-def _stored_ste(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """x rounded to `dtype` forward (as it is stored), identity backward."""
-    return x + (x.to(dtype).float() - x).detach()
-
-
 class TunedLinear(nn.Module):
     """y = x W(levels)^T + b: a quantized linear whose levels learn (levels = start + unit * delta, delta the
     parameter, rounded to fp16 as stored), its codes fixed; W in `dtype`."""
@@ -62,7 +59,7 @@ class TunedLinear(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.detach().to(torch.float32))
 
     def levels(self) -> torch.Tensor:
-        return _stored_ste(self.start + self.unit * self.delta, torch.float16)
+        return stored_ste(self.start + self.unit * self.delta)
 
     def stored(self) -> torch.Tensor:
         """The levels as they are written (fp16)."""
@@ -83,7 +80,7 @@ class Relative(nn.Module):
         self.dtype = dtype
 
     def forward(self, delta: torch.Tensor) -> torch.Tensor:
-        return _stored_ste(self.start * (1 + delta), self.dtype)
+        return stored_ste(self.start * (1 + delta), self.dtype)
 
     def right_inverse(self, weight: torch.Tensor) -> torch.Tensor:
         return torch.zeros_like(self.start)          # registered on the start itself
