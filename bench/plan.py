@@ -74,7 +74,7 @@ def wikitext(model: str, json_path: Path) -> dict:
     return json.loads(json_path.read_text())
 
 
-FULL_MENU = "uniform,outliers,lut,per-ic"
+FULL_MENU = "uniform,wide,outliers,lut,per-ic"
 
 
 def method(proxy: str, rounding: str, iters: int, sequential: bool = False, menu: str = FULL_MENU,

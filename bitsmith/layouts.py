@@ -42,7 +42,7 @@ import torch
 
 from .formats.csr import csr_bits, to_csr
 from .formats.errors import InputError
-from .formats.packing import SUPPORTED_BITS, pack, packed_length, trim_earlier_padding, unpack
+from .formats.packing import GPTQ_BITS, SUPPORTED_BITS, pack, packed_length, trim_earlier_padding, unpack
 from .kernels.linear import DenseSparseLinear, QuantizedLinear
 from .kernels.lut_linear import LUTLinear, lut_dequantize
 from .kernels.per_ic_linear import PerICLinear, per_ic_dequantize
@@ -243,7 +243,7 @@ def layout_of(layer: LayerPlan) -> type[GPTQLayout | LUTLayout | PerICLayout]:
 
 def gptq_expressible(plan: QuantPlan) -> bool:
     """Whether every linear of the plan fits the GPTQ convention (else the checkpoint is quant_method bitsmith)."""
-    return all(layout_of(layer) is GPTQLayout for layer in plan.layers.values())
+    return all(layout_of(layer) is GPTQLayout and layer.bits in GPTQ_BITS for layer in plan.layers.values())
 
 
 def plan_bits(plan: QuantPlan, shapes: dict[str, tuple[int, int]]) -> tuple[int, int]:
@@ -332,7 +332,7 @@ def layer_plan(layer: dict, where: str) -> LayerPlan:
         raise InputError(f"{where}: lut {lut!r} in quantization_config: a table per row of 2, 3 or 4 bits, "
                          "group_size -1, no outliers")
     per_ic = layer.get("per_ic", False)
-    if not isinstance(per_ic, bool) or (per_ic and (lut or outliers)):
+    if not isinstance(per_ic, bool) or (per_ic and (lut or outliers or bits not in GPTQ_BITS)):
         raise InputError(f"{where}: per_ic {per_ic!r} in quantization_config: true or false, with no lookup "
-                         "table and no outliers")
+                         f"table, no outliers and {', '.join(map(str, GPTQ_BITS))} bits")
     return LayerPlan(bits, group, bool(layer["sym"]), outliers=float(outliers), lut=lut, per_ic=per_ic)

@@ -17,6 +17,12 @@ Sampling Techniques, 3rd ed., chapter 9A). bench/measure_sampling.py measures ho
 on SmolLM2, 1 % median and 5 % 95th-percentile relative error at 128 rows, against 3 % / 21 % for an
 equal-strata sample.
 
+The uniform grids, `PLAIN_CANDIDATES`: 2, 3, 4 and 8 bits (GPTQ's widths) with groups of 32, 64, 128 or one per
+row, asymmetric or symmetric, and asymmetric grids of 5 and 6 bits in the same groupings. Without these a linear
+that 4 bits hurt most could only move to 8 bits, at twice the price (on SmolLM2 at 4.25 bits per weight, the plan
+from the 45 candidates without them puts 13 of the 210 linears on 8 bits). A plan with a 5- or 6-bit linear is
+not GPTQ's (its loaders read 2, 3, 4 and 8 bits) and is written as a bitsmith checkpoint.
+
 Outliers (dense-and-sparse, quantize/outliers.py) are candidates too, `OUTLIER_CANDIDATES`: bits 2 and 3 with
 groups of 128, keeping 0.5 % or 1 % of each row in fp16. They pay where the grid is coarse: SqueezeLLM (Kim et
 al. 2023, LLaMA-7B, WikiText-2) gains 0.19 perplexity from 0.45 % outliers at 3 bits and 0.02 at 4 bits, for the
@@ -68,7 +74,8 @@ from .quantize.gptq import GridConfig, gptq_configs
 from .quantize.lut import gptq_lut_configs
 from .quantize.rtn import rtn_quantize
 
-PLAIN_CANDIDATES = tuple(LayerPlan(b, g, s) for b in (2, 3, 4, 8) for g in (32, 64, 128, -1) for s in (False, True))
+PLAIN_CANDIDATES = (tuple(LayerPlan(b, g, s) for b in (2, 3, 4, 8) for g in (32, 64, 128, -1) for s in (False, True))
+                    + tuple(LayerPlan(b, g, False) for b in (5, 6) for g in (32, 64, 128, -1)))
 OUTLIER_CANDIDATES = tuple(LayerPlan(b, 128, False, outliers=f) for b in (2, 3) for f in (0.005, 0.01))
 LUT_CANDIDATES = tuple(LayerPlan(b, -1, False, lut=True) for b in LUT_BITS)
 PER_IC_CANDIDATES = tuple(LayerPlan(b, g, False, per_ic=True) for b in (2, 3, 4) for g in (64, 128))

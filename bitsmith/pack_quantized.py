@@ -31,7 +31,7 @@ from tqdm import tqdm
 from .formats.checkpoint import Checkpoint, CheckpointWriter
 from .formats.dfloat.folders import side_files
 from .formats.errors import InputError
-from .formats.packing import pack, packed_length, unpack
+from .formats.packing import GPTQ_BITS, pack, packed_length, unpack
 from .formats.source import FOLDER_READERS, ModelSource
 from .layouts import GPTQLayout, layer_config, layer_plan, layout_of
 from .plan import LayerPlan
@@ -59,9 +59,9 @@ def gptq_linears(qconfig, keys, where, target: str) -> dict[str, LayerPlan]:
         if layer is None:
             continue
         plan = layer_plan(layer, f"{where}: {name}")
-        if layout_of(plan) is not GPTQLayout:
-            raise InputError(f"{name}: its layout ({plan.key()}) has no {target} form: only uniform grids "
-                             "with groups along the input export")
+        if layout_of(plan) is not GPTQLayout or plan.bits not in GPTQ_BITS:
+            raise InputError(f"{name}: its layout ({plan.key()}) has no {target} form: only uniform grids of "
+                             f"{', '.join(map(str, GPTQ_BITS))} bits with groups along the input export")
         linears[name] = plan
     return linears
 
@@ -184,7 +184,7 @@ def ct_layers(qconfig: dict, names: list[str], where: str) -> dict[str, LayerPla
         if not isinstance(weights, dict):
             raise InputError(f"{where}: no config group with weights targets {name}")
         bits, strategy, group_size = weights.get("num_bits"), weights.get("strategy"), weights.get("group_size")
-        if weights.get("type", "int") != "int" or bits not in (2, 3, 4, 8) or strategy not in ("group", "channel") \
+        if weights.get("type", "int") != "int" or bits not in GPTQ_BITS or strategy not in ("group", "channel") \
                 or weights.get("actorder") not in (None, "weight", "static"):
             raise InputError(f"{where}: {name}: weights {json_line(weights)} are not read (int, 2/3/4/8 bits, "
                              "strategy group or channel, no group act-order)")

@@ -5,10 +5,10 @@ import re
 from dataclasses import asdict, dataclass, field
 
 from .formats.errors import InputError
-from .formats.packing import SUPPORTED_BITS
+from .formats.packing import GPTQ_BITS, SUPPORTED_BITS
 
 METHODS = ("rtn", "gptq", "qoq")   # qoq: W4A8 weights (per-channel int8, then per-group uint4)
-TECHNIQUES = ("uniform", "outliers", "lut", "per-ic")   # what a measured plan may choose from (`--menu`)
+TECHNIQUES = ("uniform", "wide", "outliers", "lut", "per-ic")   # what a measured plan may choose from (`--menu`)
 ROUNDINGS = ("gptq", "gptaq", "signround")  # gptaq: GPTQ toward the unquantized outputs (quantize/gptq.py
                                             # unquantized_target); signround: GPTQ's result refined per block
 
@@ -102,9 +102,12 @@ class LayerPlan:
 
     @property
     def technique(self) -> str:
-        """Which entry of the menu (TECHNIQUES) this configuration is: a plain uniform grid, a grid with outliers,
-        a lookup table or grids per input channel."""
-        return "per-ic" if self.per_ic else "lut" if self.lut else "outliers" if self.outliers else "uniform"
+        """Which entry of the menu (TECHNIQUES) this configuration is: a plain uniform grid of GPTQ's widths, one
+        of 5 or 6 bits ("wide", which GPTQ loaders do not read), a grid with outliers, a lookup table or grids per
+        input channel."""
+        if self.per_ic or self.lut or self.outliers:
+            return "per-ic" if self.per_ic else "lut" if self.lut else "outliers"
+        return "uniform" if self.bits in GPTQ_BITS else "wide"
 
     def key(self) -> str:
         """A short name of the configuration: w3g64, w4g-1s, w3g128o0.01 (1 % outliers), w3lut, w3ic64
@@ -233,6 +236,8 @@ def check_per_ic(layer: LayerPlan, name: str, method: str) -> None:
         raise InputError(f"{name}: per_ic needs --method gptq (this run has {method})")
     if layer.lut or layer.outliers:
         raise InputError(f"{name}: per_ic groups keep no outliers and no lookup table")
+    if layer.bits not in GPTQ_BITS:
+        raise InputError(f"{name}: per_ic with {layer.bits} bits: choose one of {', '.join(map(str, GPTQ_BITS))}")
 
 
 def check_layer(layer: LayerPlan, name: str, in_features: int, method: str) -> None:

@@ -134,8 +134,16 @@ def test_what_gptq_cannot_hold_is_refused_before_writing(w4, stories_path, stori
     assert run("quantize", stories_path, "-o", lut, "--plan", tmp_path / "plan.json", "--calib", stories_split[0],
                *CALIB).exit_code == 0
     r = run("export", lut, "-o", tmp_path / "o", "--format", "gptq-v2")
-    refused(r, "error: model.layers.0.mlp.down_proj: its layout (w3lut) has no GPTQ form: only uniform grids with "
-               "groups along the input export")
+    refused(r, "error: model.layers.0.mlp.down_proj: its layout (w3lut) has no GPTQ form: only uniform grids of "
+               "2, 3, 4, 8 bits with groups along the input export")
+    w5 = tmp_path / "w5"
+    assert run("quantize", stories_path, "-o", w5, "--bits", "5", "--group-size", "4", "--static-groups",
+               "--calib", stories_split[0], *CALIB).exit_code == 0
+    assert json.loads((w5 / "config.json").read_text())["quantization_config"]["quant_method"] == "bitsmith"
+    for fmt, name in (("gptq", "GPTQ"), ("compressed-tensors", "compressed-tensors")):
+        refused(run("export", w5, "-o", tmp_path / "o", "--format", fmt),
+                f"error: model.layers.0.mlp.down_proj: its layout (w5g4) has no {name} form: only uniform grids of "
+                "2, 3, 4, 8 bits with groups along the input export")
     broken = foreign_v2(w4, tmp_path / "broken", lambda t: t.update(
         {"model.layers.0.mlp.up_proj.qzeros": torch.zeros(2, 3, dtype=torch.int32)}))
     r = run("eval", broken, "--data", stories_split[1], "--seqlen", "64", "--max-tokens", "128")

@@ -51,7 +51,7 @@ def nbits(tensors) -> int:
 
 
 @settings(max_examples=40, deadline=None)
-@given(out=st.integers(1, 70), inp=st.integers(1, 200), bits=st.sampled_from([2, 3, 4, 8]),
+@given(out=st.integers(1, 70), inp=st.integers(1, 200), bits=st.sampled_from([2, 3, 4, 5, 6, 8]),
        group=st.sampled_from([-1, 32, 64, 128]), sym=st.booleans())
 def test_stored_bits_is_the_size_of_what_is_written(out, inp, bits, group, sym):
     W = torch.randn(out, inp)
@@ -134,7 +134,7 @@ def test_a_zero_point_of_zero_is_refused():
         GPTQLayout.tensors(qw)
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
 def test_tensors_padded_as_earlier_versions_wrote_them_still_load(bits):
     """Earlier versions packed whole runs of 32 codes (bits words) per packed column; the extra words are zero
     padding, which loading drops."""
@@ -244,7 +244,7 @@ def dense_sparse_by_hand(out, inp, bits, group, sym, fraction, seed=0) -> DenseS
 
 @settings(max_examples=40, deadline=None)
 @given(out=st.integers(1, 40), inp=st.one_of(st.integers(2, 200), st.integers(32760, 32775)),
-       bits=st.sampled_from([2, 3, 4, 8]), group=st.sampled_from([-1, 32, 128]), sym=st.booleans(),
+       bits=st.sampled_from([2, 3, 4, 5, 6, 8]), group=st.sampled_from([-1, 32, 128]), sym=st.booleans(),
        fraction=st.sampled_from([0.001, 0.005, 0.01, 0.05, 0.25]))
 def test_dense_sparse_stored_bits_is_the_size_of_what_is_written(out, inp, bits, group, sym, fraction):
     if inp > 1000:                                   # int32 column indices; few rows and one group keep it quick
@@ -300,8 +300,18 @@ def test_outliers_take_the_checkpoint_out_of_the_gptq_convention():
     assert bits > plan_bits(plain, SHAPES)[0]
 
 
-@pytest.mark.parametrize("special", [LayerPlan(3, -1, False, lut=True), LayerPlan(3, 32, False, per_ic=True)],
-                         ids=["lut", "per_ic"])
+@pytest.mark.parametrize("entry", [{"bits": 5, "group_size": 64, "sym": False, "per_ic": True},
+                                   {"bits": 3, "group_size": 64, "sym": False, "per_ic": True, "outliers": 0.01}])
+def test_a_config_entry_outside_what_per_input_channel_grids_hold_is_refused(entry):
+    """Their kernels (CPU int4/int8 forms, the Triton dequantization) read GPTQ's widths only."""
+    with pytest.raises(InputError, match="per_ic True in quantization_config: true or false, with no lookup table, "
+                                         "no outliers and 2, 3, 4, 8 bits"):
+        layer_plan(entry, "x")
+
+
+@pytest.mark.parametrize("special", [LayerPlan(3, -1, False, lut=True), LayerPlan(3, 32, False, per_ic=True),
+                                     LayerPlan(5, 128, False), LayerPlan(6, -1, False)],
+                         ids=["lut", "per_ic", "5-bit", "6-bit"])
 def test_tables_and_per_input_channel_grids_take_the_checkpoint_out_of_the_gptq_convention(special):
     plan = plan_of(lambda n: special if "down" in n else LayerPlan(3, 64, False))
     assert not gptq_expressible(plan)
@@ -314,7 +324,7 @@ def test_tables_and_per_input_channel_grids_take_the_checkpoint_out_of_the_gptq_
 @pytest.mark.parametrize("entry, message", [
     ({"bits": 3, "group_size": 128, "sym": False, "outliers": 0.5}, "outliers 0.5"),
     ({"bits": 3, "group_size": 128, "sym": False, "outliers": "1%"}, "outliers '1%'"),
-    ({"bits": 5, "group_size": 128, "sym": False}, "unsupported bits 5"),
+    ({"bits": 7, "group_size": 128, "sym": False}, "unsupported bits 7"),
     ({"bits": 3, "group_size": 0, "sym": False}, "group_size 0"),
 ])
 def test_layer_entries_of_a_checkpoint_are_checked(entry, message):

@@ -248,8 +248,8 @@ def test_decisions_are_deterministic_monotone_and_within_budget(measurement):
         decide(m, 1.0, opts)
 
 
-@pytest.mark.parametrize("menu", [("uniform",), ("uniform", "lut"), ("uniform", "outliers"), ("per-ic",),
-                                  ("lut", "per-ic")])
+@pytest.mark.parametrize("menu", [("uniform",), ("uniform", "wide"), ("uniform", "lut"), ("uniform", "outliers"),
+                                  ("per-ic",), ("lut", "per-ic")])
 def test_a_menu_restricts_the_plan_to_its_techniques(measurement, menu):
     """Every linear of a plan from a restricted menu gets one of its techniques; its predicted error is the least
     among those (no better than the full menu's, no worse than uniform grids alone when they are offered)."""
@@ -283,15 +283,16 @@ def test_an_unknown_menu_is_one_line_and_exit_2(stories_path, stories_split, tmp
 
 def test_a_uniform_menu_measures_only_grids_and_writes_a_gptq_checkpoint(planned, stories_path, stories_split,
                                                                           tmp_path):
-    """`--menu uniform` measures the 32 grids alone, with the errors the full measurement has for them, and
-    the plan it makes is a GPTQ-convention checkpoint."""
+    """`--menu uniform` measures the grids of GPTQ's widths alone, with the errors the full measurement has for
+    them, and the plan it makes is a GPTQ-convention checkpoint."""
     out = tmp_path / "u"
     bitsmith.quantize(str(stories_path), str(out), target_bpw=3.5, calib=[str(stories_split[0])], **CALIB,
                       menu="uniform", progress=False)
     mine, full = (json.loads(p.read_text()) for p in (out / "measurement.json", planned[0] / "measurement.json"))
-    assert mine["candidates"] == full["candidates"][:len(PLAIN_CANDIDATES)]
+    grids = sum(c.technique == "uniform" for c in PLAIN_CANDIDATES)          # GPTQ's widths come first
+    assert mine["candidates"] == full["candidates"][:grids] and grids == 32
     for name, layer in mine["layers"].items():
-        assert layer["fisher"] == pytest.approx(full["layers"][name]["fisher"][:len(PLAIN_CANDIDATES)], rel=1e-5)
+        assert layer["fisher"] == pytest.approx(full["layers"][name]["fisher"][:grids], rel=1e-5)
     assert json.loads((out / "config.json").read_text())["quantization_config"]["quant_method"] == "gptq"
 
 
@@ -351,7 +352,7 @@ def test_a_measurement_of_another_model_or_other_options_is_refused(planned, sto
     (lambda p: p["layers"].pop("model.layers.4.mlp.up_proj"), "no entry for model.layers.4.mlp.up_proj"),
     (lambda p: p["layers"].update({"model.layers.5.mlp.up_proj": {"bits": 4, "group_size": 32}}),
      "model.layers.5.mlp.up_proj is not a linear of this model"),
-    (lambda p: p["layers"]["model.layers.0.mlp.up_proj"].update(bits=6), "bits 6: choose one of 2, 3, 4, 8"),
+    (lambda p: p["layers"]["model.layers.0.mlp.up_proj"].update(bits=7), "bits 7: choose one of 2, 3, 4, 5, 6, 8"),
     (lambda p: p["layers"]["model.layers.0.mlp.up_proj"].update(group_size=48, per_ic=False, lut=False, outliers=0),
      "group size 48 does not divide"),
 ])

@@ -110,7 +110,7 @@ def test_other_layouts_and_unquantized_folders_are_refused(tmp_path_factory, sto
     src = quantize(tmp_path_factory, stories_path, stories_split, "--plan", plan, "--no-act-order")
     refused(run("export", src, "-o", tmp_path / "ct", "--format", "compressed-tensors"),
             "error: model.layers.0.self_attn.q_proj: its layout (w3ic4) has no compressed-tensors form: only uniform "
-            "grids with groups along the input export")
+            "grids of 2, 3, 4, 8 bits with groups along the input export")
     refused(run("export", stories_path, "-o", tmp_path / "ct", "--format", "compressed-tensors"),
             f"error: {stories_path}: not a quantized checkpoint (no GPTQ quantization_config)")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["plan.json"]

@@ -43,7 +43,7 @@ def test_predicted_error_sums_the_entries():
     (body(**{"model.layers.9.mlp.up_proj": {"bits": 4, "group_size": 128}}),
      "model.layers.9.mlp.up_proj is not a linear of this model"),
     (body(**{"model.layers.0.mlp.down_proj": None}), "no entry for model.layers.0.mlp.down_proj"),
-    (body(**{"model.layers.0.mlp.down_proj": {"bits": 5, "group_size": 128}}), "bits 5: choose one of 2, 3, 4, 8"),
+    (body(**{"model.layers.0.mlp.down_proj": {"bits": 7, "group_size": 128}}), "bits 7: choose one of 2, 3, 4, 5, 6, 8"),
     (body(**{"model.layers.0.mlp.down_proj": {"bits": "4", "group_size": 128}}), "bits '4'"),
     (body(**{"model.layers.0.mlp.down_proj": {"bits": True, "group_size": 128}}), "bits True"),
     (body(**{"model.layers.0.mlp.down_proj": {"bits": 4, "group_size": 0}}), "group_size 0"),
@@ -117,6 +117,20 @@ def test_invalid_lookup_tables_are_refused(entry, method, message):
     assert str(e.value).startswith("p.json")
 
 
+@pytest.mark.parametrize("layer, technique", [(LayerPlan(4, 128, False), "uniform"), (LayerPlan(8, -1, True), "uniform"),
+                                              (LayerPlan(5, 128, False), "wide"), (LayerPlan(6, 32, False), "wide"),
+                                              (LayerPlan(5, 128, False, outliers=0.01), "outliers")])
+def test_grids_of_5_and_6_bits_are_a_menu_entry_of_their_own(layer, technique):
+    """`--menu uniform` keeps a plan in the GPTQ convention, whose loaders read 2, 3, 4 and 8 bits."""
+    assert layer.technique == technique
+
+
+def test_per_input_channel_grids_take_gptq_widths():
+    with pytest.raises(InputError, match="per_ic with 5 bits: choose one of 2, 3, 4, 8"):
+        QuantPlan.from_dict(body(**{"model.layers.0.mlp.down_proj": {"bits": 5, "group_size": 64, "per_ic": True}}),
+                            LINEARS, QuantizeOptions(), "p.json")
+
+
 @pytest.mark.parametrize("given, menu", [("lut,uniform", ("uniform", "lut")), ("per-ic, lut,per-ic", ("lut", "per-ic")),
                                          (["outliers", "uniform"], ("uniform", "outliers"))])
 def test_a_menu_has_one_spelling_whatever_its_order(given, menu):
@@ -128,5 +142,5 @@ def test_a_menu_has_one_spelling_whatever_its_order(given, menu):
 
 @pytest.mark.parametrize("given", ["", "uniform,grids", ["lut", "LUT"]])
 def test_an_unknown_or_empty_menu_is_refused(given):
-    with pytest.raises(InputError, match="a comma-separated choice among uniform, outliers, lut, per-ic"):
+    with pytest.raises(InputError, match="a comma-separated choice among uniform, wide, outliers, lut, per-ic"):
         QuantizeOptions(menu=given).validate()

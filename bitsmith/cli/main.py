@@ -27,7 +27,7 @@ QUANTIZE_SECTIONS = {
 @click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Output folder.")
 @click.option("--method", type=click.Choice(["rtn", "gptq", "qoq"]), default="gptq", show_default=True,
               help="qoq: W4A8 layers (QServe: per-channel int8 then per-group uint4, GPTQ-compensated).")
-@click.option("--bits", type=int, default=4, show_default=True, help="2, 3, 4 or 8.")
+@click.option("--bits", type=int, default=4, show_default=True, help="2, 3, 4, 5, 6 or 8 (5 and 6: a bitsmith checkpoint, not GPTQ).")
 @click.option("--group-size", type=int, default=128, show_default=True, help="-1 = per output channel.")
 @click.option("--sym/--asym", default=False, show_default=True,
               help="Symmetric grids (zero point in the middle) or asymmetric ones (a zero point per group).")
@@ -68,9 +68,9 @@ QUANTIZE_SECTIONS = {
 @click.option("--proxy", type=click.Choice(["fisher", "hessian"]), default="fisher", show_default=True,
               help="Error the plan minimises: Fisher-weighted (predicted nats/token) or plain output error.")
 @click.option("--menu", default=",".join(TECHNIQUES), show_default=True, metavar="TECHNIQUE[,...]",
-              help="What a measured plan may give a linear: uniform (GPTQ grids), outliers (grids with fp16 "
-                   "outliers), lut (lookup tables), per-ic (grids per input channel). 'uniform' alone keeps the "
-                   "checkpoint in the GPTQ convention; only these are measured.")
+              help="What a measured plan may give a linear: uniform (GPTQ grids), wide (grids of 5 and 6 bits), "
+                   "outliers (grids with fp16 outliers), lut (lookup tables), per-ic (grids per input channel). "
+                   "'uniform' alone keeps the checkpoint in the GPTQ convention; only these are measured.")
 @click.option("--device", default="auto", show_default=True, metavar="auto|cpu|cuda[:N]",
               help="Where blocks, calibration activations, Hessians and GPTQ run (auto: CUDA when visible).")
 @click.option("--offload-activations", is_flag=True,

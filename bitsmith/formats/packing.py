@@ -3,7 +3,8 @@
 Codes are laid out as one little-endian bit stream along the packed dimension: value i of a run of 32
 occupies bits [i*b, (i+1)*b) of the stream, and word j holds stream bits [32j, 32j+32). For b in {2, 4, 8}
 this is the familiar "32/b values per int32, low bits first"; for b = 3 values straddle word boundaries
-exactly as AutoGPTQ/GPTQModel pack 3-bit weights (32 values in 3 words).
+exactly as AutoGPTQ/GPTQModel pack 3-bit weights (32 values in 3 words), and b = 5 and 6 straddle the same way
+(32 values in 5 and 6 words; the GPTQ convention stops at 2, 3, 4 and 8 bits, `GPTQ_BITS`).
 
 A packed run of n codes is ceil(n * b / 32) words, the words its bit stream touches: the shape GPTQModel gives
 qweight [ceil(in * b / 32), out] and qzeros [G, ceil(out * b / 32)] (nn_modules/qlinear/__init__.py,
@@ -14,7 +15,8 @@ from __future__ import annotations
 
 import torch
 
-SUPPORTED_BITS = (2, 3, 4, 8)
+SUPPORTED_BITS = (2, 3, 4, 5, 6, 8)
+GPTQ_BITS = (2, 3, 4, 8)           # the widths GPTQ loaders and their kernels read
 
 
 def packed_length(n: int, bits: int) -> int:

@@ -9,7 +9,9 @@ Every GPTQ layout is brought to the kernel's form once, when the form is built:
   - codes of 2, 3 and 4 bits are int4 codes once moved to the middle of 0..15: with c = 2^(bits-1),
     q' = q + 8 - c and m = s (c - zero), w = (q' - 8) s + m = s (q - zero) exactly, and neither term is larger
     than the weights (the cast to bf16 rounds each relative to its own size);
-  - 8-bit codes are split into nibbles, q = 16 hi + lo, laid one after the other along K (x is read twice):
+  - codes of 5, 6 and 8 bits are split into nibbles, q = 16 hi + lo, laid one after the other along K (x is
+    read twice), the high one centred as above (c = 2^(bits-5): 8 at 8 bits, 1 at 5, so that m stays the size of
+    the weights): hi' = hi + 8 - c and w = (hi' - 8) 16s + (lo - 8) s + s (16c + 8 - zero); at 8 bits
     w = (hi - 8) 16s + (lo - 8) s + s (136 - zero). Measured on one core at SmolLM2 shapes, this beats torch's
     int8 GEMM (`_weight_int8pack_mm`, per channel only) up to 4 rows (0.11 against 0.16 ms, 576 x 1536, M = 1)
     and trails it by 1.3x at 8; one int8 GEMM per group is slower at every M;
@@ -114,9 +116,10 @@ def int4_operands(qweight, scales, qzeros, g_idx, bits: int, K: int):
         center = 1 << (bits - 1)                    # moved to 8: (code - 8) s and m no larger than w (docstring)
         codes, scale, m = q + (NEUTRAL - center), s, s * (center - z)
     else:
-        codes = torch.cat([q >> 4, q & 15])
+        top = 1 << (bits - 5)                       # the high nibble's centre, moved to 8 as above
+        codes = torch.cat([(q >> 4) + (NEUTRAL - top), q & 15])
         scale = torch.cat([16 * s, s])
-        m = torch.cat([s * (16 * NEUTRAL + NEUTRAL - z), torch.zeros_like(s)])
+        m = torch.cat([s * (16 * top + NEUTRAL - z), torch.zeros_like(s)])
         src = torch.cat([src, src])
     pad = -N % N_ALIGN                              # extra outputs, w = 0: scale 0, m 0
     codes = F.pad(codes.t().to(torch.int32), (0, 0, 0, pad), value=NEUTRAL)

@@ -29,7 +29,7 @@ import os
 
 import torch
 
-from ..formats.packing import pack, unpack
+from ..formats.packing import GPTQ_BITS, pack, unpack
 from . import cpu, reference
 
 # W4A16 cut-offs from bench/results/kernels-h200.md (H200, 2026-12-04, the paths side by side): split-K is ahead of
@@ -125,7 +125,7 @@ class W4A16Runtime:
         self.stored_group_size = group_size
         self.perm = None
         smallest = 32 if bits == 3 else 16               # a 3-bit K-tile is whole runs of 32 codes (3 words)
-        g = kernel_group(group_size, K, smallest) if bits in (2, 3, 4, 8) else None
+        g = kernel_group(group_size, K, smallest) if bits in GPTQ_BITS else None
         order = torch.argsort(g_idx.long().cpu(), stable=True)
         natural = reference.group_index(K, group_size).long()
         if g is not None and not torch.equal(g_idx.cpu()[order].long(), natural):

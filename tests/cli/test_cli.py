@@ -109,7 +109,7 @@ def test_bad_options_are_refused(tmp_path, stories_path, text_dir):
         ([stories_path, "-o", tmp_path / "o2", "--group-size", "48", "--calib", calib], "does not divide"),
         ([stories_path, "-o", tmp_path / "o3", "--calib", empty], "empty"),
         ([stories_path, "-o", existing, "--calib", calib], "already exists"),
-        ([stories_path, "-o", tmp_path / "o4", "--bits", "5", "--calib", calib], "--bits 5"),
+        ([stories_path, "-o", tmp_path / "o4", "--bits", "7", "--calib", calib], "--bits 7"),
         ([stories_path, "-o", tmp_path / "o5", "--seqlen", "4096", "--target-bpw", "4", "--calib", calib], "exceeds"),
     ]
     for args, message in cases:

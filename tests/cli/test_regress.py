@@ -247,7 +247,7 @@ BAD = [
      "case a.metrics.quantize_seconds: informative only (never judged): give it no band"),
     (case('quantize = {{ bits = "4" }}', "metrics.bpw = {{ abs = 0 }}"),
      'case a.quantize.bits: expected an integer, got "4" (a string)'),
-    (case("quantize = {{ bits = 5 }}", "metrics.bpw = {{ abs = 0 }}"), "case a.quantize: --bits 5: choose one of 2, 3, 4"),
+    (case("quantize = {{ bits = 7 }}", "metrics.bpw = {{ abs = 0 }}"), "case a.quantize: --bits 7: choose one of 2, 3, 4, 5, 6, 8"),
     (case('quantize = {{ method = "awq" }}', "metrics.bpw = {{ abs = 0 }}"),
      "case a.quantize.method: expected one of 'rtn', 'gptq', 'qoq', got \"awq\" (a string)"),
     (case("quantize = {{ group_sise = 32 }}", "metrics.bpw = {{ abs = 0 }}"),

@@ -44,9 +44,18 @@ def test_out_of_range_codes_rejected(bad):
         pack(torch.tensor([[bad]]), 4)
 
 
-def test_unsupported_width_rejected():
-    with pytest.raises(ValueError, match="unsupported bit width 5"):
-        pack(torch.zeros(32, 1, dtype=torch.long), 5)
+def test_five_and_six_bit_codes_straddle_words():
+    q = torch.zeros(32, 1, dtype=torch.long)
+    q[6] = 0b11111                                         # 5 bits: stream bits 30..34, two in word 0, three in word 1
+    assert (pack(q, 5)[:, 0].long() & 0xFFFFFFFF).tolist() == [0b11 << 30, 0b111, 0, 0, 0]
+    q[6], q[5] = 0, 0b111111                               # 6 bits: stream bits 30..35, two in word 0, four in word 1
+    assert (pack(q, 6)[:, 0].long() & 0xFFFFFFFF).tolist() == [0b11 << 30, 0b1111, 0, 0, 0, 0]
+
+
+@pytest.mark.parametrize("bits", [1, 7, 16])
+def test_unsupported_width_rejected(bits):
+    with pytest.raises(ValueError, match=f"unsupported bit width {bits}"):
+        pack(torch.zeros(32, 1, dtype=torch.long), bits)
 
 
 def test_packing_stays_on_the_device_of_its_input():

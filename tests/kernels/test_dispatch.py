@@ -57,6 +57,8 @@ def test_w4a16_path_by_device_m_and_layer_size(M, large, small, cpu_path, monkey
 
 @pytest.mark.parametrize("layer,reason", [
     (lambda: gptq_layer(bits=3, group_size=16), "a 3-bit group of 16 codes is half a run of 32"),
+    (lambda: gptq_layer(bits=5), "the Triton kernels read GPTQ's widths, 2, 3, 4 and 8 bits"),
+    (lambda: gptq_layer(bits=6, group_size=32), "the Triton kernels read GPTQ's widths, 2, 3, 4 and 8 bits"),
     (lambda: gptq_layer(g_idx=torch.randint(0, 3, (K,), generator=torch.Generator().manual_seed(0)).int()),
      "groups of unequal size"),
 ])

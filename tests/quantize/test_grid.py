@@ -34,7 +34,7 @@ def test_batched_search_equals_the_sequential_loop(rows, n, seed, every, batch, 
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(rows, n, generator=gen) * 0.05
     x = x.abs() if positive else x
-    bits = torch.tensor([2, 3, 4, 8])[torch.randint(0, 4, (rows,), generator=gen)]
+    bits = torch.tensor([2, 3, 4, 5, 6, 8])[torch.randint(0, 6, (rows,), generator=gen)]
     sym = torch.rand(rows, generator=gen) < 0.5
     saved, grid.SEARCH_ELEMENTS = grid.SEARCH_ELEMENTS, batch
     try:
@@ -54,7 +54,7 @@ def test_asymmetric_zero_points_are_never_zero(rows, n, seed, mse, low):
     with the top step clipped (shift); other rows keep their min-max grid."""
     gen = torch.Generator().manual_seed(seed)
     x = torch.rand(rows, n, generator=gen) - low * torch.rand(rows, 1, generator=gen)
-    bits = torch.tensor([2, 3, 4, 8])[torch.randint(0, 4, (rows,), generator=gen)]
+    bits = torch.tensor([2, 3, 4, 5, 6, 8])[torch.randint(0, 6, (rows,), generator=gen)]
     g = grid.RowGrid(bits, False)
     scale, zero = grid.fit_grid(x, g, mse=mse)
     maxq = g.maxq(scale)

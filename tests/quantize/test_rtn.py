@@ -8,7 +8,7 @@ from bitsmith.quantize.rtn import rtn_quantize
 
 
 @settings(max_examples=40, deadline=None)
-@given(bits=st.sampled_from([2, 3, 4, 8]), sym=st.booleans(), group=st.sampled_from([-1, 16, 32]),
+@given(bits=st.sampled_from([2, 3, 4, 5, 6, 8]), sym=st.booleans(), group=st.sampled_from([-1, 16, 32]),
        seed=st.integers(0, 2**31))
 def test_rtn_error_within_half_step(bits, sym, group, seed):
     g = torch.Generator().manual_seed(seed)

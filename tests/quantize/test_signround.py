@@ -80,7 +80,7 @@ def test_learned_rounding_lowers_the_block_error_below_gptq(stories_block, relat
         assert layer_output_error(b.weights[name], qw.Q, b.hessians[name]) > 0
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
 @pytest.mark.parametrize("group", [32, 64, 128, -1])
 @pytest.mark.parametrize("sym", [False, True])
 def test_every_configuration_keeps_its_layout(stories_block, bits, group, sym):
