@@ -166,8 +166,8 @@ def report() -> str:
     lines += [f"| {u} | {uniform[u]['bits_per_weight']:.3f} | {uniform[u]['perplexity']:.2f} |"
               for u in UNIFORM if u in uniform]
     lines += ["", "Techniques the plans picked: linears in all, and per layer type (30 linears of each type):", "",
-              "| plan | target bpw | uniform grid | outliers | lookup table | per input channel |",
-              "|---|---|---|---|---|---|"]
+              ("| plan | target bpw | uniform grid (2, 3, 4, 8 bits) | 5 or 6 bits | outliers | lookup table | "
+               "per input channel |"), "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['method']} | {r['target_bits_per_weight']} | {' | '.join(picks(r['plan']))} |" for r in runs]
     lines += ["", ("Caveat: the SmolLM2 weights are the GGUF Q4_1 model dequantized (4-bit, groups of 32): 4-bit "
               "groups of 32 reproduce them almost exactly, which flatters every 4-bit g32 choice on this model.")]
@@ -176,9 +176,9 @@ def report() -> str:
 
 
 def picks(plan: dict) -> list[str]:
-    """For each technique (plain uniform grid, outliers, lookup table, per-input-channel grids): how many linears
-    the plan gives it, and of which types ("210", "42: down 30, o 12")."""
-    kinds: list[dict[str, int]] = [{}, {}, {}, {}]
+    """For each technique (TECHNIQUES: uniform grid, 5 or 6 bits, outliers, lookup table, per-input-channel grids):
+    how many linears the plan gives it, and of which types ("210", "42: down 30, o 12")."""
+    kinds: list[dict[str, int]] = [{} for _ in TECHNIQUES]
     for name, entry in plan.items():
         layer = LayerPlan(entry["bits"], entry["group_size"], entry["sym"], outliers=entry.get("outliers", 0.0),
                           lut=entry.get("lut", False), per_ic=entry.get("per_ic", False))
