@@ -25,6 +25,7 @@ whole W, outliers written in.
 """
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -124,8 +125,8 @@ class W4A16Runtime:
         self.bits, self.K, self.N = bits, K, N
         self.stored_group_size = group_size
         self.perm = None
-        smallest = 32 if bits == 3 else 16               # a 3-bit K-tile is whole runs of 32 codes (3 words)
-        g = kernel_group(group_size, K, smallest) if bits in GPTQ_BITS else None
+        smallest = max(16, 32 // math.gcd(32, bits))      # a K-tile is whole words: 32 codes at 3 and 5 bits
+        g = kernel_group(group_size, K, smallest)
         order = torch.argsort(g_idx.long().cpu(), stable=True)
         natural = reference.group_index(K, group_size).long()
         if g is not None and not torch.equal(g_idx.cpu()[order].long(), natural):
@@ -161,6 +162,8 @@ class W4A16Runtime:
             return "cpu_int4" if M <= CPU_INT4_MAX_M else "cpu_dense"
         if device_type != "cuda" or self.group_size is None:
             return "reference"
+        if self.bits not in GPTQ_BITS:                    # 5 and 6 bits: the dequantize kernel only
+            return "dense"
         if M == 1:
             return "gemv"
         return "splitk" if M <= SPLITK_MAX_M and self.K * self.N >= SPLITK_MIN_WEIGHTS else "dense"

@@ -1,4 +1,5 @@
-"""Triton kernels for weight-only quantized linears (W4A16; 2-, 3- and 8-bit codes work the same way).
+"""Triton kernels for weight-only quantized linears (W4A16; 2-, 3- and 8-bit codes work the same way; 5- and 6-bit
+codes are dequantized only, for the "dequantize once, then torch.matmul" path).
 
 Weights stay in the GPTQ layout (kernels/reference.py): codes packed along K as one little-endian bit stream
 per output column, code k at stream bits [k*BITS, (k+1)*BITS). For 2, 4 and 8 bits that is `PER_WORD =
@@ -92,6 +93,24 @@ def _codes3(w0, w1, w2):
     # logical shifts; hi is 0 unless the code straddles, and `& 31` keeps the shift below 32 at shift 0
     codes = ((lo >> shift) | (hi << ((32 - shift) & 31))) & 0x7
     return tl.reshape(codes, [32 * w0.shape[0], w0.shape[1]])
+
+
+@triton.jit
+def _codes_stream(qweight_ptr, offs_k, offs_n, mask, K, N, BITS: tl.constexpr):
+    """Codes [len(offs_k), len(offs_n)] of any width, read straight off the bit stream: code k at stream bit
+    p = k * BITS, in word p // 32 from bit p % 32, continuing into the next word when it straddles (5 and 6 bits;
+    0 past the ceil(K * BITS / 32) words the stream has). Two loads per code: the dequantize path's loader for
+    the widths the GEMM kernels do not unroll."""
+    words = (BITS * K + 31) // 32
+    bit = offs_k * BITS
+    word = (bit // 32)[:, None]
+    ptrs = qweight_ptr + word * N + offs_n[None, :]
+    lo = tl.load(ptrs, mask=mask, other=0).to(tl.uint32, bitcast=True)
+    hi = tl.load(ptrs + N, mask=mask & (word + 1 < words), other=0).to(tl.uint32, bitcast=True)
+    shift = (bit % 32)[:, None].to(tl.uint32)
+    hi = tl.where(shift + BITS > 32, hi, 0)
+    # logical shifts; `& 31` keeps the left shift below 32 where shift is 0 (hi is 0 there)
+    return (((lo >> shift) | (hi << ((32 - shift) & 31))) & ((1 << BITS) - 1)).to(tl.int32)
 
 
 @triton.jit
@@ -233,6 +252,8 @@ def _dequantize_kernel(qweight_ptr, scales_ptr, zeros_ptr, w_ptr, K, N,
     if BITS == 3:
         runs = tl.program_id(0) * (BLOCK_K // 32) + tl.arange(0, BLOCK_K // 32)
         codes = _codes3(*_load_runs3(qweight_ptr, runs, offs_n, offs_n < N, K, N))
+    elif 32 % BITS:
+        codes = _codes_stream(qweight_ptr, offs_k, offs_n, mask, K, N, BITS)
     else:
         words = tl.load(qweight_ptr + (offs_k // PER_WORD)[:, None] * N + offs_n[None, :], mask=mask, other=0)
         codes = _unpack(words, ((offs_k % PER_WORD) * BITS)[:, None], BITS)

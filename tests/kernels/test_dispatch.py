@@ -57,8 +57,6 @@ def test_w4a16_path_by_device_m_and_layer_size(M, large, small, cpu_path, monkey
 
 @pytest.mark.parametrize("layer,reason", [
     (lambda: gptq_layer(bits=3, group_size=16), "a 3-bit group of 16 codes is half a run of 32"),
-    (lambda: gptq_layer(bits=5), "the Triton kernels read GPTQ's widths, 2, 3, 4 and 8 bits"),
-    (lambda: gptq_layer(bits=6, group_size=32), "the Triton kernels read GPTQ's widths, 2, 3, 4 and 8 bits"),
     (lambda: gptq_layer(g_idx=torch.randint(0, 3, (K,), generator=torch.Generator().manual_seed(0)).int()),
      "groups of unequal size"),
 ])
@@ -73,6 +71,20 @@ def test_3bit_layers_take_the_triton_paths():
         rt = gptq_layer(**case).runtime()
         assert [rt.path(M, "cuda") for M in (1, 3, 65, 256)] == ["gemv", "dense", "dense", "dense"], case
         assert rt.path(1, "cpu") == "cpu_int4"
+
+
+@needs_triton
+@pytest.mark.parametrize("case", [{"bits": 5}, {"bits": 6, "group_size": 32}, {"bits": 5, "group_size": -1},
+                                  {"bits": 6, "g_idx": act_order_g_idx()}], ids=["5bit", "6bit-g32", "5bit-per-channel",
+                                                                                "6bit-act-order"])
+def test_5_and_6_bit_layers_dequantize_with_triton_then_multiply(poisoned_outputs, case):
+    """The GEMM kernels unroll GPTQ's widths only; 5 and 6 bits take the dequantize kernel at every M on CUDA
+    (checked here through the Triton interpreter against the reference)."""
+    rt = gptq_layer(**case, seed=5).runtime()
+    assert [rt.path(M, "cuda") for M in (1, 3, 65)] == ["dense"] * 3 and rt.path(1, "cpu") == "cpu_int4"
+    W = reference.dequantize(*rt.layout).double()
+    x = torch.randn(3, rt.K, generator=torch.Generator().manual_seed(0)).half()
+    assert rel_err(rt(x, "dense"), x.double() @ W.t()) <= 1e-3
 
 
 def test_w4a8_path_by_device_and_m():

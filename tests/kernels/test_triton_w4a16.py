@@ -65,9 +65,10 @@ def test_other_bit_widths(poisoned_outputs, bits):
     assert rel_err(y3, x.double() @ W) <= FP16_TOL
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4, 8])
-def test_dequantize_is_the_weight_rounded_to_fp16(poisoned_outputs, bits):
-    K, N, group_size = 384, 192, 128
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
+@pytest.mark.parametrize("K", [384, 376])                 # 376: the stream ends inside the last tile and word
+def test_dequantize_is_the_weight_rounded_to_fp16(poisoned_outputs, bits, K):
+    N, group_size = 192, 128
     qweight, scales, zeros, W = quantized_weight(K, N, group_size, bits=bits)
     Wd = tw.dequantize(qweight, scales, zeros, K, group_size, bits, torch.float16, tw.DEQUANTIZE_CONFIG)
     assert torch.equal(Wd, W.to(torch.float32).to(torch.float16))
