@@ -27,7 +27,8 @@ QUANTIZE_SECTIONS = {
 @click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Output folder.")
 @click.option("--method", type=click.Choice(["rtn", "gptq", "qoq"]), default="gptq", show_default=True,
               help="qoq: W4A8 layers (QServe: per-channel int8 then per-group uint4, GPTQ-compensated).")
-@click.option("--bits", type=int, default=4, show_default=True, help="2, 3, 4, 5, 6 or 8 (5 and 6: a bitsmith checkpoint, not GPTQ).")
+@click.option("--bits", type=int, default=4, show_default=True,
+              help="2, 3, 4, 5, 6 or 8 (5 and 6: a bitsmith checkpoint, not GPTQ).")
 @click.option("--group-size", type=int, default=128, show_default=True, help="-1 = per output channel.")
 @click.option("--sym/--asym", default=False, show_default=True,
               help="Symmetric grids (zero point in the middle) or asymmetric ones (a zero point per group).")
