@@ -242,8 +242,9 @@ def layout_of(layer: LayerPlan) -> type[GPTQLayout | LUTLayout | PerICLayout]:
 
 
 def gptq_expressible(plan: QuantPlan) -> bool:
-    """Whether every linear of the plan fits the GPTQ convention (else the checkpoint is quant_method bitsmith)."""
-    return all(layout_of(layer) is GPTQLayout and layer.bits in GPTQ_BITS for layer in plan.layers.values())
+    """Whether every linear of the plan fits the GPTQ convention, a uniform grid of GPTQ's widths (LayerPlan.technique;
+    else the checkpoint is quant_method bitsmith)."""
+    return all(layer.technique == "uniform" for layer in plan.layers.values())
 
 
 def plan_bits(plan: QuantPlan, shapes: dict[str, tuple[int, int]]) -> tuple[int, int]:

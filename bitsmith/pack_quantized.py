@@ -33,7 +33,7 @@ from .formats.dfloat.folders import side_files
 from .formats.errors import InputError
 from .formats.packing import GPTQ_BITS, pack, packed_length, unpack
 from .formats.source import FOLDER_READERS, ModelSource
-from .layouts import GPTQLayout, layer_config, layer_plan, layout_of
+from .layouts import GPTQLayout, layer_config, layer_plan
 from .plan import LayerPlan
 from .quantize.rtn import QuantizedWeight
 
@@ -59,7 +59,7 @@ def gptq_linears(qconfig, keys, where, target: str) -> dict[str, LayerPlan]:
         if layer is None:
             continue
         plan = layer_plan(layer, f"{where}: {name}")
-        if layout_of(plan) is not GPTQLayout or plan.bits not in GPTQ_BITS:
+        if plan.technique != "uniform":
             raise InputError(f"{name}: its layout ({plan.key()}) has no {target} form: only uniform grids of "
                              f"{', '.join(map(str, GPTQ_BITS))} bits with groups along the input export")
         linears[name] = plan
