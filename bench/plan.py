@@ -7,6 +7,7 @@ and the peers of ../shared/research/baselines.md.
     python bench/plan.py --targets 3.25 --rounding gptaq [--true-sequential]
     python bench/plan.py --targets 3.25 --menu uniform,lut   # one technique alone next to the uniform grids
     python bench/plan.py --targets 3.25 --rounding signround --tune-epochs 1   # then end-to-end tuning
+    python bench/plan.py --targets 3.25 --rotate --runs bench/results/plan-smollm2-rotated   # a rotated model
     python bench/plan.py --report                     # table and plot from the stored runs
 
 Each run is the CLI job (`bitsmith quantize --target-bpw T`, one torch thread) of the quality protocol:
@@ -78,23 +79,24 @@ FULL_MENU = "uniform,wide,outliers,lut,per-ic"
 
 
 def method(proxy: str, rounding: str, iters: int, sequential: bool = False, menu: str = FULL_MENU,
-           tune: tuple[int, float] = (0, 1e-3)) -> str:
-    """The name of a plan run's method: the proxy, the rounding when it is not GPTQ's, +tuneE-lrL for end-to-end
-    tuning, -ts for --true-sequential, the menu when it is not the whole one (menu-uniform+lut)."""
+           tune: tuple[int, float] = (0, 1e-3), rotate: bool = False) -> str:
+    """The name of a plan run's method: rotated+ for --rotate, the proxy, the rounding when it is not GPTQ's,
+    +tuneE-lrL for end-to-end tuning, -ts for --true-sequential, the menu when it is not the whole one
+    (menu-uniform+lut)."""
     name = {"gptq": proxy, "signround": f"{proxy}+signround{iters}"}.get(rounding, f"{proxy}+{rounding}")
-    name += f"+tune{tune[0]}-lr{tune[1]:g}" if tune[0] else ""
+    name = ("rotated+" if rotate else "") + name + (f"+tune{tune[0]}-lr{tune[1]:g}" if tune[0] else "")
     return name + ("-ts" if sequential else "") + ("" if menu == FULL_MENU else "-menu-" + menu.replace(",", "+"))
 
 
 def run(target: float, proxy: str, rounding: str = "gptq", iters: int = 0, sequential: bool = False,
-        menu: str = FULL_MENU, tune: tuple[int, float] = (0, 1e-3)) -> None:
+        menu: str = FULL_MENU, tune: tuple[int, float] = (0, 1e-3), rotate: bool = False) -> None:
     with tempfile.TemporaryDirectory() as work:
         out, summary_path = f"{work}/out", Path(work) / "summary.json"
         reuse = ["--measurement", str(MEASUREMENT)] if MEASUREMENT.exists() else []
         bitsmith("quantize", "smollm2-135m", "-o", out, "--target-bpw", str(target), "--proxy", proxy, *reuse,
                  "--rounding", rounding, *(["--rounding-iters", str(iters)] if rounding == "signround" else []),
                  *(["--true-sequential"] if sequential else []), "--menu", menu,
-                 "--tune-epochs", str(tune[0]), "--tune-lr", str(tune[1]),
+                 "--tune-epochs", str(tune[0]), "--tune-lr", str(tune[1]), *(["--rotate"] if rotate else []),
                  "--calib", str(TEXT / "c4_calib.txt"), "--nsamples", "128", "--seqlen", "512", "--seed", "0",
                  "--json", str(summary_path))
         summary = json.loads(summary_path.read_text())
@@ -104,9 +106,10 @@ def run(target: float, proxy: str, rounding: str = "gptq", iters: int = 0, seque
             MEASUREMENT.write_text(json.dumps(portable(measured), indent=1) + "\n")
         summary["held_out"] = held_out(out, Path(work) / "held.json")
         summary["plan"] = json.loads((Path(out) / "plan.json").read_text())["layers"]
-    name = method(proxy, rounding, iters, sequential, menu, tune)
+    name = method(proxy, rounding, iters, sequential, menu, tune, rotate)
     summary.update(date=datetime.date.today().isoformat(), proxy=proxy, rounding=rounding, rounding_iters=iters,
-                   method=name, menu=menu, tune_epochs=tune[0], tune_lr=tune[1], measured_here=not reuse)
+                   method=name, menu=menu, tune_epochs=tune[0], tune_lr=tune[1], rotate=rotate,
+                   measured_here=not reuse)
     (RUNS / f"{name}-t{target}.json").write_text(json.dumps(portable(summary, work), indent=1) + "\n")
     print(name, target, summary["bits_per_weight"], summary["eval"]["perplexity"], flush=True)
 
@@ -232,6 +235,7 @@ def main() -> None:
     ap.add_argument("--menu", default=FULL_MENU, help="Techniques the plan may choose from (quantize --menu).")
     ap.add_argument("--tune-epochs", type=int, default=0, help="quantize --tune-epochs (end-to-end tuning).")
     ap.add_argument("--tune-lr", type=float, default=1e-3)
+    ap.add_argument("--rotate", action="store_true", help="quantize --rotate (a rotated model: its own --runs).")
     ap.add_argument("--report", action="store_true", help="Only rewrite the table and plot from the stored runs.")
     ap.add_argument("--runs", type=Path, default=RUNS,
                     help="Folder of the runs and their measurement.json (a new menu of candidates: a new folder).")
@@ -247,7 +251,7 @@ def main() -> None:
             (RUNS / "base-held-out.json").write_text(json.dumps(portable(base), indent=1) + "\n")
         for target in args.targets:
             run(target, args.proxy, args.rounding, args.rounding_iters, args.true_sequential, args.menu,
-                (args.tune_epochs, args.tune_lr))
+                (args.tune_epochs, args.tune_lr), args.rotate)
     (RESULTS / f"{RUNS.name}.md").write_text(report())
 
 

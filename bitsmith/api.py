@@ -8,7 +8,7 @@ import sys
 
 import torch
 
-from . import __version__, distributed
+from . import __version__, distributed, rotation
 from . import resume as resuming
 from .calibration import data, perplexity
 from .calibration.adapter import BlockRunner, check_shapes, skeleton
@@ -24,6 +24,7 @@ from .measure import decide
 from .pipeline import Result, Stopwatch, calibration, linear_shapes, peak_rss_bytes, run
 from .plan import QuantizeOptions, QuantPlan
 from .quantize.grid import ERROR_NORM
+from .rotation import RotatedSource
 
 
 def quantize(model: str, out: str, *, overwrite: bool = False, eval_data: str | None = None,
@@ -64,6 +65,9 @@ def quantize(model: str, out: str, *, overwrite: bool = False, eval_data: str | 
     source = open_source(model, finite=True)    # a NaN or Inf read while quantizing is refused, never written
     if isinstance(source, FolderSource) and source.checkpoint.quantization_config:
         raise InputError(f"{model}: already quantized; quantize the original model instead")
+    original = source
+    if opts.rotate:
+        source = RotatedSource(source, opts.seed)
     calibrates = opts.method != "rtn" or (target_bpw is not None and measurement is None)
     if calibrates and source.context() and opts.seqlen > source.context():
         raise InputError(f"--seqlen {opts.seqlen} exceeds the model's context of {source.context()} tokens")
@@ -114,7 +118,7 @@ def quantize(model: str, out: str, *, overwrite: bool = False, eval_data: str | 
         if coder:
             coder.flush()
         coded = coder.coded if coder else {}
-        tokenizer_files(source, writer)
+        tokenizer_files(original, writer)
         config = quantized_config(source.config, qplan, shapes, result)
         extra = {}
         if coded:
@@ -123,7 +127,8 @@ def quantize(model: str, out: str, *, overwrite: bool = False, eval_data: str | 
             qc.update(quant_method="bitsmith", format_version=FORMAT_VERSION,
                       lossless=dfloat.config_block(extra["lossless"]))
         writer.commit(config, {**extra,
-            "source": {"name": source.name, "fingerprint": fingerprint},
+            "source": {"name": source.name, "fingerprint": original.fingerprint()},
+            **({"rotation": rotation.describe(source)} if opts.rotate else {}),
             "calibration": {"description": result.calibration, "fingerprint": result.calibration_fingerprint},
             "plan": qplan.as_dict(),
             "layers": {l.name: {"shape": list(l.shape), "loss": l.loss} for l in result.layers},
@@ -132,7 +137,7 @@ def quantize(model: str, out: str, *, overwrite: bool = False, eval_data: str | 
     if base and result.calibration_nll is not None:
         measured_error = {"nats_per_token": result.calibration_nll - base.base_nll, "base_nll": base.base_nll,
                           "nll": result.calibration_nll, "windows": base.fisher_windows}
-    return {**summary(source, out, result, clock.seconds), "target_bits_per_weight": target_bpw,
+    return {**summary(original, out, result, clock.seconds), "target_bits_per_weight": target_bpw,
             "predicted_error": qplan.predicted_error(), "predicted_error_unit": qplan.error_unit,
             "measured_error": measured_error,
             "measure_seconds": measure_seconds, "measure_cpu_seconds": measure_cpu_seconds, "device": opts.device,

@@ -37,6 +37,7 @@ class QuantizeOptions:
     rounding_iters: int = 50       # signround's iterations per block
     tune_epochs: int = 0           # end-to-end tuning of the levels after the blocks (quantize/tune.py); 0: none
     tune_lr: float = 1e-3          # its Adam learning rate
+    rotate: bool = False           # quantize the model rotated (bitsmith/rotation.py), the same function
     device: str = "cpu"            # where blocks, activations, Hessians and GPTQ run ("cpu", "cuda", "cuda:1")
     offload_activations: bool = False   # calibration activations kept on CPU between blocks (device: one batch)
 

@@ -24,6 +24,11 @@ class Family:
     final_norm: str
     lm_head: str
     attention_out: str = "self_attn.o_proj"   # the linear that reads the attention's output
+    value: str = "self_attn.v_proj"           # the linear whose outputs attention mixes across positions
+    norms: tuple[tuple[str, tuple[str, ...]], ...] = (   # each RMSNorm of a block and the linears reading it
+        ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+        ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")))
+    residual_writers: tuple[str, ...] = ("self_attn.o_proj", "mlp.down_proj")   # added to the residual stream
 
     @property
     def linears(self) -> tuple[str, ...]:

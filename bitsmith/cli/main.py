@@ -14,7 +14,7 @@ from .app import Report, Sectioned, json_option, main
 
 QUANTIZE_SECTIONS = {
     "Method": ("method", "bits", "group_size", "sym", "act_order", "static_groups", "mse", "true_sequential", "damp",
-               "rounding", "rounding_iters", "tune_epochs", "tune_lr"),
+               "rounding", "rounding_iters", "tune_epochs", "tune_lr", "rotate"),
     "Bit plan": ("target_bpw", "measurement", "plan_path", "fisher_samples", "proxy", "menu"),
     "Calibration": ("calib", "nsamples", "seqlen", "seed", "calib_dtype", "device", "offload_activations", "nproc"),
     "Evaluation": ("eval_data", "eval_seqlen", "eval_max_tokens"),
@@ -52,10 +52,16 @@ QUANTIZE_SECTIONS = {
                    "end to end, codes fixed, toward the unquantized model's next-token distributions (KL) on the "
                    "calibration windows: passes over them (EfficientQAT's E2E-QP). Holds the whole model in memory.")
 @click.option("--tune-lr", type=float, default=1e-3, show_default=True, help="Adam learning rate of --tune-epochs.")
+@click.option("--rotate/--no-rotate", default=False, show_default=True,
+              help="Quantize the model in a rotated basis: norm weights folded into the linears, the residual "
+                   "stream and each head's values turned by randomized Hadamard matrices (QuaRot's computational "
+                   "invariance; seeded by --seed). The same function with weights easier to quantize, nothing "
+                   "added at run time; a tied lm_head becomes a matrix of its own in the output.")
 @click.option("--calib", multiple=True, help="Calibration text file (repeatable); 'self' = sampled from the model.")
 @click.option("--nsamples", type=int, default=128, show_default=True, help="Calibration windows.")
 @click.option("--seqlen", type=int, default=2048, show_default=True, help="Tokens per calibration window.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the choice of calibration windows.")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of the choice of calibration windows (and of --rotate's matrices).")
 @click.option("--calib-dtype", type=click.Choice(["bfloat16", "float32"]), default="bfloat16", show_default=True,
               help="Matmul precision of calibration forwards (Hessians and GPTQ are always float32).")
 @click.option("--target-bpw", type=float, default=None,
@@ -93,7 +99,7 @@ QUANTIZE_SECTIONS = {
 def quantize(model, out, method, bits, group_size, sym, act_order, static_groups, mse, true_sequential, damp, calib,
              nsamples, seqlen, seed, calib_dtype, target_bpw, measurement, plan_path, fisher_samples, proxy, menu, device,
              eval_data, eval_seqlen, eval_max_tokens, lossless_rest, overwrite, resume, json_path, rounding,
-             rounding_iters, tune_epochs, tune_lr, nproc, offload_activations):
+             rounding_iters, tune_epochs, tune_lr, rotate, nproc, offload_activations):
     """Quantize MODEL (a Hugging Face folder, a .gguf file or the bundled name smollm2-135m) into OUT."""
     if nproc > 1:
         sys.exit(_launched(nproc, device))
@@ -108,7 +114,7 @@ def quantize(model, out, method, bits, group_size, sym, act_order, static_groups
                      eval_data=eval_data, eval_seqlen=eval_seqlen, eval_max_tokens=eval_max_tokens,
                      lossless_rest=lossless_rest, target_bpw=target_bpw, measurement=measurement, plan=plan_path,
                      fisher_samples=fisher_samples, proxy=proxy, menu=menu, resume=resume, rounding=rounding,
-                     rounding_iters=rounding_iters, tune_epochs=tune_epochs, tune_lr=tune_lr, device=device,
+                     rounding_iters=rounding_iters, tune_epochs=tune_epochs, tune_lr=tune_lr, rotate=rotate, device=device,
                      offload_activations=offload_activations)
     if not s:                                   # a process other than main of a parallel run: main reports
         return
