@@ -35,21 +35,25 @@ MODELS = {
                 "base": "fp32 checkpoint", "base_bits": 32.0,
                 "text": "tinystories_calib.txt split: calibration on the first 70 %, eval on the last 30 %"},
 }
-CONFIGS = [  # name, method, bits, group size, sym, act-order, mse grid search
-    ("bf16", None, 16, None, None, None, None),
-    ("gptq-w4-g128", "gptq", 4, 128, False, True, False),
-    ("gptq-w3-g128", "gptq", 3, 128, False, True, False),
-    ("rtn-w4-g128", "rtn", 4, 128, False, False, False),
-    ("rtn-w3-g128", "rtn", 3, 128, False, False, False),
-    ("rtn-w2-g128", "rtn", 2, 128, False, False, False),
-    ("rtn-w4-pc-sym", "rtn", 4, -1, True, False, False),
-    ("gptq-w2-g128", "gptq", 2, 128, False, False, False),
-    ("gptq-w4-pc-sym", "gptq", 4, -1, True, True, False),
-    ("gptq-mse-w4-g128", "gptq", 4, 128, False, True, True),     # bitsmith's default GPTQ grid
-    ("gptq-mse-w3-g128", "gptq", 3, 128, False, True, True),
-    ("gptq-mse-w2-g128", "gptq", 2, 128, False, False, True),
-    ("gptq-mse-w4-g128-sym", "gptq", 4, 128, True, True, True),  # is symmetric a free default? (vLLM's Marlin)
-    ("gptq-mse-w3-g128-sym", "gptq", 3, 128, True, True, True),
+CONFIGS = [  # name, method, bits, group size, sym, act-order, mse grid search, rotated (quantize --rotate)
+    ("bf16", None, 16, None, None, None, None, False),
+    ("gptq-w4-g128", "gptq", 4, 128, False, True, False, False),
+    ("gptq-w3-g128", "gptq", 3, 128, False, True, False, False),
+    ("rtn-w4-g128", "rtn", 4, 128, False, False, False, False),
+    ("rtn-w3-g128", "rtn", 3, 128, False, False, False, False),
+    ("rtn-w2-g128", "rtn", 2, 128, False, False, False, False),
+    ("rtn-w4-pc-sym", "rtn", 4, -1, True, False, False, False),
+    ("gptq-w2-g128", "gptq", 2, 128, False, False, False, False),
+    ("gptq-w4-pc-sym", "gptq", 4, -1, True, True, False, False),
+    ("gptq-mse-w4-g128", "gptq", 4, 128, False, True, True, False),     # bitsmith's default GPTQ grid
+    ("gptq-mse-w3-g128", "gptq", 3, 128, False, True, True, False),
+    ("gptq-mse-w2-g128", "gptq", 2, 128, False, False, True, False),
+    ("gptq-mse-w4-g128-sym", "gptq", 4, 128, True, True, True, False),  # is symmetric a free default? (vLLM's Marlin)
+    ("gptq-mse-w3-g128-sym", "gptq", 3, 128, True, True, True, False),
+    ("rotated-rtn-w3-g128", "rtn", 3, 128, False, False, False, True),
+    ("rotated-gptq-mse-w4-g128", "gptq", 4, 128, False, True, True, True),
+    ("rotated-gptq-mse-w3-g128", "gptq", 3, 128, False, True, True, True),
+    ("rotated-gptq-mse-w2-g128", "gptq", 2, 128, False, False, True, True),
 ]
 
 
@@ -74,7 +78,7 @@ def one(spec: dict, name: str, workdir: Path) -> dict:
     from bitsmith.kernels.linear import cache_dequantized
     from bitsmith.pipeline import peak_rss_bytes
 
-    _, method, bits, group, sym, act_order, mse = next(c for c in CONFIGS if c[0] == name)
+    _, method, bits, group, sym, act_order, mse, rotate = next(c for c in CONFIGS if c[0] == name)
 
     def eval_windows():
         ids = data.tokenize(open_source(spec["model"]).tokenizer(), Path(spec["eval"]).read_text())
@@ -90,7 +94,7 @@ def one(spec: dict, name: str, workdir: Path) -> dict:
         out = workdir / name
         t = time.perf_counter()
         s = bitsmith.quantize(spec["model"], str(out), method=method, bits=bits, group_size=group, sym=sym,
-                              act_order=act_order, mse=mse, calib=[str(spec["calib"])], nsamples=128, seqlen=512,
+                              act_order=act_order, mse=mse, rotate=rotate, calib=[str(spec["calib"])], nsamples=128, seqlen=512,
                               seed=0, overwrite=True, progress=False)
         row.update(quantize_seconds=time.perf_counter() - t, quantize_peak_rss_mb=s["peak_rss_bytes"] / 1e6,
                    bits_per_weight=s["bits_per_weight"])
@@ -118,7 +122,7 @@ def report(model_key: str, rows: list[dict]) -> str:
              f"{rows[0]['threads'] if rows else '?'}, float32 evaluation (calibration forwards: bf16 autocast, the default)."),
              f"Text: {spec['text']}; seqlen {spec['eval_seqlen']}, {rows[0]['tokens'] if rows else '?'} eval tokens; "
              f"KL(base || quantized) and top-1 agreement on the first {KL_WINDOWS} windows. Calibration 128 x 512 "
-             "tokens, seed 0, GPTQ damp 0.01 with act-order except W2, not true-sequential; min-max grids except the gptq-mse rows (range shrunk to the least L^2.4 error, the default of `bitsmith quantize --method gptq`). Quantize time and peak RSS are the whole "
+             "tokens, seed 0, GPTQ damp 0.01 with act-order except W2, not true-sequential; min-max grids except the gptq-mse rows (range shrunk to the least L^2.4 error, the default of `bitsmith quantize --method gptq`); rotated-* rows: the same setting with `--rotate` (seed 0), KL against the unrotated base. Quantize time and peak RSS are the whole "
              "quantize job in its process (load, calibration, write). Base row: " + spec["base"] + ".", "",
              "| config | all-in bits/weight | perplexity | KL to base | top-1 agreement | quantize s | peak RSS MB | measured |",
              "|---|---|---|---|---|---|---|---|"]

@@ -259,6 +259,10 @@ def _layer_report(report: Report, rows: list[dict], totals: dict) -> None:
         line(c["name"] + " (coded)", "", "", "", "", "", "", "", f"{c['bits_per_value']:.3f}",
              f"{c['coded_bytes']:,}")
     line("total", "", "", "", "", "", "", "", "", f"{totals['total_bytes']:,}")
+    if isinstance(totals["rotation"], dict):
+        r = totals["rotation"]
+        report.line(f"rotated (seed {r.get('seed')}): residual stream by {r.get('residual')}, head values by "
+                    f"{r.get('head')}" + ("; lm_head untied from the embedding" if r.get("untied_lm_head") else ""))
     if totals["target_bpw"]:
         report.line(f"planned for {totals['target_bpw']} bits per weight; predicted loss increase {predicted} "
                     f"{totals['predicted_error_unit']}")

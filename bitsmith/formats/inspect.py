@@ -61,7 +61,7 @@ def layer_table(path) -> tuple[list[dict], dict]:
               "predicted_error": None if None in predicted or not rows else sum(predicted),
               "predicted_error_unit": error_unit(_proxy(plan)),
               "bpw": 8 * quantized_bytes / max(weights, 1), "quantized_bytes": quantized_bytes,
-              "other_tensors": len(other), "other_bytes": sum(other.values()),
+              "rotation": ckpt.manifest.get("rotation"), "other_tensors": len(other), "other_bytes": sum(other.values()),
               "total_bytes": quantized_bytes + sum(other.values())}
     return rows, totals
 

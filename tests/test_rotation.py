@@ -1,0 +1,120 @@
+"""bitsmith/rotation.py: the rotation matrices are orthogonal, a rotated model computes what the original does (tied
+head or not, with or without biases, hidden widths that are not powers of two), and `quantize --rotate` writes an
+ordinary checkpoint that loads with no extra operation and records how it was rotated."""
+import json
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from safetensors.torch import save_file
+
+import bitsmith
+from bitsmith.formats.source import open_source
+from bitsmith.loader import load_model
+from bitsmith.rotation import RotatedSource, hadamard, randomized_hadamard
+
+
+@pytest.mark.parametrize("n", [1, 2, 4, 64, 256])
+def test_hadamard_is_orthonormal_with_entries_of_one_magnitude(n):
+    h = hadamard(n)
+    assert torch.allclose(h @ h.T, torch.eye(n, dtype=torch.float64), atol=1e-12)
+    assert torch.allclose(h.abs(), torch.full((n, n), n ** -0.5, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("n", [0, 3, 12, 576])
+def test_hadamard_needs_a_power_of_two(n):
+    with pytest.raises(ValueError, match="power of two"):
+        hadamard(n)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 200), st.integers(0, 2**31 - 1))
+def test_randomized_hadamard_is_orthogonal_at_every_width(n, seed):
+    q = randomized_hadamard(n, torch.Generator().manual_seed(seed))
+    assert q.shape == (n, n)
+    assert torch.allclose(q @ q.T, torch.eye(n, dtype=torch.float64), atol=1e-10)
+
+
+def test_randomized_hadamard_spreads_a_spike_over_every_coordinate():
+    """Incoherence: a one-hot vector comes out with no coordinate above 1 / sqrt(p) times a unit of the odd factor."""
+    q = randomized_hadamard(576, torch.Generator().manual_seed(0))     # 64 x 9, SmolLM2's width
+    out = torch.eye(576, dtype=torch.float64)[0] @ q
+    assert (out != 0).sum() >= 64 and out.abs().max() <= 1 / 8 + 1e-12
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def test_the_rotated_stories260k_computes_the_same_logits(stories_path):
+    source = open_source(str(stories_path))
+    rotated = RotatedSource(source, seed=0)
+    assert source.config["tie_word_embeddings"] and not rotated.config["tie_word_embeddings"]
+    assert "lm_head.weight" in rotated and rotated.shape("lm_head.weight") == source.shape("model.embed_tokens.weight")
+    assert torch.equal(rotated.get("model.layers.2.input_layernorm.weight"), torch.ones(64))
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert (rotated.get(q) - source.get(q)).abs().max() > 0.1              # not the identity
+    ids = torch.randint(0, 512, (2, 48), generator=torch.Generator().manual_seed(1))
+    plain, turned = _logits(load_model(source), ids), _logits(load_model(rotated), ids)
+    assert (turned - plain).abs().max() < 1e-4 * plain.abs().max()
+
+
+def test_a_model_with_biases_and_an_odd_width_keeps_its_function(tmp_path):
+    """Llama with attention and MLP biases (o_proj's and down_proj's biases are added to the residual, v_proj's are
+    mixed by attention), hidden width 96 = 32 x 3 (the Kronecker construction), an lm_head of its own."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=96, intermediate_size=160, num_hidden_layers=2, num_attention_heads=6,
+                         num_key_value_heads=2, vocab_size=128, max_position_embeddings=64, attention_bias=True,
+                         mlp_bias=True, tie_word_embeddings=False)
+    net = LlamaForCausalLM(config)
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.copy_(1 + 0.5 * torch.randn_like(p) if "norm" in name else 0.2 * torch.randn_like(p))
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(config.to_json_string())
+    source = open_source(str(tmp_path))
+    rotated = RotatedSource(source, seed=3)
+    assert (rotated.get("model.layers.1.self_attn.o_proj.bias") - source.get("model.layers.1.self_attn.o_proj.bias")
+            ).abs().max() > 0.01
+    ids = torch.randint(0, 128, (2, 20), generator=torch.Generator().manual_seed(2))
+    plain, turned = _logits(load_model(source), ids), _logits(load_model(rotated), ids)
+    assert (turned - plain).abs().max() < 1e-4 * plain.abs().max()
+
+
+def test_the_fingerprint_names_the_rotation(stories_path):
+    source = open_source(str(stories_path))
+    prints = {source.fingerprint(), RotatedSource(source, 0).fingerprint(), RotatedSource(source, 1).fingerprint()}
+    assert len(prints) == 3 and RotatedSource(source, 1).fingerprint() == RotatedSource(source, 1).fingerprint()
+
+
+def test_quantize_rotate_writes_an_ordinary_checkpoint_of_the_same_model(tmp_path, stories_path, stories_split):
+    """8-bit grids on the rotated model: the loaded checkpoint is the original model to within 8-bit rounding (KL
+    to the unrotated original), its config a GPTQ one with an lm_head of its own, and the rotation recorded."""
+    calib, held = stories_split
+    out = tmp_path / "rotated"
+    summary = bitsmith.quantize(str(stories_path), str(out), bits=8, group_size=32, calib=[str(calib)], nsamples=8,
+                                seqlen=128, rotate=True, progress=False)
+    config = json.loads((out / "config.json").read_text())
+    assert config["tie_word_embeddings"] is False and config["quantization_config"]["quant_method"] == "gptq"
+    manifest = json.loads((out / "bitsmith_manifest.json").read_text())
+    assert manifest["rotation"]["seed"] == 0 and manifest["rotation"]["untied_lm_head"] is True
+    assert manifest["source"]["fingerprint"] == open_source(str(stories_path)).fingerprint()
+    assert summary["source_bf16_bytes"] == 2 * sum(open_source(str(stories_path)).numel(n)
+                                                   for n in open_source(str(stories_path)))
+    from bitsmith.calibration import data
+    from bitsmith.calibration.perplexity import evaluate
+    ids = data.tokenize(open_source(str(stories_path)).tokenizer(), held.read_text())
+    windows = data.eval_windows(ids, 128)[:8]
+    close = evaluate(bitsmith.load(str(out)), windows, base=bitsmith.load(str(stories_path)), progress=False)
+    assert close["kl"] < 2e-3 and close["top1_agreement"] > 0.97
+    from click.testing import CliRunner
+
+    from bitsmith.cli.main import main
+    shown = CliRunner().invoke(main, ["inspect", str(out)])
+    assert shown.exit_code == 0
+    assert "rotated (seed 0): residual stream by signs x hadamard(64)" in shown.output
+    assert "lm_head untied from the embedding" in shown.output
