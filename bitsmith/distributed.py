@@ -15,6 +15,7 @@ there. A rank that dies stops the others: the launcher ends the run, and a rank 
 error from its collective (`PeerLost`)."""
 from __future__ import annotations
 
+import atexit
 import contextlib
 import datetime
 import os
@@ -138,8 +139,16 @@ def join(device: str = "cpu") -> World:
     if not dist.is_initialized():
         options = {"device_id": torch.device(wire)} if backend == "nccl" else {}
         dist.init_process_group(backend, timeout=TIMEOUT, **options)
+        atexit.register(_leave)
     _joined = World(dist.get_rank(), dist.get_world_size(), wire)
     return _joined
+
+
+def _leave() -> None:
+    """Take the process group down before the interpreter does: a gloo group left to the exit's destructors can
+    abort the process (std::terminate on a thread still joinable) after its work is done."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 @contextlib.contextmanager
