@@ -8,7 +8,7 @@ import sys
 
 import torch
 
-from . import __version__, distributed, rotation
+from . import __version__, distributed
 from . import resume as resuming
 from .calibration import data, perplexity
 from .calibration.adapter import BlockRunner, check_shapes, skeleton
@@ -65,13 +65,13 @@ def quantize(model: str, out: str, *, overwrite: bool = False, eval_data: str | 
     source = open_source(model, finite=True)    # a NaN or Inf read while quantizing is refused, never written
     if isinstance(source, FolderSource) and source.checkpoint.quantization_config:
         raise InputError(f"{model}: already quantized; quantize the original model instead")
-    original = source
-    if opts.rotate:
-        source = RotatedSource(source, opts.seed)
     calibrates = opts.method != "rtn" or (target_bpw is not None and measurement is None)
     if calibrates and source.context() and opts.seqlen > source.context():
         raise InputError(f"--seqlen {opts.seqlen} exceeds the model's context of {source.context()} tokens")
     check_shapes(source)
+    original = source
+    if opts.rotate:                         # after the shape checks: the config's widths size its matrices
+        source = RotatedSource(source, opts.seed)
     eval_ids = None
     if eval_text is not None:
         ids = data.tokenize(source.tokenizer(), eval_text)
@@ -128,7 +128,7 @@ def quantize(model: str, out: str, *, overwrite: bool = False, eval_data: str | 
                       lossless=dfloat.config_block(extra["lossless"]))
         writer.commit(config, {**extra,
             "source": {"name": source.name, "fingerprint": original.fingerprint()},
-            **({"rotation": rotation.describe(source)} if opts.rotate else {}),
+            **({"rotation": source.describe()} if opts.rotate else {}),
             "calibration": {"description": result.calibration, "fingerprint": result.calibration_fingerprint},
             "plan": qplan.as_dict(),
             "layers": {l.name: {"shape": list(l.shape), "loss": l.loss} for l in result.layers},

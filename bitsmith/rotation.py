@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Iterable, Iterator
 
 import torch
 
@@ -75,7 +74,8 @@ class Rotation:
 
 
 class RotatedSource(ModelSource):
-    """`inner`, every tensor rotated as the module docstring says, in its own dtype; the lm_head always present."""
+    """`inner`, every tensor rotated as the module docstring says, in its own dtype; the lm_head always present.
+    `inner` must have passed `check_shapes`: its config's widths size the rotation's matrices."""
 
     def __init__(self, inner: ModelSource, seed: int = 0):
         config = inner.config
@@ -131,17 +131,11 @@ class RotatedSource(ModelSource):
             w = q.T @ w
         return w.to(dtype)
 
-    def get_many(self, names: Iterable[str]) -> Iterator[tuple[str, torch.Tensor]]:
-        return ((name, self.get(name)) for name in names)
-
-
-def describe(source: ModelSource) -> dict | None:
-    """What a checkpoint's metadata records of the rotation, or None for an unrotated source."""
-    if not isinstance(source, RotatedSource):
-        return None
-    r = source.rotation
-    return {"residual": _construction(r.residual.shape[0]), "head": _construction(r.head.shape[0]),
-            "seed": r.seed, "untied_lm_head": source.tied, "version": VERSION}
+    def describe(self) -> dict:
+        """What a checkpoint's manifest records of the rotation."""
+        r = self.rotation
+        return {"residual": _construction(r.residual.shape[0]), "head": _construction(r.head.shape[0]),
+                "seed": r.seed, "untied_lm_head": self.tied, "version": VERSION}
 
 
 def _construction(n: int) -> str:

@@ -118,3 +118,20 @@ def test_quantize_rotate_writes_an_ordinary_checkpoint_of_the_same_model(tmp_pat
     assert shown.exit_code == 0
     assert "rotated (seed 0): residual stream by signs x hadamard(64)" in shown.output
     assert "lm_head untied from the embedding" in shown.output
+
+
+def test_a_config_whose_widths_the_weights_do_not_have_is_refused_before_any_rotation_is_built(tmp_path, stories_path,
+                                                                                             stories_split):
+    """hidden_size 2**20 (a 2^20 x 2^20 rotation, 8 TiB) in a config over stories260K's 64-wide weights: one clear
+    error from the shape check, nothing allocated, nothing written."""
+    import shutil
+
+    from bitsmith.formats.errors import InputError
+    folder = tmp_path / "lying"
+    shutil.copytree(stories_path, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "hidden_size": 2 ** 20}))
+    with pytest.raises(InputError, match="its config implies"):
+        bitsmith.quantize(str(folder), str(tmp_path / "out"), bits=4, group_size=32, calib=[str(stories_split[0])],
+                          nsamples=4, seqlen=64, rotate=True, progress=False)
+    assert not (tmp_path / "out").exists()
