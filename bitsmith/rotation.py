@@ -12,8 +12,10 @@ folded into the linears that read the norm (W diag(g)), the residual stream can 
 and the values of every attention head by one orthogonal H of the head's width (v's rows H^T per head, o's
 columns H per head): attention mixes values linearly across positions, never across their coordinates. The model
 computes the same function; its weight matrices are incoherent (no row or column carries the bulk of a
-matrix's energy), which is what per-group grids quantize well. Q is a randomized Hadamard matrix (Kronecker
-product with a random orthogonal one where the width is not a power of two), from a seed.
+matrix's energy), which is what per-group grids quantize well. Q is a randomized Hadamard matrix diag(s) H
+(QuaRot, section 3), H a true Hadamard matrix from Sylvester's and Paley's constructions wherever they make one of
+the width (576 = 12 x 12 x 4), so that every input coordinate is spread evenly over all of them; a Kronecker
+product with a random orthogonal factor only where they do not. The signs come from a seed.
 
 `RotatedSource` wraps a model source and hands out its tensors rotated, one at a time, so the whole pipeline
 (measurement, plan, GPTQ, tuning, evaluation against the unrotated model) runs on it unchanged; the checkpoint
@@ -29,10 +31,10 @@ import torch
 from .calibration.adapter import family_of
 from .formats.source import BLOCK, ModelSource
 
-VERSION = 1          # of the construction below: part of the rotated source's fingerprint
+VERSION = 2          # of the construction below: part of the rotated source's fingerprint
 
 
-def hadamard(n: int) -> torch.Tensor:
+def sylvester(n: int) -> torch.Tensor:
     """Sylvester's orthonormal Hadamard matrix of order n (a power of two)."""
     if n < 1 or n & (n - 1):
         raise ValueError(f"Sylvester's construction needs a power of two, not {n}")
@@ -42,6 +44,71 @@ def hadamard(n: int) -> torch.Tensor:
     return h / math.sqrt(n)
 
 
+def _is_prime(q: int) -> bool:
+    return q > 1 and all(q % f for f in range(2, math.isqrt(q) + 1))
+
+
+def _jacobsthal(q: int) -> torch.Tensor:
+    """Q_ij = chi(j - i), chi the quadratic character of the integers mod a prime q (Paley 1933)."""
+    chi = torch.tensor([0] + [1 if pow(a, (q - 1) // 2, q) == 1 else -1 for a in range(1, q)], dtype=torch.float64)
+    return chi[(torch.arange(q)[None, :] - torch.arange(q)[:, None]) % q]
+
+
+def paley_type(n: int) -> int | None:
+    """1 or 2 where Paley's construction of that type makes a Hadamard matrix of order n from a prime q (type I:
+    n = q + 1, q = 3 mod 4; type II: n = 2 (q + 1), q = 1 mod 4), else None."""
+    if (n - 1) % 4 == 3 and _is_prime(n - 1):
+        return 1
+    if n % 2 == 0 and (n // 2 - 1) % 4 == 1 and _is_prime(n // 2 - 1):
+        return 2
+    return None
+
+
+def paley(n: int) -> torch.Tensor:
+    """Paley's orthonormal Hadamard matrix of order n (`paley_type`): type I is I + the skew matrix
+    [[0, 1], [-1, Q]]; type II is the symmetric conference matrix C = [[0, 1], [1, Q]] with each 0 made
+    [[1, -1], [-1, -1]] and each +-1 made +-[[1, 1], [1, -1]]."""
+    kind = paley_type(n)
+    if kind == 1:
+        s = torch.zeros(n, n, dtype=torch.float64)
+        s[0, 1:], s[1:, 0], s[1:, 1:] = 1, -1, _jacobsthal(n - 1)
+        return (torch.eye(n, dtype=torch.float64) + s) / math.sqrt(n)
+    if kind == 2:
+        m = n // 2
+        c = torch.ones(m, m, dtype=torch.float64)
+        c[0, 0], c[1:, 1:] = 0, _jacobsthal(m - 1)
+        unit = torch.tensor([[1.0, 1.0], [1.0, -1.0]], dtype=torch.float64)
+        zero = torch.tensor([[1.0, -1.0], [-1.0, -1.0]], dtype=torch.float64)
+        return (torch.kron(c, unit) + torch.kron(torch.eye(m, dtype=torch.float64), zero)) / math.sqrt(n)
+    raise ValueError(f"Paley's constructions make no Hadamard matrix of order {n}")
+
+
+def hadamard_factors(n: int) -> list[int] | None:
+    """Orders whose Kronecker product is a Hadamard matrix of order n: the smallest Paley orders that are not
+    powers of two, then one power of two (Sylvester); [] for n = 1; None where these constructions give none
+    (n is then not 1, 2 or a multiple of 4, or needs a construction not made here)."""
+    if n >= 1 and not n & (n - 1):
+        return [n] if n > 1 else []
+    for m in range(3, n + 1):
+        if n % m == 0 and m & (m - 1) and paley_type(m) is not None:
+            rest = hadamard_factors(n // m)
+            if rest is not None:
+                return [m] + rest
+    return None
+
+
+def hadamard(n: int) -> torch.Tensor:
+    """An orthonormal Hadamard matrix of order n, every entry +-1/sqrt(n): Sylvester's for a power of two, else the
+    Kronecker product of Paley matrices and a Sylvester one (576 = 12 x 12 x 4; 960 = 12 x 20 x 4)."""
+    factors = hadamard_factors(n)
+    if factors is None:
+        raise ValueError(f"no Hadamard matrix of order {n} from Sylvester's and Paley's constructions")
+    h = torch.ones(1, 1, dtype=torch.float64)
+    for m in factors:
+        h = torch.kron(h, paley(m) if m & (m - 1) else sylvester(m))
+    return h
+
+
 def random_orthogonal(n: int, generator: torch.Generator) -> torch.Tensor:
     """Haar-distributed orthogonal matrix (QR of a Gaussian matrix, signs fixed by R's diagonal; Mezzadri 2007)."""
     q, r = torch.linalg.qr(torch.randn(n, n, dtype=torch.float64, generator=generator))
@@ -49,11 +116,13 @@ def random_orthogonal(n: int, generator: torch.Generator) -> torch.Tensor:
 
 
 def randomized_hadamard(n: int, generator: torch.Generator) -> torch.Tensor:
-    """diag(s) (O_m kron H_p): p the largest power of two dividing n, O_m random orthogonal of order n / p,
-    s random signs. Orthogonal; a plain randomized Hadamard matrix when n is a power of two."""
-    p = n & -n
+    """diag(s) H: H a Hadamard matrix of order n where `hadamard` makes one, else O_m kron H_p with p the largest
+    power of two dividing n and O_m random orthogonal of order n / p; s random signs. Orthogonal."""
     signs = torch.randint(0, 2, (n,), generator=generator, dtype=torch.float64) * 2 - 1
-    return signs[:, None] * torch.kron(random_orthogonal(n // p, generator).contiguous(), hadamard(p))
+    if hadamard_factors(n) is not None:
+        return signs[:, None] * hadamard(n)
+    p = n & -n
+    return signs[:, None] * torch.kron(random_orthogonal(n // p, generator).contiguous(), sylvester(p))
 
 
 class Rotation:
@@ -139,5 +208,8 @@ class RotatedSource(ModelSource):
 
 
 def _construction(n: int) -> str:
+    factors = hadamard_factors(n)
+    if factors is not None:
+        return f"signs x hadamard({n})" + (f" = {' kron '.join(map(str, factors))}" if len(factors) > 1 else "")
     p = n & -n
-    return f"signs x hadamard({p})" if p == n else f"signs x (orthogonal({n // p}) kron hadamard({p}))"
+    return f"signs x (orthogonal({n // p}) kron hadamard({p}))"

@@ -12,19 +12,35 @@ from safetensors.torch import save_file
 import bitsmith
 from bitsmith.formats.source import open_source
 from bitsmith.loader import load_model
-from bitsmith.rotation import RotatedSource, hadamard, randomized_hadamard
+from bitsmith.rotation import RotatedSource, hadamard, hadamard_factors, paley, paley_type, randomized_hadamard
 
 
-@pytest.mark.parametrize("n", [1, 2, 4, 64, 256])
+def _is_hadamard(h: torch.Tensor) -> bool:
+    n = h.shape[0]
+    return (torch.allclose(h @ h.T, torch.eye(n, dtype=torch.float64), atol=1e-12)
+            and torch.allclose(h.abs(), torch.full((n, n), n ** -0.5, dtype=torch.float64)))
+
+
+@pytest.mark.parametrize("n", [1, 2, 4, 64, 256, 12, 576, 960, 896, 1536])
 def test_hadamard_is_orthonormal_with_entries_of_one_magnitude(n):
-    h = hadamard(n)
-    assert torch.allclose(h @ h.T, torch.eye(n, dtype=torch.float64), atol=1e-12)
-    assert torch.allclose(h.abs(), torch.full((n, n), n ** -0.5, dtype=torch.float64))
+    assert _is_hadamard(hadamard(n))
 
 
-@pytest.mark.parametrize("n", [0, 3, 12, 576])
-def test_hadamard_needs_a_power_of_two(n):
-    with pytest.raises(ValueError, match="power of two"):
+@pytest.mark.parametrize("n, kind", [(4, 1), (12, 1), (20, 1), (44, 1), (28, 2), (36, 2), (60, 1), (76, 2)])
+def test_paley_makes_hadamard_matrices_of_both_types(n, kind):
+    assert paley_type(n) == kind and _is_hadamard(paley(n))
+
+
+@pytest.mark.parametrize("n, factors", [(576, [12, 12, 4]), (960, [12, 20, 4]), (896, [28, 32]), (2048, [2048]),
+                                        (1, [])])
+def test_hadamard_factors_take_the_smallest_paley_orders_then_a_power_of_two(n, factors):
+    assert hadamard_factors(n) == factors
+
+
+@pytest.mark.parametrize("n", [0, 3, 6, 90, 188])
+def test_hadamard_refuses_orders_it_cannot_make(n):
+    assert hadamard_factors(n) is None
+    with pytest.raises(ValueError, match="no Hadamard matrix of order"):
         hadamard(n)
 
 
@@ -36,11 +52,20 @@ def test_randomized_hadamard_is_orthogonal_at_every_width(n, seed):
     assert torch.allclose(q @ q.T, torch.eye(n, dtype=torch.float64), atol=1e-10)
 
 
-def test_randomized_hadamard_spreads_a_spike_over_every_coordinate():
-    """Incoherence: a one-hot vector comes out with no coordinate above 1 / sqrt(p) times a unit of the odd factor."""
-    q = randomized_hadamard(576, torch.Generator().manual_seed(0))     # 64 x 9, SmolLM2's width
-    out = torch.eye(576, dtype=torch.float64)[0] @ q
-    assert (out != 0).sum() >= 64 and out.abs().max() <= 1 / 8 + 1e-12
+@pytest.mark.parametrize("i", [0, 5, 575])
+def test_randomized_hadamard_spreads_a_spike_evenly_over_every_coordinate(i):
+    """Incoherence at SmolLM2's width (576 = 12 x 12 x 4): a one-hot vector comes out with every coordinate 1/24."""
+    q = randomized_hadamard(576, torch.Generator().manual_seed(0))
+    out = torch.eye(576, dtype=torch.float64)[i] @ q
+    assert torch.allclose(out.abs(), torch.full((576,), 1 / 24, dtype=torch.float64))
+
+
+def test_randomized_hadamard_falls_back_to_a_random_orthogonal_factor_where_no_hadamard_matrix_is_made():
+    """188 = 47 x 4: orthogonal(47) kron hadamard(4); a spike spreads over at least the 4 of the Sylvester factor."""
+    q = randomized_hadamard(188, torch.Generator().manual_seed(0))
+    out = torch.eye(188, dtype=torch.float64)[0] @ q
+    assert torch.allclose(q @ q.T, torch.eye(188, dtype=torch.float64), atol=1e-10)
+    assert (out.abs() > 1e-12).sum() >= 4 and out.abs().max() <= 0.5 + 1e-12
 
 
 def _logits(model, ids):
@@ -61,13 +86,15 @@ def test_the_rotated_stories260k_computes_the_same_logits(stories_path):
     assert (turned - plain).abs().max() < 1e-4 * plain.abs().max()
 
 
-def test_a_model_with_biases_and_an_odd_width_keeps_its_function(tmp_path):
+@pytest.mark.parametrize("hidden, heads, kv_heads", [(96, 6, 2), (90, 3, 1)])
+def test_a_model_with_biases_and_an_odd_width_keeps_its_function(tmp_path, hidden, heads, kv_heads):
     """Llama with attention and MLP biases (o_proj's and down_proj's biases are added to the residual, v_proj's are
-    mixed by attention), hidden width 96 = 32 x 3 (the Kronecker construction), an lm_head of its own."""
+    mixed by attention), an lm_head of its own, hidden width 96 = 12 x 8 (a Paley-Sylvester Hadamard matrix) or 90
+    = 3 heads of 30 (no Hadamard matrix of either order: the random orthogonal factor on the residual and the heads)."""
     from transformers import LlamaConfig, LlamaForCausalLM
     torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=96, intermediate_size=160, num_hidden_layers=2, num_attention_heads=6,
-                         num_key_value_heads=2, vocab_size=128, max_position_embeddings=64, attention_bias=True,
+    config = LlamaConfig(hidden_size=hidden, intermediate_size=160, num_hidden_layers=2, num_attention_heads=heads,
+                         num_key_value_heads=kv_heads, vocab_size=128, max_position_embeddings=64, attention_bias=True,
                          mlp_bias=True, tie_word_embeddings=False)
     net = LlamaForCausalLM(config)
     with torch.no_grad():
