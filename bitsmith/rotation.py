@@ -23,6 +23,7 @@ is an ordinary one, loaded by every loader with no extra operation at run time.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 
@@ -83,17 +84,19 @@ def paley(n: int) -> torch.Tensor:
     raise ValueError(f"Paley's constructions make no Hadamard matrix of order {n}")
 
 
-def hadamard_factors(n: int) -> list[int] | None:
+@functools.cache
+def hadamard_factors(n: int) -> tuple[int, ...] | None:
     """Orders whose Kronecker product is a Hadamard matrix of order n: the smallest Paley orders that are not
-    powers of two, then one power of two (Sylvester); [] for n = 1; None where these constructions give none
-    (n is then not 1, 2 or a multiple of 4, or needs a construction not made here)."""
+    powers of two, then one power of two (Sylvester); () for n = 1; None where these constructions give none
+    (n is then not 1, 2 or a multiple of 4, or needs a construction not made here). Cached: the search backtracks
+    over divisors, and a rotation asks for the same widths more than once."""
     if n >= 1 and not n & (n - 1):
-        return [n] if n > 1 else []
+        return (n,) if n > 1 else ()
     for m in range(3, n + 1):
         if n % m == 0 and m & (m - 1) and paley_type(m) is not None:
             rest = hadamard_factors(n // m)
             if rest is not None:
-                return [m] + rest
+                return (m, *rest)
     return None
 
 
