@@ -75,7 +75,7 @@ def wikitext(model: str, json_path: Path) -> dict:
     return json.loads(json_path.read_text())
 
 
-FULL_MENU = "uniform,wide,outliers,lut,per-ic"
+FULL_MENU = ",".join(TECHNIQUES)
 
 
 def method(proxy: str, rounding: str, iters: int, sequential: bool = False, menu: str = FULL_MENU,
@@ -179,12 +179,13 @@ def report() -> str:
 
 
 def picks(plan: dict) -> list[str]:
-    """For each technique (TECHNIQUES: uniform grid, 5 or 6 bits, outliers, lookup table, per-input-channel grids):
+    """For each technique (TECHNIQUES: uniform grid, 5 or 6 bits, outliers, lookup table, per-input-channel grids,
+    codebooks of pairs):
     how many linears the plan gives it, and of which types ("210", "42: down 30, o 12")."""
     kinds: list[dict[str, int]] = [{} for _ in TECHNIQUES]
     for name, entry in plan.items():
         layer = LayerPlan(entry["bits"], entry["group_size"], entry["sym"], outliers=entry.get("outliers", 0.0),
-                          lut=entry.get("lut", False), per_ic=entry.get("per_ic", False))
+                          lut=entry.get("lut", False), per_ic=entry.get("per_ic", False), vq=entry.get("vq", False))
         technique = TECHNIQUES.index(layer.technique)
         kind = name.rsplit(".", 1)[-1].removesuffix("_proj")
         kinds[technique][kind] = kinds[technique].get(kind, 0) + 1

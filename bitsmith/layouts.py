@@ -28,6 +28,10 @@ Per-input-channel groups (a plan entry with `per_ic`; AdaDim, quantize/per_ic.py
 qweight, scales fp16 [G, in] and qzeros int32 [G, packed(in)] (true zeros packed along the input), G groups of
 `group_size` output rows (`PerICLayout`); also `quant_method: "bitsmith"` only.
 
+Codebooks of pairs (a plan entry with `vq`; GPTVQ, quantize/vq.py): qweight int32 [packed(in / 2), out], each pair
+of inputs' index of 2 x bits bits packed as GPTQ packs its codes, codebooks fp16 [G, 2^(2 bits), 2] (G blocks of
+`group_size` inputs) and row_scales fp16 [out] (`VQLayout`); also `quant_method: "bitsmith"` only.
+
 Each layout also says which of its tensors holds the continuous levels (`levels`: the scales, or the tables) and
 gives W as a function of them with every code fixed: what end-to-end tuning learns (quantize/tune.py).
 
@@ -47,12 +51,14 @@ from .kernels.linear import DenseSparseLinear, QuantizedLinear
 from .kernels.lut_linear import LUTLinear, lut_dequantize
 from .kernels.per_ic_linear import PerICLinear, per_ic_dequantize
 from .kernels.reference import csr_rows, dense_sparse_dequantize, dequantize, unpack_zeros
-from .plan import LUT_BITS, MAX_OUTLIERS, LayerPlan, QuantPlan
+from .kernels.vq_linear import VQLinear, vq_dequantize
+from .plan import LUT_BITS, MAX_OUTLIERS, VQ_BITS, LayerPlan, QuantPlan
 from .quantize.lut import LutWeight
 from .quantize.outliers import DenseSparseWeight, outlier_count
 from .quantize.per_ic import PerICWeight, expand_rows, row_span
 from .quantize.rtn import QuantizedWeight
 from .quantize.tune import Levels
+from .quantize.vq import VQWeight, entries, span
 
 
 class GPTQLayout:
@@ -220,6 +226,47 @@ class PerICLayout:
         return PerICLinear(in_features, out_features, layer.bits, layer.group_size, bias=bias)
 
 
+class VQLayout:
+    """Codebooks of pairs of inputs (module docstring; quantize/vq.py, kernels/vq_linear.py). No GPTQ loader reads
+    it."""
+
+    parts = ("qweight", "codebooks", "row_scales")
+
+    @staticmethod
+    def tensors(qw: VQWeight) -> dict[str, torch.Tensor]:
+        return {"qweight": pack(qw.codes.t(), 2 * qw.bits, dim=0), "codebooks": qw.codebooks.contiguous(),
+                "row_scales": qw.scales.contiguous()}
+
+    @staticmethod
+    def stored_bits(out_features: int, in_features: int, layer: LayerPlan) -> int:
+        blocks = -(-in_features // span(layer.group_size, in_features))
+        return (32 * packed_length(in_features // 2, 2 * layer.bits) * out_features
+                + 16 * blocks * entries(layer.bits) * 2 + 16 * out_features)
+
+    @staticmethod
+    def weight(stored, layer: LayerPlan, in_features: int) -> torch.Tensor:
+        return vq_dequantize(stored("qweight"), stored("codebooks"), stored("row_scales"), layer.bits, in_features,
+                             layer.group_size)
+
+    @staticmethod
+    def levels(stored, layer: LayerPlan, in_features: int, dtype: torch.dtype = torch.float32) -> Levels:
+        """The codebooks, codes and row scales fixed: W = s_o C[g, q, t]; each codebook's coordinate t moves in
+        units of its mean spacing, its range over sqrt(K) - 1 (the spacing of K points on a square grid)."""
+        index = unpack(stored("qweight"), 2 * layer.bits, in_features // 2, dim=0).t().long()   # [out, pairs]
+        out, pairs = index.shape
+        block = (torch.arange(pairs) * 2 // span(layer.group_size, in_features))[None, :].expand(out, -1)
+        s = stored("row_scales").to(dtype)[:, None]
+        books = stored("codebooks").float()
+        spacing = (books.amax(1, keepdim=True) - books.amin(1, keepdim=True)) / (entries(layer.bits) ** 0.5 - 1)
+        return Levels("codebooks", stored("codebooks"), lambda C: s * C[block, index].reshape(out, in_features),
+                      spacing)
+
+    @staticmethod
+    def module(in_features: int, out_features: int, layer: LayerPlan, bias: bool,
+               has_g_idx: bool = False) -> VQLinear:
+        return VQLinear(in_features, out_features, layer.bits, layer.group_size, bias=bias)
+
+
 def _reads_earlier_padding(module: QuantizedLinear) -> QuantizedLinear:
     """`module`, loading the packed tensors of checkpoints written with whole runs of 32 codes per packed
     column (earlier bitsmith versions) as well: their extra words hold only zero padding."""
@@ -231,9 +278,11 @@ def _reads_earlier_padding(module: QuantizedLinear) -> QuantizedLinear:
     return module
 
 
-def layout_of(layer: LayerPlan) -> type[GPTQLayout | LUTLayout | PerICLayout]:
-    """The layout a plan entry is stored in: a lookup table, per-input-channel grids, dense-and-sparse when it
-    keeps outliers, else GPTQ."""
+def layout_of(layer: LayerPlan) -> type[GPTQLayout | LUTLayout | PerICLayout | VQLayout]:
+    """The layout a plan entry is stored in: codebooks of pairs, a lookup table, per-input-channel grids,
+    dense-and-sparse when it keeps outliers, else GPTQ."""
+    if layer.vq:
+        return VQLayout
     if layer.lut:
         return LUTLayout
     if layer.per_ic:
@@ -255,13 +304,14 @@ def plan_bits(plan: QuantPlan, shapes: dict[str, tuple[int, int]]) -> tuple[int,
 
 def _entry(layer: LayerPlan, desc_act: bool, extended: bool) -> dict:
     """One configuration as `quantization_config` fields; `extended` (a bitsmith-only checkpoint) names outliers,
-    lookup tables and per-input-channel groups in every entry."""
+    lookup tables, per-input-channel groups and codebooks of pairs in every entry."""
     return {"bits": layer.bits, "group_size": layer.group_size, "sym": layer.sym, "desc_act": desc_act,
-            **({"outliers": layer.outliers, "lut": layer.lut, "per_ic": layer.per_ic} if extended else {})}
+            **({"outliers": layer.outliers, "lut": layer.lut, "per_ic": layer.per_ic, "vq": layer.vq}
+               if extended else {})}
 
 
 def _config_key(layer: LayerPlan) -> tuple:
-    return layer.bits, layer.group_size, layer.sym, layer.outliers, layer.lut, layer.per_ic
+    return layer.bits, layer.group_size, layer.sym, layer.outliers, layer.lut, layer.per_ic, layer.vq
 
 
 def gptq_config(plan: QuantPlan, shapes: dict[str, tuple[int, int]]) -> dict:
@@ -273,13 +323,13 @@ def gptq_config(plan: QuantPlan, shapes: dict[str, tuple[int, int]]) -> dict:
     for name, layer in plan.layers.items():
         weight[_config_key(layer)] += shapes[name][0] * shapes[name][1]
     most = max(weight, key=lambda k: (weight[k], k))
-    base = LayerPlan(*most[:3], outliers=most[3], lut=most[4], per_ic=most[5])
+    base = LayerPlan(*most[:3], outliers=most[3], lut=most[4], per_ic=most[5], vq=most[6])
     dynamic = {f"+:{re.escape(name)}$": _entry(layer, desc_act, extended)
                for name, layer in plan.layers.items() if _config_key(layer) != most}
     return {**_entry(base, desc_act, extended), **({"dynamic": dynamic} if dynamic else {})}
 
 
-EXTENDED = ("outliers", "lut", "per_ic")      # the fields only bitsmith checkpoints have
+EXTENDED = ("outliers", "lut", "per_ic", "vq")      # the fields only bitsmith checkpoints have
 
 
 def checkpoint_format(qconfig: dict) -> str:
@@ -336,4 +386,10 @@ def layer_plan(layer: dict, where: str) -> LayerPlan:
     if not isinstance(per_ic, bool) or (per_ic and (lut or outliers or bits not in GPTQ_BITS)):
         raise InputError(f"{where}: per_ic {per_ic!r} in quantization_config: true or false, with no lookup "
                          f"table, no outliers and {', '.join(map(str, GPTQ_BITS))} bits")
-    return LayerPlan(bits, group, bool(layer["sym"]), outliers=float(outliers), lut=lut, per_ic=per_ic)
+    vq = layer.get("vq", False)
+    if not isinstance(vq, bool) or (vq and (lut or per_ic or outliers or bits not in VQ_BITS or group == 0
+                                            or (group != -1 and group % 2))):
+        raise InputError(f"{where}: vq {vq!r} in quantization_config: true or false, with no lookup table, "
+                         f"per-input-channel grids or outliers, {', '.join(map(str, VQ_BITS))} bits and an even "
+                         "group size (or -1)")
+    return LayerPlan(bits, group, bool(layer["sym"]), outliers=float(outliers), lut=lut, per_ic=per_ic, vq=vq)

@@ -44,6 +44,12 @@ one by one: the measurement takes `PER_IC_WINDOWS` whole windows of `PER_IC_WIND
 number of groups of either size), drawn with probability proportional to the windows' summed sampling size, and
 weights them as above.
 
+Codebooks of pairs (quantize/vq.py, GPTVQ in two dimensions: 2^(2 bits) entries per block of inputs, a scale per
+row) are candidates at 2 and 3 bits with a codebook per 128 inputs and at 4 bits per 256 inputs, `VQ_CANDIDATES`
+(256 entries x 2 x 16 bits per 128 inputs would cost 0.33 bits per weight on SmolLM2's 192-row k/v projections).
+A codebook is shared by all rows: it is fitted on the whole linear, and GPTQ's loss of the sampled rows under it
+is weighted as above.
+
 Decide: linears that read one input in one block (q/k/v, gate/up) share a configuration, as fused loaders
 (vLLM) require; a multiple-choice knapsack (quantize/allocate.py) picks one candidate per such unit.
 """
@@ -68,25 +74,28 @@ from .formats.source import ModelSource
 from .layouts import layout_of
 from .memory import release_freed_memory
 from .pipeline import calibration_windows, collect_hessians, compute, linear_shapes
-from .plan import LUT_BITS, MAX_OUTLIERS, LayerPlan, QuantizeOptions, QuantPlan
+from .plan import LUT_BITS, MAX_OUTLIERS, VQ_BITS, LayerPlan, QuantizeOptions, QuantPlan
 from .quantize.allocate import allocate
 from .quantize.gptq import GridConfig, gptq_configs
 from .quantize.lut import gptq_lut_configs
 from .quantize.rtn import rtn_quantize
+from .quantize.vq import gptq_vq
 
 PLAIN_CANDIDATES = (tuple(LayerPlan(b, g, s) for b in (2, 3, 4, 8) for g in (32, 64, 128, -1) for s in (False, True))
                     + tuple(LayerPlan(b, g, False) for b in (5, 6) for g in (32, 64, 128, -1)))
 OUTLIER_CANDIDATES = tuple(LayerPlan(b, 128, False, outliers=f) for b in (2, 3) for f in (0.005, 0.01))
 LUT_CANDIDATES = tuple(LayerPlan(b, -1, False, lut=True) for b in LUT_BITS)
 PER_IC_CANDIDATES = tuple(LayerPlan(b, g, False, per_ic=True) for b in (2, 3, 4) for g in (64, 128))
+VQ_CANDIDATES = tuple(LayerPlan(b, g, False, vq=True) for b, g in ((2, 128), (3, 128), (4, 256)))
 CANDIDATES = (PLAIN_CANDIDATES + OUTLIER_CANDIDATES + LUT_CANDIDATES     # in `sampled_losses`' order: the grids
-              + PER_IC_CANDIDATES)                                      # of single rows, tables, per-IC grids
+              + PER_IC_CANDIDATES + VQ_CANDIDATES)                     # of single rows, tables, per-IC grids, VQ
 MEASURE_ROWS = 128        # rows of each linear the measurement runs GPTQ on (all of them when it has fewer)
 MEASURE_WINDOWS = 64      # first calibration windows the measurement's Hessians come from (quantization uses all)
 SHRINK_EVERY = 8          # the measurement's grid search tries every 8th of GPTQ's 80 shrink factors
 PROXIES = ("fisher", "hessian")
 PER_IC_WINDOW, PER_IC_WINDOWS = 128, 2     # rows per window and windows of the per-input-channel candidates
-MEASUREMENT_VERSION = 4           # 4: per-input-channel candidates; 3: lookup tables; 2: outliers; 1-3 still read
+MEASUREMENT_VERSION = 5           # 5: codebooks of pairs; 4: per-input-channel candidates; 3: lookup tables;
+                                  # 2: outliers; 1-4 still read
 MATCHING_OPTIONS = ("method", "act_order", "static_groups", "mse", "damp")
 
 
@@ -113,7 +122,8 @@ class Measurement:
                 "calibration_fingerprint": self.calibration, "calibration": self.description,
                 "options": self.options,
                 "candidates": [{"bits": c.bits, "group_size": c.group_size, "sym": c.sym, "outliers": c.outliers,
-                                **({"lut": True} if c.lut else {}), **({"per_ic": True} if c.per_ic else {})}
+                                **({"lut": True} if c.lut else {}), **({"per_ic": True} if c.per_ic else {}),
+                                **({"vq": True} if c.vq else {})}
                                for c in self.candidates],
                 "units": self.units,
                 "fisher": {"windows": self.fisher_windows, "nll": self.base_nll},
@@ -140,9 +150,9 @@ class Measurement:
 
     @classmethod
     def _from(cls, body: dict, source: ModelSource, opts: QuantizeOptions, where: str) -> Measurement:
-        if body["format_version"] not in (1, 2, 3, MEASUREMENT_VERSION):
+        if body["format_version"] not in (1, 2, 3, 4, MEASUREMENT_VERSION):
             raise InputError(f"{where}: measurement format {body['format_version']!r}, expected "
-                             f"{MEASUREMENT_VERSION} (or 1-3); measure again with this bitsmith")
+                             f"{MEASUREMENT_VERSION} (or 1-4); measure again with this bitsmith")
         if body["source_fingerprint"] != source.fingerprint():
             raise InputError(f"{where}: measured on a different model (source fingerprint differs); measure "
                              "this model again")
@@ -152,7 +162,7 @@ class Measurement:
                                  f"{getattr(opts, key)!r}; use the same options or measure again")
         candidates = [LayerPlan(int(c["bits"]), int(c["group_size"]), bool(c["sym"]),
                                 outliers=float(c.get("outliers", 0.0)), lut=c.get("lut", False) is True,
-                                per_ic=c.get("per_ic", False) is True)
+                                per_ic=c.get("per_ic", False) is True, vq=c.get("vq", False) is True)
                       for c in body["candidates"]]
         if any(not 0 <= c.outliers <= MAX_OUTLIERS for c in candidates):
             raise InputError(f"{where}: a candidate's outliers are not a fraction from 0 to {MAX_OUTLIERS}")
@@ -160,8 +170,13 @@ class Measurement:
             raise InputError(f"{where}: a lookup-table candidate is not a table per row of 2, 3 or 4 bits")
         if any(c.per_ic and (c.lut or c.outliers) for c in candidates):
             raise InputError(f"{where}: a per-input-channel candidate has a lookup table or outliers")
-        missing = {1: "outlier, lookup-table and per-input-channel", 2: "lookup-table and per-input-channel",
-                   3: "per-input-channel"}.get(body["format_version"])
+        if any(c.vq and (c.lut or c.per_ic or c.outliers or c.bits not in VQ_BITS or c.group_size % 2)
+               for c in candidates):
+            raise InputError(f"{where}: a codebook candidate is not one of pairs at 2, 3 or 4 bits with an even "
+                             "group size")
+        missing = {1: "outlier, lookup-table, per-input-channel and codebook",
+                   2: "lookup-table, per-input-channel and codebook", 3: "per-input-channel and codebook",
+                   4: "codebook"}.get(body["format_version"])
         if missing:
             print(f"{where}: a measurement of format {body['format_version']} has no {missing} candidates: the "
                   f"plan chooses among its {len(candidates)} candidates (measure again to offer them all)",
@@ -217,9 +232,11 @@ SAMPLERS = {"strata": strata, "pps": pps}
 
 def sampled_losses(W: torch.Tensor, H: torch.Tensor, fisher: torch.Tensor, configs: list[GridConfig],
                    opts: QuantizeOptions, rows: int = MEASURE_ROWS, sampler: str = "pps",
-                   lut_bits: list[int] = (), per_ic: list[GridConfig] = ()) -> tuple[list[float], list[float]]:
+                   lut_bits: list[int] = (), per_ic: list[GridConfig] = (),
+                   vq: list[LayerPlan] = ()) -> tuple[list[float], list[float]]:
     """(Fisher-weighted, plain) GPTQ error of W under each grid configuration, then under a lookup table of
-    each of `lut_bits`, then under each per-input-channel configuration, estimated from a sample of rows:
+    each of `lut_bits`, then under each per-input-channel configuration, then under codebooks of pairs of each of
+    `vq` (fitted on the whole of W), estimated from a sample of rows:
     sum_o F_o loss_o / 2 (nats per token) and sum_o loss_o. Rows are drawn by `sampler` with their
     Fisher-weighted round-to-nearest error (4-bit, groups of 128) as the size; a table is per row, so a sampled
     row's table is the one the whole linear would get. Per-input-channel grids span rows: they are measured on
@@ -241,6 +258,12 @@ def sampled_losses(W: torch.Tensor, H: torch.Tensor, fisher: torch.Tensor, confi
                                     mse=opts.mse, shrink_every=SHRINK_EVERY, keep=False)
         fisher_losses = torch.cat([fisher_losses, ic_losses @ (weight * fisher[pick]) / 2])
         plain_losses = torch.cat([plain_losses, ic_losses @ weight])
+    if vq:
+        pick, weight = SAMPLERS[sampler](size, rows)
+        vq_losses = torch.stack([gptq_vq(W[pick], H, c.bits, c.group_size, opts.act_order, opts.damp, fit=W,
+                                         keep=False)[1] for c in vq])
+        fisher_losses = torch.cat([fisher_losses, vq_losses @ (weight * fisher[pick]) / 2])
+        plain_losses = torch.cat([plain_losses, vq_losses @ weight])
     return fisher_losses.tolist(), plain_losses.tolist()
 
 
@@ -282,9 +305,11 @@ def measure(source: ModelSource, opts: QuantizeOptions, progress: bool = True, w
                                      share=world.share(fisher_windows.shape[0], WINDOWS_AT_ONCE),
                                      gather=lambda values: gathered_list(values, world))
     candidates = [c for c in CANDIDATES if c.technique in opts.menu]          # in CANDIDATES' order
-    configs = [GridConfig(c.bits, c.group_size, c.sym, c.outliers) for c in candidates if not (c.lut or c.per_ic)]
+    configs = [GridConfig(c.bits, c.group_size, c.sym, c.outliers) for c in candidates
+               if not (c.lut or c.per_ic or c.vq)]
     lut_bits = [c.bits for c in candidates if c.lut]
     per_ic = [GridConfig(c.bits, c.group_size, c.sym, per_ic=True) for c in candidates if c.per_ic]
+    vq = [c for c in candidates if c.vq]
     errors = {proxy: {} for proxy in PROXIES}
     measured = windows[:MEASURE_WINDOWS]
     measured = measured[world.share(measured.shape[0], opts.batch)]
@@ -298,7 +323,7 @@ def measure(source: ModelSource, opts: QuantizeOptions, progress: bool = True, w
         jobs = [(group, name) for group in family.siblings for name in group]
         weights = [block.get_submodule(name).weight.data.to(torch.float32) for _, name in jobs]
         losses = from_owners([lambda W=W, h=hessians[group], full=prefix + name: _losses(
-                                  W, h.H, fisher[full], configs, opts, lut_bits, per_ic, full)
+                                  W, h.H, fisher[full], configs, opts, lut_bits, per_ic, vq, full)
                               for W, (group, name) in zip(weights, jobs)],
                              [W.shape[1] ** 2 for W in weights], world)
         for (_, name), (by_fisher, plain) in zip(jobs, losses):
@@ -310,9 +335,9 @@ def measure(source: ModelSource, opts: QuantizeOptions, progress: bool = True, w
                        shapes, units_of(runner), errors, min(opts.fisher_samples, windows.shape[0]), base_nll)
 
 
-def _losses(W, H, fisher, configs, opts, lut_bits, per_ic, name: str) -> tuple[list[float], list[float]]:
+def _losses(W, H, fisher, configs, opts, lut_bits, per_ic, vq, name: str) -> tuple[list[float], list[float]]:
     try:
-        return sampled_losses(W, H, fisher, configs, opts, lut_bits=lut_bits, per_ic=per_ic)
+        return sampled_losses(W, H, fisher, configs, opts, lut_bits=lut_bits, per_ic=per_ic, vq=vq)
     except ValueError as e:
         raise InputError(f"{name}: {e}") from None
 

@@ -42,6 +42,7 @@ from .quantize.qoq import qoq_quantize
 from .quantize.rtn import rtn_quantize
 from .quantize.signround import layer_output_error, signround
 from .quantize.tune import Relative, TunedLinear, tune
+from .quantize.vq import gptq_vq
 
 
 @dataclass
@@ -82,6 +83,9 @@ def _quantize_linear(W: torch.Tensor, H: Hessian | None, opts: QuantizeOptions, 
         W = unquantized_target(W, H.H, H.drift, opts.damp)
     if opts.method == "rtn":
         qw = rtn_quantize(W, layer.bits, layer.group_size, layer.sym, opts.mse)
+        return qw, layout_of(layer).tensors(qw), qw.loss
+    if opts.method == "gptq" and layer.vq:
+        qw, _ = gptq_vq(W, H.H, layer.bits, layer.group_size, opts.act_order, opts.damp)
         return qw, layout_of(layer).tensors(qw), qw.loss
     if opts.method == "gptq" and layer.lut:
         qw = gptq_lut(W, H.H, layer.bits, opts.act_order, opts.damp)

@@ -8,7 +8,7 @@ from .formats.errors import InputError
 from .formats.packing import GPTQ_BITS, SUPPORTED_BITS
 
 METHODS = ("rtn", "gptq", "qoq")   # qoq: W4A8 weights (per-channel int8, then per-group uint4)
-TECHNIQUES = ("uniform", "wide", "outliers", "lut", "per-ic")   # what a measured plan may choose from (`--menu`)
+TECHNIQUES = ("uniform", "wide", "outliers", "lut", "per-ic", "vq")   # what a measured plan may choose from (`--menu`)
 ROUNDINGS = ("gptq", "gptaq", "signround")  # gptaq: GPTQ toward the unquantized outputs (quantize/gptq.py
                                             # unquantized_target); signround: GPTQ's result refined per block
 
@@ -92,7 +92,9 @@ class LayerPlan:
     (quantize/outliers.py; 0: none, the plain GPTQ layout), whether its grid is a lookup table of 2^bits
     centroids per output row instead (quantize/lut.py; group size -1, no symmetry) and, when a measurement chose
     it, the loss increase that measurement predicts (nats per token). With `per_ic` the groups run along the
-    output instead: one grid per input channel and `group_size` output rows (quantize/per_ic.py, AdaDim)."""
+    output instead: one grid per input channel and `group_size` output rows (quantize/per_ic.py, AdaDim). With
+    `vq` pairs of inputs are coded into a codebook of 2^(2 bits) entries per block of `group_size` inputs
+    (quantize/vq.py, GPTVQ)."""
     bits: int
     group_size: int
     sym: bool
@@ -100,19 +102,24 @@ class LayerPlan:
     outliers: float = 0.0
     lut: bool = False
     per_ic: bool = False
+    vq: bool = False
 
     @property
     def technique(self) -> str:
         """Which entry of the menu (TECHNIQUES) this configuration is: a plain uniform grid of GPTQ's widths, one
-        of 5 or 6 bits ("wide", which GPTQ loaders do not read), a grid with outliers, a lookup table or grids per
-        input channel."""
+        of 5 or 6 bits ("wide", which GPTQ loaders do not read), a grid with outliers, a lookup table, grids per
+        input channel or codebooks of pairs."""
+        if self.vq:
+            return "vq"
         if self.per_ic or self.lut or self.outliers:
             return "per-ic" if self.per_ic else "lut" if self.lut else "outliers"
         return "uniform" if self.bits in GPTQ_BITS else "wide"
 
     def key(self) -> str:
         """A short name of the configuration: w3g64, w4g-1s, w3g128o0.01 (1 % outliers), w3lut, w3ic64
-        (per input channel, groups of 64 rows), ..."""
+        (per input channel, groups of 64 rows), w3vq128 (codebooks of pairs per 128 inputs), ..."""
+        if self.vq:
+            return f"w{self.bits}vq{self.group_size}"
         if self.lut:
             return f"w{self.bits}lut"
         if self.per_ic:
@@ -146,10 +153,10 @@ class QuantPlan:
         return None if None in errors else sum(errors)
 
     def as_dict(self) -> dict:
-        """The plan as JSON; `outliers`, `lut` and `per_ic` are written only where they are set (a plan without
-        them reads as it always has)."""
+        """The plan as JSON; `outliers`, `lut`, `per_ic` and `vq` are written only where they are set (a plan
+        without them reads as it always has)."""
         layers = {name: {k: v for k, v in asdict(layer).items()
-                         if v is not None and (k not in ("outliers", "lut", "per_ic") or v)}
+                         if v is not None and (k not in ("outliers", "lut", "per_ic", "vq") or v)}
                   for name, layer in self.layers.items()}
         return {"format_version": PLAN_VERSION, "options": self.options.as_dict(), "target_bpw": self.target_bpw,
                 "layers": layers}
@@ -197,12 +204,12 @@ def _layer_from(entry, where: str) -> LayerPlan:
     if type(outliers) not in (int, float) or not 0 <= outliers <= MAX_OUTLIERS:
         raise InputError(f"{where}: outliers {outliers!r}: a fraction of the weights from 0 to {MAX_OUTLIERS}")
     error = entry.get("predicted_error")
-    lut, per_ic = entry.get("lut", False), entry.get("per_ic", False)
-    for key, flag in (("lut", lut), ("per_ic", per_ic)):
+    lut, per_ic, vq = entry.get("lut", False), entry.get("per_ic", False), entry.get("vq", False)
+    for key, flag in (("lut", lut), ("per_ic", per_ic), ("vq", vq)):
         if not isinstance(flag, bool):
             raise InputError(f"{where}: {key} {flag!r}: expected true or false")
     return LayerPlan(bits, group, sym, float(error) if isinstance(error, (int, float)) else None, float(outliers),
-                     lut, per_ic)
+                     lut, per_ic, vq)
 
 
 MAX_OUTLIERS = 0.25       # SpQR and SqueezeLLM keep about 1 %; beyond a quarter the weight is hardly quantized
@@ -241,13 +248,32 @@ def check_per_ic(layer: LayerPlan, name: str, method: str) -> None:
         raise InputError(f"{name}: per_ic with {layer.bits} bits: choose one of {', '.join(map(str, GPTQ_BITS))}")
 
 
+VQ_BITS = (2, 3, 4)       # 16, 64 or 256 entries per codebook of pairs (quantize/vq.py)
+
+
+def check_vq(layer: LayerPlan, name: str, in_features: int, method: str) -> None:
+    """Codebooks of pairs are chosen by GPTQ, over an even number of inputs, with nothing else on them."""
+    if not layer.vq:
+        return
+    if method != "gptq":
+        raise InputError(f"{name}: vq needs --method gptq (this run has {method})")
+    if layer.bits not in VQ_BITS:
+        raise InputError(f"{name}: vq with {layer.bits} bits: choose one of {', '.join(map(str, VQ_BITS))}")
+    if layer.lut or layer.per_ic or layer.outliers or layer.sym:
+        raise InputError(f"{name}: vq keeps no outliers, lookup table, per-input-channel grids or symmetry")
+    if in_features % 2 or (layer.group_size != -1 and layer.group_size % 2):
+        raise InputError(f"{name}: vq codes pairs of inputs: {in_features} inputs and group size "
+                         f"{layer.group_size} must be even (or -1)")
+
+
 def check_layer(layer: LayerPlan, name: str, in_features: int, method: str) -> None:
     """Every check of a plan entry for a linear with `in_features` inputs under `method`."""
-    if not layer.per_ic:                    # per-input-channel groups run along the output: any size fits
+    if not (layer.per_ic or layer.vq):      # per-IC groups run along the output, codebooks may end short: any size
         check_group(layer.group_size, name, in_features, method)
     check_outliers(layer.outliers, name, method)
     check_lut(layer, name, method)
     check_per_ic(layer, name, method)
+    check_vq(layer, name, in_features, method)
 
 
 def check_group(g: int, name: str, in_features: int, method: str) -> None:

@@ -1,10 +1,12 @@
-"""Triton dequantization of the layouts whose grids are not GPTQ's: lookup tables (kernels/lut_linear.py) and
-per-input-channel grids (kernels/per_ic_linear.py). Both keep GPTQ's qweight (codes packed along K, one
-little-endian bit stream per output column; triton_w4a16.py reads it), and write W [K, N] in the activation
-dtype for torch.matmul, one [BLOCK_K, BLOCK_N] tile per program:
+"""Triton dequantization of the layouts whose grids are not GPTQ's: lookup tables (kernels/lut_linear.py),
+per-input-channel grids (kernels/per_ic_linear.py) and codebooks of pairs (kernels/vq_linear.py). All keep GPTQ's
+qweight (codes packed along K, one little-endian bit stream per output column; triton_w4a16.py reads it; codebooks
+of pairs pack one index of 2 x bits bits per pair of inputs p = k // 2), and write W [K, N] in the activation dtype for
+torch.matmul, one [BLOCK_K, BLOCK_N] tile per program:
 
   lookup table        W[k, n] = lut[n, code[k, n]]                          lut [N, 2^bits]
   per input channel   W[k, n] = scale[n // g, k] * (code[k, n] - zero[n // g, k])   scales, zeros [G, K]
+  codebooks of pairs  W[k, n] = s[n] * C[2p // g, index[p, n], k % 2],  p = k // 2   C [G, 2^(2 bits), 2], s [N]
 
 The per-input-channel zeros are unpacked once at load time (as the GPTQ runtime unpacks its group metadata).
 """
@@ -14,9 +16,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_w4a16 import _codes3, _load_runs3, _unpack
+from .triton_w4a16 import _codes3, _codes_stream, _load_runs3, _unpack
 
-BLOCK_K, BLOCK_N = 64, 64          # a whole number of packed words at every bit width (32 codes: 3 words at 3 bits)
+BLOCK_K, BLOCK_N = 64, 64          # a whole number of packed words at every bit width (32 codes: 3 words at 3 bits;
+                                   # 32 pairs: 6 words of 6-bit indices)
 
 
 @triton.jit
@@ -57,6 +60,28 @@ def _per_ic_kernel(qweight_ptr, scales_ptr, zeros_ptr, w_ptr, K, N, GROUP_ROWS, 
     tl.store(w_ptr + offs_k[:, None] * N + offs_n[None, :], w.to(w_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _vq_kernel(qweight_ptr, codebooks_ptr, scales_ptr, w_ptr, K, N, SPAN, BITS: tl.constexpr,
+               BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """W[k, n] = s[n] * C[2p // SPAN, index[p, n], k % 2] (p = k // 2) for one [BLOCK_K, BLOCK_N] tile."""
+    offs_k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (offs_k < K)[:, None] & (offs_n < N)[None, :]
+    pairs = offs_k // 2                                  # each index read for both rows of its pair
+    INDEX_BITS: tl.constexpr = 2 * BITS
+    if 32 % INDEX_BITS:
+        index = _codes_stream(qweight_ptr, pairs, offs_n, mask, K // 2, N, INDEX_BITS)
+    else:
+        PER_WORD: tl.constexpr = 32 // INDEX_BITS
+        words = tl.load(qweight_ptr + (pairs // PER_WORD)[:, None] * N + offs_n[None, :], mask=mask, other=0)
+        index = _unpack(words, ((pairs % PER_WORD) * INDEX_BITS)[:, None], INDEX_BITS)
+    entry = ((pairs * 2 // SPAN)[:, None] << INDEX_BITS) + index
+    value = tl.load(codebooks_ptr + entry * 2 + (offs_k % 2)[:, None], mask=mask, other=0.0).to(tl.float32)
+    scale = tl.load(scales_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
+    w = scale[None, :] * value
+    tl.store(w_ptr + offs_k[:, None] * N + offs_n[None, :], w.to(w_ptr.dtype.element_ty), mask=mask)
+
+
 def _grid(K: int, N: int) -> tuple[int, int]:
     return triton.cdiv(K, BLOCK_K), triton.cdiv(N, BLOCK_N)
 
@@ -77,4 +102,15 @@ def per_ic_dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.
     W = torch.empty(K, N, device=qweight.device, dtype=dtype)
     _per_ic_kernel[_grid(K, N)](qweight, scales.contiguous(), zeros.contiguous(), W, K, N, group_rows, BITS=bits,
                                 BLOCK_K=BLOCK_K, BLOCK_N=BLOCK_N)
+    return W
+
+
+def vq_dequantize(qweight: torch.Tensor, codebooks: torch.Tensor, row_scales: torch.Tensor, bits: int, K: int,
+                  group_size: int, dtype: torch.dtype) -> torch.Tensor:
+    """W [K, N] from pair indices packed along K / 2 [packed(K / 2), N], codebooks [G, 2^(2 bits), 2] of
+    `group_size` inputs each (-1: all K) and row scales [N]."""
+    N = qweight.shape[1]
+    W = torch.empty(K, N, device=qweight.device, dtype=dtype)
+    _vq_kernel[_grid(K, N)](qweight, codebooks.contiguous(), row_scales.contiguous(), W, K, N,
+                            K if group_size == -1 else group_size, BITS=bits, BLOCK_K=BLOCK_K, BLOCK_N=BLOCK_N)
     return W

@@ -274,9 +274,10 @@ def select_outliers(W: torch.Tensor, Hinv: torch.Tensor, configs: list[GridConfi
     return kept
 
 
-def prepare(W: torch.Tensor, H: torch.Tensor, act_order: bool, damp: float):
+def prepare(W: torch.Tensor, H: torch.Tensor, act_order: bool, damp: float, perm: torch.Tensor | None = None):
     """(W, H, column order, upper Cholesky factor of the permuted (H + lambda I)^-1) for the loop: float32 copies,
-    inputs never active (H_jj = 0) made free (their weights 0, H_jj 1), columns in act-order when asked."""
+    inputs never active (H_jj = 0) made free (their weights 0, H_jj 1), columns in act-order when asked (or in the
+    order `perm` when given)."""
     check_finite(W)
     if not torch.isfinite(H).all():
         raise ValueError("Hessian has NaN/Inf values (non-finite calibration activations)")
@@ -285,7 +286,8 @@ def prepare(W: torch.Tensor, H: torch.Tensor, act_order: bool, damp: float):
     dead = torch.diag(H) == 0                                    # inputs never active: weight is free
     H[dead, dead] = 1
     W[:, dead] = 0
-    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(W.shape[1])
+    if perm is None:
+        perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(W.shape[1])
     Hinv, _ = inverse_cholesky(H[perm][:, perm], damp)
     return W, H, perm, Hinv
 

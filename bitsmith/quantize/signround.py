@@ -33,6 +33,11 @@ the gradient reaching V as d_o (straight through the nearest-centroid search, as
 the gather. The centroids take signed steps of d_o times the clipping factors' rate (so each moves at most half a
 mean spacing) and are kept ascending and fp16 as stored. The tables are to a non-uniform grid what the clipping
 factors are to a uniform one: its levels, learned on the block's output error rather than on the weights alone.
+
+A start of codebooks of pairs (quantize/vq.py: W[o, 2p + t] = s_o C[g, q[o, p], t]) keeps its codes, GPTQ's joint
+choice (a search among 2^(2 bits) entries per pair at every step would cost that many times the weight), and
+learns its levels (`LearnedCodebook`): the codebooks, in units of each one's mean spacing per coordinate, and a
+factor a_o of every row's scale, in units of 1 within the clipping factors' bounds.
 """
 from __future__ import annotations
 
@@ -48,6 +53,7 @@ from .grid import FP16_TINY, ZERO_MIN, stored_ste
 from .lut import LutWeight, nearest
 from .per_ic import PerICWeight, expand_rows
 from .rtn import QuantizedWeight
+from .vq import VQWeight, dequantize, entries, span
 
 STARTS = ("gptq", "rtn")
 CLIP_RANGE = (0.5, 1.5)      # bounds of the clipping factors; the decaying step cannot move them further anyway
@@ -191,8 +197,50 @@ class LearnedTable(_Learned):
                                    Q=table.float().gather(1, codes))
 
 
-def learned(W: torch.Tensor, start: QuantizedWeight | LutWeight, relative_to: str = "rtn") -> LearnedGrid | LearnedTable:
-    """The learned parameters of one linear on its start: a table's or a uniform grid's."""
+class LearnedCodebook(_Learned):
+    """One linear's learned codebooks and row scales on its starting codebooks of pairs, the codes fixed (module
+    docstring)."""
+
+    def __init__(self, W: torch.Tensor, start: VQWeight, relative_to: str = "rtn"):
+        super().__init__(start, relative_to)
+        out, pairs = start.codes.shape
+        self.index = start.codes.long()
+        self.block = (torch.arange(pairs) * 2 // span(start.group_size, 2 * pairs))[None, :].expand(out, -1)
+        books = start.codebooks.to(torch.float32)
+        self.spacing = ((books.amax(1, keepdim=True) - books.amin(1, keepdim=True))
+                        / (entries(start.bits) ** 0.5 - 1)).clamp(min=FP16_TINY)            # [G, 1, 2]
+        self.s0 = start.scales.to(torch.float32)
+        self.V = nn.Parameter(torch.zeros(0))                  # no rounding offsets: the codes stay GPTQ's
+        self.C = nn.Parameter(books.clone())
+        self.a = nn.Parameter(torch.ones_like(self.s0))
+
+    def scales(self) -> torch.Tensor:
+        return torch.clamp(stored_ste(self.s0 * self.a), min=FP16_TINY)
+
+    def forward(self) -> torch.Tensor:
+        """The quantized weight Q [out, in], differentiable in the codebooks and the row factors."""
+        values = stored_ste(self.C)[self.block, self.index]                                  # [out, pairs, 2]
+        return self.scales()[:, None] * values.reshape(self.index.shape[0], -1)
+
+    def levels(self) -> list[tuple[nn.Parameter, float | torch.Tensor]]:
+        return [(self.C, self.spacing), (self.a, 1.0)]
+
+    @torch.no_grad()
+    def clamp_(self) -> None:
+        self.a.clamp_(*CLIP_RANGE)
+
+    @torch.no_grad()
+    def result(self) -> VQWeight:
+        books, scales = self.C.to(torch.float16), self.scales().to(torch.float16)
+        return dataclasses.replace(self.start, codebooks=books, scales=scales,
+                                   Q=dequantize(self.start.codes, books, scales, self.start.group_size))
+
+
+def learned(W: torch.Tensor, start: QuantizedWeight | LutWeight | VQWeight,
+            relative_to: str = "rtn") -> LearnedGrid | LearnedTable | LearnedCodebook:
+    """The learned parameters of one linear on its start: codebooks', a table's or a uniform grid's."""
+    if isinstance(start, VQWeight):
+        return LearnedCodebook(W, start, relative_to)
     return (LearnedTable if isinstance(start, LutWeight) else LearnedGrid)(W, start, relative_to)
 
 

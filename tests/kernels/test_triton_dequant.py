@@ -1,6 +1,6 @@
-"""Triton dequantization of lookup-table and per-input-channel weights (kernels/triton_dequant.py) against the
-torch references, interpreted on CPU (conftest sets TRITON_INTERPRET=1): every bit width, shapes that end in
-partial tiles, partial row groups."""
+"""Triton dequantization of lookup-table, per-input-channel and codebook-of-pairs weights (kernels/triton_dequant.py)
+against the torch references, interpreted on CPU (conftest sets TRITON_INTERPRET=1): every bit width, shapes that end
+in partial tiles, partial row groups and codebook blocks."""
 import pytest
 import torch
 
@@ -8,6 +8,7 @@ from bitsmith.formats.packing import pack, unpack
 from bitsmith.kernels import triton_dequant
 from bitsmith.kernels.lut_linear import lut_dequantize
 from bitsmith.kernels.per_ic_linear import per_ic_dequantize
+from bitsmith.kernels.vq_linear import vq_dequantize
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
@@ -35,12 +36,44 @@ def test_per_input_channel_grids(bits, K, N, rows):
     assert torch.equal(W, per_ic_dequantize(qweight, scales, qzeros, bits, K, rows).t())
 
 
+def vq_weights(bits, K, N, group_size, seed):
+    """Random stored tensors of a VQLinear [N, K]: packed pair indices, codebooks, row scales."""
+    g = torch.Generator().manual_seed(seed)
+    blocks = -(-K // (K if group_size == -1 else group_size))
+    index = torch.randint(0, 4 ** bits, (N, K // 2), generator=g, dtype=torch.uint8)
+    codebooks = torch.randn(blocks, 4 ** bits, 2, generator=g).half()
+    row_scales = (torch.rand(N, generator=g) + 0.01).half()
+    return pack(index.t(), 2 * bits, dim=0), codebooks, row_scales
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("group_size", [128, 64, -1])
+@pytest.mark.parametrize("K, N", [(64, 64), (200, 70), (136, 9), (70, 5)])
+def test_codebooks_of_pairs(poisoned_outputs, bits, group_size, K, N):
+    stored = vq_weights(bits, K, N, group_size, seed=bits * K + N + group_size)
+    W = triton_dequant.vq_dequantize(*stored, bits, K, group_size, torch.float32)
+    assert torch.equal(W, vq_dequantize(*stored, bits, K, group_size).t())
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_codebooks_of_pairs_round_once_to_the_dtype(poisoned_outputs, bits, dtype):
+    stored = vq_weights(bits, 136, 70, 64, seed=bits)
+    W = triton_dequant.vq_dequantize(*stored, bits, 136, 64, dtype)
+    ref = vq_dequantize(*stored, bits, 136, 64).t()
+    want = [ref.to(dtype)]
+    if dtype == torch.bfloat16:       # Triton's interpreter casts float32 to bfloat16 toward zero, CUDA to nearest
+        want.append((ref.view(torch.int32) & -(1 << 16)).view(torch.float32).to(dtype))
+    assert W.dtype == dtype and any(torch.equal(W, w) for w in want)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the interpreter runs the kernels above)")
 def test_modules_dequantize_on_cuda_as_on_the_cpu():
     from bitsmith.kernels.lut_linear import LUTLinear
     from bitsmith.kernels.per_ic_linear import PerICLinear
+    from bitsmith.kernels.vq_linear import VQLinear
     g = torch.Generator().manual_seed(0)
-    for module in (LUTLinear(96, 80, 3), PerICLinear(96, 80, 4, 32)):
+    for module in (LUTLinear(96, 80, 3), PerICLinear(96, 80, 4, 32), VQLinear(96, 80, 3, 32)):
         for name, buf in module.named_buffers():
             if buf is not None:
                 buf.copy_(torch.randint(0, 2 ** 31 - 1, buf.shape, generator=g).to(buf.dtype) if buf.dtype ==

@@ -14,6 +14,7 @@ from bitsmith.quantize import tune as tune_module
 from bitsmith.quantize.gptq import gptq_quantize
 from bitsmith.quantize.lut import gptq_lut
 from bitsmith.quantize.tune import TunedLinear, kl_backward, tune
+from bitsmith.quantize.vq import gptq_vq
 
 LAYERS = {
     "uniform": LayerPlan(3, 16, False),
@@ -21,6 +22,7 @@ LAYERS = {
     "outliers": LayerPlan(3, 16, False, outliers=0.05),
     "lut": LayerPlan(3, -1, False, lut=True),
     "per-ic": LayerPlan(3, 8, False, per_ic=True),
+    "vq": LayerPlan(2, 16, False, vq=True),
 }
 
 
@@ -30,6 +32,8 @@ def quantized(layer: LayerPlan, out: int, inp: int, seed: int):
     H = 2 * X.t() @ X / X.shape[0]
     if layer.lut:
         return W, gptq_lut(W, H, layer.bits, act_order=True)
+    if layer.vq:
+        return W, gptq_vq(W, H, layer.bits, layer.group_size, act_order=True)[0]
     return W, gptq_quantize(W, H, layer.bits, layer.group_size, layer.sym, act_order=True, outliers=layer.outliers,
                             per_ic=layer.per_ic)
 
@@ -38,6 +42,7 @@ def quantized(layer: LayerPlan, out: int, inp: int, seed: int):
 @given(kind=st.sampled_from(sorted(LAYERS)), out=st.integers(1, 24), inp=st.integers(8, 70), seed=st.integers(0, 99))
 def test_levels_give_back_the_stored_weight_exactly(kind, out, inp, seed):
     layer = LAYERS[kind]
+    inp += inp % 2 if layer.vq else 0                              # codebooks code pairs of inputs
     _, qw = quantized(layer, out, inp, seed)
     layout = layout_of(layer)
     stored = layout.tensors(qw)
@@ -63,6 +68,11 @@ def test_gradient_reaches_the_levels_which_move_in_their_unit_and_the_outliers_s
     with torch.no_grad():
         module.delta.fill_(0.25)
     assert torch.equal(module.stored(), (levels.start.float() + 0.25 * levels.unit).half())
+    if layer.vq:                                    # a quarter of each codebook coordinate's mean spacing
+        books = levels.start.float()
+        spacing = (books.amax(1, keepdim=True) - books.amin(1, keepdim=True)) / (2 ** layer.bits - 1)
+        assert torch.allclose(levels.unit, spacing)
+        return
     if layer.lut:                                   # a quarter of each row's mean spacing
         spacing = (levels.start[:, -1:].float() - levels.start[:, :1].float()) / (2 ** layer.bits - 1)
         assert torch.allclose(levels.unit, spacing)

@@ -1,0 +1,152 @@
+"""The codebook layout (bitsmith/layouts.py `VQLayout`): its stored size is the bytes it writes, its module
+reproduces Q, its configuration entries are checked; end to end on stories260K, a plan with codebooks of pairs in
+the MLP is quantized, loaded (the quantize-time perplexity again), verified and inspected."""
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from plan_support import (
+    STORIES_WEIGHTS,
+    check_loaded_and_inspected,
+    check_module_reproduces,
+    linear_names,
+    nbits,
+    quantize_planned,
+    written_bits,
+)
+from safetensors import safe_open
+
+from bitsmith.formats.errors import InputError
+from bitsmith.kernels.vq_linear import VQLinear, vq_table
+from bitsmith.layouts import VQLayout, gptq_config, layer_config, layer_plan, layout_of
+from bitsmith.plan import LayerPlan, QuantizeOptions, QuantPlan, check_layer
+from bitsmith.quantize.vq import VQWeight, dequantize, entries, gptq_vq
+
+
+def random_vq(out: int, inp: int, bits: int, group: int, seed: int) -> VQWeight:
+    g = torch.Generator().manual_seed(seed)
+    blocks = -(-inp // (inp if group == -1 else group))
+    codes = torch.randint(0, entries(bits), (out, inp // 2), generator=g).to(torch.uint8)
+    books = torch.randn(blocks, entries(bits), 2, generator=g).half()
+    scales = (torch.rand(out, generator=g) + 0.01).half()
+    return VQWeight(codes, books, scales, bits, group, dequantize(codes, books, scales, group))
+
+
+@settings(max_examples=30, deadline=None)
+@given(out=st.integers(1, 40), pairs=st.integers(1, 70), bits=st.sampled_from([2, 3, 4]),
+       group=st.sampled_from([-1, 2, 16, 32, 128]), seed=st.integers(0, 99))
+def test_stored_bits_is_the_size_of_what_is_written_and_the_weight_is_Q(out, pairs, bits, group, seed):
+    inp = 2 * pairs
+    qw = random_vq(out, inp, bits, group, seed)
+    layer = LayerPlan(bits, group, False, vq=True)
+    assert layout_of(layer) is VQLayout
+    tensors = VQLayout.tensors(qw)
+    assert sorted(tensors) == sorted(VQLayout.parts)
+    assert VQLayout.stored_bits(out, inp, layer) == nbits(tensors)
+    assert torch.equal(VQLayout.weight(tensors.__getitem__, layer, inp), qw.Q)
+    codes, table = vq_table(*(tensors[p] for p in VQLayout.parts), bits, inp, group)
+    assert torch.equal(table.gather(1, codes), qw.Q)                     # the CPU decode form's table holds W
+
+
+def test_weight_is_the_row_scale_times_the_entry_of_each_pair():
+    codes = torch.tensor([[0, 1], [1, 0]], dtype=torch.uint8)            # 2 rows, 2 pairs, one codebook per pair
+    books = torch.tensor([[[1.0, 2.0], [3.0, 4.0]] + [[0.0, 0.0]] * 14,
+                          [[5.0, 6.0], [7.0, 8.0]] + [[0.0, 0.0]] * 14]).half()
+    scales = torch.tensor([1.0, 0.5]).half()
+    assert torch.equal(dequantize(codes, books, scales, 2),
+                       torch.tensor([[1.0, 2.0, 7.0, 8.0], [1.5, 2.0, 2.5, 3.0]]))
+
+
+def test_vq_beats_scalar_gptq_of_the_same_bits_on_gaussian_weights():
+    """Two-dimensional codebooks fill the plane better than a square grid of scalar levels (GPTVQ, table 1): on
+    Gaussian rows and correlated inputs the GPTQ loss at 2 and 3 bits is lower with codebooks of pairs, at fewer
+    stored bits than groups of 128."""
+    from bitsmith.quantize.gptq import gptq_quantize
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(2048, 256, generator=g) @ (0.1 * torch.randn(256, 256, generator=g) + torch.eye(256))
+    H, W = 2 * X.t() @ X / 2048, 0.02 * torch.randn(128, 256, generator=g)
+    for bits in (2, 3):
+        vq, losses = gptq_vq(W, H, bits, 128, act_order=True)
+        scalar = gptq_quantize(W, H, bits, 128, act_order=True, mse=True)
+        assert vq.loss == pytest.approx(float(losses.sum()))
+        assert vq.loss < 0.9 * scalar.loss
+        vq_bits = VQLayout.stored_bits(128, 256, LayerPlan(bits, 128, False, vq=True))
+        assert vq_bits < 128 * 256 * (bits + 0.25)
+
+
+def test_gptq_loss_is_the_output_error_without_damping():
+    """The loop's loss is GPTQ's: with no damping and act-order, sum of (w - q)^2 / [H^-1]_qq^2 / 2 over the pairs
+    equals tr((W - Q) H (W - Q)^T) / 2 (Frantar et al. 2023, eq. (2) summed over the columns)."""
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(512, 64, generator=g)
+    H, W = 2 * X.t() @ X / 512, torch.randn(16, 64, generator=g)
+    qw, losses = gptq_vq(W, H, 3, 32, act_order=True, damp=1e-9)
+    E = W - qw.Q
+    assert losses.sum().item() == pytest.approx(float(((E @ H) * E).sum() / 2), rel=1e-3)
+
+
+def test_codebooks_are_fitted_on_the_whole_matrix_when_a_sample_of_rows_is_measured():
+    g = torch.Generator().manual_seed(2)
+    X = torch.randn(256, 64, generator=g)
+    H, W = 2 * X.t() @ X / 256, torch.randn(32, 64, generator=g)
+    whole, _ = gptq_vq(W, H, 2, 64)
+    _, sampled = gptq_vq(W[:8], H, 2, 64, fit=W, keep=False)
+    _, rows = gptq_vq(W, H, 2, 64, keep=False)
+    assert torch.allclose(sampled, rows[:8], rtol=1e-4, atol=1e-6)
+    assert torch.equal(whole.codes, gptq_vq(W, H, 2, 64)[0].codes)           # seeded: the same codebooks again
+
+
+@pytest.mark.parametrize("bits, group", [(2, 16), (3, 32), (4, -1)])
+def test_module_reproduces_Q(bits, group):
+    g = torch.Generator().manual_seed(bits)
+    W, X = 0.05 * torch.randn(40, 80, generator=g), torch.randn(256, 80, generator=g)
+    qw, _ = gptq_vq(W, 2 * X.t() @ X / 256, bits, group, act_order=True)
+    check_module_reproduces(qw, LayerPlan(bits, group, False, vq=True), VQLinear, bits)
+
+
+def test_a_vq_plan_is_a_bitsmith_checkpoint_with_vq_in_its_config():
+    layers = {"a": LayerPlan(3, 128, False, vq=True), "b": LayerPlan(4, 128, False)}
+    config = gptq_config(QuantPlan(QuantizeOptions(), layers), {"a": (64, 256), "b": (16, 256)})
+    assert config["vq"] is True and config["dynamic"]["+:b$"]["vq"] is False
+    assert layer_plan(layer_config(config, "a"), "a") == layers["a"]
+    assert layer_plan(layer_config(config, "b"), "b") == layers["b"]
+
+
+@pytest.mark.parametrize("entry, message", [
+    ({"bits": 3, "group_size": 128, "sym": False, "vq": "yes"}, "vq 'yes'"),
+    ({"bits": 3, "group_size": 128, "sym": False, "vq": True, "outliers": 0.01}, "no lookup table"),
+    ({"bits": 8, "group_size": 128, "sym": False, "vq": True}, "2, 3, 4 bits"),
+    ({"bits": 3, "group_size": 65, "sym": False, "vq": True}, "even group size"),
+])
+def test_codebook_entries_of_a_checkpoint_are_checked(entry, message):
+    with pytest.raises(InputError, match=message):
+        layer_plan(entry, "ckpt: model.layers.0.mlp.up_proj")
+
+
+@pytest.mark.parametrize("layer, inp, method, message", [
+    (LayerPlan(3, 128, False, vq=True), 63, "gptq", "must be even"),
+    (LayerPlan(3, 127, False, vq=True), 256, "gptq", "must be even"),
+    (LayerPlan(5, 128, False, vq=True), 256, "gptq", "vq with 5 bits"),
+    (LayerPlan(3, 128, True, vq=True), 256, "gptq", "symmetry"),
+    (LayerPlan(3, 128, False, vq=True), 256, "rtn", "needs --method gptq"),
+])
+def test_plan_entries_with_codebooks_are_checked(layer, inp, method, message):
+    with pytest.raises(InputError, match=message):
+        check_layer(layer, "model.layers.0.mlp.up_proj", inp, method)
+
+
+# ---------------------------------------------------------------------------------------------------
+# End to end on stories260K.
+
+
+@pytest.mark.slow
+def test_a_plan_with_codebooks_end_to_end(tmp_path, stories_path, stories_split):
+    vq = {name for name in linear_names(stories_path) if ".mlp." in name}
+    out, summary = quantize_planned(tmp_path, stories_path, stories_split, lambda name: {
+        "bits": 3, "group_size": 32, "sym": False, **({"vq": True, "group_size": 64} if name in vq else {})})
+    with safe_open(str(out / "model.safetensors"), framework="pt") as f:
+        assert {k[:-len(".codebooks")] for k in f.keys() if k.endswith(".codebooks")} == vq
+        assert all(f.get_slice(f"{name}.codebooks").get_shape()[1:] == [64, 2] for name in vq)
+    written = written_bits(out, ("qweight", "scales", "qzeros", "g_idx", "codebooks", "row_scales"))
+    assert summary["bits_per_weight"] == pytest.approx(written / STORIES_WEIGHTS, abs=1e-12)
+    check_loaded_and_inspected(tmp_path, out, summary, stories_split[1], vq, VQLinear, "vq", "vq64")
