@@ -150,7 +150,7 @@ def report() -> str:
               "c4_calib.txt (seed 0); WikiText-2 test, first 65,536 tokens at seqlen 2048; held-out: the bundled "
               "EB1911 text, 16,384 tokens"
               + (f" (base {base_held['perplexity']:.2f})" if base_held else "") + ". All-in bpw over the 210 "
-              "decoder linears (codes, scales, zeros, g_idx). Loss increase in nats per token: predicted by the "
+              "decoder linears (codes, scales, zeros, g_idx, outliers, tables, codebooks). Loss increase in nats per token: predicted by the "
               "measurement; measured on the Fisher calibration windows (as `quantize` reports it) and as "
               "log(ppl / base ppl) on WikiText-2. The first run's time includes the measurement."), "",
              ("| plan | target bpw | all-in bpw | WikiText-2 ppl | held-out ppl | nats predicted / calib / WikiText-2 "
@@ -170,7 +170,7 @@ def report() -> str:
               for u in UNIFORM if u in uniform]
     lines += ["", "Techniques the plans picked: linears in all, and per layer type (30 linears of each type):", "",
               ("| plan | target bpw | uniform grid (2, 3, 4, 8 bits) | 5 or 6 bits | outliers | lookup table | "
-               "per input channel |"), "|---|---|---|---|---|---|---|"]
+               "per input channel | codebooks of pairs |"), "|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['method']} | {r['target_bits_per_weight']} | {' | '.join(picks(r['plan']))} |" for r in runs]
     lines += ["", ("Caveat: the SmolLM2 weights are the GGUF Q4_1 model dequantized (4-bit, groups of 32): 4-bit "
               "groups of 32 reproduce them almost exactly, which flatters every 4-bit g32 choice on this model.")]

@@ -79,7 +79,7 @@ from .quantize.allocate import allocate
 from .quantize.gptq import GridConfig, gptq_configs
 from .quantize.lut import gptq_lut_configs
 from .quantize.rtn import rtn_quantize
-from .quantize.vq import gptq_vq
+from .quantize.vq import gptq_vq_configs
 
 PLAIN_CANDIDATES = (tuple(LayerPlan(b, g, s) for b in (2, 3, 4, 8) for g in (32, 64, 128, -1) for s in (False, True))
                     + tuple(LayerPlan(b, g, False) for b in (5, 6) for g in (32, 64, 128, -1)))
@@ -260,8 +260,8 @@ def sampled_losses(W: torch.Tensor, H: torch.Tensor, fisher: torch.Tensor, confi
         plain_losses = torch.cat([plain_losses, ic_losses @ weight])
     if vq:
         pick, weight = SAMPLERS[sampler](size, rows)
-        vq_losses = torch.stack([gptq_vq(W[pick], H, c.bits, c.group_size, opts.act_order, opts.damp, fit=W,
-                                         keep=False)[1] for c in vq])
+        _, vq_losses = gptq_vq_configs(W[pick], H, [(c.bits, c.group_size) for c in vq], opts.act_order,
+                                       opts.damp, fit=W, keep=False)
         fisher_losses = torch.cat([fisher_losses, vq_losses @ (weight * fisher[pick]) / 2])
         plain_losses = torch.cat([plain_losses, vq_losses @ weight])
     return fisher_losses.tolist(), plain_losses.tolist()

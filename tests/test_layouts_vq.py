@@ -48,54 +48,6 @@ def test_stored_bits_is_the_size_of_what_is_written_and_the_weight_is_Q(out, pai
     assert torch.equal(table.gather(1, codes), qw.Q)                     # the CPU decode form's table holds W
 
 
-def test_weight_is_the_row_scale_times_the_entry_of_each_pair():
-    codes = torch.tensor([[0, 1], [1, 0]], dtype=torch.uint8)            # 2 rows, 2 pairs, one codebook per pair
-    books = torch.tensor([[[1.0, 2.0], [3.0, 4.0]] + [[0.0, 0.0]] * 14,
-                          [[5.0, 6.0], [7.0, 8.0]] + [[0.0, 0.0]] * 14]).half()
-    scales = torch.tensor([1.0, 0.5]).half()
-    assert torch.equal(dequantize(codes, books, scales, 2),
-                       torch.tensor([[1.0, 2.0, 7.0, 8.0], [1.5, 2.0, 2.5, 3.0]]))
-
-
-def test_vq_beats_scalar_gptq_of_the_same_bits_on_gaussian_weights():
-    """Two-dimensional codebooks fill the plane better than a square grid of scalar levels (GPTVQ, table 1): on
-    Gaussian rows and correlated inputs the GPTQ loss at 2 and 3 bits is lower with codebooks of pairs, at fewer
-    stored bits than groups of 128."""
-    from bitsmith.quantize.gptq import gptq_quantize
-    g = torch.Generator().manual_seed(0)
-    X = torch.randn(2048, 256, generator=g) @ (0.1 * torch.randn(256, 256, generator=g) + torch.eye(256))
-    H, W = 2 * X.t() @ X / 2048, 0.02 * torch.randn(128, 256, generator=g)
-    for bits in (2, 3):
-        vq, losses = gptq_vq(W, H, bits, 128, act_order=True)
-        scalar = gptq_quantize(W, H, bits, 128, act_order=True, mse=True)
-        assert vq.loss == pytest.approx(float(losses.sum()))
-        assert vq.loss < 0.9 * scalar.loss
-        vq_bits = VQLayout.stored_bits(128, 256, LayerPlan(bits, 128, False, vq=True))
-        assert vq_bits < 128 * 256 * (bits + 0.25)
-
-
-def test_gptq_loss_is_the_output_error_without_damping():
-    """The loop's loss is GPTQ's: with no damping and act-order, sum of (w - q)^2 / [H^-1]_qq^2 / 2 over the pairs
-    equals tr((W - Q) H (W - Q)^T) / 2 (Frantar et al. 2023, eq. (2) summed over the columns)."""
-    g = torch.Generator().manual_seed(1)
-    X = torch.randn(512, 64, generator=g)
-    H, W = 2 * X.t() @ X / 512, torch.randn(16, 64, generator=g)
-    qw, losses = gptq_vq(W, H, 3, 32, act_order=True, damp=1e-9)
-    E = W - qw.Q
-    assert losses.sum().item() == pytest.approx(float(((E @ H) * E).sum() / 2), rel=1e-3)
-
-
-def test_codebooks_are_fitted_on_the_whole_matrix_when_a_sample_of_rows_is_measured():
-    g = torch.Generator().manual_seed(2)
-    X = torch.randn(256, 64, generator=g)
-    H, W = 2 * X.t() @ X / 256, torch.randn(32, 64, generator=g)
-    whole, _ = gptq_vq(W, H, 2, 64)
-    _, sampled = gptq_vq(W[:8], H, 2, 64, fit=W, keep=False)
-    _, rows = gptq_vq(W, H, 2, 64, keep=False)
-    assert torch.allclose(sampled, rows[:8], rtol=1e-4, atol=1e-6)
-    assert torch.equal(whole.codes, gptq_vq(W, H, 2, 64)[0].codes)           # seeded: the same codebooks again
-
-
 @pytest.mark.parametrize("bits, group", [(2, 16), (3, 32), (4, -1)])
 def test_module_reproduces_Q(bits, group):
     g = torch.Generator().manual_seed(bits)

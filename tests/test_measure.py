@@ -19,7 +19,7 @@ from bitsmith.formats.csr import csr_bits
 from bitsmith.formats.errors import InputError
 from bitsmith.formats.packing import packed_length
 from bitsmith.formats.source import open_source
-from bitsmith.layouts import DenseSparseLayout, GPTQLayout, LUTLayout, layer_config, plan_bits
+from bitsmith.layouts import DenseSparseLayout, GPTQLayout, LUTLayout, PerICLayout, VQLayout, layer_config, plan_bits
 from bitsmith.loader import load_model
 from bitsmith.measure import (
     CANDIDATES,
@@ -28,17 +28,21 @@ from bitsmith.measure import (
     PER_IC_CANDIDATES,
     PER_IC_WINDOW,
     PLAIN_CANDIDATES,
+    VQ_CANDIDATES,
     Measurement,
     decide,
+    sampled_losses,
     window_sample,
 )
 from bitsmith.pipeline import calibration
 from bitsmith.plan import LayerPlan, QuantizeOptions
 from bitsmith.quantize.outliers import outlier_count
+from bitsmith.quantize.vq import gptq_vq
 
 pytestmark = pytest.mark.slow
 CALIB = {"nsamples": 16, "seqlen": 128, "seed": 0, "fisher_samples": 4}
-PARTS = set(DenseSparseLayout.parts) | set(LUTLayout.parts)   # GPTQ tensors, outliers' CSR, lookup tables
+PARTS = (set(DenseSparseLayout.parts) | set(LUTLayout.parts) | set(PerICLayout.parts)    # GPTQ tensors, outliers'
+         | set(VQLayout.parts))                                   # CSR, lookup tables, per-IC grids, codebooks
 SHAPES = {f"model.layers.{i}.{name}": shape for i in range(5) for name, shape in (
     ("self_attn.q_proj", (64, 64)), ("self_attn.k_proj", (32, 64)), ("self_attn.v_proj", (32, 64)),
     ("self_attn.o_proj", (64, 64)), ("mlp.gate_proj", (172, 64)), ("mlp.up_proj", (172, 64)),
@@ -181,6 +185,35 @@ def test_per_input_channel_candidates_are_priced_by_their_layout(measurement):
     assert total[(4, 64)] < total[(3, 64)] < total[(2, 64)] and total[(4, 128)] < total[(3, 128)] < total[(2, 128)]
 
 
+def test_codebook_candidates_are_priced_by_their_layout_and_measured_under_whole_matrix_codebooks(measurement):
+    m, _ = measurement
+    assert VQ_CANDIDATES and all(c.vq and c.group_size % 2 == 0 for c in VQ_CANDIDATES)
+    total = {}
+    for c in VQ_CANDIDATES:
+        j = m.candidates.index(c)
+        for name, (out, inp) in m.shapes.items():
+            blocks = -(-inp // c.group_size)
+            assert m.cost(name, j) == (32 * packed_length(inp // 2, 2 * c.bits) * out
+                                       + 16 * blocks * 2 ** (2 * c.bits) * 2 + 16 * out)
+            assert m.errors["fisher"][name][j] > 0
+        total[c.bits] = sum(m.errors["fisher"][n][j] for n in m.shapes)
+    assert total[4] < total[3] < total[2]
+
+
+def test_the_sampled_codebook_loss_estimates_the_whole_linears():
+    """Codebooks are shared by all rows: the measurement fits them on the whole matrix and runs GPTQ on its
+    sample of rows, so the Horvitz-Thompson sum of the sampled rows' losses lands near the whole linear's loss."""
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(1024, 128, generator=g)
+    H, W = 2 * X.t() @ X / 1024, torch.randn(600, 128, generator=g) * (0.5 + torch.rand(600, 1, generator=g))
+    opts = QuantizeOptions()
+    opts.validate()
+    fisher = torch.ones(600)
+    _, plain = sampled_losses(W, H, fisher, [], opts, vq=[LayerPlan(3, 64, False, vq=True)])
+    _, whole = gptq_vq(W, H, 3, 64, opts.act_order, opts.damp, keep=False)
+    assert plain[0] == pytest.approx(float(whole.sum()), rel=0.05)
+
+
 def test_window_sample_takes_whole_windows_in_order_with_their_weights():
     size = torch.tensor([1.0] * 128 + [100.0] * 128 + [1.0] * 128 + [50.0] * 64)      # 4 windows, the last short
     rows, weight = window_sample(size, 128, 2)
@@ -197,9 +230,10 @@ def test_window_sample_takes_whole_windows_in_order_with_their_weights():
 def test_a_measurement_of_format_1_plans_without_outliers(planned, measurement, stories_path, tmp_path, capsys):
     m, opts = measurement
     old = json.loads((planned[0] / "measurement.json").read_text())
-    keep = [j for j, c in enumerate(m.candidates) if not (c.outliers or c.lut or c.per_ic)]
+    keep = [j for j, c in enumerate(m.candidates) if not (c.outliers or c.lut or c.per_ic or c.vq)]
     old["format_version"] = 1
-    old["candidates"] = [{k: v for k, v in old["candidates"][j].items() if k not in ("outliers", "lut", "per_ic")}
+    old["candidates"] = [{k: v for k, v in old["candidates"][j].items()
+                          if k not in ("outliers", "lut", "per_ic", "vq")}
                          for j in keep]
     for entry in old["layers"].values():
         for key in ("bits", "fisher", "hessian"):
@@ -207,14 +241,15 @@ def test_a_measurement_of_format_1_plans_without_outliers(planned, measurement, 
     (tmp_path / "v1.json").write_text(json.dumps(old))
     capsys.readouterr()
     v1 = Measurement.load(tmp_path / "v1.json", open_source(str(stories_path)), opts)
-    assert "format 1 has no outlier, lookup-table and per-input-channel candidates" in capsys.readouterr().err
+    assert ("format 1 has no outlier, lookup-table, per-input-channel and codebook candidates"
+            in capsys.readouterr().err)
     assert v1.candidates == list(PLAIN_CANDIDATES)
     plan = decide(v1, 3.0, opts)
-    assert not any(layer.outliers or layer.lut or layer.per_ic for layer in plan.layers.values())
-    old["format_version"] = 5
-    (tmp_path / "v5.json").write_text(json.dumps(old))
-    with pytest.raises(InputError, match="measurement format 5, expected 4 \\(or 1-3\\); measure again"):
-        Measurement.load(tmp_path / "v5.json", open_source(str(stories_path)), opts)
+    assert not any(layer.outliers or layer.lut or layer.per_ic or layer.vq for layer in plan.layers.values())
+    old["format_version"] = 6
+    (tmp_path / "v6.json").write_text(json.dumps(old))
+    with pytest.raises(InputError, match="measurement format 6, expected 5 \\(or 1-4\\); measure again"):
+        Measurement.load(tmp_path / "v6.json", open_source(str(stories_path)), opts)
 
 
 def test_decide_keeps_outliers_where_they_pay():
@@ -353,7 +388,8 @@ def test_a_measurement_of_another_model_or_other_options_is_refused(planned, sto
     (lambda p: p["layers"].update({"model.layers.5.mlp.up_proj": {"bits": 4, "group_size": 32}}),
      "model.layers.5.mlp.up_proj is not a linear of this model"),
     (lambda p: p["layers"]["model.layers.0.mlp.up_proj"].update(bits=7), "bits 7: choose one of 2, 3, 4, 5, 6, 8"),
-    (lambda p: p["layers"]["model.layers.0.mlp.up_proj"].update(group_size=48, per_ic=False, lut=False, outliers=0),
+    (lambda p: p["layers"]["model.layers.0.mlp.up_proj"].update(group_size=48, per_ic=False, lut=False, vq=False,
+                                                                 outliers=0),
      "group size 48 does not divide"),
 ])
 def test_an_invalid_plan_file_is_one_line_and_exit_2(planned, stories_path, stories_split, tmp_path, edit, text):

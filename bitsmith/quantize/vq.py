@@ -169,19 +169,47 @@ def gptq_vq(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int = 128, 
     chosen by GPTQ's loop given H = 2 X X^T / n (module docstring). The codebooks are fitted on `fit` (default W:
     a measurement passes the whole matrix while it quantizes a sample of its rows). Returns the weight (None unless
     `keep`) and every row's loss, sum over columns of (w - q)^2 / [H^-1]_qq^2 / 2 as GPTQ's."""
-    out, cols = W.shape
-    if cols % 2 or (group_size != -1 and group_size % 2):
-        raise ValueError(f"vector quantization codes pairs of inputs: {cols} inputs and groups of {group_size} "
-                         "must be even")
+    weights, losses = gptq_vq_configs(W, H, [(bits, group_size)], act_order, damp, blocksize, fit, keep)
+    return (weights[0] if keep else None), losses[0]
+
+
+def gptq_vq_configs(W: torch.Tensor, H: torch.Tensor, configs: list[tuple[int, int]], act_order: bool = False,
+                    damp: float = 0.01, blocksize: int = 128, fit: torch.Tensor | None = None,
+                    keep: bool = True) -> tuple[list[VQWeight], torch.Tensor]:
+    """`gptq_vq` under each (bits, group size) of `configs`, the loop's column order and factor of H^-1 computed
+    once; the weights (empty unless `keep`) and the rows' losses [len(configs), out]."""
+    cols = W.shape[1]
+    for _, group_size in configs:
+        if cols % 2 or (group_size != -1 and group_size % 2):
+            raise ValueError(f"vector quantization codes pairs of inputs: {cols} inputs and groups of {group_size} "
+                             "must be even")
     dead = torch.diag(H) == 0                                     # inputs never active: `prepare` zeroes them
     reference = (W if fit is None else fit).to(torch.float32).masked_fill(dead, 0)
     W, H, perm, Hinv = prepare(W, H, act_order, damp, perm=pair_order(H, act_order))
-    scales = row_scales(W)
-    books = codebooks(reference, H, bits, group_size, row_scales(reference))
+    scales, fit_scales = row_scales(W), row_scales(reference)
+    inv = torch.argsort(perm[0::2] // 2)                                         # pairs back to their own order
+    weights, losses = [], []
+    for bits, group_size in configs:
+        books = codebooks(reference, H, bits, group_size, fit_scales)
+        codes, loss = pair_loop(W[:, perm], Hinv, books, scales, perm[0::2] // span(group_size, cols), blocksize,
+                                keep)
+        losses.append(loss)
+        if keep:
+            codes = codes[:, inv]
+            weights.append(VQWeight(codes, books, scales, bits, group_size,
+                                    dequantize(codes, books, scales, group_size), float(loss.sum())))
+    return weights, torch.stack(losses)
+
+
+def pair_loop(work: torch.Tensor, Hinv: torch.Tensor, books: torch.Tensor, scales: torch.Tensor,
+              block_of: torch.Tensor, blocksize: int, keep: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """GPTQ's loop (Algorithm 1, lazy batch updates) over the permuted columns `work` [out, in] a pair at a time,
+    in place, each pair taking the entry of its codebook (`block_of` its block) of least loss over both columns
+    (module docstring); returns the codes [out, in / 2] in the loop's pair order (None unless `keep`) and each
+    row's loss."""
+    out, cols = work.shape
     s = scales.to(torch.float32)[:, None]
     table = books.to(torch.float32)                                              # [G, K, 2]
-    block_of = perm[0::2] // span(group_size, cols)                             # codebook of each permuted pair
-    work = W[:, perm]
     codes = torch.zeros(out, cols // 2, dtype=torch.uint8) if keep else None
     losses = torch.zeros(out)
     blocksize += blocksize % 2
@@ -205,8 +233,4 @@ def gptq_vq(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int = 128, 
             if codes is not None:
                 codes[:, (i1 + i) // 2] = q[:, 0].to(torch.uint8)
         work[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]                                  # lazy batch update
-    if not keep:
-        return None, losses
-    codes = codes[:, torch.argsort(perm[0::2] // 2)]                              # back to the pairs' own order
-    Q = dequantize(codes, books, scales, group_size)
-    return VQWeight(codes, books, scales, bits, group_size, Q, float(losses.sum())), losses
+    return codes, losses
