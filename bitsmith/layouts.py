@@ -58,7 +58,7 @@ from .quantize.outliers import DenseSparseWeight, outlier_count
 from .quantize.per_ic import PerICWeight, expand_rows, row_span
 from .quantize.rtn import QuantizedWeight
 from .quantize.tune import Levels
-from .quantize.vq import VQWeight, entries, span
+from .quantize.vq import VQWeight, entries, flat_index, lookup, span
 
 
 class GPTQLayout:
@@ -252,14 +252,12 @@ class VQLayout:
     def levels(stored, layer: LayerPlan, in_features: int, dtype: torch.dtype = torch.float32) -> Levels:
         """The codebooks, codes and row scales fixed: W = s_o C[g, q, t]; each codebook's coordinate t moves in
         units of its mean spacing, its range over sqrt(K) - 1 (the spacing of K points on a square grid)."""
-        index = unpack(stored("qweight"), 2 * layer.bits, in_features // 2, dim=0).t().long()   # [out, pairs]
-        out, pairs = index.shape
-        block = (torch.arange(pairs) * 2 // span(layer.group_size, in_features))[None, :].expand(out, -1)
+        codes = unpack(stored("qweight"), 2 * layer.bits, in_features // 2, dim=0).t()
+        index = flat_index(codes, entries(layer.bits), layer.group_size)
         s = stored("row_scales").to(dtype)[:, None]
         books = stored("codebooks").float()
         spacing = (books.amax(1, keepdim=True) - books.amin(1, keepdim=True)) / (entries(layer.bits) ** 0.5 - 1)
-        return Levels("codebooks", stored("codebooks"), lambda C: s * C[block, index].reshape(out, in_features),
-                      spacing)
+        return Levels("codebooks", stored("codebooks"), lambda C: s * lookup(C, index), spacing)
 
     @staticmethod
     def module(in_features: int, out_features: int, layer: LayerPlan, bias: bool,

@@ -59,5 +59,8 @@ def _quantized_linear(source: ModelSource, name: str, linear: torch.nn.Linear, q
     if layer is None:
         raise InputError(f"{source.name}: {name}.qweight present but quantization_config excludes {name}")
     plan = layer_plan(layer, f"{source.name}: {name}")
+    if plan.vq and linear.in_features % 2:
+        raise InputError(f"{source.name}: {name}: vq in quantization_config codes pairs of inputs, but the linear has "
+                         f"{linear.in_features}")
     return layout_of(plan).module(linear.in_features, linear.out_features, plan, bias=linear.bias is not None,
                                   has_g_idx=f"{name}.g_idx" in source)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from ..formats.packing import packed_length, unpack
-from ..quantize.vq import dequantize, entries, span
+from ..quantize.vq import dequantize, entries, flat_index, span
 from .cpu import TableWeights
 from .dequantizing import DequantizingLinear
 
@@ -29,11 +29,7 @@ def vq_table(qweight: torch.Tensor, codebooks: torch.Tensor, row_scales: torch.T
              group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """W as codes [out, in] into a table per row [out, G * 2^(2 bits) * 2]: row o's table is s_o times every entry
     of every codebook, and weight (o, 2p + t) points at entry (block of 2p, its pair's index, t)."""
-    index = unpack(qweight, 2 * bits, in_features // 2, dim=0).t().long()          # [out, pairs]
-    pairs = index.shape[1]
-    block = torch.arange(pairs) * 2 // span(group_size, in_features)
-    flat = ((block * entries(bits))[None, :] + index) * 2                           # entry (g, k), coordinate 0
-    codes = torch.stack([flat, flat + 1], dim=2).reshape(index.shape[0], in_features)
+    codes = flat_index(unpack(qweight, 2 * bits, in_features // 2, dim=0).t(), entries(bits), group_size)
     table = row_scales.to(torch.float32)[:, None] * codebooks.to(torch.float32).reshape(1, -1)
     return codes, table
 

@@ -53,7 +53,7 @@ from .grid import FP16_TINY, ZERO_MIN, stored_ste
 from .lut import LutWeight, nearest
 from .per_ic import PerICWeight, expand_rows
 from .rtn import QuantizedWeight
-from .vq import VQWeight, dequantize, entries, span
+from .vq import VQWeight, dequantize, entries, flat_index, lookup
 
 STARTS = ("gptq", "rtn")
 CLIP_RANGE = (0.5, 1.5)      # bounds of the clipping factors; the decaying step cannot move them further anyway
@@ -203,9 +203,7 @@ class LearnedCodebook(_Learned):
 
     def __init__(self, W: torch.Tensor, start: VQWeight, relative_to: str = "rtn"):
         super().__init__(start, relative_to)
-        out, pairs = start.codes.shape
-        self.index = start.codes.long()
-        self.block = (torch.arange(pairs) * 2 // span(start.group_size, 2 * pairs))[None, :].expand(out, -1)
+        self.index = flat_index(start.codes, entries(start.bits), start.group_size)
         books = start.codebooks.to(torch.float32)
         self.spacing = ((books.amax(1, keepdim=True) - books.amin(1, keepdim=True))
                         / (entries(start.bits) ** 0.5 - 1)).clamp(min=FP16_TINY)            # [G, 1, 2]
@@ -219,8 +217,7 @@ class LearnedCodebook(_Learned):
 
     def forward(self) -> torch.Tensor:
         """The quantized weight Q [out, in], differentiable in the codebooks and the row factors."""
-        values = stored_ste(self.C)[self.block, self.index]                                  # [out, pairs, 2]
-        return self.scales()[:, None] * values.reshape(self.index.shape[0], -1)
+        return self.scales()[:, None] * lookup(stored_ste(self.C), self.index)
 
     def levels(self) -> list[tuple[nn.Parameter, float | torch.Tensor]]:
         return [(self.C, self.spacing), (self.a, 1.0)]

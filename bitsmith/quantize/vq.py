@@ -59,10 +59,23 @@ def span(group_size: int, in_features: int) -> int:
 def dequantize(codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor, group_size: int) -> torch.Tensor:
     """W [out, in] float32 from codes [out, in / 2], codebooks [G, K, 2] and row scales [out] (module docstring):
     s_o times the entry, each factor first read as stored (fp16), the product exact in float32."""
+    values = lookup(codebooks.to(torch.float32), flat_index(codes, codebooks.shape[1], group_size))
+    return scales.to(torch.float32)[:, None] * values
+
+
+def flat_index(codes: torch.Tensor, k: int, group_size: int) -> torch.Tensor:
+    """Where weight (o, 2p + t) reads the flattened codebooks [G * k * 2]: entry (block of 2p, codes[o, p], t);
+    int64 [out, in]."""
     out, pairs = codes.shape
-    block = torch.arange(pairs) * 2 // span(group_size, 2 * pairs)                        # codebook of each pair
-    values = codebooks.to(torch.float32)[block[None, :].expand(out, -1), codes.long()]   # [out, pairs, 2]
-    return scales.to(torch.float32)[:, None] * values.reshape(out, 2 * pairs)
+    block = torch.arange(pairs, device=codes.device) * 2 // span(group_size, 2 * pairs)
+    first = (block[None, :] * k + codes.long()) * 2
+    return torch.stack([first, first + 1], dim=2).reshape(out, 2 * pairs)
+
+
+def lookup(codebooks: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """The entries [out, in] of the codebooks at `flat_index`; differentiable in the codebooks (a gather of the
+    flattened books, whose backward is a scatter-add: far cheaper on CPU than advanced indexing's)."""
+    return codebooks.reshape(1, -1).expand(index.shape[0], -1).gather(1, index)
 
 
 def row_scales(W: torch.Tensor) -> torch.Tensor:
