@@ -253,13 +253,12 @@ def sampled_losses(W: torch.Tensor, H: torch.Tensor, fisher: torch.Tensor, confi
         fisher_losses = torch.cat([fisher_losses, lut_losses @ (weight * fisher[pick]) / 2])
         plain_losses = torch.cat([plain_losses, lut_losses @ weight])
     if per_ic:
-        pick, weight = window_sample(size, PER_IC_WINDOW, PER_IC_WINDOWS)
-        _, ic_losses = gptq_configs(W[pick], H, list(per_ic), opts.act_order, opts.static_groups, opts.damp,
+        window, window_weight = window_sample(size, PER_IC_WINDOW, PER_IC_WINDOWS)
+        _, ic_losses = gptq_configs(W[window], H, list(per_ic), opts.act_order, opts.static_groups, opts.damp,
                                     mse=opts.mse, shrink_every=SHRINK_EVERY, keep=False)
-        fisher_losses = torch.cat([fisher_losses, ic_losses @ (weight * fisher[pick]) / 2])
-        plain_losses = torch.cat([plain_losses, ic_losses @ weight])
+        fisher_losses = torch.cat([fisher_losses, ic_losses @ (window_weight * fisher[window]) / 2])
+        plain_losses = torch.cat([plain_losses, ic_losses @ window_weight])
     if vq:
-        pick, weight = SAMPLERS[sampler](size, rows)
         _, vq_losses = gptq_vq_configs(W[pick], H, [(c.bits, c.group_size) for c in vq], opts.act_order,
                                        opts.damp, fit=W, keep=False)
         fisher_losses = torch.cat([fisher_losses, vq_losses @ (weight * fisher[pick]) / 2])
