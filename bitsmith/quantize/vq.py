@@ -67,7 +67,7 @@ def flat_index(codes: torch.Tensor, k: int, group_size: int) -> torch.Tensor:
     """Where weight (o, 2p + t) reads the flattened codebooks [G * k * 2]: entry (block of 2p, codes[o, p], t);
     int64 [out, in]."""
     out, pairs = codes.shape
-    block = torch.arange(pairs, device=codes.device) * 2 // span(group_size, 2 * pairs)
+    block = pair_blocks(pairs, group_size).to(codes.device)
     first = (block[None, :] * k + codes.long()) * 2
     return torch.stack([first, first + 1], dim=2).reshape(out, 2 * pairs)
 
@@ -76,6 +76,27 @@ def lookup(codebooks: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """The entries [out, in] of the codebooks at `flat_index`; differentiable in the codebooks (a gather of the
     flattened books, whose backward is a scatter-add: far cheaper on CPU than advanced indexing's)."""
     return codebooks.reshape(1, -1).expand(index.shape[0], -1).gather(1, index)
+
+
+def pair_blocks(pairs: int, group_size: int) -> torch.Tensor:
+    """The block (codebook) of every pair p of a row of `pairs` pairs, [pairs]."""
+    return torch.arange(pairs) * 2 // span(group_size, 2 * pairs)
+
+
+def nearest_entries(X: torch.Tensor, codebooks: torch.Tensor, group_size: int, m: int) -> torch.Tensor:
+    """The m entries of least Euclidean distance to every pair X [out, pairs, 2] in its block's codebook
+    (codebooks [G, K, 2]), nearest first, as flat entry indices g K + k: int64 [out, pairs, min(m, K)]."""
+    books = codebooks.to(torch.float32)
+    k = books.shape[1]
+    block = pair_blocks(X.shape[1], group_size)
+    found = torch.empty(*X.shape[:2], min(m, k), dtype=torch.long)
+    for g in range(books.shape[0]):
+        at = (block == g).nonzero().squeeze(1)
+        if not at.numel():
+            continue
+        dist = (X[:, at, None, :].to(torch.float32) - books[g]).square().sum(dim=3)             # [out, n, K]
+        found[:, at] = torch.topk(dist, min(m, k), dim=2, largest=False, sorted=True).indices + g * k
+    return found
 
 
 def row_scales(W: torch.Tensor) -> torch.Tensor:

@@ -18,6 +18,7 @@ from bitsmith.quantize.outliers import DenseSparseWeight
 from bitsmith.quantize.per_ic import PerICWeight
 from bitsmith.quantize.rtn import rtn_quantize
 from bitsmith.quantize.signround import (
+    CODE_CANDIDATES,
     LearnedCodebook,
     LearnedGrid,
     LearnedTable,
@@ -25,7 +26,7 @@ from bitsmith.quantize.signround import (
     layer_output_error,
     signround,
 )
-from bitsmith.quantize.vq import VQWeight, gptq_vq
+from bitsmith.quantize.vq import VQWeight, gptq_vq, nearest_entries
 
 
 @dataclasses.dataclass
@@ -245,9 +246,9 @@ def vq_starts(b: Block, bits: int, group: int) -> dict:
     return {name: gptq_vq(W, b.hessians[name], bits, group, act_order=True)[0] for name, W in b.weights.items()}
 
 
-def test_codebooks_learn_their_levels_and_keep_their_codes(stories_block):
-    """Codebook starts keep GPTQ's codes and learn their codebooks and row scales: untrained, the start exactly;
-    trained, a lower block error in the same layout, the stored tensors loading as exactly Q."""
+def test_codebooks_learn_their_codes_and_levels(stories_block):
+    """Codebook starts learn their codes (among each pair's nearest entries), codebooks and row scales: untrained,
+    GPTQ's start exactly; trained, a lower block error in the same layout, the stored tensors loading as exactly Q."""
     b = stories_block
     starts = vq_starts(b, 2, 32)
     for name, start in starts.items():
@@ -257,11 +258,44 @@ def test_codebooks_learn_their_levels_and_keep_their_codes(stories_block):
     assert not trace.kept_start and error(b, refined) < 0.95 * error(b, starts)
     layer = LayerPlan(2, 32, False, vq=True)
     assert any(not torch.equal(qw.codebooks, starts[name].codebooks) for name, qw in refined.items())
+    assert any(not torch.equal(qw.codes, starts[name].codes) for name, qw in refined.items())
     for name, qw in refined.items():
-        assert isinstance(qw, VQWeight) and torch.equal(qw.codes, starts[name].codes)
+        assert isinstance(qw, VQWeight)
         assert qw.codebooks.dtype == qw.scales.dtype == torch.float16
         stored = layout_of(layer).tensors(qw)
         assert torch.equal(layout_of(layer).weight(stored.__getitem__, layer, 2 * qw.codes.shape[1]), qw.Q)
+
+
+def test_codebook_codes_move_only_among_the_nearest_entries(stories_block):
+    """With the offsets at their bounds the chosen entry is still one of the pair's CODE_CANDIDATES nearest in the
+    start's book, and the choice is the nearest of those to the moved point (checked against a search of all)."""
+    b = stories_block
+    name, W = "mlp.down_proj", b.weights["mlp.down_proj"]
+    start = vq_starts(b, 2, 32)[name]
+    learned_ = LearnedCodebook(W, start)
+    with torch.no_grad():
+        learned_.V.copy_(torch.rand(learned_.V.shape, generator=torch.Generator().manual_seed(0)) - 0.5)
+    books, scales = start.codebooks.float(), start.scales.float()
+    chosen = learned_.entry(books, scales)
+    assert (learned_.candidates == chosen[..., None]).any(dim=2).all()
+    assert learned_.candidates.shape[2] == CODE_CANDIDATES
+    target = learned_.R / scales[:, None, None] + learned_.V * learned_.unit
+    flat = books.reshape(-1, 2)
+    best = (target[:, :, None, :] - flat[learned_.candidates]).square().sum(3).amin(dim=2)
+    assert torch.equal((target - flat[chosen]).square().sum(2), best)
+    moved = (chosen != learned_.candidates[..., 0]).float().mean()
+    assert 0.05 < moved < 0.95                       # half-spacing offsets move some pairs, not all
+
+
+def test_nearest_entries_are_the_nearest():
+    g = torch.Generator().manual_seed(1)
+    books, X = torch.randn(3, 16, 2, generator=g), torch.randn(5, 12, 2, generator=g)     # 8 inputs per book
+    found = nearest_entries(X, books, 8, 3)
+    for o in range(5):
+        for p in range(12):
+            block = p * 2 // 8
+            dist = (X[o, p] - books[block]).square().sum(1)
+            assert found[o, p].tolist() == (torch.argsort(dist)[:3] + block * 16).tolist()
 
 
 def test_same_inputs_same_result(stories_block):
