@@ -46,13 +46,13 @@ import torch
 
 from .formats.csr import csr_bits, to_csr
 from .formats.errors import InputError
-from .formats.packing import GPTQ_BITS, SUPPORTED_BITS, pack, packed_length, trim_earlier_padding, unpack
+from .formats.packing import SUPPORTED_BITS, pack, packed_length, trim_earlier_padding, unpack
 from .kernels.linear import DenseSparseLinear, QuantizedLinear
 from .kernels.lut_linear import LUTLinear, lut_dequantize
 from .kernels.per_ic_linear import PerICLinear, per_ic_dequantize
 from .kernels.reference import csr_rows, dense_sparse_dequantize, dequantize, unpack_zeros
 from .kernels.vq_linear import VQLinear, vq_dequantize
-from .plan import LUT_BITS, MAX_OUTLIERS, VQ_BITS, LayerPlan, QuantPlan
+from .plan import MAX_OUTLIERS, LayerPlan, QuantPlan, technique_problem
 from .quantize.lut import LutWeight
 from .quantize.outliers import DenseSparseWeight, outlier_count
 from .quantize.per_ic import PerICWeight, expand_rows, row_span
@@ -376,18 +376,13 @@ def layer_plan(layer: dict, where: str) -> LayerPlan:
     if type(outliers) not in (int, float) or not 0 <= outliers <= MAX_OUTLIERS:
         raise InputError(f"{where}: outliers {outliers!r} in quantization_config is not a fraction from 0 to "
                          f"{MAX_OUTLIERS}")
-    lut = layer.get("lut", False)
-    if not isinstance(lut, bool) or (lut and (bits not in LUT_BITS or group != -1 or outliers)):
-        raise InputError(f"{where}: lut {lut!r} in quantization_config: a table per row of 2, 3 or 4 bits, "
-                         "group_size -1, no outliers")
-    per_ic = layer.get("per_ic", False)
-    if not isinstance(per_ic, bool) or (per_ic and (lut or outliers or bits not in GPTQ_BITS)):
-        raise InputError(f"{where}: per_ic {per_ic!r} in quantization_config: true or false, with no lookup "
-                         f"table, no outliers and {', '.join(map(str, GPTQ_BITS))} bits")
-    vq = layer.get("vq", False)
-    if not isinstance(vq, bool) or (vq and (lut or per_ic or outliers or bits not in VQ_BITS or group == 0
-                                            or (group != -1 and group % 2))):
-        raise InputError(f"{where}: vq {vq!r} in quantization_config: true or false, with no lookup table, "
-                         f"per-input-channel grids or outliers, {', '.join(map(str, VQ_BITS))} bits and an even "
-                         "group size (or -1)")
-    return LayerPlan(bits, group, bool(layer["sym"]), outliers=float(outliers), lut=lut, per_ic=per_ic, vq=vq)
+    flags = {key: layer.get(key, False) for key in ("lut", "per_ic", "vq")}
+    for key, flag in flags.items():
+        if not isinstance(flag, bool):
+            raise InputError(f"{where}: {key} {flag!r} in quantization_config: expected true or false")
+    plan = LayerPlan(bits, group, bool(layer["sym"]), outliers=float(outliers), **flags)
+    problem = technique_problem(plan)
+    if problem:
+        raise InputError(f"{where}: {problem} (quantization_config)")
+    return plan
+

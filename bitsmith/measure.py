@@ -74,7 +74,7 @@ from .formats.source import ModelSource
 from .layouts import layout_of
 from .memory import release_freed_memory
 from .pipeline import calibration_windows, collect_hessians, compute, linear_shapes
-from .plan import LUT_BITS, MAX_OUTLIERS, VQ_BITS, LayerPlan, QuantizeOptions, QuantPlan
+from .plan import LUT_BITS, MAX_OUTLIERS, LayerPlan, QuantizeOptions, QuantPlan, technique_problem
 from .quantize.allocate import allocate
 from .quantize.gptq import GridConfig, gptq_configs
 from .quantize.lut import gptq_lut_configs
@@ -166,14 +166,9 @@ class Measurement:
                       for c in body["candidates"]]
         if any(not 0 <= c.outliers <= MAX_OUTLIERS for c in candidates):
             raise InputError(f"{where}: a candidate's outliers are not a fraction from 0 to {MAX_OUTLIERS}")
-        if any(c.lut and (c.bits not in LUT_BITS or c.group_size != -1 or c.outliers) for c in candidates):
-            raise InputError(f"{where}: a lookup-table candidate is not a table per row of 2, 3 or 4 bits")
-        if any(c.per_ic and (c.lut or c.outliers) for c in candidates):
-            raise InputError(f"{where}: a per-input-channel candidate has a lookup table or outliers")
-        if any(c.vq and (c.lut or c.per_ic or c.outliers or c.bits not in VQ_BITS or c.group_size % 2)
-               for c in candidates):
-            raise InputError(f"{where}: a codebook candidate is not one of pairs at 2, 3 or 4 bits with an even "
-                             "group size")
+        problem = next(filter(None, map(technique_problem, candidates)), None)
+        if problem:
+            raise InputError(f"{where}: a candidate's {problem}")
         missing = {1: "outlier, lookup-table, per-input-channel and codebook",
                    2: "lookup-table, per-input-channel and codebook", 3: "per-input-channel and codebook",
                    4: "codebook"}.get(body["format_version"])

@@ -224,46 +224,28 @@ def check_outliers(fraction: float, name: str, method: str) -> None:
 LUT_BITS = (2, 3, 4)      # a table of 2^8 fp16 centroids per row costs more than the 8-bit grid it would replace
 
 
-def check_lut(layer: LayerPlan, name: str, method: str) -> None:
-    """A lookup table is one per output row, chosen by GPTQ, with nothing else on it."""
-    if not layer.lut:
-        return
-    if method != "gptq":
-        raise InputError(f"{name}: lut needs --method gptq (this run has {method})")
-    if layer.bits not in LUT_BITS:
-        raise InputError(f"{name}: lut with {layer.bits} bits: choose one of {', '.join(map(str, LUT_BITS))}")
-    if layer.group_size != -1 or layer.sym or layer.outliers:
-        raise InputError(f"{name}: lut is one table per output row: group_size -1, sym false, no outliers")
-
-
-def check_per_ic(layer: LayerPlan, name: str, method: str) -> None:
-    """Per-input-channel grids are fitted inside GPTQ's column loop, with nothing else on them."""
-    if not layer.per_ic:
-        return
-    if method != "gptq":
-        raise InputError(f"{name}: per_ic needs --method gptq (this run has {method})")
-    if layer.lut or layer.outliers:
-        raise InputError(f"{name}: per_ic groups keep no outliers and no lookup table")
-    if layer.bits not in GPTQ_BITS:
-        raise InputError(f"{name}: per_ic with {layer.bits} bits: choose one of {', '.join(map(str, GPTQ_BITS))}")
-
-
 VQ_BITS = (2, 3, 4)       # 16, 64 or 256 entries per codebook of pairs (quantize/vq.py)
 
 
-def check_vq(layer: LayerPlan, name: str, in_features: int, method: str) -> None:
-    """Codebooks of pairs are chosen by GPTQ, over an even number of inputs, with nothing else on them."""
-    if not layer.vq:
-        return
-    if method != "gptq":
-        raise InputError(f"{name}: vq needs --method gptq (this run has {method})")
-    if layer.bits not in VQ_BITS:
-        raise InputError(f"{name}: vq with {layer.bits} bits: choose one of {', '.join(map(str, VQ_BITS))}")
-    if layer.lut or layer.per_ic or layer.outliers or layer.sym:
-        raise InputError(f"{name}: vq keeps no outliers, lookup table, per-input-channel grids or symmetry")
-    if in_features % 2 or (layer.group_size != -1 and layer.group_size % 2):
-        raise InputError(f"{name}: vq codes pairs of inputs: {in_features} inputs and group size "
-                         f"{layer.group_size} must be even (or -1)")
+def technique_problem(layer: LayerPlan) -> str | None:
+    """Why the techniques of one entry do not go together, or None: the one rule that plan files, checkpoint
+    configs and measurements all check. A lookup table is one per output row; per-input-channel grids and
+    codebooks of pairs keep nothing else on them; codebooks code pairs of inputs."""
+    if layer.lut and layer.bits not in LUT_BITS:
+        return f"lut with {layer.bits} bits: choose one of {', '.join(map(str, LUT_BITS))}"
+    if layer.lut and (layer.group_size != -1 or layer.sym or layer.outliers):
+        return "lut is one table per output row: group_size -1, sym false, no outliers"
+    if layer.per_ic and (layer.lut or layer.outliers):
+        return "per_ic groups keep no outliers and no lookup table"
+    if layer.per_ic and layer.bits not in GPTQ_BITS:
+        return f"per_ic with {layer.bits} bits: choose one of {', '.join(map(str, GPTQ_BITS))}"
+    if layer.vq and layer.bits not in VQ_BITS:
+        return f"vq with {layer.bits} bits: choose one of {', '.join(map(str, VQ_BITS))}"
+    if layer.vq and (layer.lut or layer.per_ic or layer.outliers or layer.sym):
+        return "vq keeps no outliers, lookup table, per-input-channel grids or symmetry"
+    if layer.vq and layer.group_size != -1 and layer.group_size % 2:
+        return f"vq codes pairs of inputs: group size {layer.group_size} must be even (or -1)"
+    return None
 
 
 def check_layer(layer: LayerPlan, name: str, in_features: int, method: str) -> None:
@@ -271,9 +253,14 @@ def check_layer(layer: LayerPlan, name: str, in_features: int, method: str) -> N
     if not (layer.per_ic or layer.vq):      # per-IC groups run along the output, codebooks may end short: any size
         check_group(layer.group_size, name, in_features, method)
     check_outliers(layer.outliers, name, method)
-    check_lut(layer, name, method)
-    check_per_ic(layer, name, method)
-    check_vq(layer, name, in_features, method)
+    for key in ("lut", "per_ic", "vq"):     # chosen (or fitted) inside GPTQ's column loop
+        if getattr(layer, key) and method != "gptq":
+            raise InputError(f"{name}: {key} needs --method gptq (this run has {method})")
+    problem = technique_problem(layer)
+    if problem:
+        raise InputError(f"{name}: {problem}")
+    if layer.vq and in_features % 2:
+        raise InputError(f"{name}: vq codes pairs of inputs: {in_features} inputs must be even")
 
 
 def check_group(g: int, name: str, in_features: int, method: str) -> None:

@@ -54,7 +54,7 @@ def test_module_reproduces_Q(bits):
     check_module_reproduces(qw, LayerPlan(bits, -1, False, lut=True), LUTLinear, bits)
 
 @pytest.mark.parametrize("entry, message", [
-    ({"bits": 8, "group_size": -1, "sym": False, "lut": True}, "a table per row of 2, 3 or 4 bits"),
+    ({"bits": 8, "group_size": -1, "sym": False, "lut": True}, "lut with 8 bits: choose one of 2, 3, 4"),
     ({"bits": 3, "group_size": 64, "sym": False, "lut": True}, "group_size -1"),
     ({"bits": 3, "group_size": -1, "sym": False, "lut": 1}, "lut 1"),
 ])

@@ -66,9 +66,9 @@ def test_a_vq_plan_is_a_bitsmith_checkpoint_with_vq_in_its_config():
 
 @pytest.mark.parametrize("entry, message", [
     ({"bits": 3, "group_size": 128, "sym": False, "vq": "yes"}, "vq 'yes'"),
-    ({"bits": 3, "group_size": 128, "sym": False, "vq": True, "outliers": 0.01}, "no lookup table"),
-    ({"bits": 8, "group_size": 128, "sym": False, "vq": True}, "2, 3, 4 bits"),
-    ({"bits": 3, "group_size": 65, "sym": False, "vq": True}, "even group size"),
+    ({"bits": 3, "group_size": 128, "sym": False, "vq": True, "outliers": 0.01}, "vq keeps no outliers"),
+    ({"bits": 8, "group_size": 128, "sym": False, "vq": True}, "vq with 8 bits: choose one of 2, 3, 4"),
+    ({"bits": 3, "group_size": 65, "sym": False, "vq": True}, "group size 65 must be even"),
 ])
 def test_codebook_entries_of_a_checkpoint_are_checked(entry, message):
     with pytest.raises(InputError, match=message):
