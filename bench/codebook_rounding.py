@@ -1,7 +1,8 @@
 """SignRound on codebooks of pairs (quantize/signround.py, `LearnedCodebook`) on one SmolLM2-135M block: the
 block's output error on calibration windows it learned from and on windows it did not see, for the codes kept as
-GPTQ chose them (the codebooks and row scales learned alone), the codes learned among m nearest entries, and the
-codes learned from each pair's nearest entry instead of GPTQ's choice; CPU seconds of the 50 iterations.
+GPTQ chose them (the codebooks and row scales learned alone, the default), the codes learned among m nearest
+entries (`CODE_CANDIDATES` = m), and the codes learned from each pair's nearest entry instead of GPTQ's choice;
+CPU seconds of the 50 iterations.
 
 The block's inputs are the unquantized model's hidden states entering it; c4_calib.txt is split by position, the
 first 80 % of its tokens for the learned windows, the rest for the unseen ones. One torch thread.
@@ -26,7 +27,7 @@ from bitsmith.calibration.adapter import BlockRunner
 from bitsmith.calibration.hessian import Hessian
 from bitsmith.formats.source import open_source
 from bitsmith.quantize import signround as sr
-from bitsmith.quantize.vq import entries, gptq_vq, pair_blocks
+from bitsmith.quantize.vq import gptq_vq
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXT = ROOT.parent / "shared" / "assets" / "text"
@@ -34,16 +35,9 @@ RESULTS = ROOT / "bench" / "results"
 SEEN, UNSEEN, SEQLEN, BATCH = 128, 16, 256, 8
 
 
-class FixedCodes(sr.LearnedCodebook):
-    """The codes as GPTQ chose them: only the codebooks and row factors learn."""
-
-    def entry(self, books: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-        block = pair_blocks(self.R.shape[1], self.start.group_size)
-        return block[None, :] * entries(self.start.bits) + self.start.codes.long()
-
-
 class FromNearest(sr.LearnedCodebook):
-    """The codes learned from each pair's nearest entry in the start's codebooks rather than GPTQ's choice."""
+    """The codes learned from each pair's nearest entry in the start's codebooks rather than GPTQ's choice
+    (CODE_CANDIDATES > 0)."""
 
     def __init__(self, W: torch.Tensor, start, relative_to: str = "rtn"):
         super().__init__(W, start, relative_to)
@@ -97,8 +91,8 @@ def main() -> None:
 
     rows = [{"run": "GPTQ codes, nothing learned", "seen": errors(starts)[0], "unseen": errors(starts)[1],
              "cpu_s": 0.0, "codes_changed": 0.0}]
-    runs = [("codes fixed, codebooks and scales learned", FixedCodes, 4),
-            ("codes learned among 4 nearest (default)", sr.LearnedCodebook, 4),
+    runs = [("codes kept, codebooks and scales learned (default)", sr.LearnedCodebook, 0),
+            ("codes learned among 4 nearest", sr.LearnedCodebook, 4),
             ("codes learned among 8 nearest", sr.LearnedCodebook, 8),
             ("codes learned among 4 nearest, from nearest entries", FromNearest, 4)]
     default, m_default = sr.LearnedCodebook, sr.CODE_CANDIDATES

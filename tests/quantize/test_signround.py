@@ -11,6 +11,7 @@ from bitsmith.calibration.hessian import Hessian
 from bitsmith.formats.source import open_source
 from bitsmith.layouts import layout_of
 from bitsmith.plan import LayerPlan
+from bitsmith.quantize import signround as signround_module
 from bitsmith.quantize.gptq import gptq_quantize
 from bitsmith.quantize.grid import fake_quantize
 from bitsmith.quantize.lut import LutWeight, gptq_lut, nearest
@@ -18,7 +19,6 @@ from bitsmith.quantize.outliers import DenseSparseWeight
 from bitsmith.quantize.per_ic import PerICWeight
 from bitsmith.quantize.rtn import rtn_quantize
 from bitsmith.quantize.signround import (
-    CODE_CANDIDATES,
     LearnedCodebook,
     LearnedGrid,
     LearnedTable,
@@ -246,29 +246,50 @@ def vq_starts(b: Block, bits: int, group: int) -> dict:
     return {name: gptq_vq(W, b.hessians[name], bits, group, act_order=True)[0] for name, W in b.weights.items()}
 
 
-def test_codebooks_learn_their_codes_and_levels(stories_block):
-    """Codebook starts learn their codes (among each pair's nearest entries), codebooks and row scales: untrained,
-    GPTQ's start exactly; trained, a lower block error in the same layout, the stored tensors loading as exactly Q."""
+def test_codebooks_learn_their_levels_and_keep_their_codes(stories_block):
+    """By default codebook starts keep GPTQ's codes and learn their codebooks and row scales: untrained, the start
+    exactly; trained, a lower block error in the same layout, the stored tensors loading as exactly Q."""
     b = stories_block
     starts = vq_starts(b, 2, 32)
+    refined = learn_codebooks(b, starts)
+    assert any(not torch.equal(qw.codebooks, starts[name].codebooks) for name, qw in refined.items())
+    check_codebooks_load(refined)
+    assert all(torch.equal(qw.codes, starts[name].codes) for name, qw in refined.items())
+
+
+def learn_codebooks(b: Block, starts: dict) -> dict:
+    """SignRound on codebook starts: untrained, each the start exactly; trained, a lower block error."""
     for name, start in starts.items():
         same = LearnedCodebook(b.weights[name], start).result()
         assert all(torch.equal(getattr(same, f), getattr(start, f)) for f in ("codes", "codebooks", "scales", "Q"))
     refined, trace = signround(b.module, b.inputs, b.targets, b.weights, starts, 30, batch=len(b.inputs), **b.kwargs)
     assert not trace.kept_start and error(b, refined) < 0.95 * error(b, starts)
+    return refined
+
+
+def check_codebooks_load(refined: dict) -> None:
     layer = LayerPlan(2, 32, False, vq=True)
-    assert any(not torch.equal(qw.codebooks, starts[name].codebooks) for name, qw in refined.items())
-    assert any(not torch.equal(qw.codes, starts[name].codes) for name, qw in refined.items())
-    for name, qw in refined.items():
+    for qw in refined.values():
         assert isinstance(qw, VQWeight)
         assert qw.codebooks.dtype == qw.scales.dtype == torch.float16
         stored = layout_of(layer).tensors(qw)
         assert torch.equal(layout_of(layer).weight(stored.__getitem__, layer, 2 * qw.codes.shape[1]), qw.Q)
 
 
-def test_codebook_codes_move_only_among_the_nearest_entries(stories_block):
-    """With the offsets at their bounds the chosen entry is still one of the pair's CODE_CANDIDATES nearest in the
-    start's book, and the choice is the nearest of those to the moved point (checked against a search of all)."""
+def test_codebook_codes_learn_when_asked(stories_block, monkeypatch):
+    """With CODE_CANDIDATES > 0 the codes learn too, from GPTQ's: untrained, the start exactly; trained, some codes
+    moved, a lower block error than the start's, the same layout."""
+    monkeypatch.setattr(signround_module, "CODE_CANDIDATES", 4)
+    b = stories_block
+    starts = vq_starts(b, 2, 32)
+    refined = learn_codebooks(b, starts)
+    assert any(not torch.equal(qw.codes, starts[name].codes) for name, qw in refined.items())
+    check_codebooks_load(refined)
+
+
+def test_codebook_codes_move_only_among_the_nearest_entries(stories_block, monkeypatch):
+    """With the offsets at their bounds the chosen entry is still one of the pair's 4 nearest in the start's book, and the choice is the nearest of those to the moved point (checked against a search of all)."""
+    monkeypatch.setattr(signround_module, "CODE_CANDIDATES", 4)
     b = stories_block
     name, W = "mlp.down_proj", b.weights["mlp.down_proj"]
     start = vq_starts(b, 2, 32)[name]
@@ -278,7 +299,7 @@ def test_codebook_codes_move_only_among_the_nearest_entries(stories_block):
     books, scales = start.codebooks.float(), start.scales.float()
     chosen = learned_.entry(books, scales)
     assert (learned_.candidates == chosen[..., None]).any(dim=2).all()
-    assert learned_.candidates.shape[2] == CODE_CANDIDATES
+    assert learned_.candidates.shape[2] == 4
     target = learned_.R / scales[:, None, None] + learned_.V * learned_.unit
     flat = books.reshape(-1, 2)
     best = (target[:, :, None, :] - flat[learned_.candidates]).square().sum(3).amin(dim=2)
