@@ -61,7 +61,7 @@ from .grid import FP16_TINY, ZERO_MIN, stored_ste
 from .lut import LutWeight, nearest
 from .per_ic import PerICWeight, expand_rows
 from .rtn import QuantizedWeight
-from .vq import VQWeight, dequantize, entries, lookup, nearest_entries, pair_blocks
+from .vq import VQWeight, dequantize, entries, flat_index, lookup, nearest_entries, pair_blocks
 
 STARTS = ("gptq", "rtn")
 CLIP_RANGE = (0.5, 1.5)      # bounds of the clipping factors; the decaying step cannot move them further anyway
@@ -215,17 +215,17 @@ class LearnedCodebook(_Learned):
         super().__init__(start, relative_to)
         out, cols = W.shape
         books = start.codebooks.to(torch.float32)
-        spacing = ((books.amax(1, keepdim=True) - books.amin(1, keepdim=True))
-                   / (entries(start.bits) ** 0.5 - 1)).clamp(min=FP16_TINY)                   # [G, 1, 2]
-        self.spacing = spacing
-        block = pair_blocks(cols // 2, start.group_size)
-        self.unit = spacing[block, 0]                                                          # d [pairs, 2]
+        self.spacing = spacing = ((books.amax(1, keepdim=True) - books.amin(1, keepdim=True))
+                                  / (entries(start.bits) ** 0.5 - 1)).clamp(min=FP16_TINY)    # [G, 1, 2]
         self.s0 = start.scales.to(torch.float32)
-        self.R = start.Q.to(torch.float32).reshape(out, cols // 2, 2)          # from GPTQ's codes (docstring)
-        own = block[None, :] * entries(start.bits) + start.codes.long()
-        self.candidates = (nearest_entries(self.R / self.s0[:, None, None], books, start.group_size, CODE_CANDIDATES)
-                           if CODE_CANDIDATES else own[..., None])
-        self.V = nn.Parameter(torch.zeros_like(self.R) if CODE_CANDIDATES else torch.zeros(0))
+        self.index = flat_index(start.codes, entries(start.bits), start.group_size)    # GPTQ's codes, kept
+        self.V = nn.Parameter(torch.zeros(0))
+        if CODE_CANDIDATES:                                                           # the codes learn
+            self.unit = spacing[pair_blocks(cols // 2, start.group_size), 0]           # d [pairs, 2]
+            self.R = start.Q.to(torch.float32).reshape(out, cols // 2, 2)      # from GPTQ's codes (docstring)
+            self.candidates = nearest_entries(self.R / self.s0[:, None, None], books, start.group_size,
+                                              CODE_CANDIDATES)
+            self.V = nn.Parameter(torch.zeros_like(self.R))
         self.C = nn.Parameter(books.clone())
         self.a = nn.Parameter(torch.ones_like(self.s0))
 
@@ -233,20 +233,21 @@ class LearnedCodebook(_Learned):
         return torch.clamp(stored_ste(self.s0 * self.a), min=FP16_TINY)
 
     @torch.no_grad()
-    def entry(self, books: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-        """Flat entry index g K + k [out, pairs] of every pair: of its candidates, the nearest to R / s + V d."""
+    def weight_index(self, books: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+        """Where every weight reads the flattened codebooks (`vq.flat_index`): the start's codes, or, when the
+        codes learn, each pair's candidate nearest to R / s + V d."""
         if not self.V.numel():
-            return self.candidates[..., 0]                                     # the codes kept
+            return self.index
         target = self.R / scales[:, None, None] + self.V * self.unit
         near = (target[:, :, None, :] - books.reshape(-1, 2)[self.candidates]).square().sum(dim=3)
-        return self.candidates.gather(2, near.argmin(dim=2, keepdim=True)).squeeze(2)
+        first = 2 * self.candidates.gather(2, near.argmin(dim=2, keepdim=True)).squeeze(2)
+        return torch.stack([first, first + 1], dim=2).flatten(1)
 
     def forward(self) -> torch.Tensor:
         """The quantized weight Q [out, in], differentiable in the codebooks, the row factors and V (straight
         through the choice of entry) when the codes learn."""
         books, scales = stored_ste(self.C), self.scales()
-        first = 2 * self.entry(books.detach(), scales.detach())
-        values = lookup(books, torch.stack([first, first + 1], dim=2).flatten(1))
+        values = lookup(books, self.weight_index(books.detach(), scales.detach()))
         if not self.V.numel():
             return scales[:, None] * values
         return scales[:, None] * (values + (self.unit * (self.V - self.V.detach())).flatten(1))
@@ -262,7 +263,8 @@ class LearnedCodebook(_Learned):
     @torch.no_grad()
     def result(self) -> VQWeight:
         books, scales = self.C.to(torch.float16), self.scales().to(torch.float16)
-        codes = (self.entry(books.float(), scales.float()) % entries(self.start.bits)).to(torch.uint8)
+        codes = (self.weight_index(books.float(), scales.float())[:, 0::2] // 2
+                 % entries(self.start.bits)).to(torch.uint8)
         return dataclasses.replace(self.start, codes=codes, codebooks=books, scales=scales,
                                    Q=dequantize(codes, books, scales, self.start.group_size))
 

@@ -297,7 +297,7 @@ def test_codebook_codes_move_only_among_the_nearest_entries(stories_block, monke
     with torch.no_grad():
         learned_.V.copy_(torch.rand(learned_.V.shape, generator=torch.Generator().manual_seed(0)) - 0.5)
     books, scales = start.codebooks.float(), start.scales.float()
-    chosen = learned_.entry(books, scales)
+    chosen = learned_.weight_index(books, scales)[:, 0::2] // 2                        # flat entries g K + k
     assert (learned_.candidates == chosen[..., None]).any(dim=2).all()
     assert learned_.candidates.shape[2] == 4
     target = learned_.R / scales[:, None, None] + learned_.V * learned_.unit
