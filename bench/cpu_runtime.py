@@ -36,12 +36,13 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from machine import cpu_name
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "smollm2-135m"
@@ -426,10 +427,7 @@ def ratio(row: dict, base: dict | None, key: str) -> str:
 
 def machine(threads: int, note: str) -> dict:
     import torch
-    with open("/proc/cpuinfo") as f:
-        cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")),
-                   platform.processor())
-    return {"date": datetime.date.today().isoformat(), "cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__,
+    return {"date": datetime.date.today().isoformat(), "cpu": cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__,
             "capability": torch.backends.cpu.get_cpu_capability(), "threads": threads, "note": note,
             "affinity": sorted(os.sched_getaffinity(0))}
 

@@ -22,7 +22,6 @@ import argparse
 import datetime
 import importlib.util
 import os
-import platform
 import shutil
 import statistics
 import struct
@@ -33,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from machine import cpu_name
 from safetensors.torch import load_file, save_file
 
 from bitsmith.formats import dfloat
@@ -161,15 +161,6 @@ def measure_lmzip(source_file: Path, work: Path, mb: float, repeat: int) -> dict
     assert restored.read_bytes() == source_file.read_bytes()
     return {"lmzip_file": archive.stat().st_size / source_file.stat().st_size,
             "lmzip_encode": mb / compress_s, "lmzip_decode": mb / decompress_s}
-
-
-def cpu_name() -> str:
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 SYNTHETIC_GPU = [(4096, 11008), (8192, 28672)]     # a 7B and a 70B MLP matrix

@@ -31,6 +31,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from machine import cpu_label
+
 from bitsmith.plan import TECHNIQUES, LayerPlan
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -109,7 +111,7 @@ def run(target: float, proxy: str, rounding: str = "gptq", iters: int = 0, seque
     name = method(proxy, rounding, iters, sequential, menu, tune, rotate)
     summary.update(date=datetime.date.today().isoformat(), proxy=proxy, rounding=rounding, rounding_iters=iters,
                    method=name, menu=menu, tune_epochs=tune[0], tune_lr=tune[1], rotate=rotate,
-                   measured_here=not reuse)
+                   measured_here=not reuse, cpu=cpu_label())
     (RUNS / f"{name}-t{target}.json").write_text(json.dumps(portable(summary, work), indent=1) + "\n")
     print(name, target, summary["bits_per_weight"], summary["eval"]["perplexity"], flush=True)
 
@@ -145,7 +147,9 @@ def report() -> str:
              (f"Menu: the {len(menu['candidates'])} candidates of a format-{menu['format_version']} measurement "
               f"({RUNS.name}/measurement.json)." if menu else "Menu: as each run's measurement had it."), "",
              (f"Measured {', '.join(dates)} with `python bench/plan.py` on x86_64 (2 cores, one torch thread per "
-              "run; the other core was often busy: CPU seconds are the one-core cost, wall seconds an upper bound). "
+              "run; the other core was often busy: CPU seconds are the one-core cost, wall seconds an upper bound; "
+              "the CPU, where recorded, is the last column: learned rounding and tuning run several times faster "
+              "with AMX). "
               "Calibration 128 x 512 from "
               "c4_calib.txt (seed 0); WikiText-2 test, first 65,536 tokens at seqlen 2048; held-out: the bundled "
               "EB1911 text, 16,384 tokens"
@@ -154,7 +158,7 @@ def report() -> str:
               "measurement; measured on the Fisher calibration windows (as `quantize` reports it) and as "
               "log(ppl / base ppl) on WikiText-2. The first run's time includes the measurement."), "",
              ("| plan | target bpw | all-in bpw | WikiText-2 ppl | held-out ppl | nats predicted / calib / WikiText-2 "
-              "| measure CPU s | quantize CPU s (wall) | peak RSS MB |"), "|---|---|---|---|---|---|---|---|---|"]
+              "| measure CPU s | quantize CPU s (wall) | peak RSS MB | CPU |"), "|---|---|---|---|---|---|---|---|---|---|"]
     base = uniform["bf16"]["perplexity"]
     for r in runs:
         measured = math.log(r["eval"]["perplexity"] / base)
@@ -163,7 +167,8 @@ def report() -> str:
         lines.append(f"| {r['method']} | {r['target_bits_per_weight']} | {r['bits_per_weight']:.3f} | "
                      f"{r['eval']['perplexity']:.2f} | {r['held_out']['perplexity']:.2f} | "
                      f"{r['predicted_error']:.3f} / {calib} / {measured:.3f} | {measure_s} | "
-                     f"{r['cpu_seconds']:.0f} ({r['seconds']:.0f}) | {r['peak_rss_bytes'] / 2**20:.0f} |")
+                     f"{r['cpu_seconds']:.0f} ({r['seconds']:.0f}) | {r['peak_rss_bytes'] / 2**20:.0f} | "
+                     f"{r.get('cpu', '-')} |")
     lines += ["", "Uniform GPTQ (mse grid, bench/results/quality-smollm2.md) at the nearest settings:", "",
               "| config | all-in bpw | WikiText-2 ppl |", "|---|---|---|"]
     lines += [f"| {u} | {uniform[u]['bits_per_weight']:.3f} | {uniform[u]['perplexity']:.2f} |"
