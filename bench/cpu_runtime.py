@@ -427,7 +427,8 @@ def ratio(row: dict, base: dict | None, key: str) -> str:
 
 def machine(threads: int, note: str) -> dict:
     import torch
-    return {"date": datetime.date.today().isoformat(), "cpu": cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__,
+    return {"date": datetime.date.today().isoformat(), "cpu": cpu_name(), "cores": os.cpu_count(),
+            "torch": torch.__version__,
             "capability": torch.backends.cpu.get_cpu_capability(), "threads": threads, "note": note,
             "affinity": sorted(os.sched_getaffinity(0))}
 

@@ -158,7 +158,7 @@ def report() -> str:
               "measurement; measured on the Fisher calibration windows (as `quantize` reports it) and as "
               "log(ppl / base ppl) on WikiText-2. The first run's time includes the measurement."), "",
              ("| plan | target bpw | all-in bpw | WikiText-2 ppl | held-out ppl | nats predicted / calib / WikiText-2 "
-              "| measure CPU s | quantize CPU s (wall) | peak RSS MB | CPU |"), "|---|---|---|---|---|---|---|---|---|---|"]
+              "| measure CPU s | quantize CPU s (wall) | peak RSS MB | CPU |"), "|---" * 10 + "|"]
     base = uniform["bf16"]["perplexity"]
     for r in runs:
         measured = math.log(r["eval"]["perplexity"] / base)

@@ -288,7 +288,8 @@ def test_codebook_codes_learn_when_asked(stories_block, monkeypatch):
 
 
 def test_codebook_codes_move_only_among_the_nearest_entries(stories_block, monkeypatch):
-    """With the offsets at their bounds the chosen entry is still one of the pair's 4 nearest in the start's book, and the choice is the nearest of those to the moved point (checked against a search of all)."""
+    """With the offsets at their bounds the chosen entry is still one of the pair's 4 nearest in the start's book,
+    and the choice is the nearest of those to the moved point (checked against a search of all)."""
     monkeypatch.setattr(signround_module, "CODE_CANDIDATES", 4)
     b = stories_block
     name, W = "mlp.down_proj", b.weights["mlp.down_proj"]
