@@ -17,6 +17,7 @@ import resource
 import time
 from dataclasses import asdict, dataclass, field
 
+import psutil
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -41,7 +42,7 @@ from .quantize.lut import gptq_lut
 from .quantize.qoq import qoq_quantize
 from .quantize.rtn import rtn_quantize
 from .quantize.signround import layer_output_error, signround
-from .quantize.tune import Relative, TunedLinear, tune
+from .quantize.tune import Relative, TunedLinear, kept_blocks, saved_bytes, tune
 from .quantize.vq import gptq_vq
 
 
@@ -523,9 +524,6 @@ def refine_block(runner: BlockRunner, block, prefix: str, i: int, hidden: torch.
     return layers
 
 
-TUNE_CHECKPOINT = True       # recompute each block's activations in tuning's backward pass (memory: one block's)
-
-
 def tune_written(runner: BlockRunner, source: ModelSource, writer, plan: QuantPlan, windows: torch.Tensor,
                  streams: Streams, eval_ids: torch.Tensor | None, loss_windows: int,
                  progress: bool = False) -> torch.Tensor:
@@ -562,22 +560,30 @@ def tune_written(runner: BlockRunner, source: ModelSource, writer, plan: QuantPl
         out = block(hidden, **runner.block_kwargs(pos))
         return out[0] if isinstance(out, tuple) else out
 
-    def body(ids: torch.Tensor) -> torch.Tensor:
-        """The last hidden states of `ids`; with gradients, each block's activations are recomputed in the
-        backward pass instead of kept (one block's at a time in memory, for one more forward)."""
+    def body(ids: torch.Tensor, kept: int = len(blocks)) -> torch.Tensor:
+        """The last hidden states of `ids`; with gradients, the last `kept` blocks keep their activations for the
+        backward pass and the others recompute theirs in it (quantize/tune.py)."""
         hidden = F.embedding(ids, table)
         pos = runner.position_embeddings(hidden[:1])
-        for block in blocks:
+        for i, block in enumerate(blocks):
             hidden = (checkpoint(through, block, hidden, pos, use_reentrant=False)
-                      if TUNE_CHECKPOINT and torch.is_grad_enabled() else through(block, hidden, pos))
+                      if torch.is_grad_enabled() and i < len(blocks) - kept else through(block, hidden, pos))
         return hidden
 
     head = lambda h: F.linear(norm(h), head_weight)
     teacher_head = lambda h: F.linear(teacher_norm(h), head_weight)
     params = [m.delta for m in tuned.values()] + [p for _, _, p in norms.values()] + [final[2]]
+
+    def first_block() -> torch.Tensor:                   # one minibatch through the first block, input learning
+        with compute(opts):
+            hidden = F.embedding(windows[:opts.batch], table).requires_grad_()
+            return through(blocks[0], hidden, runner.position_embeddings(hidden[:1]))
+
+    kept = kept_blocks(saved_bytes(first_block), len(blocks), psutil.virtual_memory().available)
     with keeping_freed_memory():
-        tune(body, head, teacher_head, windows, streams.unquantized, params, opts.tune_epochs, opts.tune_lr,
-             batch=opts.batch, seed=opts.seed, autocast=lambda: compute(opts), progress=progress)
+        tune(lambda ids: body(ids, kept), head, teacher_head, windows, streams.unquantized, params,
+             opts.tune_epochs, opts.tune_lr, batch=opts.batch, seed=opts.seed, autocast=lambda: compute(opts),
+             progress=progress)
     for name, module in tuned.items():
         writer.replace(name, module.stored())
         module.dtype = torch.float32                     # from here on, the weights exactly as they load

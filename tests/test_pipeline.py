@@ -277,12 +277,18 @@ def test_a_measured_plan_reports_the_loss_of_the_tuned_model(tmp_path, stories_p
 
 def test_recomputing_the_blocks_in_the_backward_pass_writes_the_same_bytes(tmp_path, stories_path, stories_split,
                                                                             monkeypatch):
-    """Tuning recomputes each block's activations in its backward pass rather than keeping all of them
-    (pipeline.TUNE_CHECKPOINT): the same gradients, so the same checkpoint as keeping them."""
+    """Tuning keeps the activations of as many blocks as memory holds (quantize/tune.py `kept_blocks`) and
+    recomputes the others' in its backward pass: the same gradients, so the same checkpoint whether none, one or
+    all of the blocks keep theirs."""
     from bitsmith import pipeline
     calib = stories_split[0]
-    for kept in (False, True):
-        monkeypatch.setattr(pipeline, "TUNE_CHECKPOINT", not kept)
-        bitsmith.quantize(str(stories_path), str(tmp_path / str(kept)), calib=[str(calib)], progress=False, **TUNED)
-    assert (tmp_path / "True" / "model.safetensors").read_bytes() == \
-        (tmp_path / "False" / "model.safetensors").read_bytes()
+    asked = []
+    for kept in ("none", "one", "all"):
+        def keep(per_block, blocks, free, kept=kept):
+            asked.append((per_block, blocks, free))
+            return {"none": 0, "one": 1, "all": blocks}[kept]
+        monkeypatch.setattr(pipeline, "kept_blocks", keep)
+        bitsmith.quantize(str(stories_path), str(tmp_path / kept), calib=[str(calib)], progress=False, **TUNED)
+    assert all(per_block > 0 and blocks > 1 and free > 0 for per_block, blocks, free in asked)
+    written = {kept: (tmp_path / kept / "model.safetensors").read_bytes() for kept in ("none", "one", "all")}
+    assert written["none"] == written["one"] == written["all"]

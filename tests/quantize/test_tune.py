@@ -142,3 +142,24 @@ def test_tuning_lowers_the_kl_and_moves_only_the_levels_and_norms():
     assert tune(model, to_logits, to_logits, windows, teacher, params, epochs=0, lr=1e-3).losses == []
     with pytest.raises(ValueError, match="learning rate"):
         tune(model, to_logits, to_logits, windows, teacher, params, epochs=1, lr=0)
+
+
+def test_saved_bytes_counts_what_the_backward_pass_keeps_once():
+    """y = relu(x W^T) with W learning: the graph keeps x (for W's gradient) and relu's output (for its own); x
+    saved by two products counts once; a graph with nothing to learn keeps nothing."""
+    x = torch.randn(64, 32)
+    W = torch.randn(16, 32, requires_grad=True)
+    kept = tune_module.saved_bytes(lambda: torch.relu(F.linear(x, W)))
+    assert kept == x.nbytes + 64 * 16 * 4
+    assert tune_module.saved_bytes(lambda: F.linear(x, W) + F.linear(x, W * 2)) == x.nbytes
+    assert tune_module.saved_bytes(lambda: torch.relu(x @ x.t())) == 0
+
+
+@pytest.mark.parametrize("per_block, blocks, free, share, kept", [
+    (100, 30, 10_000, 0.5, 30),        # all fit
+    (100, 30, 1_000, 0.5, 5),          # half of the free memory holds five
+    (100, 30, 150, 0.5, 0),            # none
+    (0, 30, 0, 0.5, 30),               # nothing to keep
+])
+def test_kept_blocks_fit_in_the_share_of_free_memory(per_block, blocks, free, share, kept):
+    assert tune_module.kept_blocks(per_block, blocks, free, share) == kept
