@@ -4,31 +4,26 @@ from __future__ import annotations
 
 import functools
 import platform
-from pathlib import Path
-
-CPUINFO = Path("/proc/cpuinfo")      # the Linux kernel's description of the CPU; absent elsewhere
+import subprocess
 
 
 @functools.cache
-def cpuinfo() -> dict[str, str]:
-    """The first processor's fields of CPUINFO (name -> value), read once; empty where there is none."""
-    fields: dict[str, str] = {}
-    if CPUINFO.exists():
-        for line in CPUINFO.read_text().splitlines():
-            if not line.strip():
-                break                                    # the first processor's block ends at a blank line
-            name, _, value = line.partition(":")
-            fields.setdefault(name.strip(), value.strip())
-    return fields
-
-
 def cpu_name() -> str:
-    """The CPU's model name (platform's guess where the kernel does not say)."""
-    return cpuinfo().get("model name") or platform.processor() or platform.machine()
+    """The CPU's model name as `lscpu` gives it (platform's guess where there is no lscpu or it does not say)."""
+    try:
+        listing = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        listing = ""
+    for line in listing.splitlines():
+        name, _, value = line.partition(":")
+        if name.strip() == "Model name" and value.strip():
+            return value.strip()
+    return platform.processor() or platform.machine()
 
 
 def cpu_label() -> str:
-    """The model name and its bf16 matrix units: 'AMD EPYC (avx512_bf16)', 'Intel Xeon (amx_bf16)'."""
-    flags = set(cpuinfo().get("flags", "").split())
-    units = [f for f in ("amx_bf16", "avx512_bf16") if f in flags]
+    """The model name and the bf16 matrix units torch finds on it: 'AMD EPYC (avx512_bf16)', 'Intel Xeon (amx)'."""
+    import torch
+    probes = (("amx", "_is_amx_tile_supported"), ("avx512_bf16", "_is_avx512_bf16_supported"))
+    units = [unit for unit, probe in probes if getattr(torch.cpu, probe, lambda: False)()]
     return cpu_name() + (f" ({units[0]})" if units else "")

@@ -20,10 +20,8 @@ import time
 from pathlib import Path
 
 from machine import cpu_label
+from plan import RESULTS, TEXT
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "bench" / "results"
-CALIB = ROOT.parent / "shared" / "assets" / "text" / "c4_calib.txt"
 SETTINGS = ("none", "all", "auto")
 WINDOWS, SEQLEN = 32, 512
 
@@ -40,11 +38,9 @@ def one(setting: str, out: Path) -> dict:
     auto = pipeline.kept_blocks
 
     def keep(per_block, blocks, free):
-        chosen.update(per_block=per_block, blocks=blocks, free=free)
-        chosen["kept"] = {"none": 0, "all": blocks}.get(setting, None)
-        if chosen["kept"] is None:
-            chosen["kept"] = auto(per_block, blocks, free)
-        return chosen["kept"]
+        kept = {"none": 0, "all": blocks}[setting] if setting != "auto" else auto(per_block, blocks, free)
+        chosen.update(per_block=per_block, blocks=blocks, free=free, kept=kept)
+        return kept
 
     def timed_tune(*args, **kwargs):
         start = time.process_time()
@@ -54,7 +50,7 @@ def one(setting: str, out: Path) -> dict:
 
     tune = pipeline.tune
     pipeline.kept_blocks, pipeline.tune = keep, timed_tune
-    summary = bitsmith.quantize("smollm2-135m", str(out), calib=[str(CALIB)], nsamples=WINDOWS, seqlen=SEQLEN,
+    summary = bitsmith.quantize("smollm2-135m", str(out), calib=[str(TEXT / "c4_calib.txt")], nsamples=WINDOWS, seqlen=SEQLEN,
                                 seed=0, bits=4, group_size=128, tune_epochs=1, tune_lr=3e-3, progress=False)
     return {"setting": setting, **chosen, **timed, "seconds_per_step": timed["cpu_seconds"] / timed["steps"],
             "quantize_cpu_seconds": summary["cpu_seconds"],

@@ -574,7 +574,7 @@ def tune_written(runner: BlockRunner, source: ModelSource, writer, plan: QuantPl
     teacher_head = lambda h: F.linear(teacher_norm(h), head_weight)
     params = [m.delta for m in tuned.values()] + [p for _, _, p in norms.values()] + [final[2]]
 
-    def first_block() -> torch.Tensor:                   # one minibatch through the first block, input learning
+    def first_block() -> torch.Tensor:      # one minibatch through block 0, its input needing a gradient as later ones do
         with compute(opts):
             hidden = F.embedding(windows[:opts.batch], table).requires_grad_()
             return through(blocks[0], hidden, runner.position_embeddings(hidden[:1]))
