@@ -57,7 +57,7 @@ from .quantize.lut import LutWeight
 from .quantize.outliers import DenseSparseWeight, outlier_count
 from .quantize.per_ic import PerICWeight, expand_rows, row_span
 from .quantize.rtn import QuantizedWeight
-from .quantize.tune import Levels
+from .quantize.tune import Level, Levels
 from .quantize.vq import VQWeight, entries, flat_index, lookup, span
 
 
@@ -102,7 +102,7 @@ class GPTQLayout:
         scales = stored("scales")
         g = stored("g_idx").long()
         steps = (q.to(torch.int16) - unpack_zeros(stored("qzeros"), layer.bits, scales.shape[1]).t()[:, g]).to(dtype)
-        return Levels("scales", scales, lambda s: s.t()[:, g] * steps, scales.float())
+        return Levels([Level("scales", scales, scales.float())], lambda s: s.t()[:, g] * steps)
 
     @staticmethod
     def module(in_features: int, out_features: int, layer: LayerPlan, bias: bool,
@@ -146,8 +146,7 @@ class DenseSparseLayout(GPTQLayout):
         dense = GPTQLayout.levels(stored, layer, in_features, dtype)
         values, cols, row_ptr = (stored(part) for part in DenseSparseLayout.parts[4:])
         at = (csr_rows(row_ptr), cols.long())
-        return Levels(dense.name, dense.start, lambda s: (W := dense.weight(s)).index_put(at, values.to(W.dtype)),
-                      dense.unit)
+        return Levels(dense.parts, lambda s: (W := dense.weight(s)).index_put(at, values.to(W.dtype)))
 
     @staticmethod
     def module(in_features: int, out_features: int, layer: LayerPlan, bias: bool,
@@ -181,7 +180,7 @@ class LUTLayout:
         codes = unpack(stored("qweight"), layer.bits, in_features, dim=0).t().long()
         lut = stored("lut").float()
         spacing = (lut[:, -1:] - lut[:, :1]) / (lut.shape[1] - 1)
-        return Levels("lut", stored("lut"), lambda c: c.gather(1, codes), spacing)
+        return Levels([Level("lut", stored("lut"), spacing)], lambda c: c.gather(1, codes))
 
     @staticmethod
     def module(in_features: int, out_features: int, layer: LayerPlan, bias: bool,
@@ -218,7 +217,8 @@ class PerICLayout:
         zeros = expand_rows(unpack(stored("qzeros"), layer.bits, in_features, dim=1), layer.group_size, rows)
         steps = (q.to(torch.int16) - zeros.to(torch.int16)).to(dtype)
         scales = stored("scales")
-        return Levels("scales", scales, lambda s: expand_rows(s, layer.group_size, rows) * steps, scales.float())
+        return Levels([Level("scales", scales, scales.float())],
+                      lambda s: expand_rows(s, layer.group_size, rows) * steps)
 
     @staticmethod
     def module(in_features: int, out_features: int, layer: LayerPlan, bias: bool,
@@ -250,14 +250,16 @@ class VQLayout:
 
     @staticmethod
     def levels(stored, layer: LayerPlan, in_features: int, dtype: torch.dtype = torch.float32) -> Levels:
-        """The codebooks, codes and row scales fixed: W = s_o C[g, q, t]; each codebook's coordinate t moves in
-        units of its mean spacing, its range over sqrt(K) - 1 (the spacing of K points on a square grid)."""
+        """The codebooks and the row scales, the codes fixed: W = s_o C[g, q, t]; each codebook's coordinate t moves
+        in units of its mean spacing, its range over sqrt(K) - 1 (the spacing of K points on a square grid), a row
+        scale relative to itself."""
         codes = unpack(stored("qweight"), 2 * layer.bits, in_features // 2, dim=0).t()
         index = flat_index(codes, entries(layer.bits), layer.group_size)
-        s = stored("row_scales").to(dtype)[:, None]
-        books = stored("codebooks").float()
-        spacing = (books.amax(1, keepdim=True) - books.amin(1, keepdim=True)) / (entries(layer.bits) ** 0.5 - 1)
-        return Levels("codebooks", stored("codebooks"), lambda C: s * lookup(C, index), spacing)
+        books, scales = stored("codebooks"), stored("row_scales")
+        t = books.float()
+        spacing = (t.amax(1, keepdim=True) - t.amin(1, keepdim=True)) / (entries(layer.bits) ** 0.5 - 1)
+        return Levels([Level("codebooks", books, spacing), Level("row_scales", scales, scales.float())],
+                      lambda C, s: s[:, None] * lookup(C, index))
 
     @staticmethod
     def module(in_features: int, out_features: int, layer: LayerPlan, bias: bool,

@@ -544,10 +544,10 @@ def tune_written(runner: BlockRunner, source: ModelSource, writer, plan: QuantPl
             layer = plan.layers[full]
             levels = layout_of(layer).levels(lambda suffix, full=full: writer.get(f"{full}.{suffix}"), layer,
                                               lin.in_features, dtype)
-            tuned[f"{full}.{levels.name}"] = module = TunedLinear(levels, lin.bias, dtype)
+            tuned[full] = module = TunedLinear(levels, lin.bias, dtype)
             block.set_submodule(name, module)
         for name, p in list(block.named_parameters()):
-            if not name.endswith(".delta") and writer.holds(prefix + name):
+            if ".deltas." not in name and writer.holds(prefix + name):
                 norms[prefix + name] = _relative(block, name, writer.get(prefix + name).dtype)
         blocks.append(block)
     norm, head_weight = runner.head(source)
@@ -572,7 +572,7 @@ def tune_written(runner: BlockRunner, source: ModelSource, writer, plan: QuantPl
 
     head = lambda h: F.linear(norm(h), head_weight)
     teacher_head = lambda h: F.linear(teacher_norm(h), head_weight)
-    params = [m.delta for m in tuned.values()] + [p for _, _, p in norms.values()] + [final[2]]
+    params = [d for m in tuned.values() for d in m.deltas] + [p for _, _, p in norms.values()] + [final[2]]
 
     def first_block() -> torch.Tensor:      # one minibatch through block 0, its input needing a gradient as later ones do
         with compute(opts):
@@ -584,8 +584,9 @@ def tune_written(runner: BlockRunner, source: ModelSource, writer, plan: QuantPl
         tune(lambda ids: body(ids, kept), head, teacher_head, windows, streams.unquantized, params,
              opts.tune_epochs, opts.tune_lr, batch=opts.batch, seed=opts.seed, autocast=lambda: compute(opts),
              progress=progress)
-    for name, module in tuned.items():
-        writer.replace(name, module.stored())
+    for full, module in tuned.items():
+        for suffix, tensor in module.stored().items():
+            writer.replace(f"{full}.{suffix}", tensor)
         module.dtype = torch.float32                     # from here on, the weights exactly as they load
     for name, (module, attr, _) in norms.items():
         writer.replace(name, getattr(module, attr).detach().to(module.parametrizations[attr][0].dtype))

@@ -48,10 +48,10 @@ QUANTIZE_SECTIONS = {
 @click.option("--rounding-iters", type=int, default=50, show_default=True,
               help="Sign-gradient iterations per block of --rounding signround, one minibatch of 8 windows each.")
 @click.option("--tune-epochs", type=int, default=0, show_default=True,
-              help="After the blocks, tune every quantized linear's levels (grid scales, lookup tables, codebooks) "
-                   "and the norm weights end to end, codes fixed, toward the unquantized model's next-token "
-                   "distributions (KL) on the calibration windows: passes over them (EfficientQAT's E2E-QP). Holds "
-                   "the whole model in memory.")
+              help="After the blocks, tune every quantized linear's levels (grid scales, lookup tables, codebooks "
+                   "and their row scales) and the norm weights end to end, codes fixed, toward the unquantized "
+                   "model's next-token distributions (KL) on the calibration windows: passes over them "
+                   "(EfficientQAT's E2E-QP). Holds the whole model in memory.")
 @click.option("--tune-lr", type=float, default=1e-3, show_default=True, help="Adam learning rate of --tune-epochs.")
 @click.option("--rotate/--no-rotate", default=False, show_default=True,
               help="Quantize the model in a rotated basis: norm weights folded into the linears, the residual "

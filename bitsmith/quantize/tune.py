@@ -2,7 +2,8 @@
 Quantization-Aware Training for Large Language Models", section 3.3), with the unquantized model as teacher.
 
 Once every linear is quantized, its codes stay fixed and its continuous levels learn: the scales of its grids
-(W = s[g] * (q - z)) or the centroids of its lookup tables (W = c[o, q]); so do the RMSNorm weights. Each moves in a
+(W = s[g] * (q - z)), the centroids of its lookup tables (W = c[o, q]), the codebooks and row scales of its
+codebooks of pairs (W = s_o C[q]); so do the RMSNorm weights. Each moves in a
 unit of its own size, so that one learning rate suits all: a scale or a norm weight by a fraction of itself,
 s = s0 (1 + delta), a table's centroids by a fraction of the row's mean spacing. All of them
 together, through the whole model, minimize the KL divergence of its next-token distributions from the unquantized
@@ -42,38 +43,47 @@ KEEP_SHARE = 0.5            # share of the free memory that tuning may fill with
 
 
 @dataclass
-class Levels:
-    """What tuning learns of one quantized linear: the stored tensor (`name`, its suffix) holding its levels, as
-    stored (`start`), the weight [out, in] as a differentiable function of them, and the `unit` (broadcast to
-    `start`) the levels move in, start + unit * delta: the scales themselves (relative steps), a table's mean
-    spacing (bitsmith/layouts.py)."""
+class Level:
+    """One stored tensor of a quantized linear whose values learn: its suffix (`name`), its values as stored
+    (`start`) and the `unit` (broadcast to `start`) they move in, start + unit * delta: the scales themselves
+    (relative steps), a table's mean spacing (bitsmith/layouts.py)."""
     name: str
     start: torch.Tensor
-    weight: Callable[[torch.Tensor], torch.Tensor]
     unit: torch.Tensor
 
 
+@dataclass
+class Levels:
+    """What tuning learns of one quantized linear: its `parts`, and the weight [out, in] as a differentiable
+    function of their values, `weight(*values)` in the order of `parts`."""
+    parts: list[Level]
+    weight: Callable[..., torch.Tensor]
+
+
 class TunedLinear(nn.Module):
-    """y = x W(levels)^T + b: a quantized linear whose levels learn (levels = start + unit * delta, delta the
+    """y = x W(levels)^T + b: a quantized linear whose levels learn (each part start + unit * delta, delta a
     parameter, rounded to fp16 as stored), its codes fixed; W in `dtype`."""
 
     def __init__(self, levels: Levels, bias: torch.Tensor | None, dtype: torch.dtype):
         super().__init__()
-        self.register_buffer("start", levels.start.to(torch.float32))
-        self.register_buffer("unit", levels.unit.to(torch.float32))
-        self.delta = nn.Parameter(torch.zeros_like(self.start))
+        self.names = [part.name for part in levels.parts]
+        for i, part in enumerate(levels.parts):
+            self.register_buffer(f"start{i}", part.start.to(torch.float32))
+            self.register_buffer(f"unit{i}", part.unit.to(torch.float32))
+        self.deltas = nn.ParameterList(torch.zeros_like(part.start, dtype=torch.float32) for part in levels.parts)
         self.weight_of, self.dtype = levels.weight, dtype
         self.register_buffer("bias", None if bias is None else bias.detach().to(torch.float32))
 
-    def levels(self) -> torch.Tensor:
-        return stored_ste(self.start + self.unit * self.delta)
+    def levels(self) -> list[torch.Tensor]:
+        return [stored_ste(getattr(self, f"start{i}") + getattr(self, f"unit{i}") * delta)
+                for i, delta in enumerate(self.deltas)]
 
-    def stored(self) -> torch.Tensor:
-        """The levels as they are written (fp16)."""
-        return self.levels().detach().to(torch.float16)
+    def stored(self) -> dict[str, torch.Tensor]:
+        """The levels as they are written (fp16), by suffix."""
+        return {name: value.detach().to(torch.float16) for name, value in zip(self.names, self.levels())}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        W = self.weight_of(self.levels().to(self.dtype))
+        W = self.weight_of(*(value.to(self.dtype) for value in self.levels()))
         return F.linear(x.to(W.dtype), W, None if self.bias is None else self.bias.to(W.dtype))
 
 

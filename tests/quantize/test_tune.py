@@ -47,10 +47,12 @@ def test_levels_give_back_the_stored_weight_exactly(kind, out, inp, seed):
     layout = layout_of(layer)
     stored = layout.tensors(qw)
     levels = layout.levels(stored.__getitem__, layer, inp)
-    assert levels.name in stored and torch.equal(levels.start, stored[levels.name])
-    assert torch.equal(levels.weight(levels.start.float()), layout.weight(stored.__getitem__, layer, inp))
+    assert all(part.name in stored and torch.equal(part.start, stored[part.name]) for part in levels.parts)
+    assert torch.equal(levels.weight(*(part.start.float() for part in levels.parts)),
+                       layout.weight(stored.__getitem__, layer, inp))
     module = TunedLinear(levels, None, torch.float32)
-    assert torch.equal(module.stored(), stored[levels.name])
+    assert module.stored().keys() == {part.name for part in levels.parts}
+    assert all(torch.equal(value, stored[name]) for name, value in module.stored().items())
     x = torch.randn(3, inp)
     assert torch.allclose(module(x), x @ layout.weight(stored.__getitem__, layer, inp).t(), atol=1e-5)
 
@@ -64,21 +66,28 @@ def test_gradient_reaches_the_levels_which_move_in_their_unit_and_the_outliers_s
     levels = layout.levels(stored.__getitem__, layer, 48)
     module = TunedLinear(levels, None, torch.float32)
     module(torch.randn(5, 48)).square().sum().backward()
-    assert module.delta.grad is not None and module.delta.grad.abs().sum() > 0
+    assert all(delta.grad is not None and delta.grad.abs().sum() > 0 for delta in module.deltas)
     with torch.no_grad():
-        module.delta.fill_(0.25)
-    assert torch.equal(module.stored(), (levels.start.float() + 0.25 * levels.unit).half())
-    if layer.vq:                                    # a quarter of each codebook coordinate's mean spacing
-        books = levels.start.float()
-        spacing = (books.amax(1, keepdim=True) - books.amin(1, keepdim=True)) / (2 ** layer.bits - 1)
-        assert torch.allclose(levels.unit, spacing)
+        for delta in module.deltas:
+            delta.fill_(0.25)
+    for part in levels.parts:
+        assert torch.equal(module.stored()[part.name], (part.start.float() + 0.25 * part.unit).half())
+    if layer.vq:          # a quarter of each codebook coordinate's mean spacing; row scales move relative to themselves
+        books, scales = levels.parts
+        spacing = (books.start.float().amax(1, keepdim=True) - books.start.float().amin(1, keepdim=True)) \
+            / (2 ** layer.bits - 1)
+        assert (books.name, scales.name) == ("codebooks", "row_scales")
+        assert torch.allclose(books.unit, spacing) and torch.equal(scales.unit, scales.start.float())
+        before = layout.weight(stored.__getitem__, layer, 48)
+        assert torch.allclose(levels.weight(books.start.float(), 1.1 * scales.start.float()), 1.1 * before, atol=1e-6)
         return
+    (part,) = levels.parts
     if layer.lut:                                   # a quarter of each row's mean spacing
-        spacing = (levels.start[:, -1:].float() - levels.start[:, :1].float()) / (2 ** layer.bits - 1)
-        assert torch.allclose(levels.unit, spacing)
+        spacing = (part.start[:, -1:].float() - part.start[:, :1].float()) / (2 ** layer.bits - 1)
+        assert torch.allclose(part.unit, spacing)
         return
-    assert torch.equal(levels.unit, levels.start.float())          # scales move relative to themselves
-    after, before = levels.weight(1.1 * levels.start.float()), layout.weight(stored.__getitem__, layer, 48)
+    assert torch.equal(part.unit, part.start.float())          # scales move relative to themselves
+    after, before = levels.weight(1.1 * part.start.float()), layout.weight(stored.__getitem__, layer, 48)
     if layer.outliers:                       # the fp16 outliers are written over the grid, whatever its scale
         kept = qw.outliers.mask(48)
         assert torch.equal(after[kept], before[kept])
@@ -133,7 +142,7 @@ def test_tuning_lowers_the_kl_and_moves_only_the_levels_and_norms():
         teacher = h + F.linear(F.silu(F.linear(F.rms_norm(h, (d,)), weights[0])), weights[1])
     to_logits = lambda h: F.linear(h, head)
     start = [p.detach().clone() for p in model.parameters()]
-    params = [lin.delta for lin in linears] + [model.norm.weight]
+    params = [delta for lin in linears for delta in lin.deltas] + [model.norm.weight]
     trace = tune(model, to_logits, to_logits, windows, teacher, params, epochs=6, lr=3e-2, batch=4)
     assert len(trace.losses) == 6 * 4
     assert sum(trace.losses[-4:]) < 0.7 * sum(trace.losses[:4])
