@@ -82,18 +82,21 @@ FULL_MENU = ",".join(TECHNIQUES)
 
 
 def method(proxy: str, rounding: str, iters: int, sequential: bool = False, menu: str = FULL_MENU,
-           tune: tuple[int, float] = (0, 1e-3), rotate: bool = False, damp: float = DAMP) -> str:
+           tune: tuple[int, float] = (0, 1e-3), rotate: bool = False, damp: float = DAMP,
+           own: bool = False) -> str:
     """The name of a plan run's method: rotated+ for --rotate, the proxy, the rounding when it is not GPTQ's,
-    +tuneE-lrL for end-to-end tuning, -ts for --true-sequential, -dampD when the damping is not the default, the
-    menu when it is not the whole one (menu-uniform+lut)."""
+    +tuneE-lrL for end-to-end tuning, -ts for --true-sequential, -dampD when the damping is not the default, -self
+    when half the calibration windows are sampled from the model, the menu when it is not the whole one
+    (menu-uniform+lut)."""
     name = {"gptq": proxy, "signround": f"{proxy}+signround{iters}"}.get(rounding, f"{proxy}+{rounding}")
     name = ("rotated+" if rotate else "") + name + (f"+tune{tune[0]}-lr{tune[1]:g}" if tune[0] else "")
-    return (name + ("-ts" if sequential else "") + ("" if damp == DAMP else f"-damp{damp:g}")
+    return (name + ("-ts" if sequential else "") + ("" if damp == DAMP else f"-damp{damp:g}") + ("-self" if own else "")
             + ("" if menu == FULL_MENU else "-menu-" + menu.replace(",", "+")))
 
 
 def run(target: float, proxy: str, rounding: str = "gptq", iters: int = 0, sequential: bool = False,
-        menu: str = FULL_MENU, tune: tuple[int, float] = (0, 1e-3), rotate: bool = False, damp: float = DAMP) -> None:
+        menu: str = FULL_MENU, tune: tuple[int, float] = (0, 1e-3), rotate: bool = False, damp: float = DAMP,
+        own: bool = False) -> None:
     with tempfile.TemporaryDirectory() as work:
         out, summary_path = f"{work}/out", Path(work) / "summary.json"
         reuse = ["--measurement", str(MEASUREMENT)] if MEASUREMENT.exists() else []
@@ -102,7 +105,8 @@ def run(target: float, proxy: str, rounding: str = "gptq", iters: int = 0, seque
                  *(["--true-sequential"] if sequential else []), "--menu", menu,
                  "--tune-epochs", str(tune[0]), "--tune-lr", str(tune[1]), *(["--rotate"] if rotate else []),
                  "--damp", str(damp),
-                 "--calib", str(TEXT / "c4_calib.txt"), "--nsamples", "128", "--seqlen", "512", "--seed", "0",
+                 "--calib", str(TEXT / "c4_calib.txt"), *(["--calib", "self"] if own else []),
+                 "--nsamples", "128", "--seqlen", "512", "--seed", "0",
                  "--json", str(summary_path))
         summary = json.loads(summary_path.read_text())
         summary["eval"] = wikitext(out, Path(work) / "wikitext.json")
@@ -111,9 +115,10 @@ def run(target: float, proxy: str, rounding: str = "gptq", iters: int = 0, seque
             MEASUREMENT.write_text(json.dumps(portable(measured), indent=1) + "\n")
         summary["held_out"] = held_out(out, Path(work) / "held.json")
         summary["plan"] = json.loads((Path(out) / "plan.json").read_text())["layers"]
-    name = method(proxy, rounding, iters, sequential, menu, tune, rotate, damp)
+    name = method(proxy, rounding, iters, sequential, menu, tune, rotate, damp, own)
     summary.update(date=datetime.date.today().isoformat(), proxy=proxy, rounding=rounding, rounding_iters=iters,
                    method=name, menu=menu, tune_epochs=tune[0], tune_lr=tune[1], rotate=rotate, damp=damp,
+                   self_calibration=own,
                    measured_here=not reuse, cpu=cpu_label())
     (RUNS / f"{name}-t{target}.json").write_text(json.dumps(portable(summary, work), indent=1) + "\n")
     print(name, target, summary["bits_per_weight"], summary["eval"]["perplexity"], flush=True)
@@ -245,6 +250,9 @@ def main() -> None:
     ap.add_argument("--tune-epochs", type=int, default=0, help="quantize --tune-epochs (end-to-end tuning).")
     ap.add_argument("--tune-lr", type=float, default=1e-3)
     ap.add_argument("--rotate", action="store_true", help="quantize --rotate (a rotated model: its own --runs).")
+    ap.add_argument("--self", dest="own", action="store_true",
+                    help="Half the calibration windows sampled from the model (quantize --calib self next to the file; "
+                         "its own --runs: the measurement differs).")
     ap.add_argument("--damp", type=float, default=DAMP, help="quantize --damp (the measurement's must match).")
     ap.add_argument("--report", action="store_true", help="Only rewrite the table and plot from the stored runs.")
     ap.add_argument("--runs", type=Path, default=RUNS,
@@ -261,7 +269,7 @@ def main() -> None:
             (RUNS / "base-held-out.json").write_text(json.dumps(portable(base), indent=1) + "\n")
         for target in args.targets:
             run(target, args.proxy, args.rounding, args.rounding_iters, args.true_sequential, args.menu,
-                (args.tune_epochs, args.tune_lr), args.rotate, args.damp)
+                (args.tune_epochs, args.tune_lr), args.rotate, args.damp, args.own)
     (RESULTS / f"{RUNS.name}.md").write_text(report())
 
 

@@ -56,7 +56,7 @@ def quantize(model: str, out: str, *, overwrite: bool = False, eval_data: str | 
     data.eval_seqlen(eval_seqlen, None, "--eval-seqlen")
     data.check_max_tokens(eval_max_tokens, "--eval-max-tokens")
     if opts.calib != ["self"]:
-        data.read_text(opts.calib)          # a missing or empty file fails now, not after loading the model
+        data.read_text([c for c in opts.calib if c != "self"])   # a missing or empty file fails now, not later
     eval_text = data.read_text([eval_data], "evaluation text") if eval_data is not None else None
     plan_body = _plan_request(target_bpw, measurement, plan)
     inputs = [bundled_path(model) if model in BUNDLED else model, *(f for f in opts.calib if f != "self"),

@@ -126,17 +126,26 @@ def calibration(source: ModelSource, opts: QuantizeOptions, progress: bool = Tru
 
 
 def calibration_windows(source: ModelSource, tokenizer, opts: QuantizeOptions, progress: bool):
-    """[nsamples, seqlen] token windows and a description of where they came from."""
-    if opts.calib == ["self"]:
+    """[nsamples, seqlen] token windows and a description of where they came from. `self` among calibration files
+    gives half the windows, sampled from the model, interleaved with the files' (the first windows, which weigh
+    the measurement, hold both)."""
+    files = [c for c in opts.calib if c != "self"]
+    sampled = opts.nsamples if not files else opts.nsamples // 2 if "self" in opts.calib else 0
+    if sampled:
         from .loader import load_model
         model = load_model(source, dtype=torch.float32)
-        vocab = model.config.vocab_size
-        windows = data.self_windows(model, opts.nsamples, opts.seqlen, opts.seed, vocab)
-        return windows, f"self: {opts.nsamples} x {opts.seqlen} tokens sampled from the model (seed {opts.seed})"
-    if "self" in opts.calib:
-        raise InputError("--calib self cannot be mixed with calibration files")
-    ids = data.tokenize(tokenizer, data.read_text(opts.calib))
-    windows = data.random_windows(ids, opts.nsamples, opts.seqlen, opts.seed)
+        own = data.self_windows(model, sampled, opts.seqlen, opts.seed, model.config.vocab_size)
+        del model
+        what = f"{sampled} x {opts.seqlen} tokens sampled from the model (seed {opts.seed})"
+        if not files:
+            return own, f"self: {what}"
+    ids = data.tokenize(tokenizer, data.read_text(files))
+    windows = data.random_windows(ids, opts.nsamples - sampled, opts.seqlen, opts.seed)
+    if sampled:
+        mixed = torch.empty(opts.nsamples, opts.seqlen, dtype=windows.dtype)
+        mixed[0::2], mixed[1::2] = windows, own
+        return mixed, (f"{', '.join(files)}: {opts.nsamples - sampled} x {opts.seqlen} tokens (seed {opts.seed}), "
+                       f"interleaved with {what}")
     return windows, f"{', '.join(opts.calib)}: {opts.nsamples} x {opts.seqlen} tokens (seed {opts.seed})"
 
 

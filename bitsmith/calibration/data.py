@@ -105,7 +105,7 @@ def cache_arg() -> str:
 
 
 @torch.no_grad()
-def self_windows(model, nsamples: int, seqlen: int, seed: int, vocab: int, batch: int = 16):
+def self_windows(model, nsamples: int, seqlen: int, seed: int, vocab: int, batch: int = 64):
     """Text sampled from the model itself (data-free calibration): a random first token, then ancestral
     sampling at temperature 1 (LLM-QAT, Liu et al. 2023, section 2.1)."""
     gen = torch.Generator().manual_seed(seed)

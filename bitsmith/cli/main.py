@@ -59,7 +59,9 @@ QUANTIZE_SECTIONS = {
                    "invariance; seeded by --seed). The same function with weights easier to quantize, nothing "
                    "added at run time; a tied lm_head becomes a matrix of its own in the output. For GPTQ: with RTN it "
                    "measured far worse.")
-@click.option("--calib", multiple=True, help="Calibration text file (repeatable); 'self' = sampled from the model.")
+@click.option("--calib", multiple=True,
+              help="Calibration text file (repeatable); 'self' = sampled from the model: alone, or half the windows "
+                   "next to files.")
 @click.option("--nsamples", type=int, default=128, show_default=True, help="Calibration windows.")
 @click.option("--seqlen", type=int, default=2048, show_default=True, help="Tokens per calibration window.")
 @click.option("--seed", type=int, default=0, show_default=True,

@@ -6,11 +6,13 @@ import torch
 from tests_support import ASSETS, needs_smollm2
 
 import bitsmith
+from bitsmith import pipeline
 from bitsmith.calibration import data
 from bitsmith.calibration.perplexity import evaluate
 from bitsmith.formats.checkpoint import verify
 from bitsmith.formats.source import open_source
 from bitsmith.kernels.linear import QuantizedLinear
+from bitsmith.plan import QuantizeOptions
 
 
 @pytest.fixture(scope="module")
@@ -96,6 +98,21 @@ def test_self_calibration_needs_no_text(tmp_path, stories_path):
     manifest = json.loads((out / "bitsmith_manifest.json").read_text())
     assert manifest["calibration"]["description"] == summary["calibration"]
     assert verify(out) == []
+
+
+def test_self_next_to_a_file_gives_half_the_windows_interleaved(stories_path, stories_split):
+    source = open_source(str(stories_path))
+    opts = QuantizeOptions(calib=[str(stories_split[0]), "self"], nsamples=5, seqlen=24, seed=3)
+    windows, description = pipeline.calibration_windows(source, source.tokenizer(), opts, progress=False)
+    assert windows.shape == (5, 24)
+    text = data.tokenize(source.tokenizer(), data.read_text([str(stories_split[0])]))
+    drawn = data.random_windows(text, 3, 24, 3)
+    assert torch.equal(windows[0::2], drawn)              # the file's windows at even rows, the model's at odd
+    model = bitsmith.load(str(stories_path))
+    own = data.self_windows(model, 2, 24, 3, model.config.vocab_size)
+    assert torch.equal(windows[1::2], own)
+    assert description == (f"{stories_split[0]}: 3 x 24 tokens (seed 3), interleaved with 2 x 24 tokens sampled "
+                           "from the model (seed 3)")
 
 
 def test_w4a8_checkpoint_round_trip(tmp_path, stories_path, stories_split):
