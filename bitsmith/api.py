@@ -100,7 +100,8 @@ def quantize(model: str, out: str, *, overwrite: bool = False, eval_data: str | 
             qplan = QuantPlan.from_dict(plan_body, shapes, opts, plan) if world.main else None
         elif target_bpw is not None:                # every process measures; main decides and sends the plan
             started, cpu_started = clock.seconds, clock.cpu_seconds
-            measured = resuming.measurement(writer, source, opts, measurement, progress, world)
+            measured = resuming.measurement(writer, source, opts, measurement, progress, world,
+                                            None if calib.windows is None else (calib.windows, calib.description))
             measure_seconds, measure_cpu_seconds = clock.seconds - started, clock.cpu_seconds - cpu_started
             qplan = decide(measured, target_bpw, opts, opts.proxy) if world.main else None
             if world.main and measured.base_nll is not None and measured.calibration == calib.fingerprint:

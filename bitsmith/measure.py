@@ -284,15 +284,17 @@ def units_of(runner: BlockRunner) -> list[list[str]]:
 
 
 @torch.no_grad()
-def measure(source: ModelSource, opts: QuantizeOptions, progress: bool = True, world: World = SOLO) -> Measurement:
-    """One pass over the calibration windows with the weights as they are (see the module docstring). Processes of
+def measure(source: ModelSource, opts: QuantizeOptions, progress: bool = True, world: World = SOLO,
+            calib: tuple[torch.Tensor, str] | None = None) -> Measurement:
+    """One pass over the calibration windows with the weights as they are (see the module docstring): `calib`'s
+    (windows, description) when the run has drawn them already, else those `opts` draw. Processes of
     a parallel run (`world`) share the Fisher windows and the measurement's batches, sum the statistics, share the
     linears out, and all return the measurement one process makes."""
     if opts.method != "gptq":
         raise InputError(f"--target-bpw plans GPTQ layers; --method {opts.method} is not gptq")
     runner = BlockRunner(source.config)
     family, shapes = runner.family, linear_shapes(runner)
-    windows, description = calibration_windows(source, source.tokenizer(), opts, progress)
+    windows, description = calib or calibration_windows(source, source.tokenizer(), opts, progress)
     fisher_windows = windows[:opts.fisher_samples]
     fisher, base_nll = output_fisher(runner, source, fisher_windows, list(shapes), progress,
                                      autocast=lambda: compute(opts),

@@ -424,3 +424,22 @@ def test_a_copied_checkpoint_with_an_edited_plan_fails_verify(planned, tmp_path)
     plan["layers"]["model.layers.0.mlp.up_proj"]["bits"] = 8
     (copy / "plan.json").write_text(json.dumps(plan))
     assert bitsmith.formats.checkpoint.verify(copy) != []
+
+
+def test_a_planned_run_draws_its_windows_once_and_measures_on_them(stories_path, stories_split, tmp_path,
+                                                                    monkeypatch):
+    """With `--calib self` next to a file, the model is sampled once: the measurement runs on the windows the
+    quantization calibrates on (its calibration fingerprint is theirs)."""
+    from bitsmith.calibration import data
+    calls = []
+    sample = data.self_windows
+    monkeypatch.setattr(data, "self_windows", lambda *a, **k: calls.append(a[1:4]) or sample(*a, **k))
+    out = tmp_path / "mixed"
+    summary = bitsmith.quantize(str(stories_path), str(out), target_bpw=3.5, calib=[str(stories_split[0]), "self"],
+                                **CALIB, menu="uniform", progress=False)
+    assert calls == [(CALIB["nsamples"] // 2, CALIB["seqlen"], CALIB["seed"])]
+    measured = json.loads((out / "measurement.json").read_text())
+    assert "interleaved with 8 x 128 tokens sampled from the model" in summary["calibration"]
+    manifest = json.loads((out / "bitsmith_manifest.json").read_text())["calibration"]
+    assert (measured["calibration_fingerprint"], measured["calibration"]) == (manifest["fingerprint"],
+                                                                              manifest["description"])
