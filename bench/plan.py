@@ -90,8 +90,8 @@ def method(proxy: str, rounding: str, iters: int, sequential: bool = False, menu
     (menu-uniform+lut)."""
     name = {"gptq": proxy, "signround": f"{proxy}+signround{iters}"}.get(rounding, f"{proxy}+{rounding}")
     name = ("rotated+" if rotate else "") + name + (f"+tune{tune[0]}-lr{tune[1]:g}" if tune[0] else "")
-    return (name + ("-ts" if sequential else "") + ("" if damp == DAMP else f"-damp{damp:g}") + ("-self" if own else "")
-            + ("" if menu == FULL_MENU else "-menu-" + menu.replace(",", "+")))
+    return (name + ("-ts" if sequential else "") + ("" if damp == DAMP else f"-damp{damp:g}")
+            + ("-self" if own else "") + ("" if menu == FULL_MENU else "-menu-" + menu.replace(",", "+")))
 
 
 def run(target: float, proxy: str, rounding: str = "gptq", iters: int = 0, sequential: bool = False,
@@ -251,8 +251,8 @@ def main() -> None:
     ap.add_argument("--tune-lr", type=float, default=1e-3)
     ap.add_argument("--rotate", action="store_true", help="quantize --rotate (a rotated model: its own --runs).")
     ap.add_argument("--self", dest="own", action="store_true",
-                    help="Half the calibration windows sampled from the model (quantize --calib self next to the file; "
-                         "its own --runs: the measurement differs).")
+                    help="Half the calibration windows sampled from the model (quantize --calib self next to "
+                         "the file; its own --runs: the measurement differs).")
     ap.add_argument("--damp", type=float, default=DAMP, help="quantize --damp (the measurement's must match).")
     ap.add_argument("--report", action="store_true", help="Only rewrite the table and plot from the stored runs.")
     ap.add_argument("--runs", type=Path, default=RUNS,

@@ -50,8 +50,9 @@ def one(setting: str, out: Path) -> dict:
 
     tune = pipeline.tune
     pipeline.kept_blocks, pipeline.tune = keep, timed_tune
-    summary = bitsmith.quantize("smollm2-135m", str(out), calib=[str(TEXT / "c4_calib.txt")], nsamples=WINDOWS, seqlen=SEQLEN,
-                                seed=0, bits=4, group_size=128, tune_epochs=1, tune_lr=3e-3, progress=False)
+    summary = bitsmith.quantize("smollm2-135m", str(out), calib=[str(TEXT / "c4_calib.txt")], nsamples=WINDOWS,
+                                seqlen=SEQLEN, seed=0, bits=4, group_size=128, tune_epochs=1, tune_lr=3e-3,
+                                progress=False)
     return {"setting": setting, **chosen, **timed, "seconds_per_step": timed["cpu_seconds"] / timed["steps"],
             "quantize_cpu_seconds": summary["cpu_seconds"],
             "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}

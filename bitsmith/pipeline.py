@@ -130,7 +130,10 @@ def calibration_windows(source: ModelSource, tokenizer, opts: QuantizeOptions, p
     gives half the windows, sampled from the model, interleaved with the files' (the first windows, which weigh
     the measurement, hold both)."""
     files = [c for c in opts.calib if c != "self"]
-    sampled = opts.nsamples if not files else opts.nsamples // 2 if "self" in opts.calib else 0
+    if not files:
+        sampled = opts.nsamples                          # the model's samples alone (also with no --calib)
+    else:
+        sampled = opts.nsamples // 2 if "self" in opts.calib else 0
     if sampled:
         from .loader import load_model
         model = load_model(source, dtype=torch.float32)
@@ -583,7 +586,7 @@ def tune_written(runner: BlockRunner, source: ModelSource, writer, plan: QuantPl
     teacher_head = lambda h: F.linear(teacher_norm(h), head_weight)
     params = [d for m in tuned.values() for d in m.deltas] + [p for _, _, p in norms.values()] + [final[2]]
 
-    def first_block() -> torch.Tensor:      # one minibatch through block 0, its input needing a gradient as later ones do
+    def first_block() -> torch.Tensor:      # one minibatch through block 0, its input needing a gradient as later's
         with compute(opts):
             hidden = F.embedding(windows[:opts.batch], table).requires_grad_()
             return through(blocks[0], hidden, runner.position_embeddings(hidden[:1]))

@@ -94,9 +94,9 @@ def check_plan(writer, plan: QuantPlan, out) -> None:
 def measurement(writer, source, opts: QuantizeOptions, path: str | None, progress: bool,
                 world: World = SOLO, calib=None) -> Measurement | None:
     """The measurement to plan from: read from `path` when given, else the one saved in the folder, else
-    measured (on `calib`, the run's (windows, description), when given); saved into the folder (as the checkpoint's measurement.json) once made. In a parallel run main
-    holds the folder: every process takes part in measuring, and only main gets a measurement read from a file
-    (the others None)."""
+    measured (on `calib`, the run's (windows, description), when given); saved into the folder (as the
+    checkpoint's measurement.json) once made. In a parallel run main holds the folder: every process takes part
+    in measuring, and only main gets a measurement read from a file (the others None)."""
     saved = writer.saved(MEASUREMENT) if world.main else None
     if broadcast_from_main(path is None and saved is None, world):
         faults.point("measure")

@@ -20,9 +20,9 @@ whole minibatch is ever held.
 
 The backward pass needs every block's activations. Keeping them all costs memory in proportion to the depth
 (SmolLM2-135M at 8 x 512 tokens: 133 MB a block, a peak of 8.3 GB against 4.5 recomputing them); recomputing a
-block's in the backward pass (activation checkpointing) costs one more forward of it (a step 12 % slower there). `kept_blocks` keeps as many blocks' activations as a share
-of the free memory holds, from the size of one block's (`saved_bytes`), and the rest are recomputed: the same
-gradients either way.
+block's in the backward pass (activation checkpointing) costs one more forward of it (a step 12 % slower there).
+`kept_blocks` keeps as many blocks' activations as a share of the free memory holds, from the size of one block's
+(`saved_bytes`), and the rest are recomputed: the same gradients either way.
 """
 from __future__ import annotations
 

@@ -1,3 +1,5 @@
+from types import SimpleNamespace
+
 import pytest
 import torch
 from tests_support import needs_smollm2
@@ -47,3 +49,15 @@ def test_text_with_a_few_control_characters_and_any_script_is_read(tmp_path):
                                                        (128, 512, 128), (512, 512, 512)])
 def test_eval_seqlen_defaults_to_a_shorter_context(seqlen, context, expected):
     assert data.eval_seqlen(seqlen, context) == expected
+
+
+def test_sampling_batch_keeps_the_key_value_cache_within_its_budget():
+    smollm2 = SimpleNamespace(num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, hidden_size=576)
+    per_window = 30 * 2 * 512 * 3 * 64 * 4                                 # 23.6 MB at 512 tokens
+    assert data.sampling_batch(smollm2, 512, budget=10 * per_window) == 10
+    assert data.sampling_batch(smollm2, 512, budget=10 * per_window - 1) == 9
+    assert data.sampling_batch(smollm2, 512) == data.SAMPLING_BATCH                   # 1.5 GB within 2 GiB
+    assert data.sampling_batch(smollm2, 2048) == 22                              # 94 MB a window
+    llama7b = SimpleNamespace(num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=None,
+                              hidden_size=4096, head_dim=None)             # 2.1 GB a window at 2048
+    assert data.sampling_batch(llama7b, 2048) == 1
