@@ -44,6 +44,7 @@ RUNS = RESULTS / "plan-smollm2"
 MEASUREMENT = RUNS / "measurement.json"
 TARGETS = (2.5, 3.0, 3.25, 3.5, 4.25)
 DAMP = QuantizeOptions.damp        # quantize --damp's default
+TUNE_BATCH = QuantizeOptions.tune_batch     # quantize --tune-batch's default
 UNIFORM = ("gptq-mse-w2-g128", "gptq-mse-w3-g128", "gptq-mse-w4-g128")
 
 
@@ -82,28 +83,30 @@ FULL_MENU = ",".join(TECHNIQUES)
 
 
 def method(proxy: str, rounding: str, iters: int, sequential: bool = False, menu: str = FULL_MENU,
-           tune: tuple[int, float] = (0, 1e-3), rotate: bool = False, damp: float = DAMP,
+           tune: tuple[int, float, int] = (0, 1e-3, TUNE_BATCH), rotate: bool = False, damp: float = DAMP,
            own: bool = False) -> str:
     """The name of a plan run's method: rotated+ for --rotate, the proxy, the rounding when it is not GPTQ's,
-    +tuneE-lrL for end-to-end tuning, -ts for --true-sequential, -dampD when the damping is not the default, -self
+    +tuneE-lrL for end-to-end tuning (-bB when its windows per step are not the default), -ts for --true-sequential, -dampD when the damping is not the default, -self
     when half the calibration windows are sampled from the model, the menu when it is not the whole one
     (menu-uniform+lut)."""
     name = {"gptq": proxy, "signround": f"{proxy}+signround{iters}"}.get(rounding, f"{proxy}+{rounding}")
     name = ("rotated+" if rotate else "") + name + (f"+tune{tune[0]}-lr{tune[1]:g}" if tune[0] else "")
+    name += f"-b{tune[2]}" if tune[0] and tune[2] != TUNE_BATCH else ""
     return (name + ("-ts" if sequential else "") + ("" if damp == DAMP else f"-damp{damp:g}")
             + ("-self" if own else "") + ("" if menu == FULL_MENU else "-menu-" + menu.replace(",", "+")))
 
 
 def run(target: float, proxy: str, rounding: str = "gptq", iters: int = 0, sequential: bool = False,
-        menu: str = FULL_MENU, tune: tuple[int, float] = (0, 1e-3), rotate: bool = False, damp: float = DAMP,
-        own: bool = False) -> None:
+        menu: str = FULL_MENU, tune: tuple[int, float, int] = (0, 1e-3, TUNE_BATCH), rotate: bool = False,
+        damp: float = DAMP, own: bool = False) -> None:
     with tempfile.TemporaryDirectory() as work:
         out, summary_path = f"{work}/out", Path(work) / "summary.json"
         reuse = ["--measurement", str(MEASUREMENT)] if MEASUREMENT.exists() else []
         bitsmith("quantize", "smollm2-135m", "-o", out, "--target-bpw", str(target), "--proxy", proxy, *reuse,
                  "--rounding", rounding, *(["--rounding-iters", str(iters)] if rounding == "signround" else []),
                  *(["--true-sequential"] if sequential else []), "--menu", menu,
-                 "--tune-epochs", str(tune[0]), "--tune-lr", str(tune[1]), *(["--rotate"] if rotate else []),
+                 "--tune-epochs", str(tune[0]), "--tune-lr", str(tune[1]), "--tune-batch", str(tune[2]),
+                 *(["--rotate"] if rotate else []),
                  "--damp", str(damp),
                  "--calib", str(TEXT / "c4_calib.txt"), *(["--calib", "self"] if own else []),
                  "--nsamples", "128", "--seqlen", "512", "--seed", "0",
@@ -117,7 +120,8 @@ def run(target: float, proxy: str, rounding: str = "gptq", iters: int = 0, seque
         summary["plan"] = json.loads((Path(out) / "plan.json").read_text())["layers"]
     name = method(proxy, rounding, iters, sequential, menu, tune, rotate, damp, own)
     summary.update(date=datetime.date.today().isoformat(), proxy=proxy, rounding=rounding, rounding_iters=iters,
-                   method=name, menu=menu, tune_epochs=tune[0], tune_lr=tune[1], rotate=rotate, damp=damp,
+                   method=name, menu=menu, tune_epochs=tune[0], tune_lr=tune[1],
+                   tune_batch=tune[2], rotate=rotate, damp=damp,
                    self_calibration=own,
                    measured_here=not reuse, cpu=cpu_label())
     (RUNS / f"{name}-t{target}.json").write_text(json.dumps(portable(summary, work), indent=1) + "\n")
@@ -249,6 +253,7 @@ def main() -> None:
     ap.add_argument("--menu", default=FULL_MENU, help="Techniques the plan may choose from (quantize --menu).")
     ap.add_argument("--tune-epochs", type=int, default=0, help="quantize --tune-epochs (end-to-end tuning).")
     ap.add_argument("--tune-lr", type=float, default=1e-3)
+    ap.add_argument("--tune-batch", type=int, default=TUNE_BATCH, help="quantize --tune-batch (windows per step).")
     ap.add_argument("--rotate", action="store_true", help="quantize --rotate (a rotated model: its own --runs).")
     ap.add_argument("--self", dest="own", action="store_true",
                     help="Half the calibration windows sampled from the model (quantize --calib self next to "
@@ -269,7 +274,7 @@ def main() -> None:
             (RUNS / "base-held-out.json").write_text(json.dumps(portable(base), indent=1) + "\n")
         for target in args.targets:
             run(target, args.proxy, args.rounding, args.rounding_iters, args.true_sequential, args.menu,
-                (args.tune_epochs, args.tune_lr), args.rotate, args.damp, args.own)
+                (args.tune_epochs, args.tune_lr, args.tune_batch), args.rotate, args.damp, args.own)
     (RESULTS / f"{RUNS.name}.md").write_text(report())
 
 

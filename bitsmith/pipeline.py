@@ -588,13 +588,13 @@ def tune_written(runner: BlockRunner, source: ModelSource, writer, plan: QuantPl
 
     def first_block() -> torch.Tensor:      # one minibatch through block 0, its input needing a gradient as later's
         with compute(opts):
-            hidden = F.embedding(windows[:opts.batch], table).requires_grad_()
+            hidden = F.embedding(windows[:opts.tune_batch], table).requires_grad_()
             return through(blocks[0], hidden, runner.position_embeddings(hidden[:1]))
 
     kept = kept_blocks(saved_bytes(first_block), len(blocks), psutil.virtual_memory().available)
     with keeping_freed_memory():
         tune(lambda ids: body(ids, kept), head, teacher_head, windows, streams.unquantized, params,
-             opts.tune_epochs, opts.tune_lr, batch=opts.batch, seed=opts.seed, autocast=lambda: compute(opts),
+             opts.tune_epochs, opts.tune_lr, batch=opts.tune_batch, seed=opts.seed, autocast=lambda: compute(opts),
              progress=progress)
     for full, module in tuned.items():
         for suffix, tensor in module.stored().items():

@@ -37,6 +37,7 @@ class QuantizeOptions:
     rounding_iters: int = 50       # signround's iterations per block
     tune_epochs: int = 0           # end-to-end tuning of the levels after the blocks (quantize/tune.py); 0: none
     tune_lr: float = 1e-3          # its Adam learning rate
+    tune_batch: int = 8            # calibration windows per tuning step (one Adam step each)
     rotate: bool = False           # quantize the model rotated (bitsmith/rotation.py), the same function
     device: str = "cpu"            # where blocks, activations, Hessians and GPTQ run ("cpu", "cuda", "cuda:1")
     offload_activations: bool = False   # calibration activations kept on CPU between blocks (device: one batch)
@@ -78,6 +79,8 @@ class QuantizeOptions:
             raise InputError(f"--tune-epochs {self.tune_epochs}: expected 0 or more passes over the calibration windows")
         if not 0 < self.tune_lr < 1:
             raise InputError(f"--tune-lr {self.tune_lr}: expected a small positive learning rate such as 0.001")
+        if type(self.tune_batch) is not int or self.tune_batch < 1:
+            raise InputError(f"--tune-batch {self.tune_batch}: expected 1 or more windows per tuning step")
         if self.tune_epochs and self.method != "gptq":
             raise InputError(f"--tune-epochs tunes GPTQ's grids and tables on the calibration windows; --method "
                              f"{self.method} is not gptq")

@@ -253,6 +253,7 @@ NOT_GPTQ = "--tune-epochs tunes GPTQ's grids and tables on the calibration windo
 @pytest.mark.parametrize("options,message", [
     ({"tune_epochs": -1}, "--tune-epochs -1: expected 0 or more passes over the calibration windows"),
     ({"tune_epochs": 1, "tune_lr": 0.0}, "--tune-lr 0.0: expected a small positive learning rate such as 0.001"),
+    ({"tune_epochs": 1, "tune_batch": 0}, "--tune-batch 0: expected 1 or more windows per tuning step"),
     *(({"tune_epochs": 1, "method": method}, NOT_GPTQ.format(method)) for method in ("rtn", "qoq")),
 ])
 def test_bad_tuning_options_are_refused(options, message):
@@ -292,3 +293,20 @@ def test_recomputing_the_blocks_in_the_backward_pass_writes_the_same_bytes(tmp_p
     assert all(per_block > 0 and blocks > 1 and free > 0 for per_block, blocks, free in asked)
     written = {kept: (tmp_path / kept / "model.safetensors").read_bytes() for kept in ("none", "one", "all")}
     assert written["none"] == written["one"] == written["all"]
+
+
+def test_tune_batch_sets_the_windows_of_each_tuning_step(tmp_path, stories_path, stories_split, monkeypatch):
+    """--tune-batch 4 over 16 windows and 2 passes: 8 Adam steps of 4 windows each (the calibration forwards keep
+    their own batch)."""
+    from bitsmith import pipeline
+    traces = []
+
+    def recorded(*args, **kwargs):
+        traces.append((kwargs["batch"], pipeline_tune(*args, **kwargs)))
+        return traces[-1][1]
+    pipeline_tune = pipeline.tune
+    monkeypatch.setattr(pipeline, "tune", recorded)
+    bitsmith.quantize(str(stories_path), str(tmp_path / "out"), calib=[str(stories_split[0])], progress=False,
+                      **{**TUNED, "tune_batch": 4})
+    [(batch, trace)] = traces
+    assert batch == 4 and len(trace.losses) == 2 * 16 // 4

@@ -14,7 +14,7 @@ from .app import Report, Sectioned, json_option, main
 
 QUANTIZE_SECTIONS = {
     "Method": ("method", "bits", "group_size", "sym", "act_order", "static_groups", "mse", "true_sequential", "damp",
-               "rounding", "rounding_iters", "tune_epochs", "tune_lr", "rotate"),
+               "rounding", "rounding_iters", "tune_epochs", "tune_lr", "tune_batch", "rotate"),
     "Bit plan": ("target_bpw", "measurement", "plan_path", "fisher_samples", "proxy", "menu"),
     "Calibration": ("calib", "nsamples", "seqlen", "seed", "calib_dtype", "device", "offload_activations", "nproc"),
     "Evaluation": ("eval_data", "eval_seqlen", "eval_max_tokens"),
@@ -53,6 +53,8 @@ QUANTIZE_SECTIONS = {
                    "model's next-token distributions (KL) on the calibration windows: passes over them "
                    "(EfficientQAT's E2E-QP). Holds the whole model in memory.")
 @click.option("--tune-lr", type=float, default=1e-3, show_default=True, help="Adam learning rate of --tune-epochs.")
+@click.option("--tune-batch", type=int, default=8, show_default=True,
+              help="Calibration windows per step of --tune-epochs (one Adam step each: fewer, more steps a pass).")
 @click.option("--rotate/--no-rotate", default=False, show_default=True,
               help="Quantize the model in a rotated basis: norm weights folded into the linears, the residual "
                    "stream and each head's values turned by randomized Hadamard matrices (QuaRot's computational "
@@ -104,7 +106,7 @@ QUANTIZE_SECTIONS = {
 def quantize(model, out, method, bits, group_size, sym, act_order, static_groups, mse, true_sequential, damp, calib,
              nsamples, seqlen, seed, calib_dtype, target_bpw, measurement, plan_path, fisher_samples, proxy, menu, device,
              eval_data, eval_seqlen, eval_max_tokens, lossless_rest, overwrite, resume, json_path, rounding,
-             rounding_iters, tune_epochs, tune_lr, rotate, nproc, offload_activations):
+             rounding_iters, tune_epochs, tune_lr, tune_batch, rotate, nproc, offload_activations):
     """Quantize MODEL (a Hugging Face folder, a .gguf file or the bundled name smollm2-135m) into OUT."""
     if nproc > 1:
         sys.exit(_launched(nproc, device))
@@ -119,7 +121,8 @@ def quantize(model, out, method, bits, group_size, sym, act_order, static_groups
                      eval_data=eval_data, eval_seqlen=eval_seqlen, eval_max_tokens=eval_max_tokens,
                      lossless_rest=lossless_rest, target_bpw=target_bpw, measurement=measurement, plan=plan_path,
                      fisher_samples=fisher_samples, proxy=proxy, menu=menu, resume=resume, rounding=rounding,
-                     rounding_iters=rounding_iters, tune_epochs=tune_epochs, tune_lr=tune_lr, rotate=rotate, device=device,
+                     rounding_iters=rounding_iters, tune_epochs=tune_epochs, tune_lr=tune_lr, tune_batch=tune_batch,
+                     rotate=rotate, device=device,
                      offload_activations=offload_activations)
     if not s:                                   # a process other than main of a parallel run: main reports
         return
