@@ -61,3 +61,24 @@ def test_sampling_batch_keeps_the_key_value_cache_within_its_budget():
     llama7b = SimpleNamespace(num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=None,
                               hidden_size=4096, head_dim=None)             # 2.1 GB a window at 2048
     assert data.sampling_batch(llama7b, 2048) == 1
+
+
+def test_the_filled_cache_samples_what_the_growing_cache_samples(stories_path):
+    """Sampling with the key/value cache filled in place (`filled_cache`) draws the very tokens that transformers'
+    own cache, concatenated at every step, draws from the same generator; a window past its length is refused."""
+    import bitsmith
+    model = bitsmith.load(str(stories_path))
+    vocab, gen = model.config.vocab_size, torch.Generator().manual_seed(5)
+    step = ids = torch.randint(0, vocab, (3, 1), generator=gen)
+    past, cache = None, data.cache_arg()
+    with torch.no_grad():
+        for _ in range(39):
+            out = model(input_ids=step, use_cache=True, **{cache: past})
+            past = getattr(out, cache)
+            step = torch.multinomial(torch.softmax(out.logits[:, -1].float(), dim=-1), 1, generator=gen)
+            ids = torch.cat([ids, step], dim=1)
+    assert type(past).__name__ == "DynamicCache"
+    assert torch.equal(data.self_windows(model, 3, 40, 5, vocab, batch=3), ids)
+    full = data.filled_cache(model.config.num_hidden_layers, 2)
+    with torch.no_grad(), pytest.raises(ValueError, match="a cache of 2 positions cannot take position 3"):
+        model(input_ids=ids[:, :3], use_cache=True, **{cache: full})
