@@ -148,6 +148,15 @@ def stored() -> list[dict]:
     return runs
 
 
+def calibration(measurement: dict | None) -> str:
+    """The calibration of a folder's runs as its measurement records it (files by name): 128 windows of c4_calib.txt,
+    or half of them sampled from the model (--self)."""
+    recorded = (measurement or {}).get("calibration", "")
+    if "sampled" not in recorded:
+        return "Calibration 128 x 512 from c4_calib.txt (seed 0)"
+    return "Calibration " + re.sub(r"\S*/([^/\s]+\.txt)", r"\1", recorded) + " (`--calib self`)"
+
+
 def report() -> str:
     runs = sorted(stored(), key=lambda r: (r["method"], r["target_bits_per_weight"]))
     uniform = {r["config"]: r for r in json.loads((RESULTS / "quality-smollm2.json").read_text())}
@@ -162,8 +171,7 @@ def report() -> str:
               "run; the other core was often busy: CPU seconds are the one-core cost, wall seconds an upper bound; "
               "the CPU, where recorded, is the last column: learned rounding and tuning run several times faster "
               "with AMX). "
-              "Calibration 128 x 512 from "
-              "c4_calib.txt (seed 0); WikiText-2 test, first 65,536 tokens at seqlen 2048; held-out: the bundled "
+              + calibration(menu) + "; WikiText-2 test, first 65,536 tokens at seqlen 2048; held-out: the bundled "
               "EB1911 text, 16,384 tokens"
               + (f" (base {base_held['perplexity']:.2f})" if base_held else "") + ". All-in bpw over the 210 "
               "decoder linears (codes, scales, zeros, g_idx, outliers, tables, codebooks). Loss increase in nats per token: predicted by the "
