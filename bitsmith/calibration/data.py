@@ -146,6 +146,10 @@ def _filled_layer():
             self.keys, self.values = self.key_buffer[..., :end, :], self.value_buffer[..., :end, :]
             return self.keys, self.values
 
+        def reset(self) -> None:
+            super().reset()                     # the buffers are allocated again at the next update
+            self.filled = 0
+
     return FilledLayer
 
 

@@ -65,7 +65,8 @@ def test_sampling_batch_keeps_the_key_value_cache_within_its_budget():
 
 def test_the_filled_cache_samples_what_the_growing_cache_samples(stories_path):
     """Sampling with the key/value cache filled in place (`filled_cache`) draws the very tokens that transformers'
-    own cache, concatenated at every step, draws from the same generator; a window past its length is refused."""
+    own cache, concatenated at every step, draws from the same generator; a window past its length is refused, and a
+    reset cache fills again from its start."""
     import bitsmith
     model = bitsmith.load(str(stories_path))
     vocab, gen = model.config.vocab_size, torch.Generator().manual_seed(5)
@@ -82,3 +83,9 @@ def test_the_filled_cache_samples_what_the_growing_cache_samples(stories_path):
     full = data.filled_cache(model.config.num_hidden_layers, 2)
     with torch.no_grad(), pytest.raises(ValueError, match="a cache of 2 positions cannot take position 3"):
         model(input_ids=ids[:, :3], use_cache=True, **{cache: full})
+    reused = data.filled_cache(model.config.num_hidden_layers, 3)
+    with torch.no_grad():
+        first = model(input_ids=ids[:, :3], use_cache=True, **{cache: reused}).logits
+        reused.reset()
+        assert reused.get_seq_length() == 0
+        assert torch.equal(model(input_ids=ids[:, :3], use_cache=True, **{cache: reused}).logits, first)
