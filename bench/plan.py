@@ -45,6 +45,7 @@ MEASUREMENT = RUNS / "measurement.json"
 TARGETS = (2.5, 3.0, 3.25, 3.5, 4.25)
 DAMP = QuantizeOptions.damp        # quantize --damp's default
 TUNE_BATCH = QuantizeOptions.tune_batch     # quantize --tune-batch's default
+UNNAMED_BATCH = 8                  # the windows a tuning step of the runs named without -bB took (before --tune-batch)
 UNIFORM = ("gptq-mse-w2-g128", "gptq-mse-w3-g128", "gptq-mse-w4-g128")
 
 
@@ -86,12 +87,12 @@ def method(proxy: str, rounding: str, iters: int, sequential: bool = False, menu
            tune: tuple[int, float, int] = (0, 1e-3, TUNE_BATCH), rotate: bool = False, damp: float = DAMP,
            own: bool = False) -> str:
     """The name of a plan run's method: rotated+ for --rotate, the proxy, the rounding when it is not GPTQ's,
-    +tuneE-lrL for end-to-end tuning (-bB when its windows per step are not the default), -ts for --true-sequential, -dampD when the damping is not the default, -self
+    +tuneE-lrL for end-to-end tuning (-bB when its windows per step are not 8, the runs' before --tune-batch), -ts for --true-sequential, -dampD when the damping is not the default, -self
     when half the calibration windows are sampled from the model, the menu when it is not the whole one
     (menu-uniform+lut)."""
     name = {"gptq": proxy, "signround": f"{proxy}+signround{iters}"}.get(rounding, f"{proxy}+{rounding}")
     name = ("rotated+" if rotate else "") + name + (f"+tune{tune[0]}-lr{tune[1]:g}" if tune[0] else "")
-    name += f"-b{tune[2]}" if tune[0] and tune[2] != TUNE_BATCH else ""
+    name += f"-b{tune[2]}" if tune[0] and tune[2] != UNNAMED_BATCH else ""
     return (name + ("-ts" if sequential else "") + ("" if damp == DAMP else f"-damp{damp:g}")
             + ("-self" if own else "") + ("" if menu == FULL_MENU else "-menu-" + menu.replace(",", "+")))
 

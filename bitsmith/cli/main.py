@@ -9,7 +9,7 @@ import sys
 import click
 
 from ..formats.errors import InputError
-from ..plan import TECHNIQUES
+from ..plan import TECHNIQUES, QuantizeOptions
 from .app import Report, Sectioned, json_option, main
 
 QUANTIZE_SECTIONS = {
@@ -53,7 +53,7 @@ QUANTIZE_SECTIONS = {
                    "model's next-token distributions (KL) on the calibration windows: passes over them "
                    "(EfficientQAT's E2E-QP). Holds the whole model in memory.")
 @click.option("--tune-lr", type=float, default=1e-3, show_default=True, help="Adam learning rate of --tune-epochs.")
-@click.option("--tune-batch", type=int, default=8, show_default=True,
+@click.option("--tune-batch", type=int, default=QuantizeOptions.tune_batch, show_default=True,
               help="Calibration windows per step of --tune-epochs (one Adam step each: fewer, more steps a pass).")
 @click.option("--rotate/--no-rotate", default=False, show_default=True,
               help="Quantize the model in a rotated basis: norm weights folded into the linears, the residual "
