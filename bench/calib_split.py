@@ -32,7 +32,6 @@ SETTINGS = {
     "gptq": [],
     "tune1": ["--tune-epochs", "1", "--tune-lr", "3e-3"],
     "tune1-b2": ["--tune-epochs", "1", "--tune-lr", "3e-3", "--tune-batch", "2"],
-    "tune1-b2-lr1e-3": ["--tune-epochs", "1", "--tune-lr", "1e-3", "--tune-batch", "2"],
     "signround50": ["--rounding", "signround", "--rounding-iters", "50"],
     "signround50+tune1": ["--rounding", "signround", "--rounding-iters", "50", "--tune-epochs", "1",
                           "--tune-lr", "3e-3"],

@@ -87,9 +87,9 @@ def method(proxy: str, rounding: str, iters: int, sequential: bool = False, menu
            tune: tuple[int, float, int] = (0, 1e-3, TUNE_BATCH), rotate: bool = False, damp: float = DAMP,
            own: bool = False) -> str:
     """The name of a plan run's method: rotated+ for --rotate, the proxy, the rounding when it is not GPTQ's,
-    +tuneE-lrL for end-to-end tuning (-bB when its windows per step are not 8, the runs' before --tune-batch), -ts for --true-sequential, -dampD when the damping is not the default, -self
-    when half the calibration windows are sampled from the model, the menu when it is not the whole one
-    (menu-uniform+lut)."""
+    +tuneE-lrL for end-to-end tuning (-bB when its windows per step are not 8, the runs' before --tune-batch), -ts
+    for --true-sequential, -dampD when the damping is not the default, -self when half the calibration windows are
+    sampled from the model, the menu when it is not the whole one (menu-uniform+lut)."""
     name = {"gptq": proxy, "signround": f"{proxy}+signround{iters}"}.get(rounding, f"{proxy}+{rounding}")
     name = ("rotated+" if rotate else "") + name + (f"+tune{tune[0]}-lr{tune[1]:g}" if tune[0] else "")
     name += f"-b{tune[2]}" if tune[0] and tune[2] != UNNAMED_BATCH else ""

@@ -38,7 +38,7 @@ class QuantizeOptions:
     tune_epochs: int = 0           # end-to-end tuning of the levels after the blocks (quantize/tune.py); 0: none
     tune_lr: float = 1e-3          # its Adam learning rate
     tune_batch: int = 2            # calibration windows per tuning step (one Adam step each; 2 against 8 at the
-                                   # same cost: unseen C4 0.156 against 0.173 nats, bench/results/calib-split-smollm2.md)
+                                   # same cost: unseen C4 0.156 against 0.173 nats, bench/results/calib-split-*)
     rotate: bool = False           # quantize the model rotated (bitsmith/rotation.py), the same function
     device: str = "cpu"            # where blocks, activations, Hessians and GPTQ run ("cpu", "cuda", "cuda:1")
     offload_activations: bool = False   # calibration activations kept on CPU between blocks (device: one batch)
