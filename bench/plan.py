@@ -46,6 +46,7 @@ TARGETS = (2.5, 3.0, 3.25, 3.5, 4.25)
 DAMP = QuantizeOptions.damp        # quantize --damp's default
 TUNE_BATCH = QuantizeOptions.tune_batch     # quantize --tune-batch's default
 UNNAMED_BATCH = 8                  # the windows a tuning step of the runs named without -bB took (before --tune-batch)
+NSAMPLES = 128                     # calibration windows of the targets' protocol (128 x 512 from c4_calib.txt)
 UNIFORM = ("gptq-mse-w2-g128", "gptq-mse-w3-g128", "gptq-mse-w4-g128")
 
 
@@ -85,21 +86,23 @@ FULL_MENU = ",".join(TECHNIQUES)
 
 def method(proxy: str, rounding: str, iters: int, sequential: bool = False, menu: str = FULL_MENU,
            tune: tuple[int, float, int] = (0, 1e-3, TUNE_BATCH), rotate: bool = False, damp: float = DAMP,
-           own: bool = False) -> str:
+           own: bool = False, nsamples: int = NSAMPLES) -> str:
     """The name of a plan run's method: rotated+ for --rotate, the proxy, the rounding when it is not GPTQ's,
     +tuneE-lrL for end-to-end tuning (-bB when its windows per step are not 8, the runs' before --tune-batch), -ts
     for --true-sequential, -dampD when the damping is not the default, -self when half the calibration windows are
-    sampled from the model, the menu when it is not the whole one (menu-uniform+lut)."""
+    sampled from the model, -nN when there are N calibration windows rather than 128, the menu when it is not the
+    whole one (menu-uniform+lut)."""
     name = {"gptq": proxy, "signround": f"{proxy}+signround{iters}"}.get(rounding, f"{proxy}+{rounding}")
     name = ("rotated+" if rotate else "") + name + (f"+tune{tune[0]}-lr{tune[1]:g}" if tune[0] else "")
     name += f"-b{tune[2]}" if tune[0] and tune[2] != UNNAMED_BATCH else ""
     return (name + ("-ts" if sequential else "") + ("" if damp == DAMP else f"-damp{damp:g}")
-            + ("-self" if own else "") + ("" if menu == FULL_MENU else "-menu-" + menu.replace(",", "+")))
+            + ("-self" if own else "") + ("" if nsamples == NSAMPLES else f"-n{nsamples}")
+            + ("" if menu == FULL_MENU else "-menu-" + menu.replace(",", "+")))
 
 
 def run(target: float, proxy: str, rounding: str = "gptq", iters: int = 0, sequential: bool = False,
         menu: str = FULL_MENU, tune: tuple[int, float, int] = (0, 1e-3, TUNE_BATCH), rotate: bool = False,
-        damp: float = DAMP, own: bool = False) -> None:
+        damp: float = DAMP, own: bool = False, nsamples: int = NSAMPLES) -> None:
     with tempfile.TemporaryDirectory() as work:
         out, summary_path = f"{work}/out", Path(work) / "summary.json"
         reuse = ["--measurement", str(MEASUREMENT)] if MEASUREMENT.exists() else []
@@ -110,7 +113,7 @@ def run(target: float, proxy: str, rounding: str = "gptq", iters: int = 0, seque
                  *(["--rotate"] if rotate else []),
                  "--damp", str(damp),
                  "--calib", str(TEXT / "c4_calib.txt"), *(["--calib", "self"] if own else []),
-                 "--nsamples", "128", "--seqlen", "512", "--seed", "0",
+                 "--nsamples", str(nsamples), "--seqlen", "512", "--seed", "0",
                  "--json", str(summary_path))
         summary = json.loads(summary_path.read_text())
         summary["eval"] = wikitext(out, Path(work) / "wikitext.json")
@@ -119,11 +122,11 @@ def run(target: float, proxy: str, rounding: str = "gptq", iters: int = 0, seque
             MEASUREMENT.write_text(json.dumps(portable(measured), indent=1) + "\n")
         summary["held_out"] = held_out(out, Path(work) / "held.json")
         summary["plan"] = json.loads((Path(out) / "plan.json").read_text())["layers"]
-    name = method(proxy, rounding, iters, sequential, menu, tune, rotate, damp, own)
+    name = method(proxy, rounding, iters, sequential, menu, tune, rotate, damp, own, nsamples)
     summary.update(date=datetime.date.today().isoformat(), proxy=proxy, rounding=rounding, rounding_iters=iters,
                    method=name, menu=menu, tune_epochs=tune[0], tune_lr=tune[1],
                    tune_batch=tune[2], rotate=rotate, damp=damp,
-                   self_calibration=own,
+                   self_calibration=own, nsamples=nsamples,
                    measured_here=not reuse, cpu=cpu_label())
     (RUNS / f"{name}-t{target}.json").write_text(json.dumps(portable(summary, work), indent=1) + "\n")
     print(name, target, summary["bits_per_weight"], summary["eval"]["perplexity"], flush=True)
@@ -267,6 +270,8 @@ def main() -> None:
     ap.add_argument("--self", dest="own", action="store_true",
                     help="Half the calibration windows sampled from the model (quantize --calib self next to "
                          "the file; its own --runs: the measurement differs).")
+    ap.add_argument("--nsamples", type=int, default=NSAMPLES,
+                    help="quantize --nsamples: calibration windows (with --self, half of them sampled).")
     ap.add_argument("--damp", type=float, default=DAMP, help="quantize --damp (the measurement's must match).")
     ap.add_argument("--report", action="store_true", help="Only rewrite the table and plot from the stored runs.")
     ap.add_argument("--runs", type=Path, default=RUNS,
@@ -283,7 +288,7 @@ def main() -> None:
             (RUNS / "base-held-out.json").write_text(json.dumps(portable(base), indent=1) + "\n")
         for target in args.targets:
             run(target, args.proxy, args.rounding, args.rounding_iters, args.true_sequential, args.menu,
-                (args.tune_epochs, args.tune_lr, args.tune_batch), args.rotate, args.damp, args.own)
+                (args.tune_epochs, args.tune_lr, args.tune_batch), args.rotate, args.damp, args.own, args.nsamples)
     (RESULTS / f"{RUNS.name}.md").write_text(report())
 
 
