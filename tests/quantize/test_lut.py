@@ -5,7 +5,16 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bitsmith.quantize.lut import _nearest_in_sorted, gptq_lut, gptq_lut_configs, nearest, weighted_kmeans
+from bitsmith.quantize.lut import (
+    KMEANS_ITERS,
+    _nearest_in_sorted,
+    gptq_lut,
+    gptq_lut_configs,
+    lloyd,
+    nearest,
+    starts,
+    weighted_kmeans,
+)
 
 
 def weighted_error(W, weight, centroids):
@@ -21,6 +30,37 @@ def test_kmeans_is_exact_on_rows_of_few_values():
     centroids = weighted_kmeans(W, torch.rand(50, generator=g) + 0.1, 4)
     assert torch.equal(centroids, values.expand(3, 4))
     assert torch.equal(centroids.gather(1, nearest(W, centroids)), W)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_kmeans_recovers_the_means_of_a_mixture(seed):
+    """Rows drawn from a mixture of 8 well-separated normals (means apart by 10 standard deviations, shares up to
+    several times each other, weights of the columns random): the table lands on the component means, to within
+    6 standard errors of a component's mean. Lloyd's steps from the equal-mass quantiles alone merge two
+    components and split another on 4 of these 5 draws."""
+    g = torch.Generator().manual_seed(seed)
+    means = torch.randn(4, 1, generator=g) + torch.arange(8.0)          # every row: 8 means 1 apart, its own offset
+    sigma = 0.1
+    share = torch.softmax(torch.randn(8, generator=g) * 0.8, 0)
+    component = torch.multinomial(share, 4 * 2000, replacement=True, generator=g).reshape(4, 2000)
+    W = means.gather(1, component) + sigma * torch.randn(4, 2000, generator=g)
+    centroids = weighted_kmeans(W, torch.rand(2000, generator=g) + 0.5, 8)
+    assert torch.allclose(centroids, means, atol=6 * sigma / (2000 * share.min()) ** 0.5 + 1e-4)
+
+
+@settings(max_examples=30, deadline=None)
+@given(rows=st.integers(1, 6), cols=st.integers(8, 200), k=st.sampled_from([4, 8, 16]), seed=st.integers(0, 999))
+def test_the_best_of_the_starts_is_no_worse_than_lloyd_from_equal_mass(rows, cols, k, seed):
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(rows, cols, generator=g) * torch.rand(rows, 1, generator=g)
+    weight = (torch.rand(cols, generator=g) ** 4).expand(rows, cols) + 1e-12    # skewed, as Hessian diagonals are
+    order = torch.argsort(W, dim=1)
+    sorted_w = W.gather(1, order)
+    equal_mass = lloyd(W, weight, sorted_w, order, starts(sorted_w, weight.gather(1, order), k)[0], KMEANS_ITERS)
+    fitted = weighted_kmeans(W, weight, k)
+    for row in range(rows):
+        assert (weighted_error(W[row:row + 1], weight[row], fitted[row:row + 1])
+                <= weighted_error(W[row:row + 1], weight[row], equal_mass[row:row + 1]) * (1 + 1e-6) + 1e-12)
 
 
 @settings(max_examples=30, deadline=None)
