@@ -23,17 +23,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from protocol import calibrated_smollm2
 
-from bitsmith.calibration.adapter import BlockRunner
-from bitsmith.calibration.fisher import output_fisher
-from bitsmith.formats.source import open_source
-from bitsmith.pipeline import calibration_windows, collect_hessians, compute, forward_in_place, linear_shapes
-from bitsmith.plan import QuantizeOptions
+from bitsmith.pipeline import collect_hessians, compute, forward_in_place
 from bitsmith.quantize.gptq import GridConfig, gptq_configs, inverse_cholesky
 from bitsmith.quantize.grid import RowGrid, fake_quantize, fit_grid, quantize_codes
 
 ROOT = Path(__file__).resolve().parents[1]
-TEXT = ROOT.parent / "shared" / "assets" / "text"
 RESULTS = ROOT / "bench" / "results"
 BLOCKS = (0, 10, 20, 29)
 GROUP = 128
@@ -91,13 +87,9 @@ def allocate_columns(group_loss: torch.Tensor, R: int) -> list[int]:
 @torch.no_grad()
 def main() -> None:
     torch.set_num_threads(1)
-    source = open_source("smollm2-135m")
-    opts = QuantizeOptions(calib=[str(TEXT / "c4_calib.txt")], nsamples=128, seqlen=512, seed=0)
-    opts.validate()
-    runner = BlockRunner(source.config)
-    family, shapes = runner.family, linear_shapes(runner)
-    windows, _ = calibration_windows(source, source.tokenizer(), opts, progress=False)
-    fisher, _ = output_fisher(runner, source, windows[:opts.fisher_samples], list(shapes))
+    cal = calibrated_smollm2()
+    source, opts, runner, windows, fisher = cal.source, cal.opts, cal.runner, cal.windows, cal.fisher
+    family = runner.family
     hidden = F.embedding(windows, source.get(family.embed).to(torch.float32))
     rows = []
     for i in range(max(BLOCKS) + 1):

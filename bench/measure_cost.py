@@ -1,0 +1,117 @@
+"""Where the measurement's time goes: CPU seconds of GPTQ per technique of the menu (bitsmith/measure.py
+`sampled_losses`, 128 sampled rows, as `measure` runs it) on every decoder linear of SmolLM2-135M blocks 0, 15
+and 29, the block's Hessian pass over the measurement's 64 windows and the Fisher pass; the uniform grids once all stacked as the
+measurement runs them, and asymmetric and symmetric apart. Against it, how often the plans in bench/results
+chose each technique (every run of bench/plan.py stored there).
+
+    python bench/measure_cost.py          # one thread; writes bench/results/measure-cost.{json,md}
+"""
+from __future__ import annotations
+
+import collections
+import datetime
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from machine import cpu_label
+from protocol import calibrated_smollm2
+
+from bitsmith.measure import CANDIDATES, MEASURE_WINDOWS, sampled_losses
+from bitsmith.pipeline import collect_hessians
+from bitsmith.plan import QuantizeOptions
+from bitsmith.quantize.gptq import GridConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+BLOCKS = (0, 15, 29)
+
+
+def families() -> dict[str, dict]:
+    """sampled_losses' keyword arguments per family of candidates."""
+    grids = [c for c in CANDIDATES if not (c.lut or c.per_ic or c.vq or c.outliers)]
+    as_grid = lambda cs: {"configs": [GridConfig(c.bits, c.group_size, c.sym, c.outliers) for c in cs]}
+    return {
+        "grids, all (stacked)": as_grid(grids),
+        "grids, asymmetric": as_grid([c for c in grids if not c.sym]),
+        "grids, symmetric": as_grid([c for c in grids if c.sym]),
+        "outliers": as_grid([c for c in CANDIDATES if c.outliers]),
+        "lut": {"configs": [], "lut_bits": [c.bits for c in CANDIDATES if c.lut]},
+        "per-ic": {"configs": [], "per_ic": [GridConfig(c.bits, c.group_size, c.sym, per_ic=True)
+                                             for c in CANDIDATES if c.per_ic]},
+        "vq": {"configs": [], "vq": [c for c in CANDIDATES if c.vq]},
+    }
+
+
+def picked() -> dict[str, int]:
+    """Linears given each technique (symmetric grids apart) over every stored plan run."""
+    counts = collections.Counter()
+    for path in RESULTS.glob("plan-smollm2*/*.json"):
+        layers = json.loads(path.read_text()).get("plan")
+        for entry in (layers or {}).values():
+            kind = ("vq" if entry.get("vq") else "per-ic" if entry.get("per_ic") else "lut" if entry.get("lut")
+                    else "outliers" if entry.get("outliers") else "grids, symmetric" if entry.get("sym")
+                    else "grids, asymmetric")
+            counts[kind] += 1
+    return dict(counts)
+
+
+@torch.no_grad()
+def main() -> None:
+    torch.set_num_threads(1)
+    start = time.process_time()
+    cal = calibrated_smollm2(autocast=lambda: torch.autocast("cpu", dtype=torch.bfloat16))    # as `measure`'s
+    fisher_seconds = time.process_time() - start                                            # (with the windows)
+    source, opts, runner, windows, fisher = cal.source, cal.opts, cal.runner, cal.windows, cal.fisher
+    family = runner.family
+    hidden = F.embedding(windows[:MEASURE_WINDOWS], source.get(family.embed).to(torch.float32))
+    seconds, hessian_seconds = collections.defaultdict(float), 0.0
+    for i in range(max(BLOCKS) + 1):
+        block = runner.build_block(i, {n: source.get(n) for n in runner.block_names(i)})
+        start = time.process_time()
+        hessians = collect_hessians(runner, block, hidden, runner.position_embeddings(hidden[:1]), opts,
+                                    family.siblings, in_place=True)
+        if i not in BLOCKS:
+            continue
+        hessian_seconds += time.process_time() - start
+        prefix = family.block_prefix.format(i=i)
+        for group in family.siblings:
+            for name in group:
+                W = block.get_submodule(name).weight.data.to(torch.float32)
+                for kind, kwargs in families().items():
+                    start = time.process_time()
+                    sampled_losses(W, hessians[group].H, fisher[prefix + name], opts=opts, **kwargs)
+                    seconds[kind] += time.process_time() - start
+    rows = [{"family": kind, "candidates": len(next(v for v in kwargs.values() if v)),
+             "cpu_s_per_block": seconds[kind] / len(BLOCKS)} for kind, kwargs in families().items()]
+    result = {"date": datetime.date.today().isoformat(), "cpu": cpu_label(), "blocks": list(BLOCKS),
+              "fisher_cpu_s": fisher_seconds,
+              "hessian_cpu_s_per_block": hessian_seconds / len(BLOCKS), "families": rows, "picked": picked()}
+    (RESULTS / "measure-cost.json").write_text(json.dumps(result, indent=1) + "\n")
+    (RESULTS / "measure-cost.md").write_text(report(result))
+    print(report(result))
+
+
+def report(r: dict) -> str:
+    chosen = sum(r["picked"].values())
+    lines = ["# Measurement cost per technique: SmolLM2-135M", "",
+             (f"Measured {r['date']} on {r['cpu']}, one torch thread (`python bench/measure_cost.py`): CPU seconds "
+              f"per block, the mean over blocks {', '.join(map(str, r['blocks']))}, of `sampled_losses` on the "
+              "block's 7 linears (128 sampled rows each, as the measurement runs it), calibration as the quality "
+              "protocol (c4_calib.txt, 128 x 512, seed 0; Hessians from the first 64 windows). The last column: "
+              f"how many of the {chosen:,} linears of the stored plan runs (bench/results/plan-smollm2*) each family "
+              "was given."), "",
+             (f"The Fisher pass ({QuantizeOptions.fisher_samples} windows): {r['fisher_cpu_s']:.0f} CPU s; the "
+              f"block's Hessian pass: {r['hessian_cpu_s_per_block']:.2f} CPU s per block."), "",
+             "| family | candidates | CPU s per block | linears given it |", "|---|---|---|---|"]
+    for row in r["families"]:
+        count = (r["picked"].get(row["family"], 0) if row["family"] != "grids, all (stacked)"
+                 else r["picked"].get("grids, asymmetric", 0) + r["picked"].get("grids, symmetric", 0))
+        lines.append(f"| {row['family']} | {row['candidates']} | {row['cpu_s_per_block']:.2f} | {count:,} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
