@@ -28,13 +28,15 @@ class Calibrated:
     fisher: dict[str, torch.Tensor]     # F_o of every decoder linear
 
 
-def calibrated_smollm2(autocast=contextlib.nullcontext) -> Calibrated:
-    """The protocol's windows and Fisher (its backward passes under `autocast`: the measurement's is bf16)."""
+def calibrated_smollm2(autocast=contextlib.nullcontext, fisher: bool = True) -> Calibrated:
+    """The protocol's windows and Fisher (its backward passes under `autocast`: the measurement's is bf16; with
+    `fisher` False, none: an empty dict)."""
     source = open_source("smollm2-135m")
     opts = QuantizeOptions(calib=[str(TEXT / "c4_calib.txt")], nsamples=128, seqlen=512, seed=0)
     opts.validate()
     runner = BlockRunner(source.config)
     shapes = linear_shapes(runner)
     windows, _ = calibration_windows(source, source.tokenizer(), opts, progress=False)
-    fisher, _ = output_fisher(runner, source, windows[:opts.fisher_samples], list(shapes), autocast=autocast)
-    return Calibrated(source, opts, runner, shapes, windows, fisher)
+    if fisher:
+        fisher, _ = output_fisher(runner, source, windows[:opts.fisher_samples], list(shapes), autocast=autocast)
+    return Calibrated(source, opts, runner, shapes, windows, fisher or {})

@@ -39,7 +39,8 @@ def weighted_kmeans(W: torch.Tensor, weight: torch.Tensor, k: int, iters: int = 
     every row keeping the centroids of least error among them (restarts, as k-means implementations do: one start
     settles in a local minimum; scikit-learn's n_init). The equal-mass quantiles alone leave the tails short of
     levels: on SmolLM2's linears, under their Hessian diagonals, the best of the four starts cuts GPTQ's loss with
-    the table by 10-30 % at 3 bits and 15-35 % at 4 bits, and up to 17 % at 2 bits on q/k/v."""
+    the tables by 10-30 % at 3 bits (3-6 % on down_proj), 21-39 % at 4 bits and 10-17 % at 2 bits on q/k/v
+    (bench/results/lut-starts.md)."""
     W = W.to(torch.float32)
     weight = torch.broadcast_to(weight.to(torch.float32).clamp(min=0), W.shape) + 1e-12   # no empty-mass rows
     order = torch.argsort(W, dim=1)
