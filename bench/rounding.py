@@ -123,7 +123,11 @@ def report(rows: list[dict]) -> str:
               "unquantized model's hidden states after it. WikiText-2: test set, first 65,536 tokens, windows of "
               "2048, measured while quantizing. Held-out: bitsmith/calibration/texts/eval_eb1911_shakespeare.txt, first "
               "16,384 tokens, windows of 2048, `bitsmith eval` on the written checkpoint. Quantize time is the whole "
-              "job (load, calibration, GPTQ, SignRound, the streamed WikiText-2 evaluation, writing)."), "",
+              "job (load, calibration, GPTQ, SignRound, the streamed WikiText-2 evaluation, writing). Layouts other "
+              "than grids of 128: every linear on that layout at 3 bits (`--plan`): grids of 128 with 0.5 % fp16 "
+              "outliers, a lookup table per row, per-input-channel grids of 128 rows, codebooks of pairs per 128 "
+              "inputs. CPU: the machine of the row, where recorded; CPU s over GPTQ only against GPTQ of the same "
+              "layout and day."), "",
              ("| config | layout | bits | iterations | all-in bpw | WikiText-2 | held-out | quantize wall s "
               "| quantize CPU s | CPU s over GPTQ | measured | CPU |"),
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
