@@ -39,7 +39,7 @@ def equal_mass_tables(W: torch.Tensor, H: torch.Tensor, bits: int) -> torch.Tens
 @torch.no_grad()
 def main() -> None:
     torch.set_num_threads(1)
-    cal = calibrated_smollm2(fisher=False)
+    cal = calibrated_smollm2(with_fisher=False)
     runner, family = cal.runner, cal.runner.family
     hidden = F.embedding(cal.windows[:MEASURE_WINDOWS], cal.source.get(family.embed).to(torch.float32))
     rows, four_starts = [], lut.lut_tables

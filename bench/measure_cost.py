@@ -1,8 +1,8 @@
 """Where the measurement's time goes: CPU seconds of GPTQ per technique of the menu (bitsmith/measure.py
 `sampled_losses`, 128 sampled rows, as `measure` runs it) on every decoder linear of SmolLM2-135M blocks 0, 15
-and 29, the block's Hessian pass over the measurement's 64 windows and the Fisher pass; the uniform grids once all stacked as the
-measurement runs them, and asymmetric and symmetric apart. Against it, how often the plans in bench/results
-chose each technique (every run of bench/plan.py stored there).
+and 29, the block's Hessian pass over the measurement's 64 windows, and the Fisher pass with the drawing of the
+windows; the uniform grids once all stacked as the measurement runs them, and asymmetric and symmetric apart.
+Against it, how often the plans in bench/results chose each technique (every run of bench/plan.py stored there).
 
     python bench/measure_cost.py          # one thread; writes bench/results/measure-cost.{json,md}
 """
@@ -62,12 +62,12 @@ def picked() -> dict[str, int]:
 def main() -> None:
     torch.set_num_threads(1)
     start = time.process_time()
-    cal = calibrated_smollm2(autocast=lambda: torch.autocast("cpu", dtype=torch.bfloat16))    # as `measure`'s
-    fisher_seconds = time.process_time() - start                                            # (with the windows)
+    cal = calibrated_smollm2(as_measured=True)
+    fisher_seconds = time.process_time() - start                          # with the drawing of the windows
     source, opts, runner, windows, fisher = cal.source, cal.opts, cal.runner, cal.windows, cal.fisher
     family = runner.family
     hidden = F.embedding(windows[:MEASURE_WINDOWS], source.get(family.embed).to(torch.float32))
-    seconds, hessian_seconds = collections.defaultdict(float), 0.0
+    seconds, hessian_seconds, kinds = collections.defaultdict(float), 0.0, families()
     for i in range(max(BLOCKS) + 1):
         block = runner.build_block(i, {n: source.get(n) for n in runner.block_names(i)})
         start = time.process_time()
@@ -80,12 +80,12 @@ def main() -> None:
         for group in family.siblings:
             for name in group:
                 W = block.get_submodule(name).weight.data.to(torch.float32)
-                for kind, kwargs in families().items():
+                for kind, kwargs in kinds.items():
                     start = time.process_time()
                     sampled_losses(W, hessians[group].H, fisher[prefix + name], opts=opts, **kwargs)
                     seconds[kind] += time.process_time() - start
     rows = [{"family": kind, "candidates": len(next(v for v in kwargs.values() if v)),
-             "cpu_s_per_block": seconds[kind] / len(BLOCKS)} for kind, kwargs in families().items()]
+             "cpu_s_per_block": seconds[kind] / len(BLOCKS)} for kind, kwargs in kinds.items()]
     result = {"date": datetime.date.today().isoformat(), "cpu": cpu_label(), "blocks": list(BLOCKS),
               "fisher_cpu_s": fisher_seconds,
               "hessian_cpu_s_per_block": hessian_seconds / len(BLOCKS), "families": rows, "picked": picked()}
@@ -103,7 +103,8 @@ def report(r: dict) -> str:
               "protocol (c4_calib.txt, 128 x 512, seed 0; Hessians from the first 64 windows). The last column: "
               f"how many of the {chosen:,} linears of the stored plan runs (bench/results/plan-smollm2*) each family "
               "was given."), "",
-             (f"The Fisher pass ({QuantizeOptions.fisher_samples} windows): {r['fisher_cpu_s']:.0f} CPU s; the "
+             (f"The Fisher pass ({QuantizeOptions.fisher_samples} windows, with drawing the windows): "
+              f"{r['fisher_cpu_s']:.0f} CPU s; the "
               f"block's Hessian pass: {r['hessian_cpu_s_per_block']:.2f} CPU s per block."), "",
              "| family | candidates | CPU s per block | linears given it |", "|---|---|---|---|"]
     for row in r["families"]:

@@ -12,7 +12,7 @@ import torch
 from bitsmith.calibration.adapter import BlockRunner
 from bitsmith.calibration.fisher import output_fisher
 from bitsmith.formats.source import ModelSource, open_source
-from bitsmith.pipeline import calibration_windows, linear_shapes
+from bitsmith.pipeline import calibration_windows, compute, linear_shapes
 from bitsmith.plan import QuantizeOptions
 
 TEXT = Path(__file__).resolve().parents[2] / "shared" / "assets" / "text"
@@ -23,20 +23,20 @@ class Calibrated:
     source: ModelSource
     opts: QuantizeOptions
     runner: BlockRunner
-    shapes: dict[str, tuple[int, int]]
     windows: torch.Tensor               # [128, 512] token ids
     fisher: dict[str, torch.Tensor]     # F_o of every decoder linear
 
 
-def calibrated_smollm2(autocast=contextlib.nullcontext, fisher: bool = True) -> Calibrated:
-    """The protocol's windows and Fisher (its backward passes under `autocast`: the measurement's is bf16; with
-    `fisher` False, none: an empty dict)."""
+def calibrated_smollm2(with_fisher: bool = True, as_measured: bool = False) -> Calibrated:
+    """The protocol's windows and Fisher (none, an empty dict, without `with_fisher`), its passes in fp32 or, with
+    `as_measured`, in the measurement's precision (pipeline.compute: bf16 autocast)."""
     source = open_source("smollm2-135m")
     opts = QuantizeOptions(calib=[str(TEXT / "c4_calib.txt")], nsamples=128, seqlen=512, seed=0)
     opts.validate()
     runner = BlockRunner(source.config)
-    shapes = linear_shapes(runner)
     windows, _ = calibration_windows(source, source.tokenizer(), opts, progress=False)
-    if fisher:
-        fisher, _ = output_fisher(runner, source, windows[:opts.fisher_samples], list(shapes), autocast=autocast)
-    return Calibrated(source, opts, runner, shapes, windows, fisher or {})
+    fisher = {}
+    if with_fisher:
+        fisher, _ = output_fisher(runner, source, windows[:opts.fisher_samples], list(linear_shapes(runner)),
+                                  autocast=(lambda: compute(opts)) if as_measured else contextlib.nullcontext)
+    return Calibrated(source, opts, runner, windows, fisher)

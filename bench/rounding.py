@@ -46,8 +46,8 @@ CONFIGS = [  # name, bits, rounding, iterations per block
     ("gptaq-w3-g128", 3, "gptaq", 0),
     ("gptq-ts-w3-g128", 3, "gptq", 0),           # -ts: --true-sequential
     ("gptaq-ts-w3-g128", 3, "gptaq", 0),
-    *((f"{rounding}-w3-{layout}", 3, rounding.rstrip("0123456789"), int(rounding[9:] or 0))
-      for layout in ("outliers0.5", "lut", "per-ic-g128", "vq-g128") for rounding in ("gptq", "signround50")),
+    *((f"{rounding}{iters or ''}-w3-{layout}", 3, rounding, iters)
+      for layout in ("outliers0.5", "lut", "per-ic-g128", "vq-g128") for rounding, iters in (("gptq", 0), ("signround", 50))),
 ]
 LAYOUTS = {  # plan entry of every linear, by the suffix of a config's name (grids of groups of 128 otherwise)
     "outliers0.5": {"group_size": 128, "outliers": 0.005},
