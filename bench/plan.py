@@ -154,11 +154,14 @@ def stored() -> list[dict]:
 
 def calibration(measurement: dict | None) -> str:
     """The calibration of a folder's runs as its measurement records it (files by name): 128 windows of c4_calib.txt,
-    or half of them sampled from the model (--self)."""
+    or half of them sampled from the model (--self); and whose next tokens its Fisher is of."""
     recorded = (measurement or {}).get("calibration", "")
+    labels = (measurement or {}).get("fisher", {}).get("labels", "data")
+    fisher = (" the Fisher of labels drawn from the model (`--fisher-labels model`)" if labels == "model" else
+              " the Fisher of the text's own next tokens (`--fisher-labels data`)")
     if "sampled" not in recorded:
-        return "Calibration 128 x 512 from c4_calib.txt (seed 0)"
-    return "Calibration " + re.sub(r"\S*/([^/\s]+\.txt)", r"\1", recorded) + " (`--calib self`)"
+        return "Calibration 128 x 512 from c4_calib.txt (seed 0);" + fisher
+    return "Calibration " + re.sub(r"\S*/([^/\s]+\.txt)", r"\1", recorded) + " (`--calib self`);" + fisher
 
 
 def report() -> str:

@@ -74,7 +74,7 @@ from .formats.source import ModelSource
 from .layouts import layout_of
 from .memory import release_freed_memory
 from .pipeline import calibration_windows, collect_hessians, compute, linear_shapes
-from .plan import LUT_BITS, MAX_OUTLIERS, LayerPlan, QuantizeOptions, QuantPlan, technique_problem
+from .plan import FISHER_LABELS, LUT_BITS, MAX_OUTLIERS, LayerPlan, QuantizeOptions, QuantPlan, technique_problem
 from .quantize.allocate import allocate
 from .quantize.gptq import GridConfig, gptq_configs
 from .quantize.lut import gptq_lut_configs
@@ -112,6 +112,7 @@ class Measurement:
     errors: dict[str, dict[str, list[float]]]    # proxy -> linear -> error per candidate
     fisher_windows: int = 0                      # calibration windows the Fisher came from (the first ones)
     base_nll: float | None = None                # the model's mean NLL on them, nats per predicted token
+    fisher_labels: str = "data"                  # the labels the Fisher's NLL is of (calibration/fisher.py)
 
     def cost(self, name: str, c: int) -> int:
         candidate = self.candidates[c]
@@ -126,7 +127,7 @@ class Measurement:
                                 **({"vq": True} if c.vq else {})}
                                for c in self.candidates],
                 "units": self.units,
-                "fisher": {"windows": self.fisher_windows, "nll": self.base_nll},
+                "fisher": {"windows": self.fisher_windows, "nll": self.base_nll, "labels": self.fisher_labels},
                 "layers": {name: {"shape": list(self.shapes[name]),
                                   "bits": [self.cost(name, c) for c in range(len(self.candidates))],
                                   **{proxy: self.errors[proxy][name] for proxy in PROXIES}}
@@ -186,8 +187,11 @@ class Measurement:
             raise InputError(f"{where}: the units do not cover the measured linears exactly")
         fisher = body.get("fisher") or {"windows": 0, "nll": None}
         base_nll = None if fisher["nll"] is None else float(fisher["nll"])
+        labels = fisher.get("labels", "data")             # measurements before the choice: the text's tokens
+        if labels not in FISHER_LABELS:
+            raise InputError(f"{where}: Fisher labels {labels!r}, expected one of {', '.join(FISHER_LABELS)}")
         return cls(body["source_fingerprint"], body["calibration_fingerprint"], body["calibration"],
-                   body["options"], candidates, shapes, units, errors, int(fisher["windows"]), base_nll)
+                   body["options"], candidates, shapes, units, errors, int(fisher["windows"]), base_nll, labels)
 
 
 def strata(key: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -299,7 +303,8 @@ def measure(source: ModelSource, opts: QuantizeOptions, progress: bool = True, w
     fisher, base_nll = output_fisher(runner, source, fisher_windows, list(shapes), progress,
                                      autocast=lambda: compute(opts),
                                      share=world.share(fisher_windows.shape[0], WINDOWS_AT_ONCE),
-                                     gather=lambda values: gathered_list(values, world))
+                                     gather=lambda values: gathered_list(values, world),
+                                     labels=opts.fisher_labels, seed=opts.seed)
     candidates = [c for c in CANDIDATES if c.technique in opts.menu]          # in CANDIDATES' order
     configs = [GridConfig(c.bits, c.group_size, c.sym, c.outliers) for c in candidates
                if not (c.lut or c.per_ic or c.vq)]
@@ -328,7 +333,8 @@ def measure(source: ModelSource, opts: QuantizeOptions, progress: bool = True, w
         release_freed_memory()
     options = {key: getattr(opts, key) for key in MATCHING_OPTIONS}
     return Measurement(source.fingerprint(), data.fingerprint(windows), description, options, candidates,
-                       shapes, units_of(runner), errors, min(opts.fisher_samples, windows.shape[0]), base_nll)
+                       shapes, units_of(runner), errors, min(opts.fisher_samples, windows.shape[0]), base_nll,
+                       opts.fisher_labels)
 
 
 def _losses(W, H, fisher, configs, opts, lut_bits, per_ic, vq, name: str) -> tuple[list[float], list[float]]:

@@ -9,6 +9,7 @@ from .formats.packing import GPTQ_BITS, SUPPORTED_BITS
 
 METHODS = ("rtn", "gptq", "qoq")   # qoq: W4A8 weights (per-channel int8, then per-group uint4)
 TECHNIQUES = ("uniform", "wide", "outliers", "lut", "per-ic", "vq")   # what a measured plan may choose from (`--menu`)
+FISHER_LABELS = ("model", "data")   # whose next tokens the measurement's Fisher is of (calibration/fisher.py)
 ROUNDINGS = ("gptq", "gptaq", "signround")  # gptaq: GPTQ toward the unquantized outputs (quantize/gptq.py
                                             # unquantized_target); signround: GPTQ's result refined per block
 
@@ -31,6 +32,7 @@ class QuantizeOptions:
     batch: int = 8
     calib_dtype: str = "bfloat16"
     fisher_samples: int = 16       # windows whose backward pass weights the measurement (calibration/fisher.py)
+    fisher_labels: str = "model"   # the NLL the Fisher is of: labels drawn from the model, or the text's ("data")
     proxy: str = "fisher"          # what the plan minimises: "fisher" (predicted nats/token) or "hessian"
     menu: tuple[str, ...] = TECHNIQUES   # the techniques a measured plan may give a linear (LayerPlan.technique)
     rounding: str = "gptq"         # "signround": each block's rounding and clipping learned on its outputs
@@ -62,6 +64,8 @@ class QuantizeOptions:
             raise InputError("--nsamples must be >= 1 and --seqlen >= 2")
         if self.fisher_samples < 1:
             raise InputError(f"--fisher-samples {self.fisher_samples}: expected at least 1")
+        if self.fisher_labels not in FISHER_LABELS:
+            raise InputError(f"--fisher-labels {self.fisher_labels}: choose {' or '.join(FISHER_LABELS)}")
         if self.proxy not in ("fisher", "hessian"):
             raise InputError(f"--proxy {self.proxy}: choose fisher or hessian")
         given = [t.strip() for t in self.menu.split(",") if t.strip()] if isinstance(self.menu, str) else list(self.menu)

@@ -252,6 +252,21 @@ def test_a_measurement_of_format_1_plans_without_outliers(planned, measurement, 
         Measurement.load(tmp_path / "v6.json", open_source(str(stories_path)), opts)
 
 
+def test_a_measurement_records_whose_labels_its_fisher_is_of(planned, measurement, stories_path, tmp_path):
+    """The Fisher of the model's own labels by default; a measurement from before the choice was of the text's."""
+    m, opts = measurement
+    assert m.fisher_labels == "model"
+    body = json.loads((planned[0] / "measurement.json").read_text())
+    assert body["fisher"]["labels"] == "model"
+    del body["fisher"]["labels"]
+    (tmp_path / "before.json").write_text(json.dumps(body))
+    assert Measurement.load(tmp_path / "before.json", open_source(str(stories_path)), opts).fisher_labels == "data"
+    body["fisher"]["labels"] = "oracle"
+    (tmp_path / "bad.json").write_text(json.dumps(body))
+    with pytest.raises(InputError, match="Fisher labels 'oracle', expected one of model, data"):
+        Measurement.load(tmp_path / "bad.json", open_source(str(stories_path)), opts)
+
+
 def test_decide_keeps_outliers_where_they_pay():
     """A synthetic table where 1 % outliers at 2 bits is nearly as good as 4 bits: the plan keeps them, priced
     by the dense-and-sparse layout, and the entries carry the fraction."""

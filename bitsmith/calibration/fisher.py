@@ -1,6 +1,13 @@
 """How much each output channel of each linear moves the model's loss: the diagonal Fisher information of
 the linear's output, F_o = mean over tokens of (dL/dy_o)^2, L the summed next-token NLL of a window.
 
+The NLL is of labels drawn from the model's own next-token distribution ("model", the Fisher information proper:
+its quadratic form is the KL divergence of a changed model from this one, the Gauss-Newton curvature of the
+loss) or of the text's next tokens ("data", the empirical Fisher, which SqueezeLLM and BRECQ use; it follows the
+calibration text's own errors where the model's Fisher follows the model; Kunstner et al., NeurIPS 2019,
+"Limitations of the empirical Fisher approximation"). One label is drawn per position, from a generator seeded
+by the seed and the window's index, so that how windows are grouped or shared out does not change them.
+
 With it, a weight error dW of a linear costs about 1/2 sum_o F_o mean_t (dW_o x_t)^2 nats per token, where
 mean_t (dW_o x_t)^2 is GPTQ's loss of row o: the output error of each channel weighted by how much it matters
 (BRECQ, Li et al. ICLR 2021, eq. (10): Fisher-weighted output reconstruction; SqueezeLLM section 3.1 for
@@ -25,10 +32,10 @@ WINDOWS_AT_ONCE = 4       # windows that go through each block together: every b
 def output_fisher(runner: BlockRunner, source, windows: torch.Tensor, linears: list[str],
                   progress: bool = False, at_once: int = WINDOWS_AT_ONCE,
                   autocast=contextlib.nullcontext, share: slice | None = None,
-                  gather=list) -> tuple[dict[str, torch.Tensor], float]:
+                  gather=list, labels: str = "data", seed: int = 0) -> tuple[dict[str, torch.Tensor], float]:
     """F_o [out] of each decoder linear named in `linears`, and the model's mean next-token NLL on the windows
     (nats per predicted token, the loss the Fisher is of), from one forward and backward per window
-    [n, seqlen], streamed block by block: the forward keeps only each block's input, the backward rebuilds one
+    [n, seqlen] (`labels`: "model" or "data", see the module docstring), streamed block by block: the forward keeps only each block's input, the backward rebuilds one
     block at a time from `source`, recomputes it and passes the gradient down (activation checkpointing at block
     granularity: the memory of one block and the block boundaries, never the whole model). `at_once` windows
     share each pass (a window's loss depends on its own tokens only, so its gradients are those it has alone).
@@ -59,7 +66,8 @@ def output_fisher(runner: BlockRunner, source, windows: torch.Tensor, linears: l
                 runner.release_block(i)
             g = torch.empty_like(h)
             for b in range(ids.shape[0]):
-                g[b:b + 1], window_nll = _head_gradient(norm, head, h[b:b + 1], ids[b])
+                drawn = torch.Generator().manual_seed(seed * 1_000_003 + first + b) if labels == "model" else None
+                g[b:b + 1], window_nll = _head_gradient(norm, head, h[b:b + 1], ids[b], drawn)
                 nlls.append(window_nll)
             for i in reversed(range(runner.n_blocks)):
                 with autocast():
@@ -80,10 +88,12 @@ def _block(runner: BlockRunner, source, i: int) -> torch.nn.Module:
     return block.requires_grad_(False)
 
 
-def _head_gradient(norm, head: torch.Tensor, h: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """dL/dh of the summed next-token NLL L of one window with respect to the last block's output, and L, in
-    chunks of HEAD_CHUNK positions (the logits of a whole window would take seqlen x vocab floats, three times
-    over)."""
+def _head_gradient(norm, head: torch.Tensor, h: torch.Tensor, ids: torch.Tensor,
+                   drawn: torch.Generator | None = None) -> tuple[torch.Tensor, float]:
+    """dL/dh of the summed next-token NLL L of one window with respect to the last block's output, and the NLL of
+    the window's own next tokens, in chunks of HEAD_CHUNK positions (the logits of a whole window would take
+    seqlen x vocab floats, three times over). L is of the window's next tokens, or of labels drawn from the
+    model's softmax with `drawn`."""
     h = h.detach()
     grad = torch.zeros_like(h)
     total = 0.0
@@ -93,7 +103,12 @@ def _head_gradient(norm, head: torch.Tensor, h: torch.Tensor, ids: torch.Tensor)
         with torch.enable_grad():
             logits = norm(part)[0, :targets.numel()] @ head.t()
             loss = F.cross_entropy(logits, targets, reduction="sum")
-            loss.backward()
+            if drawn is not None:
+                probs = torch.softmax(logits.detach().float(), dim=-1)
+                targets = torch.multinomial(probs, 1, generator=drawn)[:, 0]
+                F.cross_entropy(logits, targets, reduction="sum").backward()
+            else:
+                loss.backward()
         total += loss.item()
         grad[:, start:start + part.shape[1]] = part.grad
     return grad, total

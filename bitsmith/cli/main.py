@@ -9,13 +9,14 @@ import sys
 import click
 
 from ..formats.errors import InputError
-from ..plan import TECHNIQUES, QuantizeOptions
+from ..plan import FISHER_LABELS, TECHNIQUES, QuantizeOptions
 from .app import Report, Sectioned, json_option, main
 
 QUANTIZE_SECTIONS = {
     "Method": ("method", "bits", "group_size", "sym", "act_order", "static_groups", "mse", "true_sequential", "damp",
                "rounding", "rounding_iters", "tune_epochs", "tune_lr", "tune_batch", "rotate"),
-    "Bit plan": ("target_bpw", "measurement", "plan_path", "fisher_samples", "proxy", "menu"),
+    "Bit plan": ("target_bpw", "measurement", "plan_path", "fisher_samples", "fisher_labels", "proxy",
+                 "menu"),
     "Calibration": ("calib", "nsamples", "seqlen", "seed", "calib_dtype", "device", "offload_activations", "nproc"),
     "Evaluation": ("eval_data", "eval_seqlen", "eval_max_tokens"),
     "Output": ("out", "overwrite", "resume", "lossless_rest", "json_path"),
@@ -78,6 +79,10 @@ QUANTIZE_SECTIONS = {
               help="Apply a plan.json (every linear: bits, group_size, sym; optionally outliers, a fraction kept in fp16).")
 @click.option("--fisher-samples", type=int, default=16, show_default=True,
               help="Calibration windows whose backward pass weights the measurement.")
+@click.option("--fisher-labels", type=click.Choice(FISHER_LABELS), default="model", show_default=True,
+              help="The NLL the measurement's Fisher is of: of labels drawn from the model's own next-token "
+                   "distribution (the Fisher information, KL from the unquantized model) or of the text's tokens "
+                   "(the empirical Fisher).")
 @click.option("--proxy", type=click.Choice(["fisher", "hessian"]), default="fisher", show_default=True,
               help="Error the plan minimises: Fisher-weighted (predicted nats/token) or plain output error.")
 @click.option("--menu", default=",".join(TECHNIQUES), show_default=True, metavar="TECHNIQUE[,...]",
@@ -104,8 +109,8 @@ QUANTIZE_SECTIONS = {
                    "text); the result is the same as an uninterrupted run's.")
 @json_option("the summary")
 def quantize(model, out, method, bits, group_size, sym, act_order, static_groups, mse, true_sequential, damp, calib,
-             nsamples, seqlen, seed, calib_dtype, target_bpw, measurement, plan_path, fisher_samples, proxy, menu, device,
-             eval_data, eval_seqlen, eval_max_tokens, lossless_rest, overwrite, resume, json_path, rounding,
+             nsamples, seqlen, seed, calib_dtype, target_bpw, measurement, plan_path, fisher_samples, fisher_labels, proxy, menu,
+             device, eval_data, eval_seqlen, eval_max_tokens, lossless_rest, overwrite, resume, json_path, rounding,
              rounding_iters, tune_epochs, tune_lr, tune_batch, rotate, nproc, offload_activations):
     """Quantize MODEL (a Hugging Face folder, a .gguf file or the bundled name smollm2-135m) into OUT."""
     if nproc > 1:
@@ -120,7 +125,7 @@ def quantize(model, out, method, bits, group_size, sym, act_order, static_groups
                      nsamples=nsamples, seqlen=seqlen, seed=seed, calib_dtype=calib_dtype, overwrite=overwrite,
                      eval_data=eval_data, eval_seqlen=eval_seqlen, eval_max_tokens=eval_max_tokens,
                      lossless_rest=lossless_rest, target_bpw=target_bpw, measurement=measurement, plan=plan_path,
-                     fisher_samples=fisher_samples, proxy=proxy, menu=menu, resume=resume, rounding=rounding,
+                     fisher_samples=fisher_samples, fisher_labels=fisher_labels, proxy=proxy, menu=menu, resume=resume, rounding=rounding,
                      rounding_iters=rounding_iters, tune_epochs=tune_epochs, tune_lr=tune_lr, tune_batch=tune_batch,
                      rotate=rotate, device=device,
                      offload_activations=offload_activations)
