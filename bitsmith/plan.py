@@ -32,7 +32,7 @@ class QuantizeOptions:
     batch: int = 8
     calib_dtype: str = "bfloat16"
     fisher_samples: int = 16       # windows whose backward pass weights the measurement (calibration/fisher.py)
-    fisher_labels: str = "model"   # the NLL the Fisher is of: labels drawn from the model, or the text's ("data")
+    fisher_labels: str = "data"    # the NLL the Fisher is of: the text's next tokens, or labels drawn from the model
     proxy: str = "fisher"          # what the plan minimises: "fisher" (predicted nats/token) or "hessian"
     menu: tuple[str, ...] = TECHNIQUES   # the techniques a measured plan may give a linear (LayerPlan.technique)
     rounding: str = "gptq"         # "signround": each block's rounding and clipping learned on its outputs

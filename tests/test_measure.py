@@ -253,11 +253,14 @@ def test_a_measurement_of_format_1_plans_without_outliers(planned, measurement, 
 
 
 def test_a_measurement_records_whose_labels_its_fisher_is_of(planned, measurement, stories_path, tmp_path):
-    """The Fisher of the model's own labels by default; a measurement from before the choice was of the text's."""
+    """The Fisher of the text's labels by default, recorded; a measurement from before the choice was of them."""
     m, opts = measurement
-    assert m.fisher_labels == "model"
+    assert m.fisher_labels == "data"
     body = json.loads((planned[0] / "measurement.json").read_text())
-    assert body["fisher"]["labels"] == "model"
+    assert body["fisher"]["labels"] == "data"
+    body["fisher"]["labels"] = "model"
+    (tmp_path / "model.json").write_text(json.dumps(body))
+    assert Measurement.load(tmp_path / "model.json", open_source(str(stories_path)), opts).fisher_labels == "model"
     del body["fisher"]["labels"]
     (tmp_path / "before.json").write_text(json.dumps(body))
     assert Measurement.load(tmp_path / "before.json", open_source(str(stories_path)), opts).fisher_labels == "data"
@@ -265,6 +268,20 @@ def test_a_measurement_records_whose_labels_its_fisher_is_of(planned, measuremen
     (tmp_path / "bad.json").write_text(json.dumps(body))
     with pytest.raises(InputError, match="Fisher labels 'oracle', expected one of model, data"):
         Measurement.load(tmp_path / "bad.json", open_source(str(stories_path)), opts)
+
+
+def test_a_measurement_with_the_models_labels_weights_by_their_fisher(planned, stories_path, stories_split, tmp_path):
+    """--fisher-labels model reaches the measurement: the same calibration and stored bits, other Fisher-weighted
+    errors, and the labels recorded."""
+    bitsmith.quantize(str(stories_path), str(tmp_path / "model"), target_bpw=3.5, calib=[str(stories_split[0])],
+                      **CALIB, fisher_labels="model", progress=False)
+    data = json.loads((planned[0] / "measurement.json").read_text())
+    model = json.loads((tmp_path / "model" / "measurement.json").read_text())
+    assert model["fisher"]["labels"] == "model" and model["fisher"]["nll"] == data["fisher"]["nll"]
+    assert model["calibration_fingerprint"] == data["calibration_fingerprint"]
+    for name, layer in model["layers"].items():
+        assert layer["bits"] == data["layers"][name]["bits"]
+        assert layer["fisher"] != data["layers"][name]["fisher"]
 
 
 def test_decide_keeps_outliers_where_they_pay():

@@ -79,10 +79,10 @@ QUANTIZE_SECTIONS = {
               help="Apply a plan.json (every linear: bits, group_size, sym; optionally outliers, a fraction kept in fp16).")
 @click.option("--fisher-samples", type=int, default=16, show_default=True,
               help="Calibration windows whose backward pass weights the measurement.")
-@click.option("--fisher-labels", type=click.Choice(FISHER_LABELS), default="model", show_default=True,
-              help="The NLL the measurement's Fisher is of: of labels drawn from the model's own next-token "
-                   "distribution (the Fisher information, KL from the unquantized model) or of the text's tokens "
-                   "(the empirical Fisher).")
+@click.option("--fisher-labels", type=click.Choice(FISHER_LABELS), default="data", show_default=True,
+              help="The NLL the measurement's Fisher is of: of the text's next tokens (the empirical Fisher) or of "
+                   "labels drawn from the model's own next-token distribution (the Fisher information, KL from the "
+                   "unquantized model).")
 @click.option("--proxy", type=click.Choice(["fisher", "hessian"]), default="fisher", show_default=True,
               help="Error the plan minimises: Fisher-weighted (predicted nats/token) or plain output error.")
 @click.option("--menu", default=",".join(TECHNIQUES), show_default=True, metavar="TECHNIQUE[,...]",
