@@ -77,9 +77,7 @@ def quantize(model: str, out: str, *, overwrite: bool = False, eval_data: str | 
         ids = data.tokenize(source.tokenizer(), eval_text)
         eval_ids = data.eval_windows(ids, data.eval_seqlen(eval_seqlen, source.context(), "--eval-seqlen"),
                                      eval_max_tokens)
-    # refused on every rank before the process group is joined: a rank that stops while another is still
-    # connecting would leave that one a connection error to report besides the refusal
-    check_placement(distributed.World(int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))), opts)
+    check_placement(distributed.announced(), opts)     # before joining (distributed.announced)
     world = distributed.join(opts.device)
     with (CheckpointWriter(out, overwrite=overwrite, inputs=inputs, resume=resume) if world.main
           else distributed.Discarding()) as writer:

@@ -118,6 +118,12 @@ def placement(device: str, local_size: int, visible_gpus: int) -> str:
     return "nccl"
 
 
+def announced() -> World:
+    """This process's place as its launcher's environment gives it (RANK, WORLD_SIZE), before any group is joined:
+    what is refused on every rank is refused on this, so that no rank stops while another is still connecting."""
+    return World(int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")))
+
+
 def join(device: str = "cpu") -> World:
     """The world of this process: when started by torchrun or `launch` (WORLD_SIZE > 1 in the environment), its
     rank in a process group of `placement`'s backend, joined on the first call (on CUDA with this process's GPU
@@ -125,7 +131,7 @@ def join(device: str = "cpu") -> World:
     global _joined
     if _joined is not None:
         return _joined
-    size = int(os.environ.get("WORLD_SIZE", "1"))
+    size = announced().size
     if size <= 1:
         _joined = SOLO
         return SOLO

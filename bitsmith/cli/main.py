@@ -109,8 +109,8 @@ QUANTIZE_SECTIONS = {
                    "text); the result is the same as an uninterrupted run's.")
 @json_option("the summary")
 def quantize(model, out, method, bits, group_size, sym, act_order, static_groups, mse, true_sequential, damp, calib,
-             nsamples, seqlen, seed, calib_dtype, target_bpw, measurement, plan_path, fisher_samples, fisher_labels, proxy, menu,
-             device, eval_data, eval_seqlen, eval_max_tokens, lossless_rest, overwrite, resume, json_path, rounding,
+             nsamples, seqlen, seed, calib_dtype, target_bpw, measurement, plan_path, fisher_samples, fisher_labels,
+             proxy, menu, device, eval_data, eval_seqlen, eval_max_tokens, lossless_rest, overwrite, resume, json_path, rounding,
              rounding_iters, tune_epochs, tune_lr, tune_batch, rotate, nproc, offload_activations):
     """Quantize MODEL (a Hugging Face folder, a .gguf file or the bundled name smollm2-135m) into OUT."""
     if nproc > 1:
@@ -125,7 +125,8 @@ def quantize(model, out, method, bits, group_size, sym, act_order, static_groups
                      nsamples=nsamples, seqlen=seqlen, seed=seed, calib_dtype=calib_dtype, overwrite=overwrite,
                      eval_data=eval_data, eval_seqlen=eval_seqlen, eval_max_tokens=eval_max_tokens,
                      lossless_rest=lossless_rest, target_bpw=target_bpw, measurement=measurement, plan=plan_path,
-                     fisher_samples=fisher_samples, fisher_labels=fisher_labels, proxy=proxy, menu=menu, resume=resume, rounding=rounding,
+                     fisher_samples=fisher_samples, fisher_labels=fisher_labels, proxy=proxy, menu=menu, resume=resume,
+                     rounding=rounding,
                      rounding_iters=rounding_iters, tune_epochs=tune_epochs, tune_lr=tune_lr, tune_batch=tune_batch,
                      rotate=rotate, device=device,
                      offload_activations=offload_activations)
