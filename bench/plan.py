@@ -85,8 +85,8 @@ FULL_MENU = ",".join(TECHNIQUES)
 
 
 def method(proxy: str, rounding: str, iters: int, sequential: bool = False, menu: str = FULL_MENU,
-           tune: tuple[int, float, int] = (0, 1e-3, TUNE_BATCH), rotate: bool = False, damp: float = DAMP,
-           own: bool = False, nsamples: int = NSAMPLES) -> str:
+           tune: tuple[int, float, int, int] = (0, 1e-3, TUNE_BATCH, 0), rotate: bool = False,
+           damp: float = DAMP, own: bool = False, nsamples: int = NSAMPLES) -> str:
     """The name of a plan run's method: rotated+ for --rotate, the proxy, the rounding when it is not GPTQ's,
     +tuneE-lrL for end-to-end tuning (-bB when its windows per step are not 8, the runs' before --tune-batch), -ts
     for --true-sequential, -dampD when the damping is not the default, -self when half the calibration windows are
@@ -95,13 +95,14 @@ def method(proxy: str, rounding: str, iters: int, sequential: bool = False, menu
     name = {"gptq": proxy, "signround": f"{proxy}+signround{iters}"}.get(rounding, f"{proxy}+{rounding}")
     name = ("rotated+" if rotate else "") + name + (f"+tune{tune[0]}-lr{tune[1]:g}" if tune[0] else "")
     name += f"-b{tune[2]}" if tune[0] and tune[2] != UNNAMED_BATCH else ""
+    name += f"-s{tune[3]}" if tune[0] and tune[3] else ""
     return (name + ("-ts" if sequential else "") + ("" if damp == DAMP else f"-damp{damp:g}")
             + ("-self" if own else "") + ("" if nsamples == NSAMPLES else f"-n{nsamples}")
             + ("" if menu == FULL_MENU else "-menu-" + menu.replace(",", "+")))
 
 
 def run(target: float, proxy: str, rounding: str = "gptq", iters: int = 0, sequential: bool = False,
-        menu: str = FULL_MENU, tune: tuple[int, float, int] = (0, 1e-3, TUNE_BATCH), rotate: bool = False,
+        menu: str = FULL_MENU, tune: tuple[int, float, int, int] = (0, 1e-3, TUNE_BATCH, 0), rotate: bool = False,
         damp: float = DAMP, own: bool = False, nsamples: int = NSAMPLES) -> None:
     with tempfile.TemporaryDirectory() as work:
         out, summary_path = f"{work}/out", Path(work) / "summary.json"
@@ -110,6 +111,7 @@ def run(target: float, proxy: str, rounding: str = "gptq", iters: int = 0, seque
                  "--rounding", rounding, *(["--rounding-iters", str(iters)] if rounding == "signround" else []),
                  *(["--true-sequential"] if sequential else []), "--menu", menu,
                  "--tune-epochs", str(tune[0]), "--tune-lr", str(tune[1]), "--tune-batch", str(tune[2]),
+                 "--tune-seqlen", str(tune[3]),
                  *(["--rotate"] if rotate else []),
                  "--damp", str(damp),
                  "--calib", str(TEXT / "c4_calib.txt"), *(["--calib", "self"] if own else []),
@@ -125,7 +127,7 @@ def run(target: float, proxy: str, rounding: str = "gptq", iters: int = 0, seque
     name = method(proxy, rounding, iters, sequential, menu, tune, rotate, damp, own, nsamples)
     summary.update(date=datetime.date.today().isoformat(), proxy=proxy, rounding=rounding, rounding_iters=iters,
                    method=name, menu=menu, tune_epochs=tune[0], tune_lr=tune[1],
-                   tune_batch=tune[2], rotate=rotate, damp=damp,
+                   tune_batch=tune[2], tune_seqlen=tune[3], rotate=rotate, damp=damp,
                    self_calibration=own, nsamples=nsamples,
                    measured_here=not reuse, cpu=cpu_label())
     (RUNS / f"{name}-t{target}.json").write_text(json.dumps(portable(summary, work), indent=1) + "\n")
@@ -269,6 +271,8 @@ def main() -> None:
     ap.add_argument("--tune-epochs", type=int, default=0, help="quantize --tune-epochs (end-to-end tuning).")
     ap.add_argument("--tune-lr", type=float, default=1e-3)
     ap.add_argument("--tune-batch", type=int, default=TUNE_BATCH, help="quantize --tune-batch (windows per step).")
+    ap.add_argument("--tune-seqlen", type=int, default=0,
+                    help="quantize --tune-seqlen (tuning on calibration windows joined to this length).")
     ap.add_argument("--rotate", action="store_true", help="quantize --rotate (a rotated model: its own --runs).")
     ap.add_argument("--self", dest="own", action="store_true",
                     help="Half the calibration windows sampled from the model (quantize --calib self next to "
@@ -291,7 +295,7 @@ def main() -> None:
             (RUNS / "base-held-out.json").write_text(json.dumps(portable(base), indent=1) + "\n")
         for target in args.targets:
             run(target, args.proxy, args.rounding, args.rounding_iters, args.true_sequential, args.menu,
-                (args.tune_epochs, args.tune_lr, args.tune_batch), args.rotate, args.damp, args.own, args.nsamples)
+                (args.tune_epochs, args.tune_lr, args.tune_batch, args.tune_seqlen), args.rotate, args.damp, args.own, args.nsamples)
     (RESULTS / f"{RUNS.name}.md").write_text(report())
 
 

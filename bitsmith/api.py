@@ -68,6 +68,8 @@ def quantize(model: str, out: str, *, overwrite: bool = False, eval_data: str | 
     calibrates = opts.method != "rtn" or (target_bpw is not None and measurement is None)
     if calibrates and source.context() and opts.seqlen > source.context():
         raise InputError(f"--seqlen {opts.seqlen} exceeds the model's context of {source.context()} tokens")
+    if opts.tune_epochs and source.context() and opts.tune_seqlen > source.context():
+        raise InputError(f"--tune-seqlen {opts.tune_seqlen} exceeds the model's context of {source.context()} tokens")
     check_shapes(source)
     original = source
     if opts.rotate:                         # after the shape checks: the config's widths size its matrices

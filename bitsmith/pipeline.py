@@ -546,6 +546,10 @@ def tune_written(runner: BlockRunner, source: ModelSource, writer, plan: QuantPl
     windows', the held-out ones') become the tuned model's. Returns the tuned final norm weight."""
     opts, family = plan.options, runner.family
     dtype = torch.bfloat16 if opts.calib_dtype == "bfloat16" else torch.float32
+    sequences, teacher = windows, streams.unquantized
+    if opts.tune_seqlen and opts.tune_seqlen != windows.shape[1]:
+        sequences = joined(windows, opts.tune_seqlen)
+        teacher = unquantized_last_states(runner, source, sequences, opts).to(teacher.dtype)
     blocks, tuned, norms = [], {}, {}
     for i in range(runner.n_blocks):
         prefix = family.block_prefix.format(i=i)
@@ -588,12 +592,12 @@ def tune_written(runner: BlockRunner, source: ModelSource, writer, plan: QuantPl
 
     def first_block() -> torch.Tensor:      # one minibatch through block 0, its input needing a gradient as later's
         with compute(opts):
-            hidden = F.embedding(windows[:opts.tune_batch], table).requires_grad_()
+            hidden = F.embedding(sequences[:opts.tune_batch], table).requires_grad_()
             return through(blocks[0], hidden, runner.position_embeddings(hidden[:1]))
 
     kept = kept_blocks(saved_bytes(first_block), len(blocks), psutil.virtual_memory().available)
     with keeping_freed_memory():
-        tune(lambda ids: body(ids, kept), head, teacher_head, windows, streams.unquantized, params,
+        tune(lambda ids: body(ids, kept), head, teacher_head, sequences, teacher, params,
              opts.tune_epochs, opts.tune_lr, batch=opts.tune_batch, seed=opts.seed, autocast=lambda: compute(opts),
              progress=progress)
     for full, module in tuned.items():
@@ -617,6 +621,24 @@ def tune_written(runner: BlockRunner, source: ModelSource, writer, plan: QuantPl
     for i in range(runner.n_blocks):
         runner.release_block(i)
     return norm.weight.detach()
+
+
+def joined(windows: torch.Tensor, seqlen: int) -> torch.Tensor:
+    """Calibration windows [n, s] joined end to end, consecutive ones in order, into sequences [n s / seqlen,
+    seqlen] (--tune-seqlen: a document boundary inside a sequence, as in packed pretraining data)."""
+    per = seqlen // windows.shape[1]
+    return windows.reshape(windows.shape[0] // per, per * windows.shape[1])
+
+
+def unquantized_last_states(runner: BlockRunner, source: ModelSource, ids: torch.Tensor,
+                            opts: QuantizeOptions) -> torch.Tensor:
+    """The unquantized model's last hidden states [n, seq, d] of token sequences `ids` [n, seq], as the
+    calibration stream's are made: tuning's targets when its sequences are not the calibration windows."""
+    hidden = embed(source, runner.family, ids, None).hidden
+    for i in range(runner.n_blocks):
+        propagate_unquantized(runner, source_block(runner, source, i)[0], hidden, opts)
+        runner.release_block(i)
+    return hidden
 
 
 def _relative(root: nn.Module, name: str, dtype: torch.dtype) -> tuple[nn.Module, str, nn.Parameter]:

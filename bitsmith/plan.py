@@ -41,6 +41,7 @@ class QuantizeOptions:
     tune_lr: float = 1e-3          # its Adam learning rate
     tune_batch: int = 2            # calibration windows per tuning step (one Adam step each; 2 against 8 at the
                                    # same cost: unseen C4 0.156 against 0.173 nats, bench/results/calib-split-*)
+    tune_seqlen: int = 0           # tokens per tuning sequence: consecutive calibration windows joined; 0: one each
     rotate: bool = False           # quantize the model rotated (bitsmith/rotation.py), the same function
     device: str = "cpu"            # where blocks, activations, Hessians and GPTQ run ("cpu", "cuda", "cuda:1")
     offload_activations: bool = False   # calibration activations kept on CPU between blocks (device: one batch)
@@ -86,6 +87,12 @@ class QuantizeOptions:
             raise InputError(f"--tune-lr {self.tune_lr}: expected a small positive learning rate such as 0.001")
         if type(self.tune_batch) is not int or self.tune_batch < 1:
             raise InputError(f"--tune-batch {self.tune_batch}: expected 1 or more windows per tuning step")
+        if type(self.tune_seqlen) is not int or self.tune_seqlen < 0 or self.tune_seqlen % self.seqlen:
+            raise InputError(f"--tune-seqlen {self.tune_seqlen}: expected a multiple of --seqlen {self.seqlen} "
+                             "(tuning joins whole calibration windows), or 0 for one window a sequence")
+        if self.tune_seqlen and self.nsamples % (self.tune_seqlen // self.seqlen):
+            raise InputError(f"--tune-seqlen {self.tune_seqlen} joins {self.tune_seqlen // self.seqlen} calibration "
+                             f"windows a sequence; --nsamples {self.nsamples} is not a multiple of it")
         if self.tune_epochs and self.method != "gptq":
             raise InputError(f"--tune-epochs tunes GPTQ's grids and tables on the calibration windows; --method "
                              f"{self.method} is not gptq")

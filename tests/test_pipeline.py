@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 import bitsmith
+from bitsmith import pipeline
 from bitsmith.calibration import data
 from bitsmith.calibration.adapter import BlockRunner
 from bitsmith.calibration.perplexity import evaluate
@@ -247,6 +248,8 @@ def test_a_run_killed_after_tuning_resumes_to_the_same_bytes(tmp_path, stories_p
         assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
 
 
+NOT_JOINED = (r"--tune-seqlen {}: expected a multiple of --seqlen 512 \(tuning joins whole calibration windows\), "
+              "or 0 for one window a sequence")
 NOT_GPTQ = "--tune-epochs tunes GPTQ's grids and tables on the calibration windows; --method {} is not gptq"
 
 
@@ -254,6 +257,9 @@ NOT_GPTQ = "--tune-epochs tunes GPTQ's grids and tables on the calibration windo
     ({"tune_epochs": -1}, "--tune-epochs -1: expected 0 or more passes over the calibration windows"),
     ({"tune_epochs": 1, "tune_lr": 0.0}, "--tune-lr 0.0: expected a small positive learning rate such as 0.001"),
     ({"tune_epochs": 1, "tune_batch": 0}, "--tune-batch 0: expected 1 or more windows per tuning step"),
+    *(({"tune_epochs": 1, "seqlen": 512, "tune_seqlen": n}, NOT_JOINED.format(n)) for n in (1000, -512)),
+    ({"tune_epochs": 1, "seqlen": 512, "nsamples": 6, "tune_seqlen": 2048},
+     "--tune-seqlen 2048 joins 4 calibration windows a sequence; --nsamples 6 is not a multiple of it"),
     *(({"tune_epochs": 1, "method": method}, NOT_GPTQ.format(method)) for method in ("rtn", "qoq")),
 ])
 def test_bad_tuning_options_are_refused(options, message):
@@ -310,3 +316,49 @@ def test_tune_batch_sets_the_windows_of_each_tuning_step(tmp_path, stories_path,
                       **{**TUNED, "tune_batch": 4})
     [(batch, trace)] = traces
     assert batch == 4 and len(trace.losses) == 2 * 16 // 4
+
+
+def test_joined_windows_follow_each_other_in_order():
+    windows = torch.arange(6 * 4).reshape(6, 4)
+    assert torch.equal(pipeline.joined(windows, 12), torch.tensor([list(range(12)), list(range(12, 24))]))
+    assert torch.equal(pipeline.joined(windows, 4), windows)
+
+
+def test_the_targets_of_joined_windows_begin_as_the_first_windows_own(stories_path, stories_split):
+    """Attention is causal, so the first `seqlen` positions of a joined sequence are its first window alone: the
+    unquantized model's states there are the calibration stream's of that window (made in other batches)."""
+    source = open_source(str(stories_path))
+    opts = QuantizeOptions(**{**OPTIONS, "calib": [str(stories_split[0])], "calib_dtype": "float32"})
+    opts.validate()
+    windows = pipeline.calibration(source, opts, progress=False).windows
+    runner = BlockRunner(source.config, "cpu")
+    alone = pipeline.unquantized_last_states(runner, source, windows, opts)
+    joined = pipeline.unquantized_last_states(runner, source, pipeline.joined(windows, 4 * opts.seqlen), opts)
+    assert joined.shape == (4, 4 * opts.seqlen, alone.shape[-1])
+    torch.testing.assert_close(joined[:, :opts.seqlen], alone[::4], rtol=1e-5, atol=1e-5)
+    later = joined[:, opts.seqlen:2 * opts.seqlen] - alone[1::4]     # the second window sees the first: not alone
+    assert later.abs().amax() > 1e-2
+
+
+def test_tune_seqlen_tunes_on_joined_windows(tmp_path, stories_path, stories_split, monkeypatch):
+    """--tune-seqlen 4 x --seqlen over 16 windows: 4 sequences of 512 tokens, each its windows in order, and
+    the unquantized model's states of them as targets; 2 passes of 2 sequences a step are 4 Adam steps."""
+    calls = []
+
+    def recorded(*args, **kwargs):
+        calls.append((args[3], args[4]))
+        return pipeline_tune(*args, **kwargs)
+    pipeline_tune = pipeline.tune
+    monkeypatch.setattr(pipeline, "tune", recorded)
+    options = {**TUNED, "tune_seqlen": 4 * OPTIONS["seqlen"]}
+    summary = bitsmith.quantize(str(stories_path), str(tmp_path / "out"), calib=[str(stories_split[0])],
+                                progress=False, **options)
+    [(sequences, teacher)] = calls
+    source = open_source(str(stories_path))
+    opts = QuantizeOptions(**{**options, "calib": [str(stories_split[0])]})
+    opts.validate()
+    windows = pipeline.calibration(source, opts, progress=False).windows
+    assert torch.equal(sequences, windows.reshape(4, 4 * OPTIONS["seqlen"]))
+    assert teacher.shape[:2] == sequences.shape
+    assert json.loads((tmp_path / "out" / "plan.json").read_text())["options"]["tune_seqlen"] == 512
+    assert summary["bits_per_weight"] > 0

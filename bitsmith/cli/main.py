@@ -14,7 +14,8 @@ from .app import Report, Sectioned, json_option, main
 
 QUANTIZE_SECTIONS = {
     "Method": ("method", "bits", "group_size", "sym", "act_order", "static_groups", "mse", "true_sequential", "damp",
-               "rounding", "rounding_iters", "tune_epochs", "tune_lr", "tune_batch", "rotate"),
+               "rounding", "rounding_iters", "tune_epochs", "tune_lr", "tune_batch", "tune_seqlen",
+               "rotate"),
     "Bit plan": ("target_bpw", "measurement", "plan_path", "fisher_samples", "fisher_labels", "proxy",
                  "menu"),
     "Calibration": ("calib", "nsamples", "seqlen", "seed", "calib_dtype", "device", "offload_activations", "nproc"),
@@ -55,7 +56,12 @@ QUANTIZE_SECTIONS = {
                    "(EfficientQAT's E2E-QP). Holds the whole model in memory.")
 @click.option("--tune-lr", type=float, default=1e-3, show_default=True, help="Adam learning rate of --tune-epochs.")
 @click.option("--tune-batch", type=int, default=QuantizeOptions.tune_batch, show_default=True,
-              help="Calibration windows per step of --tune-epochs (one Adam step each: fewer, more steps a pass).")
+              help="Calibration windows per step of --tune-epochs (one Adam step each: fewer, more steps a pass); "
+                   "with --tune-seqlen, joined sequences per step.")
+@click.option("--tune-seqlen", type=int, default=QuantizeOptions.tune_seqlen, show_default=True,
+              help="Tokens per sequence of --tune-epochs: consecutive calibration windows joined end to end (a "
+                   "multiple of --seqlen), so that tuning sees the positions and spans of attention of longer "
+                   "inputs than the windows; 0: each window alone.")
 @click.option("--rotate/--no-rotate", default=False, show_default=True,
               help="Quantize the model in a rotated basis: norm weights folded into the linears, the residual "
                    "stream and each head's values turned by randomized Hadamard matrices (QuaRot's computational "
@@ -111,7 +117,7 @@ QUANTIZE_SECTIONS = {
 def quantize(model, out, method, bits, group_size, sym, act_order, static_groups, mse, true_sequential, damp, calib,
              nsamples, seqlen, seed, calib_dtype, target_bpw, measurement, plan_path, fisher_samples, fisher_labels,
              proxy, menu, device, eval_data, eval_seqlen, eval_max_tokens, lossless_rest, overwrite, resume, json_path, rounding,
-             rounding_iters, tune_epochs, tune_lr, tune_batch, rotate, nproc, offload_activations):
+             rounding_iters, tune_epochs, tune_lr, tune_batch, tune_seqlen, rotate, nproc, offload_activations):
     """Quantize MODEL (a Hugging Face folder, a .gguf file or the bundled name smollm2-135m) into OUT."""
     if nproc > 1:
         sys.exit(_launched(nproc, device))
@@ -128,6 +134,7 @@ def quantize(model, out, method, bits, group_size, sym, act_order, static_groups
                      fisher_samples=fisher_samples, fisher_labels=fisher_labels, proxy=proxy, menu=menu, resume=resume,
                      rounding=rounding,
                      rounding_iters=rounding_iters, tune_epochs=tune_epochs, tune_lr=tune_lr, tune_batch=tune_batch,
+                     tune_seqlen=tune_seqlen,
                      rotate=rotate, device=device,
                      offload_activations=offload_activations)
     if not s:                                   # a process other than main of a parallel run: main reports

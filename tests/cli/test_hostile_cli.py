@@ -69,6 +69,8 @@ def test_eval_refuses_a_base_with_another_vocabulary(work):
     (["--seqlen", "0"], "--nsamples must be >= 1 and --seqlen >= 2"),
     (["--seqlen", "-5"], "--nsamples must be >= 1 and --seqlen >= 2"),
     (["--method", "gptq", "--seqlen", "1024"], "--seqlen 1024 exceeds the model's context of 512 tokens"),
+    (["--method", "gptq", "--seqlen", "256", "--tune-epochs", "1", "--tune-seqlen", "1024"],
+     "--tune-seqlen 1024 exceeds the model's context of 512 tokens"),
     (["--eval-data", "{text}", "--eval-seqlen", "1024"], "--eval-seqlen 1024 exceeds the model's context of 512 tokens"),
     (["--eval-data", "{text}", "--eval-seqlen", "1"], ("--eval-seqlen 1: a window needs at least 2 tokens (one to "
                                                       "predict from)")),
