@@ -541,9 +541,10 @@ def tune_written(runner: BlockRunner, source: ModelSource, writer, plan: QuantPl
                  progress: bool = False) -> torch.Tensor:
     """End-to-end tuning (quantize/tune.py) of the model as written: every block rebuilt from the source with its
     linears as `TunedLinear`s on their stored tensors (`layout.levels`), tuned toward `streams.unquantized` (the
-    unquantized model's last hidden states of `windows`). The tuned levels, and the norm weights the writer holds
-    as they are, replace what was written; the streams the run still reads (the first `loss_windows` calibration
-    windows', the held-out ones') become the tuned model's. Returns the tuned final norm weight."""
+    unquantized model's last hidden states of `windows`; with --tune-seqlen, the windows `joined` into longer
+    sequences and those sequences' states, `unquantized_last_states`). The tuned levels, and the norm weights the
+    writer holds as they are, replace what was written; the streams the run still reads (the first `loss_windows`
+    calibration windows', the held-out ones') become the tuned model's. Returns the tuned final norm weight."""
     opts, family = plan.options, runner.family
     dtype = torch.bfloat16 if opts.calib_dtype == "bfloat16" else torch.float32
     sequences, teacher = windows, streams.unquantized
