@@ -88,7 +88,8 @@ def method(proxy: str, rounding: str, iters: int, sequential: bool = False, menu
            tune: tuple[int, float, int, int] = (0, 1e-3, TUNE_BATCH, 0), rotate: bool = False,
            damp: float = DAMP, own: bool = False, nsamples: int = NSAMPLES) -> str:
     """The name of a plan run's method: rotated+ for --rotate, the proxy, the rounding when it is not GPTQ's,
-    +tuneE-lrL for end-to-end tuning (-bB when its windows per step are not 8, the runs' before --tune-batch), -ts
+    +tuneE-lrL for end-to-end tuning (-bB when its windows per step are not 8, the runs' before --tune-batch; -sL
+    for --tune-seqlen L), -ts
     for --true-sequential, -dampD when the damping is not the default, -self when half the calibration windows are
     sampled from the model, -nN when there are N calibration windows rather than 128, the menu when it is not the
     whole one (menu-uniform+lut)."""
@@ -295,7 +296,8 @@ def main() -> None:
             (RUNS / "base-held-out.json").write_text(json.dumps(portable(base), indent=1) + "\n")
         for target in args.targets:
             run(target, args.proxy, args.rounding, args.rounding_iters, args.true_sequential, args.menu,
-                (args.tune_epochs, args.tune_lr, args.tune_batch, args.tune_seqlen), args.rotate, args.damp, args.own, args.nsamples)
+                (args.tune_epochs, args.tune_lr, args.tune_batch, args.tune_seqlen), args.rotate, args.damp, args.own,
+                args.nsamples)
     (RESULTS / f"{RUNS.name}.md").write_text(report())
 
 

@@ -551,6 +551,7 @@ def tune_written(runner: BlockRunner, source: ModelSource, writer, plan: QuantPl
     if opts.tune_seqlen and opts.tune_seqlen != windows.shape[1]:
         sequences = joined(windows, opts.tune_seqlen)
         teacher = unquantized_last_states(runner, source, sequences, opts).to(teacher.dtype)
+        streams.unquantized = None          # the windows' own targets: not read again
     blocks, tuned, norms = [], {}, {}
     for i in range(runner.n_blocks):
         prefix = family.block_prefix.format(i=i)

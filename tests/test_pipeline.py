@@ -346,19 +346,18 @@ def test_tune_seqlen_tunes_on_joined_windows(tmp_path, stories_path, stories_spl
     calls = []
 
     def recorded(*args, **kwargs):
-        calls.append((args[3], args[4]))
-        return pipeline_tune(*args, **kwargs)
+        calls.append((args[3], args[4], pipeline_tune(*args, **kwargs)))
+        return calls[-1][2]
     pipeline_tune = pipeline.tune
     monkeypatch.setattr(pipeline, "tune", recorded)
     options = {**TUNED, "tune_seqlen": 4 * OPTIONS["seqlen"]}
-    summary = bitsmith.quantize(str(stories_path), str(tmp_path / "out"), calib=[str(stories_split[0])],
-                                progress=False, **options)
-    [(sequences, teacher)] = calls
+    bitsmith.quantize(str(stories_path), str(tmp_path / "out"), calib=[str(stories_split[0])], progress=False,
+                      **options)
+    [(sequences, teacher, trace)] = calls
     source = open_source(str(stories_path))
     opts = QuantizeOptions(**{**options, "calib": [str(stories_split[0])]})
     opts.validate()
     windows = pipeline.calibration(source, opts, progress=False).windows
     assert torch.equal(sequences, windows.reshape(4, 4 * OPTIONS["seqlen"]))
-    assert teacher.shape[:2] == sequences.shape
+    assert teacher.shape[:2] == sequences.shape and len(trace.losses) == 2 * 4 // 2
     assert json.loads((tmp_path / "out" / "plan.json").read_text())["options"]["tune_seqlen"] == 512
-    assert summary["bits_per_weight"] > 0

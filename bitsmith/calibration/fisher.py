@@ -36,8 +36,9 @@ def output_fisher(runner: BlockRunner, source, windows: torch.Tensor, linears: l
     """F_o [out] of each decoder linear named in `linears`, and the model's mean next-token NLL on the windows
     (nats per predicted token, the loss the Fisher is of), from one forward and backward per window
     [n, seqlen] (`labels`: "model" or "data", see the module docstring), streamed block by block: the forward
-    keeps only each block's input, the backward rebuilds one block at a time from `source`, recomputes it and passes the gradient down (activation checkpointing at block
-    granularity: the memory of one block and the block boundaries, never the whole model). `at_once` windows
+    keeps only each block's input, the backward rebuilds one block at a time from `source`, recomputes it and
+    passes the gradient down (activation checkpointing at block granularity: the memory of one block and the block
+    boundaries, never the whole model). `at_once` windows
     share each pass (a window's loss depends on its own tokens only, so its gradients are those it has alone).
     The blocks' forwards and backwards run in `autocast()` (the calibration's matmul precision); the head, the
     residual stream and the sums stay float32.
