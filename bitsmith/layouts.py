@@ -32,6 +32,11 @@ Codebooks of pairs (a plan entry with `vq`; GPTVQ, quantize/vq.py): qweight int3
 of inputs' index of 2 x bits bits packed as GPTQ packs its codes, codebooks fp16 [G, 2^(2 bits), 2] (G blocks of
 `group_size` inputs) and row_scales fp16 [out] (`VQLayout`); also `quant_method: "bitsmith"` only.
 
+Bits per group of columns (a plan entry with `column_bits`; BAQ, quantize/column_bits.py): each group of columns'
+codes packed at its own width one group after another, qweight int32 [words, out], scales fp16 [G, out], qzeros
+int32 [G, packed(out, bits + 1)] (true zeros), g_idx int32 [in] and widths uint8 [G] (`ColumnBitsLayout`,
+kernels/column_bits_linear.py); also `quant_method: "bitsmith"` only.
+
 Each layout also says which of its tensors holds the continuous levels (`levels`: the scales, or the tables) and
 gives W as a function of them with every code fixed: what end-to-end tuning learns (quantize/tune.py).
 
@@ -47,16 +52,23 @@ import torch
 from .formats.csr import csr_bits, to_csr
 from .formats.errors import InputError
 from .formats.packing import SUPPORTED_BITS, pack, packed_length, trim_earlier_padding, unpack
+from .kernels.column_bits_linear import (
+    ColumnBitsLinear,
+    column_bits_dequantize,
+    column_words,
+    pack_groups,
+    unpack_groups,
+)
 from .kernels.linear import DenseSparseLinear, QuantizedLinear
 from .kernels.lut_linear import LUTLinear, lut_dequantize
 from .kernels.per_ic_linear import PerICLinear, per_ic_dequantize
 from .kernels.reference import csr_rows, dense_sparse_dequantize, dequantize, unpack_zeros
 from .kernels.vq_linear import VQLinear, vq_dequantize
-from .plan import MAX_OUTLIERS, LayerPlan, QuantPlan, technique_problem
+from .plan import FLAGS, MAX_OUTLIERS, LayerPlan, QuantPlan, technique_problem
 from .quantize.lut import LutWeight
 from .quantize.outliers import DenseSparseWeight, outlier_count
 from .quantize.per_ic import PerICWeight, expand_rows, row_span
-from .quantize.rtn import QuantizedWeight
+from .quantize.rtn import ColumnBitsWeight, QuantizedWeight
 from .quantize.tune import Level, Levels
 from .quantize.vq import VQWeight, entries, flat_index, lookup, span
 
@@ -267,6 +279,45 @@ class VQLayout:
         return VQLinear(in_features, out_features, layer.bits, layer.group_size, bias=bias)
 
 
+class ColumnBitsLayout:
+    """Grids whose groups of columns have bits of their own (module docstring; kernels/column_bits_linear.py). No
+    GPTQ loader reads it."""
+
+    parts = ("qweight", "scales", "qzeros", "g_idx", "widths")
+
+    @staticmethod
+    def tensors(qw: ColumnBitsWeight) -> dict[str, torch.Tensor]:
+        g_idx = qw.group_index().to(torch.int32).contiguous()
+        widths = qw.widths.to(torch.uint8)
+        return {"qweight": pack_groups(qw.codes, g_idx, widths), "scales": qw.scales.contiguous(),
+                "qzeros": pack(qw.zeros, qw.bits + 1, dim=1), "g_idx": g_idx, "widths": widths}
+
+    @staticmethod
+    def stored_bits(out_features: int, in_features: int, layer: LayerPlan) -> int:
+        groups = -(-in_features // layer.group_size)
+        return (32 * column_words(in_features, layer.bits, layer.group_size) * out_features + 16 * groups * out_features
+                + 32 * groups * packed_length(out_features, layer.bits + 1) + 32 * in_features + 8 * groups)
+
+    @staticmethod
+    def weight(stored, layer: LayerPlan, in_features: int) -> torch.Tensor:
+        return column_bits_dequantize(*(stored(part) for part in ColumnBitsLayout.parts), layer.bits, in_features)
+
+    @staticmethod
+    def levels(stored, layer: LayerPlan, in_features: int, dtype: torch.dtype = torch.float32) -> Levels:
+        """The scales, W = s[g] * (q - z) with the codes and zero points fixed (as GPTQLayout.levels)."""
+        q = unpack_groups(stored("qweight"), stored("g_idx"), stored("widths"))
+        scales = stored("scales")
+        g = stored("g_idx").long()
+        zeros = unpack(stored("qzeros"), layer.bits + 1, scales.shape[1], dim=1)
+        steps = (q.to(torch.int16) - zeros.t()[:, g].to(torch.int16)).to(dtype)
+        return Levels([Level("scales", scales, scales.float())], lambda s: s.t()[:, g] * steps)
+
+    @staticmethod
+    def module(in_features: int, out_features: int, layer: LayerPlan, bias: bool,
+               has_g_idx: bool = True) -> ColumnBitsLinear:
+        return ColumnBitsLinear(in_features, out_features, layer.bits, layer.group_size, bias=bias)
+
+
 def _reads_earlier_padding(module: QuantizedLinear) -> QuantizedLinear:
     """`module`, loading the packed tensors of checkpoints written with whole runs of 32 codes per packed
     column (earlier bitsmith versions) as well: their extra words hold only zero padding."""
@@ -278,11 +329,13 @@ def _reads_earlier_padding(module: QuantizedLinear) -> QuantizedLinear:
     return module
 
 
-def layout_of(layer: LayerPlan) -> type[GPTQLayout | LUTLayout | PerICLayout | VQLayout]:
-    """The layout a plan entry is stored in: codebooks of pairs, a lookup table, per-input-channel grids,
-    dense-and-sparse when it keeps outliers, else GPTQ."""
+def layout_of(layer: LayerPlan) -> type[GPTQLayout | LUTLayout | PerICLayout | VQLayout | ColumnBitsLayout]:
+    """The layout a plan entry is stored in: codebooks of pairs, bits per group of columns, a lookup table,
+    per-input-channel grids, dense-and-sparse when it keeps outliers, else GPTQ."""
     if layer.vq:
         return VQLayout
+    if layer.column_bits:
+        return ColumnBitsLayout
     if layer.lut:
         return LUTLayout
     if layer.per_ic:
@@ -304,14 +357,13 @@ def plan_bits(plan: QuantPlan, shapes: dict[str, tuple[int, int]]) -> tuple[int,
 
 def _entry(layer: LayerPlan, desc_act: bool, extended: bool) -> dict:
     """One configuration as `quantization_config` fields; `extended` (a bitsmith-only checkpoint) names outliers,
-    lookup tables, per-input-channel groups and codebooks of pairs in every entry."""
+    lookup tables, per-input-channel groups, codebooks of pairs and bits per group of columns in every entry."""
     return {"bits": layer.bits, "group_size": layer.group_size, "sym": layer.sym, "desc_act": desc_act,
-            **({"outliers": layer.outliers, "lut": layer.lut, "per_ic": layer.per_ic, "vq": layer.vq}
-               if extended else {})}
+            **({"outliers": layer.outliers, **{key: getattr(layer, key) for key in FLAGS}} if extended else {})}
 
 
 def _config_key(layer: LayerPlan) -> tuple:
-    return layer.bits, layer.group_size, layer.sym, layer.outliers, layer.lut, layer.per_ic, layer.vq
+    return layer.bits, layer.group_size, layer.sym, layer.outliers, *(getattr(layer, key) for key in FLAGS)
 
 
 def gptq_config(plan: QuantPlan, shapes: dict[str, tuple[int, int]]) -> dict:
@@ -323,13 +375,13 @@ def gptq_config(plan: QuantPlan, shapes: dict[str, tuple[int, int]]) -> dict:
     for name, layer in plan.layers.items():
         weight[_config_key(layer)] += shapes[name][0] * shapes[name][1]
     most = max(weight, key=lambda k: (weight[k], k))
-    base = LayerPlan(*most[:3], outliers=most[3], lut=most[4], per_ic=most[5], vq=most[6])
+    base = LayerPlan(*most[:3], outliers=most[3], **dict(zip(FLAGS, most[4:])))
     dynamic = {f"+:{re.escape(name)}$": _entry(layer, desc_act, extended)
                for name, layer in plan.layers.items() if _config_key(layer) != most}
     return {**_entry(base, desc_act, extended), **({"dynamic": dynamic} if dynamic else {})}
 
 
-EXTENDED = ("outliers", "lut", "per_ic", "vq")      # the fields only bitsmith checkpoints have
+EXTENDED = ("outliers", *FLAGS)      # the fields only bitsmith checkpoints have
 
 
 def checkpoint_format(qconfig: dict) -> str:
@@ -378,7 +430,7 @@ def layer_plan(layer: dict, where: str) -> LayerPlan:
     if type(outliers) not in (int, float) or not 0 <= outliers <= MAX_OUTLIERS:
         raise InputError(f"{where}: outliers {outliers!r} in quantization_config is not a fraction from 0 to "
                          f"{MAX_OUTLIERS}")
-    flags = {key: layer.get(key, False) for key in ("lut", "per_ic", "vq")}
+    flags = {key: layer.get(key, False) for key in FLAGS}
     for key, flag in flags.items():
         if not isinstance(flag, bool):
             raise InputError(f"{where}: {key} {flag!r} in quantization_config: expected true or false")

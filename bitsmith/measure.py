@@ -50,6 +50,12 @@ row) are candidates at 2 and 3 bits with a codebook per 128 inputs and at 4 bits
 A codebook is shared by all rows: it is fitted on the whole linear, and GPTQ's loss of the sampled rows under it
 is weighted as above.
 
+Bits per group of columns (quantize/column_bits.py, BAQ: each group of 128 act-ordered columns on R - 1, R or
+R + 1 bits, as many above as below) are candidates around 3, 4 and 5 bits, `COLUMN_BITS_CANDIDATES`: the widths
+come from a first GPTQ pass of the sampled rows at R bits (their groups' losses summed with the rows'
+Horvitz-Thompson weights, an estimate of the whole linear's), then GPTQ on them; they cost what R bits cost, and
+one more bit per group and row for the zero points.
+
 Decide: linears that read one input in one block (q/k/v, gate/up) share a configuration, as fused loaders
 (vLLM) require; a multiple-choice knapsack (quantize/allocate.py) picks one candidate per such unit.
 """
@@ -74,8 +80,9 @@ from .formats.source import ModelSource
 from .layouts import layout_of
 from .memory import release_freed_memory
 from .pipeline import calibration_windows, collect_hessians, compute, linear_shapes
-from .plan import FISHER_LABELS, LUT_BITS, MAX_OUTLIERS, LayerPlan, QuantizeOptions, QuantPlan, technique_problem
+from .plan import FISHER_LABELS, FLAGS, LUT_BITS, MAX_OUTLIERS, LayerPlan, QuantizeOptions, QuantPlan, technique_problem
 from .quantize.allocate import allocate
+from .quantize.column_bits import COLUMN_BITS, gptq_column_bits_configs
 from .quantize.gptq import GridConfig, gptq_configs
 from .quantize.lut import gptq_lut_configs
 from .quantize.rtn import rtn_quantize
@@ -87,15 +94,17 @@ OUTLIER_CANDIDATES = tuple(LayerPlan(b, 128, False, outliers=f) for b in (2, 3) 
 LUT_CANDIDATES = tuple(LayerPlan(b, -1, False, lut=True) for b in LUT_BITS)
 PER_IC_CANDIDATES = tuple(LayerPlan(b, g, False, per_ic=True) for b in (2, 3, 4) for g in (64, 128))
 VQ_CANDIDATES = tuple(LayerPlan(b, g, False, vq=True) for b, g in ((2, 128), (3, 128), (4, 256)))
+COLUMN_BITS_CANDIDATES = tuple(LayerPlan(b, 128, False, column_bits=True) for b in COLUMN_BITS)
 CANDIDATES = (PLAIN_CANDIDATES + OUTLIER_CANDIDATES + LUT_CANDIDATES     # in `sampled_losses`' order: the grids
-              + PER_IC_CANDIDATES + VQ_CANDIDATES)                     # of single rows, tables, per-IC grids, VQ
+              + PER_IC_CANDIDATES + VQ_CANDIDATES                      # of single rows, tables, per-IC grids, VQ,
+              + COLUMN_BITS_CANDIDATES)                                # bits per group of columns
 MEASURE_ROWS = 128        # rows of each linear the measurement runs GPTQ on (all of them when it has fewer)
 MEASURE_WINDOWS = 64      # first calibration windows the measurement's Hessians come from (quantization uses all)
 SHRINK_EVERY = 8          # the measurement's grid search tries every 8th of GPTQ's 80 shrink factors
 PROXIES = ("fisher", "hessian")
 PER_IC_WINDOW, PER_IC_WINDOWS = 128, 2     # rows per window and windows of the per-input-channel candidates
-MEASUREMENT_VERSION = 5           # 5: codebooks of pairs; 4: per-input-channel candidates; 3: lookup tables;
-                                  # 2: outliers; 1-4 still read
+MEASUREMENT_VERSION = 6           # 6: bits per group of columns; 5: codebooks of pairs; 4: per-input-channel
+                                  # candidates; 3: lookup tables; 2: outliers; 1-5 still read
 MATCHING_OPTIONS = ("method", "act_order", "static_groups", "mse", "damp")
 
 
@@ -123,8 +132,7 @@ class Measurement:
                 "calibration_fingerprint": self.calibration, "calibration": self.description,
                 "options": self.options,
                 "candidates": [{"bits": c.bits, "group_size": c.group_size, "sym": c.sym, "outliers": c.outliers,
-                                **({"lut": True} if c.lut else {}), **({"per_ic": True} if c.per_ic else {}),
-                                **({"vq": True} if c.vq else {})}
+                                **{key: True for key in FLAGS if getattr(c, key)}}
                                for c in self.candidates],
                 "units": self.units,
                 "fisher": {"windows": self.fisher_windows, "nll": self.base_nll, "labels": self.fisher_labels},
@@ -151,9 +159,9 @@ class Measurement:
 
     @classmethod
     def _from(cls, body: dict, source: ModelSource, opts: QuantizeOptions, where: str) -> Measurement:
-        if body["format_version"] not in (1, 2, 3, 4, MEASUREMENT_VERSION):
+        if body["format_version"] not in (1, 2, 3, 4, 5, MEASUREMENT_VERSION):
             raise InputError(f"{where}: measurement format {body['format_version']!r}, expected "
-                             f"{MEASUREMENT_VERSION} (or 1-4); measure again with this bitsmith")
+                             f"{MEASUREMENT_VERSION} (or 1-5); measure again with this bitsmith")
         if body["source_fingerprint"] != source.fingerprint():
             raise InputError(f"{where}: measured on a different model (source fingerprint differs); measure "
                              "this model again")
@@ -162,17 +170,18 @@ class Measurement:
                 raise InputError(f"{where}: measured with {key}={body['options'][key]!r}, this run has "
                                  f"{getattr(opts, key)!r}; use the same options or measure again")
         candidates = [LayerPlan(int(c["bits"]), int(c["group_size"]), bool(c["sym"]),
-                                outliers=float(c.get("outliers", 0.0)), lut=c.get("lut", False) is True,
-                                per_ic=c.get("per_ic", False) is True, vq=c.get("vq", False) is True)
+                                outliers=float(c.get("outliers", 0.0)),
+                                **{key: c.get(key, False) is True for key in FLAGS})
                       for c in body["candidates"]]
         if any(not 0 <= c.outliers <= MAX_OUTLIERS for c in candidates):
             raise InputError(f"{where}: a candidate's outliers are not a fraction from 0 to {MAX_OUTLIERS}")
         problem = next(filter(None, map(technique_problem, candidates)), None)
         if problem:
             raise InputError(f"{where}: a candidate's {problem}")
-        missing = {1: "outlier, lookup-table, per-input-channel and codebook",
-                   2: "lookup-table, per-input-channel and codebook", 3: "per-input-channel and codebook",
-                   4: "codebook"}.get(body["format_version"])
+        missing = {1: "outlier, lookup-table, per-input-channel, codebook and column-bits",
+                   2: "lookup-table, per-input-channel, codebook and column-bits",
+                   3: "per-input-channel, codebook and column-bits", 4: "codebook and column-bits",
+                   5: "column-bits"}.get(body["format_version"])
         if missing:
             print(f"{where}: a measurement of format {body['format_version']} has no {missing} candidates: the "
                   f"plan chooses among its {len(candidates)} candidates (measure again to offer them all)",
@@ -232,10 +241,11 @@ SAMPLERS = {"strata": strata, "pps": pps}
 def sampled_losses(W: torch.Tensor, H: torch.Tensor, fisher: torch.Tensor, configs: list[GridConfig],
                    opts: QuantizeOptions, rows: int = MEASURE_ROWS, sampler: str = "pps",
                    lut_bits: list[int] = (), per_ic: list[GridConfig] = (),
-                   vq: list[LayerPlan] = ()) -> tuple[list[float], list[float]]:
+                   vq: list[LayerPlan] = (), column_bits: list[LayerPlan] = ()) -> tuple[list[float], list[float]]:
     """(Fisher-weighted, plain) GPTQ error of W under each grid configuration, then under a lookup table of
     each of `lut_bits`, then under each per-input-channel configuration, then under codebooks of pairs of each of
-    `vq` (fitted on the whole of W), estimated from a sample of rows:
+    `vq` (fitted on the whole of W), then with bits per group of columns around each of `column_bits` (their
+    widths from the sample), estimated from a sample of rows:
     sum_o F_o loss_o / 2 (nats per token) and sum_o loss_o. Rows are drawn by `sampler` with their
     Fisher-weighted round-to-nearest error (4-bit, groups of 128) as the size; a table is per row, so a sampled
     row's table is the one the whole linear would get. Per-input-channel grids span rows: they are measured on
@@ -262,6 +272,12 @@ def sampled_losses(W: torch.Tensor, H: torch.Tensor, fisher: torch.Tensor, confi
                                        opts.damp, fit=W, keep=False)
         fisher_losses = torch.cat([fisher_losses, vq_losses @ (weight * fisher[pick]) / 2])
         plain_losses = torch.cat([plain_losses, vq_losses @ weight])
+    if column_bits:
+        _, cb_losses = gptq_column_bits_configs(W[pick], H, [(c.bits, c.group_size) for c in column_bits],
+                                                opts.act_order, opts.damp, opts.mse, SHRINK_EVERY, row_weight=weight,
+                                                keep=False)
+        fisher_losses = torch.cat([fisher_losses, cb_losses @ (weight * fisher[pick]) / 2])
+        plain_losses = torch.cat([plain_losses, cb_losses @ weight])
     return fisher_losses.tolist(), plain_losses.tolist()
 
 
@@ -307,10 +323,11 @@ def measure(source: ModelSource, opts: QuantizeOptions, progress: bool = True, w
                                      labels=opts.fisher_labels, seed=opts.seed)
     candidates = [c for c in CANDIDATES if c.technique in opts.menu]          # in CANDIDATES' order
     configs = [GridConfig(c.bits, c.group_size, c.sym, c.outliers) for c in candidates
-               if not (c.lut or c.per_ic or c.vq)]
+               if not (c.lut or c.per_ic or c.vq or c.column_bits)]
     lut_bits = [c.bits for c in candidates if c.lut]
     per_ic = [GridConfig(c.bits, c.group_size, c.sym, per_ic=True) for c in candidates if c.per_ic]
     vq = [c for c in candidates if c.vq]
+    column_bits = [c for c in candidates if c.column_bits]
     errors = {proxy: {} for proxy in PROXIES}
     measured = windows[:MEASURE_WINDOWS]
     measured = measured[world.share(measured.shape[0], opts.batch)]
@@ -324,7 +341,7 @@ def measure(source: ModelSource, opts: QuantizeOptions, progress: bool = True, w
         jobs = [(group, name) for group in family.siblings for name in group]
         weights = [block.get_submodule(name).weight.data.to(torch.float32) for _, name in jobs]
         losses = from_owners([lambda W=W, h=hessians[group], full=prefix + name: _losses(
-                                  W, h.H, fisher[full], configs, opts, lut_bits, per_ic, vq, full)
+                                  W, h.H, fisher[full], configs, opts, lut_bits, per_ic, vq, column_bits, full)
                               for W, (group, name) in zip(weights, jobs)],
                              [W.shape[1] ** 2 for W in weights], world)
         for (_, name), (by_fisher, plain) in zip(jobs, losses):
@@ -337,9 +354,11 @@ def measure(source: ModelSource, opts: QuantizeOptions, progress: bool = True, w
                        opts.fisher_labels)
 
 
-def _losses(W, H, fisher, configs, opts, lut_bits, per_ic, vq, name: str) -> tuple[list[float], list[float]]:
+def _losses(W, H, fisher, configs, opts, lut_bits, per_ic, vq, column_bits,
+            name: str) -> tuple[list[float], list[float]]:
     try:
-        return sampled_losses(W, H, fisher, configs, opts, lut_bits=lut_bits, per_ic=per_ic, vq=vq)
+        return sampled_losses(W, H, fisher, configs, opts, lut_bits=lut_bits, per_ic=per_ic, vq=vq,
+                              column_bits=column_bits)
     except ValueError as e:
         raise InputError(f"{name}: {e}") from None
 

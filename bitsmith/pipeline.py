@@ -37,6 +37,7 @@ from .kernels.reference import qoq_dequantize
 from .layouts import layout_of
 from .memory import BATCH_THRESHOLD, keeping_freed_memory, mmap_threshold, release_freed_memory
 from .plan import LayerPlan, QuantizeOptions, QuantPlan, check_layer
+from .quantize.column_bits import gptq_column_bits
 from .quantize.gptq import gptq_quantize, unquantized_target
 from .quantize.lut import gptq_lut
 from .quantize.qoq import qoq_quantize
@@ -87,6 +88,9 @@ def _quantize_linear(W: torch.Tensor, H: Hessian | None, opts: QuantizeOptions, 
         return qw, layout_of(layer).tensors(qw), qw.loss
     if opts.method == "gptq" and layer.vq:
         qw, _ = gptq_vq(W, H.H, layer.bits, layer.group_size, opts.act_order, opts.damp)
+        return qw, layout_of(layer).tensors(qw), qw.loss
+    if opts.method == "gptq" and layer.column_bits:
+        qw = gptq_column_bits(W, H.H, layer.bits, layer.group_size, opts.act_order, opts.damp, opts.mse)
         return qw, layout_of(layer).tensors(qw), qw.loss
     if opts.method == "gptq" and layer.lut:
         qw = gptq_lut(W, H.H, layer.bits, opts.act_order, opts.damp)

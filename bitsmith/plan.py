@@ -6,9 +6,11 @@ from dataclasses import asdict, dataclass, field
 
 from .formats.errors import InputError
 from .formats.packing import GPTQ_BITS, SUPPORTED_BITS
+from .quantize.column_bits import COLUMN_BITS
 
 METHODS = ("rtn", "gptq", "qoq")   # qoq: W4A8 weights (per-channel int8, then per-group uint4)
-TECHNIQUES = ("uniform", "wide", "outliers", "lut", "per-ic", "vq")   # what a measured plan may choose from (`--menu`)
+TECHNIQUES = ("uniform", "wide", "outliers", "lut", "per-ic", "vq",  # what a measured plan may choose from (`--menu`)
+              "column-bits")
 FISHER_LABELS = ("model", "data")   # whose next tokens the measurement's Fisher is of (calibration/fisher.py)
 ROUNDINGS = ("gptq", "gptaq", "signround")  # gptaq: GPTQ toward the unquantized outputs (quantize/gptq.py
                                             # unquantized_target); signround: GPTQ's result refined per block
@@ -109,7 +111,8 @@ class LayerPlan:
     it, the loss increase that measurement predicts (nats per token). With `per_ic` the groups run along the
     output instead: one grid per input channel and `group_size` output rows (quantize/per_ic.py, AdaDim). With
     `vq` pairs of inputs are coded into a codebook of 2^(2 bits) entries per block of `group_size` inputs
-    (quantize/vq.py, GPTVQ)."""
+    (quantize/vq.py, GPTVQ). With `column_bits` each group of `group_size` columns gets bits - 1, bits or bits + 1
+    bits, as many groups above as below (quantize/column_bits.py, BAQ)."""
     bits: int
     group_size: int
     sym: bool
@@ -118,23 +121,29 @@ class LayerPlan:
     lut: bool = False
     per_ic: bool = False
     vq: bool = False
+    column_bits: bool = False
 
     @property
     def technique(self) -> str:
         """Which entry of the menu (TECHNIQUES) this configuration is: a plain uniform grid of GPTQ's widths, one
         of 5 or 6 bits ("wide", which GPTQ loaders do not read), a grid with outliers, a lookup table, grids per
-        input channel or codebooks of pairs."""
+        input channel, codebooks of pairs or bits per group of columns."""
         if self.vq:
             return "vq"
+        if self.column_bits:
+            return "column-bits"
         if self.per_ic or self.lut or self.outliers:
             return "per-ic" if self.per_ic else "lut" if self.lut else "outliers"
         return "uniform" if self.bits in GPTQ_BITS else "wide"
 
     def key(self) -> str:
         """A short name of the configuration: w3g64, w4g-1s, w3g128o0.01 (1 % outliers), w3lut, w3ic64
-        (per input channel, groups of 64 rows), w3vq128 (codebooks of pairs per 128 inputs), ..."""
+        (per input channel, groups of 64 rows), w3vq128 (codebooks of pairs per 128 inputs), w3cb128 (groups of
+        128 columns on 2, 3 or 4 bits, 3 on average), ..."""
         if self.vq:
             return f"w{self.bits}vq{self.group_size}"
+        if self.column_bits:
+            return f"w{self.bits}cb{self.group_size}"
         if self.lut:
             return f"w{self.bits}lut"
         if self.per_ic:
@@ -168,10 +177,10 @@ class QuantPlan:
         return None if None in errors else sum(errors)
 
     def as_dict(self) -> dict:
-        """The plan as JSON; `outliers`, `lut`, `per_ic` and `vq` are written only where they are set (a plan
-        without them reads as it always has)."""
+        """The plan as JSON; `outliers`, `lut`, `per_ic`, `vq` and `column_bits` are written only where they are set
+        (a plan without them reads as it always has)."""
         layers = {name: {k: v for k, v in asdict(layer).items()
-                         if v is not None and (k not in ("outliers", "lut", "per_ic", "vq") or v)}
+                         if v is not None and (k not in ("outliers", *FLAGS) or v)}
                   for name, layer in self.layers.items()}
         return {"format_version": PLAN_VERSION, "options": self.options.as_dict(), "target_bpw": self.target_bpw,
                 "layers": layers}
@@ -219,12 +228,15 @@ def _layer_from(entry, where: str) -> LayerPlan:
     if type(outliers) not in (int, float) or not 0 <= outliers <= MAX_OUTLIERS:
         raise InputError(f"{where}: outliers {outliers!r}: a fraction of the weights from 0 to {MAX_OUTLIERS}")
     error = entry.get("predicted_error")
-    lut, per_ic, vq = entry.get("lut", False), entry.get("per_ic", False), entry.get("vq", False)
-    for key, flag in (("lut", lut), ("per_ic", per_ic), ("vq", vq)):
+    flags = {key: entry.get(key, False) for key in FLAGS}
+    for key, flag in flags.items():
         if not isinstance(flag, bool):
             raise InputError(f"{where}: {key} {flag!r}: expected true or false")
     return LayerPlan(bits, group, sym, float(error) if isinstance(error, (int, float)) else None, float(outliers),
-                     lut, per_ic, vq)
+                     **flags)
+
+
+FLAGS = ("lut", "per_ic", "vq", "column_bits")      # the techniques a plan entry names by true or false
 
 
 MAX_OUTLIERS = 0.25       # SpQR and SqueezeLLM keep about 1 %; beyond a quarter the weight is hardly quantized
@@ -260,6 +272,13 @@ def technique_problem(layer: LayerPlan) -> str | None:
         return "vq keeps no outliers, lookup table, per-input-channel grids or symmetry"
     if layer.vq and layer.group_size != -1 and layer.group_size % 2:
         return f"vq codes pairs of inputs: group size {layer.group_size} must be even (or -1)"
+    if layer.column_bits and layer.bits not in COLUMN_BITS:
+        return f"column_bits around {layer.bits} bits: choose one of {', '.join(map(str, COLUMN_BITS))}"
+    if layer.column_bits and (layer.lut or layer.per_ic or layer.vq or layer.outliers or layer.sym):
+        return "column_bits keeps no outliers, lookup table, per-input-channel grids, codebooks or symmetry"
+    if layer.column_bits and (layer.group_size < 32 or layer.group_size % 32):
+        return (f"column_bits packs each group of columns in whole words: group size {layer.group_size} must be a "
+                "multiple of 32")
     return None
 
 
@@ -268,7 +287,7 @@ def check_layer(layer: LayerPlan, name: str, in_features: int, method: str) -> N
     if not (layer.per_ic or layer.vq):      # per-IC groups run along the output, codebooks may end short: any size
         check_group(layer.group_size, name, in_features, method)
     check_outliers(layer.outliers, name, method)
-    for key in ("lut", "per_ic", "vq"):     # chosen (or fitted) inside GPTQ's column loop
+    for key in FLAGS:                       # chosen (or fitted) inside GPTQ's column loop
         if getattr(layer, key) and method != "gptq":
             raise InputError(f"{name}: {key} needs --method gptq (this run has {method})")
     problem = technique_problem(layer)

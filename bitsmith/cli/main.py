@@ -94,7 +94,7 @@ QUANTIZE_SECTIONS = {
 @click.option("--menu", default=",".join(TECHNIQUES), show_default=True, metavar="TECHNIQUE[,...]",
               help="What a measured plan may give a linear: uniform (GPTQ grids), wide (grids of 5 and 6 bits), "
                    "outliers (grids with fp16 outliers), lut (lookup tables), per-ic (grids per input channel), vq (codebooks of "
-                   "pairs of weights). "
+                   "pairs of weights), column-bits (groups of columns on R - 1, R or R + 1 bits). "
                    "'uniform' alone keeps the checkpoint in the GPTQ convention; only these are measured.")
 @click.option("--device", default="auto", show_default=True, metavar="auto|cpu|cuda[:N]",
               help="Where blocks, calibration activations, Hessians and GPTQ run (auto: CUDA when visible).")
@@ -270,7 +270,8 @@ def _layer_report(report: Report, rows: list[dict], totals: dict) -> None:
         predicted = "-" if r["predicted_error"] is None else f"{r['predicted_error']:.3e}"
         outliers = f"{100 * r['outliers']:g}%" if r["outliers"] else "-"      # fraction of the weights kept in fp16
         group = ("lut" if r.get("lut") else f"ic{r['group_size']}" if r.get("per_ic") else
-                 f"vq{r['group_size']}" if r.get("vq") else r["group_size"])
+                 f"vq{r['group_size']}" if r.get("vq") else f"cb{r['group_size']}" if r.get("column_bits") else
+                 r["group_size"])
         line(r["name"], "x".join(map(str, r["shape"])), r["bits"], group, "yes" if r["sym"] else "no",
              outliers, predicted, "-" if r["loss"] is None else f"{r['loss']:.3e}", f"{r['bpw']:.3f}", f"{r['bytes']:,}")
     predicted = "-" if totals["predicted_error"] is None else f"{totals['predicted_error']:.3e}"

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..layouts import layout_of
-from ..plan import LayerPlan, error_unit
+from ..plan import FLAGS, LayerPlan, error_unit
 from . import dfloat
 from .checkpoint import Checkpoint
 from .errors import InputError
@@ -38,8 +38,8 @@ def layer_table(path) -> tuple[list[dict], dict]:
         try:
             out_f, in_f = (int(n) for n in report["shape"])
             layer = LayerPlan(int(entry["bits"]), int(entry["group_size"]), bool(entry.get("sym", False)),
-                              outliers=float(entry.get("outliers", 0.0)), lut=entry.get("lut") is True,
-                              per_ic=entry.get("per_ic") is True, vq=entry.get("vq") is True)
+                              outliers=float(entry.get("outliers", 0.0)),
+                              **{key: entry.get(key) is True for key in FLAGS})
         except (KeyError, TypeError, ValueError) as e:
             raise InputError(f"{path}: manifest entry of {name} is malformed ({type(e).__name__}: {e})") from None
         parts = [f"{name}.{p}" for p in dict.fromkeys((*layout_of(layer).parts, *QOQ_PARTS)) if f"{name}.{p}" in sizes]
@@ -47,8 +47,7 @@ def layer_table(path) -> tuple[list[dict], dict]:
         counted.update(parts)
         sparse = f"{name}.outlier_values"
         row = {"name": name, "shape": [out_f, in_f], "bits": layer.bits, "group_size": layer.group_size,
-               "sym": layer.sym, "outliers": layer.outliers, "lut": layer.lut, "per_ic": layer.per_ic,
-               "vq": layer.vq,
+               "sym": layer.sym, "outliers": layer.outliers, **{key: getattr(layer, key) for key in FLAGS},
                "outlier_weights": ckpt.numel(sparse) if sparse in parts else 0,
                "predicted_error": entry.get("predicted_error"), "loss": _loss(report.get("loss")),
                "bpw": 8 * nbytes / max(out_f * in_f, 1), "bytes": nbytes}
@@ -117,7 +116,10 @@ def block_grid(rows: list[dict], block_prefix: str, kind_order=()) -> Grid:
 def cell_label(row: dict) -> str:
     """Bits and group size of one linear: "3/g64", "4/g128s" (symmetric), "3/ch" (per output channel),
     "3/g128+1%" (1 % of the weights kept as outliers), "3/lut" (a lookup table per row), "3/ic64" (per input
-    channel, groups of 64 output rows), "3/vq128" (codebooks of pairs per 128 inputs)."""
+    channel, groups of 64 output rows), "3/vq128" (codebooks of pairs per 128 inputs), "3/cb128" (groups of 128
+    columns on 2, 3 or 4 bits)."""
+    if row.get("column_bits"):
+        return f"{row['bits']}/cb{row['group_size']}"
     if row.get("vq"):
         return f"{row['bits']}/vq{'all' if row['group_size'] == -1 else row['group_size']}"
     if row.get("lut"):
@@ -198,7 +200,8 @@ def _bits_map(fig, ax, grid: Grid, bits) -> None:
         dark = (row["bits"] - values[0] + 0.5) / (values[-1] - values[0] + 1) < 0.55
         ax.text(b, k, cell_label(row), ha="center", va="center", fontsize=7, color="white" if dark else "black")
     fig.colorbar(image, ax=ax, ticks=values, label="bits")
-    _axes(ax, grid, "bits / group size (s = symmetric, ch = per output channel, +x% = outliers, lut = lookup table, ic = per input channel, vq = codebooks of pairs)")
+    _axes(ax, grid, "bits / group size (s = symmetric, ch = per output channel, +x% = outliers, lut = lookup table, "
+                    "ic = per input channel, vq = codebooks of pairs, cb = bits per group of columns)")
 
 
 def _error_map(fig, ax, grid: Grid, error, LogNorm, caption: str) -> None:

@@ -1,5 +1,6 @@
 """Triton dequantization of the layouts whose grids are not GPTQ's: lookup tables (kernels/lut_linear.py),
-per-input-channel grids (kernels/per_ic_linear.py) and codebooks of pairs (kernels/vq_linear.py). All keep GPTQ's
+per-input-channel grids (kernels/per_ic_linear.py), codebooks of pairs (kernels/vq_linear.py) and bits per group
+of columns (kernels/column_bits_linear.py). All but the last keep GPTQ's
 qweight (codes packed along K, one little-endian bit stream per output column; triton_w4a16.py reads it; codebooks
 of pairs pack one index of 2 x bits bits per pair of inputs p = k // 2), and write W [K, N] in the activation dtype for
 torch.matmul, one [BLOCK_K, BLOCK_N] tile per program:
@@ -7,6 +8,12 @@ torch.matmul, one [BLOCK_K, BLOCK_N] tile per program:
   lookup table        W[k, n] = lut[n, code[k, n]]                          lut [N, 2^bits]
   per input channel   W[k, n] = scale[n // g, k] * (code[k, n] - zero[n // g, k])   scales, zeros [G, K]
   codebooks of pairs  W[k, n] = s[n] * C[2p // g, index[p, n], k % 2],  p = k // 2   C [G, 2^(2 bits), 2], s [N]
+
+Bits per group of columns pack each group at its own width, one group after the other: a code sits at a bit offset
+of its own in its output column's stream, which the host computes per input position (the group's first word, the
+position within the group times its width) along with the input channel the position stands for; the kernel reads
+the two words the code may straddle as one 64-bit stream and writes row `src[p]` of W:
+  bits per group      W[src[p], n] = scale[g_p, n] * (code[p, n] - zero[g_p, n])   scales, zeros [G, N]
 
 The per-input-channel zeros are unpacked once at load time (as the GPTQ runtime unpacks its group metadata).
 """
@@ -82,6 +89,31 @@ def _vq_kernel(qweight_ptr, codebooks_ptr, scales_ptr, w_ptr, K, N, SPAN, BITS: 
     tl.store(w_ptr + offs_k[:, None] * N + offs_n[None, :], w.to(w_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _column_bits_kernel(qweight_ptr, bit_ptr, width_ptr, group_ptr, src_ptr, scales_ptr, zeros_ptr, w_ptr, K, N,
+                        WORDS, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One [BLOCK_K, BLOCK_N] tile of input positions (groups in order) and output columns (module docstring)."""
+    offs_k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    in_k = offs_k < K
+    mask = in_k[:, None] & (offs_n < N)[None, :]
+    bit = tl.load(bit_ptr + offs_k, mask=in_k, other=0)
+    width = tl.load(width_ptr + offs_k, mask=in_k, other=1).to(tl.int64)
+    group = tl.load(group_ptr + offs_k, mask=in_k, other=0)
+    src = tl.load(src_ptr + offs_k, mask=in_k, other=0)
+    word = (bit // 32)[:, None]
+    low = tl.load(qweight_ptr + word * N + offs_n[None, :], mask=mask, other=0)
+    high = tl.load(qweight_ptr + (word + 1) * N + offs_n[None, :], mask=mask & (word + 1 < WORDS), other=0)
+    stream = (low.to(tl.uint32, bitcast=True).to(tl.int64)
+              | (high.to(tl.uint32, bitcast=True).to(tl.int64) << 32))
+    code = (stream >> (bit % 32)[:, None]) & ((1 << width[:, None]) - 1)
+    meta = group[:, None] * N + offs_n[None, :]
+    scale = tl.load(scales_ptr + meta, mask=mask, other=0.0).to(tl.float32)
+    zero = tl.load(zeros_ptr + meta, mask=mask, other=0).to(tl.float32)
+    w = (code.to(tl.float32) - zero) * scale
+    tl.store(w_ptr + src[:, None] * N + offs_n[None, :], w.to(w_ptr.dtype.element_ty), mask=mask)
+
+
 def _grid(K: int, N: int) -> tuple[int, int]:
     return triton.cdiv(K, BLOCK_K), triton.cdiv(N, BLOCK_N)
 
@@ -113,4 +145,27 @@ def vq_dequantize(qweight: torch.Tensor, codebooks: torch.Tensor, row_scales: to
     W = torch.empty(K, N, device=qweight.device, dtype=dtype)
     _vq_kernel[_grid(K, N)](qweight, codebooks.contiguous(), row_scales.contiguous(), W, K, N,
                             K if group_size == -1 else group_size, BITS=bits, BLOCK_K=BLOCK_K, BLOCK_N=BLOCK_N)
+    return W
+
+
+def column_bits_dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor,
+                           widths: torch.Tensor, K: int, dtype: torch.dtype) -> torch.Tensor:
+    """W [K, N] from groups of codes packed one after the other at their widths [words, N] (kernels/
+    column_bits_linear.py), scales and unpacked zeros [G, N], the group of every input channel g_idx [K] and the
+    groups' widths [G]."""
+    N, device = qweight.shape[1], qweight.device
+    g = g_idx.long().cpu()
+    width = widths.long().cpu()
+    sizes = torch.bincount(g, minlength=len(width))
+    first = torch.cumsum(sizes, 0) - sizes                          # a group's first position
+    words = -(-sizes * width // 32)
+    start = torch.cumsum(words, 0) - words                          # and its first word
+    src = torch.argsort(g, stable=True)
+    group = g[src]
+    bit = 32 * start[group] + (torch.arange(K) - first[group]) * width[group]
+    W = torch.empty(K, N, device=device, dtype=dtype)
+    _column_bits_kernel[_grid(K, N)](qweight, bit.to(device), width[group].to(torch.int32).to(device),
+                                     group.to(torch.int32).to(device), src.to(torch.int32).to(device),
+                                     scales.contiguous(), zeros.to(torch.int32).contiguous(), W, K, N,
+                                     qweight.shape[0], BLOCK_K=BLOCK_K, BLOCK_N=BLOCK_N)
     return W

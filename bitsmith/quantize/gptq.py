@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from .grid import RowGrid, check_finite, fake_quantize, fit_grid, grid_points
 from .outliers import DenseSparseWeight, Outliers, narrowest_range, outlier_count, top_per_row
 from .per_ic import PerICWeight, row_span
-from .rtn import QuantizedWeight
+from .rtn import ColumnBitsWeight, QuantizedWeight
 
 DAMP_RETRIES = (1.0, 10.0, 100.0, 1000.0, 1e4)   # multiples of the requested damping, tried in float64
 
@@ -66,11 +66,14 @@ class GridConfig:
     sym: bool = False
     outliers: float = 0.0
     per_ic: bool = False
+    widths: tuple[int, ...] | None = None    # bits of each group of columns in the loop's order (column_bits.py)
 
     def __post_init__(self):
         outlier_count(self.outliers, 1)
         if self.per_ic and self.outliers:
             raise ValueError("per-input-channel groups keep no outliers")
+        if self.widths is not None and (self.group_size == -1 or self.per_ic or self.outliers):
+            raise ValueError("bits per group of columns need groups along the input, without outliers")
 
 
 class ColumnGrids:
@@ -86,6 +89,9 @@ class ColumnGrids:
 
     A per-input-channel configuration's grids are fitted on each column as the loop reaches it (`round`), on
     its current values, and kept per column ([G, in], permuted order) in `per_ic`.
+
+    A configuration with `widths` gives each group of columns its own bits (BAQ, column_bits.py): its rows take
+    group k's width where group k starts.
     """
 
     def __init__(self, W: torch.Tensor, configs: list[GridConfig], rows: int, perm: torch.Tensor, mse: bool,
@@ -100,13 +106,18 @@ class ColumnGrids:
         self.zero = torch.zeros(len(bits), dtype=torch.int32)
         self._floats: tuple[torch.Tensor, torch.Tensor] | None = None   # (scale, zero) in float32 while unchanged
         self.sizes = sorted({c.group_size for c in configs if not c.per_ic})
-        self.rows, self.grid, self.fits, self.group_of, self.static = {}, {}, {}, {}, {}
+        self.rows, self.grid, self.fits, self.group_of, self.static, self.widths = {}, {}, {}, {}, {}, {}
         self.per_ic = PerICGrids(configs, rows, self.cols) if any(c.per_ic for c in configs) else None
         inv = torch.argsort(perm)
         for g in self.sizes:
+            mine = [c for c in configs if c.group_size == g and not c.per_ic]
             mask = torch.tensor([c.group_size == g and not c.per_ic for c in configs]).repeat_interleave(rows)
             self.rows[g] = mask.nonzero().squeeze(1)
             self.grid[g] = RowGrid(bits[self.rows[g]], self.sym[self.rows[g]])
+            if any(c.widths is not None for c in mine):         # bits [rows of g, groups]
+                groups = -(-self.cols // g)
+                self.widths[g] = torch.stack([torch.tensor(c.widths if c.widths is not None else (c.bits,) * groups)
+                                              for c in mine]).repeat_interleave(rows, dim=0)
             self.fits[g] = []
             self.group_of[g] = torch.zeros(self.cols, dtype=torch.int64)
             span = self.cols if g == -1 else g
@@ -114,9 +125,19 @@ class ColumnGrids:
             if g == -1:
                 self._set(g, self._fit(g, Wg, inv))
             elif static:
-                self.static[g] = [self._fit(g, Wg[:, i:i + span], inv[i:i + span]) for i in range(0, self.cols, span)]
+                self.static[g] = [self._fit(self._widths(g, i // span), Wg[:, i:i + span], inv[i:i + span])
+                                  for i in range(0, self.cols, span)]
                 self.group_of[g] = perm // span
         self.perm = perm
+
+    def _widths(self, g: int, k: int) -> int:
+        """Give group size g's rows the bits of their group k (where some configuration has widths); returns g."""
+        if g in self.widths:
+            bits = self.widths[g][:, k]
+            self.grid[g] = RowGrid(bits, self.sym[self.rows[g]])
+            self.maxq[self.rows[g]] = (2.0 ** bits - 1).float()
+            self._floats = None
+        return g
 
     def _fit(self, g: int, x: torch.Tensor, cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Grids of group size g's rows on x [rows of g, n], whose columns sit at permuted positions `cols`."""
@@ -141,12 +162,15 @@ class ColumnGrids:
             if g == -1:
                 continue
             if g in self.static:
-                fit = self.static[g][int(self.group_of[g][col])]
+                k = int(self.group_of[g][col])
+                fit = self.static[g][k]
                 self.scale[self.rows[g]], self.zero[self.rows[g]] = fit
+                self._widths(g, k)
                 self._floats = None
                 continue
             if col % g == 0:
-                self._set(g, self._fit(g, W[self.rows[g], col:col + g], torch.arange(col, min(col + g, self.cols))))
+                self._set(g, self._fit(self._widths(g, col // g), W[self.rows[g], col:col + g],
+                                       torch.arange(col, min(col + g, self.cols))))
                 self.group_of[g][col:col + g] = col // g
         return self.scale, self.zero
 
@@ -226,7 +250,7 @@ def gptq_loop(W: torch.Tensor, Hinv: torch.Tensor, grids: ColumnGrids, blocksize
 
     Fills `codes`; the outliers (`grids.kept`) are kept as their current value in fp16, which `held` receives,
     and their codes are the zero point. `score` receives every weight's loss (w-q)^2 / [H^-1]_jj^2 had it been
-    quantized (SpQR Algorithm 1)."""
+    quantized (SpQR Algorithm 1; without outliers, its loss)."""
     cols = W.shape[1]
     kept = grids.kept
     losses = torch.zeros(W.shape[0])
@@ -237,9 +261,9 @@ def gptq_loop(W: torch.Tensor, Hinv: torch.Tensor, grids: ColumnGrids, blocksize
         for i in range(i2 - i1):
             w, d = W1[:, i], Hinv1[i, i]
             q, wq, zero = grids.round(i1 + i, W, w)
+            if score is not None:
+                score[:, i1 + i] = ((w - wq) / d).square()
             if kept is not None:
-                if score is not None:
-                    score[:, i1 + i] = ((w - wq) / d).square()
                 outlier, w16 = kept[:, i1 + i], w.to(torch.float16)
                 wq = torch.where(outlier, w16.float(), wq)
                 q = torch.where(outlier, zero.to(torch.uint8), q)
@@ -334,6 +358,9 @@ def gptq_configs(W: torch.Tensor, H: torch.Tensor, configs: list[GridConfig], ac
                                                                            else config.group_size)
         Q = fake_quantize(own, scales[g].t(), zeros[g].t())
         fields = (own, scales, zeros, g_idx, config.bits, config.group_size, config.sym)
+        if config.widths is not None:
+            out.append(ColumnBitsWeight(*fields, Q, float(losses[c].sum()), torch.tensor(config.widths)))
+            continue
         if config.outliers == 0:
             out.append(QuantizedWeight(*fields, Q, float(losses[c].sum())))
             continue

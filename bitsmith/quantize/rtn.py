@@ -26,6 +26,17 @@ class QuantizedWeight:
         return self.g_idx if self.g_idx is not None else group_index(self.codes.shape[1], self.group_size)
 
 
+@dataclass
+class ColumnBitsWeight(QuantizedWeight):
+    """A `QuantizedWeight` whose groups of columns have bits of their own (quantize/column_bits.py): group k's codes
+    and grid have `widths[k]` bits, `bits` their mean."""
+    widths: torch.Tensor | None = None     # int [G]
+
+    def maxq(self) -> torch.Tensor:
+        """2^width - 1 of every group, float [G]."""
+        return (2.0 ** self.widths.float() - 1)
+
+
 def rtn_quantize(W: torch.Tensor, bits: int, group_size: int = -1, sym: bool = False,
                  mse: bool = False) -> QuantizedWeight:
     """Round each weight to the nearest point of its (row, group) min-max grid."""

@@ -3,7 +3,8 @@ Gradient Descent for the Quantization of LLMs", the method of AutoRound; OmniQua
 Shao et al. 2024, is the same family).
 
 Every linear of a block keeps the layout of its starting `QuantizedWeight` (bits, group size, symmetry, group
-index, outlier positions, grids per input channel) and learns
+index, outlier positions, grids per input channel, bits per group of columns: maxq below is then the group's) and
+learns
   V in [-0.5, 0.5] per weight: an offset added before rounding, and
   a, b per grid (group and row, or group of rows and input channel): factors of the top and of the bottom of the
   grid's range (its clipping),
@@ -94,11 +95,13 @@ class LearnedGrid(_Learned):
 
     def __init__(self, W: torch.Tensor, start: QuantizedWeight, relative_to: str = "rtn"):
         super().__init__(start, relative_to)
-        self.maxq = float(2 ** start.bits - 1)
         self.per_ic = isinstance(start, PerICWeight)
         self.g = None if self.per_ic else start.group_index().long()
         self.W = W.detach().to(torch.float32)
         self.s0 = start.scales.to(torch.float32)                           # [G, out], or [G, in] per input channel
+        widths = getattr(start, "widths", None)                            # bits per group of columns
+        self.maxq = float(2 ** start.bits - 1) if widths is None else start.maxq()[:, None]    # per grid
+        self.top = self.maxq if widths is None else self.expand(self.maxq.expand_as(self.s0))  # per weight
         self.z0 = start.zeros.to(torch.float32)
         s0 = self.expand(self.s0)                                          # [out, in]
         self.shift = ((start.codes.float() - self.expand(self.z0) - torch.round(self.W / s0))
@@ -121,7 +124,7 @@ class LearnedGrid(_Learned):
             f, z = self.a, self.z0
         else:
             f = (self.a * (self.maxq - self.z0) + self.b * self.z0) / self.maxq
-            z = torch.clamp(_round_ste(self.b * self.z0 / f), ZERO_MIN, self.maxq)
+            z = torch.clamp(_round_ste(self.b * self.z0 / f), min=ZERO_MIN).clamp(max=self.maxq)
         return torch.clamp(stored_ste(self.s0 * f), min=FP16_TINY), z
 
     def codes(self, se: torch.Tensor, ze: torch.Tensor, round_=torch.round) -> torch.Tensor:
@@ -130,7 +133,7 @@ class LearnedGrid(_Learned):
         q = round_(self.W / se + self.V)
         if self.shift is not None:
             q = q + self.shift
-        return torch.clamp(q + ze, 0, self.maxq)
+        return torch.clamp(q + ze, min=0).clamp(max=self.top)
 
     def forward(self) -> torch.Tensor:
         """The quantized weight Q [out, in], differentiable in V, a, b."""
