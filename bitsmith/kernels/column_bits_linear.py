@@ -8,8 +8,8 @@ allocation in EXL2's arrangement).
   g_idx   int32 [in]                    the group of every input channel (act-order: not runs)
   widths  uint8 [G]                     each group's bits, R - 1, R or R + 1
 W[o, j] = scales[g, o] * (code[o, j] - zero[g, o]), g = g_idx[j]. Decode on CPU runs torch's int4 GEMM (widths up to
-4) or its int8 GEMM on two nibbles (5 and 6) on the codes repacked at R + 1 bits (kernels/cpu.py Int4Weights, which
-reads any width up to 8 in GPTQ's layout); otherwise the forward dequantizes W (kernels/dequantizing.py).
+4; two nibbles for 5 and 6) once per width on the input channels of that width's groups, repacked in GPTQ's layout
+(kernels/cpu.py Int4Weights; `WidthForms`); otherwise the forward dequantizes W (kernels/dequantizing.py).
 """
 from __future__ import annotations
 
@@ -77,6 +77,28 @@ def column_bits_dequantize(qweight, scales, qzeros, g_idx, widths, bits: int, in
     return scales.float()[g].t() * (codes - zeros[g].t())
 
 
+class WidthForms:
+    """The CPU decode form: the input channels of each width's groups as a GPTQ-layout linear of that width in
+    torch's int4 form (cpu.Int4Weights), so that every group's codes are centred in the kernel's nibble as a plain
+    grid of its width is; x W^T is the sum of their products on the input channels they hold."""
+
+    def __init__(self, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor,
+                 widths: torch.Tensor):
+        g, self.parts = g_idx.long(), []
+        for width in sorted(set(widths.tolist())):
+            groups = (widths == width).nonzero().squeeze(1)
+            local = torch.full((len(widths),), -1, dtype=torch.long)
+            local[groups] = torch.arange(len(groups))
+            cols = (local[g] >= 0).nonzero().squeeze(1)
+            stored_zeros = (zeros[groups] - 1) & ((1 << width) - 1)             # GPTQ's v1 zero - 1
+            self.parts.append((cols, Int4Weights(pack(codes[:, cols].t(), width, dim=0), scales[groups],
+                                                 pack(stored_zeros, width, dim=1), local[g[cols]].to(torch.int32),
+                                                 width, len(cols))))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return sum(form(x[:, cols]) for cols, form in self.parts)
+
+
 class ColumnBitsLinear(DequantizingLinear):
     """y = x W^T + b with W of grids whose groups of columns have bits of their own (module docstring)."""
 
@@ -100,14 +122,9 @@ class ColumnBitsLinear(DequantizingLinear):
         return unpack(self.qzeros, self.bits + 1, self.out_features, dim=1).to(torch.int32)
 
     def decode(self, rows: torch.Tensor) -> torch.Tensor:
-        """torch's int4 or int8 GEMM on the codes at R + 1 bits in GPTQ's layout (cpu.Int4Weights)."""
-        def form():
-            wide = self.bits + 1
-            codes = unpack_groups(self.qweight, self.g_idx, self.widths)
-            stored_zeros = (self.zeros() - 1) & ((1 << wide) - 1)        # GPTQ's v1 zero - 1 at R + 1 bits
-            return Int4Weights(pack(codes.t(), wide, dim=0), self.scales, pack(stored_zeros, wide, dim=1), self.g_idx,
-                               wide, self.in_features)
-        return self.decode_form(form)(rows)
+        """torch's int4 GEMM (or int8 on two nibbles past 4 bits) on each width's groups (`WidthForms`)."""
+        return self.decode_form(lambda: WidthForms(unpack_groups(self.qweight, self.g_idx, self.widths),
+                                                   self.scales, self.zeros(), self.g_idx, self.widths))(rows)
 
     def dequantize(self) -> torch.Tensor:
         return column_bits_dequantize(self.qweight, self.scales, self.qzeros, self.g_idx, self.widths, self.bits,

@@ -1,14 +1,16 @@
-"""Triton dequantization of lookup-table, per-input-channel and codebook-of-pairs weights (kernels/triton_dequant.py)
-against the torch references, interpreted on CPU (conftest sets TRITON_INTERPRET=1): every bit width, shapes that end
-in partial tiles, partial row groups and codebook blocks."""
+"""Triton dequantization of lookup-table, per-input-channel, codebook-of-pairs and bits-per-group-of-columns weights
+(kernels/triton_dequant.py) against the torch references, interpreted on CPU (conftest sets TRITON_INTERPRET=1):
+every bit width, shapes that end in partial tiles, partial row groups, codebook blocks and column groups."""
 import pytest
 import torch
 
 from bitsmith.formats.packing import pack, unpack
 from bitsmith.kernels import triton_dequant
+from bitsmith.kernels.column_bits_linear import ColumnBitsLinear, column_bits_dequantize
 from bitsmith.kernels.lut_linear import lut_dequantize
 from bitsmith.kernels.per_ic_linear import per_ic_dequantize
 from bitsmith.kernels.vq_linear import vq_dequantize
+from bitsmith.layouts import ColumnBitsLayout
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
@@ -67,12 +69,31 @@ def test_codebooks_of_pairs_round_once_to_the_dtype(poisoned_outputs, bits, dtyp
     assert W.dtype == dtype and any(torch.equal(W, w) for w in want)
 
 
+@pytest.mark.parametrize("bits", [3, 4, 5])
+@pytest.mark.parametrize("K, N, group", [(256, 64, 64), (300, 70, 32), (128, 9, 128), (100, 33, 32)])
+def test_bits_per_group_of_columns(poisoned_outputs, bits, K, N, group):
+    from test_layouts_column_bits import random_column_bits
+    qw = random_column_bits(N, K, bits, group, pairs=K // group // 2, seed=bits * K + N)
+    stored = ColumnBitsLayout.tensors(qw)
+    W = triton_dequant.column_bits_dequantize(stored["qweight"], stored["scales"], qw.zeros, stored["g_idx"],
+                                              stored["widths"], K, torch.float32)
+    assert torch.equal(W, column_bits_dequantize(*(stored[p] for p in ColumnBitsLayout.parts), bits, K).t())
+    assert torch.equal(W.t(), qw.Q)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the interpreter runs the kernels above)")
 def test_modules_dequantize_on_cuda_as_on_the_cpu():
+    from test_layouts_column_bits import random_column_bits
+
     from bitsmith.kernels.lut_linear import LUTLinear
     from bitsmith.kernels.per_ic_linear import PerICLinear
     from bitsmith.kernels.vq_linear import VQLinear
     g = torch.Generator().manual_seed(0)
+    column_bits = ColumnBitsLinear(256, 80, 4, 64)
+    column_bits.load_state_dict(ColumnBitsLayout.tensors(random_column_bits(80, 256, 4, 64, 2, 0)))
+    x = torch.randn(5, 256, generator=g)
+    assert torch.allclose(column_bits.cuda()(x.cuda()).cpu(), x @ column_bits.cpu().dequantize().t(), rtol=1e-4,
+                          atol=1e-4)
     for module in (LUTLinear(96, 80, 3), PerICLinear(96, 80, 4, 32), VQLinear(96, 80, 3, 32)):
         for name, buf in module.named_buffers():
             if buf is not None:

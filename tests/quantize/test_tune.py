@@ -11,6 +11,7 @@ from torch import nn
 from bitsmith.layouts import layout_of
 from bitsmith.plan import LayerPlan
 from bitsmith.quantize import tune as tune_module
+from bitsmith.quantize.column_bits import gptq_column_bits
 from bitsmith.quantize.gptq import gptq_quantize
 from bitsmith.quantize.lut import gptq_lut
 from bitsmith.quantize.tune import TunedLinear, kl_backward, tune
@@ -23,6 +24,7 @@ LAYERS = {
     "lut": LayerPlan(3, -1, False, lut=True),
     "per-ic": LayerPlan(3, 8, False, per_ic=True),
     "vq": LayerPlan(2, 16, False, vq=True),
+    "column-bits": LayerPlan(3, 32, False, column_bits=True),
 }
 
 
@@ -34,6 +36,8 @@ def quantized(layer: LayerPlan, out: int, inp: int, seed: int):
         return W, gptq_lut(W, H, layer.bits, act_order=True)
     if layer.vq:
         return W, gptq_vq(W, H, layer.bits, layer.group_size, act_order=True)[0]
+    if layer.column_bits:
+        return W, gptq_column_bits(W, H, layer.bits, layer.group_size)
     return W, gptq_quantize(W, H, layer.bits, layer.group_size, layer.sym, act_order=True, outliers=layer.outliers,
                             per_ic=layer.per_ic)
 
