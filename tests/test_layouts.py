@@ -39,7 +39,7 @@ from bitsmith.layouts import (
     plan_bits,
 )
 from bitsmith.pipeline import linear_shapes
-from bitsmith.plan import LayerPlan, QuantizeOptions, QuantPlan
+from bitsmith.plan import FLAGS, LayerPlan, QuantizeOptions, QuantPlan
 from bitsmith.quantize.gptq import gptq_quantize
 from bitsmith.quantize.grid import fake_quantize
 from bitsmith.quantize.outliers import DenseSparseWeight, Outliers, outlier_count
@@ -449,3 +449,15 @@ def test_a_run_with_outliers_killed_after_a_block_resumes_to_the_same_bytes(with
     assert "resuming the interrupted run, 2 of 5 blocks done" in r.output
     for name in ("model.safetensors", "config.json", "plan.json"):
         assert (tmp_path / "r" / name).read_bytes() == (root / "sparse" / name).read_bytes(), name
+
+
+@pytest.mark.parametrize("layer", [LayerPlan(3, -1, False, lut=True), LayerPlan(3, 128, False, per_ic=True),
+                                   LayerPlan(3, 128, False, vq=True), LayerPlan(3, 128, False, column_bits=True)],
+                         ids=lambda layer: layer.technique)
+def test_a_plan_with_a_technique_beyond_gptq_names_it_in_every_entry_of_its_config(layer):
+    flag = next(key for key in FLAGS if getattr(layer, key))
+    layers = {"a": layer, "b": LayerPlan(4, 128, False)}
+    config = gptq_config(QuantPlan(QuantizeOptions(), layers), {"a": (64, 256), "b": (16, 256)})
+    assert config[flag] is True and config["dynamic"]["+:b$"][flag] is False
+    assert layer_plan(layer_config(config, "a"), "a") == layers["a"]
+    assert layer_plan(layer_config(config, "b"), "b") == layers["b"]

@@ -20,8 +20,8 @@ from safetensors import safe_open
 
 from bitsmith.formats.errors import InputError
 from bitsmith.kernels.column_bits_linear import ColumnBitsLinear
-from bitsmith.layouts import ColumnBitsLayout, gptq_config, layer_config, layer_plan, layout_of
-from bitsmith.plan import LayerPlan, QuantizeOptions, QuantPlan, check_layer
+from bitsmith.layouts import ColumnBitsLayout, layer_plan, layout_of
+from bitsmith.plan import LayerPlan, check_layer
 from bitsmith.quantize.column_bits import gptq_column_bits
 from bitsmith.quantize.rtn import ColumnBitsWeight
 from bitsmith.quantize.signround import learned
@@ -81,14 +81,6 @@ def test_signround_starts_from_gptq_exactly_and_keeps_every_code_within_its_widt
     top = 2 ** moved.widths[moved.group_index().long()] - 1
     assert (moved.codes.long() <= top).all() and (moved.codes.long() == top).any()
     assert torch.equal(moved.widths, qw.widths)
-
-
-def test_a_column_bits_plan_is_a_bitsmith_checkpoint_with_it_in_its_config():
-    layers = {"a": LayerPlan(3, 128, False, column_bits=True), "b": LayerPlan(4, 128, False)}
-    config = gptq_config(QuantPlan(QuantizeOptions(), layers), {"a": (64, 256), "b": (16, 256)})
-    assert config["column_bits"] is True and config["dynamic"]["+:b$"]["column_bits"] is False
-    assert layer_plan(layer_config(config, "a"), "a") == layers["a"]
-    assert layer_plan(layer_config(config, "b"), "b") == layers["b"]
 
 
 @pytest.mark.parametrize("entry, message", [

@@ -18,8 +18,8 @@ from safetensors import safe_open
 
 from bitsmith.formats.errors import InputError
 from bitsmith.kernels.vq_linear import VQLinear, vq_table
-from bitsmith.layouts import VQLayout, gptq_config, layer_config, layer_plan, layout_of
-from bitsmith.plan import LayerPlan, QuantizeOptions, QuantPlan, check_layer
+from bitsmith.layouts import VQLayout, layer_plan, layout_of
+from bitsmith.plan import LayerPlan, check_layer
 from bitsmith.quantize.vq import VQWeight, dequantize, entries, gptq_vq
 
 
@@ -54,14 +54,6 @@ def test_module_reproduces_Q(bits, group):
     W, X = 0.05 * torch.randn(40, 80, generator=g), torch.randn(256, 80, generator=g)
     qw, _ = gptq_vq(W, 2 * X.t() @ X / 256, bits, group, act_order=True)
     check_module_reproduces(qw, LayerPlan(bits, group, False, vq=True), VQLinear, bits)
-
-
-def test_a_vq_plan_is_a_bitsmith_checkpoint_with_vq_in_its_config():
-    layers = {"a": LayerPlan(3, 128, False, vq=True), "b": LayerPlan(4, 128, False)}
-    config = gptq_config(QuantPlan(QuantizeOptions(), layers), {"a": (64, 256), "b": (16, 256)})
-    assert config["vq"] is True and config["dynamic"]["+:b$"]["vq"] is False
-    assert layer_plan(layer_config(config, "a"), "a") == layers["a"]
-    assert layer_plan(layer_config(config, "b"), "b") == layers["b"]
 
 
 @pytest.mark.parametrize("entry, message", [
