@@ -18,7 +18,10 @@ on SmolLM2, 1 % median and 5 % 95th-percentile relative error at 128 rows, again
 equal-strata sample.
 
 The uniform grids, `PLAIN_CANDIDATES`: 2, 3, 4 and 8 bits (GPTQ's widths) with groups of 32, 64, 128 or one per
-row, asymmetric or symmetric, and asymmetric grids of 5 and 6 bits in the same groupings. Without these a linear
+row, and grids of 5 and 6 bits in the same groupings, all asymmetric. Symmetric grids (zero point fixed at the
+middle, stored all the same) save nothing GPTQ's layout counts and lose range: measured as 16 more candidates
+until 2026-12-07, the stored SmolLM2 plans gave them 8 of their 17,220 linears, for a third of the grids' GPTQ
+time (bench/results/measure-cost.md); a plan file or `--sym` still asks for them. Without these a linear
 that 4 bits hurt most could only move to 8 bits, at twice the price (on SmolLM2 at 4.25 bits per weight, the plan
 from the 45 candidates without them puts 13 of the 210 linears on 8 bits). A plan with a 5- or 6-bit linear is
 not GPTQ's (its loaders read 2, 3, 4 and 8 bits) and is written as a bitsmith checkpoint.
@@ -88,8 +91,7 @@ from .quantize.lut import gptq_lut_configs
 from .quantize.rtn import rtn_quantize
 from .quantize.vq import gptq_vq_configs
 
-PLAIN_CANDIDATES = (tuple(LayerPlan(b, g, s) for b in (2, 3, 4, 8) for g in (32, 64, 128, -1) for s in (False, True))
-                    + tuple(LayerPlan(b, g, False) for b in (5, 6) for g in (32, 64, 128, -1)))
+PLAIN_CANDIDATES = tuple(LayerPlan(b, g, False) for b in (2, 3, 4, 8, 5, 6) for g in (32, 64, 128, -1))
 OUTLIER_CANDIDATES = tuple(LayerPlan(b, 128, False, outliers=f) for b in (2, 3) for f in (0.005, 0.01))
 LUT_CANDIDATES = tuple(LayerPlan(b, -1, False, lut=True) for b in LUT_BITS)
 PER_IC_CANDIDATES = tuple(LayerPlan(b, g, False, per_ic=True) for b in (2, 3, 4) for g in (64, 128))

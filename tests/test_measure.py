@@ -367,7 +367,7 @@ def test_a_uniform_menu_measures_only_grids_and_writes_a_gptq_checkpoint(planned
                       menu="uniform", progress=False)
     mine, full = (json.loads(p.read_text()) for p in (out / "measurement.json", planned[0] / "measurement.json"))
     grids = sum(c.technique == "uniform" for c in PLAIN_CANDIDATES)          # GPTQ's widths come first
-    assert mine["candidates"] == full["candidates"][:grids] and grids == 32
+    assert mine["candidates"] == full["candidates"][:grids] and grids == 16
     for name, layer in mine["layers"].items():
         assert layer["fisher"] == pytest.approx(full["layers"][name]["fisher"][:grids], rel=1e-5)
     assert json.loads((out / "config.json").read_text())["quantization_config"]["quant_method"] == "gptq"
