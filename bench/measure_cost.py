@@ -1,7 +1,8 @@
 """Where the measurement's time goes: CPU seconds of GPTQ per technique of the menu (bitsmith/measure.py
 `sampled_losses`, 128 sampled rows, as `measure` runs it) on every decoder linear of SmolLM2-135M blocks 0, 15
 and 29, the block's Hessian pass over the measurement's 64 windows, and the Fisher pass with the drawing of the
-windows; the uniform grids once all stacked as the measurement runs them, and asymmetric and symmetric apart.
+windows; the uniform grids stacked as the measurement runs them, and the symmetric grids it measured until
+2026-12-07 apart.
 Against it, how often the plans in bench/results chose each technique (every run of bench/plan.py stored there).
 
     python bench/measure_cost.py          # one thread; writes bench/results/measure-cost.{json,md}
@@ -19,9 +20,10 @@ import torch.nn.functional as F
 from machine import cpu_label
 from protocol import calibrated_smollm2
 
+from bitsmith.formats.packing import GPTQ_BITS
 from bitsmith.measure import CANDIDATES, MEASURE_WINDOWS, sampled_losses
 from bitsmith.pipeline import collect_hessians
-from bitsmith.plan import QuantizeOptions
+from bitsmith.plan import LayerPlan, QuantizeOptions
 from bitsmith.quantize.gptq import GridConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,17 +33,17 @@ BLOCKS = (0, 15, 29)
 
 def families() -> dict[str, dict]:
     """sampled_losses' keyword arguments per family of candidates."""
-    grids = [c for c in CANDIDATES if not (c.lut or c.per_ic or c.vq or c.outliers)]
+    grids = [c for c in CANDIDATES if not (c.lut or c.per_ic or c.vq or c.outliers or c.column_bits)]
     as_grid = lambda cs: {"configs": [GridConfig(c.bits, c.group_size, c.sym, c.outliers) for c in cs]}
     return {
-        "grids, all (stacked)": as_grid(grids),
-        "grids, asymmetric": as_grid([c for c in grids if not c.sym]),
-        "grids, symmetric": as_grid([c for c in grids if c.sym]),
+        "grids, asymmetric": as_grid(grids),
+        "grids, symmetric": as_grid([LayerPlan(b, g, True) for b in GPTQ_BITS for g in (32, 64, 128, -1)]),
         "outliers": as_grid([c for c in CANDIDATES if c.outliers]),
         "lut": {"configs": [], "lut_bits": [c.bits for c in CANDIDATES if c.lut]},
         "per-ic": {"configs": [], "per_ic": [GridConfig(c.bits, c.group_size, c.sym, per_ic=True)
                                              for c in CANDIDATES if c.per_ic]},
         "vq": {"configs": [], "vq": [c for c in CANDIDATES if c.vq]},
+        "column-bits": {"configs": [], "column_bits": [c for c in CANDIDATES if c.column_bits]},
     }
 
 
@@ -51,7 +53,8 @@ def picked() -> dict[str, int]:
     for path in RESULTS.glob("plan-smollm2*/*.json"):
         layers = json.loads(path.read_text()).get("plan")
         for entry in (layers or {}).values():
-            kind = ("vq" if entry.get("vq") else "per-ic" if entry.get("per_ic") else "lut" if entry.get("lut")
+            kind = ("vq" if entry.get("vq") else "column-bits" if entry.get("column_bits")
+                    else "per-ic" if entry.get("per_ic") else "lut" if entry.get("lut")
                     else "outliers" if entry.get("outliers") else "grids, symmetric" if entry.get("sym")
                     else "grids, asymmetric")
             counts[kind] += 1
@@ -108,8 +111,7 @@ def report(r: dict) -> str:
               f"block's Hessian pass: {r['hessian_cpu_s_per_block']:.2f} CPU s per block."), "",
              "| family | candidates | CPU s per block | linears given it |", "|---|---|---|---|"]
     for row in r["families"]:
-        count = (r["picked"].get(row["family"], 0) if row["family"] != "grids, all (stacked)"
-                 else r["picked"].get("grids, asymmetric", 0) + r["picked"].get("grids, symmetric", 0))
+        count = r["picked"].get(row["family"], 0)
         lines.append(f"| {row['family']} | {row['candidates']} | {row['cpu_s_per_block']:.2f} | {count:,} |")
     return "\n".join(lines) + "\n"
 

@@ -33,7 +33,7 @@ from pathlib import Path
 
 from machine import cpu_label
 
-from bitsmith.plan import TECHNIQUES, LayerPlan, QuantizeOptions
+from bitsmith.plan import FLAGS, TECHNIQUES, LayerPlan, QuantizeOptions
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -179,8 +179,8 @@ def report() -> str:
               f"({RUNS.name}/measurement.json)." if menu else "Menu: as each run's measurement had it."), "",
              (f"Measured {', '.join(dates)} with `python bench/plan.py` on x86_64 (2 cores, one torch thread per "
               "run; the other core was often busy: CPU seconds are the one-core cost, wall seconds an upper bound; "
-              "the CPU, where recorded, is the last column: learned rounding and tuning run several times faster "
-              "with AMX). "
+              "the CPU, where recorded, is the last column: learned rounding and tuning follow it, a tuning step "
+              "taking 5.4 s on the Xeon with AMX against 8.2 on the EPYC). "
               + calibration(menu) + "; WikiText-2 test, first 65,536 tokens at seqlen 2048; held-out: the bundled "
               "EB1911 text, 16,384 tokens"
               + (f" (base {base_held['perplexity']:.2f})" if base_held else "") + ". All-in bpw over the 210 "
@@ -205,7 +205,8 @@ def report() -> str:
               for u in UNIFORM if u in uniform]
     lines += ["", "Techniques the plans picked: linears in all, and per layer type (30 linears of each type):", "",
               ("| plan | target bpw | uniform grid (2, 3, 4, 8 bits) | 5 or 6 bits | outliers | lookup table | "
-               "per input channel | codebooks of pairs |"), "|---|---|---|---|---|---|---|---|"]
+               "per input channel | codebooks of pairs | bits per group of columns |"),
+              "|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['method']} | {r['target_bits_per_weight']} | {' | '.join(picks(r['plan']))} |" for r in runs]
     lines += ["", ("Caveat: the SmolLM2 weights are the GGUF Q4_1 model dequantized (4-bit, groups of 32): 4-bit "
               "groups of 32 reproduce them almost exactly, which flatters every 4-bit g32 choice on this model.")]
@@ -215,12 +216,12 @@ def report() -> str:
 
 def picks(plan: dict) -> list[str]:
     """For each technique (TECHNIQUES: uniform grid, 5 or 6 bits, outliers, lookup table, per-input-channel grids,
-    codebooks of pairs):
+    codebooks of pairs, bits per group of columns):
     how many linears the plan gives it, and of which types ("210", "42: down 30, o 12")."""
     kinds: list[dict[str, int]] = [{} for _ in TECHNIQUES]
     for name, entry in plan.items():
         layer = LayerPlan(entry["bits"], entry["group_size"], entry["sym"], outliers=entry.get("outliers", 0.0),
-                          lut=entry.get("lut", False), per_ic=entry.get("per_ic", False), vq=entry.get("vq", False))
+                          **{key: entry.get(key, False) for key in FLAGS})
         technique = TECHNIQUES.index(layer.technique)
         kind = name.rsplit(".", 1)[-1].removesuffix("_proj")
         kinds[technique][kind] = kinds[technique].get(kind, 0) + 1

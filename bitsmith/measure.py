@@ -55,8 +55,9 @@ is weighted as above.
 
 Bits per group of columns (quantize/column_bits.py, BAQ: each group of 128 act-ordered columns on R - 1, R or
 R + 1 bits, as many above as below) are candidates around 3, 4 and 5 bits, `COLUMN_BITS_CANDIDATES`: the widths
-come from a first GPTQ pass of the sampled rows at R bits (their groups' losses summed with the rows'
-Horvitz-Thompson weights, an estimate of the whole linear's), then GPTQ on them; they cost what R bits cost, and
+come from GPTQ of the sampled rows at R bits (the uniform candidate's pass in the stack of grids, when the menu
+has it; their groups' losses summed with the rows' Horvitz-Thompson weights, an estimate of the whole linear's),
+then GPTQ on them; they cost what R bits cost, and
 one more bit per group and row for the zero points.
 
 Decide: linears that read one input in one block (q/k/v, gate/up) share a configuration, as fused loaders
@@ -85,7 +86,7 @@ from .memory import release_freed_memory
 from .pipeline import calibration_windows, collect_hessians, compute, linear_shapes
 from .plan import FISHER_LABELS, FLAGS, LUT_BITS, MAX_OUTLIERS, LayerPlan, QuantizeOptions, QuantPlan, technique_problem
 from .quantize.allocate import allocate
-from .quantize.column_bits import COLUMN_BITS, gptq_column_bits_configs
+from .quantize.column_bits import COLUMN_BITS, gptq_column_bits_configs, with_widths
 from .quantize.gptq import GridConfig, gptq_configs
 from .quantize.lut import gptq_lut_configs
 from .quantize.rtn import rtn_quantize
@@ -255,9 +256,11 @@ def sampled_losses(W: torch.Tensor, H: torch.Tensor, fisher: torch.Tensor, confi
     size = fisher * rtn_error(W, H)
     pick, weight = SAMPLERS[sampler](size, rows)
     fisher_losses = plain_losses = torch.zeros(0)
+    score = None
     if configs:
+        score = torch.zeros(len(configs) * len(pick), W.shape[1]) if column_bits and not opts.static_groups else None
         _, losses = gptq_configs(W[pick], H, configs, opts.act_order, opts.static_groups, opts.damp, mse=opts.mse,
-                                 shrink_every=SHRINK_EVERY, keep=False)
+                                 shrink_every=SHRINK_EVERY, keep=False, score=score)
         fisher_losses, plain_losses = losses @ (weight * fisher[pick]) / 2, losses @ weight
     if lut_bits:
         _, lut_losses = gptq_lut_configs(W[pick], H, list(lut_bits), opts.act_order, opts.damp, keep=False)
@@ -275,9 +278,13 @@ def sampled_losses(W: torch.Tensor, H: torch.Tensor, fisher: torch.Tensor, confi
         fisher_losses = torch.cat([fisher_losses, vq_losses @ (weight * fisher[pick]) / 2])
         plain_losses = torch.cat([plain_losses, vq_losses @ weight])
     if column_bits:
+        first = [GridConfig(c.bits, c.group_size) for c in column_bits]      # their widths' first pass: in the stack?
+        n = len(pick)
+        widths = ([with_widths(f.bits, f.group_size, score[configs.index(f) * n:(configs.index(f) + 1) * n], weight)
+                   for f in first] if score is not None and set(first) <= set(configs) else None)
         _, cb_losses = gptq_column_bits_configs(W[pick], H, [(c.bits, c.group_size) for c in column_bits],
                                                 opts.act_order, opts.damp, opts.mse, SHRINK_EVERY, row_weight=weight,
-                                                keep=False)
+                                                keep=False, widths=widths)
         fisher_losses = torch.cat([fisher_losses, cb_losses @ (weight * fisher[pick]) / 2])
         plain_losses = torch.cat([plain_losses, cb_losses @ weight])
     return fisher_losses.tolist(), plain_losses.tolist()

@@ -45,6 +45,7 @@ from bitsmith.measure import (
 )
 from bitsmith.pipeline import calibration
 from bitsmith.plan import LayerPlan, QuantizeOptions
+from bitsmith.quantize.gptq import GridConfig
 from bitsmith.quantize.outliers import outlier_count
 from bitsmith.quantize.vq import gptq_vq
 
@@ -207,6 +208,21 @@ def test_codebook_candidates_are_priced_by_their_layout_and_measured_under_whole
             assert m.errors["fisher"][name][j] > 0
         total[c.bits] = sum(m.errors["fisher"][n][j] for n in m.shapes)
     assert total[4] < total[3] < total[2]
+
+
+def test_column_bits_take_their_widths_from_the_stack_of_grids_or_a_pass_of_their_own_alike():
+    """With the uniform grid of R bits in the stack, the column-bits candidate around R reads its widths from that
+    pass; without it, from a pass of its own: the same widths, so the same loss up to the loops' float sums."""
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(1024, 512, generator=g) * torch.logspace(0, 1.5, 512)
+    H, W = 2 * X.t() @ X / 1024, torch.randn(300, 512, generator=g) / 16
+    opts = QuantizeOptions()
+    opts.validate()
+    grids = [GridConfig(3, 128), GridConfig(4, 32)]
+    column_bits = [LayerPlan(3, 128, False, column_bits=True)]
+    stacked, _ = sampled_losses(W, H, torch.ones(300), grids, opts, column_bits=column_bits)
+    alone, _ = sampled_losses(W, H, torch.ones(300), [], opts, column_bits=column_bits)
+    assert stacked[-1] == pytest.approx(alone[0], rel=1e-4) and stacked[-1] < stacked[0]
 
 
 def test_the_sampled_codebook_loss_estimates_the_whole_linears():

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from ..formats.packing import SUPPORTED_BITS
-from .gptq import ColumnGrids, GridConfig, block_size, gptq_configs, gptq_loop, prepare
+from .gptq import GridConfig, gptq_configs
 from .rtn import ColumnBitsWeight
 
 THETA = 1.95                 # BAQ's rate-distortion exponent: a bit more divides a column's loss by 2^theta
@@ -50,34 +50,40 @@ def group_losses(score: torch.Tensor, group_size: int, row_weight: torch.Tensor 
     return torch.zeros(groups).index_add_(0, torch.arange(per_column.numel()) // group_size, per_column) / 2
 
 
+def with_widths(bits: int, group: int, score: torch.Tensor,
+                row_weight: torch.Tensor | None = None) -> GridConfig:
+    """The configuration (bits R, group size) with its groups' widths (`allocate_widths`) from every weight's loss
+    at R bits, `score` [rows, in] in the loop's column order (`gptq_loop`), rows weighted by `row_weight`."""
+    losses = group_losses(score, group, row_weight)
+    return GridConfig(bits, group, widths=tuple(allocate_widths(losses, bits, score.shape[1] // group)))
+
+
 def column_widths(W: torch.Tensor, H: torch.Tensor, configs: list[tuple[int, int]], act_order: bool, damp: float,
                   mse: bool, shrink_every: int = 1, blocksize: int = 128,
                   row_weight: torch.Tensor | None = None) -> list[GridConfig]:
-    """The configurations (bits R, group size) of W [out, in] with their groups' widths (`allocate_widths`), from
-    one GPTQ pass of W at R bits under every configuration at once."""
+    """The configurations (bits R, group size) of W [out, in] with their groups' widths, from one GPTQ pass of W
+    at R bits under every configuration at once."""
     rows, cols = W.shape
-    W, H, perm, Hinv = prepare(W, H, act_order, damp)
     uniform = [GridConfig(bits, group) for bits, group in configs]
-    grids = ColumnGrids(W, uniform, rows, perm, mse, False, shrink_every)
     score = torch.zeros(len(configs) * rows, cols)
-    gptq_loop(W[:, perm].repeat(len(configs), 1), Hinv, grids, block_size(uniform, blocksize), score=score)
-    out = []
-    for c, (bits, group) in enumerate(configs):
-        losses = group_losses(score[c * rows:(c + 1) * rows], group, row_weight)
-        out.append(GridConfig(bits, group, widths=tuple(allocate_widths(losses, bits, cols // group))))
-    return out
+    gptq_configs(W, H, uniform, act_order, False, damp, blocksize, mse, shrink_every, keep=False, score=score)
+    return [with_widths(bits, group, score[c * rows:(c + 1) * rows], row_weight)
+            for c, (bits, group) in enumerate(configs)]
 
 
 def gptq_column_bits_configs(W: torch.Tensor, H: torch.Tensor, configs: list[tuple[int, int]], act_order: bool,
                              damp: float, mse: bool, shrink_every: int = 1, blocksize: int = 128,
-                             row_weight: torch.Tensor | None = None, keep: bool = True):
+                             row_weight: torch.Tensor | None = None, keep: bool = True,
+                             widths: list[GridConfig] | None = None):
     """GPTQ of W under each configuration (bits R, group size) with bits per group of columns: the widths from a
-    first pass (`column_widths`), then GPTQ on them. Returns (`ColumnBitsWeight`s (empty unless `keep`), the loss of
-    every row of every configuration [len(configs), out]), as `gptq_configs`."""
+    first pass (`column_widths`; or `widths`, the configurations with theirs from a pass made already), then GPTQ
+    on them. Returns (`ColumnBitsWeight`s (empty unless `keep`), the loss of every row of every configuration
+    [len(configs), out]), as `gptq_configs`."""
     if any(bits not in COLUMN_BITS or group < 1 for bits, group in configs):
         raise ValueError(f"bits per group of columns around {configs}: choose bits among {COLUMN_BITS} and "
                          "groups along the input")
-    widths = column_widths(W, H, configs, act_order, damp, mse, shrink_every, blocksize, row_weight)
+    if widths is None:
+        widths = column_widths(W, H, configs, act_order, damp, mse, shrink_every, blocksize, row_weight)
     return gptq_configs(W, H, widths, act_order, False, damp, blocksize, mse, shrink_every, keep)
 
 

@@ -318,13 +318,15 @@ def prepare(W: torch.Tensor, H: torch.Tensor, act_order: bool, damp: float, perm
 
 def gptq_configs(W: torch.Tensor, H: torch.Tensor, configs: list[GridConfig], act_order: bool = False,
                  static_groups: bool = False, damp: float = 0.01, blocksize: int = 128, mse: bool = False,
-                 shrink_every: int = 1, keep: bool = True) -> tuple[list[QuantizedWeight], torch.Tensor]:
+                 shrink_every: int = 1, keep: bool = True,
+                 score: torch.Tensor | None = None) -> tuple[list[QuantizedWeight], torch.Tensor]:
     """GPTQ of W [out, in] under each configuration at once, given H [in, in] = 2 X X^T / n.
 
     Returns the quantized weights (empty unless `keep`; a `DenseSparseWeight` for a configuration with
     outliers) and the loss of every row of every configuration, [len(configs), out]: sum over columns of
     (w-q)^2 / [H^-1]_qq^2 / 2 (GPTQ eq. (2)), which is ||(W-Q)_row X||^2 / n, the mean squared output error of
-    that row."""
+    that row. `score` [len(configs) * out, in], when given, receives every weight's loss in the loop's column order
+    (`gptq_loop`)."""
     rows, cols = W.shape
     W, H, perm, Hinv = prepare(W, H, act_order, damp)
     budget = torch.tensor([outlier_count(c.outliers, cols) for c in configs])
@@ -336,7 +338,7 @@ def gptq_configs(W: torch.Tensor, H: torch.Tensor, configs: list[GridConfig], ac
 
     codes = torch.zeros(W.shape, dtype=torch.uint8) if keep else None
     held = torch.zeros(W.shape, dtype=torch.float16) if keep and kept is not None else None
-    losses = gptq_loop(W, Hinv, grids, block_size(configs, blocksize), codes, held)
+    losses = gptq_loop(W, Hinv, grids, block_size(configs, blocksize), codes, held, score)
     if kept is not None and not torch.isfinite(losses).all():
         raise ValueError("an outlier weight overflows fp16")
     losses = losses.reshape(len(configs), rows)
