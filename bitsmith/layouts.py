@@ -289,8 +289,15 @@ class ColumnBitsLayout:
     def tensors(qw: ColumnBitsWeight) -> dict[str, torch.Tensor]:
         g_idx = qw.group_index().to(torch.int32).contiguous()
         widths = qw.widths.to(torch.uint8)
-        return {"qweight": pack_groups(qw.codes, g_idx, widths), "scales": qw.scales.contiguous(),
-                "qzeros": pack(qw.zeros, qw.bits + 1, dim=1), "g_idx": g_idx, "widths": widths}
+        inp = qw.codes.shape[1]
+        qweight = pack_groups(qw.codes, g_idx, widths)
+        if qweight.shape[0] != column_words(inp, qw.bits, qw.group_size):
+            raise ValueError(f"widths {widths.tolist()} do not keep {qw.bits} bits a weight in groups of "
+                             f"{qw.group_size} (as many above as below, a short last group on {qw.bits})")
+        if qw.zeros.numel() and (qw.zeros > (2 ** widths.long() - 1)[:, None]).any():
+            raise ValueError("a zero point lies past its group's grid")
+        return {"qweight": qweight, "scales": qw.scales.contiguous(), "qzeros": pack(qw.zeros, qw.bits + 1, dim=1),
+                "g_idx": g_idx, "widths": widths}
 
     @staticmethod
     def stored_bits(out_features: int, in_features: int, layer: LayerPlan) -> int:
@@ -300,7 +307,7 @@ class ColumnBitsLayout:
 
     @staticmethod
     def weight(stored, layer: LayerPlan, in_features: int) -> torch.Tensor:
-        return column_bits_dequantize(*(stored(part) for part in ColumnBitsLayout.parts), layer.bits, in_features)
+        return column_bits_dequantize(*(stored(part) for part in ColumnBitsLayout.parts), layer.bits)
 
     @staticmethod
     def levels(stored, layer: LayerPlan, in_features: int, dtype: torch.dtype = torch.float32) -> Levels:

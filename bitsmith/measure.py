@@ -55,8 +55,9 @@ is weighted as above.
 
 Bits per group of columns (quantize/column_bits.py, BAQ: each group of 128 act-ordered columns on R - 1, R or
 R + 1 bits, as many above as below) are candidates around 3, 4 and 5 bits, `COLUMN_BITS_CANDIDATES`: the widths
-come from GPTQ of the sampled rows at R bits (the uniform candidate's pass in the stack of grids, when the menu
-has it; their groups' losses summed with the rows' Horvitz-Thompson weights, an estimate of the whole linear's),
+come from GPTQ of the sampled rows at R bits (the uniform candidates' passes in the stack of grids when the menu
+has all of them, else passes of their own; their groups' losses summed with the rows' Horvitz-Thompson weights,
+an estimate of the whole linear's),
 then GPTQ on them; they cost what R bits cost, and
 one more bit per group and row for the zero points.
 
@@ -256,11 +257,13 @@ def sampled_losses(W: torch.Tensor, H: torch.Tensor, fisher: torch.Tensor, confi
     size = fisher * rtn_error(W, H)
     pick, weight = SAMPLERS[sampler](size, rows)
     fisher_losses = plain_losses = torch.zeros(0)
-    score = None
+    first = [GridConfig(c.bits, c.group_size) for c in column_bits]     # the widths' first passes: in the stack?
+    stacked = bool(first) and set(first) <= set(configs) and not opts.static_groups
+    score = torch.zeros(len(first) * len(pick), W.shape[1]) if stacked else None
     if configs:
-        score = torch.zeros(len(configs) * len(pick), W.shape[1]) if column_bits and not opts.static_groups else None
         _, losses = gptq_configs(W[pick], H, configs, opts.act_order, opts.static_groups, opts.damp, mse=opts.mse,
-                                 shrink_every=SHRINK_EVERY, keep=False, score=score)
+                                 shrink_every=SHRINK_EVERY, keep=False, score=score,
+                                 scored=[configs.index(f) for f in first] if stacked else None)
         fisher_losses, plain_losses = losses @ (weight * fisher[pick]) / 2, losses @ weight
     if lut_bits:
         _, lut_losses = gptq_lut_configs(W[pick], H, list(lut_bits), opts.act_order, opts.damp, keep=False)
@@ -278,10 +281,9 @@ def sampled_losses(W: torch.Tensor, H: torch.Tensor, fisher: torch.Tensor, confi
         fisher_losses = torch.cat([fisher_losses, vq_losses @ (weight * fisher[pick]) / 2])
         plain_losses = torch.cat([plain_losses, vq_losses @ weight])
     if column_bits:
-        first = [GridConfig(c.bits, c.group_size) for c in column_bits]      # their widths' first pass: in the stack?
         n = len(pick)
-        widths = ([with_widths(f.bits, f.group_size, score[configs.index(f) * n:(configs.index(f) + 1) * n], weight)
-                   for f in first] if score is not None and set(first) <= set(configs) else None)
+        widths = [with_widths(f.bits, f.group_size, score[k * n:(k + 1) * n], weight)
+                  for k, f in enumerate(first)] if stacked else None
         _, cb_losses = gptq_column_bits_configs(W[pick], H, [(c.bits, c.group_size) for c in column_bits],
                                                 opts.act_order, opts.damp, opts.mse, SHRINK_EVERY, row_weight=weight,
                                                 keep=False, widths=widths)

@@ -19,6 +19,7 @@ from plan_support import (
 from safetensors import safe_open
 
 from bitsmith.formats.errors import InputError
+from bitsmith.formats.packing import pack
 from bitsmith.kernels.column_bits_linear import ColumnBitsLinear
 from bitsmith.layouts import ColumnBitsLayout, layer_plan, layout_of
 from bitsmith.plan import LayerPlan, check_layer
@@ -105,13 +106,22 @@ def test_stored_groups_that_do_not_fit_their_words_are_refused_at_load():
     layer = LayerPlan(3, 64, False, column_bits=True)
     module = ColumnBitsLayout.module(256, 8, layer, bias=False)
     good = ColumnBitsLayout.tensors(qw)
+    narrow = int((qw.widths == 2).nonzero()[0])                     # a 2-bit group: zero points up to 3
+    zeros = qw.zeros.clone()
+    zeros[narrow, 0] = 7
     for change, message in (({"widths": torch.full((4,), 4, dtype=torch.uint8)}, "its groups' widths take"),
                             ({"widths": torch.tensor([5, 3, 2, 2], dtype=torch.uint8)}, "at most 4"),
-                            ({"g_idx": torch.full((256,), 7, dtype=torch.int32)}, "outside 0..3")):
+                            ({"widths": qw.widths.float()}, "must be integers"),
+                            ({"g_idx": torch.full((256,), 7, dtype=torch.int32)}, "outside 0..3"),
+                            ({"qzeros": pack(zeros, 4, dim=1)}, "past its group's grid")):
         with pytest.raises(InputError, match=message):
-            module.load_state_dict({**good, **change})
-    module.load_state_dict(good)
+            module.load_state_dict({**good, **change}, assign=True)              # as the loader loads
+    with pytest.raises(RuntimeError, match="size mismatch for g_idx"):        # the loader's one line names it
+        module.load_state_dict({**good, "g_idx": good["g_idx"][:-1]}, assign=True)
+    module.load_state_dict(good, assign=True)
     assert torch.equal(module.dequantize(), qw.Q)
+    with pytest.raises(ValueError, match="past its group's grid"):
+        ColumnBitsLayout.tensors(ColumnBitsWeight(**{**qw.__dict__, "zeros": zeros}))
 
 
 # ---------------------------------------------------------------------------------------------------

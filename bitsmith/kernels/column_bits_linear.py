@@ -41,10 +41,13 @@ def pack_groups(codes: torch.Tensor, g_idx: torch.Tensor, widths: torch.Tensor) 
     return torch.cat([pack(chunk.t(), int(w), dim=0) for chunk, w in zip(chunks, widths.tolist())])
 
 
-def check_groups(qweight: torch.Tensor, g_idx: torch.Tensor, widths: torch.Tensor, bits: int, where: str) -> None:
-    """That the stored groups fit: g_idx in [0, G), widths of at most bits + 1 that the packing stores, and
-    qweight of exactly the words they take."""
+def check_groups(qweight: torch.Tensor, g_idx: torch.Tensor, widths: torch.Tensor, zeros: torch.Tensor, bits: int,
+                 where: str) -> None:
+    """That the stored groups fit: integer g_idx in [0, G), integer widths of at most bits + 1 that the packing
+    stores, qweight of exactly the words they take, and every zero point [G, out] on its group's grid."""
     G = len(widths)
+    if g_idx.dtype.is_floating_point or widths.dtype.is_floating_point:
+        raise InputError(f"{where}: g_idx and widths must be integers (got {g_idx.dtype}, {widths.dtype})")
     if g_idx.numel() and (int(g_idx.min()) < 0 or int(g_idx.max()) >= G):
         raise InputError(f"{where}: g_idx names groups outside 0..{G - 1}")
     if any(int(w) not in SUPPORTED_BITS or int(w) > bits + 1 for w in widths):
@@ -53,6 +56,8 @@ def check_groups(qweight: torch.Tensor, g_idx: torch.Tensor, widths: torch.Tenso
     words = sum(packed_length(int(n), int(w)) for n, w in zip(group_sizes(g_idx, G), widths))
     if words != qweight.shape[0]:
         raise InputError(f"{where}: qweight has {qweight.shape[0]} words a row, its groups' widths take {words}")
+    if zeros.numel() and (zeros > (2 ** widths.long() - 1)[:, None]).any():
+        raise InputError(f"{where}: a zero point lies past its group's grid ({bits - 1} to {bits + 1} bits)")
 
 
 def unpack_groups(qweight: torch.Tensor, g_idx: torch.Tensor, widths: torch.Tensor) -> torch.Tensor:
@@ -69,7 +74,7 @@ def unpack_groups(qweight: torch.Tensor, g_idx: torch.Tensor, widths: torch.Tens
     return codes
 
 
-def column_bits_dequantize(qweight, scales, qzeros, g_idx, widths, bits: int, in_features: int) -> torch.Tensor:
+def column_bits_dequantize(qweight, scales, qzeros, g_idx, widths, bits: int) -> torch.Tensor:
     """W [out, in] in float32 from the stored tensors (module docstring)."""
     g = g_idx.long()
     zeros = unpack(qzeros, bits + 1, scales.shape[1], dim=1).float()               # [G, out]
@@ -112,10 +117,16 @@ class ColumnBitsLinear(DequantizingLinear):
         self.register_buffer("qzeros", torch.zeros(groups, packed_length(out_features, bits + 1), dtype=torch.int32))
         self.register_buffer("g_idx", torch.arange(in_features, dtype=torch.int32) // group_size)
         self.register_buffer("widths", torch.full((groups,), bits, dtype=torch.uint8))
+        self.shapes = {name: buffer.shape for name, buffer in self.named_buffers() if buffer is not None}
+        self._positions = None              # (key of the buffers, the Triton kernel's positions on their device)
         self.register_load_state_dict_post_hook(lambda module, keys: module.check())
 
     def check(self) -> None:
-        check_groups(self.qweight, self.g_idx, self.widths, self.bits, "column_bits linear")
+        """Refuse stored groups that do not fit (`check_groups`); a tensor of another shape is left to the loader,
+        which names it (torch reports size mismatches after this hook)."""
+        if all(getattr(self, name).shape == shape for name, shape in self.shapes.items()):
+            check_groups(self.qweight, self.g_idx, self.widths, self.zeros(), self.bits,
+                         f"a column_bits linear [{self.out_features}, {self.in_features}]")
 
     def zeros(self) -> torch.Tensor:
         """True zero points [G, out], int32."""
@@ -127,13 +138,19 @@ class ColumnBitsLinear(DequantizingLinear):
                                                    self.scales, self.zeros(), self.g_idx, self.widths))(rows)
 
     def dequantize(self) -> torch.Tensor:
-        return column_bits_dequantize(self.qweight, self.scales, self.qzeros, self.g_idx, self.widths, self.bits,
-                                      self.in_features)
+        return column_bits_dequantize(self.qweight, self.scales, self.qzeros, self.g_idx, self.widths, self.bits)
 
     def dequantize_cuda(self, dtype: torch.dtype) -> torch.Tensor:
+        """Through the Triton kernel, its positions and the unpacked zeros made once for the stored tensors."""
         from .triton_dequant import column_bits_dequantize as triton_column_bits
-        return triton_column_bits(self.qweight, self.scales, self.zeros(), self.g_idx, self.widths, self.in_features,
-                                  dtype).t()
+        from .triton_dequant import column_positions
+        key = tuple(b.data_ptr() for b in self.buffers())
+        if self._positions is None or self._positions[0] != key:
+            device = self.qweight.device
+            self._positions = (key, tuple(t.to(device) for t in column_positions(self.g_idx, self.widths)),
+                               self.zeros())
+        _, positions, zeros = self._positions
+        return triton_column_bits(self.qweight, self.scales, zeros, positions, self.in_features, dtype).t()
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits} on average, "

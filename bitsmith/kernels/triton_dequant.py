@@ -148,12 +148,9 @@ def vq_dequantize(qweight: torch.Tensor, codebooks: torch.Tensor, row_scales: to
     return W
 
 
-def column_bits_dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor,
-                           widths: torch.Tensor, K: int, dtype: torch.dtype) -> torch.Tensor:
-    """W [K, N] from groups of codes packed one after the other at their widths [words, N] (kernels/
-    column_bits_linear.py), scales and unpacked zeros [G, N], the group of every input channel g_idx [K] and the
-    groups' widths [G]."""
-    N, device = qweight.shape[1], qweight.device
+def column_positions(g_idx: torch.Tensor, widths: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Per input position, groups in order (kernels/column_bits_linear.py): the bit offset of its code in its output
+    column's stream (int64), its group's width, its group, and the input channel it stands for (int32 each)."""
     g = g_idx.long().cpu()
     width = widths.long().cpu()
     sizes = torch.bincount(g, minlength=len(width))
@@ -162,10 +159,16 @@ def column_bits_dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: t
     start = torch.cumsum(words, 0) - words                          # and its first word
     src = torch.argsort(g, stable=True)
     group = g[src]
-    bit = 32 * start[group] + (torch.arange(K) - first[group]) * width[group]
-    W = torch.empty(K, N, device=device, dtype=dtype)
-    _column_bits_kernel[_grid(K, N)](qweight, bit.to(device), width[group].to(torch.int32).to(device),
-                                     group.to(torch.int32).to(device), src.to(torch.int32).to(device),
-                                     scales.contiguous(), zeros.to(torch.int32).contiguous(), W, K, N,
-                                     qweight.shape[0], BLOCK_K=BLOCK_K, BLOCK_N=BLOCK_N)
+    bit = 32 * start[group] + (torch.arange(len(g)) - first[group]) * width[group]
+    return bit, width[group].to(torch.int32), group.to(torch.int32), src.to(torch.int32)
+
+
+def column_bits_dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                           positions: tuple[torch.Tensor, ...], K: int, dtype: torch.dtype) -> torch.Tensor:
+    """W [K, N] from groups of codes packed one after the other at their widths [words, N] (kernels/
+    column_bits_linear.py), scales and unpacked zeros [G, N], and `column_positions` (on qweight's device)."""
+    N = qweight.shape[1]
+    W = torch.empty(K, N, device=qweight.device, dtype=dtype)
+    _column_bits_kernel[_grid(K, N)](qweight, *positions, scales.contiguous(), zeros.to(torch.int32).contiguous(),
+                                     W, K, N, qweight.shape[0], BLOCK_K=BLOCK_K, BLOCK_N=BLOCK_N)
     return W

@@ -91,7 +91,7 @@ class ColumnGrids:
     its current values, and kept per column ([G, in], permuted order) in `per_ic`.
 
     A configuration with `widths` gives each group of columns its own bits (BAQ, column_bits.py): its rows take
-    group k's width where group k starts.
+    group k's width where group k starts (groups in the loop's order, so not with static groups).
     """
 
     def __init__(self, W: torch.Tensor, configs: list[GridConfig], rows: int, perm: torch.Tensor, mse: bool,
@@ -108,6 +108,8 @@ class ColumnGrids:
         self.sizes = sorted({c.group_size for c in configs if not c.per_ic})
         self.rows, self.grid, self.fits, self.group_of, self.static, self.widths = {}, {}, {}, {}, {}, {}
         self.per_ic = PerICGrids(configs, rows, self.cols) if any(c.per_ic for c in configs) else None
+        if static and any(c.widths is not None for c in configs):
+            raise ValueError("bits per group of columns are allocated in the loop's order: no static groups")
         inv = torch.argsort(perm)
         for g in self.sizes:
             mine = [c for c in configs if c.group_size == g and not c.per_ic]
@@ -116,6 +118,8 @@ class ColumnGrids:
             self.grid[g] = RowGrid(bits[self.rows[g]], self.sym[self.rows[g]])
             if any(c.widths is not None for c in mine):         # bits [rows of g, groups]
                 groups = -(-self.cols // g)
+                if any(c.widths is not None and len(c.widths) != groups for c in mine):
+                    raise ValueError(f"widths for {groups} groups of {g} columns expected")
                 self.widths[g] = torch.stack([torch.tensor(c.widths if c.widths is not None else (c.bits,) * groups)
                                               for c in mine]).repeat_interleave(rows, dim=0)
             self.fits[g] = []
@@ -125,8 +129,7 @@ class ColumnGrids:
             if g == -1:
                 self._set(g, self._fit(g, Wg, inv))
             elif static:
-                self.static[g] = [self._fit(self._widths(g, i // span), Wg[:, i:i + span], inv[i:i + span])
-                                  for i in range(0, self.cols, span)]
+                self.static[g] = [self._fit(g, Wg[:, i:i + span], inv[i:i + span]) for i in range(0, self.cols, span)]
                 self.group_of[g] = perm // span
         self.perm = perm
 
@@ -162,10 +165,8 @@ class ColumnGrids:
             if g == -1:
                 continue
             if g in self.static:
-                k = int(self.group_of[g][col])
-                fit = self.static[g][k]
+                fit = self.static[g][int(self.group_of[g][col])]
                 self.scale[self.rows[g]], self.zero[self.rows[g]] = fit
-                self._widths(g, k)
                 self._floats = None
                 continue
             if col % g == 0:
@@ -245,12 +246,12 @@ def block_size(configs: list[GridConfig], blocksize: int) -> int:
 
 def gptq_loop(W: torch.Tensor, Hinv: torch.Tensor, grids: ColumnGrids, blocksize: int,
               codes: torch.Tensor | None = None, held: torch.Tensor | None = None,
-              score: torch.Tensor | None = None) -> torch.Tensor:
+              score: torch.Tensor | None = None, score_rows: torch.Tensor | None = None) -> torch.Tensor:
     """GPTQ Algorithm 1 over the (permuted) columns of the stack W, in place; returns each row's loss.
 
     Fills `codes`; the outliers (`grids.kept`) are kept as their current value in fp16, which `held` receives,
     and their codes are the zero point. `score` receives every weight's loss (w-q)^2 / [H^-1]_jj^2 had it been
-    quantized (SpQR Algorithm 1; without outliers, its loss)."""
+    quantized (SpQR Algorithm 1; without outliers, its loss), of the stack rows `score_rows` only when given."""
     cols = W.shape[1]
     kept = grids.kept
     losses = torch.zeros(W.shape[0])
@@ -262,7 +263,8 @@ def gptq_loop(W: torch.Tensor, Hinv: torch.Tensor, grids: ColumnGrids, blocksize
             w, d = W1[:, i], Hinv1[i, i]
             q, wq, zero = grids.round(i1 + i, W, w)
             if score is not None:
-                score[:, i1 + i] = ((w - wq) / d).square()
+                loss = ((w - wq) / d).square()
+                score[:, i1 + i] = loss if score_rows is None else loss[score_rows]
             if kept is not None:
                 outlier, w16 = kept[:, i1 + i], w.to(torch.float16)
                 wq = torch.where(outlier, w16.float(), wq)
@@ -318,15 +320,15 @@ def prepare(W: torch.Tensor, H: torch.Tensor, act_order: bool, damp: float, perm
 
 def gptq_configs(W: torch.Tensor, H: torch.Tensor, configs: list[GridConfig], act_order: bool = False,
                  static_groups: bool = False, damp: float = 0.01, blocksize: int = 128, mse: bool = False,
-                 shrink_every: int = 1, keep: bool = True,
-                 score: torch.Tensor | None = None) -> tuple[list[QuantizedWeight], torch.Tensor]:
+                 shrink_every: int = 1, keep: bool = True, score: torch.Tensor | None = None,
+                 scored: list[int] | None = None) -> tuple[list[QuantizedWeight], torch.Tensor]:
     """GPTQ of W [out, in] under each configuration at once, given H [in, in] = 2 X X^T / n.
 
     Returns the quantized weights (empty unless `keep`; a `DenseSparseWeight` for a configuration with
     outliers) and the loss of every row of every configuration, [len(configs), out]: sum over columns of
     (w-q)^2 / [H^-1]_qq^2 / 2 (GPTQ eq. (2)), which is ||(W-Q)_row X||^2 / n, the mean squared output error of
     that row. `score` [len(configs) * out, in], when given, receives every weight's loss in the loop's column order
-    (`gptq_loop`)."""
+    (`gptq_loop`); with `scored` (configuration indices) it is [len(scored) * out, in], theirs alone."""
     rows, cols = W.shape
     W, H, perm, Hinv = prepare(W, H, act_order, damp)
     budget = torch.tensor([outlier_count(c.outliers, cols) for c in configs])
@@ -338,7 +340,8 @@ def gptq_configs(W: torch.Tensor, H: torch.Tensor, configs: list[GridConfig], ac
 
     codes = torch.zeros(W.shape, dtype=torch.uint8) if keep else None
     held = torch.zeros(W.shape, dtype=torch.float16) if keep and kept is not None else None
-    losses = gptq_loop(W, Hinv, grids, block_size(configs, blocksize), codes, held, score)
+    rows_of = None if scored is None else torch.cat([torch.arange(c * rows, (c + 1) * rows) for c in scored])
+    losses = gptq_loop(W, Hinv, grids, block_size(configs, blocksize), codes, held, score, rows_of)
     if kept is not None and not torch.isfinite(losses).all():
         raise ValueError("an outlier weight overflows fp16")
     losses = losses.reshape(len(configs), rows)

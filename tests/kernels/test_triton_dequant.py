@@ -75,10 +75,15 @@ def test_bits_per_group_of_columns(poisoned_outputs, bits, K, N, group):
     from test_layouts_column_bits import random_column_bits
     qw = random_column_bits(N, K, bits, group, pairs=K // group // 2, seed=bits * K + N)
     stored = ColumnBitsLayout.tensors(qw)
-    W = triton_dequant.column_bits_dequantize(stored["qweight"], stored["scales"], qw.zeros, stored["g_idx"],
-                                              stored["widths"], K, torch.float32)
-    assert torch.equal(W, column_bits_dequantize(*(stored[p] for p in ColumnBitsLayout.parts), bits, K).t())
+    positions = triton_dequant.column_positions(stored["g_idx"], stored["widths"])
+    W = triton_dequant.column_bits_dequantize(stored["qweight"], stored["scales"], qw.zeros, positions, K,
+                                              torch.float32)
+    assert torch.equal(W, column_bits_dequantize(*(stored[p] for p in ColumnBitsLayout.parts), bits).t())
     assert torch.equal(W.t(), qw.Q)
+    module = ColumnBitsLinear(K, N, bits, group)
+    module.load_state_dict(stored)
+    assert torch.equal(module.dequantize_cuda(torch.float32), qw.Q)           # its positions made once, reused
+    assert torch.equal(module.dequantize_cuda(torch.float32), qw.Q)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the interpreter runs the kernels above)")
