@@ -1,8 +1,9 @@
 """Where the measurement's time goes: CPU seconds of GPTQ per technique of the menu (bitsmith/measure.py
 `sampled_losses`, 128 sampled rows, as `measure` runs it) on every decoder linear of SmolLM2-135M blocks 0, 15
 and 29, the block's Hessian pass over the measurement's 64 windows, and the Fisher pass with the drawing of the
-windows; the uniform grids stacked as the measurement runs them, and the symmetric grids it measured until
-2026-12-07 apart.
+windows; the uniform grids stacked as the measurement runs them, and apart the symmetric grids and the candidates
+measured only without codebooks on the menu (2-bit outliers and per-input-channel grids, 4-bit tables), which the
+full menu measured until 2026-12-07.
 Against it, how often the plans in bench/results chose each technique (every run of bench/plan.py stored there).
 
     python bench/measure_cost.py          # one thread; writes bench/results/measure-cost.{json,md}
@@ -20,10 +21,11 @@ import torch.nn.functional as F
 from machine import cpu_label
 from protocol import calibrated_smollm2
 
+from bitsmith import measure
 from bitsmith.formats.packing import GPTQ_BITS
-from bitsmith.measure import CANDIDATES, MEASURE_WINDOWS, sampled_losses
+from bitsmith.measure import MEASURE_WINDOWS, sampled_losses
 from bitsmith.pipeline import collect_hessians
-from bitsmith.plan import LayerPlan, QuantizeOptions
+from bitsmith.plan import TECHNIQUES, LayerPlan, QuantizeOptions
 from bitsmith.quantize.gptq import GridConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,33 +34,41 @@ BLOCKS = (0, 15, 29)
 
 
 def families() -> dict[str, dict]:
-    """sampled_losses' keyword arguments per family of candidates."""
-    grids = [c for c in CANDIDATES if not (c.lut or c.per_ic or c.vq or c.outliers or c.column_bits)]
-    as_grid = lambda cs: {"configs": [GridConfig(c.bits, c.group_size, c.sym, c.outliers) for c in cs]}
+    """sampled_losses' keyword arguments per family of the candidates the full menu measures, and apart the
+    symmetric grids and the candidates measured only without codebooks (`BESIDE_CODEBOOKS`)."""
+    measured = measure.measured_candidates(TECHNIQUES)
+    as_grid = lambda cs: [GridConfig(c.bits, c.group_size, c.sym, c.outliers) for c in cs]
+    kwargs = lambda cs: {"configs": as_grid([c for c in cs if c.technique in ("uniform", "wide", "outliers")]),
+                         "lut_bits": [c.bits for c in cs if c.lut],
+                         "per_ic": [GridConfig(c.bits, c.group_size, c.sym, per_ic=True) for c in cs if c.per_ic],
+                         "vq": [c for c in cs if c.vq], "column_bits": [c for c in cs if c.column_bits]}
     return {
-        "grids, asymmetric": as_grid(grids),
-        "grids, symmetric": as_grid([LayerPlan(b, g, True) for b in GPTQ_BITS for g in (32, 64, 128, -1)]),
-        "outliers": as_grid([c for c in CANDIDATES if c.outliers]),
-        "lut": {"configs": [], "lut_bits": [c.bits for c in CANDIDATES if c.lut]},
-        "per-ic": {"configs": [], "per_ic": [GridConfig(c.bits, c.group_size, c.sym, per_ic=True)
-                                             for c in CANDIDATES if c.per_ic]},
-        "vq": {"configs": [], "vq": [c for c in CANDIDATES if c.vq]},
-        "column-bits": {"configs": [], "column_bits": [c for c in CANDIDATES if c.column_bits]},
+        "grids, asymmetric": kwargs([c for c in measured if c.technique in ("uniform", "wide")]),
+        "grids, symmetric": kwargs([LayerPlan(b, g, True) for b in GPTQ_BITS for g in (32, 64, 128, -1)]),
+        **{name: kwargs([c for c in measured if c.technique == technique])
+           for name, technique in (("outliers", "outliers"), ("lut", "lut"), ("per-ic", "per-ic"), ("vq", "vq"),
+                                   ("column-bits", "column-bits"))},
+        "beside codebooks": kwargs(sorted(measure.BESIDE_CODEBOOKS, key=measure.CANDIDATES.index)),
     }
 
 
-def picked() -> dict[str, int]:
-    """Linears given each technique (symmetric grids apart) over every stored plan run."""
-    counts = collections.Counter()
+def picked() -> tuple[dict[str, int], int]:
+    """Linears given each family over every stored plan run, and how many of the plans whose menu had codebooks of
+    pairs chose a candidate measured only without them."""
+    counts, beside = collections.Counter(), 0
+    left_out = {(c.bits, c.group_size, c.outliers, c.lut, c.per_ic) for c in measure.BESIDE_CODEBOOKS}
     for path in RESULTS.glob("plan-smollm2*/*.json"):
-        layers = json.loads(path.read_text()).get("plan")
-        for entry in (layers or {}).values():
+        result = json.loads(path.read_text())
+        for entry in (result.get("plan") or {}).values():
+            key = (entry["bits"], entry["group_size"], entry.get("outliers", 0.0), entry.get("lut", False),
+                   entry.get("per_ic", False))
             kind = ("vq" if entry.get("vq") else "column-bits" if entry.get("column_bits")
+                    else "grids, symmetric" if entry.get("sym") else "beside codebooks" if key in left_out
                     else "per-ic" if entry.get("per_ic") else "lut" if entry.get("lut")
-                    else "outliers" if entry.get("outliers") else "grids, symmetric" if entry.get("sym")
-                    else "grids, asymmetric")
+                    else "outliers" if entry.get("outliers") else "grids, asymmetric")
             counts[kind] += 1
-    return dict(counts)
+            beside += kind == "beside codebooks" and "vq" in (result.get("menu") or "")
+    return dict(counts), beside
 
 
 @torch.no_grad()
@@ -87,11 +97,12 @@ def main() -> None:
                     start = time.process_time()
                     sampled_losses(W, hessians[group].H, fisher[prefix + name], opts=opts, **kwargs)
                     seconds[kind] += time.process_time() - start
-    rows = [{"family": kind, "candidates": len(next(v for v in kwargs.values() if v)),
+    rows = [{"family": kind, "candidates": sum(map(len, kwargs.values())),
              "cpu_s_per_block": seconds[kind] / len(BLOCKS)} for kind, kwargs in kinds.items()]
     result = {"date": datetime.date.today().isoformat(), "cpu": cpu_label(), "blocks": list(BLOCKS),
               "fisher_cpu_s": fisher_seconds,
-              "hessian_cpu_s_per_block": hessian_seconds / len(BLOCKS), "families": rows, "picked": picked()}
+              "hessian_cpu_s_per_block": hessian_seconds / len(BLOCKS), "families": rows}
+    result["picked"], result["beside_codebooks_with_codebooks"] = picked()
     (RESULTS / "measure-cost.json").write_text(json.dumps(result, indent=1) + "\n")
     (RESULTS / "measure-cost.md").write_text(report(result))
     print(report(result))
@@ -113,6 +124,9 @@ def report(r: dict) -> str:
     for row in r["families"]:
         count = r["picked"].get(row["family"], 0)
         lines.append(f"| {row['family']} | {row['candidates']} | {row['cpu_s_per_block']:.2f} | {count:,} |")
+    lines += ["", (f"Of the plans whose menu had codebooks of pairs, {r['beside_codebooks_with_codebooks']} linears "
+                   "were given a candidate that the measurement now takes only without codebooks on the menu "
+                   "(`BESIDE_CODEBOOKS`, bitsmith/measure.py).")]
     return "\n".join(lines) + "\n"
 
 

@@ -33,8 +33,7 @@ same 0.22 bits per weight. Groups of 128 are the coarse grouping the plan otherw
 few weights widen a group's range most; with finer groups the metadata already buys part of what outliers buy
 (SpQR, Dettmers et al. 2023, section 4). 0.5 % and 1 % bracket SqueezeLLM's 0.45 % and SpQR's ~1 %; at 576
 inputs they cost 0.22 and 0.39 bits per weight (fp16 values, int16 columns, int32 row pointers), between a
-finer group and one more bit. Each takes GPTQ's outlier-selection pass on top of its own: on SmolLM2 the four
-add 65 % to the measurement's GPTQ time (4.2 to 6.9 CPU seconds per block).
+finer group and one more bit. Each takes GPTQ's outlier-selection pass on top of its own.
 
 Lookup tables (quantize/lut.py, SqueezeLLM's non-uniform grid: 2^bits fp16 centroids per output row, codes chosen
 by GPTQ) are candidates at 2, 3 and 4 bits, `LUT_CANDIDATES`. A table costs 2^bits x 16 bits per row, so it is
@@ -60,6 +59,13 @@ has all of them, else passes of their own; their groups' losses summed with the 
 an estimate of the whole linear's),
 then GPTQ on them; they cost what R bits cost, and
 one more bit per group and row for the zero points.
+
+Beside codebooks of pairs, five candidates are not measured (`BESIDE_CODEBOOKS`, `measured_candidates`): outliers
+and per-input-channel grids at 2 bits, tables at 4 bits. Codebooks take their place at 2 bits, and the plans
+choose them too seldom to pay for their measurement: re-planned from the 43 candidates of SmolLM2's measurement of
+2026-12-07 without them, the plans for 2.25 to 3.25 and 5 bits per weight are the same linear for linear, and
+4.25's differs in 13 of 210 linears, its predicted loss 0.09907 -> 0.09914 nats; they cost 3.2 of the
+measurement's 23 CPU seconds per block (bench/results/measure-cost.md). A menu without codebooks measures them.
 
 Decide: linears that read one input in one block (q/k/v, gate/up) share a configuration, as fused loaders
 (vLLM) require; a multiple-choice knapsack (quantize/allocate.py) picks one candidate per such unit.
@@ -102,6 +108,8 @@ COLUMN_BITS_CANDIDATES = tuple(LayerPlan(b, 128, False, column_bits=True) for b 
 CANDIDATES = (PLAIN_CANDIDATES + OUTLIER_CANDIDATES + LUT_CANDIDATES     # in `sampled_losses`' order: the grids
               + PER_IC_CANDIDATES + VQ_CANDIDATES                      # of single rows, tables, per-IC grids, VQ,
               + COLUMN_BITS_CANDIDATES)                                # bits per group of columns
+BESIDE_CODEBOOKS = frozenset([c for c in OUTLIER_CANDIDATES + PER_IC_CANDIDATES if c.bits == 2]   # not chosen
+                             + [c for c in LUT_CANDIDATES if c.bits == 4])        # beside codebooks (docstring)
 MEASURE_ROWS = 128        # rows of each linear the measurement runs GPTQ on (all of them when it has fewer)
 MEASURE_WINDOWS = 64      # first calibration windows the measurement's Hessians come from (quantization uses all)
 SHRINK_EVERY = 8          # the measurement's grid search tries every 8th of GPTQ's 80 shrink factors
@@ -256,7 +264,7 @@ def sampled_losses(W: torch.Tensor, H: torch.Tensor, fisher: torch.Tensor, confi
     whole windows of rows (`window_sample`)."""
     size = fisher * rtn_error(W, H)
     pick, weight = SAMPLERS[sampler](size, rows)
-    fisher_losses = plain_losses = torch.zeros(0)
+    parts = []                  # (losses [candidates, rows], the rows' Fisher, their Horvitz-Thompson weights)
     first = [GridConfig(c.bits, c.group_size) for c in column_bits]     # the widths' first passes: in the stack?
     stacked = bool(first) and set(first) <= set(configs) and not opts.static_groups
     score = torch.zeros(len(first) * len(pick), W.shape[1]) if stacked else None
@@ -264,22 +272,19 @@ def sampled_losses(W: torch.Tensor, H: torch.Tensor, fisher: torch.Tensor, confi
         _, losses = gptq_configs(W[pick], H, configs, opts.act_order, opts.static_groups, opts.damp, mse=opts.mse,
                                  shrink_every=SHRINK_EVERY, keep=False, score=score,
                                  scored=[configs.index(f) for f in first] if stacked else None)
-        fisher_losses, plain_losses = losses @ (weight * fisher[pick]) / 2, losses @ weight
+        parts.append((losses, fisher[pick], weight))
     if lut_bits:
         _, lut_losses = gptq_lut_configs(W[pick], H, list(lut_bits), opts.act_order, opts.damp, keep=False)
-        fisher_losses = torch.cat([fisher_losses, lut_losses @ (weight * fisher[pick]) / 2])
-        plain_losses = torch.cat([plain_losses, lut_losses @ weight])
+        parts.append((lut_losses, fisher[pick], weight))
     if per_ic:
         window, window_weight = window_sample(size, PER_IC_WINDOW, PER_IC_WINDOWS)
         _, ic_losses = gptq_configs(W[window], H, list(per_ic), opts.act_order, opts.static_groups, opts.damp,
                                     mse=opts.mse, shrink_every=SHRINK_EVERY, keep=False)
-        fisher_losses = torch.cat([fisher_losses, ic_losses @ (window_weight * fisher[window]) / 2])
-        plain_losses = torch.cat([plain_losses, ic_losses @ window_weight])
+        parts.append((ic_losses, fisher[window], window_weight))
     if vq:
         _, vq_losses = gptq_vq_configs(W[pick], H, [(c.bits, c.group_size) for c in vq], opts.act_order,
                                        opts.damp, fit=W, keep=False)
-        fisher_losses = torch.cat([fisher_losses, vq_losses @ (weight * fisher[pick]) / 2])
-        plain_losses = torch.cat([plain_losses, vq_losses @ weight])
+        parts.append((vq_losses, fisher[pick], weight))
     if column_bits:
         n = len(pick)
         widths = [with_widths(f.bits, f.group_size, score[k * n:(k + 1) * n], weight)
@@ -287,9 +292,11 @@ def sampled_losses(W: torch.Tensor, H: torch.Tensor, fisher: torch.Tensor, confi
         _, cb_losses = gptq_column_bits_configs(W[pick], H, [(c.bits, c.group_size) for c in column_bits],
                                                 opts.act_order, opts.damp, opts.mse, SHRINK_EVERY, row_weight=weight,
                                                 keep=False, widths=widths)
-        fisher_losses = torch.cat([fisher_losses, cb_losses @ (weight * fisher[pick]) / 2])
-        plain_losses = torch.cat([plain_losses, cb_losses @ weight])
-    return fisher_losses.tolist(), plain_losses.tolist()
+        parts.append((cb_losses, fisher[pick], weight))
+    # each candidate's sums over its own rows alone (a product with the stack would round them by the stack's shape)
+    fisher_losses = [float(x) for losses, f, w in parts for x in (losses * (w * f)).sum(dim=1) / 2]
+    plain_losses = [float(x) for losses, _, w in parts for x in (losses * w).sum(dim=1)]
+    return fisher_losses, plain_losses
 
 
 def window_sample(size: torch.Tensor, window: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -314,6 +321,12 @@ def units_of(runner: BlockRunner) -> list[list[str]]:
             for i in range(runner.n_blocks) for group in family.siblings]
 
 
+def measured_candidates(menu: tuple[str, ...]) -> list[LayerPlan]:
+    """The candidates of the techniques on `menu`, in CANDIDATES' order; those of `BESIDE_CODEBOOKS` only when
+    codebooks of pairs are not on it."""
+    return [c for c in CANDIDATES if c.technique in menu and ("vq" not in menu or c not in BESIDE_CODEBOOKS)]
+
+
 @torch.no_grad()
 def measure(source: ModelSource, opts: QuantizeOptions, progress: bool = True, world: World = SOLO,
             calib: tuple[torch.Tensor, str] | None = None) -> Measurement:
@@ -332,7 +345,7 @@ def measure(source: ModelSource, opts: QuantizeOptions, progress: bool = True, w
                                      share=world.share(fisher_windows.shape[0], WINDOWS_AT_ONCE),
                                      gather=lambda values: gathered_list(values, world),
                                      labels=opts.fisher_labels, seed=opts.seed)
-    candidates = [c for c in CANDIDATES if c.technique in opts.menu]          # in CANDIDATES' order
+    candidates = measured_candidates(opts.menu)
     configs = [GridConfig(c.bits, c.group_size, c.sym, c.outliers) for c in candidates
                if not (c.lut or c.per_ic or c.vq or c.column_bits)]
     lut_bits = [c.bits for c in candidates if c.lut]

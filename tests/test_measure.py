@@ -31,6 +31,7 @@ from bitsmith.layouts import (
 )
 from bitsmith.loader import load_model
 from bitsmith.measure import (
+    BESIDE_CODEBOOKS,
     CANDIDATES,
     LUT_CANDIDATES,
     OUTLIER_CANDIDATES,
@@ -40,11 +41,12 @@ from bitsmith.measure import (
     VQ_CANDIDATES,
     Measurement,
     decide,
+    measured_candidates,
     sampled_losses,
     window_sample,
 )
 from bitsmith.pipeline import calibration
-from bitsmith.plan import LayerPlan, QuantizeOptions
+from bitsmith.plan import TECHNIQUES, LayerPlan, QuantizeOptions
 from bitsmith.quantize.gptq import GridConfig
 from bitsmith.quantize.outliers import outlier_count
 from bitsmith.quantize.vq import gptq_vq
@@ -146,21 +148,39 @@ def test_the_summary_measures_the_loss_increase_it_predicted(planned, measuremen
 
 def test_measurement_covers_every_candidate_of_every_linear(measurement):
     m, _ = measurement
-    assert len(m.shapes) == 35 and m.candidates == list(CANDIDATES)
+    assert len(m.shapes) == 35 and m.candidates == [c for c in CANDIDATES if c not in BESIDE_CODEBOOKS]
     for proxy in ("fisher", "hessian"):
         for errors in m.errors[proxy].values():
-            assert len(errors) == len(CANDIDATES) and all(e >= 0 for e in errors)
+            assert len(errors) == len(m.candidates) and all(e >= 0 for e in errors)
     # more bits on the same grid never measure worse (8-bit g32 is the finest candidate of each linear)
     for errors in m.errors["fisher"].values():
         e = dict(zip(((c.bits, c.group_size, c.sym, c.outliers) for c in m.candidates), errors))
         assert e[(8, 32, False, 0)] <= e[(4, 32, False, 0)] <= e[(3, 32, False, 0)] <= e[(2, 32, False, 0)]
 
 
+def measured(m: Measurement, candidates) -> list:
+    """Those of `candidates` that the measurement `m` has (at least one)."""
+    mine = [c for c in candidates if c in m.candidates]
+    assert mine
+    return mine
+
+
+def test_candidates_unused_beside_codebooks_are_measured_only_without_them():
+    """2-bit outliers and per-input-channel grids and 4-bit tables are left out when codebooks of pairs are on the
+    menu, and measured (in the candidates' order) when they are not."""
+    assert {(c.technique, c.bits) for c in BESIDE_CODEBOOKS} == {("outliers", 2), ("per-ic", 2), ("lut", 4)}
+    full = measured_candidates(TECHNIQUES)
+    assert not BESIDE_CODEBOOKS & set(full) and len(full) == len(CANDIDATES) - len(BESIDE_CODEBOOKS)
+    without = measured_candidates(tuple(t for t in TECHNIQUES if t != "vq"))
+    assert BESIDE_CODEBOOKS <= set(without) and without == [c for c in CANDIDATES if not c.vq]
+    assert measured_candidates(("per-ic",)) == list(PER_IC_CANDIDATES)
+
+
 def test_outlier_candidates_are_priced_by_their_layout_and_lower_the_error(measurement):
     m, _ = measurement
     assert OUTLIER_CANDIDATES and all(c.outliers for c in OUTLIER_CANDIDATES)
     table = m.errors["fisher"]
-    for c in OUTLIER_CANDIDATES:
+    for c in measured(m, OUTLIER_CANDIDATES):
         j, plain = m.candidates.index(c), m.candidates.index(replace(c, outliers=0.0))
         for name, (out, inp) in m.shapes.items():
             k = outlier_count(c.outliers, inp)
@@ -173,7 +193,7 @@ def test_outlier_candidates_are_priced_by_their_layout_and_lower_the_error(measu
 def test_lookup_table_candidates_are_priced_by_their_layout(measurement):
     m, _ = measurement
     assert LUT_CANDIDATES and all(c.lut and c.group_size == -1 for c in LUT_CANDIDATES)
-    for c in LUT_CANDIDATES:
+    for c in measured(m, LUT_CANDIDATES):
         j = m.candidates.index(c)
         for name, (out, inp) in m.shapes.items():
             assert m.cost(name, j) == 32 * packed_length(inp, c.bits) * out + 16 * out * 2 ** c.bits
@@ -183,7 +203,7 @@ def test_lookup_table_candidates_are_priced_by_their_layout(measurement):
 def test_per_input_channel_candidates_are_priced_by_their_layout(measurement):
     m, _ = measurement
     assert PER_IC_CANDIDATES and all(c.per_ic and PER_IC_WINDOW % c.group_size == 0 for c in PER_IC_CANDIDATES)
-    for c in PER_IC_CANDIDATES:
+    for c in measured(m, PER_IC_CANDIDATES):
         j = m.candidates.index(c)
         for name, (out, inp) in m.shapes.items():
             groups = -(-out // c.group_size)
@@ -191,8 +211,8 @@ def test_per_input_channel_candidates_are_priced_by_their_layout(measurement):
             assert m.errors["fisher"][name][j] > 0
     # more bits on the same grouping never measure worse over the model
     total = {(c.bits, c.group_size): sum(m.errors["fisher"][n][m.candidates.index(c)] for n in m.shapes)
-             for c in PER_IC_CANDIDATES}
-    assert total[(4, 64)] < total[(3, 64)] < total[(2, 64)] and total[(4, 128)] < total[(3, 128)] < total[(2, 128)]
+             for c in measured(m, PER_IC_CANDIDATES)}
+    assert total[(4, 64)] < total[(3, 64)] and total[(4, 128)] < total[(3, 128)]
 
 
 def test_codebook_candidates_are_priced_by_their_layout_and_measured_under_whole_matrix_codebooks(measurement):
@@ -342,7 +362,7 @@ def test_decisions_are_deterministic_monotone_and_within_budget(measurement):
 
 
 @pytest.mark.parametrize("menu", [("uniform",), ("uniform", "wide"), ("uniform", "lut"), ("uniform", "outliers"),
-                                  ("per-ic",), ("lut", "per-ic"), ("uniform", "column-bits")])
+                                  ("uniform", "per-ic"), ("lut", "per-ic"), ("uniform", "column-bits")])
 def test_a_menu_restricts_the_plan_to_its_techniques(measurement, menu):
     """Every linear of a plan from a restricted menu gets one of its techniques; its predicted error is the least
     among those (no better than the full menu's, no worse than uniform grids alone when they are offered)."""

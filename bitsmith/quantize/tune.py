@@ -141,12 +141,15 @@ def kl_backward(hidden: torch.Tensor, teacher: torch.Tensor, head: Callable[[tor
     for start in range(0, n, HEAD_CHUNK):
         with autocast():
             with torch.no_grad():
-                target = teacher_head(teacher[start:start + HEAD_CHUNK]).float().log_softmax(-1)
+                t = teacher_head(teacher[start:start + HEAD_CHUNK]).float()
             logits = head(hidden[start:start + HEAD_CHUNK])
         with torch.no_grad():
-            p, z = target.exp(), logits.float()
-            total += ((p * (target - z)).sum() + torch.logsumexp(z, -1).sum()).item() / n
-            grad = torch.softmax(z, -1).sub_(p).div_(n)
+            z = logits.float()
+            p, q = torch.softmax(t, -1), torch.softmax(z, -1)
+            # KL = sum p (t - z) - lse(t) + lse(z) per position; lse(x) = max x - log max softmax(x)
+            lse = lambda x, probs: x.amax(-1) - probs.amax(-1).log()
+            total += (torch.dot(p.view(-1), (t - z).view(-1)) + (lse(z, q) - lse(t, p)).sum()).item() / n
+            grad = q.sub_(p).div_(n)
         logits.backward(grad.to(logits.dtype))
     return total
 

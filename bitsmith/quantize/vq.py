@@ -162,8 +162,9 @@ def square_grid(X: torch.Tensor, weight: torch.Tensor, k: int) -> torch.Tensor:
 
 def nearest_entry(features: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
     """Index of each point's entry of least weighted distance sum_t w_t (x_t - c_t)^2 = const + w . c^2 - 2 (w x) . c,
-    one matrix product of the points' features [w, -2 w x] [n, 4] with the entries' [c^2, c] [k, 4]."""
-    return torch.argmin(features @ torch.cat([C.square(), C], dim=1).t(), dim=1)
+    one matrix product of the points' features [w, -2 w x] [n, 4] with the entries' [c^2, c] [k, 4]. (`min`'s
+    index is argmin's, first of ties, at half its cost on CPU: torch's argmin over the last dimension is scalar.)"""
+    return (features @ torch.cat([C.square(), C], dim=1).t()).min(dim=1).indices
 
 
 def codebooks(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, scales: torch.Tensor,
@@ -247,17 +248,20 @@ def pair_loop(work: torch.Tensor, Hinv: torch.Tensor, books: torch.Tensor, scale
     codes = torch.zeros(out, cols // 2, dtype=torch.uint8) if keep else None
     losses = torch.zeros(out)
     blocksize += blocksize % 2
+    scaled: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}                   # block -> every entry, scaled
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
         W1, U = work[:, i1:i2].clone(), Hinv[i1:i2, i1:i2]
         Err1 = torch.zeros_like(W1)
         for i in range(0, i2 - i1, 2):
-            book = table[block_of[(i1 + i) // 2]]
-            c0, c1 = s * book[:, 0], s * book[:, 1]                              # [out, K]: every entry, scaled
+            g = int(block_of[(i1 + i) // 2])
+            if g not in scaled:
+                scaled[g] = s * table[g, :, 0], s * table[g, :, 1]                # [out, K]
+            c0, c1 = scaled[g]
             d0, d1, u = U[i, i], U[i + 1, i + 1], U[i, i + 1]
             e0 = (W1[:, i, None] - c0) / d0
-            e1 = (W1[:, i + 1, None] - e0 * u - c1) / d1
-            q = torch.argmin(e0 * e0 + e1 * e1, dim=1, keepdim=True)
+            e1 = torch.sub(W1[:, i + 1, None], e0 * u).sub_(c1).div_(d1)
+            q = e0.square().add_(e1.square()).min(dim=1, keepdim=True).indices     # `nearest_entry` on min
             err0 = e0.gather(1, q)[:, 0]
             W1[:, i:].addr_(err0, U[i, i:], alpha=-1)
             err1 = (W1[:, i + 1] - c1.gather(1, q)[:, 0]) / d1

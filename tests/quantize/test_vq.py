@@ -13,6 +13,7 @@ from bitsmith.quantize.vq import (
     entries,
     gptq_vq,
     importance_sample,
+    nearest_entry,
     pair_order,
     square_grid,
     weighted_kmeans2,
@@ -47,6 +48,20 @@ def test_lloyd_does_not_lose_to_its_square_grid(n, k, seed):
     start, fitted = square_grid(X, weight, k), weighted_kmeans2(X, weight, k)
     assert start.shape == fitted.shape == (k, 2) and torch.isfinite(fitted).all()
     assert error(fitted) <= error(start) * (1 + 1e-5) + 1e-9
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 300), k=st.sampled_from([4, 16, 64, 256]), levels=st.integers(2, 6), seed=st.integers(0, 999))
+def test_nearest_entry_is_the_first_of_least_weighted_distance(n, k, levels, seed):
+    """On points and entries of a few integer levels (many exact ties), each point's entry is the first of least
+    sum_t w_t (x_t - c_t)^2, as an argmin over the explicit distances picks it."""
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randint(0, levels, (n, 2), generator=g).float()
+    C = torch.randint(0, levels, (k, 2), generator=g).float()
+    weight = torch.randint(1, 3, (n, 2), generator=g).float()
+    distance = (weight[:, None, :] * (X[:, None, :] - C[None]).square()).sum(-1)
+    features = torch.cat([weight, -2 * weight * X], dim=1)
+    assert torch.equal(nearest_entry(features, C), torch.argmin(distance, dim=1))
 
 
 def test_fewer_points_than_entries_are_each_an_entry():
