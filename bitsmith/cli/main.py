@@ -95,7 +95,8 @@ QUANTIZE_SECTIONS = {
               help="What a measured plan may give a linear: uniform (GPTQ grids), wide (grids of 5 and 6 bits), "
                    "outliers (grids with fp16 outliers), lut (lookup tables), per-ic (grids per input channel), vq (codebooks of "
                    "pairs of weights), column-bits (groups of columns on R - 1, R or R + 1 bits). "
-                   "'uniform' alone keeps the checkpoint in the GPTQ convention; only these are measured.")
+                   "'uniform' alone keeps the checkpoint in the GPTQ convention; only these are measured (with vq, "
+                   "not outliers or per-ic at 2 bits nor lut at 4, which codebooks displace).")
 @click.option("--device", default="auto", show_default=True, metavar="auto|cpu|cuda[:N]",
               help="Where blocks, calibration activations, Hessians and GPTQ run (auto: CUDA when visible).")
 @click.option("--offload-activations", is_flag=True,
