@@ -58,6 +58,7 @@ from .kernels.column_bits_linear import (
     column_words,
     pack_groups,
     unpack_groups,
+    zeros_past_grid,
 )
 from .kernels.linear import DenseSparseLinear, QuantizedLinear
 from .kernels.lut_linear import LUTLinear, lut_dequantize
@@ -294,7 +295,7 @@ class ColumnBitsLayout:
         if qweight.shape[0] != column_words(inp, qw.bits, qw.group_size):
             raise ValueError(f"widths {widths.tolist()} do not keep {qw.bits} bits a weight in groups of "
                              f"{qw.group_size} (as many above as below, a short last group on {qw.bits})")
-        if qw.zeros.numel() and (qw.zeros > (2 ** widths.long() - 1)[:, None]).any():
+        if zeros_past_grid(qw.zeros, widths):
             raise ValueError("a zero point lies past its group's grid")
         return {"qweight": qweight, "scales": qw.scales.contiguous(), "qzeros": pack(qw.zeros, qw.bits + 1, dim=1),
                 "g_idx": g_idx, "widths": widths}

@@ -41,6 +41,11 @@ def pack_groups(codes: torch.Tensor, g_idx: torch.Tensor, widths: torch.Tensor) 
     return torch.cat([pack(chunk.t(), int(w), dim=0) for chunk, w in zip(chunks, widths.tolist())])
 
 
+def zeros_past_grid(zeros: torch.Tensor, widths: torch.Tensor) -> bool:
+    """Whether a zero point [G, out] lies past its group's grid (0 .. 2^width - 1)."""
+    return bool(zeros.numel()) and bool((zeros > (2 ** widths.long() - 1)[:, None]).any())
+
+
 def check_groups(qweight: torch.Tensor, g_idx: torch.Tensor, widths: torch.Tensor, zeros: torch.Tensor, bits: int,
                  where: str) -> None:
     """That the stored groups fit: integer g_idx in [0, G), integer widths of at most bits + 1 that the packing
@@ -56,7 +61,7 @@ def check_groups(qweight: torch.Tensor, g_idx: torch.Tensor, widths: torch.Tenso
     words = sum(packed_length(int(n), int(w)) for n, w in zip(group_sizes(g_idx, G), widths))
     if words != qweight.shape[0]:
         raise InputError(f"{where}: qweight has {qweight.shape[0]} words a row, its groups' widths take {words}")
-    if zeros.numel() and (zeros > (2 ** widths.long() - 1)[:, None]).any():
+    if zeros_past_grid(zeros, widths):
         raise InputError(f"{where}: a zero point lies past its group's grid ({bits - 1} to {bits + 1} bits)")
 
 

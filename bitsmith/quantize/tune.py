@@ -132,6 +132,12 @@ class Trace:
     losses: list[float]
 
 
+def logsumexp(x: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+    """log sum exp over the last dimension of x, given probs = softmax(x): max x - log max probs (the top entry's
+    probability is 1 / sum exp(x - max x)); no second pass of exp."""
+    return x.amax(-1) - probs.amax(-1).log()
+
+
 def kl_backward(hidden: torch.Tensor, teacher: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor],
                 teacher_head: Callable[[torch.Tensor], torch.Tensor], autocast: Callable) -> float:
     """Mean KL(teacher || model) per position of the logits z = `head(hidden)` against `teacher_head(teacher)`
@@ -146,9 +152,8 @@ def kl_backward(hidden: torch.Tensor, teacher: torch.Tensor, head: Callable[[tor
         with torch.no_grad():
             z = logits.float()
             p, q = torch.softmax(t, -1), torch.softmax(z, -1)
-            # KL = sum p (t - z) - lse(t) + lse(z) per position; lse(x) = max x - log max softmax(x)
-            lse = lambda x, probs: x.amax(-1) - probs.amax(-1).log()
-            total += (torch.dot(p.view(-1), (t - z).view(-1)) + (lse(z, q) - lse(t, p)).sum()).item() / n
+            # KL = sum p (t - z) - lse(t) + lse(z) per position
+            total += (torch.dot(p.view(-1), (t - z).view(-1)) + (logsumexp(z, q) - logsumexp(t, p)).sum()).item() / n
             grad = q.sub_(p).div_(n)
         logits.backward(grad.to(logits.dtype))
     return total

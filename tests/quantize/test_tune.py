@@ -14,7 +14,7 @@ from bitsmith.quantize import tune as tune_module
 from bitsmith.quantize.column_bits import gptq_column_bits
 from bitsmith.quantize.gptq import gptq_quantize
 from bitsmith.quantize.lut import gptq_lut
-from bitsmith.quantize.tune import TunedLinear, kl_backward, tune
+from bitsmith.quantize.tune import TunedLinear, kl_backward, logsumexp, tune
 from bitsmith.quantize.vq import gptq_vq
 
 LAYERS = {
@@ -176,3 +176,9 @@ def test_saved_bytes_counts_what_the_backward_pass_keeps_once():
 ])
 def test_kept_blocks_fit_in_the_share_of_free_memory(per_block, blocks, free, share, kept):
     assert tune_module.kept_blocks(per_block, blocks, free, share) == kept
+
+
+def test_logsumexp_from_the_softmax_is_torchs():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 1000, generator=g) * torch.tensor([0.1, 5.0, 40.0]).repeat(22)[:64, None]
+    assert torch.allclose(logsumexp(x, torch.softmax(x, -1)), torch.logsumexp(x, -1), rtol=0, atol=1e-5)
