@@ -29,7 +29,7 @@ qweight, scales fp16 [G, in] and qzeros int32 [G, packed(in)] (true zeros packed
 `group_size` output rows (`PerICLayout`); also `quant_method: "bitsmith"` only.
 
 Codebooks of pairs (a plan entry with `vq`; GPTVQ, quantize/vq.py): qweight int32 [packed(in / 2), out], each pair
-of inputs' index of 2 x bits bits packed as GPTQ packs its codes, codebooks fp16 [G, 2^(2 bits), 2] (G blocks of
+of inputs' index of 2 x bits bits (5 and 7 at 2.5 and 3.5 bits) packed as GPTQ packs its codes, codebooks fp16 [G, 2^(2 bits), 2] (G blocks of
 `group_size` inputs) and row_scales fp16 [out] (`VQLayout`); also `quant_method: "bitsmith"` only.
 
 Bits per group of columns (a plan entry with `column_bits`; BAQ, quantize/column_bits.py): each group of columns'
@@ -51,7 +51,7 @@ import torch
 
 from .formats.csr import csr_bits, to_csr
 from .formats.errors import InputError
-from .formats.packing import SUPPORTED_BITS, pack, packed_length, trim_earlier_padding, unpack
+from .formats.packing import pack, packed_length, trim_earlier_padding, unpack
 from .kernels.column_bits_linear import (
     ColumnBitsLinear,
     column_bits_dequantize,
@@ -65,13 +65,13 @@ from .kernels.lut_linear import LUTLinear, lut_dequantize
 from .kernels.per_ic_linear import PerICLinear, per_ic_dequantize
 from .kernels.reference import csr_rows, dense_sparse_dequantize, dequantize, unpack_zeros
 from .kernels.vq_linear import VQLinear, vq_dequantize
-from .plan import FLAGS, MAX_OUTLIERS, LayerPlan, QuantPlan, technique_problem
+from .plan import FLAGS, MAX_OUTLIERS, LayerPlan, QuantPlan, stored_bits_valid, technique_problem, whole_or_half
 from .quantize.lut import LutWeight
 from .quantize.outliers import DenseSparseWeight, outlier_count
 from .quantize.per_ic import PerICWeight, expand_rows, row_span
 from .quantize.rtn import ColumnBitsWeight, QuantizedWeight
 from .quantize.tune import Level, Levels
-from .quantize.vq import VQWeight, entries, flat_index, lookup, span
+from .quantize.vq import VQWeight, entries, flat_index, index_bits, lookup, span
 
 
 class GPTQLayout:
@@ -247,13 +247,13 @@ class VQLayout:
 
     @staticmethod
     def tensors(qw: VQWeight) -> dict[str, torch.Tensor]:
-        return {"qweight": pack(qw.codes.t(), 2 * qw.bits, dim=0), "codebooks": qw.codebooks.contiguous(),
+        return {"qweight": pack(qw.codes.t(), index_bits(qw.bits), dim=0), "codebooks": qw.codebooks.contiguous(),
                 "row_scales": qw.scales.contiguous()}
 
     @staticmethod
     def stored_bits(out_features: int, in_features: int, layer: LayerPlan) -> int:
         blocks = -(-in_features // span(layer.group_size, in_features))
-        return (32 * packed_length(in_features // 2, 2 * layer.bits) * out_features
+        return (32 * packed_length(in_features // 2, index_bits(layer.bits)) * out_features
                 + 16 * blocks * entries(layer.bits) * 2 + 16 * out_features)
 
     @staticmethod
@@ -266,7 +266,7 @@ class VQLayout:
         """The codebooks and the row scales, the codes fixed: W = s_o C[g, q, t]; each codebook's coordinate t moves
         in units of its mean spacing, its range over sqrt(K) - 1 (the spacing of K points on a square grid), a row
         scale relative to itself."""
-        codes = unpack(stored("qweight"), 2 * layer.bits, in_features // 2, dim=0).t()
+        codes = unpack(stored("qweight"), index_bits(layer.bits), in_features // 2, dim=0).t()
         index = flat_index(codes, entries(layer.bits), layer.group_size)
         books, scales = stored("codebooks"), stored("row_scales")
         t = books.float()
@@ -433,8 +433,9 @@ def layer_config(qconfig: dict, name: str) -> dict | None:
 def layer_plan(layer: dict, where: str) -> LayerPlan:
     """A checkpoint's layer entry (`layer_config`) as a plan entry, checked."""
     bits, group, outliers = layer["bits"], layer["group_size"], layer.get("outliers", 0)
-    if type(bits) is not int or bits not in SUPPORTED_BITS or type(group) is not int or (group != -1 and group < 1):
+    if not stored_bits_valid(bits, layer.get("vq", False)) or type(group) is not int or (group != -1 and group < 1):
         raise InputError(f"{where}: unsupported bits {bits!r} / group_size {group!r} in quantization_config")
+    bits = whole_or_half(bits)
     if type(outliers) not in (int, float) or not 0 <= outliers <= MAX_OUTLIERS:
         raise InputError(f"{where}: outliers {outliers!r} in quantization_config is not a fraction from 0 to "
                          f"{MAX_OUTLIERS}")

@@ -47,8 +47,11 @@ number of groups of either size), drawn with probability proportional to the win
 weights them as above.
 
 Codebooks of pairs (quantize/vq.py, GPTVQ in two dimensions: 2^(2 bits) entries per block of inputs, a scale per
-row) are candidates at 2 and 3 bits with a codebook per 128 inputs and at 4 bits per 256 inputs, `VQ_CANDIDATES`
-(256 entries x 2 x 16 bits per 128 inputs would cost 0.33 bits per weight on SmolLM2's 192-row k/v projections).
+row) are candidates at 2, 2.5, 3 and 3.5 bits with a codebook per 128 inputs and at 4 bits per 256 inputs,
+`VQ_CANDIDATES` (256 entries x 2 x 16 bits per 128 inputs would cost 0.33 bits per weight on SmolLM2's 192-row
+k/v projections). The half bits (indices of 5 and 7 bits a pair) put a rung between the whole ones, where a plan
+would otherwise mix linears of 3 and 4 bits: the error falls about geometrically with the bits, so a linear at 3.5
+loses less than the mean of two at 3 and 4.
 A codebook is shared by all rows: it is fitted on the whole linear, and GPTQ's loss of the sampled rows under it
 is weighted as above.
 
@@ -91,7 +94,18 @@ from .formats.source import ModelSource
 from .layouts import layout_of
 from .memory import release_freed_memory
 from .pipeline import calibration_windows, collect_hessians, compute, linear_shapes
-from .plan import FISHER_LABELS, FLAGS, LUT_BITS, MAX_OUTLIERS, LayerPlan, QuantizeOptions, QuantPlan, technique_problem
+from .plan import (
+    FISHER_LABELS,
+    FLAGS,
+    LUT_BITS,
+    MAX_OUTLIERS,
+    LayerPlan,
+    QuantizeOptions,
+    QuantPlan,
+    stored_bits_valid,
+    technique_problem,
+    whole_or_half,
+)
 from .quantize.allocate import allocate
 from .quantize.column_bits import COLUMN_BITS, gptq_column_bits_configs, with_widths
 from .quantize.gptq import GridConfig, gptq_configs
@@ -103,7 +117,8 @@ PLAIN_CANDIDATES = tuple(LayerPlan(b, g, False) for b in (2, 3, 4, 8, 5, 6) for 
 OUTLIER_CANDIDATES = tuple(LayerPlan(b, 128, False, outliers=f) for b in (2, 3) for f in (0.005, 0.01))
 LUT_CANDIDATES = tuple(LayerPlan(b, -1, False, lut=True) for b in LUT_BITS)
 PER_IC_CANDIDATES = tuple(LayerPlan(b, g, False, per_ic=True) for b in (2, 3, 4) for g in (64, 128))
-VQ_CANDIDATES = tuple(LayerPlan(b, g, False, vq=True) for b, g in ((2, 128), (3, 128), (4, 256)))
+VQ_CANDIDATES = tuple(LayerPlan(b, g, False, vq=True) for b, g in ((2, 128), (2.5, 128), (3, 128), (3.5, 128),
+                                                                     (4, 256)))
 COLUMN_BITS_CANDIDATES = tuple(LayerPlan(b, 128, False, column_bits=True) for b in COLUMN_BITS)
 CANDIDATES = (PLAIN_CANDIDATES + OUTLIER_CANDIDATES + LUT_CANDIDATES     # in `sampled_losses`' order: the grids
               + PER_IC_CANDIDATES + VQ_CANDIDATES                      # of single rows, tables, per-IC grids, VQ,
@@ -115,8 +130,9 @@ MEASURE_WINDOWS = 64      # first calibration windows the measurement's Hessians
 SHRINK_EVERY = 8          # the measurement's grid search tries every 8th of GPTQ's 80 shrink factors
 PROXIES = ("fisher", "hessian")
 PER_IC_WINDOW, PER_IC_WINDOWS = 128, 2     # rows per window and windows of the per-input-channel candidates
-MEASUREMENT_VERSION = 6           # 6: bits per group of columns; 5: codebooks of pairs; 4: per-input-channel
-                                  # candidates; 3: lookup tables; 2: outliers; 1-5 still read
+MEASUREMENT_VERSION = 7           # 7: codebooks at 2.5 and 3.5 bits; 6: bits per group of columns; 5: codebooks
+                                  # of pairs; 4: per-input-channel candidates; 3: lookup tables; 2: outliers; 1-6
+                                  # still read
 MATCHING_OPTIONS = ("method", "act_order", "static_groups", "mse", "damp")
 
 
@@ -171,9 +187,9 @@ class Measurement:
 
     @classmethod
     def _from(cls, body: dict, source: ModelSource, opts: QuantizeOptions, where: str) -> Measurement:
-        if body["format_version"] not in (1, 2, 3, 4, 5, MEASUREMENT_VERSION):
+        if body["format_version"] not in range(1, MEASUREMENT_VERSION + 1):
             raise InputError(f"{where}: measurement format {body['format_version']!r}, expected "
-                             f"{MEASUREMENT_VERSION} (or 1-5); measure again with this bitsmith")
+                             f"{MEASUREMENT_VERSION} (or 1-{MEASUREMENT_VERSION - 1}); measure again with this bitsmith")
         if body["source_fingerprint"] != source.fingerprint():
             raise InputError(f"{where}: measured on a different model (source fingerprint differs); measure "
                              "this model again")
@@ -181,7 +197,9 @@ class Measurement:
             if body["options"][key] != getattr(opts, key):
                 raise InputError(f"{where}: measured with {key}={body['options'][key]!r}, this run has "
                                  f"{getattr(opts, key)!r}; use the same options or measure again")
-        candidates = [LayerPlan(int(c["bits"]), int(c["group_size"]), bool(c["sym"]),
+        if any(not stored_bits_valid(c["bits"], c.get("vq", False)) for c in body["candidates"]):
+            raise InputError(f"{where}: a candidate's bits are not a width bitsmith stores")
+        candidates = [LayerPlan(whole_or_half(c["bits"]), int(c["group_size"]), bool(c["sym"]),
                                 outliers=float(c.get("outliers", 0.0)),
                                 **{key: c.get(key, False) is True for key in FLAGS})
                       for c in body["candidates"]]
@@ -193,7 +211,7 @@ class Measurement:
         missing = {1: "outlier, lookup-table, per-input-channel, codebook and column-bits",
                    2: "lookup-table, per-input-channel, codebook and column-bits",
                    3: "per-input-channel, codebook and column-bits", 4: "codebook and column-bits",
-                   5: "column-bits"}.get(body["format_version"])
+                   5: "column-bits", 6: "half-bit codebook"}.get(body["format_version"])
         if missing:
             print(f"{where}: a measurement of format {body['format_version']} has no {missing} candidates: the "
                   f"plan chooses among its {len(candidates)} candidates (measure again to offer them all)",

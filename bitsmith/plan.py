@@ -113,7 +113,7 @@ class LayerPlan:
     `vq` pairs of inputs are coded into a codebook of 2^(2 bits) entries per block of `group_size` inputs
     (quantize/vq.py, GPTVQ). With `column_bits` each group of `group_size` columns gets bits - 1, bits or bits + 1
     bits, as many groups above as below (quantize/column_bits.py, BAQ)."""
-    bits: int
+    bits: int | float          # a half-integer only with `vq` (VQ_BITS)
     group_size: int
     sym: bool
     predicted_error: float | None = None
@@ -218,8 +218,10 @@ def _layer_from(entry, where: str) -> LayerPlan:
     if not isinstance(entry, dict):
         raise InputError(f"{where}: expected an object with bits, group_size, sym")
     bits, group, sym = entry.get("bits"), entry.get("group_size"), entry.get("sym", False)
-    if type(bits) is not int or bits not in SUPPORTED_BITS:
-        raise InputError(f"{where}: bits {bits!r}: choose one of {', '.join(map(str, SUPPORTED_BITS))}")
+    if not stored_bits_valid(bits, entry.get("vq", False)):
+        raise InputError(f"{where}: bits {bits!r}: choose one of {', '.join(map(str, SUPPORTED_BITS))}"
+                         f" (with vq: {', '.join(map(str, VQ_BITS))})")
+    bits = whole_or_half(bits)
     if type(group) is not int or (group != -1 and group < 1):
         raise InputError(f"{where}: group_size {group!r}: use -1 (per output channel) or a positive size")
     if not isinstance(sym, bool):
@@ -251,13 +253,29 @@ def check_outliers(fraction: float, name: str, method: str) -> None:
 LUT_BITS = (2, 3, 4)      # a table of 2^8 fp16 centroids per row costs more than the 8-bit grid it would replace
 
 
-VQ_BITS = (2, 3, 4)       # 16, 64 or 256 entries per codebook of pairs (quantize/vq.py)
+VQ_BITS = (2, 2.5, 3, 3.5, 4)     # 16, 32, 64, 128 or 256 entries per codebook of pairs (quantize/vq.py)
+
+
+def stored_bits_valid(bits, vq) -> bool:
+    """Whether `bits` as read from JSON names a width: a whole number of SUPPORTED_BITS, or with codebooks of
+    pairs one of VQ_BITS (2.5 and 3.5 written as numbers with a fraction)."""
+    if type(bits) is int and bits in SUPPORTED_BITS:
+        return True
+    return vq is True and type(bits) in (int, float) and bits in VQ_BITS
+
+
+def whole_or_half(bits: float) -> int | float:
+    """A width as a plan holds it: an int where it is whole, else the half-integer float (keys print w3vq128 and
+    w3.5vq128, never w3.0vq128)."""
+    return int(bits) if float(bits).is_integer() else float(bits)
 
 
 def technique_problem(layer: LayerPlan) -> str | None:
     """Why the techniques of one entry do not go together, or None: the one rule that plan files, checkpoint
     configs and measurements all check. A lookup table is one per output row; per-input-channel grids and
     codebooks of pairs keep nothing else on them; codebooks code pairs of inputs."""
+    if not layer.vq and not float(layer.bits).is_integer():
+        return f"{layer.bits} bits: half bits are codebooks' only"
     if layer.lut and layer.bits not in LUT_BITS:
         return f"lut with {layer.bits} bits: choose one of {', '.join(map(str, LUT_BITS))}"
     if layer.lut and (layer.group_size != -1 or layer.sym or layer.outliers):

@@ -292,10 +292,10 @@ def test_a_measurement_of_format_1_plans_without_outliers(planned, measurement, 
     plan = decide(v1, 3.0, opts)
     assert not any(layer.outliers or layer.lut or layer.per_ic or layer.vq or layer.column_bits
                    for layer in plan.layers.values())
-    old["format_version"] = 7
-    (tmp_path / "v7.json").write_text(json.dumps(old))
-    with pytest.raises(InputError, match="measurement format 7, expected 6 \\(or 1-5\\); measure again"):
-        Measurement.load(tmp_path / "v7.json", open_source(str(stories_path)), opts)
+    old["format_version"] = 8
+    (tmp_path / "v8.json").write_text(json.dumps(old))
+    with pytest.raises(InputError, match="measurement format 8, expected 7 \\(or 1-6\\); measure again"):
+        Measurement.load(tmp_path / "v8.json", open_source(str(stories_path)), opts)
 
 
 def test_a_measurement_records_whose_labels_its_fisher_is_of(planned, measurement, stories_path, tmp_path):

@@ -3,8 +3,9 @@
 Codes are laid out as one little-endian bit stream along the packed dimension: value i of a run of 32
 occupies bits [i*b, (i+1)*b) of the stream, and word j holds stream bits [32j, 32j+32). For b in {2, 4, 8}
 this is the familiar "32/b values per int32, low bits first"; for b = 3 values straddle word boundaries
-exactly as AutoGPTQ/GPTQModel pack 3-bit weights (32 values in 3 words), and b = 5 and 6 straddle the same way
-(32 values in 5 and 6 words; the GPTQ convention stops at 2, 3, 4 and 8 bits, `GPTQ_BITS`).
+exactly as AutoGPTQ/GPTQModel pack 3-bit weights (32 values in 3 words), and b = 5, 6 and 7 straddle the same way
+(32 values in b words; the GPTQ convention stops at 2, 3, 4 and 8 bits, `GPTQ_BITS`). Grids take the widths of
+`SUPPORTED_BITS`; any width of `PACKED_BITS` packs (the 5- and 7-bit indices of codebooks of pairs).
 
 A packed run of n codes is ceil(n * b / 32) words, the words its bit stream touches: the shape GPTQModel gives
 qweight [ceil(in * b / 32), out] and qzeros [G, ceil(out * b / 32)] (nn_modules/qlinear/__init__.py,
@@ -17,6 +18,7 @@ import torch
 
 SUPPORTED_BITS = (2, 3, 4, 5, 6, 8)
 GPTQ_BITS = (2, 3, 4, 8)           # the widths GPTQ loaders and their kernels read
+PACKED_BITS = (2, 3, 4, 5, 6, 7, 8)   # every width `pack` and `unpack` take
 
 
 def packed_length(n: int, bits: int) -> int:
@@ -88,5 +90,5 @@ def unpack(packed: torch.Tensor, bits: int, n: int, dim: int = 0) -> torch.Tenso
 
 
 def _check_bits(bits: int) -> None:
-    if bits not in SUPPORTED_BITS:
-        raise ValueError(f"unsupported bit width {bits}; choose one of {SUPPORTED_BITS}")
+    if bits not in PACKED_BITS:
+        raise ValueError(f"unsupported bit width {bits}; choose one of {PACKED_BITS}")

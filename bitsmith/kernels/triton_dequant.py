@@ -23,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..quantize.vq import index_bits
 from .triton_w4a16 import _codes3, _codes_stream, _load_runs3, _unpack
 
 BLOCK_K, BLOCK_N = 64, 64          # a whole number of packed words at every bit width (32 codes: 3 words at 3 bits;
@@ -68,14 +69,13 @@ def _per_ic_kernel(qweight_ptr, scales_ptr, zeros_ptr, w_ptr, K, N, GROUP_ROWS, 
 
 
 @triton.jit
-def _vq_kernel(qweight_ptr, codebooks_ptr, scales_ptr, w_ptr, K, N, SPAN, BITS: tl.constexpr,
+def _vq_kernel(qweight_ptr, codebooks_ptr, scales_ptr, w_ptr, K, N, SPAN, INDEX_BITS: tl.constexpr,
                BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
     """W[k, n] = s[n] * C[2p // SPAN, index[p, n], k % 2] (p = k // 2) for one [BLOCK_K, BLOCK_N] tile."""
     offs_k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = (offs_k < K)[:, None] & (offs_n < N)[None, :]
     pairs = offs_k // 2                                  # each index read for both rows of its pair
-    INDEX_BITS: tl.constexpr = 2 * BITS
     if 32 % INDEX_BITS:
         index = _codes_stream(qweight_ptr, pairs, offs_n, mask, K // 2, N, INDEX_BITS)
     else:
@@ -137,14 +137,15 @@ def per_ic_dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.
     return W
 
 
-def vq_dequantize(qweight: torch.Tensor, codebooks: torch.Tensor, row_scales: torch.Tensor, bits: int, K: int,
+def vq_dequantize(qweight: torch.Tensor, codebooks: torch.Tensor, row_scales: torch.Tensor, bits: float, K: int,
                   group_size: int, dtype: torch.dtype) -> torch.Tensor:
     """W [K, N] from pair indices packed along K / 2 [packed(K / 2), N], codebooks [G, 2^(2 bits), 2] of
     `group_size` inputs each (-1: all K) and row scales [N]."""
     N = qweight.shape[1]
     W = torch.empty(K, N, device=qweight.device, dtype=dtype)
     _vq_kernel[_grid(K, N)](qweight, codebooks.contiguous(), row_scales.contiguous(), W, K, N,
-                            K if group_size == -1 else group_size, BITS=bits, BLOCK_K=BLOCK_K, BLOCK_N=BLOCK_N)
+                            K if group_size == -1 else group_size, INDEX_BITS=index_bits(bits), BLOCK_K=BLOCK_K,
+                            BLOCK_N=BLOCK_N)
     return W
 
 

@@ -14,22 +14,22 @@ from __future__ import annotations
 import torch
 
 from ..formats.packing import packed_length, unpack
-from ..quantize.vq import dequantize, entries, flat_index, span
+from ..quantize.vq import dequantize, entries, flat_index, index_bits, span
 from .cpu import TableWeights
 from .dequantizing import DequantizingLinear
 
 
-def vq_dequantize(qweight: torch.Tensor, codebooks: torch.Tensor, row_scales: torch.Tensor, bits: int,
+def vq_dequantize(qweight: torch.Tensor, codebooks: torch.Tensor, row_scales: torch.Tensor, bits: float,
                   in_features: int, group_size: int) -> torch.Tensor:
     """W [out, in] in float32 from the stored tensors (module docstring)."""
-    return dequantize(unpack(qweight, 2 * bits, in_features // 2, dim=0).t(), codebooks, row_scales, group_size)
+    return dequantize(unpack(qweight, index_bits(bits), in_features // 2, dim=0).t(), codebooks, row_scales, group_size)
 
 
-def vq_table(qweight: torch.Tensor, codebooks: torch.Tensor, row_scales: torch.Tensor, bits: int, in_features: int,
+def vq_table(qweight: torch.Tensor, codebooks: torch.Tensor, row_scales: torch.Tensor, bits: float, in_features: int,
              group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """W as codes [out, in] into a table per row [out, G * 2^(2 bits) * 2]: row o's table is s_o times every entry
     of every codebook, and weight (o, 2p + t) points at entry (block of 2p, its pair's index, t)."""
-    codes = flat_index(unpack(qweight, 2 * bits, in_features // 2, dim=0).t(), entries(bits), group_size)
+    codes = flat_index(unpack(qweight, index_bits(bits), in_features // 2, dim=0).t(), entries(bits), group_size)
     table = row_scales.to(torch.float32)[:, None] * codebooks.to(torch.float32).reshape(1, -1)
     return codes, table
 
@@ -37,11 +37,11 @@ def vq_table(qweight: torch.Tensor, codebooks: torch.Tensor, row_scales: torch.T
 class VQLinear(DequantizingLinear):
     """y = x W^T + b with W of codebooks of pairs (module docstring)."""
 
-    def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, bias: bool = False):
+    def __init__(self, in_features: int, out_features: int, bits: float, group_size: int, bias: bool = False):
         super().__init__(in_features, out_features, bits, bias)
         self.group_size = group_size
         blocks = -(-in_features // span(group_size, in_features))
-        self.register_buffer("qweight", torch.zeros(packed_length(in_features // 2, 2 * bits), out_features,
+        self.register_buffer("qweight", torch.zeros(packed_length(in_features // 2, index_bits(bits)), out_features,
                                                     dtype=torch.int32))
         self.register_buffer("codebooks", torch.zeros(blocks, entries(bits), 2, dtype=torch.float16))
         self.register_buffer("row_scales", torch.zeros(out_features, dtype=torch.float16))

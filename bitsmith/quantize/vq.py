@@ -2,7 +2,7 @@
 Blessing of Dimensionality for LLM Quantization", sections 3.1-3.2, in two dimensions).
 
 Consecutive inputs (2p, 2p + 1) of every row o form one point, coded by the index q[o, p] of one of K = 2^(2 bits)
-entries of a codebook shared by all rows and the `group_size` inputs of one column block g, each row scaled by its
+entries (bits 2, 2.5, 3, 3.5 or 4: indices of 4 to 8 bits a pair) of a codebook shared by all rows and the `group_size` inputs of one column block g, each row scaled by its
 own factor s_o (fp16; GPTVQ's blockwise data normalization, one scale per row here):
   W[o, 2p + t] = s_o C[g(2p), q[o, p], t],   t = 0, 1
 so a weight costs `bits` bits, the codebook 2^(2 bits) x 2 x 16 bits per block and the row scale 16 bits per row.
@@ -27,8 +27,9 @@ import torch
 from .gptq import prepare
 from .grid import FP16_TINY
 
-KMEANS_ITERS = 25            # Lloyd steps of a codebook of up to 64 entries (from a square grid: it keeps gaining
-KMEANS_ITERS_256 = 8         # to about 25) and of 256 entries, whose steps cost 4 times more and gain less
+KMEANS_ITERS = 25            # Lloyd steps of a codebook of up to 64 entries (from a product grid: it keeps gaining
+KMEANS_ITERS_128 = 12        # to about 25), of 128 and of 256 entries, whose steps cost 2 and 4 times more and
+KMEANS_ITERS_256 = 8         # gain less
 KMEANS_POINTS = 1 << 13      # pairs a codebook is fitted on at most (`importance_sample`): 128 per entry at 3 bits
 
 
@@ -39,16 +40,29 @@ class VQWeight:
     codes: torch.Tensor            # uint8 [out, in / 2], each < 2^(2 bits)
     codebooks: torch.Tensor        # fp16 [G, 2^(2 bits), 2]
     scales: torch.Tensor           # fp16 [out], each row's factor
-    bits: int
+    bits: float                    # per weight: 2, 2.5, 3, 3.5 or 4
     group_size: int                # inputs per codebook; -1: one codebook for the whole matrix
     Q: torch.Tensor                # float32 [out, in] = scales[o] * codebooks[g, codes[o, p], t]
     loss: float = 0.0              # GPTQ's sum of the loop's losses, as every other quantizer reports it
     sym: bool = False
 
 
-def entries(bits: int) -> int:
+def index_bits(bits: float) -> int:
+    """Bits of one pair's index at `bits` bits per weight (2 bits; a half-integer `bits` gives an odd width)."""
+    width = 2 * bits
+    if width != int(width):
+        raise ValueError(f"codebooks of pairs take whole or half bits per weight, not {bits}")
+    return int(width)
+
+
+def entries(bits: float) -> int:
     """Codebook entries of `bits` bits per weight: one index of 2 bits per pair."""
-    return 1 << (2 * bits)
+    return 1 << index_bits(bits)
+
+
+def kmeans_iters(k: int) -> int:
+    """Lloyd steps for a codebook of k entries."""
+    return KMEANS_ITERS if k <= 64 else KMEANS_ITERS_128 if k <= 128 else KMEANS_ITERS_256
 
 
 def span(group_size: int, in_features: int) -> int:
@@ -108,14 +122,14 @@ def row_scales(W: torch.Tensor) -> torch.Tensor:
 def weighted_kmeans2(X: torch.Tensor, weight: torch.Tensor, k: int, iters: int = KMEANS_ITERS) -> torch.Tensor:
     """Centroids [k, 2] of the points X [n, 2] minimising sum_i sum_t weight_it (x_it - c(x_i)_t)^2 (Lloyd's
     algorithm under a weighted distance per point: the assignment by the expanded square, two matrix products; each
-    coordinate of a centroid the weighted mean of its points' coordinate). Started from a square grid of weighted
-    quantiles (`square_grid`, k a square); an entry left without points moves onto the point of largest weighted
+    coordinate of a centroid the weighted mean of its points' coordinate). Started from a product grid of weighted
+    quantiles (`product_grid`, k a power of two); an entry left without points moves onto the point of largest weighted
     error, so no entry is wasted."""
     X, weight = X.to(torch.float32), weight.to(torch.float32).clamp(min=0) + 1e-12
     n = X.shape[0]
     if n <= k:                                         # fewer points than entries: each point is an entry
         return torch.cat([X, X[:1].expand(k - n, 2)]) if n else torch.zeros(k, 2)
-    C = square_grid(X, weight, k)
+    C = product_grid(X, weight, k)
     wx = weight * X
     features = torch.cat([weight, -2 * wx], dim=1)                                 # [n, 4]
     for _ in range(iters):
@@ -147,12 +161,13 @@ def importance_sample(X: torch.Tensor, weight: torch.Tensor, points: int,
     return X[pick], weight[pick] / (points * p[pick, None])
 
 
-def square_grid(X: torch.Tensor, weight: torch.Tensor, k: int) -> torch.Tensor:
-    """The k = m^2 points of the product of m levels per coordinate, each at the weighted quantiles (i + 1/2) / m of
-    that coordinate: a scalar quantizer of the pairs, where Lloyd's steps start."""
-    m = round(k ** 0.5)
+def product_grid(X: torch.Tensor, weight: torch.Tensor, k: int) -> torch.Tensor:
+    """The k = m0 m1 points of the product of m_t levels of coordinate t (m0 = m1 for k = 4^b; m0 = 2 m1 for
+    k = 2 4^b), each at the weighted quantiles (i + 1/2) / m_t of that coordinate: a scalar quantizer of the pairs,
+    where Lloyd's steps start."""
+    m1 = 1 << (k.bit_length() - 1) // 2
     levels = []
-    for t in range(2):
+    for t, m in enumerate((k // m1, m1)):
         order = torch.argsort(X[:, t])
         mass = torch.cumsum(weight[order, t], 0)
         at = torch.searchsorted(mass, (torch.arange(m) + 0.5) / m * mass[-1]).clamp(max=X.shape[0] - 1)
@@ -167,11 +182,11 @@ def nearest_entry(features: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
     return (features @ torch.cat([C.square(), C], dim=1).t()).min(dim=1).indices
 
 
-def codebooks(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, scales: torch.Tensor,
+def codebooks(W: torch.Tensor, H: torch.Tensor, bits: float, group_size: int, scales: torch.Tensor,
               points: int = KMEANS_POINTS, seed: int = 0) -> torch.Tensor:
     """The fp16 codebooks [G, 2^(2 bits), 2] of W [out, in] (module docstring): per block of `group_size` inputs,
     the weighted k-means of at most `points` of its scaled pairs (a seeded draw)."""
-    iters = KMEANS_ITERS if entries(bits) <= 64 else KMEANS_ITERS_256
+    iters = kmeans_iters(entries(bits))
     cols = W.shape[1]
     g = span(group_size, cols)
     s = scales.to(torch.float32)
@@ -197,7 +212,7 @@ def pair_order(H: torch.Tensor, act_order: bool) -> torch.Tensor:
     return torch.stack([2 * pairs, 2 * pairs + 1], dim=1).reshape(-1)
 
 
-def gptq_vq(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int = 128, act_order: bool = False,
+def gptq_vq(W: torch.Tensor, H: torch.Tensor, bits: float, group_size: int = 128, act_order: bool = False,
             damp: float = 0.01, blocksize: int = 128, fit: torch.Tensor | None = None,
             keep: bool = True) -> tuple[VQWeight | None, torch.Tensor]:
     """W [out, in] (in even) as codes of pairs into codebooks of 2^(2 bits) entries per block of `group_size` inputs,
@@ -208,7 +223,7 @@ def gptq_vq(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int = 128, 
     return (weights[0] if keep else None), losses[0]
 
 
-def gptq_vq_configs(W: torch.Tensor, H: torch.Tensor, configs: list[tuple[int, int]], act_order: bool = False,
+def gptq_vq_configs(W: torch.Tensor, H: torch.Tensor, configs: list[tuple[float, int]], act_order: bool = False,
                     damp: float = 0.01, blocksize: int = 128, fit: torch.Tensor | None = None,
                     keep: bool = True) -> tuple[list[VQWeight], torch.Tensor]:
     """`gptq_vq` under each (bits, group size) of `configs`, the loop's column order and factor of H^-1 computed

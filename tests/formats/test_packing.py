@@ -3,11 +3,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bitsmith.formats.packing import SUPPORTED_BITS, pack, packed_length, unpack
+from bitsmith.formats.packing import PACKED_BITS, pack, packed_length, unpack
 
 
 @settings(max_examples=60, deadline=None)
-@given(bits=st.sampled_from(SUPPORTED_BITS), n=st.integers(1, 100), m=st.integers(1, 5), dim=st.integers(0, 1),
+@given(bits=st.sampled_from(PACKED_BITS), n=st.integers(1, 100), m=st.integers(1, 5), dim=st.integers(0, 1),
        seed=st.integers(0, 2**31))
 def test_round_trip(bits, n, m, dim, seed):
     g = torch.Generator().manual_seed(seed)
@@ -44,15 +44,17 @@ def test_out_of_range_codes_rejected(bad):
         pack(torch.tensor([[bad]]), 4)
 
 
-def test_five_and_six_bit_codes_straddle_words():
+def test_five_six_and_seven_bit_codes_straddle_words():
     q = torch.zeros(32, 1, dtype=torch.long)
     q[6] = 0b11111                                         # 5 bits: stream bits 30..34, two in word 0, three in word 1
     assert (pack(q, 5)[:, 0].long() & 0xFFFFFFFF).tolist() == [0b11 << 30, 0b111, 0, 0, 0]
     q[6], q[5] = 0, 0b111111                               # 6 bits: stream bits 30..35, two in word 0, four in word 1
     assert (pack(q, 6)[:, 0].long() & 0xFFFFFFFF).tolist() == [0b11 << 30, 0b1111, 0, 0, 0, 0]
+    q[5], q[4] = 0, 0b1111111                              # 7 bits: stream bits 28..34, four in word 0, three in word 1
+    assert (pack(q, 7)[:, 0].long() & 0xFFFFFFFF).tolist() == [0b1111 << 28, 0b111, 0, 0, 0, 0, 0]
 
 
-@pytest.mark.parametrize("bits", [1, 7, 16])
+@pytest.mark.parametrize("bits", [1, 9, 16])
 def test_unsupported_width_rejected(bits):
     with pytest.raises(ValueError, match=f"unsupported bit width {bits}"):
         pack(torch.zeros(32, 1, dtype=torch.long), bits)

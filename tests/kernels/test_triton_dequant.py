@@ -11,6 +11,7 @@ from bitsmith.kernels.lut_linear import lut_dequantize
 from bitsmith.kernels.per_ic_linear import per_ic_dequantize
 from bitsmith.kernels.vq_linear import vq_dequantize
 from bitsmith.layouts import ColumnBitsLayout
+from bitsmith.quantize.vq import entries, index_bits
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
@@ -42,17 +43,17 @@ def vq_weights(bits, K, N, group_size, seed):
     """Random stored tensors of a VQLinear [N, K]: packed pair indices, codebooks, row scales."""
     g = torch.Generator().manual_seed(seed)
     blocks = -(-K // (K if group_size == -1 else group_size))
-    index = torch.randint(0, 4 ** bits, (N, K // 2), generator=g, dtype=torch.uint8)
-    codebooks = torch.randn(blocks, 4 ** bits, 2, generator=g).half()
+    index = torch.randint(0, entries(bits), (N, K // 2), generator=g, dtype=torch.uint8)
+    codebooks = torch.randn(blocks, entries(bits), 2, generator=g).half()
     row_scales = (torch.rand(N, generator=g) + 0.01).half()
-    return pack(index.t(), 2 * bits, dim=0), codebooks, row_scales
+    return pack(index.t(), index_bits(bits), dim=0), codebooks, row_scales
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("bits", [2, 2.5, 3, 3.5, 4])
 @pytest.mark.parametrize("group_size", [128, 64, -1])
 @pytest.mark.parametrize("K, N", [(64, 64), (200, 70), (136, 9), (70, 5)])
 def test_codebooks_of_pairs(poisoned_outputs, bits, group_size, K, N):
-    stored = vq_weights(bits, K, N, group_size, seed=bits * K + N + group_size)
+    stored = vq_weights(bits, K, N, group_size, seed=int(2 * bits) * K + N + group_size)
     W = triton_dequant.vq_dequantize(*stored, bits, K, group_size, torch.float32)
     assert torch.equal(W, vq_dequantize(*stored, bits, K, group_size).t())
 

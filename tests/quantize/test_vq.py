@@ -1,5 +1,7 @@
 """Codebooks of pairs (quantize/vq.py): weighted k-means in two dimensions, the importance draw it is fitted on,
 the weight they stand for, and GPTQ's loop choosing each pair's entry jointly."""
+import itertools
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -15,13 +17,13 @@ from bitsmith.quantize.vq import (
     importance_sample,
     nearest_entry,
     pair_order,
-    square_grid,
+    product_grid,
     weighted_kmeans2,
 )
 
 
 def test_kmeans_recovers_the_centres_of_a_known_mixture():
-    """16 well separated Gaussian clusters of unequal sizes and weights: Lloyd's steps from the square grid of
+    """16 well separated Gaussian clusters of unequal sizes and weights: Lloyd's steps from the product grid of
     quantiles find every centre."""
     g = torch.Generator().manual_seed(0)
     centres = torch.cartesian_prod(torch.tensor([-3.0, -1.0, 0.5, 2.5]), torch.tensor([-2.0, 0.0, 1.0, 4.0]))
@@ -36,8 +38,8 @@ def test_kmeans_recovers_the_centres_of_a_known_mixture():
 
 
 @settings(max_examples=25, deadline=None)
-@given(n=st.integers(20, 400), k=st.sampled_from([4, 16, 64]), seed=st.integers(0, 999))
-def test_lloyd_does_not_lose_to_its_square_grid(n, k, seed):
+@given(n=st.integers(20, 400), k=st.sampled_from([4, 16, 32, 64, 128]), seed=st.integers(0, 999))
+def test_lloyd_does_not_lose_to_its_product_grid(n, k, seed):
     g = torch.Generator().manual_seed(seed)
     X = torch.randn(n, 2, generator=g) * torch.tensor([1.0, 0.2])
     weight = torch.rand(n, 2, generator=g) ** 2
@@ -45,7 +47,7 @@ def test_lloyd_does_not_lose_to_its_square_grid(n, k, seed):
     def error(C):
         return float((weight[:, None, :] * (X[:, None, :] - C[None]).square()).sum(-1).min(dim=1).values.sum())
 
-    start, fitted = square_grid(X, weight, k), weighted_kmeans2(X, weight, k)
+    start, fitted = product_grid(X, weight, k), weighted_kmeans2(X, weight, k)
     assert start.shape == fitted.shape == (k, 2) and torch.isfinite(fitted).all()
     assert error(fitted) <= error(start) * (1 + 1e-5) + 1e-9
 
@@ -140,7 +142,7 @@ def test_codes_are_in_range_and_the_weight_is_what_they_stand_for(act_order):
     X = torch.randn(512, 96, generator=g)
     H, W = 2 * X.t() @ X / 512, torch.randn(24, 96, generator=g)
     H[5, :] = H[:, 5] = 0                                             # an input never active: its weights are free
-    for bits in (2, 3, 4):
+    for bits in (2, 2.5, 3, 3.5, 4):
         qw, losses = gptq_vq(W, H, bits, 32, act_order=act_order)
         assert qw.codes.shape == (24, 48) and int(qw.codes.max()) < entries(bits)
         assert qw.codebooks.shape == (3, entries(bits), 2) and qw.codebooks.dtype == qw.scales.dtype == torch.float16
@@ -154,3 +156,16 @@ def test_odd_inputs_or_groups_are_refused():
         gptq_vq(torch.randn(4, 5), torch.eye(5), 2, -1)
     with pytest.raises(ValueError, match="must be even"):
         gptq_vq(torch.randn(4, 6), H, 2, 3)
+
+
+def test_half_bits_sit_between_whole_bits():
+    """Indices of 5 and 7 bits a pair (2.5 and 3.5 bits a weight): the loss falls with every half bit, and the
+    half-bit codebook holds 2^(2 bits) entries."""
+    g = torch.Generator().manual_seed(5)
+    X = torch.randn(1024, 128, generator=g)
+    H, W = 2 * X.t() @ X / 1024, torch.randn(64, 128, generator=g)
+    losses = [gptq_vq(W, H, bits, 128, act_order=True)[0].loss for bits in (2, 2.5, 3, 3.5, 4)]
+    assert all(a > 1.2 * b for a, b in itertools.pairwise(losses))
+    assert entries(2.5) == 32 and entries(3.5) == 128
+    with pytest.raises(ValueError, match="half bits"):
+        entries(3.25)
