@@ -29,6 +29,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from machine import cpu_label
@@ -85,11 +86,11 @@ FULL_MENU = ",".join(TECHNIQUES)
 
 
 def method(proxy: str, rounding: str, iters: int, sequential: bool = False, menu: str = FULL_MENU,
-           tune: tuple[int, float, int, int] = (0, 1e-3, TUNE_BATCH, 0), rotate: bool = False,
+           tune: tuple[int, float, int, int, float] = (0, 1e-3, TUNE_BATCH, 0, 0.0), rotate: bool = False,
            damp: float = DAMP, own: bool = False, nsamples: int = NSAMPLES) -> str:
     """The name of a plan run's method: rotated+ for --rotate, the proxy, the rounding when it is not GPTQ's,
     +tuneE-lrL for end-to-end tuning (-bB when its windows per step are not 8, the runs' before --tune-batch; -sL
-    for --tune-seqlen L), -ts
+    for --tune-seqlen L; -rR for --tune-resample R), -ts
     for --true-sequential, -dampD when the damping is not the default, -self when half the calibration windows are
     sampled from the model, -nN when there are N calibration windows rather than 128, the menu when it is not the
     whole one (menu-uniform+lut)."""
@@ -97,28 +98,31 @@ def method(proxy: str, rounding: str, iters: int, sequential: bool = False, menu
     name = ("rotated+" if rotate else "") + name + (f"+tune{tune[0]}-lr{tune[1]:g}" if tune[0] else "")
     name += f"-b{tune[2]}" if tune[0] and tune[2] != UNNAMED_BATCH else ""
     name += f"-s{tune[3]}" if tune[0] and tune[3] else ""
+    name += f"-r{tune[4]:g}" if tune[0] and tune[4] else ""
     return (name + ("-ts" if sequential else "") + ("" if damp == DAMP else f"-damp{damp:g}")
             + ("-self" if own else "") + ("" if nsamples == NSAMPLES else f"-n{nsamples}")
             + ("" if menu == FULL_MENU else "-menu-" + menu.replace(",", "+")))
 
 
 def run(target: float, proxy: str, rounding: str = "gptq", iters: int = 0, sequential: bool = False,
-        menu: str = FULL_MENU, tune: tuple[int, float, int, int] = (0, 1e-3, TUNE_BATCH, 0), rotate: bool = False,
+        menu: str = FULL_MENU, tune: tuple[int, float, int, int, float] = (0, 1e-3, TUNE_BATCH, 0, 0.0), rotate: bool = False,
         damp: float = DAMP, own: bool = False, nsamples: int = NSAMPLES) -> None:
     with tempfile.TemporaryDirectory() as work:
         out, summary_path = f"{work}/out", Path(work) / "summary.json"
         reuse = ["--measurement", str(MEASUREMENT)] if MEASUREMENT.exists() else []
+        busy_before, started = busy_seconds(), time.monotonic()
         bitsmith("quantize", "smollm2-135m", "-o", out, "--target-bpw", str(target), "--proxy", proxy, *reuse,
                  "--rounding", rounding, *(["--rounding-iters", str(iters)] if rounding == "signround" else []),
                  *(["--true-sequential"] if sequential else []), "--menu", menu,
                  "--tune-epochs", str(tune[0]), "--tune-lr", str(tune[1]), "--tune-batch", str(tune[2]),
-                 "--tune-seqlen", str(tune[3]),
+                 "--tune-seqlen", str(tune[3]), "--tune-resample", str(tune[4]),
                  *(["--rotate"] if rotate else []),
                  "--damp", str(damp),
                  "--calib", str(TEXT / "c4_calib.txt"), *(["--calib", "self"] if own else []),
                  "--nsamples", str(nsamples), "--seqlen", "512", "--seed", "0",
                  "--json", str(summary_path))
         summary = json.loads(summary_path.read_text())
+        summary["others_busy"] = others_busy(busy_before, started, summary["cpu_seconds"])
         summary["eval"] = wikitext(out, Path(work) / "wikitext.json")
         if not reuse:
             measured = json.loads((Path(out) / "measurement.json").read_text())
@@ -128,11 +132,23 @@ def run(target: float, proxy: str, rounding: str = "gptq", iters: int = 0, seque
     name = method(proxy, rounding, iters, sequential, menu, tune, rotate, damp, own, nsamples)
     summary.update(date=datetime.date.today().isoformat(), proxy=proxy, rounding=rounding, rounding_iters=iters,
                    method=name, menu=menu, tune_epochs=tune[0], tune_lr=tune[1],
-                   tune_batch=tune[2], tune_seqlen=tune[3], rotate=rotate, damp=damp,
+                   tune_batch=tune[2], tune_seqlen=tune[3], tune_resample=tune[4], rotate=rotate, damp=damp,
                    self_calibration=own, nsamples=nsamples,
                    measured_here=not reuse, cpu=cpu_label())
     (RUNS / f"{name}-t{target}.json").write_text(json.dumps(portable(summary, work), indent=1) + "\n")
     print(name, target, summary["bits_per_weight"], summary["eval"]["perplexity"], flush=True)
+
+
+def busy_seconds() -> float:
+    """CPU seconds the whole machine has spent busy since boot (every core, /proc/stat's non-idle time)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")    # less idle and iowait
+
+
+def others_busy(busy_before: float, started: float, own_cpu_seconds: float) -> float:
+    """Cores' worth of CPU time everything but the quantizing process spent while it ran: about 0 when the
+    machine was otherwise idle, about 1 when the other core was busy throughout."""
+    return max(0.0, busy_seconds() - busy_before - own_cpu_seconds) / (time.monotonic() - started)
 
 
 def peers() -> dict[str, list[tuple[float, float, str]]]:
@@ -178,7 +194,9 @@ def report() -> str:
              (f"Menu: the {len(menu['candidates'])} candidates of a format-{menu['format_version']} measurement "
               f"({RUNS.name}/measurement.json)." if menu else "Menu: as each run's measurement had it."), "",
              (f"Measured {', '.join(dates)} with `python bench/plan.py` on x86_64 (2 cores, one torch thread per "
-              "run; the other core was often busy: CPU seconds are the one-core cost, wall seconds an upper bound; "
+              "run; CPU seconds are the one-core cost, wall seconds an upper bound; \"others\" is the cores' worth "
+              "of CPU time everything else on the machine took while it quantized (about 0: otherwise idle; about 1: "
+              "the other core busy), where recorded; "
               "the CPU, where recorded, is the last column: learned rounding and tuning follow it, a tuning step "
               "taking 5.4 s on the Xeon with AMX against 8.2 on the EPYC). "
               + calibration(menu) + "; WikiText-2 test, first 65,536 tokens at seqlen 2048; held-out: the bundled "
@@ -188,7 +206,7 @@ def report() -> str:
               "measurement; measured on the Fisher calibration windows (as `quantize` reports it) and as "
               "log(ppl / base ppl) on WikiText-2. The first run's time includes the measurement."), "",
              ("| plan | target bpw | all-in bpw | WikiText-2 ppl | held-out ppl | nats predicted / calib / WikiText-2 "
-              "| measure CPU s | quantize CPU s (wall) | peak RSS MB | CPU |"), "|---" * 10 + "|"]
+              "| measure CPU s | quantize CPU s (wall) | peak RSS MB | others | CPU |"), "|---" * 11 + "|"]
     base = uniform["bf16"]["perplexity"]
     for r in runs:
         measured = math.log(r["eval"]["perplexity"] / base)
@@ -198,7 +216,7 @@ def report() -> str:
                      f"{r['eval']['perplexity']:.2f} | {r['held_out']['perplexity']:.2f} | "
                      f"{r['predicted_error']:.3f} / {calib} / {measured:.3f} | {measure_s} | "
                      f"{r['cpu_seconds']:.0f} ({r['seconds']:.0f}) | {r['peak_rss_bytes'] / 2**20:.0f} | "
-                     f"{r.get('cpu', '-')} |")
+                     + (f"{r['others_busy']:.2f}" if "others_busy" in r else "-") + f" | {r.get('cpu', '-')} |")
     lines += ["", "Uniform GPTQ (mse grid, bench/results/quality-smollm2.md) at the nearest settings:", "",
               "| config | all-in bpw | WikiText-2 ppl |", "|---|---|---|"]
     lines += [f"| {u} | {uniform[u]['bits_per_weight']:.3f} | {uniform[u]['perplexity']:.2f} |"
@@ -275,6 +293,8 @@ def main() -> None:
     ap.add_argument("--tune-batch", type=int, default=TUNE_BATCH, help="quantize --tune-batch (windows per step).")
     ap.add_argument("--tune-seqlen", type=int, default=0,
                     help="quantize --tune-seqlen (tuning on calibration windows joined to this length).")
+    ap.add_argument("--tune-resample", type=float, default=0.0,
+                    help="quantize --tune-resample (a share of the tokens of later passes drawn from the model).")
     ap.add_argument("--rotate", action="store_true", help="quantize --rotate (a rotated model: its own --runs).")
     ap.add_argument("--self", dest="own", action="store_true",
                     help="Half the calibration windows sampled from the model (quantize --calib self next to "
@@ -297,7 +317,7 @@ def main() -> None:
             (RUNS / "base-held-out.json").write_text(json.dumps(portable(base), indent=1) + "\n")
         for target in args.targets:
             run(target, args.proxy, args.rounding, args.rounding_iters, args.true_sequential, args.menu,
-                (args.tune_epochs, args.tune_lr, args.tune_batch, args.tune_seqlen), args.rotate, args.damp, args.own,
+                (args.tune_epochs, args.tune_lr, args.tune_batch, args.tune_seqlen, args.tune_resample), args.rotate, args.damp, args.own,
                 args.nsamples)
     (RESULTS / f"{RUNS.name}.md").write_text(report())
 

@@ -43,7 +43,7 @@ from .quantize.lut import gptq_lut
 from .quantize.qoq import qoq_quantize
 from .quantize.rtn import rtn_quantize
 from .quantize.signround import layer_output_error, signround
-from .quantize.tune import Relative, TunedLinear, kept_blocks, saved_bytes, tune
+from .quantize.tune import Relative, TunedLinear, kept_blocks, resampled, saved_bytes, tune
 from .quantize.vq import gptq_vq
 
 
@@ -556,6 +556,7 @@ def tune_written(runner: BlockRunner, source: ModelSource, writer, plan: QuantPl
         sequences = joined(windows, opts.tune_seqlen)
         teacher = unquantized_last_states(runner, source, sequences, opts).to(teacher.dtype)
         streams.unquantized = None          # the windows' own targets: not read again
+    later = resampled_passes(runner, source, sequences, teacher, opts, dtype)
     blocks, tuned, norms = [], {}, {}
     for i in range(runner.n_blocks):
         prefix = family.block_prefix.format(i=i)
@@ -605,7 +606,7 @@ def tune_written(runner: BlockRunner, source: ModelSource, writer, plan: QuantPl
     with keeping_freed_memory():
         tune(lambda ids: body(ids, kept), head, teacher_head, sequences, teacher, params,
              opts.tune_epochs, opts.tune_lr, batch=opts.tune_batch, seed=opts.seed, autocast=lambda: compute(opts),
-             progress=progress)
+             progress=progress, later=later)
     for full, module in tuned.items():
         for suffix, tensor in module.stored().items():
             writer.replace(f"{full}.{suffix}", tensor)
@@ -627,6 +628,25 @@ def tune_written(runner: BlockRunner, source: ModelSource, writer, plan: QuantPl
     for i in range(runner.n_blocks):
         runner.release_block(i)
     return norm.weight.detach()
+
+
+def resampled_passes(runner: BlockRunner, source: ModelSource, sequences: torch.Tensor, teacher: torch.Tensor,
+                     opts: QuantizeOptions, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """With --tune-resample, the sequences and targets of every tuning pass after the first: `sequences` with
+    that share of their tokens drawn from the unquantized model (quantize/tune.py `resampled`, one seeded draw per
+    pass), and the unquantized model's last states of them. Made before tuning rebuilds the blocks."""
+    if not opts.tune_resample:
+        return []
+    norm, head_weight = runner.head(source)
+    head_weight = head_weight.to(dtype)
+    passes = []
+    for epoch in range(1, opts.tune_epochs):
+        generator = torch.Generator().manual_seed(opts.seed + epoch)
+        with compute(opts):
+            ids = resampled(sequences, teacher, lambda h: F.linear(norm(h), head_weight), opts.tune_resample,
+                            generator)
+        passes.append((ids, unquantized_last_states(runner, source, ids, opts).to(teacher.dtype)))
+    return passes
 
 
 def joined(windows: torch.Tensor, seqlen: int) -> torch.Tensor:

@@ -44,6 +44,7 @@ class QuantizeOptions:
     tune_batch: int = 2            # calibration windows per tuning step (one Adam step each; 2 against 8 at the
                                    # same cost: unseen C4 0.156 against 0.173 nats, bench/results/calib-split-*)
     tune_seqlen: int = 0           # tokens per tuning sequence: consecutive calibration windows joined; 0: one each
+    tune_resample: float = 0.0     # share of the tokens of every pass after the first drawn from the unquantized model
     rotate: bool = False           # quantize the model rotated (bitsmith/rotation.py), the same function
     device: str = "cpu"            # where blocks, activations, Hessians and GPTQ run ("cpu", "cuda", "cuda:1")
     offload_activations: bool = False   # calibration activations kept on CPU between blocks (device: one batch)
@@ -95,6 +96,8 @@ class QuantizeOptions:
         if self.tune_seqlen and self.nsamples % (self.tune_seqlen // self.seqlen):
             raise InputError(f"--tune-seqlen {self.tune_seqlen} joins {self.tune_seqlen // self.seqlen} calibration "
                              f"windows a sequence; --nsamples {self.nsamples} is not a multiple of it")
+        if type(self.tune_resample) not in (int, float) or not 0 <= self.tune_resample < 1:
+            raise InputError(f"--tune-resample {self.tune_resample}: expected a share of the tokens from 0 to below 1")
         if self.tune_epochs and self.method != "gptq":
             raise InputError(f"--tune-epochs tunes GPTQ's grids and tables on the calibration windows; --method "
                              f"{self.method} is not gptq")

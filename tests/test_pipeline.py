@@ -205,6 +205,21 @@ def test_tuning_changes_only_the_levels_and_norms_and_lowers_the_perplexity(runs
     assert verify(out) == []
 
 
+def test_later_passes_on_resampled_windows_tune_another_model_that_loads(runs, tuned, tmp_path, stories_path,
+                                                                          stories_split):
+    """--tune-resample: the second pass reads windows with a quarter of their tokens drawn from the unquantized
+    model; the model differs from the one tuned on the windows alone, still beats GPTQ's, and loads as it was."""
+    calib, held = stories_split
+    out = tmp_path / "resampled"
+    summary = bitsmith.quantize(str(stories_path), str(out), calib=[str(calib)], eval_data=str(held),
+                                eval_seqlen=256, progress=False, **{**TUNED, "tune_resample": 0.25})
+    assert summary["eval"]["perplexity"] != tuned[1]["eval"]["perplexity"]
+    assert summary["eval"]["perplexity"] < 0.97 * runs["gptq"][1]["eval"]["perplexity"]
+    ids = data.tokenize(open_source(str(out)).tokenizer(), held.read_text())
+    loaded = evaluate(bitsmith.load(str(out)), data.eval_windows(ids, 256), progress=False)
+    assert loaded["perplexity"] == summary["eval"]["perplexity"]
+
+
 def test_tuning_learns_every_layout_of_a_plan(tmp_path, stories_path, stories_split):
     """Lookup tables, per-input-channel grids, grids with outliers and plain grids each learn their levels (the
     tables, the scales); the outliers and every code stay; the checkpoint loads to the in-run perplexity."""
@@ -261,6 +276,8 @@ NOT_GPTQ = "--tune-epochs tunes GPTQ's grids and tables on the calibration windo
     ({"tune_epochs": 1, "seqlen": 512, "nsamples": 6, "tune_seqlen": 2048},
      "--tune-seqlen 2048 joins 4 calibration windows a sequence; --nsamples 6 is not a multiple of it"),
     *(({"tune_epochs": 1, "method": method}, NOT_GPTQ.format(method)) for method in ("rtn", "qoq")),
+    *(({"tune_epochs": 2, "tune_resample": share}, f"--tune-resample {share}: expected a share of the tokens from 0 "
+       "to below 1") for share in (1.0, -0.1)),
 ])
 def test_bad_tuning_options_are_refused(options, message):
     with pytest.raises(InputError, match="^" + message + "$"):

@@ -15,7 +15,7 @@ from .app import Report, Sectioned, json_option, main
 QUANTIZE_SECTIONS = {
     "Method": ("method", "bits", "group_size", "sym", "act_order", "static_groups", "mse", "true_sequential", "damp",
                "rounding", "rounding_iters", "tune_epochs", "tune_lr", "tune_batch", "tune_seqlen",
-               "rotate"),
+               "tune_resample", "rotate"),
     "Bit plan": ("target_bpw", "measurement", "plan_path", "fisher_samples", "fisher_labels", "proxy",
                  "menu"),
     "Calibration": ("calib", "nsamples", "seqlen", "seed", "calib_dtype", "device", "offload_activations", "nproc"),
@@ -62,6 +62,10 @@ QUANTIZE_SECTIONS = {
               help="Tokens per sequence of --tune-epochs: consecutive calibration windows joined end to end (a "
                    "multiple of --seqlen), so that tuning sees the positions and spans of attention of longer "
                    "inputs than the windows; 0: each window alone.")
+@click.option("--tune-resample", type=float, default=QuantizeOptions.tune_resample, show_default=True,
+              help="Share of the tokens of the calibration windows that every pass of --tune-epochs after the first "
+                   "replaces by a draw from the unquantized model's next-token distribution (its targets computed "
+                   "anew): other text of the model's own for the same steps; 0: the windows as they are.")
 @click.option("--rotate/--no-rotate", default=False, show_default=True,
               help="Quantize the model in a rotated basis: norm weights folded into the linears, the residual "
                    "stream and each head's values turned by randomized Hadamard matrices (QuaRot's computational "
@@ -94,7 +98,7 @@ QUANTIZE_SECTIONS = {
 @click.option("--menu", default=",".join(TECHNIQUES), show_default=True, metavar="TECHNIQUE[,...]",
               help="What a measured plan may give a linear: uniform (GPTQ grids), wide (grids of 5 and 6 bits), "
                    "outliers (grids with fp16 outliers), lut (lookup tables), per-ic (grids per input channel), vq (codebooks of "
-                   "pairs of weights), column-bits (groups of columns on R - 1, R or R + 1 bits). "
+                   "pairs of weights, 2 to 4 bits in half bits), column-bits (groups of columns on R - 1, R or R + 1 bits). "
                    "'uniform' alone keeps the checkpoint in the GPTQ convention; only these are measured (with vq, "
                    "not outliers or per-ic at 2 bits nor lut at 4, which codebooks displace).")
 @click.option("--device", default="auto", show_default=True, metavar="auto|cpu|cuda[:N]",
@@ -118,7 +122,8 @@ QUANTIZE_SECTIONS = {
 def quantize(model, out, method, bits, group_size, sym, act_order, static_groups, mse, true_sequential, damp, calib,
              nsamples, seqlen, seed, calib_dtype, target_bpw, measurement, plan_path, fisher_samples, fisher_labels,
              proxy, menu, device, eval_data, eval_seqlen, eval_max_tokens, lossless_rest, overwrite, resume, json_path,
-             rounding, rounding_iters, tune_epochs, tune_lr, tune_batch, tune_seqlen, rotate, nproc, offload_activations):
+             rounding, rounding_iters, tune_epochs, tune_lr, tune_batch, tune_seqlen, tune_resample, rotate, nproc,
+             offload_activations):
     """Quantize MODEL (a Hugging Face folder, a .gguf file or the bundled name smollm2-135m) into OUT."""
     if nproc > 1:
         sys.exit(_launched(nproc, device))
@@ -135,7 +140,7 @@ def quantize(model, out, method, bits, group_size, sym, act_order, static_groups
                      fisher_samples=fisher_samples, fisher_labels=fisher_labels, proxy=proxy, menu=menu, resume=resume,
                      rounding=rounding,
                      rounding_iters=rounding_iters, tune_epochs=tune_epochs, tune_lr=tune_lr, tune_batch=tune_batch,
-                     tune_seqlen=tune_seqlen,
+                     tune_seqlen=tune_seqlen, tune_resample=tune_resample,
                      rotate=rotate, device=device,
                      offload_activations=offload_activations)
     if not s:                                   # a process other than main of a parallel run: main reports

@@ -10,7 +10,9 @@ together, through the whole model, minimize the KL divergence of its next-token 
 model's on the calibration windows,
   L = 1/N sum_t KL(p_t || p~_t),   p_t = softmax(head(norm(h_t))), p~ the same of the quantized model,
 so that each block also makes up for the errors of the others, which block-wise rounding (GPTQ, SignRound) cannot
-see. Adam, the learning rate decayed by a half cosine to 0 over the run; the levels are stored as fp16 and the
+see. With `--tune-resample`, every pass after the first reads the windows with a share of their tokens drawn
+from the unquantized model (`resampled`) and their own targets: the same steps on more text. Adam, the learning
+rate decayed by a half cosine to 0 over the run; the levels are stored as fp16 and the
 norms in their own dtype (the forward rounds them so, straight through); every other tensor stays as it was.
 
 The teacher's side costs one head per window: its final hidden states are those the pipeline carries through the
@@ -28,7 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -159,16 +161,35 @@ def kl_backward(hidden: torch.Tensor, teacher: torch.Tensor, head: Callable[[tor
     return total
 
 
+@torch.no_grad()
+def resampled(windows: torch.Tensor, teacher: torch.Tensor, teacher_head: Callable[[torch.Tensor], torch.Tensor],
+              share: float, generator: torch.Generator) -> torch.Tensor:
+    """`windows` [n, seq] with a share `share` of their tokens after the first each replaced by a draw from the
+    unquantized model's next-token distribution after the tokens before it, softmax(teacher_head(teacher[:, i-1]))
+    (`teacher` [n, seq, d] the windows' last hidden states): other text of the model's own at the cost of one head
+    per drawn token (the data augmentation of TinyBERT, Jiao et al. 2020, with the unquantized model itself
+    as the language model that proposes the words). The draws condition on the windows as they were."""
+    ids = windows.clone()
+    rows, cols = (torch.rand(ids.shape[0], ids.shape[1] - 1, generator=generator) < share).nonzero(as_tuple=True)
+    for start in range(0, len(rows), HEAD_CHUNK):
+        r, c = rows[start:start + HEAD_CHUNK], cols[start:start + HEAD_CHUNK]
+        probs = torch.softmax(teacher_head(teacher[r, c]).float(), -1).cpu()
+        ids[r, c + 1] = torch.multinomial(probs, 1, generator=generator).squeeze(1).to(ids.device, ids.dtype)
+    return ids
+
+
 def tune(body: Callable[[torch.Tensor], torch.Tensor], head: Callable[[torch.Tensor], torch.Tensor],
          teacher_head: Callable[[torch.Tensor], torch.Tensor], windows: torch.Tensor, teacher: torch.Tensor,
          params: list[nn.Parameter], epochs: int, lr: float, batch: int = 8, seed: int = 0,
-         autocast: Callable = contextlib.nullcontext, progress: bool = False) -> Trace:
+         autocast: Callable = contextlib.nullcontext, progress: bool = False,
+         later: Sequence[tuple[torch.Tensor, torch.Tensor]] = ()) -> Trace:
     """Tune `params` (the deltas of the model's `TunedLinear`s and of its norm weights, `Relative`) in place.
 
     `body(ids)`: the model's last hidden states [b, seq, d] of token windows [b, seq]; `head(h)`: its logits (final
     norm and lm_head); `teacher_head`, `teacher` [n, seq, d]: the unquantized model's head and last hidden states
     of the calibration `windows` [n, seq]. `epochs` passes over the windows in minibatches of `batch`, drawn by a
-    generator seeded with `seed`; the forwards run in `autocast()`."""
+    generator seeded with `seed`; the forwards run in `autocast()`. Pass e > 0 reads `later[e - 1]` (windows and
+    their targets, `resampled`) where given, else the calibration windows again."""
     if epochs < 0 or lr <= 0:
         raise ValueError(f"tuning for {epochs} epochs at learning rate {lr}: expected epochs >= 0 and lr > 0")
     steps = epochs * math.ceil(windows.shape[0] / batch)
@@ -179,15 +200,16 @@ def tune(body: Callable[[torch.Tensor], torch.Tensor], head: Callable[[torch.Ten
     generator = torch.Generator().manual_seed(seed)
     losses = []
     bar = tqdm(total=steps, desc="tune", unit="step", disable=not progress)
-    for _ in range(epochs):
-        order = torch.randperm(windows.shape[0], generator=generator)
+    for epoch in range(epochs):
+        ids, targets = later[epoch - 1] if 0 < epoch <= len(later) else (windows, teacher)
+        order = torch.randperm(ids.shape[0], generator=generator)
         for start in range(0, len(order), batch):
             pick = order[start:start + batch]
             optimizer.zero_grad()
             with autocast():
-                hidden = body(windows[pick])
+                hidden = body(ids[pick])
             leaf = hidden.detach().reshape(-1, hidden.shape[-1]).requires_grad_()
-            losses.append(kl_backward(leaf, teacher[pick].reshape(leaf.shape).to(leaf.device), head, teacher_head,
+            losses.append(kl_backward(leaf, targets[pick].reshape(leaf.shape).to(leaf.device), head, teacher_head,
                                       autocast))
             hidden.backward(leaf.grad.reshape(hidden.shape))
             optimizer.step()

@@ -1,6 +1,7 @@
 """End-to-end tuning of the levels (bitsmith/quantize/tune.py): each layout's levels give back exactly the weight
 its tensors hold, and a gradient reaches the levels only; the chunked KL is the whole-vocabulary KL with the same
-gradient; tuning a small quantized model lowers its KL to the unquantized one and moves the levels only."""
+gradient; tuning a small quantized model lowers its KL to the unquantized one and moves the levels only; the
+resampled windows of later passes draw their tokens from the teacher's next-token distributions."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,7 +15,7 @@ from bitsmith.quantize import tune as tune_module
 from bitsmith.quantize.column_bits import gptq_column_bits
 from bitsmith.quantize.gptq import gptq_quantize
 from bitsmith.quantize.lut import gptq_lut
-from bitsmith.quantize.tune import TunedLinear, kl_backward, logsumexp, tune
+from bitsmith.quantize.tune import TunedLinear, kl_backward, logsumexp, resampled, tune
 from bitsmith.quantize.vq import gptq_vq
 
 LAYERS = {
@@ -182,3 +183,45 @@ def test_logsumexp_from_the_softmax_is_torchs():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(64, 1000, generator=g) * torch.tensor([0.1, 5.0, 40.0]).repeat(22)[:64, None]
     assert torch.allclose(logsumexp(x, torch.softmax(x, -1)), torch.logsumexp(x, -1), rtol=0, atol=1e-5)
+
+
+def test_resampled_tokens_are_the_teachers_draws_after_the_tokens_before():
+    """Teacher states that put (almost) all mass on one next token: each replaced token is the one its predecessor's
+    state proposes; about `share` of the tokens after the first are replaced, never the first; share 0 keeps all;
+    the same seed, the same draw."""
+    g = torch.Generator().manual_seed(0)
+    vocab, n, seq = 50, 64, 160
+    windows = torch.randint(0, vocab, (n, seq), generator=g)
+    proposed = (windows + 1 + torch.randint(0, vocab - 1, (n, seq), generator=g)) % vocab    # never the token there
+    teacher = 40.0 * F.one_hot(proposed, vocab).float()                                    # state i proposes i + 1
+    head = lambda h: h
+    ids = resampled(windows, teacher, head, 0.3, torch.Generator().manual_seed(5))
+    changed = ids != windows
+    assert not changed[:, 0].any()
+    assert torch.equal(ids[:, 1:][changed[:, 1:]], proposed[:, :-1][changed[:, 1:]])
+    assert float(changed[:, 1:].float().mean()) == pytest.approx(0.3, abs=0.02)
+    assert torch.equal(ids, resampled(windows, teacher, head, 0.3, torch.Generator().manual_seed(5)))
+    assert torch.equal(resampled(windows, teacher, head, 0.0, torch.Generator().manual_seed(5)), windows)
+
+
+def test_later_passes_read_their_own_windows_and_targets():
+    """Pass 1 reads the calibration windows, pass 2 the windows given for it with their targets, pass 3 (none
+    given) the calibration windows again."""
+    seen = []
+    d, vocab = 8, 20
+    g = torch.Generator().manual_seed(2)
+    table = torch.randn(vocab, d, generator=g)
+    scale = nn.Parameter(torch.ones(d))
+
+    def body(ids):
+        seen.append(ids.clone())
+        return F.embedding(ids, table) * scale
+
+    windows, other = torch.randint(0, vocab, (4, 6), generator=g), torch.randint(0, vocab, (4, 6), generator=g)
+    head = lambda h: F.linear(h, table)
+    targets = F.embedding(windows, table)
+    tune(body, head, head, windows, targets, [scale], epochs=3, lr=1e-2, batch=2,
+         later=[(other, F.embedding(other, table))])
+    passes = [torch.cat(seen[i:i + 2]) for i in range(0, 6, 2)]
+    for seen_rows, source in zip(passes, (windows, other, windows)):
+        assert sorted(map(tuple, seen_rows.tolist())) == sorted(map(tuple, source.tolist()))
