@@ -265,6 +265,7 @@ def test_a_run_killed_after_tuning_resumes_to_the_same_bytes(tmp_path, stories_p
 
 NOT_JOINED = (r"--tune-seqlen {}: expected a multiple of --seqlen 512 \(tuning joins whole calibration windows\), "
               "or 0 for one window a sequence")
+NOT_SHARE = "--tune-resample {}: expected a share of the tokens from 0 to below 1"
 NOT_GPTQ = "--tune-epochs tunes GPTQ's grids and tables on the calibration windows; --method {} is not gptq"
 
 
@@ -276,8 +277,7 @@ NOT_GPTQ = "--tune-epochs tunes GPTQ's grids and tables on the calibration windo
     ({"tune_epochs": 1, "seqlen": 512, "nsamples": 6, "tune_seqlen": 2048},
      "--tune-seqlen 2048 joins 4 calibration windows a sequence; --nsamples 6 is not a multiple of it"),
     *(({"tune_epochs": 1, "method": method}, NOT_GPTQ.format(method)) for method in ("rtn", "qoq")),
-    *(({"tune_epochs": 2, "tune_resample": share}, f"--tune-resample {share}: expected a share of the tokens from 0 "
-       "to below 1") for share in (1.0, -0.1)),
+    *(({"tune_epochs": 2, "tune_resample": share}, NOT_SHARE.format(share)) for share in (1.0, -0.1)),
 ])
 def test_bad_tuning_options_are_refused(options, message):
     with pytest.raises(InputError, match="^" + message + "$"):
