@@ -105,7 +105,8 @@ def method(proxy: str, rounding: str, iters: int, sequential: bool = False, menu
 
 
 def run(target: float, proxy: str, rounding: str = "gptq", iters: int = 0, sequential: bool = False,
-        menu: str = FULL_MENU, tune: tuple[int, float, int, int, float] = (0, 1e-3, TUNE_BATCH, 0, 0.0), rotate: bool = False,
+        menu: str = FULL_MENU, tune: tuple[int, float, int, int, float] = (0, 1e-3, TUNE_BATCH, 0, 0.0),
+        rotate: bool = False,
         damp: float = DAMP, own: bool = False, nsamples: int = NSAMPLES) -> None:
     with tempfile.TemporaryDirectory() as work:
         out, summary_path = f"{work}/out", Path(work) / "summary.json"
@@ -317,8 +318,8 @@ def main() -> None:
             (RUNS / "base-held-out.json").write_text(json.dumps(portable(base), indent=1) + "\n")
         for target in args.targets:
             run(target, args.proxy, args.rounding, args.rounding_iters, args.true_sequential, args.menu,
-                (args.tune_epochs, args.tune_lr, args.tune_batch, args.tune_seqlen, args.tune_resample), args.rotate, args.damp, args.own,
-                args.nsamples)
+                (args.tune_epochs, args.tune_lr, args.tune_batch, args.tune_seqlen, args.tune_resample), args.rotate,
+                args.damp, args.own, args.nsamples)
     (RESULTS / f"{RUNS.name}.md").write_text(report())
 
 

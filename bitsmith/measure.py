@@ -189,7 +189,8 @@ class Measurement:
     def _from(cls, body: dict, source: ModelSource, opts: QuantizeOptions, where: str) -> Measurement:
         if body["format_version"] not in range(1, MEASUREMENT_VERSION + 1):
             raise InputError(f"{where}: measurement format {body['format_version']!r}, expected "
-                             f"{MEASUREMENT_VERSION} (or 1-{MEASUREMENT_VERSION - 1}); measure again with this bitsmith")
+                             f"{MEASUREMENT_VERSION} (or 1-{MEASUREMENT_VERSION - 1}); measure again with this "
+                             "bitsmith")
         if body["source_fingerprint"] != source.fingerprint():
             raise InputError(f"{where}: measured on a different model (source fingerprint differs); measure "
                              "this model again")

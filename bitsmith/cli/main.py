@@ -98,7 +98,8 @@ QUANTIZE_SECTIONS = {
 @click.option("--menu", default=",".join(TECHNIQUES), show_default=True, metavar="TECHNIQUE[,...]",
               help="What a measured plan may give a linear: uniform (GPTQ grids), wide (grids of 5 and 6 bits), "
                    "outliers (grids with fp16 outliers), lut (lookup tables), per-ic (grids per input channel), vq (codebooks of "
-                   "pairs of weights, 2 to 4 bits in half bits), column-bits (groups of columns on R - 1, R or R + 1 bits). "
+                   "pairs of weights, 2 to 4 bits in half bits), column-bits (groups of columns on R - 1, R or R + 1 "
+                   "bits). "
                    "'uniform' alone keeps the checkpoint in the GPTQ convention; only these are measured (with vq, "
                    "not outliers or per-ic at 2 bits nor lut at 4, which codebooks displace).")
 @click.option("--device", default="auto", show_default=True, metavar="auto|cpu|cuda[:N]",

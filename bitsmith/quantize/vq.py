@@ -2,8 +2,9 @@
 Blessing of Dimensionality for LLM Quantization", sections 3.1-3.2, in two dimensions).
 
 Consecutive inputs (2p, 2p + 1) of every row o form one point, coded by the index q[o, p] of one of K = 2^(2 bits)
-entries (bits 2, 2.5, 3, 3.5 or 4: indices of 4 to 8 bits a pair) of a codebook shared by all rows and the `group_size` inputs of one column block g, each row scaled by its
-own factor s_o (fp16; GPTVQ's blockwise data normalization, one scale per row here):
+entries (bits 2, 2.5, 3, 3.5 or 4: indices of 4 to 8 bits a pair) of a codebook shared by all rows and the
+`group_size` inputs of one column block g, each row scaled by its own factor s_o (fp16; GPTVQ's blockwise data
+normalization, one scale per row here):
   W[o, 2p + t] = s_o C[g(2p), q[o, p], t],   t = 0, 1
 so a weight costs `bits` bits, the codebook 2^(2 bits) x 2 x 16 bits per block and the row scale 16 bits per row.
 A pair of scalar levels can only fill a square grid of points; a codebook puts its K points where the (scaled) pairs
