@@ -1,6 +1,8 @@
 """The codebook layout (bitsmith/layouts.py `VQLayout`): its stored size is the bytes it writes, its module
 reproduces Q, its configuration entries are checked; end to end on stories260K, a plan with codebooks of pairs in
 the MLP is quantized, loaded (the quantize-time perplexity again), verified and inspected."""
+import json
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -101,3 +103,5 @@ def test_a_plan_with_codebooks_end_to_end(tmp_path, stories_path, stories_split)
     written = written_bits(out, ("qweight", "scales", "qzeros", "g_idx", "codebooks", "row_scales"))
     assert summary["bits_per_weight"] == pytest.approx(written / STORIES_WEIGHTS, abs=1e-12)
     check_loaded_and_inspected(tmp_path, out, summary, stories_split[1], vq, VQLinear, "vq", "vq64")
+    rows = {row["name"]: row for row in json.loads((tmp_path / "inspect.json").read_text())["layers"]}
+    assert {name: rows[name]["bits"] for name in vq} == vq_bits                  # the half bits as planned

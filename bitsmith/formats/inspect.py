@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..layouts import layout_of
-from ..plan import FLAGS, LayerPlan, error_unit
+from ..plan import FLAGS, LayerPlan, error_unit, whole_or_half
 from . import dfloat
 from .checkpoint import Checkpoint
 from .errors import InputError
@@ -37,7 +37,7 @@ def layer_table(path) -> tuple[list[dict], dict]:
         entry = _object(entries.get(name), f"plan entry of {name}")
         try:
             out_f, in_f = (int(n) for n in report["shape"])
-            layer = LayerPlan(int(entry["bits"]), int(entry["group_size"]), bool(entry.get("sym", False)),
+            layer = LayerPlan(whole_or_half(entry["bits"]), int(entry["group_size"]), bool(entry.get("sym", False)),
                               outliers=float(entry.get("outliers", 0.0)),
                               **{key: entry.get(key) is True for key in FLAGS})
         except (KeyError, TypeError, ValueError) as e:
