@@ -32,6 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import psutil
 from machine import cpu_label
 
 from bitsmith.plan import FLAGS, TECHNIQUES, LayerPlan, QuantizeOptions
@@ -141,9 +142,10 @@ def run(target: float, proxy: str, rounding: str = "gptq", iters: int = 0, seque
 
 
 def busy_seconds() -> float:
-    """CPU seconds the whole machine has spent busy since boot (every core, /proc/stat's non-idle time)."""
-    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    return (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")    # less idle and iowait
+    """CPU seconds the whole machine has spent busy since boot, every core (psutil's times less idle and waiting
+    for I/O; guest time is already inside user time)."""
+    t = psutil.cpu_times()
+    return sum(t) - sum(getattr(t, name, 0.0) for name in ("idle", "iowait", "guest", "guest_nice"))
 
 
 def others_busy(busy_before: float, started: float, own_cpu_seconds: float) -> float:

@@ -30,7 +30,8 @@ qweight, scales fp16 [G, in] and qzeros int32 [G, packed(in)] (true zeros packed
 
 Codebooks of pairs (a plan entry with `vq`; GPTVQ, quantize/vq.py): qweight int32 [packed(in / 2), out], each pair
 of inputs' index of 2 x bits bits (5 and 7 at 2.5 and 3.5 bits) packed as GPTQ packs its codes, codebooks fp16
-[G, 2^(2 bits), 2] (G blocks of `group_size` inputs) and row_scales fp16 [out] (`VQLayout`); also `quant_method: "bitsmith"` only.
+[G, 2^(2 bits), 2] (G blocks of `group_size` inputs) and row_scales fp16 [out] (`VQLayout`); also `quant_method:
+"bitsmith"` only.
 
 Bits per group of columns (a plan entry with `column_bits`; BAQ, quantize/column_bits.py): each group of columns'
 codes packed at its own width one group after another, qweight int32 [words, out], scales fp16 [G, out], qzeros

@@ -556,7 +556,11 @@ def tune_written(runner: BlockRunner, source: ModelSource, writer, plan: QuantPl
         sequences = joined(windows, opts.tune_seqlen)
         teacher = unquantized_last_states(runner, source, sequences, opts).to(teacher.dtype)
         streams.unquantized = None          # the windows' own targets: not read again
-    later = resampled_passes(runner, source, sequences, teacher, opts, dtype)
+    norm, head_weight = runner.head(source)
+    head_weight = head_weight.to(dtype)                                  # cast once, not at every chunk
+    teacher_norm = copy.deepcopy(norm).requires_grad_(False)
+    teacher_head = lambda h: F.linear(teacher_norm(h), head_weight)
+    later = resampled_passes(runner, source, sequences, teacher, teacher_head, opts)
     blocks, tuned, norms = [], {}, {}
     for i in range(runner.n_blocks):
         prefix = family.block_prefix.format(i=i)
@@ -573,9 +577,6 @@ def tune_written(runner: BlockRunner, source: ModelSource, writer, plan: QuantPl
             if ".deltas." not in name and writer.holds(prefix + name):
                 norms[prefix + name] = _relative(block, name, writer.get(prefix + name).dtype)
         blocks.append(block)
-    norm, head_weight = runner.head(source)
-    head_weight = head_weight.to(dtype)                                  # cast once, not at every chunk
-    teacher_norm = copy.deepcopy(norm).requires_grad_(False)
     final = _relative(norm, "weight", source.get(family.final_norm).dtype)
     table = source.get(family.embed).to(torch.float32)
 
@@ -594,7 +595,6 @@ def tune_written(runner: BlockRunner, source: ModelSource, writer, plan: QuantPl
         return hidden
 
     head = lambda h: F.linear(norm(h), head_weight)
-    teacher_head = lambda h: F.linear(teacher_norm(h), head_weight)
     params = [d for m in tuned.values() for d in m.deltas] + [p for _, _, p in norms.values()] + [final[2]]
 
     def first_block() -> torch.Tensor:      # one minibatch through block 0, its input needing a gradient as later's
@@ -631,20 +631,18 @@ def tune_written(runner: BlockRunner, source: ModelSource, writer, plan: QuantPl
 
 
 def resampled_passes(runner: BlockRunner, source: ModelSource, sequences: torch.Tensor, teacher: torch.Tensor,
-                     opts: QuantizeOptions, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
+                     teacher_head, opts: QuantizeOptions) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """With --tune-resample, the sequences and targets of every tuning pass after the first: `sequences` with
-    that share of their tokens drawn from the unquantized model (quantize/tune.py `resampled`, one seeded draw per
-    pass), and the unquantized model's last states of them. Made before tuning rebuilds the blocks."""
+    that share of their tokens drawn from the unquantized model (`teacher_head` of its last states `teacher`;
+    quantize/tune.py `resampled`, one seeded draw per pass), and the unquantized model's last states of them. Made
+    before tuning rebuilds the blocks."""
     if not opts.tune_resample:
         return []
-    norm, head_weight = runner.head(source)
-    head_weight = head_weight.to(dtype)
     passes = []
     for epoch in range(1, opts.tune_epochs):
         generator = torch.Generator().manual_seed(opts.seed + epoch)
         with compute(opts):
-            ids = resampled(sequences, teacher, lambda h: F.linear(norm(h), head_weight), opts.tune_resample,
-                            generator)
+            ids = resampled(sequences, teacher, teacher_head, opts.tune_resample, generator)
         passes.append((ids, unquantized_last_states(runner, source, ids, opts).to(teacher.dtype)))
     return passes
 
