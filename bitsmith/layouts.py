@@ -265,8 +265,8 @@ class VQLayout:
     @staticmethod
     def levels(stored, layer: LayerPlan, in_features: int, dtype: torch.dtype = torch.float32) -> Levels:
         """The codebooks and the row scales, the codes fixed: W = s_o C[g, q, t]; each codebook's coordinate t moves
-        in units of its mean spacing, its range over sqrt(K) - 1 (the spacing of K points on a square grid), a row
-        scale relative to itself."""
+        in units of its range over sqrt(K) - 1 (the spacing of K points on a square grid: a step size, only near
+        the spacing of the 8 x 4 and 16 x 8 product grids of 32 and 128 entries), a row scale relative to itself."""
         codes = unpack(stored("qweight"), index_bits(layer.bits), in_features // 2, dim=0).t()
         index = flat_index(codes, entries(layer.bits), layer.group_size)
         books, scales = stored("codebooks"), stored("row_scales")

@@ -159,6 +159,16 @@ def filled_cache(layers: int, length: int):
     return Cache(layers=[_filled_layer()(length) for _ in range(layers)])
 
 
+def categorical(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """One index per row of `probs` [b, V] (each row a distribution), drawn by inverting its cumulative sum at a
+    uniform draw: index i with F(i - 1) <= u F(V) < F(i). One uniform a row, where torch.multinomial draws an
+    exponential for every entry (a third of the time of sampling text from SmolLM2, 49,152 entries a row)."""
+    cdf = probs.to(torch.float64).cumsum(-1)
+    u = torch.rand(probs.shape[0], 1, generator=generator, dtype=torch.float64, device=generator.device)
+    u = u.to(probs.device) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).clamp_(max=probs.shape[-1] - 1)[:, 0]
+
+
 @torch.no_grad()
 def self_windows(model, nsamples: int, seqlen: int, seed: int, vocab: int, batch: int | None = None):
     """Text sampled from the model itself (data-free calibration): a random first token, then ancestral
@@ -176,7 +186,7 @@ def self_windows(model, nsamples: int, seqlen: int, seed: int, vocab: int, batch
             out = model(input_ids=step, use_cache=True, **{cache: past})
             past = getattr(out, cache)
             probs = torch.softmax(out.logits[:, -1].float(), dim=-1)
-            step = torch.multinomial(probs, 1, generator=gen)
+            step = categorical(probs, gen)[:, None]
             ids = torch.cat([ids, step], dim=1)
         rows.append(ids)
     return torch.cat(rows)

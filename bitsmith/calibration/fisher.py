@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .adapter import BlockRunner
+from .data import categorical
 
 HEAD_CHUNK = 128          # positions whose logits are formed at once
 WINDOWS_AT_ONCE = 4       # windows that go through each block together: every block is built once per group of
@@ -106,7 +107,7 @@ def _head_gradient(norm, head: torch.Tensor, h: torch.Tensor, ids: torch.Tensor,
             loss = F.cross_entropy(logits, targets, reduction="sum")
             if drawn is not None:
                 probs = torch.softmax(logits.detach().float(), dim=-1)
-                targets = torch.multinomial(probs, 1, generator=drawn)[:, 0]
+                targets = categorical(probs, drawn)
                 F.cross_entropy(logits, targets, reduction="sum").backward()
             else:
                 loss.backward()

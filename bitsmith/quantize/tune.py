@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from ..calibration.data import categorical
 from .grid import stored_ste
 
 HEAD_CHUNK = 512            # positions whose logits are held at once
@@ -174,7 +175,7 @@ def resampled(windows: torch.Tensor, teacher: torch.Tensor, teacher_head: Callab
     for start in range(0, len(rows), HEAD_CHUNK):
         r, c = rows[start:start + HEAD_CHUNK], cols[start:start + HEAD_CHUNK]
         probs = torch.softmax(teacher_head(teacher[r, c]).float(), -1).cpu()
-        ids[r, c + 1] = torch.multinomial(probs, 1, generator=generator).squeeze(1).to(ids.device, ids.dtype)
+        ids[r, c + 1] = categorical(probs, generator).to(ids.device, ids.dtype)
     return ids
 
 

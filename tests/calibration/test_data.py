@@ -63,6 +63,27 @@ def test_sampling_batch_keeps_the_key_value_cache_within_its_budget():
     assert data.sampling_batch(llama7b, 2048) == 1
 
 
+def test_categorical_draws_follow_each_rows_distribution():
+    """Rows of known distributions (zeros among them, one row a single certain entry): the draws' frequencies match
+    each row within 5 standard errors, a zero-probability entry is never drawn, the same seed draws the same."""
+    g = torch.Generator().manual_seed(1)
+    probs = torch.rand(6, 40, generator=g) ** 3
+    probs[:, ::3] = 0
+    probs[5] = 0
+    probs[5, 17] = 1
+    probs = probs / probs.sum(1, keepdim=True)
+    n = 20_000
+    draws = torch.stack([data.categorical(probs, g) for _ in range(n)], dim=1)             # [6, n]
+    assert draws.dtype == torch.int64 and draws.shape == (6, n)
+    counts = torch.stack([torch.bincount(row, minlength=40) for row in draws]).double() / n
+    stderr = (probs.double() * (1 - probs.double()) / n).sqrt()
+    assert ((counts - probs.double()).abs() <= 5 * stderr + 1e-12).all()
+    assert (counts[probs == 0] == 0).all()
+    assert (draws[5] == 17).all()
+    assert torch.equal(data.categorical(probs, torch.Generator().manual_seed(3)),
+                       data.categorical(probs, torch.Generator().manual_seed(3)))
+
+
 def test_the_filled_cache_samples_what_the_growing_cache_samples(stories_path):
     """Sampling with the key/value cache filled in place (`filled_cache`) draws the very tokens that transformers'
     own cache, concatenated at every step, draws from the same generator; a window past its length is refused, and a
@@ -76,7 +97,7 @@ def test_the_filled_cache_samples_what_the_growing_cache_samples(stories_path):
         for _ in range(39):
             out = model(input_ids=step, use_cache=True, **{cache: past})
             past = getattr(out, cache)
-            step = torch.multinomial(torch.softmax(out.logits[:, -1].float(), dim=-1), 1, generator=gen)
+            step = data.categorical(torch.softmax(out.logits[:, -1].float(), dim=-1), gen)[:, None]
             ids = torch.cat([ids, step], dim=1)
     assert type(past).__name__ == "DynamicCache"
     assert torch.equal(data.self_windows(model, 3, 40, 5, vocab, batch=3), ids)
