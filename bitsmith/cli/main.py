@@ -80,7 +80,8 @@ QUANTIZE_SECTIONS = {
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed of the choice of calibration windows (and of --rotate's matrices).")
 @click.option("--calib-dtype", type=click.Choice(["bfloat16", "float32"]), default="bfloat16", show_default=True,
-              help="Matmul precision of calibration forwards (Hessians and GPTQ are always float32).")
+              help="Matmul precision of calibration forwards and of sampling 'self' (Hessians and GPTQ are "
+                   "always float32).")
 @click.option("--target-bpw", type=float, default=None,
               help="Plan per-layer bits for this all-in bits per weight (measures every candidate first).")
 @click.option("--measurement", type=click.Path(dir_okay=False),
