@@ -132,8 +132,7 @@ def calibration(source: ModelSource, opts: QuantizeOptions, progress: bool = Tru
 def calibration_windows(source: ModelSource, tokenizer, opts: QuantizeOptions, progress: bool):
     """[nsamples, seqlen] token windows and a description of where they came from. `self` among calibration files
     gives half the windows, sampled from the model, interleaved with the files' (the first windows, which weigh
-    the measurement, hold both). The model samples in the calibration forwards' dtype (`--calib-dtype`: bf16
-    weights halve the time of sampling SmolLM2)."""
+    the measurement, hold both). The model samples with its weights in `compute_dtype` (bf16 by default)."""
     files = [c for c in opts.calib if c != "self"]
     if not files:
         sampled = opts.nsamples                          # the model's samples alone (also with no --calib)
@@ -141,7 +140,7 @@ def calibration_windows(source: ModelSource, tokenizer, opts: QuantizeOptions, p
         sampled = opts.nsamples // 2 if "self" in opts.calib else 0
     if sampled:
         from .loader import load_model
-        model = load_model(source, dtype=torch.bfloat16 if opts.calib_dtype == "bfloat16" else torch.float32)
+        model = load_model(source, dtype=compute_dtype(opts))
         own = data.self_windows(model, sampled, opts.seqlen, opts.seed, model.config.vocab_size)
         del model
         what = f"{sampled} x {opts.seqlen} tokens sampled from the model (seed {opts.seed})"
@@ -159,6 +158,12 @@ def calibration_windows(source: ModelSource, tokenizer, opts: QuantizeOptions, p
 
 class _InputsCaptured(Exception):
     """Raised by the last linear's hook: the rest of the block is not needed for statistics."""
+
+
+def compute_dtype(opts: QuantizeOptions) -> torch.dtype:
+    """The dtype of calibration's matrix products (`--calib-dtype`): of `compute`'s autocast, of the weights that
+    sample `self` and of the levels tuning learns."""
+    return getattr(torch, opts.calib_dtype)
 
 
 def compute(opts: QuantizeOptions):
@@ -551,7 +556,7 @@ def tune_written(runner: BlockRunner, source: ModelSource, writer, plan: QuantPl
     writer holds as they are, replace what was written; the streams the run still reads (the first `loss_windows`
     calibration windows', the held-out ones') become the tuned model's. Returns the tuned final norm weight."""
     opts, family = plan.options, runner.family
-    dtype = torch.bfloat16 if opts.calib_dtype == "bfloat16" else torch.float32
+    dtype = compute_dtype(opts)
     sequences, teacher = windows, streams.unquantized
     if opts.tune_seqlen and opts.tune_seqlen != windows.shape[1]:
         sequences = joined(windows, opts.tune_seqlen)
