@@ -87,11 +87,11 @@ FULL_MENU = ",".join(TECHNIQUES)
 
 
 def method(proxy: str, rounding: str, iters: int, sequential: bool = False, menu: str = FULL_MENU,
-           tune: tuple[int, float, int, int, float] = (0, 1e-3, TUNE_BATCH, 0, 0.0), rotate: bool = False,
+           tune: tuple[int, float, int, int, float, int] = (0, 1e-3, TUNE_BATCH, 0, 0.0, 0), rotate: bool = False,
            damp: float = DAMP, own: bool = False, nsamples: int = NSAMPLES) -> str:
     """The name of a plan run's method: rotated+ for --rotate, the proxy, the rounding when it is not GPTQ's,
     +tuneE-lrL for end-to-end tuning (-bB when its windows per step are not 8, the runs' before --tune-batch; -sL
-    for --tune-seqlen L; -rR for --tune-resample R), -ts
+    for --tune-seqlen L; -rR for --tune-resample R; -tuneselfN for --tune-self N), -ts
     for --true-sequential, -dampD when the damping is not the default, -self when half the calibration windows are
     sampled from the model, -nN when there are N calibration windows rather than 128, the menu when it is not the
     whole one (menu-uniform+lut)."""
@@ -100,13 +100,14 @@ def method(proxy: str, rounding: str, iters: int, sequential: bool = False, menu
     name += f"-b{tune[2]}" if tune[0] and tune[2] != UNNAMED_BATCH else ""
     name += f"-s{tune[3]}" if tune[0] and tune[3] else ""
     name += f"-r{tune[4]:g}" if tune[0] and tune[4] else ""
+    name += f"-tuneself{tune[5]}" if tune[0] and tune[5] else ""
     return (name + ("-ts" if sequential else "") + ("" if damp == DAMP else f"-damp{damp:g}")
             + ("-self" if own else "") + ("" if nsamples == NSAMPLES else f"-n{nsamples}")
             + ("" if menu == FULL_MENU else "-menu-" + menu.replace(",", "+")))
 
 
 def run(target: float, proxy: str, rounding: str = "gptq", iters: int = 0, sequential: bool = False,
-        menu: str = FULL_MENU, tune: tuple[int, float, int, int, float] = (0, 1e-3, TUNE_BATCH, 0, 0.0),
+        menu: str = FULL_MENU, tune: tuple[int, float, int, int, float, int] = (0, 1e-3, TUNE_BATCH, 0, 0.0, 0),
         rotate: bool = False,
         damp: float = DAMP, own: bool = False, nsamples: int = NSAMPLES) -> None:
     with tempfile.TemporaryDirectory() as work:
@@ -117,7 +118,7 @@ def run(target: float, proxy: str, rounding: str = "gptq", iters: int = 0, seque
                  "--rounding", rounding, *(["--rounding-iters", str(iters)] if rounding == "signround" else []),
                  *(["--true-sequential"] if sequential else []), "--menu", menu,
                  "--tune-epochs", str(tune[0]), "--tune-lr", str(tune[1]), "--tune-batch", str(tune[2]),
-                 "--tune-seqlen", str(tune[3]), "--tune-resample", str(tune[4]),
+                 "--tune-seqlen", str(tune[3]), "--tune-resample", str(tune[4]), "--tune-self", str(tune[5]),
                  *(["--rotate"] if rotate else []),
                  "--damp", str(damp),
                  "--calib", str(TEXT / "c4_calib.txt"), *(["--calib", "self"] if own else []),
@@ -134,7 +135,7 @@ def run(target: float, proxy: str, rounding: str = "gptq", iters: int = 0, seque
     name = method(proxy, rounding, iters, sequential, menu, tune, rotate, damp, own, nsamples)
     summary.update(date=datetime.date.today().isoformat(), proxy=proxy, rounding=rounding, rounding_iters=iters,
                    method=name, menu=menu, tune_epochs=tune[0], tune_lr=tune[1],
-                   tune_batch=tune[2], tune_seqlen=tune[3], tune_resample=tune[4], rotate=rotate, damp=damp,
+                   tune_batch=tune[2], tune_seqlen=tune[3], tune_resample=tune[4], tune_self=tune[5], rotate=rotate, damp=damp,
                    self_calibration=own, nsamples=nsamples,
                    measured_here=not reuse, cpu=cpu_label())
     (RUNS / f"{name}-t{target}.json").write_text(json.dumps(portable(summary, work), indent=1) + "\n")
@@ -298,6 +299,8 @@ def main() -> None:
                     help="quantize --tune-seqlen (tuning on calibration windows joined to this length).")
     ap.add_argument("--tune-resample", type=float, default=0.0,
                     help="quantize --tune-resample (a share of the tokens of later passes drawn from the model).")
+    ap.add_argument("--tune-self", type=int, default=0,
+                    help="quantize --tune-self (windows sampled from the model that tuning alone reads).")
     ap.add_argument("--rotate", action="store_true", help="quantize --rotate (a rotated model: its own --runs).")
     ap.add_argument("--self", dest="own", action="store_true",
                     help="Half the calibration windows sampled from the model (quantize --calib self next to "
@@ -320,7 +323,8 @@ def main() -> None:
             (RUNS / "base-held-out.json").write_text(json.dumps(portable(base), indent=1) + "\n")
         for target in args.targets:
             run(target, args.proxy, args.rounding, args.rounding_iters, args.true_sequential, args.menu,
-                (args.tune_epochs, args.tune_lr, args.tune_batch, args.tune_seqlen, args.tune_resample), args.rotate,
+                (args.tune_epochs, args.tune_lr, args.tune_batch, args.tune_seqlen, args.tune_resample, args.tune_self),
+                args.rotate,
                 args.damp, args.own, args.nsamples)
     (RESULTS / f"{RUNS.name}.md").write_text(report())
 

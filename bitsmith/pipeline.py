@@ -115,45 +115,59 @@ def stored_weight(stored, layer: LayerPlan, method: str, in_features: int) -> to
 @dataclass
 class Calibration:
     """The calibration windows ([nsamples, seqlen] token ids; None for RTN), where they came from, their
-    sha256."""
+    sha256; `tuning`: the windows sampled from the model that tuning alone reads beside them (--tune-self)."""
     windows: torch.Tensor | None
     description: str
     fingerprint: str
+    tuning: torch.Tensor | None = None
 
 
 def calibration(source: ModelSource, opts: QuantizeOptions, progress: bool = True) -> Calibration:
-    """The windows the run calibrates on (none for RTN)."""
+    """The windows the run calibrates on (none for RTN), and those tuning reads beside them."""
     if opts.method == "rtn":
         return Calibration(None, "none: RTN uses no calibration data", "")
-    windows, description = calibration_windows(source, source.tokenizer(), opts, progress)
-    return Calibration(windows, description, data.fingerprint(windows))
+    tuning = opts.tune_self if opts.tune_epochs else 0
+    windows, description, own = drawn_windows(source, source.tokenizer(), opts, tuning)
+    if tuning:
+        description += f"; tuning also reads {tuning} x {opts.seqlen} tokens sampled from the model (--tune-self)"
+    return Calibration(windows, description, data.fingerprint(windows), own)
 
 
 def calibration_windows(source: ModelSource, tokenizer, opts: QuantizeOptions, progress: bool):
     """[nsamples, seqlen] token windows and a description of where they came from. `self` among calibration files
     gives half the windows, sampled from the model, interleaved with the files' (the first windows, which weigh
-    the measurement, hold both). The model samples with its weights in `compute_dtype` (bf16 by default)."""
+    the measurement, hold both)."""
+    windows, description, _ = drawn_windows(source, tokenizer, opts)
+    return windows, description
+
+
+def drawn_windows(source: ModelSource, tokenizer, opts: QuantizeOptions, tuning: int = 0):
+    """`calibration_windows`, and `tuning` windows more sampled from the model (None when 0): the draws after
+    those of the calibration windows, from one sampler. The model samples with its weights in `compute_dtype`
+    (bf16 by default)."""
     files = [c for c in opts.calib if c != "self"]
     if not files:
         sampled = opts.nsamples                          # the model's samples alone (also with no --calib)
     else:
         sampled = opts.nsamples // 2 if "self" in opts.calib else 0
-    if sampled:
+    own = extra = None
+    if sampled or tuning:
         from .loader import load_model
         model = load_model(source, dtype=compute_dtype(opts))
-        own = data.self_windows(model, sampled, opts.seqlen, opts.seed, model.config.vocab_size)
+        drawn = data.self_windows(model, sampled + tuning, opts.seqlen, opts.seed, model.config.vocab_size)
         del model
-        what = f"{sampled} x {opts.seqlen} tokens sampled from the model (seed {opts.seed})"
-        if not files:
-            return own, f"self: {what}"
+        own, extra = drawn[:sampled], drawn[sampled:] if tuning else None
+    what = f"{sampled} x {opts.seqlen} tokens sampled from the model (seed {opts.seed})"
+    if not files:
+        return own, f"self: {what}", extra
     ids = data.tokenize(tokenizer, data.read_text(files))
     windows = data.random_windows(ids, opts.nsamples - sampled, opts.seqlen, opts.seed)
     if sampled:
         mixed = torch.empty(opts.nsamples, opts.seqlen, dtype=windows.dtype)
         mixed[0::2], mixed[1::2] = windows, own
         return mixed, (f"{', '.join(files)}: {opts.nsamples - sampled} x {opts.seqlen} tokens (seed {opts.seed}), "
-                       f"interleaved with {what}")
-    return windows, f"{', '.join(opts.calib)}: {opts.nsamples} x {opts.seqlen} tokens (seed {opts.seed})"
+                       f"interleaved with {what}"), extra
+    return windows, f"{', '.join(opts.calib)}: {opts.nsamples} x {opts.seqlen} tokens (seed {opts.seed})", extra
 
 
 class _InputsCaptured(Exception):
@@ -354,7 +368,8 @@ def run(source: ModelSource, writer, plan: QuantPlan, eval_ids: torch.Tensor | N
         release_freed_memory()
     final = {name: source.get(name) for name in (family.embed, family.final_norm, family.lm_head) if name in source}
     if opts.tune_epochs:
-        tuned = tune_written(runner, source, writer, plan, calib.windows, streams, eval_ids, len(mine), progress)
+        tuned = tune_written(runner, source, writer, plan, calib.windows, streams, eval_ids, len(mine), progress,
+                             calib.tuning)
         final[family.final_norm] = tuned.to(final[family.final_norm].dtype)
     streams.unquantized = None          # the targets of the last block: not read again (151 MB on SmolLM2)
     release_freed_memory()
@@ -548,20 +563,26 @@ def refine_block(runner: BlockRunner, block, prefix: str, i: int, hidden: torch.
 
 def tune_written(runner: BlockRunner, source: ModelSource, writer, plan: QuantPlan, windows: torch.Tensor,
                  streams: Streams, eval_ids: torch.Tensor | None, loss_windows: int,
-                 progress: bool = False) -> torch.Tensor:
+                 progress: bool = False, extra: torch.Tensor | None = None) -> torch.Tensor:
     """End-to-end tuning (quantize/tune.py) of the model as written: every block rebuilt from the source with its
     linears as `TunedLinear`s on their stored tensors (`layout.levels`), tuned toward `streams.unquantized` (the
     unquantized model's last hidden states of `windows`; with --tune-seqlen, the windows `joined` into longer
-    sequences and those sequences' states, `unquantized_last_states`). The tuned levels, and the norm weights the
+    sequences and those sequences' states, `unquantized_last_states`). `extra` (--tune-self): windows that join
+    the calibration windows here alone, their targets `unquantized_last_states`. The tuned levels, and the norm weights the
     writer holds as they are, replace what was written; the streams the run still reads (the first `loss_windows`
     calibration windows', the held-out ones') become the tuned model's. Returns the tuned final norm weight."""
     opts, family = plan.options, runner.family
     dtype = compute_dtype(opts)
     sequences, teacher = windows, streams.unquantized
+    if extra is not None:                   # tuning draws its minibatches at random: the order does not matter
+        sequences = torch.cat([windows, extra])
     if opts.tune_seqlen and opts.tune_seqlen != windows.shape[1]:
-        sequences = joined(windows, opts.tune_seqlen)
+        sequences = joined(sequences, opts.tune_seqlen)
         teacher = unquantized_last_states(runner, source, sequences, opts).to(teacher.dtype)
         streams.unquantized = None          # the windows' own targets: not read again
+    elif extra is not None:
+        teacher = torch.cat([teacher, unquantized_last_states(runner, source, extra, opts).to(teacher.dtype)])
+        streams.unquantized = None
     norm, head_weight = runner.head(source)
     head_weight = head_weight.to(dtype)                                  # cast once, not at every chunk
     teacher_norm = copy.deepcopy(norm).requires_grad_(False)

@@ -45,6 +45,7 @@ class QuantizeOptions:
                                    # same cost: unseen C4 0.156 against 0.173 nats, bench/results/calib-split-*)
     tune_seqlen: int = 0           # tokens per tuning sequence: consecutive calibration windows joined; 0: one each
     tune_resample: float = 0.0     # share of the tokens of every pass after the first drawn from the unquantized model
+    tune_self: int = 0             # windows sampled from the unquantized model that tuning reads beside the calibration's
     rotate: bool = False           # quantize the model rotated (bitsmith/rotation.py), the same function
     device: str = "cpu"            # where blocks, activations, Hessians and GPTQ run ("cpu", "cuda", "cuda:1")
     offload_activations: bool = False   # calibration activations kept on CPU between blocks (device: one batch)
@@ -96,6 +97,13 @@ class QuantizeOptions:
         if self.tune_seqlen and self.nsamples % (self.tune_seqlen // self.seqlen):
             raise InputError(f"--tune-seqlen {self.tune_seqlen} joins {self.tune_seqlen // self.seqlen} calibration "
                              f"windows a sequence; --nsamples {self.nsamples} is not a multiple of it")
+        if type(self.tune_self) is not int or self.tune_self < 0:
+            raise InputError(f"--tune-self {self.tune_self}: expected 0 or more windows sampled for tuning")
+        if self.tune_self and not self.tune_epochs:
+            raise InputError(f"--tune-self {self.tune_self} samples windows for --tune-epochs, which is 0")
+        if self.tune_seqlen and self.tune_self % (self.tune_seqlen // self.seqlen):
+            raise InputError(f"--tune-seqlen {self.tune_seqlen} joins {self.tune_seqlen // self.seqlen} windows a "
+                             f"sequence; --tune-self {self.tune_self} is not a multiple of it")
         if type(self.tune_resample) not in (int, float) or not 0 <= self.tune_resample < 1:
             raise InputError(f"--tune-resample {self.tune_resample}: expected a share of the tokens from 0 to below 1")
         if self.tune_epochs and self.method != "gptq":

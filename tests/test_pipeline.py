@@ -278,6 +278,10 @@ NOT_GPTQ = "--tune-epochs tunes GPTQ's grids and tables on the calibration windo
      "--tune-seqlen 2048 joins 4 calibration windows a sequence; --nsamples 6 is not a multiple of it"),
     *(({"tune_epochs": 1, "method": method}, NOT_GPTQ.format(method)) for method in ("rtn", "qoq")),
     *(({"tune_epochs": 2, "tune_resample": share}, NOT_SHARE.format(share)) for share in (1.0, -0.1)),
+    ({"tune_epochs": 1, "tune_self": -1}, "--tune-self -1: expected 0 or more windows sampled for tuning"),
+    ({"tune_self": 8}, "--tune-self 8 samples windows for --tune-epochs, which is 0"),
+    ({"tune_epochs": 1, "seqlen": 512, "nsamples": 8, "tune_seqlen": 2048, "tune_self": 6},
+     "--tune-seqlen 2048 joins 4 windows a sequence; --tune-self 6 is not a multiple of it"),
 ])
 def test_bad_tuning_options_are_refused(options, message):
     with pytest.raises(InputError, match="^" + message + "$"):
@@ -335,6 +339,54 @@ def test_tune_batch_sets_the_windows_of_each_tuning_step(tmp_path, stories_path,
     assert batch == 4 and len(trace.losses) == 2 * 16 // 4
 
 
+def recorded_tuning(monkeypatch) -> list:
+    """The calls of pipeline.tune from here on, each (sequences, targets, trace), while it runs as it does."""
+    calls, tune = [], pipeline.tune
+
+    def recorded(*args, **kwargs):
+        calls.append((args[3], args[4], tune(*args, **kwargs)))
+        return calls[-1][2]
+    monkeypatch.setattr(pipeline, "tune", recorded)
+    return calls
+
+
+def test_tune_self_adds_the_models_samples_to_tuning_alone(tmp_path, stories_path, stories_split, monkeypatch):
+    """--tune-self 4 beside 16 windows of the file: the calibration (and so the statistics of GPTQ and the
+    measurement) is the file's alone, as without it; tuning reads the 16 and 4 windows the model samples (the draws
+    `--calib self` makes first), toward the unquantized model's states of them: 2 passes of 2 a step, 20 steps."""
+    calls = recorded_tuning(monkeypatch)
+    calib = [str(stories_split[0])]
+    bitsmith.quantize(str(stories_path), str(tmp_path / "out"), calib=calib, progress=False,
+                      **{**TUNED, "tune_self": 4})
+    [(sequences, teacher, trace)] = calls
+    source = open_source(str(stories_path))
+    runner = BlockRunner(source.config, "cpu")
+    plain, with_self, own = (QuantizeOptions(**{**TUNED, "calib": c, "tune_self": n, "nsamples": k})
+                             for c, n, k in ((calib, 0, 16), (calib, 4, 16), (["self"], 0, 4)))
+    for opts in (plain, with_self, own):
+        opts.validate()
+    drawn = pipeline.calibration(source, with_self, progress=False)
+    windows, tuning = drawn.windows, drawn.tuning
+    assert torch.equal(windows, pipeline.calibration(source, plain, progress=False).windows)
+    assert torch.equal(tuning, pipeline.calibration(source, own, progress=False).windows)
+    assert torch.equal(sequences, torch.cat([windows, tuning])) and len(trace.losses) == 2 * 20 // 2
+    torch.testing.assert_close(teacher[16:], pipeline.unquantized_last_states(runner, source, tuning, with_self))
+    assert json.loads((tmp_path / "out" / "plan.json").read_text())["options"]["tune_self"] == 4
+
+
+def test_tune_self_draws_after_the_calibrations_own_samples(stories_path):
+    """With --calib self too, tuning's samples are the draws after the calibration's, from one sampler: none of
+    them twice."""
+    source = open_source(str(stories_path))
+    both, alone = (QuantizeOptions(**{**TUNED, "calib": ["self"], "nsamples": n, "tune_self": t})
+                   for n, t in ((4, 2), (6, 0)))
+    for opts in (both, alone):
+        opts.validate()
+    calib, drawn = pipeline.calibration(source, both, progress=False), pipeline.calibration(source, alone).windows
+    assert torch.equal(calib.windows, drawn[:4]) and torch.equal(calib.tuning, drawn[4:])
+    assert "tuning also reads 2 x 128 tokens sampled from the model" in calib.description
+
+
 def test_joined_windows_follow_each_other_in_order():
     windows = torch.arange(6 * 4).reshape(6, 4)
     assert torch.equal(pipeline.joined(windows, 12), torch.tensor([list(range(12)), list(range(12, 24))]))
@@ -360,13 +412,7 @@ def test_the_targets_of_joined_windows_begin_as_the_first_windows_own(stories_pa
 def test_tune_seqlen_tunes_on_joined_windows(tmp_path, stories_path, stories_split, monkeypatch):
     """--tune-seqlen 4 x --seqlen over 16 windows: 4 sequences of 512 tokens, each its windows in order, and
     the unquantized model's states of them as targets; 2 passes of 2 sequences a step are 4 Adam steps."""
-    calls = []
-
-    def recorded(*args, **kwargs):
-        calls.append((args[3], args[4], pipeline_tune(*args, **kwargs)))
-        return calls[-1][2]
-    pipeline_tune = pipeline.tune
-    monkeypatch.setattr(pipeline, "tune", recorded)
+    calls = recorded_tuning(monkeypatch)
     options = {**TUNED, "tune_seqlen": 4 * OPTIONS["seqlen"]}
     bitsmith.quantize(str(stories_path), str(tmp_path / "out"), calib=[str(stories_split[0])], progress=False,
                       **options)

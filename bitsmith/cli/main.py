@@ -15,7 +15,7 @@ from .app import Report, Sectioned, json_option, main
 QUANTIZE_SECTIONS = {
     "Method": ("method", "bits", "group_size", "sym", "act_order", "static_groups", "mse", "true_sequential", "damp",
                "rounding", "rounding_iters", "tune_epochs", "tune_lr", "tune_batch", "tune_seqlen",
-               "tune_resample", "rotate"),
+               "tune_resample", "tune_self", "rotate"),
     "Bit plan": ("target_bpw", "measurement", "plan_path", "fisher_samples", "fisher_labels", "proxy",
                  "menu"),
     "Calibration": ("calib", "nsamples", "seqlen", "seed", "calib_dtype", "device", "offload_activations", "nproc"),
@@ -66,6 +66,10 @@ QUANTIZE_SECTIONS = {
               help="Share of the tokens of the calibration windows that every pass of --tune-epochs after the first "
                    "replaces by a draw from the unquantized model's next-token distribution (its targets computed "
                    "anew): other text of the model's own for the same steps; 0: the windows as they are.")
+@click.option("--tune-self", type=int, default=QuantizeOptions.tune_self, show_default=True,
+              help="Windows of --seqlen sampled from the unquantized model that --tune-epochs reads beside the "
+                   "calibration windows (the model's own text: LLM-QAT's data-free distillation; their targets take "
+                   "one forward of the unquantized model); the measurement and GPTQ keep to the calibration windows.")
 @click.option("--rotate/--no-rotate", default=False, show_default=True,
               help="Quantize the model in a rotated basis: norm weights folded into the linears, the residual "
                    "stream and each head's values turned by randomized Hadamard matrices (QuaRot's computational "
@@ -124,7 +128,8 @@ QUANTIZE_SECTIONS = {
 def quantize(model, out, method, bits, group_size, sym, act_order, static_groups, mse, true_sequential, damp, calib,
              nsamples, seqlen, seed, calib_dtype, target_bpw, measurement, plan_path, fisher_samples, fisher_labels,
              proxy, menu, device, eval_data, eval_seqlen, eval_max_tokens, lossless_rest, overwrite, resume, json_path,
-             rounding, rounding_iters, tune_epochs, tune_lr, tune_batch, tune_seqlen, tune_resample, rotate, nproc,
+             rounding, rounding_iters, tune_epochs, tune_lr, tune_batch, tune_seqlen, tune_resample, tune_self, rotate,
+             nproc,
              offload_activations):
     """Quantize MODEL (a Hugging Face folder, a .gguf file or the bundled name smollm2-135m) into OUT."""
     if nproc > 1:
@@ -142,7 +147,7 @@ def quantize(model, out, method, bits, group_size, sym, act_order, static_groups
                      fisher_samples=fisher_samples, fisher_labels=fisher_labels, proxy=proxy, menu=menu, resume=resume,
                      rounding=rounding,
                      rounding_iters=rounding_iters, tune_epochs=tune_epochs, tune_lr=tune_lr, tune_batch=tune_batch,
-                     tune_seqlen=tune_seqlen, tune_resample=tune_resample,
+                     tune_seqlen=tune_seqlen, tune_resample=tune_resample, tune_self=tune_self,
                      rotate=rotate, device=device,
                      offload_activations=offload_activations)
     if not s:                                   # a process other than main of a parallel run: main reports
