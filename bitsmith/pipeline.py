@@ -142,9 +142,10 @@ def calibration_windows(source: ModelSource, tokenizer, opts: QuantizeOptions, p
 
 
 def drawn_windows(source: ModelSource, tokenizer, opts: QuantizeOptions, tuning: int = 0):
-    """`calibration_windows`, and `tuning` windows more sampled from the model (None when 0): the draws after
-    those of the calibration windows, from one sampler. The model samples with its weights in `compute_dtype`
-    (bf16 by default)."""
+    """`calibration_windows`, and `tuning` windows more sampled from the model (None when 0): drawn after those
+    of the calibration windows by the same generator, as whole texts of tuning's sequence length (--tune-seqlen)
+    cut into consecutive windows, which tuning joins again. The model samples with its weights in
+    `compute_dtype` (bf16 by default)."""
     files = [c for c in opts.calib if c != "self"]
     if not files:
         sampled = opts.nsamples                          # the model's samples alone (also with no --calib)
@@ -154,9 +155,13 @@ def drawn_windows(source: ModelSource, tokenizer, opts: QuantizeOptions, tuning:
     if sampled or tuning:
         from .loader import load_model
         model = load_model(source, dtype=compute_dtype(opts))
-        drawn = data.self_windows(model, sampled + tuning, opts.seqlen, opts.seed, model.config.vocab_size)
+        generator, vocab = torch.Generator().manual_seed(opts.seed), model.config.vocab_size
+        own = data.self_windows(model, sampled, opts.seqlen, generator, vocab) if sampled else None
+        if tuning:
+            length = max(opts.tune_seqlen, opts.seqlen)
+            texts = data.self_windows(model, tuning * opts.seqlen // length, length, generator, vocab)
+            extra = texts.reshape(tuning, opts.seqlen)
         del model
-        own, extra = drawn[:sampled], drawn[sampled:] if tuning else None
     what = f"{sampled} x {opts.seqlen} tokens sampled from the model (seed {opts.seed})"
     if not files:
         return own, f"self: {what}", extra

@@ -375,16 +375,33 @@ def test_tune_self_adds_the_models_samples_to_tuning_alone(tmp_path, stories_pat
 
 
 def test_tune_self_draws_after_the_calibrations_own_samples(stories_path):
-    """With --calib self too, tuning's samples are the draws after the calibration's, from one sampler: none of
-    them twice."""
+    """With --calib self too, the calibration's samples are those it has without --tune-self, and tuning's are
+    further draws: none of them twice."""
     source = open_source(str(stories_path))
-    both, alone = (QuantizeOptions(**{**TUNED, "calib": ["self"], "nsamples": n, "tune_self": t})
-                   for n, t in ((4, 2), (6, 0)))
+    both, alone = (QuantizeOptions(**{**TUNED, "calib": ["self"], "nsamples": 4, "tune_self": t}) for t in (2, 0))
     for opts in (both, alone):
         opts.validate()
-    calib, drawn = pipeline.calibration(source, both, progress=False), pipeline.calibration(source, alone).windows
-    assert torch.equal(calib.windows, drawn[:4]) and torch.equal(calib.tuning, drawn[4:])
+    calib = pipeline.calibration(source, both, progress=False)
+    assert torch.equal(calib.windows, pipeline.calibration(source, alone, progress=False).windows)
+    assert calib.tuning.shape == (2, OPTIONS["seqlen"])
+    assert not (calib.tuning[:, None] == calib.windows[None]).all(-1).any()
     assert "tuning also reads 2 x 128 tokens sampled from the model" in calib.description
+
+
+def test_tune_self_samples_whole_texts_of_the_tuning_length(stories_path):
+    """With --tune-seqlen 4 x --seqlen, tuning's 8 windows are 2 texts of 512 tokens sampled whole, cut into
+    consecutive windows (which tuning joins again), not 8 texts of 128 each from a first token of their own."""
+    source = open_source(str(stories_path))
+    seqlen = OPTIONS["seqlen"]
+    opts = QuantizeOptions(**{**TUNED, "calib": ["self"], "nsamples": 4, "tune_self": 8, "tune_seqlen": 4 * seqlen})
+    opts.validate()
+    tuning = pipeline.calibration(source, opts, progress=False).tuning
+    from bitsmith.loader import load_model
+    model = load_model(source, dtype=torch.bfloat16)
+    generator = torch.Generator().manual_seed(opts.seed)
+    data.self_windows(model, 4, seqlen, generator, model.config.vocab_size)      # the calibration's draws first
+    texts = data.self_windows(model, 2, 4 * seqlen, generator, model.config.vocab_size)
+    assert torch.equal(pipeline.joined(tuning, 4 * seqlen), texts)
 
 
 def test_joined_windows_follow_each_other_in_order():

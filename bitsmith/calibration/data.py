@@ -170,12 +170,13 @@ def categorical(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor
 
 
 @torch.no_grad()
-def self_windows(model, nsamples: int, seqlen: int, seed: int, vocab: int, batch: int | None = None):
+def self_windows(model, nsamples: int, seqlen: int, seed: int | torch.Generator, vocab: int,
+                 batch: int | None = None):
     """Text sampled from the model itself (data-free calibration): a random first token, then ancestral
     sampling at temperature 1 (LLM-QAT, Liu et al. 2023, section 2.1), `batch` windows at a time (by default
-    `sampling_batch`'s)."""
+    `sampling_batch`'s); drawn by a generator seeded with `seed`, or by `seed` itself when it is one."""
     batch = batch or sampling_batch(model.config, seqlen)
-    gen = torch.Generator().manual_seed(seed)
+    gen = seed if isinstance(seed, torch.Generator) else torch.Generator().manual_seed(seed)
     rows, cache = [], cache_arg()
     for start in range(0, nsamples, batch):
         b = min(batch, nsamples - start)

@@ -69,7 +69,8 @@ QUANTIZE_SECTIONS = {
 @click.option("--tune-self", type=int, default=QuantizeOptions.tune_self, show_default=True,
               help="Windows of --seqlen sampled from the unquantized model that --tune-epochs reads beside the "
                    "calibration windows (the model's own text: LLM-QAT's data-free distillation; their targets take "
-                   "one forward of the unquantized model); the measurement and GPTQ keep to the calibration windows.")
+                   "one forward of the unquantized model; with --tune-seqlen, texts of that length cut into windows); "
+                   "the measurement and GPTQ keep to the calibration windows.")
 @click.option("--rotate/--no-rotate", default=False, show_default=True,
               help="Quantize the model in a rotated basis: norm weights folded into the linears, the residual "
                    "stream and each head's values turned by randomized Hadamard matrices (QuaRot's computational "
