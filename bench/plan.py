@@ -47,6 +47,7 @@ MEASUREMENT = RUNS / "measurement.json"
 TARGETS = (2.5, 3.0, 3.25, 3.5, 4.25)
 DAMP = QuantizeOptions.damp        # quantize --damp's default
 TUNE_BATCH = QuantizeOptions.tune_batch     # quantize --tune-batch's default
+FISHER_SAMPLES = QuantizeOptions.fisher_samples     # quantize --fisher-samples' default
 UNNAMED_BATCH = 8                  # the windows a tuning step of the runs named without -bB took (before --tune-batch)
 NSAMPLES = 128                     # calibration windows of the targets' protocol (128 x 512 from c4_calib.txt)
 UNIFORM = ("gptq-mse-w2-g128", "gptq-mse-w3-g128", "gptq-mse-w4-g128")
@@ -109,7 +110,7 @@ def method(proxy: str, rounding: str, iters: int, sequential: bool = False, menu
 def run(target: float, proxy: str, rounding: str = "gptq", iters: int = 0, sequential: bool = False,
         menu: str = FULL_MENU, tune: tuple[int, float, int, int, float, int] = (0, 1e-3, TUNE_BATCH, 0, 0.0, 0),
         rotate: bool = False,
-        damp: float = DAMP, own: bool = False, nsamples: int = NSAMPLES) -> None:
+        damp: float = DAMP, own: bool = False, nsamples: int = NSAMPLES, fisher_samples: int = FISHER_SAMPLES) -> None:
     with tempfile.TemporaryDirectory() as work:
         out, summary_path = f"{work}/out", Path(work) / "summary.json"
         reuse = ["--measurement", str(MEASUREMENT)] if MEASUREMENT.exists() else []
@@ -122,7 +123,7 @@ def run(target: float, proxy: str, rounding: str = "gptq", iters: int = 0, seque
                  *(["--rotate"] if rotate else []),
                  "--damp", str(damp),
                  "--calib", str(TEXT / "c4_calib.txt"), *(["--calib", "self"] if own else []),
-                 "--nsamples", str(nsamples), "--seqlen", "512", "--seed", "0",
+                 "--nsamples", str(nsamples), "--seqlen", "512", "--seed", "0", "--fisher-samples", str(fisher_samples),
                  "--json", str(summary_path))
         summary = json.loads(summary_path.read_text())
         summary["others_busy"] = others_busy(busy_before, started, summary["cpu_seconds"])
@@ -182,6 +183,8 @@ def calibration(measurement: dict | None) -> str:
     labels = (measurement or {}).get("fisher", {}).get("labels", "data")
     fisher = (" the Fisher of labels drawn from the model (`--fisher-labels model`)" if labels == "model" else
               " the Fisher of the text's own next tokens (`--fisher-labels data`)")
+    windows = (measurement or {}).get("fisher", {}).get("windows", FISHER_SAMPLES)
+    fisher += "" if windows == FISHER_SAMPLES else f" on {windows} windows (`--fisher-samples {windows}`)"
     if "sampled" not in recorded:
         return "Calibration 128 x 512 from c4_calib.txt (seed 0);" + fisher
     return "Calibration " + re.sub(r"\S*/([^/\s]+\.txt)", r"\1", recorded) + " (`--calib self`);" + fisher
@@ -307,6 +310,8 @@ def main() -> None:
                          "the file; its own --runs: the measurement differs).")
     ap.add_argument("--nsamples", type=int, default=NSAMPLES,
                     help="quantize --nsamples: calibration windows (with --self, half of them sampled).")
+    ap.add_argument("--fisher-samples", type=int, default=FISHER_SAMPLES,
+                    help="quantize --fisher-samples (windows of the measurement's Fisher: its own --runs).")
     ap.add_argument("--damp", type=float, default=DAMP, help="quantize --damp (the measurement's must match).")
     ap.add_argument("--report", action="store_true", help="Only rewrite the table and plot from the stored runs.")
     ap.add_argument("--runs", type=Path, default=RUNS,
@@ -325,7 +330,7 @@ def main() -> None:
             run(target, args.proxy, args.rounding, args.rounding_iters, args.true_sequential, args.menu,
                 (args.tune_epochs, args.tune_lr, args.tune_batch, args.tune_seqlen, args.tune_resample, args.tune_self),
                 args.rotate,
-                args.damp, args.own, args.nsamples)
+                args.damp, args.own, args.nsamples, args.fisher_samples)
     (RESULTS / f"{RUNS.name}.md").write_text(report())
 
 
