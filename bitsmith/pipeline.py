@@ -129,7 +129,9 @@ def calibration(source: ModelSource, opts: QuantizeOptions, progress: bool = Tru
     tuning = opts.tune_self if opts.tune_epochs else 0
     windows, description, own = drawn_windows(source, source.tokenizer(), opts, tuning)
     if tuning:
-        description += f"; tuning also reads {tuning} x {opts.seqlen} tokens sampled from the model (--tune-self)"
+        texts = "" if opts.tune_seqlen <= opts.seqlen else f" (texts of {opts.tune_seqlen})"
+        description += (f"; tuning also reads {tuning} x {opts.seqlen} tokens sampled from the model{texts} "
+                        "(--tune-self)")
     return Calibration(windows, description, data.fingerprint(windows), own)
 
 

@@ -395,7 +395,9 @@ def test_tune_self_samples_whole_texts_of_the_tuning_length(stories_path):
     seqlen = OPTIONS["seqlen"]
     opts = QuantizeOptions(**{**TUNED, "calib": ["self"], "nsamples": 4, "tune_self": 8, "tune_seqlen": 4 * seqlen})
     opts.validate()
-    tuning = pipeline.calibration(source, opts, progress=False).tuning
+    calib = pipeline.calibration(source, opts, progress=False)
+    tuning = calib.tuning
+    assert "tuning also reads 8 x 128 tokens sampled from the model (texts of 512)" in calib.description
     from bitsmith.loader import load_model
     model = load_model(source, dtype=torch.bfloat16)
     generator = torch.Generator().manual_seed(opts.seed)
