@@ -511,11 +511,11 @@ def test_a_planned_run_draws_its_windows_once_and_measures_on_them(stories_path,
     from bitsmith.calibration import data
     calls = []
     sample = data.self_windows
-    monkeypatch.setattr(data, "self_windows", lambda *a, **k: calls.append(a[1:4]) or sample(*a, **k))
+    monkeypatch.setattr(data, "self_windows", lambda *a, **k: calls.append(a[1:3]) or sample(*a, **k))
     out = tmp_path / "mixed"
     summary = bitsmith.quantize(str(stories_path), str(out), target_bpw=3.5, calib=[str(stories_split[0]), "self"],
                                 **CALIB, menu="uniform", progress=False)
-    assert calls == [(CALIB["nsamples"] // 2, CALIB["seqlen"], CALIB["seed"])]
+    assert calls == [(CALIB["nsamples"] // 2, CALIB["seqlen"])]
     measured = json.loads((out / "measurement.json").read_text())
     assert "interleaved with 8 x 128 tokens sampled from the model" in summary["calibration"]
     manifest = json.loads((out / "bitsmith_manifest.json").read_text())["calibration"]
