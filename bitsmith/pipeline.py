@@ -589,7 +589,7 @@ def tune_written(runner: BlockRunner, source: ModelSource, writer, plan: QuantPl
         streams.unquantized = None          # the windows' own targets: not read again
     elif extra is not None:
         teacher = torch.cat([teacher, unquantized_last_states(runner, source, extra, opts).to(teacher.dtype)])
-        streams.unquantized = None
+        streams.unquantized = None          # the windows' own targets: copied into `teacher`, not read again
     norm, head_weight = runner.head(source)
     head_weight = head_weight.to(dtype)                                  # cast once, not at every chunk
     teacher_norm = copy.deepcopy(norm).requires_grad_(False)
