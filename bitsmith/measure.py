@@ -67,7 +67,7 @@ Beside codebooks of pairs, five candidates are not measured (`BESIDE_CODEBOOKS`,
 and per-input-channel grids at 2 bits, tables at 4 bits. Codebooks take their place at 2 bits, and the plans
 choose them too seldom to pay for their measurement: re-planned from the 43 candidates of SmolLM2's measurement of
 2026-12-07 without them, the plans for 2.25 to 3.25 and 5 bits per weight are the same linear for linear, and
-4.25's differs in 13 of 210 linears, its predicted loss 0.09907 -> 0.09914 nats; measured alone they take 6.0 CPU
+4.25's differs in 13 of 210 linears, its predicted loss 0.09907 -> 0.09914 nats; measured alone they take 5.4 CPU
 seconds per block (bench/results/measure-cost.md). A menu without codebooks measures them.
 
 Decide: linears that read one input in one block (q/k/v, gate/up) share a configuration, as fused loaders
