@@ -230,8 +230,8 @@ def report() -> str:
               for u in UNIFORM if u in uniform]
     lines += ["", "Techniques the plans picked: linears in all, and per layer type (30 linears of each type):", "",
               ("| plan | target bpw | uniform grid (2, 3, 4, 8 bits) | 5 or 6 bits | outliers | lookup table | "
-               "per input channel | codebooks of pairs | bits per group of columns |"),
-              "|---|---|---|---|---|---|---|---|---|"]
+               "per input channel | codebooks of pairs | bits per group of columns | double-quantized scales |"),
+              "|---|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['method']} | {r['target_bits_per_weight']} | {' | '.join(picks(r['plan']))} |" for r in runs]
     lines += ["", ("Caveat: the SmolLM2 weights are the GGUF Q4_1 model dequantized (4-bit, groups of 32): 4-bit "
               "groups of 32 reproduce them almost exactly, which flatters every 4-bit g32 choice on this model.")]
@@ -241,7 +241,7 @@ def report() -> str:
 
 def picks(plan: dict) -> list[str]:
     """For each technique (TECHNIQUES: uniform grid, 5 or 6 bits, outliers, lookup table, per-input-channel grids,
-    codebooks of pairs, bits per group of columns):
+    codebooks of pairs, bits per group of columns, double-quantized scales):
     how many linears the plan gives it, and of which types ("210", "42: down 30, o 12")."""
     kinds: list[dict[str, int]] = [{} for _ in TECHNIQUES]
     for name, entry in plan.items():

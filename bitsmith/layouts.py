@@ -38,6 +38,11 @@ codes packed at its own width one group after another, qweight int32 [words, out
 int32 [G, packed(out, bits + 1)] (true zeros), g_idx int32 [in] and widths uint8 [G] (`ColumnBitsLayout`,
 kernels/column_bits_linear.py); also `quant_method: "bitsmith"` only.
 
+Double-quantized scales (a plan entry with `dq`; QLoRA's double quantization, llama.cpp's K-quants;
+quantize/grid.py): the GPTQ tensors but the scales, stored as scale_codes uint8 [G, out] (c = 1..255) and
+scale_unit fp16 [out] (scale = fp16(c u)), and g_idx in the narrowest integer type that holds G groups (uint8 up
+to 256) (`DQLayout`, kernels/dq_linear.py, which expands the scales at load); also `quant_method: "bitsmith"` only.
+
 Each layout also says which of its tensors holds the continuous levels (`levels`: the scales, or the tables) and
 gives W as a function of them with every code fixed: what end-to-end tuning learns (quantize/tune.py).
 
@@ -61,16 +66,18 @@ from .kernels.column_bits_linear import (
     unpack_groups,
     zeros_past_grid,
 )
+from .kernels.dq_linear import DQLinear, dq_dequantize, group_index_dtype
 from .kernels.linear import DenseSparseLinear, QuantizedLinear
 from .kernels.lut_linear import LUTLinear, lut_dequantize
 from .kernels.per_ic_linear import PerICLinear, per_ic_dequantize
 from .kernels.reference import csr_rows, dense_sparse_dequantize, dequantize, unpack_zeros
 from .kernels.vq_linear import VQLinear, vq_dequantize
 from .plan import FLAGS, MAX_OUTLIERS, LayerPlan, QuantPlan, stored_bits_valid, technique_problem, whole_or_half
+from .quantize.grid import scale_codes, stored_ste
 from .quantize.lut import LutWeight
 from .quantize.outliers import DenseSparseWeight, outlier_count
 from .quantize.per_ic import PerICWeight, expand_rows, row_span
-from .quantize.rtn import ColumnBitsWeight, QuantizedWeight
+from .quantize.rtn import ColumnBitsWeight, DQWeight, QuantizedWeight
 from .quantize.tune import Level, Levels
 from .quantize.vq import VQWeight, entries, flat_index, index_bits, lookup, span
 
@@ -327,6 +334,48 @@ class ColumnBitsLayout:
         return ColumnBitsLinear(in_features, out_features, layer.bits, layer.group_size, bias=bias)
 
 
+class DQLayout:
+    """The GPTQ tensors with double-quantized scales (module docstring; kernels/dq_linear.py). No GPTQ loader reads
+    it."""
+
+    parts = ("qweight", "scale_codes", "scale_unit", "qzeros", "g_idx")
+
+    @staticmethod
+    def tensors(qw: DQWeight) -> dict[str, torch.Tensor]:
+        gptq = GPTQLayout.tensors(qw)
+        return {"qweight": gptq["qweight"], "scale_codes": scale_codes(qw.scales, qw.unit),
+                "scale_unit": qw.unit.to(torch.float16).contiguous(), "qzeros": gptq["qzeros"],
+                "g_idx": gptq["g_idx"].to(group_index_dtype(qw.scales.shape[0]))}
+
+    @staticmethod
+    def stored_bits(out_features: int, in_features: int, layer: LayerPlan) -> int:
+        groups = -(-in_features // layer.group_size)
+        words = packed_length(in_features, layer.bits) * out_features + groups * packed_length(out_features,
+                                                                                               layer.bits)
+        index_bits = torch.iinfo(group_index_dtype(groups)).bits
+        return 32 * words + 8 * groups * out_features + 16 * out_features + index_bits * in_features
+
+    @staticmethod
+    def weight(stored, layer: LayerPlan, in_features: int) -> torch.Tensor:
+        return dq_dequantize(*(stored(part) for part in DQLayout.parts), layer.bits, in_features)
+
+    @staticmethod
+    def levels(stored, layer: LayerPlan, in_features: int, dtype: torch.dtype = torch.float32) -> Levels:
+        """The scales' codes, W = fp16(c u)[g] * (q - z) with the codes q, the zero points and the units fixed: each
+        code moves relative to itself and is rounded to a whole code (quantize/tune.py)."""
+        q = unpack(stored("qweight"), layer.bits, in_features, dim=0).t()              # [out, in]
+        codes, unit = stored("scale_codes"), stored("scale_unit").float()
+        g = stored("g_idx").long()
+        steps = (q.to(torch.int16) - unpack_zeros(stored("qzeros"), layer.bits, codes.shape[1]).t()[:, g]).to(dtype)
+        return Levels([Level("scale_codes", codes, codes.float(), whole=True)],
+                      lambda c: stored_ste(c.float() * unit).to(dtype).t()[:, g] * steps)
+
+    @staticmethod
+    def module(in_features: int, out_features: int, layer: LayerPlan, bias: bool,
+               has_g_idx: bool = True) -> DQLinear:
+        return _reads_earlier_padding(DQLinear(in_features, out_features, layer.bits, layer.group_size, bias=bias))
+
+
 def _reads_earlier_padding(module: QuantizedLinear) -> QuantizedLinear:
     """`module`, loading the packed tensors of checkpoints written with whole runs of 32 codes per packed
     column (earlier bitsmith versions) as well: their extra words hold only zero padding."""
@@ -338,11 +387,13 @@ def _reads_earlier_padding(module: QuantizedLinear) -> QuantizedLinear:
     return module
 
 
-def layout_of(layer: LayerPlan) -> type[GPTQLayout | LUTLayout | PerICLayout | VQLayout | ColumnBitsLayout]:
+def layout_of(layer: LayerPlan) -> type[GPTQLayout | LUTLayout | PerICLayout | VQLayout | ColumnBitsLayout | DQLayout]:
     """The layout a plan entry is stored in: codebooks of pairs, bits per group of columns, a lookup table,
-    per-input-channel grids, dense-and-sparse when it keeps outliers, else GPTQ."""
+    per-input-channel grids, double-quantized scales, dense-and-sparse when it keeps outliers, else GPTQ."""
     if layer.vq:
         return VQLayout
+    if layer.dq:
+        return DQLayout
     if layer.column_bits:
         return ColumnBitsLayout
     if layer.lut:

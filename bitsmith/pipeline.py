@@ -97,7 +97,7 @@ def _quantize_linear(W: torch.Tensor, H: Hessian | None, opts: QuantizeOptions, 
         return qw, layout_of(layer).tensors(qw), qw.loss
     if opts.method == "gptq":
         qw = gptq_quantize(W, H.H, layer.bits, layer.group_size, layer.sym, opts.act_order, opts.static_groups,
-                           opts.damp, mse=opts.mse, outliers=layer.outliers, per_ic=layer.per_ic)
+                           opts.damp, mse=opts.mse, outliers=layer.outliers, per_ic=layer.per_ic, dq=layer.dq)
         return qw, layout_of(layer).tensors(qw), qw.loss
     qw = qoq_quantize(W, H.H, layer.group_size, opts.damp)              # W4A8 (QServe progressive)
     return qw, qw.tensors(), None

@@ -10,7 +10,7 @@ from .quantize.column_bits import COLUMN_BITS
 
 METHODS = ("rtn", "gptq", "qoq")   # qoq: W4A8 weights (per-channel int8, then per-group uint4)
 TECHNIQUES = ("uniform", "wide", "outliers", "lut", "per-ic", "vq",  # what a measured plan may choose from (`--menu`)
-              "column-bits")
+              "column-bits", "dq")
 FISHER_LABELS = ("model", "data")   # whose next tokens the measurement's Fisher is of (calibration/fisher.py)
 ROUNDINGS = ("gptq", "gptaq", "signround")  # gptaq: GPTQ toward the unquantized outputs (quantize/gptq.py
                                             # unquantized_target); signround: GPTQ's result refined per block
@@ -123,7 +123,8 @@ class LayerPlan:
     output instead: one grid per input channel and `group_size` output rows (quantize/per_ic.py, AdaDim). With
     `vq` pairs of inputs are coded into a codebook of 2^(2 bits) entries per block of `group_size` inputs
     (quantize/vq.py, GPTVQ). With `column_bits` each group of `group_size` columns gets bits - 1, bits or bits + 1
-    bits, as many groups above as below (quantize/column_bits.py, BAQ)."""
+    bits, as many groups above as below (quantize/column_bits.py, BAQ). With `dq` the groups' scales are
+    double-quantized, an 8-bit code each under an fp16 unit per row (quantize/grid.py; QLoRA, llama.cpp's K-quants)."""
     bits: int | float          # a half-integer only with `vq` (VQ_BITS)
     group_size: int
     sym: bool
@@ -133,14 +134,17 @@ class LayerPlan:
     per_ic: bool = False
     vq: bool = False
     column_bits: bool = False
+    dq: bool = False
 
     @property
     def technique(self) -> str:
         """Which entry of the menu (TECHNIQUES) this configuration is: a plain uniform grid of GPTQ's widths, one
         of 5 or 6 bits ("wide", which GPTQ loaders do not read), a grid with outliers, a lookup table, grids per
-        input channel, codebooks of pairs or bits per group of columns."""
+        input channel, codebooks of pairs, bits per group of columns or a grid with double-quantized scales."""
         if self.vq:
             return "vq"
+        if self.dq:
+            return "dq"
         if self.column_bits:
             return "column-bits"
         if self.per_ic or self.lut or self.outliers:
@@ -150,7 +154,7 @@ class LayerPlan:
     def key(self) -> str:
         """A short name of the configuration: w3g64, w4g-1s, w3g128o0.01 (1 % outliers), w3lut, w3ic64
         (per input channel, groups of 64 rows), w3vq128 (codebooks of pairs per 128 inputs), w3cb128 (groups of
-        128 columns on 2, 3 or 4 bits, 3 on average), ..."""
+        128 columns on 2, 3 or 4 bits, 3 on average), w4g64dq (double-quantized scales), ..."""
         if self.vq:
             return f"w{self.bits}vq{self.group_size}"
         if self.column_bits:
@@ -160,7 +164,7 @@ class LayerPlan:
         if self.per_ic:
             return f"w{self.bits}ic{self.group_size}{'s' if self.sym else ''}"
         return f"w{self.bits}g{self.group_size}{'s' if self.sym else ''}" + (
-            f"o{self.outliers:g}" if self.outliers else "")
+            f"o{self.outliers:g}" if self.outliers else "") + ("dq" if self.dq else "")
 
 
 @dataclass
@@ -249,7 +253,7 @@ def _layer_from(entry, where: str) -> LayerPlan:
                      **flags)
 
 
-FLAGS = ("lut", "per_ic", "vq", "column_bits")      # the techniques a plan entry names by true or false
+FLAGS = ("lut", "per_ic", "vq", "column_bits", "dq")      # the techniques a plan entry names by true or false
 
 
 MAX_OUTLIERS = 0.25       # SpQR and SqueezeLLM keep about 1 %; beyond a quarter the weight is hardly quantized
@@ -308,6 +312,11 @@ def technique_problem(layer: LayerPlan) -> str | None:
     if layer.column_bits and (layer.group_size < 32 or layer.group_size % 32):
         return (f"column_bits packs each group of columns in whole words: group size {layer.group_size} must be a "
                 "multiple of 32")
+    if layer.dq and (layer.lut or layer.per_ic or layer.vq or layer.column_bits or layer.outliers):
+        return "dq scales are those of plain groups along the input: no outliers, lookup table, per-input-channel " \
+               "grids, codebooks or column_bits"
+    if layer.dq and layer.group_size == -1:
+        return "dq quantizes the scales of a row's groups: group_size -1 has one scale a row"
     return None
 
 

@@ -22,6 +22,7 @@ from bitsmith.formats.source import open_source
 from bitsmith.layouts import (
     ColumnBitsLayout,
     DenseSparseLayout,
+    DQLayout,
     GPTQLayout,
     LUTLayout,
     PerICLayout,
@@ -54,7 +55,8 @@ from bitsmith.quantize.vq import gptq_vq
 pytestmark = pytest.mark.slow
 CALIB = {"nsamples": 16, "seqlen": 128, "seed": 0, "fisher_samples": 4}
 PARTS = (set(DenseSparseLayout.parts) | set(LUTLayout.parts) | set(PerICLayout.parts)    # GPTQ tensors, outliers'
-         | set(VQLayout.parts) | set(ColumnBitsLayout.parts))    # CSR, lookup tables, per-IC grids, codebooks, widths
+         | set(VQLayout.parts) | set(ColumnBitsLayout.parts)     # CSR, lookup tables, per-IC grids, codebooks, widths,
+         | set(DQLayout.parts))                                  # double-quantized scales
 SHAPES = {f"model.layers.{i}.{name}": shape for i in range(5) for name, shape in (
     ("self_attn.q_proj", (64, 64)), ("self_attn.k_proj", (32, 64)), ("self_attn.v_proj", (32, 64)),
     ("self_attn.o_proj", (64, 64)), ("mlp.gate_proj", (172, 64)), ("mlp.up_proj", (172, 64)),
@@ -275,10 +277,11 @@ def test_window_sample_takes_whole_windows_in_order_with_their_weights():
 def test_a_measurement_of_format_1_plans_without_outliers(planned, measurement, stories_path, tmp_path, capsys):
     m, opts = measurement
     old = json.loads((planned[0] / "measurement.json").read_text())
-    keep = [j for j, c in enumerate(m.candidates) if not (c.outliers or c.lut or c.per_ic or c.vq or c.column_bits)]
+    keep = [j for j, c in enumerate(m.candidates) if not (c.outliers or c.lut or c.per_ic or c.vq or c.column_bits
+                                                             or c.dq)]
     old["format_version"] = 1
     old["candidates"] = [{k: v for k, v in old["candidates"][j].items()
-                          if k not in ("outliers", "lut", "per_ic", "vq", "column_bits")}
+                          if k not in ("outliers", "lut", "per_ic", "vq", "column_bits", "dq")}
                          for j in keep]
     for entry in old["layers"].values():
         for key in ("bits", "fisher", "hessian"):
@@ -286,16 +289,16 @@ def test_a_measurement_of_format_1_plans_without_outliers(planned, measurement, 
     (tmp_path / "v1.json").write_text(json.dumps(old))
     capsys.readouterr()
     v1 = Measurement.load(tmp_path / "v1.json", open_source(str(stories_path)), opts)
-    assert ("format 1 has no outlier, lookup-table, per-input-channel, codebook and column-bits candidates"
+    assert ("format 1 has no outlier, lookup-table, per-input-channel, codebook, column-bits and dq candidates"
             in capsys.readouterr().err)
     assert v1.candidates == list(PLAIN_CANDIDATES)
     plan = decide(v1, 3.0, opts)
     assert not any(layer.outliers or layer.lut or layer.per_ic or layer.vq or layer.column_bits
                    for layer in plan.layers.values())
-    old["format_version"] = 8
-    (tmp_path / "v8.json").write_text(json.dumps(old))
-    with pytest.raises(InputError, match="measurement format 8, expected 7 \\(or 1-6\\); measure again"):
-        Measurement.load(tmp_path / "v8.json", open_source(str(stories_path)), opts)
+    old["format_version"] = 9
+    (tmp_path / "v9.json").write_text(json.dumps(old))
+    with pytest.raises(InputError, match="measurement format 9, expected 8 \\(or 1-7\\); measure again"):
+        Measurement.load(tmp_path / "v9.json", open_source(str(stories_path)), opts)
 
 
 def test_a_measurement_records_whose_labels_its_fisher_is_of(planned, measurement, stories_path, tmp_path):

@@ -105,7 +105,7 @@ QUANTIZE_SECTIONS = {
               help="What a measured plan may give a linear: uniform (GPTQ grids), wide (grids of 5 and 6 bits), "
                    "outliers (grids with fp16 outliers), lut (lookup tables), per-ic (grids per input channel), vq (codebooks of "
                    "pairs of weights, 2 to 4 bits in half bits), column-bits (groups of columns on R - 1, R or R + 1 "
-                   "bits). "
+                   "bits), dq (grids of 3 to 6 bits whose group scales are 8-bit codes under a per-row unit). "
                    "'uniform' alone keeps the checkpoint in the GPTQ convention; only these are measured (with vq, "
                    "not outliers or per-ic at 2 bits nor lut at 4, which codebooks displace).")
 @click.option("--device", default="auto", show_default=True, metavar="auto|cpu|cuda[:N]",
@@ -285,7 +285,7 @@ def _layer_report(report: Report, rows: list[dict], totals: dict) -> None:
         outliers = f"{100 * r['outliers']:g}%" if r["outliers"] else "-"      # fraction of the weights kept in fp16
         group = ("lut" if r.get("lut") else f"ic{r['group_size']}" if r.get("per_ic") else
                  f"vq{r['group_size']}" if r.get("vq") else f"cb{r['group_size']}" if r.get("column_bits") else
-                 r["group_size"])
+                 f"{r['group_size']}dq" if r.get("dq") else r["group_size"])
         line(r["name"], "x".join(map(str, r["shape"])), r["bits"], group, "yes" if r["sym"] else "no",
              outliers, predicted, "-" if r["loss"] is None else f"{r['loss']:.3e}", f"{r['bpw']:.3f}", f"{r['bytes']:,}")
     predicted = "-" if totals["predicted_error"] is None else f"{totals['predicted_error']:.3e}"

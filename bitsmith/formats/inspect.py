@@ -117,7 +117,7 @@ def cell_label(row: dict) -> str:
     """Bits and group size of one linear: "3/g64", "4/g128s" (symmetric), "3/ch" (per output channel),
     "3/g128+1%" (1 % of the weights kept as outliers), "3/lut" (a lookup table per row), "3/ic64" (per input
     channel, groups of 64 output rows), "3/vq128" (codebooks of pairs per 128 inputs), "3/cb128" (groups of 128
-    columns on 2, 3 or 4 bits)."""
+    columns on 2, 3 or 4 bits), "4/g64dq" (group scales double-quantized)."""
     if row.get("column_bits"):
         return f"{row['bits']}/cb{row['group_size']}"
     if row.get("vq"):
@@ -128,7 +128,7 @@ def cell_label(row: dict) -> str:
         return f"{row['bits']}/ic{'all' if row['group_size'] == -1 else row['group_size']}{'s' if row['sym'] else ''}"
     group = "ch" if row["group_size"] == -1 else f"g{row['group_size']}"
     outliers = f"+{100 * row['outliers']:g}%" if row.get("outliers") else ""
-    return f"{row['bits']}/{group}{'s' if row['sym'] else ''}{outliers}"
+    return f"{row['bits']}/{group}{'s' if row['sym'] else ''}{outliers}{'dq' if row.get('dq') else ''}"
 
 
 def check_plot_path(path) -> None:

@@ -22,10 +22,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .grid import RowGrid, check_finite, fake_quantize, fit_grid, grid_points
+from .grid import RowGrid, check_finite, fake_quantize, fit_grid, grid_points, scale_unit
 from .outliers import DenseSparseWeight, Outliers, narrowest_range, outlier_count, top_per_row
 from .per_ic import PerICWeight, row_span
-from .rtn import ColumnBitsWeight, QuantizedWeight
+from .rtn import ColumnBitsWeight, DQWeight, QuantizedWeight
 
 DAMP_RETRIES = (1.0, 10.0, 100.0, 1000.0, 1e4)   # multiples of the requested damping, tried in float64
 
@@ -67,9 +67,12 @@ class GridConfig:
     outliers: float = 0.0
     per_ic: bool = False
     widths: tuple[int, ...] | None = None    # bits of each group of columns in the loop's order (column_bits.py)
+    dq: bool = False                         # group scales double-quantized: fp16(c u), c 8-bit, u per row (grid.py)
 
     def __post_init__(self):
         outlier_count(self.outliers, 1)
+        if self.dq and (self.group_size == -1 or self.per_ic or self.outliers or self.widths is not None):
+            raise ValueError("double-quantized scales are those of groups along the input, without outliers")
         if self.per_ic and self.outliers:
             raise ValueError("per-input-channel groups keep no outliers")
         if self.widths is not None and (self.group_size == -1 or self.per_ic or self.outliers):
@@ -92,6 +95,9 @@ class ColumnGrids:
 
     A configuration with `widths` gives each group of columns its own bits (BAQ, column_bits.py): its rows take
     group k's width where group k starts (groups in the loop's order, so not with static groups).
+
+    A configuration with `dq` fits its groups' scales on each row's lattice of double-quantized scales (grid.py),
+    the row's unit (`unit`, fp16 per stack row, 0 elsewhere) taken from its range before the loop.
     """
 
     def __init__(self, W: torch.Tensor, configs: list[GridConfig], rows: int, perm: torch.Tensor, mse: bool,
@@ -102,6 +108,8 @@ class ColumnGrids:
         bits = torch.tensor([c.bits for c in configs]).repeat_interleave(rows)
         self.sym = torch.tensor([c.sym for c in configs]).repeat_interleave(rows)
         self.maxq = (2.0 ** bits - 1).float()
+        self.unit = torch.cat([scale_unit(W, c.bits) if c.dq else torch.zeros(rows, dtype=torch.float16)
+                               for c in configs]) if any(c.dq for c in configs) else None
         self.scale = torch.zeros(len(bits), dtype=torch.float16)
         self.zero = torch.zeros(len(bits), dtype=torch.int32)
         self._floats: tuple[torch.Tensor, torch.Tensor] | None = None   # (scale, zero) in float32 while unchanged
@@ -115,7 +123,8 @@ class ColumnGrids:
             mine = [c for c in configs if c.group_size == g and not c.per_ic]
             mask = torch.tensor([c.group_size == g and not c.per_ic for c in configs]).repeat_interleave(rows)
             self.rows[g] = mask.nonzero().squeeze(1)
-            self.grid[g] = RowGrid(bits[self.rows[g]], self.sym[self.rows[g]])
+            self.grid[g] = RowGrid(bits[self.rows[g]], self.sym[self.rows[g]],
+                                   None if self.unit is None else self.unit[self.rows[g]])
             if any(c.widths is not None for c in mine):         # bits [rows of g, groups]
                 groups = -(-self.cols // g)
                 if any(c.widths is not None and len(c.widths) != groups for c in mine):
@@ -187,6 +196,10 @@ class ColumnGrids:
         s, z = self._floats                     # quantize_codes and fake_quantize, the conversions done once a grid
         t = grid_points(w, s, z, self.maxq)
         return t.to(torch.uint8), s * (t - z), zero
+
+    def unit_of(self, c: int, rows: int) -> torch.Tensor:
+        """fp16 [rows]: the units of config c's double-quantized scales."""
+        return self.unit[c * rows:(c + 1) * rows].clone()
 
     def stored(self, c: int, g: int, rows: int, inv: torch.Tensor):
         """(scales [G, rows], zeros [G, rows], g_idx or None) of config c, in original column order."""
@@ -366,6 +379,9 @@ def gptq_configs(W: torch.Tensor, H: torch.Tensor, configs: list[GridConfig], ac
         if config.widths is not None:
             out.append(ColumnBitsWeight(*fields, Q, float(losses[c].sum()), torch.tensor(config.widths)))
             continue
+        if config.dq:
+            out.append(DQWeight(*fields, Q, float(losses[c].sum()), grids.unit_of(c, rows)))
+            continue
         if config.outliers == 0:
             out.append(QuantizedWeight(*fields, Q, float(losses[c].sum())))
             continue
@@ -379,11 +395,11 @@ def gptq_configs(W: torch.Tensor, H: torch.Tensor, configs: list[GridConfig], ac
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int = -1, sym: bool = False,
                   act_order: bool = False, static_groups: bool = False, damp: float = 0.01,
                   blocksize: int = 128, mse: bool = False, outliers: float = 0.0,
-                  per_ic: bool = False) -> QuantizedWeight:
+                  per_ic: bool = False, dq: bool = False) -> QuantizedWeight:
     """Quantize W [out, in] given the layer Hessian H [in, in] = 2 X X^T / n, keeping a fraction `outliers` of
     the weights in fp16 (`DenseSparseWeight`), or with groups of `group_size` output rows per input channel
-    (`per_ic`, `PerICWeight`)."""
-    (qw,), _ = gptq_configs(W, H, [GridConfig(bits, group_size, sym, outliers, per_ic)], act_order, static_groups,
+    (`per_ic`, `PerICWeight`), or with double-quantized group scales (`dq`, `DQWeight`)."""
+    (qw,), _ = gptq_configs(W, H, [GridConfig(bits, group_size, sym, outliers, per_ic, dq=dq)], act_order, static_groups,
                             damp, blocksize, mse)
     return qw
 

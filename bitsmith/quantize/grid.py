@@ -13,6 +13,12 @@ rows with no negative weight) keeps its zero at 1 instead and gets one grid poin
 
 Bits and symmetry may differ from row to row (`RowGrid`): one call then fits a stack of candidate
 configurations of the same matrix at once, which is how a measurement tries every configuration.
+
+Double-quantized scales (the group scales of QLoRA's double quantization, Dettmers et al. 2023, and of llama.cpp's
+K-quants): a row with a `unit` u > 0 takes only the scales fp16(c u), c = 1..SCALE_CODES, so that its groups store an
+8-bit c each and the row one fp16 u (`scale_unit`: the row's whole range over (maxq - 1) SCALE_CODES, so that every
+group's min-max scale, a raised zero's too, has a code). The grids are fitted on that lattice, like the fp16
+rounding above, so the codes fit the scales that are stored.
 """
 from __future__ import annotations
 
@@ -23,15 +29,18 @@ import torch
 FP16_TINY = 2.0**-24   # smallest positive fp16: a scale may not round to zero
 SHRINK_STEPS, MAX_SHRINK, ERROR_NORM = 100, 0.8, 2.4     # GPTQ code quant.py: grid, maxshrink, norm
 SEARCH_ELEMENTS = 1 << 18                                 # candidate codes a shrink search holds at once
+SCALE_CODES = 255           # codes 1..255 of a double-quantized scale (uint8; 0 would be no scale)
 ZERO_MIN = 1                # least asymmetric zero point: zero - 1 is stored (GPTQ v1) and must not wrap
 RAISE_STEPS = 8             # grids tried between rescaling and shifting a row whose zero is raised to 1
 
 
 @dataclass(frozen=True)
 class RowGrid:
-    """Bits and symmetry of each row: ints/bools for all rows alike, or tensors [rows]."""
+    """Bits and symmetry of each row: ints/bools for all rows alike, or tensors [rows]; `unit` [rows], where given,
+    the unit of each row's double-quantized scales (0: an fp16 scale)."""
     bits: int | torch.Tensor
     sym: bool | torch.Tensor
+    unit: torch.Tensor | None = None
 
     def maxq(self, like: torch.Tensor) -> torch.Tensor:
         """2**bits - 1, as a float tensor broadcastable against per-row vectors like `like`."""
@@ -43,7 +52,7 @@ class RowGrid:
     def rows(self, index) -> RowGrid:
         """The grid of a subset of rows."""
         pick = lambda v: v[index] if isinstance(v, torch.Tensor) else v
-        return RowGrid(pick(self.bits), pick(self.sym))
+        return RowGrid(pick(self.bits), pick(self.sym), pick(self.unit))
 
 
 def fit_grid(x: torch.Tensor, bits: int | RowGrid, sym: bool = False, mse: bool = False,
@@ -90,9 +99,39 @@ def _fp16_scale(scale: torch.Tensor, check: bool = True) -> torch.Tensor:
 _FP16_TINY = torch.tensor(FP16_TINY, dtype=torch.float16)
 
 
+def _stored_scale(scale: torch.Tensor, grid: RowGrid, check: bool = True) -> torch.Tensor:
+    """The scale as stored: fp16 (`_fp16_scale`), or on a row's lattice fp16(c u) where it has a unit u > 0."""
+    if grid.unit is None:
+        return _fp16_scale(scale, check)
+    unit = grid.unit.float()
+    codes = torch.round(scale / unit.clamp(min=FP16_TINY)).clamp_(1, SCALE_CODES)
+    return torch.where(unit > 0, _fp16_scale(codes * unit, check), _fp16_scale(scale, check))
+
+
+def scale_unit(W: torch.Tensor, bits: int) -> torch.Tensor:
+    """fp16 [rows]: the unit u of each row's double-quantized scales, its range (0 included) over (maxq - 1)
+    SCALE_CODES, never 0."""
+    maxq = 2 ** bits - 1
+    span = W.amax(dim=1).clamp(min=0) - W.amin(dim=1).clamp(max=0)
+    return (span / (max(maxq - 1, 1) * SCALE_CODES)).clamp(min=FP16_TINY).to(torch.float16).clamp(min=FP16_TINY)
+
+
+def scale_codes(scales: torch.Tensor, unit: torch.Tensor) -> torch.Tensor:
+    """uint8 [G, rows]: the code c of each double-quantized scale fp16(c u) (scales [G, rows], unit [rows])."""
+    codes = torch.round(scales.float() / unit.float())
+    if codes.numel() and not (1 <= float(codes.min()) and float(codes.max()) <= SCALE_CODES):
+        raise ValueError("a scale is off its row's double-quantized lattice")
+    return codes.to(torch.uint8)
+
+
+def coded_scales(codes: torch.Tensor, unit: torch.Tensor) -> torch.Tensor:
+    """fp16 [G, rows]: the scales fp16(c u) that codes [G, rows] and units [rows] stand for."""
+    return (codes.float() * unit.float()).to(torch.float16)
+
+
 def _zero_raised(xmin: torch.Tensor, xmax: torch.Tensor, grid: RowGrid) -> torch.Tensor:
     """Rows whose min-max grid over [xmin, xmax] would have an asymmetric zero point below ZERO_MIN."""
-    scale = _fp16_scale((xmax - xmin) / grid.maxq(xmin))
+    scale = _stored_scale((xmax - xmin) / grid.maxq(xmin), grid)
     return ~grid.symmetric(xmin) & (torch.round(-xmin / scale.float()) < ZERO_MIN)
 
 
@@ -104,11 +143,11 @@ def _grid(xmin: torch.Tensor, xmax: torch.Tensor, grid: RowGrid, maxq: torch.Ten
     (per row) may be given, computed once for many calls."""
     maxq = grid.maxq(xmin) if maxq is None else maxq
     symmetric = grid.symmetric(xmin) if symmetric is None else symmetric
-    scale = _fp16_scale((xmax - xmin) / maxq, check)
+    scale = _stored_scale((xmax - xmin) / maxq, grid, check)
     raised = ~symmetric & (torch.round(-xmin / scale.float()) < ZERO_MIN)          # `_zero_raised`
     if raised.any():
         xmin = torch.where(raised, torch.minimum(xmin, -xmax / (maxq - 1)), xmin)
-        scale = _fp16_scale((xmax - xmin) / maxq, check)
+        scale = _stored_scale((xmax - xmin) / maxq, grid, check)
     asym = torch.round(-xmin / scale.float()).clamp(min=ZERO_MIN).minimum(maxq)
     zero = torch.where(symmetric, torch.div(maxq + 1, 2, rounding_mode="floor"), asym)
     return scale, zero.to(torch.int32)
@@ -165,6 +204,11 @@ def stored_ste(x: torch.Tensor, dtype: torch.dtype = torch.float16) -> torch.Ten
     """x rounded to `dtype` forward (the value that is stored: a scale, a centroid, a norm weight), identity
     backward (straight-through estimator); float32 out."""
     return x + (x.to(dtype).float() - x).detach()
+
+
+def whole_ste(x: torch.Tensor) -> torch.Tensor:
+    """x rounded to a whole code 1..SCALE_CODES of a double-quantized scale forward, identity backward."""
+    return x + (x.round().clamp(1, SCALE_CODES) - x).detach()
 
 
 def group_index(in_features: int, group_size: int) -> torch.Tensor:

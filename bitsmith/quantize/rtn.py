@@ -37,6 +37,13 @@ class ColumnBitsWeight(QuantizedWeight):
         return (2.0 ** self.widths.float() - 1)
 
 
+@dataclass
+class DQWeight(QuantizedWeight):
+    """A `QuantizedWeight` whose group scales are double-quantized (grid.py): each is fp16(c u) for an 8-bit code c
+    and its row's unit u, `unit` fp16 [out]."""
+    unit: torch.Tensor | None = None
+
+
 def rtn_quantize(W: torch.Tensor, bits: int, group_size: int = -1, sym: bool = False,
                  mse: bool = False) -> QuantizedWeight:
     """Round each weight to the nearest point of its (row, group) min-max grid."""

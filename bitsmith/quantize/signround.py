@@ -58,7 +58,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from .grid import FP16_TINY, ZERO_MIN, stored_ste
+from .grid import FP16_TINY, ZERO_MIN, stored_ste, whole_ste
 from .lut import LutWeight, nearest
 from .per_ic import PerICWeight, expand_rows
 from .rtn import QuantizedWeight
@@ -103,6 +103,8 @@ class LearnedGrid(_Learned):
         self.maxq = float(2 ** start.bits - 1) if widths is None else start.maxq()[:, None]    # per grid
         self.top = self.maxq if widths is None else self.expand(self.maxq.expand_as(self.s0))  # per weight
         self.z0 = start.zeros.to(torch.float32)
+        unit = getattr(start, "unit", None)                                 # double-quantized scales: their lattice
+        self.unit = None if unit is None else unit.to(torch.float32)
         s0 = self.expand(self.s0)                                          # [out, in]
         self.shift = ((start.codes.float() - self.expand(self.z0) - torch.round(self.W / s0))
                       if relative_to == "gptq" else None)                # None: D = 0
@@ -125,6 +127,8 @@ class LearnedGrid(_Learned):
         else:
             f = (self.a * (self.maxq - self.z0) + self.b * self.z0) / self.maxq
             z = torch.clamp(_round_ste(self.b * self.z0 / f), min=ZERO_MIN).clamp(max=self.maxq)
+        if self.unit is not None:                                          # a whole code of the row's unit
+            return stored_ste(whole_ste(self.s0 * f / self.unit) * self.unit), z
         return torch.clamp(stored_ste(self.s0 * f), min=FP16_TINY), z
 
     def codes(self, se: torch.Tensor, ze: torch.Tensor, round_=torch.round) -> torch.Tensor:

@@ -39,7 +39,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ..calibration.data import categorical
-from .grid import stored_ste
+from .grid import stored_ste, whole_ste
 
 HEAD_CHUNK = 128            # positions whose logits are held at once: SmolLM2's KL of 1,024 positions (49,152
                             # entries) 15 % faster than by 512, the passes over each chunk memory-bound
@@ -50,10 +50,12 @@ KEEP_SHARE = 0.5            # share of the free memory that tuning may fill with
 class Level:
     """One stored tensor of a quantized linear whose values learn: its suffix (`name`), its values as stored
     (`start`) and the `unit` (broadcast to `start`) they move in, start + unit * delta: the scales themselves
-    (relative steps), a table's mean spacing (bitsmith/layouts.py)."""
+    (relative steps), a table's mean spacing (bitsmith/layouts.py). `whole`: the values are integer codes
+    1..SCALE_CODES (double-quantized scales), rounded to whole codes as stored instead of to fp16."""
     name: str
     start: torch.Tensor
     unit: torch.Tensor
+    whole: bool = False
 
 
 @dataclass
@@ -71,6 +73,7 @@ class TunedLinear(nn.Module):
     def __init__(self, levels: Levels, bias: torch.Tensor | None, dtype: torch.dtype):
         super().__init__()
         self.names = [part.name for part in levels.parts]
+        self.whole = [part.whole for part in levels.parts]
         for i, part in enumerate(levels.parts):
             self.register_buffer(f"start{i}", part.start.to(torch.float32))
             self.register_buffer(f"unit{i}", part.unit.to(torch.float32))
@@ -79,12 +82,13 @@ class TunedLinear(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.detach().to(torch.float32))
 
     def levels(self) -> list[torch.Tensor]:
-        return [stored_ste(getattr(self, f"start{i}") + getattr(self, f"unit{i}") * delta)
-                for i, delta in enumerate(self.deltas)]
+        return [(whole_ste if whole else stored_ste)(getattr(self, f"start{i}") + getattr(self, f"unit{i}") * delta)
+                for i, (delta, whole) in enumerate(zip(self.deltas, self.whole))]
 
     def stored(self) -> dict[str, torch.Tensor]:
-        """The levels as they are written (fp16), by suffix."""
-        return {name: value.detach().to(torch.float16) for name, value in zip(self.names, self.levels())}
+        """The levels as they are written (fp16, or uint8 codes), by suffix."""
+        return {name: value.detach().to(torch.uint8 if whole else torch.float16)
+                for name, value, whole in zip(self.names, self.levels(), self.whole)}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         W = self.weight_of(*(value.to(self.dtype) for value in self.levels()))
