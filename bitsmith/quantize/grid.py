@@ -110,10 +110,14 @@ def _stored_scale(scale: torch.Tensor, grid: RowGrid, check: bool = True) -> tor
 
 def scale_unit(W: torch.Tensor, bits: int) -> torch.Tensor:
     """fp16 [rows]: the unit u of each row's double-quantized scales, its range (0 included) over (maxq - 1)
-    SCALE_CODES, never 0."""
+    SCALE_CODES rounded up to an fp16 (so that SCALE_CODES u still covers the range where u is subnormal), never
+    0."""
     maxq = 2 ** bits - 1
     span = W.amax(dim=1).clamp(min=0) - W.amin(dim=1).clamp(max=0)
-    return (span / (max(maxq - 1, 1) * SCALE_CODES)).clamp(min=FP16_TINY).to(torch.float16).clamp(min=FP16_TINY)
+    exact = (span / (max(maxq - 1, 1) * SCALE_CODES)).clamp(min=FP16_TINY)
+    unit = exact.to(torch.float16)
+    up = torch.nextafter(unit, torch.tensor(float("inf"), dtype=torch.float16))
+    return torch.where(unit.float() < exact, up, unit)
 
 
 def scale_codes(scales: torch.Tensor, unit: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,9 @@ from bitsmith.formats.packing import pack, unpack
 from bitsmith.kernels import dispatch, reference
 from bitsmith.kernels.linear import DenseSparseLinear, QuantizedLinear
 from bitsmith.kernels.w4a8_linear import W4A8Linear
+from bitsmith.layouts import DQLayout
+from bitsmith.plan import LayerPlan
+from bitsmith.quantize.gptq import gptq_quantize
 from bitsmith.quantize.qoq import qoq_quantize
 
 needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
@@ -110,6 +113,20 @@ def test_every_w4a16_path_computes_the_layer(poisoned_outputs, case, M, path):
     W = reference.dequantize(*rt.layout).double()
     x = torch.randn(M, rt.K).half()
     assert rel_err(rt(x, path), x.double() @ W.t()) <= 1e-3
+
+
+@needs_triton
+@pytest.mark.parametrize("M,path", [(1, "gemv"), (17, "splitk"), (17, "tiled")])
+def test_a_linear_with_double_quantized_scales_takes_the_w4a16_paths(poisoned_outputs, M, path):
+    """DQLinear (layouts.py DQLayout) runs GPTQ's kernels on the scales it expands at load, its g_idx stored as uint8."""
+    gen = torch.Generator().manual_seed(M)
+    X = torch.randn(768, K, generator=gen) * torch.logspace(0, 1.5, K)
+    qw = gptq_quantize(0.05 * torch.randn(N, K, generator=gen), 2 * X.t() @ X / 768, 4, 64, act_order=True, dq=True)
+    module = DQLayout.module(K, N, LayerPlan(4, 64, False, dq=True), bias=False)
+    module.load_state_dict(DQLayout.tensors(qw), assign=True)
+    assert module.g_idx.dtype == torch.uint8
+    x = torch.randn(M, K).half()
+    assert rel_err(module.runtime()(x, path), x.double() @ qw.Q.double().t()) <= 1e-3
 
 
 @needs_triton

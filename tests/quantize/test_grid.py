@@ -72,3 +72,21 @@ def test_asymmetric_zero_points_are_never_zero(rows, n, seed, mse, low):
         assert (chosen[raised] <= err(shift_scale, shift_zero)[raised] * (1 + 1e-6)).all()
         assert torch.equal(scale[~raised], plain_scale[~raised]) and torch.equal(zero[~raised], plain_zero[~raised])
         assert (zero[raised] == 1).all()
+
+
+@settings(max_examples=40, deadline=None)
+@given(rows=st.integers(1, 12), n=st.integers(1, 80), bits=st.sampled_from([3, 4, 5, 6]), mse=st.booleans(),
+       magnitude=st.sampled_from([1e-4, 0.05, 3.0]), seed=st.integers(0, 999))
+def test_double_quantized_scales_are_whole_codes_of_the_row_unit(rows, n, bits, mse, magnitude, seed):
+    """Every group of a row, fitted on the lattice of its unit, gets a scale fp16(c u) with c in 1..255 that its
+    code gives back exactly; the row's own min-max scale is on it within one code."""
+    W = torch.randn(rows, 4 * n, generator=torch.Generator().manual_seed(seed)) * magnitude
+    unit = grid.scale_unit(W, bits)
+    g = grid.RowGrid(bits, False, unit)
+    fits = [grid.fit_grid(W[:, k * n:(k + 1) * n], g, mse=mse) for k in range(4)]
+    scales = torch.stack([s for s, _ in fits])
+    codes = grid.scale_codes(scales, unit)
+    assert torch.equal(grid.coded_scales(codes, unit), scales)
+    assert int(codes.min()) >= 1
+    whole, _ = grid.fit_grid(W, grid.RowGrid(bits, False))        # fp16 scale of the whole row's range
+    assert (whole.float() <= 255 * unit.float() * (1 + 1e-3)).all()
