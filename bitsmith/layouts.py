@@ -368,7 +368,7 @@ class DQLayout:
         g = stored("g_idx").long()
         steps = (q.to(torch.int16) - unpack_zeros(stored("qzeros"), layer.bits, codes.shape[1]).t()[:, g]).to(dtype)
         return Levels([Level("scale_codes", codes, codes.float(), whole=True)],
-                      lambda c: stored_ste(c.float() * unit).to(dtype).t()[:, g] * steps)
+                      lambda c: stored_ste(c.float() * unit).to(c.dtype).t()[:, g] * steps)
 
     @staticmethod
     def module(in_features: int, out_features: int, layer: LayerPlan, bias: bool,

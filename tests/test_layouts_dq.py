@@ -2,14 +2,19 @@
 the weight it holds is Q, its module reproduces Q and refuses codes, units and group indices that do not fit, its
 configuration entries are checked, SignRound and tuning keep its scales on their lattice; end to end on stories260K,
 a plan with it in the MLP is quantized, loaded (the quantize-time perplexity again), verified and inspected."""
+import json
+
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from plan_support import (
+    CALIB,
+    EVAL_TOKENS,
     STORIES_WEIGHTS,
     check_loaded_and_inspected,
     check_module_reproduces,
+    cli,
     linear_names,
     nbits,
     quantize_planned,
@@ -17,7 +22,11 @@ from plan_support import (
 )
 from safetensors import safe_open
 
+import bitsmith
+from bitsmith.calibration import data
+from bitsmith.calibration.perplexity import evaluate
 from bitsmith.formats.errors import InputError
+from bitsmith.formats.source import open_source
 from bitsmith.kernels.dq_linear import DQLinear
 from bitsmith.layouts import DQLayout, GPTQLayout, layer_plan, layout_of
 from bitsmith.plan import LayerPlan, check_layer
@@ -170,3 +179,30 @@ def test_a_plan_with_dq_end_to_end(tmp_path, stories_path, stories_split):
     written = written_bits(out, ("qweight", "scales", "scale_codes", "scale_unit", "qzeros", "g_idx"))
     assert summary["bits_per_weight"] == pytest.approx(written / STORIES_WEIGHTS, abs=1e-12)
     check_loaded_and_inspected(tmp_path, out, summary, stories_split[1], special, DQLinear, "dq", "32dq")
+
+
+@pytest.mark.slow
+def test_tuning_a_plan_with_dq_writes_the_codes_it_tuned(tmp_path, stories_path, stories_split):
+    """With --tune-epochs the scale codes move, stay whole codes in 1..255, and the checkpoint loads to the
+    perplexity measured at the end of quantizing."""
+    calib, held = stories_split
+    names = linear_names(stories_path)
+    plan = {"layers": {name: {"bits": 4, "group_size": 32, "sym": False, "dq": True} for name in names}}
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    outs = {}
+    for epochs in (0, 1):
+        out = outs[epochs] = tmp_path / f"e{epochs}"
+        r = cli("quantize", stories_path, "-o", out, "--plan", tmp_path / "plan.json", "--calib", calib, *CALIB,
+                "--tune-epochs", epochs, "--tune-lr", "0.01", "--eval-data", held, "--eval-seqlen", "128",
+                "--eval-max-tokens", EVAL_TOKENS, "--json", tmp_path / f"s{epochs}.json")
+        assert r.exit_code == 0, r.output
+    with safe_open(str(outs[0] / "model.safetensors"), framework="pt") as a, \
+            safe_open(str(outs[1] / "model.safetensors"), framework="pt") as b:
+        keys = [k for k in a.keys() if k.endswith(".scale_codes")]
+        assert len(keys) == len(names)
+        moved = [k for k in keys if not torch.equal(a.get_tensor(k), b.get_tensor(k))]
+        assert moved and all(b.get_tensor(k).dtype == torch.uint8 and int(b.get_tensor(k).min()) >= 1 for k in keys)
+    summary = json.loads((tmp_path / "s1.json").read_text())
+    ids = data.tokenize(open_source(str(outs[1])).tokenizer(), held.read_text())
+    loaded = evaluate(bitsmith.load(str(outs[1])), data.eval_windows(ids, 128, EVAL_TOKENS), progress=False)
+    assert loaded["perplexity"] == summary["eval"]["perplexity"]
