@@ -89,13 +89,13 @@ FULL_MENU = ",".join(TECHNIQUES)
 
 def method(proxy: str, rounding: str, iters: int, sequential: bool = False, menu: str = FULL_MENU,
            tune: tuple[int, float, int, int, float, int] = (0, 1e-3, TUNE_BATCH, 0, 0.0, 0), rotate: bool = False,
-           damp: float = DAMP, own: bool = False, nsamples: int = NSAMPLES) -> str:
+           damp: float = DAMP, own: bool = False, nsamples: int = NSAMPLES, seed: int = 0) -> str:
     """The name of a plan run's method: rotated+ for --rotate, the proxy, the rounding when it is not GPTQ's,
     +tuneE-lrL for end-to-end tuning (-bB when its windows per step are not 8, the runs' before --tune-batch; -sL
     for --tune-seqlen L; -rR for --tune-resample R; -tuneselfN for --tune-self N), -ts
     for --true-sequential, -dampD when the damping is not the default, -self when half the calibration windows are
-    sampled from the model, -nN when there are N calibration windows rather than 128, the menu when it is not the
-    whole one (menu-uniform+lut)."""
+    sampled from the model, -nN when there are N calibration windows rather than 128, -seedS when the calibration
+    seed is not 0, the menu when it is not the whole one (menu-uniform+lut)."""
     name = {"gptq": proxy, "signround": f"{proxy}+signround{iters}"}.get(rounding, f"{proxy}+{rounding}")
     name = ("rotated+" if rotate else "") + name + (f"+tune{tune[0]}-lr{tune[1]:g}" if tune[0] else "")
     name += f"-b{tune[2]}" if tune[0] and tune[2] != UNNAMED_BATCH else ""
@@ -104,13 +104,14 @@ def method(proxy: str, rounding: str, iters: int, sequential: bool = False, menu
     name += f"-tuneself{tune[5]}" if tune[0] and tune[5] else ""
     return (name + ("-ts" if sequential else "") + ("" if damp == DAMP else f"-damp{damp:g}")
             + ("-self" if own else "") + ("" if nsamples == NSAMPLES else f"-n{nsamples}")
-            + ("" if menu == FULL_MENU else "-menu-" + menu.replace(",", "+")))
+            + (f"-seed{seed}" if seed else "") + ("" if menu == FULL_MENU else "-menu-" + menu.replace(",", "+")))
 
 
 def run(target: float, proxy: str, rounding: str = "gptq", iters: int = 0, sequential: bool = False,
         menu: str = FULL_MENU, tune: tuple[int, float, int, int, float, int] = (0, 1e-3, TUNE_BATCH, 0, 0.0, 0),
         rotate: bool = False,
-        damp: float = DAMP, own: bool = False, nsamples: int = NSAMPLES, fisher_samples: int = FISHER_SAMPLES) -> None:
+        damp: float = DAMP, own: bool = False, nsamples: int = NSAMPLES, fisher_samples: int = FISHER_SAMPLES,
+        seed: int = 0) -> None:
     with tempfile.TemporaryDirectory() as work:
         out, summary_path = f"{work}/out", Path(work) / "summary.json"
         reuse = ["--measurement", str(MEASUREMENT)] if MEASUREMENT.exists() else []
@@ -123,7 +124,7 @@ def run(target: float, proxy: str, rounding: str = "gptq", iters: int = 0, seque
                  *(["--rotate"] if rotate else []),
                  "--damp", str(damp),
                  "--calib", str(TEXT / "c4_calib.txt"), *(["--calib", "self"] if own else []),
-                 "--nsamples", str(nsamples), "--seqlen", "512", "--seed", "0", "--fisher-samples", str(fisher_samples),
+                 "--nsamples", str(nsamples), "--seqlen", "512", "--seed", str(seed), "--fisher-samples", str(fisher_samples),
                  "--json", str(summary_path))
         summary = json.loads(summary_path.read_text())
         summary["others_busy"] = others_busy(busy_before, started, summary["cpu_seconds"])
@@ -133,11 +134,11 @@ def run(target: float, proxy: str, rounding: str = "gptq", iters: int = 0, seque
             MEASUREMENT.write_text(json.dumps(portable(measured), indent=1) + "\n")
         summary["held_out"] = held_out(out, Path(work) / "held.json")
         summary["plan"] = json.loads((Path(out) / "plan.json").read_text())["layers"]
-    name = method(proxy, rounding, iters, sequential, menu, tune, rotate, damp, own, nsamples)
+    name = method(proxy, rounding, iters, sequential, menu, tune, rotate, damp, own, nsamples, seed)
     summary.update(date=datetime.date.today().isoformat(), proxy=proxy, rounding=rounding, rounding_iters=iters,
                    method=name, menu=menu, tune_epochs=tune[0], tune_lr=tune[1],
                    tune_batch=tune[2], tune_seqlen=tune[3], tune_resample=tune[4], tune_self=tune[5], rotate=rotate, damp=damp,
-                   self_calibration=own, nsamples=nsamples,
+                   self_calibration=own, nsamples=nsamples, seed=seed,
                    measured_here=not reuse, cpu=cpu_label())
     (RUNS / f"{name}-t{target}.json").write_text(json.dumps(portable(summary, work), indent=1) + "\n")
     print(name, target, summary["bits_per_weight"], summary["eval"]["perplexity"], flush=True)
@@ -313,6 +314,8 @@ def main() -> None:
     ap.add_argument("--fisher-samples", type=int, default=FISHER_SAMPLES,
                     help="quantize --fisher-samples (windows of the measurement's Fisher: its own --runs).")
     ap.add_argument("--damp", type=float, default=DAMP, help="quantize --damp (the measurement's must match).")
+    ap.add_argument("--seed", type=int, default=0,
+                    help="quantize --seed: the calibration draw (the protocol's is 0; others measure the spread).")
     ap.add_argument("--report", action="store_true", help="Only rewrite the table and plot from the stored runs.")
     ap.add_argument("--runs", type=Path, default=RUNS,
                     help="Folder of the runs and their measurement.json (a new menu of candidates: a new folder).")
@@ -330,7 +333,7 @@ def main() -> None:
             run(target, args.proxy, args.rounding, args.rounding_iters, args.true_sequential, args.menu,
                 (args.tune_epochs, args.tune_lr, args.tune_batch, args.tune_seqlen, args.tune_resample, args.tune_self),
                 args.rotate,
-                args.damp, args.own, args.nsamples, args.fisher_samples)
+                args.damp, args.own, args.nsamples, args.fisher_samples, args.seed)
     (RESULTS / f"{RUNS.name}.md").write_text(report())
 
 
