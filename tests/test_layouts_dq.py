@@ -113,7 +113,9 @@ def test_a_scale_off_its_lattice_is_not_written():
     W, H = problem(8, 128, 1)
     qw = gptq_quantize(W, H, 4, 64, act_order=True, dq=True)
     with pytest.raises(ValueError, match="lattice"):
-        DQLayout.tensors(DQWeight(**{**qw.__dict__, "unit": qw.unit / 2 ** 9}))
+        DQLayout.tensors(DQWeight(**{**qw.__dict__, "unit": qw.unit / 2 ** 9}))       # codes past 255
+    with pytest.raises(ValueError, match="lattice"):
+        DQLayout.tensors(DQWeight(**{**qw.__dict__, "scales": qw.scales * 1.001}))   # between two codes
 
 
 @pytest.mark.parametrize("entry, message", [

@@ -123,7 +123,8 @@ def scale_unit(W: torch.Tensor, bits: int) -> torch.Tensor:
 def scale_codes(scales: torch.Tensor, unit: torch.Tensor) -> torch.Tensor:
     """uint8 [G, rows]: the code c of each double-quantized scale fp16(c u) (scales [G, rows], unit [rows])."""
     codes = torch.round(scales.float() / unit.float())
-    if codes.numel() and not (1 <= float(codes.min()) and float(codes.max()) <= SCALE_CODES):
+    if codes.numel() and not (1 <= float(codes.min()) and float(codes.max()) <= SCALE_CODES
+                              and torch.equal(coded_scales(codes, unit), scales.to(torch.float16))):
         raise ValueError("a scale is off its row's double-quantized lattice")
     return codes.to(torch.uint8)
 
