@@ -162,9 +162,13 @@ def test_tuning_moves_whole_scale_codes_and_writes_what_it_ran():
         module.deltas[0].copy_(torch.linspace(-0.2, 0.2, module.deltas[0].numel()).view_as(module.deltas[0]))
     stored = module.stored()["scale_codes"]
     assert stored.dtype == torch.uint8 and not torch.equal(stored, tensors["scale_codes"])
-    assert 1 <= int(stored.min()) and int(stored.max()) <= SCALE_CODES
     written = DQLayout.weight({**tensors, "scale_codes": stored}.__getitem__, layer, 128)
     assert torch.allclose(module(x), x @ written.t(), atol=1e-6)
+    with torch.no_grad():                   # past both ends: clamped to codes 1 and 255, not wrapped by uint8
+        module.deltas[0].view(-1)[0::2] = -2.0
+        module.deltas[0].view(-1)[1::2] = 300.0
+    stored = module.stored()["scale_codes"].view(-1)
+    assert (stored[0::2] == 1).all() and (stored[1::2] == SCALE_CODES).all()
 
 
 # ---------------------------------------------------------------------------------------------------
