@@ -225,7 +225,10 @@ def report() -> str:
                      f"{r['predicted_error']:.3f} / {calib} / {measured:.3f} | {measure_s} | "
                      f"{r['cpu_seconds']:.0f} ({r['seconds']:.0f}) | {r['peak_rss_bytes'] / 2**20:.0f} | "
                      + (f"{r['others_busy']:.2f}" if "others_busy" in r else "-") + f" | {r.get('cpu', '-')} |")
-    lines += ["", "Uniform GPTQ (mse grid, bench/results/quality-smollm2.md) at the nearest settings:", "",
+    own = any(r.get("self_calibration") for r in runs)
+    lines += ["", ("Uniform GPTQ (mse grid, bench/results/quality-smollm2.md) at the nearest settings"
+                   + (", calibrated on 128 windows of c4_calib.txt alone (the plans above on the file and the "
+                      "model's samples)" if own else "") + ":"), "",
               "| config | all-in bpw | WikiText-2 ppl |", "|---|---|---|"]
     lines += [f"| {u} | {uniform[u]['bits_per_weight']:.3f} | {uniform[u]['perplexity']:.2f} |"
               for u in UNIFORM if u in uniform]
